@@ -1,0 +1,3 @@
+//! pgenvelope: a transparent encrypting PostgreSQL proxy.
+
+pub mod crypto;
