@@ -1,0 +1,349 @@
+//! Configuration: TOML file + environment + flags → validated [`Config`].
+//!
+//! Precedence is flag > environment (`PGENVELOPE_<FLAG>`) > file (`--config`) > default. The
+//! command-line layer (clap, in `cli`) resolves flag and environment; this module merges the
+//! result over the file and the defaults. [`RawConfig`] mirrors the file exactly
+//! (`deny_unknown_fields`); [`Config::resolve`] is the only place that reports configuration
+//! errors, and it names the file and the key. No sockets here.
+
+mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use units::{parse_duration, parse_size};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+/// Default upstream URL: the local PostgreSQL as user `postgres`.
+pub const DEFAULT_UPSTREAM: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Default connection limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default message size limit: PostgreSQL's own (1 GiB − 1).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = crate::wire::header::POSTGRES_MAX_MESSAGE;
+/// Default upstream connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The configuration file as written (every key optional).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RawConfig {
+    /// `listen = "127.0.0.1:6432"`
+    pub listen: Option<String>,
+    /// `upstream = "postgres://user:pass@host:5432/db"`
+    pub upstream: Option<String>,
+    /// `max_connections = 10000`
+    pub max_connections: Option<usize>,
+    /// `max_message_size = "1GiB"` (or a number of bytes)
+    pub max_message_size: Option<SizeValue>,
+    /// `connect_timeout = "10s"`
+    pub connect_timeout: Option<String>,
+    /// `log_format = "text" | "json"`
+    pub log_format: Option<String>,
+    /// `log = "info,pgenvelope=debug"` (a tracing filter)
+    pub log: Option<String>,
+}
+
+/// A size given as a number of bytes or as text with a unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Bytes.
+    Bytes(u64),
+    /// Text such as `"64MiB"`.
+    Text(String),
+}
+
+impl RawConfig {
+    /// Parse a configuration file's contents. `origin` names the file in errors.
+    pub fn parse(origin: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::File {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Read and parse a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::parse(path, &text)
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The upstream server and the proxy's own service credentials.
+#[derive(Clone)]
+pub struct Upstream {
+    /// Host that client connections are relayed to.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Parsed connection settings for the proxy's own service connection (key store, catalog).
+    pub service: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        write!(f, "Upstream({}:{})", self.host, self.port)
+    }
+}
+
+impl Upstream {
+    /// Parse a `postgres://` URL or a libpq keyword string. Only TCP hosts are supported.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let service = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+        let host = match service.get_hosts() {
+            [] => "127.0.0.1".to_owned(),
+            [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
+            [_] => return Err("only TCP upstream hosts are supported".to_owned()),
+            _ => return Err("exactly one upstream host is supported".to_owned()),
+        };
+        let port = match service.get_ports() {
+            [] => 5432,
+            [p] => *p,
+            _ => return Err("exactly one upstream port is supported".to_owned()),
+        };
+        Ok(Self {
+            host,
+            port,
+            service,
+        })
+    }
+}
+
+/// Values given on the command line or in the environment (already merged by clap).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--upstream`
+    pub upstream: Option<String>,
+    /// `--max-connections`
+    pub max_connections: Option<usize>,
+    /// `--max-message-size`
+    pub max_message_size: Option<String>,
+    /// `--connect-timeout`
+    pub connect_timeout: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<String>,
+    /// `--log`
+    pub log: Option<String>,
+}
+
+/// Validated configuration of `pgenvelope serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Upstream server.
+    pub upstream: Upstream,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Message size limit in bytes.
+    pub max_message_size: usize,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` applies when unset.
+    pub log: Option<String>,
+}
+
+/// A configuration error, naming where the bad value came from.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The configuration file could not be read or parsed.
+    #[error("{}: {message}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (includes the line and key for parse errors).
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("invalid value for `{key}` (from {source_name}): {message}")]
+    Value {
+        /// The key or flag.
+        key: &'static str,
+        /// Where the value came from: "command line or environment", the file, or "default".
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Merge overrides (flags/env) over the file over defaults, and validate.
+    pub fn resolve(
+        over: Overrides,
+        file: Option<(&Path, RawConfig)>,
+    ) -> Result<Config, ConfigError> {
+        let (file_name, raw) = match file {
+            Some((path, raw)) => (format!("{}", path.display()), raw),
+            None => (String::new(), RawConfig::default()),
+        };
+        let pick =
+            |flag: Option<String>, file: Option<String>, default: &str| -> (String, String) {
+                match (flag, file) {
+                    (Some(v), _) => (v, "command line or environment".to_owned()),
+                    (None, Some(v)) => (v, file_name.clone()),
+                    (None, None) => (default.to_owned(), "default".to_owned()),
+                }
+            };
+        let err = |key: &'static str, source_name: String, message: String| ConfigError::Value {
+            key,
+            source_name,
+            message,
+        };
+
+        let (listen, src) = pick(over.listen, raw.listen, DEFAULT_LISTEN);
+        let listen = listen.parse::<SocketAddr>().map_err(|e| {
+            err(
+                "listen",
+                src,
+                format!("{e} (expected HOST:PORT with an IP address)"),
+            )
+        })?;
+
+        let (upstream, src) = pick(over.upstream, raw.upstream, DEFAULT_UPSTREAM);
+        let upstream = Upstream::parse(&upstream).map_err(|m| err("upstream", src, m))?;
+
+        let max_connections = over
+            .max_connections
+            .or(raw.max_connections)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(err(
+                "max_connections",
+                "configuration".into(),
+                "must be at least 1".into(),
+            ));
+        }
+
+        let max_message_size = match (over.max_message_size, raw.max_message_size) {
+            (Some(v), _) => parse_size(&v)
+                .map_err(|m| err("max_message_size", "command line or environment".into(), m))?,
+            (None, Some(SizeValue::Bytes(b))) => b,
+            (None, Some(SizeValue::Text(v))) => {
+                parse_size(&v).map_err(|m| err("max_message_size", file_name.clone(), m))?
+            }
+            (None, None) => DEFAULT_MAX_MESSAGE_SIZE as u64,
+        };
+        if max_message_size < 1024 || max_message_size > DEFAULT_MAX_MESSAGE_SIZE as u64 {
+            return Err(err(
+                "max_message_size",
+                "configuration".into(),
+                format!("must be between 1KiB and {DEFAULT_MAX_MESSAGE_SIZE} bytes"),
+            ));
+        }
+
+        let (timeout, src) = pick(over.connect_timeout, raw.connect_timeout, "10s");
+        let connect_timeout =
+            parse_duration(&timeout).map_err(|m| err("connect_timeout", src, m))?;
+
+        let (format, src) = pick(over.log_format, raw.log_format, "text");
+        let log_format = match format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "log_format",
+                    src,
+                    format!("`{other}` is not text or json"),
+                ))
+            }
+        };
+
+        Ok(Config {
+            listen,
+            upstream,
+            max_connections,
+            max_message_size: usize::try_from(max_message_size).unwrap_or(usize::MAX),
+            connect_timeout,
+            log_format,
+            log: over.log.or(raw.log),
+        })
+    }
+
+    /// The proxy's listener and connection settings.
+    pub fn proxy(&self) -> crate::proxy::ProxyConfig {
+        crate::proxy::ProxyConfig {
+            listen: self.listen,
+            upstream_host: self.upstream.host.clone(),
+            upstream_port: self.upstream.port,
+            max_connections: self.max_connections,
+            max_message_size: self.max_message_size,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::resolve(Overrides::default(), None).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.upstream.host, "127.0.0.1");
+        assert_eq!(c.upstream.port, 5432);
+        assert_eq!(c.upstream.service.get_user(), Some("postgres"));
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn precedence_flag_over_file() {
+        let raw = RawConfig::parse(
+            Path::new("p.toml"),
+            "listen = \"127.0.0.1:7000\"\nupstream = \"postgres://u@db:6000/x\"\n",
+        )
+        .unwrap();
+        let over = Overrides {
+            listen: Some("127.0.0.1:7001".into()),
+            ..Overrides::default()
+        };
+        let c = Config::resolve(over, Some((Path::new("p.toml"), raw))).unwrap();
+        assert_eq!(c.listen.port(), 7001);
+        assert_eq!(c.upstream.host, "db");
+        assert_eq!(c.upstream.port, 6000);
+    }
+
+    #[test]
+    fn unknown_file_key_names_file_and_key() {
+        let e = RawConfig::parse(Path::new("p.toml"), "listn = \"x\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("p.toml"), "{msg}");
+        assert!(msg.contains("listn"), "{msg}");
+        assert!(msg.contains("line 1"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let raw = RawConfig::parse(Path::new("p.toml"), "connect_timeout = \"soon\"\n").unwrap();
+        let e =
+            Config::resolve(Overrides::default(), Some((Path::new("p.toml"), raw))).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("connect_timeout") && msg.contains("p.toml"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! Per-client task: the startup phase (SSL/GSS negotiation, cancel routing, StartupMessage),
+//! the upstream connection, then the two message pumps until either side closes.
+//!
+//! Both directions run concurrently inside the one task (so neither can block the other), and
+//! whichever side closes first ends the connection: a client that vanishes closes its server
+//! connection, and a server that ends the session (FATAL error, `pg_terminate_backend`,
+//! restart) has its last messages flushed to the client before the client is closed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::proxy::cancel::{CancelGuard, CancelRegistry};
+use crate::proxy::error::ConnError;
+use crate::proxy::pump::{self, Handler, PumpError};
+use crate::proxy::Shared;
+use crate::wire::backend::{self, TransactionStatus};
+use crate::wire::header::scan_startup;
+use crate::wire::startup::{StartupPacket, StartupParams};
+use crate::wire::Frame;
+
+/// How long a client may take to send its startup packet (PostgreSQL's
+/// `authentication_timeout` default).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What the proxy knows about a session, shared by its two pumps.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// The session's `client_encoding` as last reported by the server.
+    pub client_encoding: Option<String>,
+    /// Transaction status from the last ReadyForQuery.
+    pub transaction: Option<TransactionStatus>,
+    /// The server's process id from BackendKeyData.
+    pub backend_pid: Option<i32>,
+}
+
+/// Serve one accepted client connection to completion.
+pub(crate) async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!(
+        "conn",
+        conn.id = id,
+        client.addr = %peer,
+        db.user = tracing::field::Empty,
+        db.name = tracing::field::Empty,
+    );
+    async move {
+        tracing::trace!("accepted");
+        match serve_inner(client, &shared).await {
+            Ok(()) => tracing::debug!("closed"),
+            Err(e @ (ConnError::ClientIo(_) | ConnError::ServerIo(_))) => {
+                tracing::debug!(error = %e, "closed")
+            }
+            Err(e) => tracing::info!(error = %e, "connection ended with an error"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), ConnError> {
+    let _ = client.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(1024);
+    let packet = loop {
+        let len = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &mut buf))
+            .await
+        {
+            Ok(Ok(Some(len))) => len,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return fail(&mut client, e).await,
+            Err(_) => return Err(ConnError::StartupTimeout),
+        };
+        let packet = buf.split_to(len).freeze();
+        let parsed = match StartupPacket::parse(&packet) {
+            Ok(p) => p,
+            Err(e) => return fail(&mut client, ConnError::ClientProtocol(e)).await,
+        };
+        match parsed {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                if !buf.is_empty() {
+                    return fail(&mut client, ConnError::BufferedBeforeNegotiation).await;
+                }
+                client.write_all(b"N").await.map_err(ConnError::ClientIo)?;
+            }
+            StartupPacket::CancelRequest { key } => {
+                shared
+                    .cancels
+                    .forward(key, shared.config.connect_timeout)
+                    .await;
+                return Ok(());
+            }
+            StartupPacket::Startup(_) => break packet,
+        }
+    };
+    let StartupPacket::Startup(params) =
+        StartupPacket::parse(&packet).map_err(ConnError::ClientProtocol)?
+    else {
+        return Ok(());
+    };
+    record_params(&params);
+    let replication = params.is_replication();
+
+    let Ok(_permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
+        return fail(&mut client, ConnError::TooManyConnections).await;
+    };
+
+    let upstream_addr = shared.config.upstream_addr();
+    let mut server = match connect_upstream(&upstream_addr, shared.config.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => return fail(&mut client, e).await,
+    };
+    let server_addr = server.peer_addr().map_err(ConnError::ServerIo)?;
+    server
+        .write_all(&packet)
+        .await
+        .map_err(ConnError::ServerIo)?;
+
+    if replication {
+        // Replication sessions (physical or logical, CopyBoth streams included) are relayed
+        // as raw bytes: values stay exactly as stored.
+        tracing::debug!("replication connection: raw relay");
+        server.write_all(&buf).await.map_err(ConnError::ServerIo)?;
+        return tokio::io::copy_bidirectional(&mut client, &mut server)
+            .await
+            .map(|_| ())
+            .map_err(ConnError::ClientIo);
+    }
+
+    let state = Arc::new(Mutex::new(SessionState::default()));
+    let (mut client_r, mut client_w) = client.into_split();
+    let (mut server_r, mut server_w) = server.into_split();
+    let limit = shared.config.max_message_size;
+
+    let mut to_server = ClientToServer;
+    let mut to_client = ServerToClient {
+        state: Arc::clone(&state),
+        cancels: Arc::clone(&shared.cancels),
+        server_addr,
+        cancel_guard: None,
+    };
+    let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
+    let s2c = pump::run(
+        &mut server_r,
+        &mut client_w,
+        &mut to_client,
+        BytesMut::new(),
+        limit,
+    );
+    let result = tokio::select! {
+        r = c2s => r.map_err(ConnError::from_client_pump),
+        r = s2c => r.map_err(ConnError::from_server_pump),
+    };
+    if let Err(e) = &result {
+        let mut out = BytesMut::new();
+        e.write_fatal(&mut out);
+        if !out.is_empty() {
+            let _ = client_w.write_all(&out).await;
+        }
+    }
+    let _ = client_w.shutdown().await;
+    result
+}
+
+/// Read until `buf` holds a whole startup-phase packet; `Ok(None)` on a clean EOF before any
+/// byte.
+async fn read_startup(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<usize>, ConnError> {
+    loop {
+        if let Some(len) = scan_startup(buf).map_err(ConnError::ClientProtocol)? {
+            return Ok(Some(len));
+        }
+        let n = client.read_buf(buf).await.map_err(ConnError::ClientIo)?;
+        if n == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(ConnError::ClientIo(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+    }
+}
+
+async fn connect_upstream(addr: &str, timeout: Duration) -> Result<TcpStream, ConnError> {
+    let connect = tokio::time::timeout(timeout, TcpStream::connect(addr)).await;
+    let stream = match connect {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => {
+            return Err(ConnError::UpstreamConnect {
+                addr: addr.to_owned(),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(ConnError::UpstreamConnect {
+                addr: addr.to_owned(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Send the client the FATAL response for `e` (if it has one) and return `e`.
+async fn fail(client: &mut TcpStream, e: ConnError) -> Result<(), ConnError> {
+    let mut out = BytesMut::new();
+    e.write_fatal(&mut out);
+    if !out.is_empty() {
+        let _ = client.write_all(&out).await;
+        let _ = client.shutdown().await;
+    }
+    Err(e)
+}
+
+fn record_params(params: &StartupParams<'_>) {
+    let span = tracing::Span::current();
+    if let Some(user) = params.get_str("user") {
+        span.record("db.user", user);
+    }
+    if let Some(db) = params.get_str("database").or(params.get_str("user")) {
+        span.record("db.name", db);
+    }
+}
+
+/// Client → server: nothing needs decoding for pass-through.
+struct ClientToServer;
+
+impl Handler for ClientToServer {
+    type Error = PumpError;
+
+    fn inspects(&self, _tag: u8) -> bool {
+        false
+    }
+
+    fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        out.extend_from_slice(frame.raw());
+        Ok(())
+    }
+}
+
+/// Server → client: track session parameters, transaction status and the cancel key; every
+/// message is forwarded unchanged.
+struct ServerToClient {
+    state: Arc<Mutex<SessionState>>,
+    cancels: Arc<CancelRegistry>,
+    server_addr: SocketAddr,
+    cancel_guard: Option<CancelGuard>,
+}
+
+impl Handler for ServerToClient {
+    type Error = PumpError;
+
+    fn inspects(&self, tag: u8) -> bool {
+        matches!(
+            tag,
+            backend::PARAMETER_STATUS_TAG
+                | backend::BACKEND_KEY_DATA_TAG
+                | backend::READY_FOR_QUERY_TAG
+        )
+    }
+
+    fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        match frame.tag() {
+            backend::PARAMETER_STATUS_TAG => {
+                let (name, value) = backend::parse_parameter_status(frame.body())?;
+                if name == b"client_encoding" {
+                    let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    state.client_encoding = Some(String::from_utf8_lossy(value).into_owned());
+                }
+            }
+            backend::BACKEND_KEY_DATA_TAG => {
+                let (pid, key) = backend::parse_backend_key_data(frame.body())?;
+                self.cancel_guard = Some(self.cancels.register(key, self.server_addr));
+                self.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .backend_pid = Some(pid);
+            }
+            backend::READY_FOR_QUERY_TAG => {
+                let status = backend::parse_ready_for_query(frame.body())?;
+                self.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .transaction = Some(status);
+            }
+            _ => {}
+        }
+        out.extend_from_slice(frame.raw());
+        Ok(())
+    }
+}

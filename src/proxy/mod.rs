@@ -1,0 +1,99 @@
+//! All network I/O: the listener, per-connection tasks, cancel routing.
+//!
+//! ```text
+//!  client ──▶ listener ──spawn──▶ connection task (one per client, one tracing span)
+//!                                   startup: SSLRequest/GSSENCRequest → 'N',
+//!                                            CancelRequest → cancel registry → upstream
+//!                                   StartupMessage → connect upstream, forward as is
+//!                                   then two pumps in one task:
+//!                                     client ─▶ pump ─▶ server   (raw frames)
+//!                                     server ─▶ pump ─▶ client   (raw frames; S/K/Z observed)
+//! ```
+
+mod cancel;
+mod connection;
+pub mod error;
+mod listener;
+mod pump;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use cancel::CancelRegistry;
+pub use connection::SessionState;
+pub use error::ConnError;
+
+/// Settings of the proxy's listener and connections.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Upstream host (name or address) that client connections go to.
+    pub upstream_host: String,
+    /// Upstream port.
+    pub upstream_port: u16,
+    /// Maximum concurrent client sessions.
+    pub max_connections: usize,
+    /// Largest message body accepted from either side, in bytes.
+    pub max_message_size: usize,
+    /// Timeout for connecting to the upstream.
+    pub connect_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// `host:port` of the upstream, for connecting.
+    pub fn upstream_addr(&self) -> String {
+        if self.upstream_host.contains(':') && !self.upstream_host.starts_with('[') {
+            format!("[{}]:{}", self.upstream_host, self.upstream_port)
+        } else {
+            format!("{}:{}", self.upstream_host, self.upstream_port)
+        }
+    }
+}
+
+/// State shared by all connections of one proxy instance.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) cancels: Arc<CancelRegistry>,
+    pub(crate) permits: Arc<Semaphore>,
+}
+
+/// A bound proxy, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Bind the listening socket.
+    pub async fn bind(config: ProxyConfig) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let shared = Arc::new(Shared {
+            permits: Arc::new(Semaphore::new(config.max_connections)),
+            cancels: Arc::new(CancelRegistry::default()),
+            config,
+        });
+        Ok(Server { listener, shared })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Number of client sessions currently holding a connection slot.
+    pub fn active_connections(&self) -> usize {
+        self.shared.config.max_connections - self.shared.permits.available_permits()
+    }
+
+    /// Accept connections until `shutdown` completes.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        listener::run(self.listener, self.shared, shutdown).await
+    }
+}

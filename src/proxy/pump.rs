@@ -1,0 +1,159 @@
+//! One direction of a proxied connection: read, frame, hand inspected messages to a handler,
+//! forward everything else as raw bytes, and batch writes.
+//!
+//! Batching rule: everything that arrives back to back is collected into one write; the output
+//! is flushed as soon as the input pauses (the next read would wait), or when it passes
+//! [`FLUSH_AT`] bytes. A peer that waits for an answer — at ReadyForQuery, Flush,
+//! CopyInResponse, or an authentication request — has necessarily stopped sending, so its
+//! input pauses and the output goes out at once. No message is held back waiting for more.
+//!
+//! Messages the handler does not inspect and that are larger than [`STREAM_AT`] are streamed
+//! through as they arrive instead of being buffered whole, so very large pass-through messages
+//! cost no more memory than small ones.
+
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::task::Poll;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::wire::{Frame, Header, WireError};
+
+/// Output size at which we write even if more input is waiting.
+pub(crate) const FLUSH_AT: usize = 64 * 1024;
+/// Pass-through messages larger than this are streamed instead of buffered.
+pub(crate) const STREAM_AT: usize = 256 * 1024;
+/// Initial read buffer size; it grows for large inspected messages and shrinks back when idle.
+const READ_CHUNK: usize = 8 * 1024;
+/// A read buffer that grew past this is released once it is empty.
+const SHRINK_ABOVE: usize = 1024 * 1024;
+
+/// Decides which messages of one direction are looked at, and what is forwarded for them.
+pub(crate) trait Handler {
+    /// The error a handler can raise; ends the pump.
+    type Error: From<PumpError>;
+
+    /// Whether messages with this tag must be buffered whole and passed to [`Handler::on_message`].
+    fn inspects(&self, tag: u8) -> bool;
+
+    /// Handle one whole inspected message: append whatever should be forwarded to `out`.
+    fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), Self::Error>;
+}
+
+/// Why a pump stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PumpError {
+    /// Reading from the source failed.
+    #[error("read failed: {0}")]
+    Read(#[source] std::io::Error),
+    /// Writing to the destination failed.
+    #[error("write failed: {0}")]
+    Write(#[source] std::io::Error),
+    /// The source sent a malformed or oversize message.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Run one direction until the source closes (returns `Ok(())` after flushing) or an error.
+///
+/// `rbuf` may already hold bytes read during startup; they are processed first.
+pub(crate) async fn run<R, W, H>(
+    reader: &mut R,
+    writer: &mut W,
+    handler: &mut H,
+    mut rbuf: BytesMut,
+    limit: usize,
+) -> Result<(), H::Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    H: Handler,
+{
+    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    // Invariant: while `stream_left > 0`, the next `stream_left` input bytes belong to a
+    // pass-through message whose start was already forwarded.
+    let mut stream_left: usize = 0;
+    loop {
+        loop {
+            if stream_left > 0 {
+                let n = stream_left.min(rbuf.len());
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&rbuf[..n]);
+                rbuf.advance(n);
+                stream_left -= n;
+            } else {
+                let Some(header) = Header::scan(&rbuf, limit).map_err(PumpError::from)? else {
+                    break;
+                };
+                let len = header.frame_len();
+                let inspect = handler.inspects(header.tag());
+                if rbuf.len() >= len {
+                    if inspect {
+                        let raw = rbuf.split_to(len).freeze();
+                        let frame =
+                            Frame::from_raw(raw).ok_or(PumpError::Wire(WireError::Malformed {
+                                tag: header.tag(),
+                                what: "frame",
+                            }))?;
+                        handler.on_message(frame, &mut out)?;
+                    } else {
+                        out.extend_from_slice(&rbuf[..len]);
+                        rbuf.advance(len);
+                    }
+                } else if !inspect && len > STREAM_AT {
+                    stream_left = len - rbuf.len();
+                    out.extend_from_slice(&rbuf);
+                    rbuf.clear();
+                } else {
+                    rbuf.reserve(len - rbuf.len());
+                    break;
+                }
+            }
+            if out.len() >= FLUSH_AT {
+                write_out(writer, &mut out).await?;
+            }
+        }
+
+        if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE {
+            rbuf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        if rbuf.capacity() - rbuf.len() < 512 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        let n = {
+            let mut read = pin!(reader.read_buf(&mut rbuf));
+            match poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    write_out(writer, &mut out).await?;
+                    read.await
+                }
+            }
+        }
+        .map_err(PumpError::Read)?;
+        if n == 0 {
+            write_out(writer, &mut out).await?;
+            return Ok(());
+        }
+    }
+}
+
+/// Write and clear the pending output, if any.
+async fn write_out<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    out: &mut BytesMut,
+) -> Result<(), PumpError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    writer.write_all(out).await.map_err(PumpError::Write)?;
+    writer.flush().await.map_err(PumpError::Write)?;
+    out.clear();
+    if out.capacity() > SHRINK_ABOVE {
+        *out = BytesMut::with_capacity(READ_CHUNK);
+    }
+    Ok(())
+}
