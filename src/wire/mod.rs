@@ -159,3 +159,45 @@ pub(crate) fn put_message(
     out[start..start + 4].copy_from_slice(&len32.to_be_bytes());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::backend::*;
+    use super::header::*;
+    use super::startup::*;
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Header::scan(&data, 1 << 20);
+            let _ = scan_startup(&data);
+            let _ = StartupPacket::parse(&data);
+            let _ = parse_ready_for_query(&data);
+            let _ = parse_parameter_status(&data);
+            let _ = parse_backend_key_data(&data);
+            let _ = parse_authentication_code(&data);
+            let _ = ErrorFields::new(&data).count();
+            let _ = Frame::from_raw(bytes::Bytes::from(data.clone()));
+        }
+
+        #[test]
+        fn startup_packets_with_length_prefix_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+            p.extend_from_slice(&body);
+            let _ = StartupPacket::parse(&p);
+        }
+
+        #[test]
+        fn non_utf8_parameter_values_are_kept_exactly(name in "[a-z_]{1,20}", value in proptest::collection::vec(1u8..=255, 0..64)) {
+            let mut body = name.as_bytes().to_vec();
+            body.push(0);
+            body.extend_from_slice(&value);
+            body.push(0);
+            let (n, v) = parse_parameter_status(&body).unwrap();
+            prop_assert_eq!(n, name.as_bytes());
+            prop_assert_eq!(v, &value[..]);
+        }
+    }
+}
