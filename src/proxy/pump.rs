@@ -180,7 +180,11 @@ mod tests {
     }
 
     /// Feed `chunks` into a pump and collect what comes out.
-    fn relay(chunks: Vec<Vec<u8>>, inspect: Vec<u8>, limit: usize) -> (Result<(), PumpError>, Vec<u8>) {
+    fn relay(
+        chunks: Vec<Vec<u8>>,
+        inspect: Vec<u8>,
+        limit: usize,
+    ) -> (Result<(), PumpError>, Vec<u8>) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -242,7 +246,10 @@ mod tests {
         let mut input = frame(b'Q', b"select 1\0");
         input.extend_from_slice(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
         let (r, out) = relay(vec![input.clone()], vec![b'Q'], 1 << 20);
-        assert!(matches!(r, Err(PumpError::Wire(WireError::TooLarge { .. }))));
+        assert!(matches!(
+            r,
+            Err(PumpError::Wire(WireError::TooLarge { .. }))
+        ));
         // Nothing of the failed batch is forwarded: the session ends with an error.
         assert!(out.is_empty());
     }

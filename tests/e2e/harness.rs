@@ -1,0 +1,157 @@
+//! In-process proxy for the end-to-end tests: bound on port 0, on its own runtime thread, so
+//! both async tests and tests that drive external clients (psql, pgbench, Python, Node) can
+//! use it. Dropping it stops the proxy.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use pgenvelope::proxy::{ProxyConfig, Server};
+
+/// Host and port of the shared test PostgreSQL (trust auth), overridable with
+/// `PGENVELOPE_TEST_PGHOST` / `PGENVELOPE_TEST_PGPORT`.
+pub fn main_pg() -> (String, u16) {
+    let host = std::env::var("PGENVELOPE_TEST_PGHOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let port = std::env::var("PGENVELOPE_TEST_PGPORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5432);
+    (host, port)
+}
+
+/// A running proxy.
+pub struct TestProxy {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Options for [`TestProxy`].
+#[derive(Clone)]
+pub struct ProxyOptions {
+    pub upstream_host: String,
+    pub upstream_port: u16,
+    pub max_connections: usize,
+    pub max_message_size: usize,
+    pub connect_timeout: Duration,
+}
+
+impl ProxyOptions {
+    pub fn to(host: &str, port: u16) -> Self {
+        Self {
+            upstream_host: host.to_owned(),
+            upstream_port: port,
+            max_connections: 1000,
+            max_message_size: (1 << 30) - 1,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TestProxy {
+    /// A proxy in front of the shared test PostgreSQL.
+    pub fn start() -> Self {
+        let (host, port) = main_pg();
+        Self::with(ProxyOptions::to(&host, port))
+    }
+
+    /// A proxy with explicit options.
+    pub fn with(opts: ProxyOptions) -> Self {
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("test runtime");
+            rt.block_on(async move {
+                let server = Server::bind(ProxyConfig {
+                    listen: "127.0.0.1:0".parse().expect("literal address"),
+                    upstream_host: opts.upstream_host,
+                    upstream_port: opts.upstream_port,
+                    max_connections: opts.max_connections,
+                    max_message_size: opts.max_message_size,
+                    connect_timeout: opts.connect_timeout,
+                })
+                .await
+                .expect("bind proxy");
+                addr_tx
+                    .send(server.local_addr().expect("local addr"))
+                    .expect("send addr");
+                server
+                    .run(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            });
+            // Dropping the runtime here cancels every connection task.
+        });
+        let addr = addr_rx.recv().expect("proxy started");
+        TestProxy {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// A libpq URL through the proxy.
+    pub fn url(&self, user: &str, password: Option<&str>, db: &str) -> String {
+        match password {
+            Some(p) => format!("postgres://{user}:{p}@127.0.0.1:{}/{db}", self.port()),
+            None => format!("postgres://{user}@127.0.0.1:{}/{db}", self.port()),
+        }
+    }
+
+    /// tokio-postgres config string through the proxy.
+    pub fn pg_config(&self, user: &str, password: Option<&str>, db: &str) -> String {
+        let mut s = format!(
+            "host=127.0.0.1 port={} user={user} dbname={db}",
+            self.port()
+        );
+        if let Some(p) = password {
+            s.push_str(&format!(" password={p}"));
+        }
+        s
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connect with tokio-postgres (NoTls) and drive the connection in the background.
+pub async fn connect(config: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(config, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// A table name unique to this test run.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,131 @@
+//! A minimal raw PostgreSQL v3 client (trust auth only) for tests that must see exact bytes:
+//! BackendKeyData, ParameterStatus, NoticeResponse ordering, non-UTF-8 text.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+pub struct RawConn {
+    stream: TcpStream,
+    pub pid: i32,
+    pub key: Vec<u8>,
+    pub params: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+pub type Msg = (u8, Vec<u8>);
+
+impl RawConn {
+    pub fn connect(port: u16, params: &[(&str, &[u8])]) -> std::io::Result<(RawConn, Vec<Msg>)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut body = 196_608u32.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v);
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        stream.write_all(&packet)?;
+        let mut conn = RawConn {
+            stream,
+            pid: 0,
+            key: Vec::new(),
+            params: Vec::new(),
+        };
+        let msgs = conn.read_until_ready()?;
+        for (tag, body) in &msgs {
+            match tag {
+                b'K' => {
+                    conn.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    conn.key = body.clone();
+                }
+                b'S' => conn.params.push(split_status(body)),
+                _ => {}
+            }
+        }
+        Ok((conn, msgs))
+    }
+
+    pub fn send(&mut self, tag: u8, body: &[u8]) -> std::io::Result<()> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        self.stream.write_all(&m)
+    }
+
+    pub fn read_msg(&mut self) -> std::io::Result<Msg> {
+        let mut head = [0u8; 5];
+        self.stream.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        self.stream.read_exact(&mut body)?;
+        Ok((head[0], body))
+    }
+
+    /// Read messages up to and including ReadyForQuery (or a FATAL/EOF ends the list).
+    pub fn read_until_ready(&mut self) -> std::io::Result<Vec<Msg>> {
+        let mut msgs = Vec::new();
+        loop {
+            let m = self.read_msg()?;
+            let done = m.0 == b'Z';
+            msgs.push(m);
+            if done {
+                return Ok(msgs);
+            }
+        }
+    }
+
+    /// Simple query: send and collect the response up to ReadyForQuery.
+    pub fn query(&mut self, sql: &[u8]) -> std::io::Result<Vec<Msg>> {
+        let mut body = sql.to_vec();
+        body.push(0);
+        self.send(b'Q', &body)?;
+        self.read_until_ready()
+    }
+
+    pub fn raw_stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+pub fn split_status(body: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut parts = body.split(|b| *b == 0);
+    let k = parts.next().unwrap_or_default().to_vec();
+    let v = parts.next().unwrap_or_default().to_vec();
+    (k, v)
+}
+
+/// Column values of a DataRow body (None for NULL).
+pub fn data_row(body: &[u8]) -> Vec<Option<Vec<u8>>> {
+    let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut pos = 2;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes([body[pos], body[pos + 1], body[pos + 2], body[pos + 3]]);
+        pos += 4;
+        if len < 0 {
+            out.push(None);
+        } else {
+            out.push(Some(body[pos..pos + len as usize].to_vec()));
+            pos += len as usize;
+        }
+    }
+    out
+}
+
+/// The value of one field of an ErrorResponse/NoticeResponse body.
+pub fn error_field(body: &[u8], field: u8) -> Option<String> {
+    let mut pos = 0;
+    while pos < body.len() && body[pos] != 0 {
+        let f = body[pos];
+        let end = pos + 1 + body[pos + 1..].iter().position(|b| *b == 0)?;
+        if f == field {
+            return Some(String::from_utf8_lossy(&body[pos + 1..end]).into_owned());
+        }
+        pos = end + 1;
+    }
+    None
+}
