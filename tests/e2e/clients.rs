@@ -1,0 +1,197 @@
+//! Real client programs through the proxy: psql (libpq, including its fast-path FunctionCall
+//! for large objects) and pgbench, each compared with or checked against the server directly.
+
+use std::process::{Command, Output};
+
+use crate::harness::{main_pg, unique, TestProxy};
+
+fn psql(port: u16, db: &str, args: &[&str]) -> Output {
+    let (host, _) = main_pg();
+    Command::new("psql")
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            &host,
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+        ])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql is installed")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn psql_script_output_is_identical_direct_and_through_the_proxy() {
+    let proxy = TestProxy::start();
+    let (_, direct_port) = main_pg();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("script.sql");
+    let t = unique("psql_t");
+    std::fs::write(
+        &script,
+        format!(
+            r#"
+CREATE TEMP TABLE {t} (id int primary key, name text, data bytea, n numeric);
+INSERT INTO {t} VALUES (1, 'one', '\x00ff', 1.5), (2, 'twö', NULL, -2);
+COPY {t} (id, name) FROM stdin;
+3	three
+4	\N
+\.
+SELECT * FROM {t} ORDER BY id;
+\copy (SELECT id, name FROM {t} ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER)
+BEGIN;
+DELETE FROM {t} WHERE id = 1;
+SAVEPOINT s;
+DELETE FROM {t};
+ROLLBACK TO s;
+COMMIT;
+SELECT count(*) FROM {t};
+PREPARE q(int) AS SELECT name FROM {t} WHERE id = $1;
+EXECUTE q(2);
+SELECT 1/0;
+"#
+        ),
+    )
+    .unwrap();
+    let run = |port: u16| {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+            ])
+            .arg("-f")
+            .arg(&script)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).replace(&script.display().to_string(), "SCRIPT"),
+        )
+    };
+    let direct = run(direct_port);
+    let proxied = run(proxy.port());
+    assert!(direct.0.contains("twö"), "{direct:?}");
+    assert!(direct.1.contains("division by zero"), "{direct:?}");
+    assert_eq!(proxied, direct);
+}
+
+#[test]
+fn psql_large_objects_use_function_calls() {
+    let proxy = TestProxy::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("in.bin");
+    let dst = dir.path().join("out.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    // \lo_import and \lo_export go through libpq's fast-path interface (FunctionCall 'F').
+    let out = ok(&psql(
+        proxy.port(),
+        "test",
+        &["-c", &format!("\\lo_import '{}'", src.display())],
+    ));
+    let oid: u32 = out
+        .split_whitespace()
+        .last()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("lo_import printed {out}"));
+    ok(&psql(
+        proxy.port(),
+        "test",
+        &["-c", &format!("\\lo_export {oid} '{}'", dst.display())],
+    ));
+    ok(&psql(
+        proxy.port(),
+        "test",
+        &["-c", &format!("\\lo_unlink {oid}")],
+    ));
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+}
+
+fn pgbench(port: u16, db: &str, args: &[&str]) -> Output {
+    Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg(db)
+        .output()
+        .expect("pgbench is installed")
+}
+
+#[test]
+fn pgbench_select_only_runs_clean_simple_and_prepared() {
+    let (_, direct_port) = main_pg();
+    let db = unique("pgenv_bench");
+    ok(&psql(
+        direct_port,
+        "postgres",
+        &["-c", &format!("CREATE DATABASE {db}")],
+    ));
+    struct DropDb(u16, String);
+    impl Drop for DropDb {
+        fn drop(&mut self) {
+            let _ = psql(
+                self.0,
+                "postgres",
+                &[
+                    "-c",
+                    &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.1),
+                ],
+            );
+        }
+    }
+    let _cleanup = DropDb(direct_port, db.clone());
+    ok(&pgbench(direct_port, &db, &["-i", "-s", "1", "-q"]));
+    let proxy = TestProxy::start();
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pgbench(
+            proxy.port(),
+            &db,
+            &["-S", "-n", "-c", "4", "-j", "2", "-t", "300", "-M", mode],
+        );
+        let text = ok(&out);
+        assert!(
+            text.contains("number of transactions actually processed: 1200/1200"),
+            "{mode}: {text}"
+        );
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "{mode}: {text}"
+        );
+    }
+    // A read-write run as well (BEGIN/UPDATE/INSERT/COMMIT).
+    let text = ok(&pgbench(
+        proxy.port(),
+        &db,
+        &["-n", "-c", "4", "-j", "2", "-t", "100", "-M", "prepared"],
+    ));
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+}
+
+/// psql output for a path, used by other modules.
+pub fn psql_ok(port: u16, db: &str, args: &[&str]) -> String {
+    ok(&psql(port, db, args))
+}
