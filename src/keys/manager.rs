@@ -147,6 +147,9 @@ impl KeyManager {
     }
 
     /// The organisation's active DEK for encrypting, creating its first DEK if needed.
+    ///
+    /// If another proxy rotates the organisation's key, this one keeps returning the old DEK
+    /// until the entry expires or is invalidated; the old DEK still decrypts everywhere.
     pub async fn active_key(&self, org: &OrgId) -> Result<Arc<CachedDek>, KeyError> {
         if let Some(dek) = self.fresh(&self.active, org).await {
             self.hits.fetch_add(1, Ordering::Relaxed);
@@ -342,6 +345,7 @@ impl KeyManager {
                 }
                 _ => KeyError::KekUnavailable { kek: ours, source },
             })?;
+        tracing::debug!(dek = %dek, tenant = %ctx.org, state = %record.state, "unwrapped data key");
         Ok(CachedDek {
             dek_id: dek,
             org: ctx.org,
@@ -403,5 +407,93 @@ impl std::fmt::Debug for KeyManager {
             .field("ttl", &self.ttl)
             .field("cached", &self.by_id.entry_count())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::keys::LocalKek;
+
+    fn manager(ttl: Duration, dir: &tempfile::TempDir) -> KeyManager {
+        // Never connects: these tests stay in memory.
+        let config = "host=127.0.0.1".parse().unwrap();
+        let store = Arc::new(KeyStore::new(config, "pgenvelope").unwrap());
+        let kek = Arc::new(LocalKek::open_or_create(dir.path().join("kek")).unwrap());
+        KeyManager::new(store, kek, KeyManagerConfig { ttl, capacity: 10 })
+    }
+
+    fn cached() -> CachedDek {
+        CachedDek {
+            dek_id: DekId::new_random(),
+            org: OrgId::new("acme").unwrap(),
+            version: 1,
+            state: DekState::Active,
+            key: DataKey::from_bytes([0x5a; 32]),
+            loaded_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn default_config() {
+        let config = KeyManagerConfig::default();
+        assert_eq!(config.ttl, Duration::from_secs(300));
+        assert_eq!(config.capacity, 10_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_go_stale_at_the_ttl_on_tokios_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = manager(Duration::from_secs(10), &dir);
+        let dek = cached();
+        assert!(!manager.is_stale(&dek));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!manager.is_stale(&dek));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(manager.is_stale(&dek));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_entries_are_evicted_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = manager(Duration::from_secs(10), &dir);
+        let old = Arc::new(cached());
+        let id = old.dek_id();
+        manager.by_id.insert(id, old).await;
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(manager.fresh(&manager.by_id, &id).await.is_none());
+        let young = Arc::new(cached());
+        let young_id = young.dek_id();
+        manager.by_id.insert(young_id, young).await;
+        manager.evict_if_stale(&manager.by_id, &id).await;
+        manager.evict_if_stale(&manager.by_id, &young_id).await;
+        assert!(manager.by_id.get(&id).await.is_none());
+        assert!(manager.by_id.get(&young_id).await.is_some());
+    }
+
+    #[test]
+    fn encryption_counts_accumulate_and_saturate() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = manager(Duration::from_secs(10), &dir);
+        let dek = DekId::new_random();
+        manager.note_encryptions(dek, 2);
+        manager.note_encryptions(dek, 3);
+        assert_eq!(manager.pending_encryptions(dek), 5);
+        manager.note_encryptions(dek, u64::MAX);
+        assert_eq!(manager.pending_encryptions(dek), u64::MAX);
+        assert_eq!(manager.pending_encryptions(DekId::new_random()), 0);
+    }
+
+    #[test]
+    fn debug_never_shows_key_bytes() {
+        let dek = CachedDek {
+            dek_id: DekId::from_bytes([0x11; 16]),
+            ..cached()
+        };
+        let debug = format!("{dek:?}");
+        assert!(debug.contains("REDACTED"), "{debug}");
+        assert!(!debug.contains("90") && !debug.contains("5a"), "{debug}");
     }
 }

@@ -537,7 +537,7 @@ mod tests {
     #[test]
     fn record_debug_hides_wrapped_bytes() {
         let record = DekRecord {
-            dek_id: DekId::new_random(),
+            dek_id: DekId::from_bytes([0x11; 16]),
             org_id: OrgId::new("acme").unwrap(),
             version: 1,
             state: DekState::Active,
