@@ -55,6 +55,14 @@ pub enum KeyError {
         #[source]
         source: Arc<tokio_postgres::Error>,
     },
+    /// The key-store connection URL did not parse. The message never repeats the URL, which
+    /// may hold the service password.
+    #[error("invalid key store connection URL")]
+    InvalidStoreUrl {
+        /// The driver's parse error.
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
     /// A key-store row breaks an invariant (unknown state, invalid organisation id, negative
     /// counter). SQLSTATE XX000.
     #[error("key store row for DEK {dek} is invalid: {reason}")]

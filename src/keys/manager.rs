@@ -494,6 +494,9 @@ mod tests {
         };
         let debug = format!("{dek:?}");
         assert!(debug.contains("REDACTED"), "{debug}");
-        assert!(!debug.contains("90") && !debug.contains("5a"), "{debug}");
+        assert!(
+            !debug.contains("90, 90") && !debug.contains("5a5a"),
+            "{debug}"
+        );
     }
 }
