@@ -18,5 +18,6 @@
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod keys;
 pub mod proxy;
 pub mod wire;

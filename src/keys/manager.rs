@@ -1,0 +1,502 @@
+//! The DEK cache in front of the key store and the KEK provider.
+//!
+//! Two moka caches hold `Arc<CachedDek>`: one keyed by DEK id (read path), one keyed by
+//! organisation holding its active DEK (write path). A warm call makes no key-store or KEK
+//! call. Cold loads are single-flight: concurrent callers for the same key share one load and
+//! one unwrap, and share its error if it fails.
+//!
+//! Expiry: each entry records when it was loaded on tokio's clock and is treated as missing
+//! once older than the TTL, so tests can drive expiry with `tokio::time::pause()`. moka's own
+//! TTL (on its own clock) only bounds memory. Plaintext keys are zeroized when the last `Arc`
+//! to an entry is dropped, i.e. after eviction once in-flight users finish.
+//!
+//! Encryption counts are kept in memory per DEK and written to the key store in batches by
+//! [`KeyManager::flush_counters`]. A count that fails to flush is kept for the next flush; a
+//! flush whose connection dies after commit may count twice, which errs towards rotating early.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::crypto::{DataKey, DekId, OrgId};
+
+use super::error::KeyError;
+use super::kek::{KekError, KekProvider, KeyContext};
+use super::store::{DekRecord, DekState, KeyStore};
+
+/// Cache settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyManagerConfig {
+    /// How long an unwrapped DEK (and an organisation's active-DEK choice) is served from
+    /// memory before it is read again. Default 300 s.
+    pub ttl: Duration,
+    /// Maximum number of cached DEKs (and, separately, of cached organisations).
+    /// Default 10 000.
+    pub capacity: u64,
+}
+
+impl Default for KeyManagerConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(300),
+            capacity: 10_000,
+        }
+    }
+}
+
+/// An unwrapped DEK as cached: the key plus what was known about it when it was loaded.
+#[derive(Debug)]
+pub struct CachedDek {
+    dek_id: DekId,
+    org: OrgId,
+    version: i32,
+    state: DekState,
+    key: DataKey,
+    loaded_at: Instant,
+}
+
+impl CachedDek {
+    /// The DEK's id.
+    pub fn dek_id(&self) -> DekId {
+        self.dek_id
+    }
+
+    /// The organisation that owns it.
+    pub fn org(&self) -> &OrgId {
+        &self.org
+    }
+
+    /// Its version within the organisation.
+    pub fn version(&self) -> i32 {
+        self.version
+    }
+
+    /// Its state when loaded (`Active` or `DecryptOnly`; destroyed keys are never cached).
+    pub fn state(&self) -> DekState {
+        self.state
+    }
+
+    /// The plaintext key.
+    pub fn key(&self) -> &DataKey {
+        &self.key
+    }
+
+    /// When it was loaded, on tokio's clock.
+    pub fn loaded_at(&self) -> Instant {
+        self.loaded_at
+    }
+}
+
+/// Counters for tests and metrics. Monotonic since the manager was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyManagerStats {
+    /// Calls served from memory.
+    pub cache_hits: u64,
+    /// Calls that had to load (possibly joining another caller's load).
+    pub cache_misses: u64,
+    /// Calls to [`KekProvider::unwrap`].
+    pub unwrap_calls: u64,
+    /// Key-store look-ups (`lookup`, `get_or_create_active`) made to load keys.
+    pub store_loads: u64,
+}
+
+/// DEK cache: finds, creates and unwraps data keys, and counts their use.
+///
+/// One per proxy, shared as `Arc<KeyManager>`; no global state.
+pub struct KeyManager {
+    store: Arc<KeyStore>,
+    kek: Arc<dyn KekProvider>,
+    ttl: Duration,
+    by_id: Cache<DekId, Arc<CachedDek>>,
+    active: Cache<OrgId, Arc<CachedDek>>,
+    pending: Mutex<HashMap<DekId, u64>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    unwraps: AtomicU64,
+    store_loads: AtomicU64,
+}
+
+impl KeyManager {
+    /// A manager over `store`, unwrapping with `kek`.
+    pub fn new(store: Arc<KeyStore>, kek: Arc<dyn KekProvider>, config: KeyManagerConfig) -> Self {
+        Self {
+            store,
+            kek,
+            ttl: config.ttl,
+            by_id: cache(config),
+            active: cache(config),
+            pending: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            unwraps: AtomicU64::new(0),
+            store_loads: AtomicU64::new(0),
+        }
+    }
+
+    /// The key store behind this cache.
+    pub fn store(&self) -> &Arc<KeyStore> {
+        &self.store
+    }
+
+    /// The organisation's active DEK for encrypting, creating its first DEK if needed.
+    ///
+    /// If another proxy rotates the organisation's key, this one keeps returning the old DEK
+    /// until the entry expires or is invalidated; the old DEK still decrypts everywhere.
+    pub async fn active_key(&self, org: &OrgId) -> Result<Arc<CachedDek>, KeyError> {
+        if let Some(dek) = self.fresh(&self.active, org).await {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(dek);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.evict_if_stale(&self.active, org).await;
+        let load = async {
+            self.store_loads.fetch_add(1, Ordering::Relaxed);
+            let record = self.store.get_or_create_active(org, &*self.kek).await?;
+            self.load_by_id(record.dek_id, Some(record)).await
+        };
+        self.active
+            .try_get_with_by_ref(org, load)
+            .await
+            .map_err(Arc::unwrap_or_clone)
+    }
+
+    /// The DEK with this id, for decrypting. Rotated-out (`decrypt_only`) keys are returned;
+    /// destroyed and unknown ones are errors.
+    pub async fn key_by_id(&self, dek: DekId) -> Result<Arc<CachedDek>, KeyError> {
+        if let Some(cached) = self.fresh(&self.by_id, &dek).await {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(cached);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.load_by_id(dek, None).await
+    }
+
+    /// Like [`KeyManager::key_by_id`], but fails with [`KeyError::WrongOrg`] unless the DEK
+    /// belongs to `org` (the session tenant).
+    pub async fn key_for_org(&self, dek: DekId, org: &OrgId) -> Result<Arc<CachedDek>, KeyError> {
+        let cached = self.key_by_id(dek).await?;
+        if cached.org() != org {
+            return Err(KeyError::WrongOrg {
+                dek,
+                expected: org.clone(),
+                found: cached.org().clone(),
+            });
+        }
+        Ok(cached)
+    }
+
+    /// Forget everything cached for `org` (its active DEK and all its DEKs by id).
+    ///
+    /// A load already in flight may still insert what it read before the invalidation.
+    pub async fn invalidate_org(&self, org: &OrgId) {
+        self.active.invalidate(org).await;
+        let ids: Vec<DekId> = self
+            .by_id
+            .iter()
+            .filter(|(_, dek)| dek.org() == org)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.by_id.invalidate(&id).await;
+        }
+    }
+
+    /// Forget every cached key.
+    pub fn invalidate_all(&self) {
+        self.active.invalidate_all();
+        self.by_id.invalidate_all();
+    }
+
+    /// Record `n` encryptions under `dek`, to be persisted by the next flush.
+    pub fn note_encryptions(&self, dek: DekId, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = pending.entry(dek).or_insert(0);
+        *count = count.saturating_add(n);
+    }
+
+    /// Encryptions noted for `dek` and not yet flushed.
+    pub fn pending_encryptions(&self, dek: DekId) -> u64 {
+        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.get(&dek).copied().unwrap_or(0)
+    }
+
+    /// Write the noted encryption counts to the key store in one statement. Returns how many
+    /// DEKs were updated. On failure the counts are kept for the next flush.
+    pub async fn flush_counters(&self) -> Result<usize, KeyError> {
+        let batch: Vec<(DekId, u64)> = {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.drain().collect()
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self.store.add_encryptions(&batch).await {
+            for (dek, n) in batch {
+                self.note_encryptions(dek, n);
+            }
+            return Err(e);
+        }
+        Ok(batch.len())
+    }
+
+    /// Spawn a task that flushes the counters every `every`, and once more when `shutdown`
+    /// completes. Failures are logged and retried on the next tick.
+    pub fn spawn_counter_flusher(
+        self: &Arc<Self>,
+        every: Duration,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<()> {
+        let manager = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = &mut shutdown => break,
+                }
+                if let Err(e) = manager.flush_counters().await {
+                    tracing::warn!(error = %e, "could not persist DEK encryption counters");
+                }
+            }
+            if let Err(e) = manager.flush_counters().await {
+                tracing::warn!(error = %e, "could not persist DEK encryption counters at shutdown");
+            }
+        })
+    }
+
+    /// Counters since the manager was built.
+    pub fn stats(&self) -> KeyManagerStats {
+        KeyManagerStats {
+            cache_hits: self.hits.load(Ordering::Relaxed),
+            cache_misses: self.misses.load(Ordering::Relaxed),
+            unwrap_calls: self.unwraps.load(Ordering::Relaxed),
+            store_loads: self.store_loads.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Single-flight load of one DEK by id. `known` skips the key-store look-up when the
+    /// caller already holds the row.
+    async fn load_by_id(
+        &self,
+        dek: DekId,
+        known: Option<DekRecord>,
+    ) -> Result<Arc<CachedDek>, KeyError> {
+        self.evict_if_stale(&self.by_id, &dek).await;
+        let load = async {
+            let record = match known {
+                Some(record) => record,
+                None => {
+                    self.store_loads.fetch_add(1, Ordering::Relaxed);
+                    self.store
+                        .lookup(dek)
+                        .await?
+                        .ok_or(KeyError::UnknownDek(dek))?
+                }
+            };
+            self.unwrap_record(record).await.map(Arc::new)
+        };
+        self.by_id
+            .try_get_with(dek, load)
+            .await
+            .map_err(Arc::unwrap_or_clone)
+    }
+
+    async fn unwrap_record(&self, record: DekRecord) -> Result<CachedDek, KeyError> {
+        let dek = record.dek_id;
+        let Some(wrapped) = record
+            .wrapped
+            .filter(|_| record.state != DekState::Destroyed)
+        else {
+            return Err(KeyError::DestroyedDek(dek));
+        };
+        let ours = self.kek.kek_id();
+        if record.kek != ours {
+            return Err(KeyError::KekMismatch {
+                dek,
+                stored: record.kek,
+                ours,
+            });
+        }
+        let ctx = KeyContext {
+            org: record.org_id,
+            dek,
+        };
+        self.unwraps.fetch_add(1, Ordering::Relaxed);
+        let key = self
+            .kek
+            .unwrap(&ctx, &wrapped)
+            .await
+            .map_err(|source| match source {
+                KekError::Rejected | KekError::Malformed { .. } => {
+                    KeyError::UnwrapRejected { dek, source }
+                }
+                _ => KeyError::KekUnavailable { kek: ours, source },
+            })?;
+        tracing::debug!(dek = %dek, tenant = %ctx.org, state = %record.state, "unwrapped data key");
+        Ok(CachedDek {
+            dek_id: dek,
+            org: ctx.org,
+            version: record.version,
+            state: record.state,
+            key,
+            loaded_at: Instant::now(),
+        })
+    }
+
+    /// The cached entry if present and younger than the TTL.
+    async fn fresh<K>(&self, cache: &Cache<K, Arc<CachedDek>>, key: &K) -> Option<Arc<CachedDek>>
+    where
+        K: Hash + Eq + Send + Sync + 'static,
+    {
+        cache.get(key).await.filter(|dek| !self.is_stale(dek))
+    }
+
+    /// Remove the entry for `key` if it is older than the TTL, so the next single-flight load
+    /// replaces it. Serialized per key, so a fresh entry inserted meanwhile is kept.
+    async fn evict_if_stale<K>(&self, cache: &Cache<K, Arc<CachedDek>>, key: &K)
+    where
+        K: Hash + Eq + Send + Sync + Clone + 'static,
+    {
+        if cache.get(key).await.is_none() {
+            return;
+        }
+        cache
+            .entry_by_ref(key)
+            .and_compute_with(|entry| {
+                let op = match entry {
+                    Some(entry) if self.is_stale(entry.value()) => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
+    fn is_stale(&self, dek: &CachedDek) -> bool {
+        dek.loaded_at.elapsed() >= self.ttl
+    }
+}
+
+fn cache<K>(config: KeyManagerConfig) -> Cache<K, Arc<CachedDek>>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+{
+    Cache::builder()
+        .max_capacity(config.capacity)
+        .time_to_live(config.ttl)
+        .build()
+}
+
+impl std::fmt::Debug for KeyManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyManager")
+            .field("kek", &self.kek.kek_id())
+            .field("ttl", &self.ttl)
+            .field("cached", &self.by_id.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::keys::LocalKek;
+
+    fn manager(ttl: Duration, dir: &tempfile::TempDir) -> KeyManager {
+        // Never connects: these tests stay in memory.
+        let config = "host=127.0.0.1".parse().unwrap();
+        let store = Arc::new(KeyStore::new(config, "pgenvelope").unwrap());
+        let kek = Arc::new(LocalKek::open_or_create(dir.path().join("kek")).unwrap());
+        KeyManager::new(store, kek, KeyManagerConfig { ttl, capacity: 10 })
+    }
+
+    fn cached() -> CachedDek {
+        CachedDek {
+            dek_id: DekId::new_random(),
+            org: OrgId::new("acme").unwrap(),
+            version: 1,
+            state: DekState::Active,
+            key: DataKey::from_bytes([0x5a; 32]),
+            loaded_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn default_config() {
+        let config = KeyManagerConfig::default();
+        assert_eq!(config.ttl, Duration::from_secs(300));
+        assert_eq!(config.capacity, 10_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_go_stale_at_the_ttl_on_tokios_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = manager(Duration::from_secs(10), &dir);
+        let dek = cached();
+        assert!(!manager.is_stale(&dek));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!manager.is_stale(&dek));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(manager.is_stale(&dek));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_entries_are_evicted_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = manager(Duration::from_secs(10), &dir);
+        let old = Arc::new(cached());
+        let id = old.dek_id();
+        manager.by_id.insert(id, old).await;
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(manager.fresh(&manager.by_id, &id).await.is_none());
+        let young = Arc::new(cached());
+        let young_id = young.dek_id();
+        manager.by_id.insert(young_id, young).await;
+        manager.evict_if_stale(&manager.by_id, &id).await;
+        manager.evict_if_stale(&manager.by_id, &young_id).await;
+        assert!(manager.by_id.get(&id).await.is_none());
+        assert!(manager.by_id.get(&young_id).await.is_some());
+    }
+
+    #[test]
+    fn encryption_counts_accumulate_and_saturate() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = manager(Duration::from_secs(10), &dir);
+        let dek = DekId::new_random();
+        manager.note_encryptions(dek, 2);
+        manager.note_encryptions(dek, 3);
+        assert_eq!(manager.pending_encryptions(dek), 5);
+        manager.note_encryptions(dek, u64::MAX);
+        assert_eq!(manager.pending_encryptions(dek), u64::MAX);
+        assert_eq!(manager.pending_encryptions(DekId::new_random()), 0);
+    }
+
+    #[test]
+    fn debug_never_shows_key_bytes() {
+        let dek = CachedDek {
+            dek_id: DekId::from_bytes([0x11; 16]),
+            ..cached()
+        };
+        let debug = format!("{dek:?}");
+        assert!(debug.contains("REDACTED"), "{debug}");
+        assert!(
+            !debug.contains("90, 90") && !debug.contains("5a5a"),
+            "{debug}"
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! Key management: KEK providers, the DEK store in PostgreSQL, and the DEK cache.
+//!
+//! ```text
+//!  proxy ──active_key(org) / key_by_id(dek)──▶ KeyManager (moka, TTL, single-flight)
+//!                                                 │ cold only
+//!                               ┌─────────────────┴──────────────────┐
+//!                               ▼                                    ▼
+//!                KeyStore (data_keys, key_events)          KekProvider (local | KMS | HSM)
+//!                wrapped DEKs in the upstream DB           wrap / unwrap, bound to org + DEK
+//! ```
+//!
+//! Async and I/O-bound by design; the pure envelope format lives in `crypto`. This module
+//! never logs key material in any form, wrapped or not, and holds plaintext keys only in
+//! zeroizing types ([`DataKey`](crate::crypto::DataKey), `Zeroizing` buffers).
+//!
+//! Per-key limit: with random 96-bit nonces a DEK must not encrypt more than 2^32 values.
+//! [`KeyManager`] counts encryptions per DEK and persists them so rotation can trigger well
+//! before that.
+
+mod error;
+mod kek;
+mod local;
+mod manager;
+mod store;
+
+pub use error::KeyError;
+pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
+pub use local::LocalKek;
+pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats};
+pub use store::{DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};
