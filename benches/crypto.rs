@@ -51,12 +51,16 @@ fn bench(c: &mut Criterion) {
         });
 
         let mut buf = plaintext.clone();
-        group.bench_with_input(BenchmarkId::new("raw_aes_gcm_encrypt", size), &size, |b, _| {
-            b.iter(|| {
-                raw.encrypt_in_place_detached(Nonce::from_slice(&[0; 12]), b"aad", &mut buf)
-                    .unwrap()
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("raw_aes_gcm_encrypt", size),
+            &size,
+            |b, _| {
+                b.iter(|| {
+                    raw.encrypt_in_place_detached(Nonce::from_slice(&[0; 12]), b"aad", &mut buf)
+                        .unwrap()
+                })
+            },
+        );
     }
     group.finish();
 }

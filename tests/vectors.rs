@@ -82,7 +82,12 @@ fn open_matches_vectors() {
         assert_eq!(value.column_id(), c.key.column_id(), "{}", v.name);
         assert_eq!(value.nonce(), c.nonce, "{}", v.name);
         assert_eq!(value.to_text(), v.expected, "{}", v.name);
-        assert_eq!(c.key.open(&c.org, &value).unwrap(), c.plaintext, "{}", v.name);
+        assert_eq!(
+            c.key.open(&c.org, &value).unwrap(),
+            c.plaintext,
+            "{}",
+            v.name
+        );
 
         let other = OrgId::new(format!("{}x", &v.org[..v.org.len().min(200)])).unwrap();
         assert_eq!(

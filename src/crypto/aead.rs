@@ -114,7 +114,10 @@ mod tests {
                 ran += 1;
             }
         }
-        assert!(ran > 50, "only {ran} Wycheproof cases matched our parameters");
+        assert!(
+            ran > 50,
+            "only {ran} Wycheproof cases matched our parameters"
+        );
     }
 
     /// NIST GCM test vectors (gcmEncryptExtIV256.rsp), AES-256, 96-bit IV, 128-bit tag.

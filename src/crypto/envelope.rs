@@ -347,13 +347,12 @@ impl ColumnKey {
         let mut aad_buf = [0u8; MAX_AAD_LEN];
         let (header, body) = binary.split_at_mut(HEADER_LEN);
         let aad = build_aad(&mut aad_buf, header, org);
-        let tag = self
-            .aead
-            .seal_in_place(&nonce, aad, body)
-            .map_err(|_| SealError::PlaintextTooLong {
+        let tag = self.aead.seal_in_place(&nonce, aad, body).map_err(|_| {
+            SealError::PlaintextTooLong {
                 len: plaintext.len(),
                 max: MAX_PLAINTEXT_LEN,
-            })?;
+            }
+        })?;
         binary.extend_from_slice(&tag);
 
         out.reserve(encoded_len(binary.len()));
@@ -523,13 +522,28 @@ mod tests {
 
     #[test]
     fn format_errors() {
-        assert_eq!(EncV1::parse(b"enc:v2:AAAA"), Err(FormatError::MissingPrefix));
+        assert_eq!(
+            EncV1::parse(b"enc:v2:AAAA"),
+            Err(FormatError::MissingPrefix)
+        );
         assert_eq!(EncV1::parse(b""), Err(FormatError::MissingPrefix));
-        assert_eq!(EncV1::parse(b"enc:v1:"), Err(FormatError::TooShort { len: 0, min: 49 }));
-        assert_eq!(EncV1::parse(b"enc:v1:AQ=="), Err(FormatError::TooShort { len: 1, min: 49 }));
+        assert_eq!(
+            EncV1::parse(b"enc:v1:"),
+            Err(FormatError::TooShort { len: 0, min: 49 })
+        );
+        assert_eq!(
+            EncV1::parse(b"enc:v1:AQ=="),
+            Err(FormatError::TooShort { len: 1, min: 49 })
+        );
         assert_eq!(EncV1::parse(b"enc:v1:AQ"), Err(FormatError::InvalidBase64));
-        assert_eq!(EncV1::parse(b"enc:v1:A Q=="), Err(FormatError::InvalidBase64));
-        assert_eq!(EncV1::parse(b"enc:v1:AR=="), Err(FormatError::InvalidBase64));
+        assert_eq!(
+            EncV1::parse(b"enc:v1:A Q=="),
+            Err(FormatError::InvalidBase64)
+        );
+        assert_eq!(
+            EncV1::parse(b"enc:v1:AR=="),
+            Err(FormatError::InvalidBase64)
+        );
         let mut bin = vec![0u8; MIN_BINARY_LEN];
         bin[0] = 0x02;
         let text = format!("enc:v1:{}", STANDARD.encode(&bin));
