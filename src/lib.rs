@@ -1,3 +1,4 @@
 //! pgenvelope: a transparent encrypting PostgreSQL proxy.
 
 pub mod crypto;
+pub mod rules;
