@@ -19,7 +19,7 @@ pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
 
 /// Largest plaintext we hand to GCM: PostgreSQL's 1 GiB field limit, far below GCM's own
-/// 2^36 - 32 bytes, so [`Aead256::seal_in_place`] cannot fail on length.
+/// 2^36 - 32 bytes, so sealing cannot fail on length once this is checked.
 pub const MAX_PLAINTEXT_LEN: usize = 1 << 30;
 
 /// A ready AES-256-GCM cipher (expanded key schedule and GHASH key).

@@ -29,7 +29,7 @@
 //!   [`EncV1::ciphertext`]; [`looks_like_enc_v1`] is the cheap prefix check.
 //! * [`ColumnKey::open`]`(&self, &OrgId, &EncV1) -> Result<Vec<u8>, OpenError>`.
 //!
-//! Nonces come from a [`NonceSource`](crate::crypto::NonceSource); the per-key message limit and
+//! Nonces come from a [`NonceSource`]; the per-key message limit and
 //! the rotation threshold are documented in [`crate::crypto::nonce`].
 //!
 //! # Invariants
@@ -112,7 +112,7 @@ pub fn looks_like_enc_v1(input: &[u8]) -> bool {
 
 /// A parsed, well-formed `enc:v1` value (not yet authenticated).
 ///
-/// Invariant: `binary` is at least [`MIN_BINARY_LEN`] bytes and starts with a supported
+/// Invariant: `binary` is at least `MIN_BINARY_LEN` (49) bytes and starts with a supported
 /// algorithm byte.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EncV1 {
