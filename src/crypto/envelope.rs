@@ -1,0 +1,666 @@
+//! The `enc:v1:` ciphertext format: parse, seal and open.
+//!
+//! A value stored in an encrypted column is the ASCII text `enc:v1:` followed by the standard,
+//! padded base64 (RFC 4648 §4, canonical: no whitespace, no stray bits) of this binary value:
+//!
+//! | offset | size   | field                                                                |
+//! |-------:|-------:|----------------------------------------------------------------------|
+//! | 0      | 1      | algorithm: `0x01` AES-256-GCM with a random 96-bit nonce ([`Algorithm`]); `0x02` is reserved for AES-256-GCM-SIV (deterministic) and rejected |
+//! | 1      | 16     | DEK id: UUID of one organisation's DEK version ([`DekId`])             |
+//! | 17     | 4      | column id: first 4 bytes of SHA-256 of `schema.table.column` or of the rule's stable id ([`ColumnId`]) |
+//! | 21     | 12     | nonce                                                                |
+//! | 33     | n + 16 | AES-256-GCM ciphertext of the n plaintext bytes, then the 16-byte tag |
+//!
+//! The version lives in the text prefix; the algorithm byte comes first in the binary value.
+//!
+//! * AAD = `b"pgenvelope/v1"` ‖ bytes 0..21 of the binary value ‖ the organisation id's UTF-8
+//!   bytes. Changing the algorithm, DEK id, column id or organisation fails authentication.
+//! * Key = per-column subkey `HKDF-SHA256(ikm = DEK, salt = DEK id bytes,
+//!   info = b"pgenvelope/v1/enc/" ‖ 4 column-id bytes)`, 32 bytes.
+//!
+//! # API
+//!
+//! * [`ColumnKey::derive`]`(&DataKey, DekId, ColumnId)`: runs HKDF once and expands the AES key
+//!   schedule; keep it (e.g. in the DEK cache) and seal many values with it.
+//! * [`ColumnKey::seal`]`(&self, &OrgId, plaintext, &mut NonceSource) -> Result<String, SealError>`
+//!   and [`ColumnKey::seal_into`] (appends to a caller-owned `String`).
+//! * [`EncV1::parse`]`(&[u8]) -> Result<EncV1, FormatError>` for the whole `enc:v1:…` text, with
+//!   accessors [`EncV1::algorithm`], [`EncV1::dek_id`], [`EncV1::column_id`], [`EncV1::nonce`],
+//!   [`EncV1::ciphertext`]; [`looks_like_enc_v1`] is the cheap prefix check.
+//! * [`ColumnKey::open`]`(&self, &OrgId, &EncV1) -> Result<Vec<u8>, OpenError>`.
+//!
+//! Nonces come from a [`NonceSource`]; the per-key message limit and
+//! the rotation threshold are documented in [`crate::crypto::nonce`].
+//!
+//! # Invariants
+//!
+//! * No I/O, no clock, no environment; randomness only through `NonceSource`.
+//! * Parsing never panics on any input, and an [`EncV1`] always holds a well-formed value of a
+//!   supported algorithm.
+//! * Errors never contain plaintext, ciphertext or key bytes; an authentication failure is a
+//!   single unit variant that says nothing about why.
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use hkdf::Hkdf;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::crypto::aead::{Aead256, MAX_PLAINTEXT_LEN, NONCE_LEN, TAG_LEN};
+use crate::crypto::key::{ColumnId, DataKey, DekId, OrgId, KEY_LEN};
+use crate::crypto::nonce::NonceSource;
+
+/// The text prefix of every value in this format.
+pub const ENC_V1_PREFIX: &[u8] = b"enc:v1:";
+
+/// Domain-separation string that starts the AAD.
+const AAD_LABEL: &[u8] = b"pgenvelope/v1";
+
+/// HKDF `info` prefix; the 4 column-id bytes follow.
+const HKDF_INFO_LABEL: &[u8] = b"pgenvelope/v1/enc/";
+
+const ALG_OFFSET: usize = 0;
+const DEK_ID_OFFSET: usize = 1;
+const COLUMN_ID_OFFSET: usize = 17;
+const NONCE_OFFSET: usize = 21;
+/// Length of the header: algorithm, DEK id, column id and nonce.
+const HEADER_LEN: usize = 33;
+/// Length of the authenticated part of the header (bytes 0..21), which enters the AAD.
+const AAD_HEADER_LEN: usize = NONCE_OFFSET;
+/// Shortest binary value: the header and the tag of an empty plaintext.
+const MIN_BINARY_LEN: usize = HEADER_LEN + TAG_LEN;
+/// Longest organisation id ([`OrgId`]'s invariant).
+const MAX_ORG_LEN: usize = 255;
+const MAX_AAD_LEN: usize = AAD_LABEL.len() + AAD_HEADER_LEN + MAX_ORG_LEN;
+
+/// Algorithm byte of an `enc:v1` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// `0x01`: AES-256-GCM with a random 96-bit nonce, per-column HKDF-SHA256 subkey.
+    Aes256GcmRandomNonce,
+}
+
+impl Algorithm {
+    /// Byte for AES-256-GCM with a random nonce.
+    pub const AES_256_GCM_BYTE: u8 = 0x01;
+    /// Byte reserved for AES-256-GCM-SIV (deterministic mode); not supported yet.
+    pub const RESERVED_GCM_SIV_BYTE: u8 = 0x02;
+
+    /// The algorithm's byte in the binary value.
+    pub fn byte(self) -> u8 {
+        match self {
+            Self::Aes256GcmRandomNonce => Self::AES_256_GCM_BYTE,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Result<Self, FormatError> {
+        match byte {
+            Self::AES_256_GCM_BYTE => Ok(Self::Aes256GcmRandomNonce),
+            Self::RESERVED_GCM_SIV_BYTE => Err(FormatError::ReservedAlgorithm { byte }),
+            _ => Err(FormatError::UnknownAlgorithm { byte }),
+        }
+    }
+}
+
+/// Cheap check that `input` starts with `enc:v1:`; says nothing about the rest.
+pub fn looks_like_enc_v1(input: &[u8]) -> bool {
+    input.starts_with(ENC_V1_PREFIX)
+}
+
+/// A parsed, well-formed `enc:v1` value (not yet authenticated).
+///
+/// Invariant: `binary` is at least `MIN_BINARY_LEN` (49) bytes and starts with a supported
+/// algorithm byte.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncV1 {
+    binary: Vec<u8>,
+    algorithm: Algorithm,
+}
+
+impl EncV1 {
+    /// Parse the whole text of a value (`enc:v1:` and its base64).
+    pub fn parse(input: &[u8]) -> Result<Self, FormatError> {
+        let encoded = input
+            .strip_prefix(ENC_V1_PREFIX)
+            .ok_or(FormatError::MissingPrefix)?;
+        let binary = STANDARD
+            .decode(encoded)
+            .map_err(|_| FormatError::InvalidBase64)?;
+        Self::from_binary(binary)
+    }
+
+    /// Parse the decoded binary value (no `enc:v1:` prefix, no base64).
+    pub fn from_binary(binary: Vec<u8>) -> Result<Self, FormatError> {
+        let &alg = binary.get(ALG_OFFSET).ok_or(FormatError::TooShort {
+            len: 0,
+            min: MIN_BINARY_LEN,
+        })?;
+        let algorithm = Algorithm::from_byte(alg)?;
+        if binary.len() < MIN_BINARY_LEN {
+            return Err(FormatError::TooShort {
+                len: binary.len(),
+                min: MIN_BINARY_LEN,
+            });
+        }
+        Ok(Self { binary, algorithm })
+    }
+
+    /// The algorithm byte, decoded.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The DEK the value was sealed with.
+    pub fn dek_id(&self) -> DekId {
+        DekId::from_bytes(self.array::<16>(DEK_ID_OFFSET))
+    }
+
+    /// The column the value was sealed for.
+    pub fn column_id(&self) -> ColumnId {
+        ColumnId(self.array::<4>(COLUMN_ID_OFFSET))
+    }
+
+    /// The 96-bit nonce.
+    pub fn nonce(&self) -> [u8; NONCE_LEN] {
+        self.array::<NONCE_LEN>(NONCE_OFFSET)
+    }
+
+    /// Ciphertext followed by the 16-byte tag.
+    pub fn ciphertext(&self) -> &[u8] {
+        &self.binary[HEADER_LEN..]
+    }
+
+    /// Length of the plaintext this value decrypts to.
+    pub fn plaintext_len(&self) -> usize {
+        self.binary.len() - MIN_BINARY_LEN
+    }
+
+    /// The whole decoded binary value.
+    pub fn as_binary(&self) -> &[u8] {
+        &self.binary
+    }
+
+    /// The value as `enc:v1:` text, exactly as it parses.
+    pub fn to_text(&self) -> String {
+        let mut out = String::with_capacity(encoded_len(self.binary.len()));
+        out.push_str("enc:v1:");
+        STANDARD.encode_string(&self.binary, &mut out);
+        out
+    }
+
+    fn array<const N: usize>(&self, offset: usize) -> [u8; N] {
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.binary[offset..offset + N]);
+        out
+    }
+}
+
+/// Prints the header only: ciphertext never goes to logs.
+impl fmt::Debug for EncV1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncV1")
+            .field("algorithm", &self.algorithm)
+            .field("dek_id", &self.dek_id())
+            .field("column_id", &self.column_id())
+            .field("plaintext_len", &self.plaintext_len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The AES-256-GCM subkey of one DEK for one column, ready to seal and open.
+///
+/// Invariant: holds no raw key bytes, only the expanded cipher state, which zeroizes on drop;
+/// `Debug` prints the ids only.
+#[derive(Clone)]
+pub struct ColumnKey {
+    aead: Aead256,
+    dek_id: DekId,
+    column_id: ColumnId,
+}
+
+impl ColumnKey {
+    /// Derive the subkey `HKDF-SHA256(ikm = DEK, salt = DEK id, info = "pgenvelope/v1/enc/" ‖
+    /// column id)` and expand it. Do this once per (DEK, column), not per value.
+    pub fn derive(dek: &DataKey, dek_id: DekId, column_id: ColumnId) -> Self {
+        let hkdf = Hkdf::<Sha256>::new(Some(dek_id.as_bytes()), dek.expose_secret());
+        let mut info = [0u8; HKDF_INFO_LABEL.len() + 4];
+        info[..HKDF_INFO_LABEL.len()].copy_from_slice(HKDF_INFO_LABEL);
+        info[HKDF_INFO_LABEL.len()..].copy_from_slice(&column_id.0);
+        let mut subkey = Zeroizing::new([0u8; KEY_LEN]);
+        hkdf.expand(&info, subkey.as_mut())
+            .expect("32 bytes is within HKDF-SHA256's 8160-byte output limit");
+        Self {
+            aead: Aead256::new(&subkey),
+            dek_id,
+            column_id,
+        }
+    }
+
+    /// The DEK this key was derived from.
+    pub fn dek_id(&self) -> DekId {
+        self.dek_id
+    }
+
+    /// The column this key is for.
+    pub fn column_id(&self) -> ColumnId {
+        self.column_id
+    }
+
+    /// Seal `plaintext` for organisation `org` into a new `enc:v1:` string.
+    ///
+    /// Every call consumes one nonce: callers count it against the DEK (see
+    /// [`crate::crypto::nonce`]).
+    pub fn seal(
+        &self,
+        org: &OrgId,
+        plaintext: &[u8],
+        nonces: &mut NonceSource,
+    ) -> Result<String, SealError> {
+        let mut out = String::new();
+        self.seal_into(org, plaintext, nonces, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`seal`](Self::seal), but appends the `enc:v1:` text to `out`. On error `out` is
+    /// unchanged.
+    pub fn seal_into(
+        &self,
+        org: &OrgId,
+        plaintext: &[u8],
+        nonces: &mut NonceSource,
+        out: &mut String,
+    ) -> Result<(), SealError> {
+        self.seal_with_nonce_into(org, plaintext, nonces.next_nonce(), out)
+    }
+
+    /// Seal with a caller-chosen nonce. Only for fixed test vectors: reusing a nonce under one
+    /// key destroys GCM's security.
+    #[doc(hidden)]
+    pub fn danger_seal_with_nonce(
+        &self,
+        org: &OrgId,
+        plaintext: &[u8],
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<String, SealError> {
+        let mut out = String::new();
+        self.seal_with_nonce_into(org, plaintext, nonce, &mut out)?;
+        Ok(out)
+    }
+
+    /// Verify and decrypt `value` for organisation `org`.
+    ///
+    /// The value's DEK id and column id must be this key's; they are checked before any
+    /// decryption so a mismatch is reported as such rather than as a tag failure.
+    pub fn open(&self, org: &OrgId, value: &EncV1) -> Result<Vec<u8>, OpenError> {
+        let found_dek = value.dek_id();
+        if found_dek != self.dek_id {
+            return Err(OpenError::DekMismatch {
+                expected: self.dek_id,
+                found: found_dek,
+            });
+        }
+        let found_column = value.column_id();
+        if found_column != self.column_id {
+            return Err(OpenError::ColumnMismatch {
+                expected: self.column_id,
+                found: found_column,
+            });
+        }
+        let binary = value.as_binary();
+        let (header, rest) = binary.split_at(HEADER_LEN);
+        let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut tag_bytes = [0u8; TAG_LEN];
+        tag_bytes.copy_from_slice(tag);
+
+        let mut aad_buf = [0u8; MAX_AAD_LEN];
+        let aad = build_aad(&mut aad_buf, header, org);
+        let mut buf = ciphertext.to_vec();
+        self.aead
+            .open_in_place(&value.nonce(), aad, &mut buf, &tag_bytes)
+            .map_err(|_| OpenError::Authentication)?;
+        Ok(buf)
+    }
+
+    fn seal_with_nonce_into(
+        &self,
+        org: &OrgId,
+        plaintext: &[u8],
+        nonce: [u8; NONCE_LEN],
+        out: &mut String,
+    ) -> Result<(), SealError> {
+        if plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(SealError::PlaintextTooLong {
+                len: plaintext.len(),
+                max: MAX_PLAINTEXT_LEN,
+            });
+        }
+        let mut binary = Vec::with_capacity(MIN_BINARY_LEN + plaintext.len());
+        binary.push(Algorithm::AES_256_GCM_BYTE);
+        binary.extend_from_slice(self.dek_id.as_bytes());
+        binary.extend_from_slice(&self.column_id.0);
+        binary.extend_from_slice(&nonce);
+        binary.extend_from_slice(plaintext);
+
+        let mut aad_buf = [0u8; MAX_AAD_LEN];
+        let (header, body) = binary.split_at_mut(HEADER_LEN);
+        let aad = build_aad(&mut aad_buf, header, org);
+        let tag = self.aead.seal_in_place(&nonce, aad, body).map_err(|_| {
+            SealError::PlaintextTooLong {
+                len: plaintext.len(),
+                max: MAX_PLAINTEXT_LEN,
+            }
+        })?;
+        binary.extend_from_slice(&tag);
+
+        out.reserve(encoded_len(binary.len()));
+        out.push_str("enc:v1:");
+        STANDARD.encode_string(&binary, out);
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ColumnKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ColumnKey")
+            .field("dek_id", &self.dek_id)
+            .field("column_id", &self.column_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a text is not a well-formed `enc:v1` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// The input does not start with `enc:v1:`.
+    #[error("value does not start with `enc:v1:`")]
+    MissingPrefix,
+    /// The text after the prefix is not canonical, padded standard base64. The decoder's detail
+    /// (offset and offending byte) is dropped on purpose: it would put ciphertext into logs.
+    #[error("enc:v1 value is not valid padded base64")]
+    InvalidBase64,
+    /// The decoded value is shorter than a header plus tag.
+    #[error("enc:v1 value is {len} bytes, shorter than the minimum of {min}")]
+    TooShort {
+        /// Decoded length.
+        len: usize,
+        /// Minimum length (header and tag).
+        min: usize,
+    },
+    /// Algorithm byte `0x02` (AES-256-GCM-SIV, deterministic) is reserved but not supported yet.
+    #[error("enc:v1 algorithm {byte:#04x} (deterministic) is reserved and not supported yet")]
+    ReservedAlgorithm {
+        /// The algorithm byte.
+        byte: u8,
+    },
+    /// The algorithm byte is not one this format defines.
+    #[error("enc:v1 algorithm {byte:#04x} is unknown")]
+    UnknownAlgorithm {
+        /// The algorithm byte.
+        byte: u8,
+    },
+}
+
+/// Why a value could not be sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The plaintext is longer than [`MAX_PLAINTEXT_LEN`] (PostgreSQL's 1 GiB field limit).
+    #[error("plaintext of {len} bytes exceeds the limit of {max} bytes")]
+    PlaintextTooLong {
+        /// Plaintext length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Why a well-formed value could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The value was sealed under another DEK than this key's; look up the right DEK.
+    #[error("enc:v1 value is for DEK {found}, not {expected}")]
+    DekMismatch {
+        /// This key's DEK.
+        expected: DekId,
+        /// The value's DEK.
+        found: DekId,
+    },
+    /// The value was sealed for another column (e.g. copied from one column into another).
+    #[error("enc:v1 value is for column {found}, not {expected}")]
+    ColumnMismatch {
+        /// This key's column.
+        expected: ColumnId,
+        /// The value's column.
+        found: ColumnId,
+    },
+    /// Tag verification failed: the value was altered, or sealed for another organisation.
+    /// Deliberately carries no detail.
+    #[error("enc:v1 value failed authentication")]
+    Authentication,
+}
+
+/// Write `"pgenvelope/v1" ‖ header[0..21] ‖ org` into `buf` and return the used prefix.
+fn build_aad<'a>(buf: &'a mut [u8; MAX_AAD_LEN], header: &[u8], org: &OrgId) -> &'a [u8] {
+    let org = org.as_str().as_bytes();
+    let label_end = AAD_LABEL.len();
+    let header_end = label_end + AAD_HEADER_LEN;
+    let end = header_end + org.len();
+    buf[..label_end].copy_from_slice(AAD_LABEL);
+    buf[label_end..header_end].copy_from_slice(&header[..AAD_HEADER_LEN]);
+    buf[header_end..end].copy_from_slice(org);
+    &buf[..end]
+}
+
+/// Length of the `enc:v1:` text for a binary value of `binary_len` bytes.
+fn encoded_len(binary_len: usize) -> usize {
+    ENC_V1_PREFIX.len() + binary_len.div_ceil(3) * 4
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn key(column: &str) -> ColumnKey {
+        ColumnKey::derive(
+            &DataKey::from_bytes([7; KEY_LEN]),
+            DekId::from_bytes([1; 16]),
+            ColumnId::from_name(column),
+        )
+    }
+
+    fn org(s: &str) -> OrgId {
+        OrgId::new(s).unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_layout() {
+        let k = key("public.t.c");
+        let mut nonces = NonceSource::from_os_rng();
+        let text = k.seal(&org("acme"), b"hello", &mut nonces).unwrap();
+        assert!(looks_like_enc_v1(text.as_bytes()));
+        assert_eq!(text.len(), encoded_len(MIN_BINARY_LEN + 5));
+        let v = EncV1::parse(text.as_bytes()).unwrap();
+        assert_eq!(v.algorithm(), Algorithm::Aes256GcmRandomNonce);
+        assert_eq!(v.dek_id(), k.dek_id());
+        assert_eq!(v.column_id(), k.column_id());
+        assert_eq!(v.ciphertext().len(), 5 + TAG_LEN);
+        assert_eq!(v.to_text(), text);
+        assert_eq!(k.open(&org("acme"), &v).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn seal_into_appends() {
+        let k = key("public.t.c");
+        let mut nonces = NonceSource::from_os_rng();
+        let mut out = String::from("x");
+        k.seal_into(&org("a"), b"", &mut nonces, &mut out).unwrap();
+        assert!(out.starts_with("xenc:v1:"));
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let k = key("public.t.c");
+        let dbg = format!("{k:?}");
+        assert!(dbg.starts_with("ColumnKey { dek_id:"), "{dbg}");
+        let v = EncV1::parse(
+            k.danger_seal_with_nonce(&org("a"), b"secret", [0; 12])
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(!format!("{v:?}").contains("ciphertext"));
+    }
+
+    #[test]
+    fn format_errors() {
+        assert_eq!(
+            EncV1::parse(b"enc:v2:AAAA"),
+            Err(FormatError::MissingPrefix)
+        );
+        assert_eq!(EncV1::parse(b""), Err(FormatError::MissingPrefix));
+        assert_eq!(
+            EncV1::parse(b"enc:v1:"),
+            Err(FormatError::TooShort { len: 0, min: 49 })
+        );
+        assert_eq!(
+            EncV1::parse(b"enc:v1:AQ=="),
+            Err(FormatError::TooShort { len: 1, min: 49 })
+        );
+        assert_eq!(EncV1::parse(b"enc:v1:AQ"), Err(FormatError::InvalidBase64));
+        assert_eq!(
+            EncV1::parse(b"enc:v1:A Q=="),
+            Err(FormatError::InvalidBase64)
+        );
+        assert_eq!(
+            EncV1::parse(b"enc:v1:AR=="),
+            Err(FormatError::InvalidBase64)
+        );
+        let mut bin = vec![0u8; MIN_BINARY_LEN];
+        bin[0] = 0x02;
+        let text = format!("enc:v1:{}", STANDARD.encode(&bin));
+        assert_eq!(
+            EncV1::parse(text.as_bytes()),
+            Err(FormatError::ReservedAlgorithm { byte: 2 })
+        );
+        bin[0] = 0xff;
+        assert_eq!(
+            EncV1::from_binary(bin),
+            Err(FormatError::UnknownAlgorithm { byte: 0xff })
+        );
+    }
+
+    #[test]
+    fn mismatches_are_typed() {
+        let k = key("public.t.c");
+        let text = k.danger_seal_with_nonce(&org("a"), b"x", [3; 12]).unwrap();
+        let v = EncV1::parse(text.as_bytes()).unwrap();
+        let other_col = key("public.t.d");
+        assert!(matches!(
+            other_col.open(&org("a"), &v),
+            Err(OpenError::ColumnMismatch { .. })
+        ));
+        let other_dek = ColumnKey::derive(
+            &DataKey::from_bytes([7; KEY_LEN]),
+            DekId::from_bytes([2; 16]),
+            ColumnId::from_name("public.t.c"),
+        );
+        assert!(matches!(
+            other_dek.open(&org("a"), &v),
+            Err(OpenError::DekMismatch { .. })
+        ));
+        assert_eq!(k.open(&org("b"), &v), Err(OpenError::Authentication));
+    }
+
+    #[test]
+    fn longest_org_fits_aad() {
+        let k = key("public.t.c");
+        let long = org(&"o".repeat(255));
+        let text = k.danger_seal_with_nonce(&long, b"x", [0; 12]).unwrap();
+        let v = EncV1::parse(text.as_bytes()).unwrap();
+        assert_eq!(k.open(&long, &v).unwrap(), b"x");
+    }
+
+    fn org_strategy() -> impl Strategy<Value = OrgId> {
+        "[a-zA-Z0-9_-]{1,40}".prop_map(|s| OrgId::new(s).unwrap())
+    }
+
+    proptest! {
+        #[test]
+        fn open_seal_bytes(pt in proptest::collection::vec(any::<u8>(), 0..2048), o in org_strategy()) {
+            let k = key("public.t.c");
+            let mut nonces = NonceSource::from_os_rng();
+            let text = k.seal(&o, &pt, &mut nonces).unwrap();
+            let v = EncV1::parse(text.as_bytes()).unwrap();
+            prop_assert_eq!(k.open(&o, &v).unwrap(), pt);
+        }
+
+        #[test]
+        fn open_seal_utf8(pt in any::<String>(), o in org_strategy()) {
+            let k = key("public.t.c");
+            let mut nonces = NonceSource::from_os_rng();
+            let text = k.seal(&o, pt.as_bytes(), &mut nonces).unwrap();
+            let v = EncV1::parse(text.as_bytes()).unwrap();
+            let opened = String::from_utf8(k.open(&o, &v).unwrap()).unwrap();
+            prop_assert_eq!(opened, pt);
+        }
+
+        #[test]
+        fn any_bit_flip_fails(pt in proptest::collection::vec(any::<u8>(), 0..64), bit in any::<prop::sample::Index>()) {
+            let k = key("public.t.c");
+            let o = org("acme");
+            let text = k.danger_seal_with_nonce(&o, &pt, [9; 12]).unwrap();
+            let mut bin = EncV1::parse(text.as_bytes()).unwrap().as_binary().to_vec();
+            let i = bit.index(bin.len() * 8);
+            bin[i / 8] ^= 1 << (i % 8);
+            let reencoded = format!("enc:v1:{}", STANDARD.encode(&bin));
+            match EncV1::parse(reencoded.as_bytes()) {
+                Err(_) => {}
+                Ok(v) => prop_assert!(k.open(&o, &v).is_err()),
+            }
+        }
+
+        #[test]
+        fn wrong_org_or_column_fails(pt in proptest::collection::vec(any::<u8>(), 0..64), a in org_strategy(), b in org_strategy()) {
+            prop_assume!(a != b);
+            let c = key("public.t.c");
+            let d = key("public.t.d");
+            let mut nonces = NonceSource::from_os_rng();
+            let v = EncV1::parse(c.seal(&a, &pt, &mut nonces).unwrap().as_bytes()).unwrap();
+            prop_assert_eq!(c.open(&b, &v), Err(OpenError::Authentication));
+            let mismatch = matches!(d.open(&a, &v), Err(OpenError::ColumnMismatch { .. }));
+            prop_assert!(mismatch);
+            // Same bytes relabelled as column D: the AAD no longer matches.
+            let mut bin = v.as_binary().to_vec();
+            bin[COLUMN_ID_OFFSET..NONCE_OFFSET].copy_from_slice(&d.column_id().0);
+            let forged = EncV1::from_binary(bin).unwrap();
+            prop_assert_eq!(d.open(&a, &forged), Err(OpenError::Authentication));
+        }
+
+        #[test]
+        fn parse_arbitrary_bytes_never_panics(input in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = EncV1::parse(&input);
+            let mut prefixed = ENC_V1_PREFIX.to_vec();
+            prefixed.extend_from_slice(&input);
+            let _ = EncV1::parse(&prefixed);
+            let _ = EncV1::from_binary(input);
+        }
+
+        #[test]
+        fn parse_arbitrary_strings_never_panics(s in "enc:v1:[A-Za-z0-9+/=]{0,120}", t in any::<String>()) {
+            if let Ok(v) = EncV1::parse(s.as_bytes()) {
+                prop_assert_eq!(v.to_text(), s);
+                let _ = key("public.t.c").open(&org("a"), &v);
+            }
+            let _ = EncV1::parse(t.as_bytes());
+        }
+    }
+}
