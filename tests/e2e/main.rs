@@ -10,3 +10,4 @@ mod cluster_smoke;
 mod harness;
 mod passthrough;
 mod raw;
+mod sessions;

@@ -369,7 +369,8 @@ impl PrivateCluster {
             "# written by the e2e test support\n\
              local all all trust\n\
              host all all 127.0.0.1/32 {m}\n\
-             host all all ::1/128 {m}\n",
+             host all all ::1/128 {m}\n\
+             host replication all 127.0.0.1/32 {m}\n",
             m = self.opts.auth.hba_method()
         );
         std::fs::write(data.join("pg_hba.conf"), hba)?;
