@@ -51,8 +51,7 @@ async fn password_md5_and_scram_logins_pass_through() {
 
         let err = login(&proxy, "app_user", "wrong")
             .await
-            .err()
-            .expect("wrong password refused");
+            .expect_err("wrong password refused");
         assert_eq!(
             err.code(),
             Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
@@ -77,8 +76,7 @@ async fn server_restart_while_connected() {
     let err = client
         .simple_query("SELECT 1")
         .await
-        .err()
-        .expect("old session is gone");
+        .expect_err("old session is gone");
     assert!(err.is_closed() || err.code().is_some(), "{err}");
     let fresh = login(&proxy, "postgres", &pw).await.unwrap();
     let one: i32 = fresh.query_one("SELECT 1", &[]).await.unwrap().get(0);
@@ -89,8 +87,7 @@ async fn server_restart_while_connected() {
     let err = tokio::time::timeout(Duration::from_secs(20), login(&proxy, "postgres", &pw))
         .await
         .expect("bounded")
-        .err()
-        .expect("no server");
+        .expect_err("no server");
     assert!(
         err.to_string().contains("08006")
             || err.as_db_error().is_some()
