@@ -1,6 +1,8 @@
 //! Command line: `pgenvelope serve` and friends. Connects the library's pieces; the only place
 //! besides `main` that uses `anyhow`.
 
+mod check;
+mod inspect;
 mod serve;
 
 use std::path::PathBuf;
@@ -32,6 +34,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy.
     Serve(ServeArgs),
+    /// Validate the configuration and rule files; exit 1 on any error.
+    Check(check::CheckArgs),
+    /// Print the header of an enc:v1 value (algorithm, DEK, organisation, column); never decrypts.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Flags of `pgenvelope serve`.
@@ -67,6 +73,34 @@ pub struct ServeArgs {
     /// Log filter in RUST_LOG syntax, e.g. `info,pgenvelope=debug` [default: RUST_LOG, else info]
     #[arg(long, env = "PGENVELOPE_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+
+    /// Rule file, or directory of *.toml rule files, naming the encrypted columns
+    /// [default: rules]
+    #[arg(long, env = "PGENVELOPE_RULES", value_name = "PATH")]
+    pub rules: Option<PathBuf>,
+
+    /// Key-encryption key provider: local:PATH (development only), aws-kms:KEY, pkcs11:URI
+    /// [default: local:.pgenvelope/kek]
+    #[arg(long, env = "PGENVELOPE_KMS", value_name = "URI")]
+    pub kms: Option<String>,
+
+    /// Organisation that owns written values when neither the row's tenant column nor the
+    /// session (SET pgenvelope.tenant) names one; without it such writes are refused (42501)
+    #[arg(long, env = "PGENVELOPE_DEFAULT_TENANT", value_name = "ORG")]
+    pub default_tenant: Option<String>,
+
+    /// Refuse (XX001) plaintext found in an encrypted column instead of passing it through
+    /// [default: false]
+    #[arg(long, env = "PGENVELOPE_STRICT_READS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub strict_reads: Option<bool>,
+
+    /// How long an unwrapped data key stays cached, e.g. 300s [default: 300s]
+    #[arg(long, env = "PGENVELOPE_KEY_CACHE_TTL", value_name = "DURATION")]
+    pub key_cache_ttl: Option<String>,
+
+    /// Maximum number of unwrapped data keys cached [default: 10000]
+    #[arg(long, env = "PGENVELOPE_KEY_CACHE_CAPACITY", value_name = "N")]
+    pub key_cache_capacity: Option<u64>,
 }
 
 impl ServeArgs {
@@ -79,6 +113,12 @@ impl ServeArgs {
             connect_timeout: self.connect_timeout.clone(),
             log_format: self.log_format.clone(),
             log: self.log.clone(),
+            rules: self.rules.clone(),
+            kms: self.kms.clone(),
+            default_tenant: self.default_tenant.clone(),
+            strict_reads: self.strict_reads,
+            key_cache_ttl: self.key_cache_ttl.clone(),
+            key_cache_capacity: self.key_cache_capacity,
         }
     }
 }
@@ -90,10 +130,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let config = load_config(cli.config.as_deref(), args.overrides())?;
             serve::run(config)
         }
+        Command::Check(args) => {
+            let config = load_config(cli.config.as_deref(), args.overrides())?;
+            check::run(&config, &args)
+        }
+        Command::Inspect(args) => {
+            let config = load_config(cli.config.as_deref(), args.overrides())?;
+            inspect::run(&config, &args)
+        }
     }
 }
 
-fn load_config(path: Option<&std::path::Path>, over: Overrides) -> Result<Config, ConfigError> {
+pub(crate) fn load_config(path: Option<&std::path::Path>, over: Overrides) -> Result<Config, ConfigError> {
     match path {
         Some(path) => {
             let raw = RawConfig::load(path)?;

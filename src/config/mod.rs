@@ -15,6 +15,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::crypto::OrgId;
+use crate::keys::KmsUri;
+
 pub use units::{parse_duration, parse_size};
 
 /// Default listen address.
@@ -27,6 +30,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = crate::wire::header::POSTGRES_MAX_MESSAGE;
 /// Default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default rules location.
+pub const DEFAULT_RULES: &str = "rules";
+/// Default KEK provider: a local key file, for development only.
+pub const DEFAULT_KMS: &str = "local:.pgenvelope/kek";
 
 /// The configuration file as written (every key optional).
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -46,6 +53,18 @@ pub struct RawConfig {
     pub log_format: Option<String>,
     /// `log = "info,pgenvelope=debug"` (a tracing filter)
     pub log: Option<String>,
+    /// `rules = "rules/"` (a rule file or a directory of them)
+    pub rules: Option<PathBuf>,
+    /// `kms = "local:.pgenvelope/kek"` (KEK provider URI)
+    pub kms: Option<String>,
+    /// `default_tenant = "acme"`
+    pub default_tenant: Option<String>,
+    /// `strict_reads = true`: plaintext found in an encrypted column is an error (XX001)
+    pub strict_reads: Option<bool>,
+    /// `key_cache_ttl = "300s"`
+    pub key_cache_ttl: Option<String>,
+    /// `key_cache_capacity = 10000`
+    pub key_cache_capacity: Option<u64>,
 }
 
 /// A size given as a number of bytes or as text with a unit.
@@ -144,6 +163,18 @@ pub struct Overrides {
     pub log_format: Option<String>,
     /// `--log`
     pub log: Option<String>,
+    /// `--rules`
+    pub rules: Option<PathBuf>,
+    /// `--kms`
+    pub kms: Option<String>,
+    /// `--default-tenant`
+    pub default_tenant: Option<String>,
+    /// `--strict-reads`
+    pub strict_reads: Option<bool>,
+    /// `--key-cache-ttl`
+    pub key_cache_ttl: Option<String>,
+    /// `--key-cache-capacity`
+    pub key_cache_capacity: Option<u64>,
 }
 
 /// Validated configuration of `pgenvelope serve`.
@@ -163,6 +194,18 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` applies when unset.
     pub log: Option<String>,
+    /// Rule file or directory.
+    pub rules: PathBuf,
+    /// KEK provider.
+    pub kms: KmsUri,
+    /// Organisation for writes when neither the row nor the session names one.
+    pub default_tenant: Option<OrgId>,
+    /// Plaintext found in an encrypted column is an error instead of being passed through.
+    pub strict_reads: bool,
+    /// How long an unwrapped DEK stays cached.
+    pub key_cache_ttl: Duration,
+    /// How many unwrapped DEKs are cached at most.
+    pub key_cache_capacity: u64,
 }
 
 /// A configuration error, naming where the bad value came from.
@@ -271,7 +314,45 @@ impl Config {
             }
         };
 
+        let (rules, src) = match (over.rules, raw.rules) {
+            (Some(v), _) => (v, "command line or environment".to_owned()),
+            (None, Some(v)) => (v, file_name.clone()),
+            (None, None) => (PathBuf::from(DEFAULT_RULES), "default".to_owned()),
+        };
+        if rules.as_os_str().is_empty() {
+            return Err(err("rules", src, "must not be empty".into()));
+        }
+
+        let (kms, src) = pick(over.kms, raw.kms, DEFAULT_KMS);
+        let kms = kms.parse::<KmsUri>().map_err(|e| err("kms", src, e.to_string()))?;
+
+        let default_tenant = match (over.default_tenant, raw.default_tenant) {
+            (Some(v), _) => Some((v, "command line or environment".to_owned())),
+            (None, Some(v)) => Some((v, file_name.clone())),
+            (None, None) => None,
+        };
+        let default_tenant = match default_tenant {
+            Some((v, src)) => Some(OrgId::new(v).map_err(|e| err("default_tenant", src, e.to_string()))?),
+            None => None,
+        };
+
+        let (ttl, src) = pick(over.key_cache_ttl, raw.key_cache_ttl, "300s");
+        let key_cache_ttl = parse_duration(&ttl).map_err(|m| err("key_cache_ttl", src, m))?;
+        let key_cache_capacity = over
+            .key_cache_capacity
+            .or(raw.key_cache_capacity)
+            .unwrap_or(10_000);
+        if key_cache_capacity == 0 {
+            return Err(err("key_cache_capacity", "configuration".into(), "must be at least 1".into()));
+        }
+
         Ok(Config {
+            rules,
+            kms,
+            default_tenant,
+            strict_reads: over.strict_reads.or(raw.strict_reads).unwrap_or(false),
+            key_cache_ttl,
+            key_cache_capacity,
             listen,
             upstream,
             max_connections,
