@@ -141,7 +141,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-pub(crate) fn load_config(path: Option<&std::path::Path>, over: Overrides) -> Result<Config, ConfigError> {
+pub(crate) fn load_config(
+    path: Option<&std::path::Path>,
+    over: Overrides,
+) -> Result<Config, ConfigError> {
     match path {
         Some(path) => {
             let raw = RawConfig::load(path)?;

@@ -324,7 +324,9 @@ impl Config {
         }
 
         let (kms, src) = pick(over.kms, raw.kms, DEFAULT_KMS);
-        let kms = kms.parse::<KmsUri>().map_err(|e| err("kms", src, e.to_string()))?;
+        let kms = kms
+            .parse::<KmsUri>()
+            .map_err(|e| err("kms", src, e.to_string()))?;
 
         let default_tenant = match (over.default_tenant, raw.default_tenant) {
             (Some(v), _) => Some((v, "command line or environment".to_owned())),
@@ -332,7 +334,9 @@ impl Config {
             (None, None) => None,
         };
         let default_tenant = match default_tenant {
-            Some((v, src)) => Some(OrgId::new(v).map_err(|e| err("default_tenant", src, e.to_string()))?),
+            Some((v, src)) => {
+                Some(OrgId::new(v).map_err(|e| err("default_tenant", src, e.to_string()))?)
+            }
             None => None,
         };
 
@@ -343,7 +347,11 @@ impl Config {
             .or(raw.key_cache_capacity)
             .unwrap_or(10_000);
         if key_cache_capacity == 0 {
-            return Err(err("key_cache_capacity", "configuration".into(), "must be at least 1".into()));
+            return Err(err(
+                "key_cache_capacity",
+                "configuration".into(),
+                "must be at least 1".into(),
+            ));
         }
 
         Ok(Config {

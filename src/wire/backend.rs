@@ -241,3 +241,247 @@ mod tests {
         assert!(parse_backend_key_data(&[0, 0, 0]).is_err());
     }
 }
+
+/// One field of a RowDescription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldDescription {
+    /// Column name as raw bytes.
+    pub name: Vec<u8>,
+    /// OID of the source table, or 0.
+    pub table_oid: u32,
+    /// Attribute number in the source table, or 0.
+    pub attnum: i16,
+    /// Data type OID.
+    pub type_oid: u32,
+    /// Type size.
+    pub type_len: i16,
+    /// Type modifier.
+    pub type_mod: i32,
+    /// Format code (0 text, 1 binary; always 0 from Describe Statement).
+    pub format: i16,
+}
+
+/// Decode a RowDescription body.
+pub fn parse_row_description(body: &[u8]) -> Result<Vec<FieldDescription>, WireError> {
+    let mut cur = Cursor::new(ROW_DESCRIPTION_TAG, body);
+    let n = usize::try_from(cur.i16()?).map_err(|_| WireError::Malformed {
+        tag: ROW_DESCRIPTION_TAG,
+        what: "negative field count",
+    })?;
+    let mut fields = Vec::with_capacity(n.min(body.len() / 19));
+    for _ in 0..n {
+        let name = cur.cstr()?.to_vec();
+        fields.push(FieldDescription {
+            name,
+            table_oid: cur.u32()?,
+            attnum: cur.i16()?,
+            type_oid: cur.u32()?,
+            type_len: cur.i16()?,
+            type_mod: cur.i32()?,
+            format: cur.i16()?,
+        });
+    }
+    cur.finish()?;
+    Ok(fields)
+}
+
+/// Decode a ParameterDescription body into parameter type OIDs.
+pub fn parse_parameter_description(body: &[u8]) -> Result<Vec<u32>, WireError> {
+    let mut cur = Cursor::new(PARAMETER_DESCRIPTION_TAG, body);
+    let n = usize::try_from(cur.i16()?).map_err(|_| WireError::Malformed {
+        tag: PARAMETER_DESCRIPTION_TAG,
+        what: "negative parameter count",
+    })?;
+    if cur.remaining().len() != n * 4 {
+        return Err(WireError::Malformed {
+            tag: PARAMETER_DESCRIPTION_TAG,
+            what: "parameter list length",
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(cur.u32()?);
+    }
+    Ok(out)
+}
+
+/// The command tag of a CommandComplete body (e.g. `INSERT 0 1`), as raw bytes.
+pub fn parse_command_complete(body: &[u8]) -> Result<&[u8], WireError> {
+    let mut cur = Cursor::new(COMMAND_COMPLETE_TAG, body);
+    let tag = cur.cstr()?;
+    cur.finish()?;
+    Ok(tag)
+}
+
+/// Overall format and per-column formats of a CopyInResponse/CopyOutResponse/CopyBothResponse.
+pub fn parse_copy_response(tag: u8, body: &[u8]) -> Result<(i8, Vec<i16>), WireError> {
+    let mut cur = Cursor::new(tag, body);
+    let overall = i8::from_be_bytes([cur.u8()?]);
+    let n = usize::try_from(cur.i16()?).map_err(|_| WireError::Malformed {
+        tag,
+        what: "negative column count",
+    })?;
+    let mut formats = Vec::with_capacity(n.min(body.len() / 2));
+    for _ in 0..n {
+        formats.push(cur.i16()?);
+    }
+    cur.finish()?;
+    Ok((overall, formats))
+}
+
+/// A DataRow body viewed in place: the byte range of each column value.
+#[derive(Clone)]
+pub struct DataRow<'a> {
+    body: &'a [u8],
+    /// (start, end) of each value in `body`, or None for NULL.
+    ranges: Vec<Option<(usize, usize)>>,
+}
+
+impl fmt::Debug for DataRow<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DataRow({} columns)", self.ranges.len())
+    }
+}
+
+impl<'a> DataRow<'a> {
+    /// Index a DataRow body.
+    pub fn parse(body: &'a [u8]) -> Result<Self, WireError> {
+        let mut cur = Cursor::new(DATA_ROW_TAG, body);
+        let n = usize::try_from(cur.i16()?).map_err(|_| WireError::Malformed {
+            tag: DATA_ROW_TAG,
+            what: "negative column count",
+        })?;
+        let mut ranges = Vec::with_capacity(n.min(body.len() / 4));
+        for _ in 0..n {
+            let len = cur.i32()?;
+            if len == -1 {
+                ranges.push(None);
+                continue;
+            }
+            let len = usize::try_from(len).map_err(|_| WireError::Malformed {
+                tag: DATA_ROW_TAG,
+                what: "negative value length",
+            })?;
+            let start = body.len() - cur.remaining().len();
+            cur.bytes(len)?;
+            ranges.push(Some((start, start + len)));
+        }
+        cur.finish()?;
+        Ok(Self { body, ranges })
+    }
+
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Whether the row has no columns.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Value of column `i`: `None` if out of range, `Some(None)` for NULL.
+    pub fn get(&self, i: usize) -> Option<Option<&'a [u8]>> {
+        let r = self.ranges.get(i)?;
+        Some(r.map(|(s, e)| &self.body[s..e]))
+    }
+
+    /// Append a DataRow where the columns in `replace` (index, new value) are swapped and every
+    /// other column is copied byte for byte.
+    pub fn encode_with(
+        &self,
+        replace: &[(usize, Option<Vec<u8>>)],
+        out: &mut BytesMut,
+    ) -> Result<(), WireError> {
+        let n = i16::try_from(self.ranges.len()).map_err(|_| WireError::Malformed {
+            tag: DATA_ROW_TAG,
+            what: "too many columns",
+        })?;
+        let mut lens = Vec::with_capacity(replace.len());
+        for (_, v) in replace {
+            lens.push(match v {
+                None => -1,
+                Some(v) => i32::try_from(v.len()).map_err(|_| WireError::TooLarge {
+                    tag: DATA_ROW_TAG,
+                    len: v.len() as u64,
+                    limit: i32::MAX as u64,
+                })?,
+            });
+        }
+        put_message(out, DATA_ROW_TAG, |out| {
+            out.extend_from_slice(&n.to_be_bytes());
+            for (i, r) in self.ranges.iter().enumerate() {
+                if let Some(pos) = replace.iter().position(|(j, _)| *j == i) {
+                    out.extend_from_slice(&lens[pos].to_be_bytes());
+                    if let Some(v) = &replace[pos].1 {
+                        out.extend_from_slice(v);
+                    }
+                    continue;
+                }
+                match r {
+                    None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+                    Some((s, e)) => {
+                        let len = (e - s) as u32;
+                        out.extend_from_slice(&len.to_be_bytes());
+                        out.extend_from_slice(&self.body[*s..*e]);
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod row_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn data_row(values: &[Option<Vec<u8>>]) -> Vec<u8> {
+        let mut b = (values.len() as i16).to_be_bytes().to_vec();
+        for v in values {
+            match v {
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v);
+                }
+            }
+        }
+        b
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_row_description(&data);
+            let _ = parse_parameter_description(&data);
+            let _ = parse_command_complete(&data);
+            let _ = parse_copy_response(COPY_IN_RESPONSE_TAG, &data);
+            if let Ok(row) = DataRow::parse(&data) {
+                for i in 0..row.len() + 1 {
+                    let _ = row.get(i);
+                }
+            }
+        }
+
+        #[test]
+        fn rewriting_a_data_row_keeps_other_columns_byte_exact(
+            values in proptest::collection::vec(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..50)), 1..10),
+            pick in any::<proptest::sample::Index>(),
+            new in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..50)),
+        ) {
+            let body = data_row(&values);
+            let row = DataRow::parse(&body).unwrap();
+            let i = pick.index(values.len());
+            let mut out = BytesMut::new();
+            row.encode_with(&[(i, new.clone())], &mut out).unwrap();
+            let mut expected = values.clone();
+            expected[i] = new;
+            prop_assert_eq!(&out[5..], &data_row(&expected)[..]);
+            let mut same = BytesMut::new();
+            row.encode_with(&[], &mut same).unwrap();
+            prop_assert_eq!(&same[5..], &body[..]);
+        }
+    }
+}

@@ -90,7 +90,6 @@ impl<'a> Cursor<'a> {
         Ok(b)
     }
 
-    #[allow(dead_code)]
     pub(crate) fn i16(&mut self) -> Result<i16, WireError> {
         let bytes = self.bytes(2)?;
         Ok(i16::from_be_bytes([bytes[0], bytes[1]]))
