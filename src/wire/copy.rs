@@ -1,0 +1,892 @@
+//! Streaming row codec for the payload of `COPY … FROM STDIN` / `COPY … TO STDOUT` in the text
+//! and CSV formats. Pure: no I/O, no tokio, no clocks.
+//!
+//! CopyData message boundaries are arbitrary: a row may span several messages and one message
+//! may hold many rows. [`CopyRewriter`] reassembles rows across [`CopyRewriter::feed`] calls,
+//! splits each complete row into fields, hands rows that contain a target column to a
+//! callback as a [`CopyRow`], and writes the row back out.
+//!
+//! Invariants:
+//! - no function in this module panics on any input, including non-UTF-8 bytes;
+//! - a row is never buffered beyond `max_row` bytes (line ending included);
+//! - bytes that were not changed by the callback are copied byte for byte: untouched rows as
+//!   one slice, untouched fields (and the delimiters and line ending around them) as slices of
+//!   the original row. Only fields passed to [`CopyRow::set`] are re-encoded;
+//! - row boundaries are found exactly as PostgreSQL's `CopyReadLineText` finds them, so the
+//!   server and the proxy never disagree about which bytes make up a field. Where the server
+//!   would reject the input (a bare carriage return outside a quoted field, `\.` that is not
+//!   alone on its line in text format), this codec rejects it too rather than guess;
+//! - `Debug` never prints row contents.
+//!
+//! End-of-data marker (`\.` alone on a line): in text format it is passed through and every
+//! byte after it is copied unchanged, since every server version stops reading rows there. In
+//! CSV format the line is passed through unchanged but rows after it are still processed:
+//! PostgreSQL 18 no longer treats `\.` as end of data in CSV, so the rows that follow may be
+//! stored, and they must be encrypted like any other row.
+//!
+//! Not modelled: the `FORCE_NULL`, `FORCE_NOT_NULL` and `DEFAULT` options and the binary
+//! format. Callers must refuse those for a COPY that touches an encrypted column.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+/// Which COPY payload format a [`CopyFormat`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CopyFormatKind {
+    /// The default `text` format: backslash escapes, no quoting.
+    Text,
+    /// The `csv` format: quoted fields, no backslash escapes.
+    Csv,
+}
+
+/// The options of one COPY statement that determine how its payload is split and escaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyFormat {
+    /// Text or CSV.
+    pub kind: CopyFormatKind,
+    /// Field separator (`DELIMITER`).
+    pub delimiter: u8,
+    /// The string that represents SQL NULL (`NULL`), compared with the raw field.
+    pub null: Vec<u8>,
+    /// CSV quote character (`QUOTE`); unused in text format.
+    pub quote: u8,
+    /// CSV escape character (`ESCAPE`); unused in text format.
+    pub escape: u8,
+    /// `HEADER`: the first line is passed through untouched.
+    pub header: bool,
+}
+
+impl CopyFormat {
+    /// PostgreSQL's defaults for the text format: tab delimiter, `\N` for NULL, no header.
+    pub fn text() -> Self {
+        Self {
+            kind: CopyFormatKind::Text,
+            delimiter: b'\t',
+            null: b"\\N".to_vec(),
+            quote: b'"',
+            escape: b'"',
+            header: false,
+        }
+    }
+
+    /// PostgreSQL's defaults for the CSV format: comma delimiter, an unquoted empty field for
+    /// NULL, `"` as quote and escape character, no header.
+    pub fn csv() -> Self {
+        Self {
+            kind: CopyFormatKind::Csv,
+            delimiter: b',',
+            null: Vec::new(),
+            quote: b'"',
+            escape: b'"',
+            header: false,
+        }
+    }
+
+    /// Check the combination of options the way PostgreSQL's `ProcessCopyOptions` does, so
+    /// that the codec never works with a format in which fields are ambiguous.
+    pub fn validate(&self) -> Result<(), CopyFormatError> {
+        let bad = |what| Err(CopyFormatError { what });
+        let d = self.delimiter;
+        if d == b'\r' || d == b'\n' {
+            return bad("delimiter cannot be newline or carriage return");
+        }
+        if self.null.iter().any(|&b| b == b'\r' || b == b'\n') {
+            return bad("NULL string cannot contain newline or carriage return");
+        }
+        if self.null.contains(&d) {
+            return bad("delimiter must not appear in the NULL string");
+        }
+        match self.kind {
+            CopyFormatKind::Text => {
+                if b"\\.abcdefghijklmnopqrstuvwxyz0123456789".contains(&d) {
+                    return bad("delimiter is not allowed in text format");
+                }
+            }
+            CopyFormatKind::Csv => {
+                let (q, e) = (self.quote, self.escape);
+                if q == d {
+                    return bad("delimiter and quote must be different");
+                }
+                if [q, e].iter().any(|&c| c == b'\r' || c == b'\n') {
+                    return bad("quote and escape cannot be newline or carriage return");
+                }
+                if self.null.contains(&q) {
+                    return bad("quote must not appear in the NULL string");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A COPY format whose options PostgreSQL would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid COPY format: {what}")]
+pub struct CopyFormatError {
+    /// Which option is wrong (a fixed description).
+    pub what: &'static str,
+}
+
+/// Why a COPY payload could not be rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CopyError<E> {
+    /// A row is longer than the configured limit.
+    #[error("COPY row {line} is longer than the limit")]
+    RowTooLong {
+        /// 1-based row number (the header counts as row 1).
+        line: u64,
+    },
+    /// A row is not valid in its format.
+    #[error("COPY row {line} is malformed: {what}")]
+    Malformed {
+        /// 1-based row number (the header counts as row 1).
+        line: u64,
+        /// What is wrong (a fixed description, never row contents).
+        what: &'static str,
+    },
+    /// A value set by the callback has no representation in this format (an empty string
+    /// when the text-format NULL string is empty).
+    #[error("COPY row {line}: value for column {column} cannot be represented")]
+    Unrepresentable {
+        /// 1-based row number (the header counts as row 1).
+        line: u64,
+        /// 0-based column index.
+        column: usize,
+    },
+    /// The callback failed.
+    #[error("COPY row callback failed")]
+    Callback(#[source] E),
+}
+
+/// Splits a COPY payload into rows, lets a callback rewrite target columns, and re-encodes.
+pub struct CopyRewriter {
+    rows: RowProcessor,
+    scan: Scanner,
+    /// Invariant: the already-scanned bytes of one incomplete row; never more than `max_row`.
+    pending: Vec<u8>,
+    failed: bool,
+}
+
+impl CopyRewriter {
+    /// A rewriter for one COPY payload.
+    ///
+    /// `targets` are the 0-based indexes of the columns to hand to the callback; rows in
+    /// which none of them is present are copied without being split. `max_row` bounds the
+    /// length of one row, line ending included.
+    pub fn new(
+        format: CopyFormat,
+        targets: Vec<usize>,
+        max_row: usize,
+    ) -> Result<Self, CopyFormatError> {
+        format.validate()?;
+        let mut targets = targets;
+        targets.sort_unstable();
+        targets.dedup();
+        let phase = if format.header {
+            Phase::Header
+        } else {
+            Phase::Rows
+        };
+        Ok(Self {
+            scan: Scanner::new(&format, max_row),
+            rows: RowProcessor {
+                format,
+                targets,
+                fields: Vec::new(),
+                line: 0,
+                phase,
+            },
+            pending: Vec::new(),
+            failed: false,
+        })
+    }
+
+    /// Feed one chunk of payload.
+    ///
+    /// Each complete row is written to `out`: unchanged if it has no target column or the
+    /// callback set nothing, re-encoded otherwise. An incomplete trailing row is kept until
+    /// the next call. After an error the rewriter refuses further input.
+    pub fn feed<E>(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+        f: &mut impl FnMut(&mut CopyRow<'_>) -> Result<(), E>,
+    ) -> Result<(), CopyError<E>> {
+        if self.failed {
+            return Err(self.after_failure());
+        }
+        let result = self.feed_inner(chunk, out, f);
+        self.failed = result.is_err();
+        result
+    }
+
+    /// End of data (CopyDone): process a final row that has no line ending.
+    ///
+    /// Fails on an unterminated quoted field or a trailing carriage return.
+    pub fn finish<E>(
+        &mut self,
+        out: &mut Vec<u8>,
+        f: &mut impl FnMut(&mut CopyRow<'_>) -> Result<(), E>,
+    ) -> Result<(), CopyError<E>> {
+        if self.failed {
+            return Err(self.after_failure());
+        }
+        self.failed = true;
+        if self.rows.phase == Phase::Done || self.scan.len == 0 {
+            return Ok(());
+        }
+        let line = self.rows.line + 1;
+        let end = self
+            .scan
+            .finish()
+            .map_err(|what| CopyError::Malformed { line, what })?;
+        let row = std::mem::take(&mut self.pending);
+        self.rows.process(&row, end, out, f)
+    }
+
+    /// Rows seen so far, the header included.
+    pub fn rows(&self) -> u64 {
+        self.rows.line
+    }
+
+    fn feed_inner<E>(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+        f: &mut impl FnMut(&mut CopyRow<'_>) -> Result<(), E>,
+    ) -> Result<(), CopyError<E>> {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            if self.rows.phase == Phase::Done {
+                out.extend_from_slice(rest);
+                return Ok(());
+            }
+            let line = self.rows.line + 1;
+            let found = self.scan.scan(rest).map_err(|e| match e {
+                ScanError::TooLong => CopyError::RowTooLong { line },
+                ScanError::Malformed(what) => CopyError::Malformed { line, what },
+            })?;
+            let Some((at, end)) = found else {
+                self.pending.extend_from_slice(rest);
+                return Ok(());
+            };
+            let (row, tail) = rest.split_at(at);
+            if self.pending.is_empty() {
+                self.rows.process(row, end, out, f)?;
+            } else {
+                let mut joined = std::mem::take(&mut self.pending);
+                joined.extend_from_slice(row);
+                let result = self.rows.process(&joined, end, out, f);
+                joined.clear();
+                self.pending = joined;
+                result?;
+            }
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    fn after_failure<E>(&self) -> CopyError<E> {
+        CopyError::Malformed {
+            line: self.rows.line + 1,
+            what: "input after end of data or an earlier error",
+        }
+    }
+}
+
+impl fmt::Debug for CopyRewriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CopyRewriter")
+            .field("kind", &self.rows.format.kind)
+            .field("rows", &self.rows.line)
+            .field("pending_len", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One complete row, as seen by the callback of [`CopyRewriter::feed`].
+pub struct CopyRow<'a> {
+    format: &'a CopyFormat,
+    /// The row without its line ending.
+    content: &'a [u8],
+    /// Invariant: ranges into `content`, in order, each a complete and well-formed raw field.
+    fields: &'a [Range<usize>],
+    changes: Vec<(usize, Option<Vec<u8>>)>,
+    line: u64,
+}
+
+impl CopyRow<'_> {
+    /// Number of fields in the row.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether the row has no fields (never true: an empty line is one empty field).
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The decoded value of column `i`: `None` if the row has no such column, `Some(None)`
+    /// for SQL NULL. Reflects earlier calls to [`CopyRow::set`].
+    pub fn get(&self, i: usize) -> Option<Option<Cow<'_, [u8]>>> {
+        if let Some((_, v)) = self.changes.iter().find(|(c, _)| *c == i) {
+            return Some(v.as_deref().map(Cow::Borrowed));
+        }
+        let raw = self.content.get(self.fields.get(i)?.clone())?;
+        Some(match self.format.kind {
+            CopyFormatKind::Text => decode_text(raw, self.format),
+            CopyFormatKind::Csv => decode_csv(raw, self.format),
+        })
+    }
+
+    /// Replace the value of column `i` (`None` for SQL NULL). The value is re-encoded with
+    /// the escaping or quoting its format needs. A column the row does not have is ignored.
+    pub fn set(&mut self, i: usize, value: Option<Vec<u8>>) {
+        if i >= self.fields.len() {
+            return;
+        }
+        match self.changes.iter_mut().find(|(c, _)| *c == i) {
+            Some(slot) => slot.1 = value,
+            None => self.changes.push((i, value)),
+        }
+    }
+
+    /// 1-based row number, the header included, as PostgreSQL counts lines in COPY errors.
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+}
+
+impl fmt::Debug for CopyRow<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CopyRow")
+            .field("line", &self.line)
+            .field("fields", &self.fields.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Encode `value` as one field of `format` (NULL as the NULL string), appending to `out`.
+///
+/// Fails only for an empty string in text format with an empty NULL string, which has no
+/// representation.
+pub fn encode_field(
+    format: &CopyFormat,
+    value: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) -> Result<(), CopyFormatError> {
+    let Some(value) = value else {
+        out.extend_from_slice(&format.null);
+        return Ok(());
+    };
+    match format.kind {
+        CopyFormatKind::Text => encode_text(value, format, out),
+        CopyFormatKind::Csv => {
+            encode_csv(value, format, out);
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Header,
+    Rows,
+    /// After a text-format end-of-data marker: everything passes through.
+    Done,
+}
+
+/// How a complete row ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RowEnd {
+    /// Bytes of line ending at the end of the row: 0 (end of data), 1 (`\n`) or 2 (`\r\n`).
+    ending: usize,
+    /// The row is the text-format end-of-data marker `\.`.
+    marker: bool,
+}
+
+struct RowProcessor {
+    format: CopyFormat,
+    /// Invariant: sorted, no duplicates.
+    targets: Vec<usize>,
+    /// Scratch space for field ranges, reused between rows.
+    fields: Vec<Range<usize>>,
+    line: u64,
+    phase: Phase,
+}
+
+impl RowProcessor {
+    fn process<E>(
+        &mut self,
+        row: &[u8],
+        end: RowEnd,
+        out: &mut Vec<u8>,
+        f: &mut impl FnMut(&mut CopyRow<'_>) -> Result<(), E>,
+    ) -> Result<(), CopyError<E>> {
+        self.line += 1;
+        let line = self.line;
+        if end.marker {
+            self.phase = Phase::Done;
+            out.extend_from_slice(row);
+            return Ok(());
+        }
+        if self.phase == Phase::Header || self.targets.is_empty() {
+            self.phase = Phase::Rows;
+            out.extend_from_slice(row);
+            return Ok(());
+        }
+        let content = row
+            .get(..row.len().saturating_sub(end.ending))
+            .unwrap_or(row);
+        if self.format.kind == CopyFormatKind::Csv && content == b"\\." {
+            out.extend_from_slice(row);
+            return Ok(());
+        }
+        self.fields.clear();
+        let split = match self.format.kind {
+            CopyFormatKind::Text => {
+                split_text(content, self.format.delimiter, &mut self.fields);
+                Ok(())
+            }
+            CopyFormatKind::Csv => split_csv(content, &self.format, &mut self.fields),
+        };
+        split.map_err(|what| CopyError::Malformed { line, what })?;
+        if !self.targets.iter().any(|&t| t < self.fields.len()) {
+            out.extend_from_slice(row);
+            return Ok(());
+        }
+        let mut view = CopyRow {
+            format: &self.format,
+            content,
+            fields: &self.fields,
+            changes: Vec::new(),
+            line,
+        };
+        f(&mut view).map_err(CopyError::Callback)?;
+        if view.changes.is_empty() {
+            out.extend_from_slice(row);
+            return Ok(());
+        }
+        view.changes.sort_unstable_by_key(|(c, _)| *c);
+        let start_len = out.len();
+        let mut copied = 0;
+        for (column, value) in &view.changes {
+            let Some(range) = self.fields.get(*column) else {
+                continue;
+            };
+            out.extend_from_slice(content.get(copied..range.start).unwrap_or_default());
+            let encoded = encode_field(&self.format, value.as_deref(), out);
+            if encoded.is_err() {
+                out.truncate(start_len);
+                return Err(CopyError::Unrepresentable {
+                    line,
+                    column: *column,
+                });
+            }
+            copied = range.end;
+        }
+        out.extend_from_slice(row.get(copied..).unwrap_or_default());
+        Ok(())
+    }
+}
+
+/// Finds where rows end, one byte at a time, across chunks; mirrors PostgreSQL's
+/// `CopyReadLineText`.
+struct Scanner {
+    csv: bool,
+    quote: u8,
+    /// The CSV escape character when it differs from the quote character.
+    escape: Option<u8>,
+    max_row: usize,
+    /// Bytes of the current row scanned so far. Invariant: `len <= max_row`.
+    len: usize,
+    /// Text: the previous byte was an unescaped backslash. CSV: PostgreSQL's `last_was_esc`.
+    escaped: bool,
+    in_quote: bool,
+    /// The previous byte was an unescaped carriage return outside quotes.
+    cr: bool,
+    /// Text: the row so far is exactly `\.`.
+    marker: bool,
+}
+
+enum ScanError {
+    TooLong,
+    Malformed(&'static str),
+}
+
+impl Scanner {
+    fn new(format: &CopyFormat, max_row: usize) -> Self {
+        let csv = format.kind == CopyFormatKind::Csv;
+        Self {
+            csv,
+            quote: format.quote,
+            escape: (format.escape != format.quote).then_some(format.escape),
+            max_row,
+            len: 0,
+            escaped: false,
+            in_quote: false,
+            cr: false,
+            marker: false,
+        }
+    }
+
+    /// Scan `bytes`, which continue the current row. Returns the offset just past the row's
+    /// line ending, or `None` if the row goes on past `bytes`.
+    fn scan(&mut self, bytes: &[u8]) -> Result<Option<(usize, RowEnd)>, ScanError> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if !self.escaped && !self.cr && !self.marker {
+                let rest = bytes.get(i..).unwrap_or_default();
+                let skip = self.plain_prefix(rest);
+                if self.len + skip > self.max_row {
+                    return Err(ScanError::TooLong);
+                }
+                self.len += skip;
+                i += skip;
+            }
+            let Some(&b) = bytes.get(i) else {
+                break;
+            };
+            i += 1;
+            self.len += 1;
+            if self.len > self.max_row {
+                return Err(ScanError::TooLong);
+            }
+            if self.cr && b != b'\n' {
+                return Err(ScanError::Malformed("carriage return in data"));
+            }
+            let ended = if self.csv {
+                self.step_csv(b)
+            } else {
+                self.step_text(b)?
+            };
+            if ended {
+                let end = RowEnd {
+                    ending: if self.cr { 2 } else { 1 },
+                    marker: self.marker,
+                };
+                self.reset();
+                return Ok(Some((i, end)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The state at end of data, for a final row without a line ending.
+    fn finish(&mut self) -> Result<RowEnd, &'static str> {
+        if self.in_quote {
+            return Err("unterminated CSV quoted field");
+        }
+        if self.cr {
+            return Err("carriage return in data");
+        }
+        let end = RowEnd {
+            ending: 0,
+            marker: self.marker,
+        };
+        self.reset();
+        Ok(end)
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+        self.escaped = false;
+        self.in_quote = false;
+        self.cr = false;
+        self.marker = false;
+    }
+
+    /// Length of the prefix of `bytes` that cannot change the scanner's state.
+    fn plain_prefix(&self, bytes: &[u8]) -> usize {
+        let found = if !self.csv {
+            memchr::memchr3(b'\\', b'\r', b'\n', bytes)
+        } else if self.in_quote {
+            match self.escape {
+                Some(e) => memchr::memchr2(self.quote, e, bytes),
+                None => memchr::memchr(self.quote, bytes),
+            }
+        } else {
+            memchr::memchr3(self.quote, b'\r', b'\n', bytes)
+        };
+        found.unwrap_or(bytes.len())
+    }
+
+    /// One text-format byte (already counted in `len`). Returns whether it ends the row.
+    fn step_text(&mut self, b: u8) -> Result<bool, ScanError> {
+        if self.escaped {
+            self.escaped = false;
+            if b == b'.' {
+                if self.len != 2 {
+                    return Err(ScanError::Malformed(
+                        "end-of-copy marker is not alone on its line",
+                    ));
+                }
+                self.marker = true;
+            }
+            return Ok(false);
+        }
+        if self.marker && b != b'\r' && b != b'\n' {
+            return Err(ScanError::Malformed("end-of-copy marker corrupt"));
+        }
+        match b {
+            b'\\' => self.escaped = true,
+            b'\r' => self.cr = true,
+            b'\n' => return Ok(true),
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// One CSV byte (already counted in `len`). Returns whether it ends the row.
+    fn step_csv(&mut self, b: u8) -> bool {
+        let is_escape = self.escape == Some(b);
+        if self.in_quote && is_escape {
+            self.escaped = !self.escaped;
+        }
+        if b == self.quote && !self.escaped {
+            self.in_quote = !self.in_quote;
+        }
+        if !is_escape {
+            self.escaped = false;
+        }
+        if self.in_quote {
+            return false;
+        }
+        match b {
+            b'\r' => self.cr = true,
+            b'\n' => return true,
+            _ => {}
+        }
+        false
+    }
+}
+
+/// Split a text-format row (without line ending) at unescaped delimiters.
+fn split_text(content: &[u8], delimiter: u8, fields: &mut Vec<Range<usize>>) {
+    let mut start = 0;
+    let mut i = 0;
+    while let Some(&b) = content.get(i) {
+        if b == b'\\' {
+            i += 2;
+            continue;
+        }
+        if b == delimiter {
+            fields.push(start..i);
+            start = i + 1;
+        }
+        i += 1;
+    }
+    fields.push(start..content.len());
+}
+
+/// Split a CSV row (without line ending) at delimiters outside quotes, as PostgreSQL's
+/// `CopyReadAttributesCSV` does.
+fn split_csv(
+    content: &[u8],
+    format: &CopyFormat,
+    fields: &mut Vec<Range<usize>>,
+) -> Result<(), &'static str> {
+    let (quote, escape) = (format.quote, format.escape);
+    let mut start = 0;
+    let mut i = 0;
+    let mut in_quote = false;
+    while let Some(&b) = content.get(i) {
+        i += 1;
+        if in_quote {
+            if b == escape && content.get(i).is_some_and(|&n| n == escape || n == quote) {
+                i += 1;
+            } else if b == quote {
+                in_quote = false;
+            }
+        } else if b == format.delimiter {
+            fields.push(start..i - 1);
+            start = i;
+        } else if b == quote {
+            in_quote = true;
+        }
+    }
+    if in_quote {
+        return Err("unterminated CSV quoted field");
+    }
+    fields.push(start..content.len());
+    Ok(())
+}
+
+fn decode_text<'a>(raw: &'a [u8], format: &CopyFormat) -> Option<Cow<'a, [u8]>> {
+    if raw == format.null.as_slice() {
+        return None;
+    }
+    if !raw.contains(&b'\\') {
+        return Some(Cow::Borrowed(raw));
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut it = raw.iter().copied().peekable();
+    while let Some(b) = it.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        let Some(c) = it.next() else {
+            // A lone backslash at the very end of data: PostgreSQL drops it.
+            break;
+        };
+        let decoded = match c {
+            b'0'..=b'7' => {
+                // Up to three octal digits; PostgreSQL keeps the low 8 bits of the value.
+                let mut v = c - b'0';
+                for _ in 0..2 {
+                    match it.peek() {
+                        Some(&d @ b'0'..=b'7') => {
+                            v = v.wrapping_mul(8).wrapping_add(d - b'0');
+                            it.next();
+                        }
+                        _ => break,
+                    }
+                }
+                v
+            }
+            b'x' => match it.peek().and_then(|&d| hex_value(d)) {
+                Some(h) => {
+                    it.next();
+                    let mut v = h;
+                    if let Some(l) = it.peek().and_then(|&d| hex_value(d)) {
+                        it.next();
+                        v = (v << 4) | l;
+                    }
+                    v
+                }
+                None => b'x',
+            },
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 0x0b,
+            other => other,
+        };
+        out.push(decoded);
+    }
+    Some(Cow::Owned(out))
+}
+
+fn hex_value(d: u8) -> Option<u8> {
+    match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        b'A'..=b'F' => Some(d - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn decode_csv<'a>(raw: &'a [u8], format: &CopyFormat) -> Option<Cow<'a, [u8]>> {
+    let (quote, escape) = (format.quote, format.escape);
+    if !raw.contains(&quote) {
+        if raw == format.null.as_slice() {
+            return None;
+        }
+        return Some(Cow::Borrowed(raw));
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut in_quote = false;
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        i += 1;
+        if in_quote {
+            if b == escape {
+                if let Some(&n) = raw.get(i).filter(|&&n| n == escape || n == quote) {
+                    out.push(n);
+                    i += 1;
+                    continue;
+                }
+            }
+            if b == quote {
+                in_quote = false;
+                continue;
+            }
+        } else if b == quote {
+            in_quote = true;
+            continue;
+        }
+        out.push(b);
+    }
+    Some(Cow::Owned(out))
+}
+
+fn encode_text(
+    value: &[u8],
+    format: &CopyFormat,
+    out: &mut Vec<u8>,
+) -> Result<(), CopyFormatError> {
+    if value.is_empty() && format.null.is_empty() {
+        return Err(CopyFormatError {
+            what: "empty string with an empty NULL string",
+        });
+    }
+    let start = out.len();
+    for &b in value {
+        push_text_byte(b, format.delimiter, out);
+    }
+    if out.get(start..) == Some(format.null.as_slice()) {
+        // The plain encoding would read back as NULL: spell the first byte as a hex escape.
+        out.truncate(start);
+        let mut bytes = value.iter().copied();
+        if let Some(first) = bytes.next() {
+            push_hex_escape(first, out);
+        }
+        for b in bytes {
+            push_text_byte(b, format.delimiter, out);
+        }
+    }
+    Ok(())
+}
+
+fn push_text_byte(b: u8, delimiter: u8, out: &mut Vec<u8>) {
+    let escaped = match b {
+        b'\\' => b'\\',
+        b'\n' => b'n',
+        b'\r' => b'r',
+        b'\t' => b't',
+        0x08 => b'b',
+        0x0c => b'f',
+        0x0b => b'v',
+        _ if b < 0x20 || b == 0x7f => return push_hex_escape(b, out),
+        _ if b == delimiter => b,
+        _ => return out.push(b),
+    };
+    out.extend_from_slice(&[b'\\', escaped]);
+}
+
+fn push_hex_escape(b: u8, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(&[
+        b'\\',
+        b'x',
+        HEX[usize::from(b >> 4)],
+        HEX[usize::from(b & 0x0f)],
+    ]);
+}
+
+fn encode_csv(value: &[u8], format: &CopyFormat, out: &mut Vec<u8>) {
+    let (quote, escape) = (format.quote, format.escape);
+    let needs_quote = value == format.null.as_slice()
+        || value == b"\\."
+        || value.iter().any(|&b| {
+            b == format.delimiter || b == quote || b == escape || b == b'\r' || b == b'\n'
+        });
+    if !needs_quote {
+        out.extend_from_slice(value);
+        return;
+    }
+    out.push(quote);
+    for &b in value {
+        if b == quote || b == escape {
+            out.push(escape);
+        }
+        out.push(b);
+    }
+    out.push(quote);
+}
