@@ -890,3 +890,6 @@ fn encode_csv(value: &[u8], format: &CopyFormat, out: &mut Vec<u8>) {
     }
     out.push(quote);
 }
+
+#[cfg(test)]
+mod tests;
