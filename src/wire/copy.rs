@@ -13,16 +13,20 @@
 //!   one slice, untouched fields (and the delimiters and line ending around them) as slices of
 //!   the original row. Only fields passed to [`CopyRow::set`] are re-encoded;
 //! - row boundaries are found exactly as PostgreSQL's `CopyReadLineText` finds them, so the
-//!   server and the proxy never disagree about which bytes make up a field. Where the server
-//!   would reject the input (a bare carriage return outside a quoted field, `\.` that is not
-//!   alone on its line in text format), this codec rejects it too rather than guess;
+//!   server and the proxy never disagree about which bytes make up a field. Where the server's
+//!   reading depends on state this codec does not model or on the server version, the row is
+//!   rejected rather than guessed at: a bare carriage return outside quotes (a line ending or
+//!   an error, depending on the first line) and, in text format, `\.` that is not alone on its
+//!   line (end of data before PostgreSQL 18, an error since);
 //! - `Debug` never prints row contents.
 //!
 //! End-of-data marker (`\.` alone on a line): in text format it is passed through and every
 //! byte after it is copied unchanged, since every server version stops reading rows there. In
 //! CSV format the line is passed through unchanged but rows after it are still processed:
 //! PostgreSQL 18 no longer treats `\.` as end of data in CSV, so the rows that follow may be
-//! stored, and they must be encrypted like any other row.
+//! stored, and they must be encrypted like any other row. The `\.` line itself is still copied
+//! raw, because older clients send it and servers before 18 stop there; a PostgreSQL 18
+//! server stores it as the one-column value `\.`, which is not secret but will not decrypt.
 //!
 //! Not modelled: the `FORCE_NULL`, `FORCE_NOT_NULL` and `DEFAULT` options and the binary
 //! format. Callers must refuse those for a COPY that touches an encrypted column.
