@@ -35,6 +35,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
+use bytes::BufMut;
+
 /// Which COPY payload format a [`CopyFormat`] describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -200,6 +202,7 @@ impl CopyRewriter {
                 format,
                 targets,
                 fields: Vec::new(),
+                scratch: Vec::new(),
                 line: 0,
                 phase,
             },
@@ -210,13 +213,14 @@ impl CopyRewriter {
 
     /// Feed one chunk of payload.
     ///
-    /// Each complete row is written to `out`: unchanged if it has no target column or the
-    /// callback set nothing, re-encoded otherwise. An incomplete trailing row is kept until
+    /// Each complete row is appended to `out` (a `Vec<u8>`, or the `BytesMut` a CopyData
+    /// message is being built in): unchanged if it has no target column or the callback set
+    /// nothing, re-encoded otherwise. An incomplete trailing row is kept until
     /// the next call. After an error the rewriter refuses further input.
     pub fn feed<E>(
         &mut self,
         chunk: &[u8],
-        out: &mut Vec<u8>,
+        out: &mut impl BufMut,
         f: &mut impl FnMut(&mut CopyRow<'_>) -> Result<(), E>,
     ) -> Result<(), CopyError<E>> {
         if self.failed {
@@ -232,7 +236,7 @@ impl CopyRewriter {
     /// Fails on an unterminated quoted field or a trailing carriage return.
     pub fn finish<E>(
         &mut self,
-        out: &mut Vec<u8>,
+        out: &mut impl BufMut,
         f: &mut impl FnMut(&mut CopyRow<'_>) -> Result<(), E>,
     ) -> Result<(), CopyError<E>> {
         if self.failed {
@@ -259,13 +263,13 @@ impl CopyRewriter {
     fn feed_inner<E>(
         &mut self,
         chunk: &[u8],
-        out: &mut Vec<u8>,
+        out: &mut impl BufMut,
         f: &mut impl FnMut(&mut CopyRow<'_>) -> Result<(), E>,
     ) -> Result<(), CopyError<E>> {
         let mut rest = chunk;
         while !rest.is_empty() {
             if self.rows.phase == Phase::Done {
-                out.extend_from_slice(rest);
+                out.put_slice(rest);
                 return Ok(());
             }
             let line = self.rows.line + 1;
@@ -418,6 +422,8 @@ struct RowProcessor {
     targets: Vec<usize>,
     /// Scratch space for field ranges, reused between rows.
     fields: Vec<Range<usize>>,
+    /// Scratch space for a re-encoded row, reused between rows.
+    scratch: Vec<u8>,
     line: u64,
     phase: Phase,
 }
@@ -427,26 +433,26 @@ impl RowProcessor {
         &mut self,
         row: &[u8],
         end: RowEnd,
-        out: &mut Vec<u8>,
+        out: &mut impl BufMut,
         f: &mut impl FnMut(&mut CopyRow<'_>) -> Result<(), E>,
     ) -> Result<(), CopyError<E>> {
         self.line += 1;
         let line = self.line;
         if end.marker {
             self.phase = Phase::Done;
-            out.extend_from_slice(row);
+            out.put_slice(row);
             return Ok(());
         }
         if self.phase == Phase::Header || self.targets.is_empty() {
             self.phase = Phase::Rows;
-            out.extend_from_slice(row);
+            out.put_slice(row);
             return Ok(());
         }
         let content = row
             .get(..row.len().saturating_sub(end.ending))
             .unwrap_or(row);
         if self.format.kind == CopyFormatKind::Csv && content == b"\\." {
-            out.extend_from_slice(row);
+            out.put_slice(row);
             return Ok(());
         }
         self.fields.clear();
@@ -459,7 +465,7 @@ impl RowProcessor {
         };
         split.map_err(|what| CopyError::Malformed { line, what })?;
         if !self.targets.iter().any(|&t| t < self.fields.len()) {
-            out.extend_from_slice(row);
+            out.put_slice(row);
             return Ok(());
         }
         let mut view = CopyRow {
@@ -471,28 +477,28 @@ impl RowProcessor {
         };
         f(&mut view).map_err(CopyError::Callback)?;
         if view.changes.is_empty() {
-            out.extend_from_slice(row);
+            out.put_slice(row);
             return Ok(());
         }
         view.changes.sort_unstable_by_key(|(c, _)| *c);
-        let start_len = out.len();
+        let encoded = &mut self.scratch;
+        encoded.clear();
         let mut copied = 0;
         for (column, value) in &view.changes {
             let Some(range) = self.fields.get(*column) else {
                 continue;
             };
-            out.extend_from_slice(content.get(copied..range.start).unwrap_or_default());
-            let encoded = encode_field(&self.format, value.as_deref(), out);
-            if encoded.is_err() {
-                out.truncate(start_len);
-                return Err(CopyError::Unrepresentable {
+            encoded.extend_from_slice(content.get(copied..range.start).unwrap_or_default());
+            encode_field(&self.format, value.as_deref(), encoded).map_err(|_| {
+                CopyError::Unrepresentable {
                     line,
                     column: *column,
-                });
-            }
+                }
+            })?;
             copied = range.end;
         }
-        out.extend_from_slice(row.get(copied..).unwrap_or_default());
+        encoded.extend_from_slice(row.get(copied..).unwrap_or_default());
+        out.put_slice(encoded);
         Ok(())
     }
 }

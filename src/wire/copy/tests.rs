@@ -319,6 +319,16 @@ fn get_sees_earlier_set_and_out_of_range_is_none() {
 }
 
 #[test]
+fn output_can_go_into_bytes_mut() {
+    let mut rw = CopyRewriter::new(CopyFormat::csv(), vec![1], MAX_ROW).unwrap();
+    let mut out = bytes::BytesMut::new();
+    rw.feed(b"a,b\nc,", &mut out, &mut set_to(b"X", 1)).unwrap();
+    rw.finish(&mut out, &mut set_to(b"X", 1)).unwrap();
+    assert_eq!(&out[..], b"a,X\nc,X");
+    assert_eq!(rw.rows(), 2);
+}
+
+#[test]
 fn callback_error_is_returned() {
     let err = run(
         &CopyFormat::text(),
