@@ -15,6 +15,7 @@
 //! we do not know is relayed so that newer servers keep working through the proxy.
 
 pub mod backend;
+pub mod copy;
 pub mod frontend;
 pub mod header;
 pub mod sqlstate;
