@@ -20,4 +20,5 @@ pub mod config;
 pub mod crypto;
 pub mod keys;
 pub mod proxy;
+pub mod sql;
 pub mod wire;
