@@ -344,6 +344,16 @@ impl<'a> Analyzer<'a> {
         })
     }
 
+    /// The first word of `text` that resolves to an encrypted column in the current scopes.
+    pub(crate) fn mentioned_encrypted(&self, text: &str) -> Option<super::ColumnRef> {
+        let dialect = PostgreSqlDialect {};
+        let tokens = Tokenizer::new(&dialect, text).tokenize().ok()?;
+        tokens.iter().find_map(|t| match t {
+            Token::Word(w) => self.resolve(&[fold_word(&w.value, w.quote_style)]),
+            _ => None,
+        })
+    }
+
     fn set(&mut self, s: &Set) -> Res<()> {
         match s {
             Set::SingleAssignment {

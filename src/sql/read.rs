@@ -460,7 +460,9 @@ impl<'a> Analyzer<'a> {
             if let Some(q) = qualifier {
                 let matches = match q {
                     [t] => &rel.name == t,
-                    [.., s, t] => &rel.name == t && rel.schema.as_deref().is_none_or(|rs| rs == s),
+                    [.., s, t] => {
+                        &rel.name == t && rel.schema.as_deref().map_or(true, |rs| rs == s)
+                    }
                     [] => false,
                 };
                 if !matches {
@@ -528,7 +530,7 @@ impl<'a> Analyzer<'a> {
                     for c in cols {
                         let Some(parts) = name_parts(c) else { continue };
                         if let Some(last) = parts.last() {
-                            if let Some(col) = self.resolve(&[last.clone()]) {
+                            if let Some(col) = self.resolve(std::slice::from_ref(last)) {
                                 return Err(Rejection::column(&col, "JOIN … USING on"));
                             }
                         }
@@ -696,7 +698,7 @@ impl<'a> Analyzer<'a> {
                 let matches = match qual {
                     [] => true,
                     [t] => &rel.name == t,
-                    [s, t] => &rel.name == t && rel.schema.as_deref().is_none_or(|rs| rs == s),
+                    [s, t] => &rel.name == t && rel.schema.as_deref().map_or(true, |rs| rs == s),
                     _ => false,
                 };
                 if !matches {
@@ -903,6 +905,9 @@ impl<'a> Analyzer<'a> {
 
     /// Expressions this module does not model: refuse if they mention anything protected.
     pub(crate) fn fallback_expr(&mut self, text: &str) -> Res<Option<ColumnRef>> {
+        if let Some(c) = self.mentioned_encrypted(text) {
+            return Err(Rejection::column(&c, "this expression over"));
+        }
         if self.mentions_sensitive(text) {
             self.out.touches_protected = true;
             return Err(Rejection::new(
@@ -956,7 +961,7 @@ impl<'a> Analyzer<'a> {
             FunctionArguments::Subquery(q) => {
                 let items = self.query(q)?;
                 if let Some(c) = first_encrypted(&items) {
-                    return Err(Rejection::column(&c, &format!("function {fname} over")));
+                    return Err(Rejection::column(&c, format!("function {fname} over")));
                 }
             }
             FunctionArguments::List(list) => {

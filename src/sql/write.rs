@@ -136,7 +136,7 @@ impl<'a> Analyzer<'a> {
                             row_tenants.push(tenant.clone());
                             for (c, e) in columns.iter().zip(row) {
                                 if table.encrypted.contains(c) {
-                                    self.encrypted_value(e, &col_ref(c), &tenant, &[])?;
+                                    self.encrypted_value(e, &col_ref(c), &tenant, None)?;
                                 } else {
                                     self.frames.push(Vec::new());
                                     let r = self.expr(e);
@@ -306,7 +306,7 @@ impl<'a> Analyzer<'a> {
         e: &Expr,
         col: &ColumnRef,
         tenant: &TenantSource,
-        same_quals: &[&str],
+        same_quals: Option<&[&str]>,
     ) -> Res<()> {
         match self.write_val(e, col, same_quals) {
             WriteVal::Literal(range, value) => {
@@ -336,7 +336,7 @@ impl<'a> Analyzer<'a> {
         }
     }
 
-    fn write_val(&self, e: &Expr, col: &ColumnRef, same_quals: &[&str]) -> WriteVal {
+    fn write_val(&self, e: &Expr, col: &ColumnRef, same_quals: Option<&[&str]>) -> WriteVal {
         match e {
             Expr::Nested(inner) => self.write_val(inner, col, same_quals),
             Expr::Cast {
@@ -350,7 +350,7 @@ impl<'a> Analyzer<'a> {
             {
                 WriteVal::Nothing
             }
-            Expr::Identifier(id) if fold(id) == col.column && same_quals.is_empty() => {
+            Expr::Identifier(id) if fold(id) == col.column && same_quals.is_some() => {
                 WriteVal::Same
             }
             Expr::CompoundIdentifier(ids) => {
@@ -358,8 +358,8 @@ impl<'a> Analyzer<'a> {
                 match parts.as_slice() {
                     [q, c]
                         if c == &col.column
-                            && (same_quals.contains(&q.as_str())
-                                || (same_quals.is_empty() && q == &col.table)) =>
+                            && same_quals
+                                .is_some_and(|qs| qs.contains(&q.as_str()) || q == &col.table) =>
                     {
                         WriteVal::Same
                     }
@@ -407,6 +407,7 @@ impl<'a> Analyzer<'a> {
         tenant: &TenantSource,
         same_quals: &[&str],
     ) -> Res<()> {
+        let same_quals = Some(same_quals);
         for a in assignments {
             let targets: Vec<&ObjectName> = match &a.target {
                 AssignmentTarget::ColumnName(n) => vec![n],
@@ -497,7 +498,7 @@ impl<'a> Analyzer<'a> {
             (Some(t), Some(sel)) => self.where_tenant(t, &visible, sel),
             _ => TenantSource::Session,
         };
-        self.assignments(&up.assignments, table, &tenant, &[])?;
+        self.assignments(&up.assignments, table, &tenant, &[visible.as_str()])?;
         if let Some(sel) = &up.selection {
             self.expr(sel)?;
         }
