@@ -773,3 +773,111 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn data_modifying_ctes() {
+    let sql = "with ins as (insert into secrets (org_id, value) values ('o', 'v') returning id) select id from ins";
+    let a = ok(sql);
+    assert_eq!(text_at(sql, &a.literals[0]), "'v'");
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("o".into()));
+    rejected_col(
+        "with u as (update secrets set note = 'n' returning value) select * from u order by value",
+        "public.secrets.value",
+    );
+}
+
+#[test]
+fn copy_followed_by_statements() {
+    let a = ok("copy secrets from stdin; select 1");
+    assert_eq!(a.kinds, vec![StatementKind::Copy, StatementKind::Query]);
+    // sqlparser takes the lines after `FROM STDIN;` as inline data: refused, as they cannot
+    // be analysed.
+    rejected("copy secrets from stdin;\nselect value from secrets order by value");
+}
+
+#[test]
+fn do_blocks_and_triggers_refused() {
+    rejected("DO $$ begin insert into secrets (value) values ('x'); end $$");
+    rejected("create trigger t before insert on secrets for each row execute function f()");
+    rejected("create rule r as on insert to secrets do instead nothing");
+    ok("DO $$ begin perform 1; end $$");
+}
+
+#[test]
+fn misc_reads() {
+    ok("select value, row_number() over (order by id) from secrets limit $1 offset $2");
+    ok("select s.value, o.name from secrets s left join other o on o.id = s.org_id where s.org_id = $1 for update");
+    ok("select (select value from secrets where id = 1) as v");
+    rejected_col(
+        "select (select value from secrets where id = 1) = 'x'",
+        "public.secrets.value",
+    );
+    rejected_col("select value->>'a' from secrets", "public.secrets.value");
+    rejected_col(
+        "select * from secrets natural join other",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "select s.id from secrets s group by s.id having max(s.note) > 'a'",
+        "public.secrets.note",
+    );
+    ok("select count(*) from secrets having count(value) > 1");
+    rejected("table secrets");
+    ok("select 'value' from other");
+    ok("select value from other");
+}
+
+#[test]
+fn rejections_are_clone_and_analysis_is_clone() {
+    let a = analyze("select upper(value) from secrets", &prot());
+    let b = a.clone();
+    assert_eq!(a.rejection, b.rejection);
+    assert_eq!(
+        b.rejection.unwrap().message,
+        "pgenvelope: function upper over encrypted column public.secrets.value is not supported"
+    );
+}
+
+#[test]
+fn protected_lookups() {
+    let p = prot();
+    assert!(p.get("public", "secrets").is_some());
+    assert!(p.get("public", "Users").is_none());
+    assert_eq!(p.by_name("dup").count(), 2);
+    assert!(!p.is_empty());
+    let merged = Protected::new([
+        ProtectedTable {
+            schema: "s".into(),
+            name: "t".into(),
+            tenant_column: None,
+            encrypted: vec!["a".into()],
+        },
+        ProtectedTable {
+            schema: "s".into(),
+            name: "t".into(),
+            tenant_column: Some("o".into()),
+            encrypted: vec!["b".into(), "a".into()],
+        },
+    ]);
+    assert_eq!(merged.tables().len(), 1);
+    assert_eq!(merged.tables()[0].encrypted, ["a", "b"]);
+    assert_eq!(merged.tables()[0].tenant_column.as_deref(), Some("o"));
+}
+
+#[test]
+fn decode_literal_edge_cases() {
+    use super::text::decode_literal;
+    assert_eq!(decode_literal("'a''b'").as_deref(), Some("a'b"));
+    assert_eq!(decode_literal("e'\\''").as_deref(), Some("'"));
+    assert_eq!(decode_literal("E'\\q'").as_deref(), Some("q"));
+    assert_eq!(decode_literal("E'\\0'"), None);
+    assert_eq!(decode_literal("E'\\xZZ'"), None);
+    assert_eq!(decode_literal("E'\\303\\251'").as_deref(), Some("é"));
+    assert_eq!(decode_literal("E'\\377'"), None);
+    assert_eq!(decode_literal("u&'\\\\'").as_deref(), Some("\\"));
+    assert_eq!(decode_literal("U&'\\0000'"), None);
+    assert_eq!(decode_literal("$a$$b$a$").as_deref(), Some("$b"));
+    assert_eq!(decode_literal("$a$x$b$"), None);
+    assert_eq!(decode_literal("$$"), None);
+    assert_eq!(decode_literal("x"), None);
+}
