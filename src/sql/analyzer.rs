@@ -260,8 +260,11 @@ impl<'a> Analyzer<'a> {
                 }
                 StatementKind::Ddl
             }
-            Statement::AlterTable(_)
-            | Statement::Drop { .. }
+            Statement::AlterTable(at) => {
+                self.alter_table(at)?;
+                StatementKind::Ddl
+            }
+            Statement::Drop { .. }
             | Statement::CreateIndex(_)
             | Statement::AlterIndex { .. }
             | Statement::Truncate(_)
@@ -342,6 +345,43 @@ impl<'a> Analyzer<'a> {
             }
             _ => false,
         })
+    }
+
+    /// ALTER TABLE is allowed, except setting a column default on an encrypted column: later
+    /// INSERTs that omit the column would store that default as plaintext.
+    fn alter_table(&mut self, at: &sqlparser::ast::AlterTable) -> Res<()> {
+        let parts = name_parts(&at.name).unwrap_or_default();
+        let idxs = self.resolve_table(&parts);
+        if idxs.is_empty() {
+            return Ok(());
+        }
+        self.out.touches_protected = true;
+        let dialect = PostgreSqlDialect {};
+        let text = at.to_string();
+        let Ok(tokens) = Tokenizer::new(&dialect, &text).tokenize() else {
+            return Err(Rejection::new("ALTER TABLE could not be analysed"));
+        };
+        let words: Vec<String> = tokens
+            .iter()
+            .filter_map(|t| match t {
+                Token::Word(w) => Some(fold_word(&w.value, w.quote_style)),
+                _ => None,
+            })
+            .collect();
+        if !words.iter().any(|w| w == "default") {
+            return Ok(());
+        }
+        for &i in &idxs {
+            if let Some(c) = words.iter().find_map(|w| self.enc_column(i, w)) {
+                return Err(Rejection {
+                    message: format!(
+                        "pgenvelope: a column default on encrypted column {c} would be stored as plaintext; run such DDL directly against PostgreSQL"
+                    ),
+                    column: Some(c),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The first word of `text` that resolves to an encrypted column in the current scopes.

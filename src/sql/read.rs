@@ -207,7 +207,7 @@ impl<'a> Analyzer<'a> {
                         .collect::<Vec<_>>(),
                 );
                 let mut frame = Vec::new();
-                self.base_table(&object, None, &mut frame)?;
+                self.base_table(&object, None, &mut frame, true)?;
                 let items = vec![self.wildcard(&frame, None)];
                 self.order_by_outputs(order_by, &items)?;
                 Ok(items)
@@ -572,7 +572,7 @@ impl<'a> Analyzer<'a> {
                     });
                     return Ok(());
                 }
-                self.base_table(name, alias.as_ref(), frame)
+                self.base_table(name, alias.as_ref(), frame, true)
             }
             TableFactor::Derived {
                 subquery, alias, ..
@@ -613,19 +613,20 @@ impl<'a> Analyzer<'a> {
         }
     }
 
-    /// Adds a base table (or CTE reference) to `frame`.
+    /// Adds a base table (or, when `cte_ok`, a CTE reference) to `frame`.
     pub(crate) fn base_table(
         &mut self,
         name: &ObjectName,
         alias: Option<&TableAlias>,
         frame: &mut Frame,
+        cte_ok: bool,
     ) -> Res<()> {
         let parts = name_parts(name).unwrap_or_default();
         let visible = alias
             .map(|a| fold(&a.name))
             .or_else(|| parts.last().cloned())
             .unwrap_or_default();
-        if let [single] = parts.as_slice() {
+        if let (true, [single]) = (cte_ok, parts.as_slice()) {
             let cte = self
                 .ctes
                 .iter()

@@ -881,3 +881,27 @@ fn decode_literal_edge_cases() {
     assert_eq!(decode_literal("$$"), None);
     assert_eq!(decode_literal("x"), None);
 }
+
+#[test]
+fn cte_named_like_a_protected_table_does_not_hide_writes() {
+    let sql = "with secrets as (select 1) insert into secrets (value) values ('x')";
+    let a = ok(sql);
+    assert_eq!(text_at(sql, &a.literals[0]), "'x'");
+    rejected_col(
+        "with secrets as (select 1) update secrets set value = upper('x')",
+        "public.secrets.value",
+    );
+    // As a read source the CTE does shadow the table.
+    ok("with secrets as (select 'a' as value) select * from secrets where value = 'a'");
+}
+
+#[test]
+fn alter_table_default_on_encrypted_column_refused() {
+    rejected_col(
+        "alter table secrets alter column value set default 'plain'",
+        "public.secrets.value",
+    );
+    ok("alter table secrets alter column org_id set default 1");
+    ok("alter table secrets add column extra text default 'x'");
+    ok("alter table secrets drop column value");
+}

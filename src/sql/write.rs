@@ -31,11 +31,7 @@ impl<'a> Analyzer<'a> {
     /// The protected table a write target names, if any. Ambiguous unqualified names are refused.
     pub(crate) fn write_target(&mut self, name: &ObjectName) -> Res<Option<usize>> {
         let parts = name_parts(name).unwrap_or_default();
-        if let [single] = parts.as_slice() {
-            if self.ctes.iter().flatten().any(|c| &c.name == single) {
-                return Ok(None);
-            }
-        }
+        // A write target is always a real table, even when a CTE has the same name.
         let idxs = self.resolve_table(&parts);
         match idxs.as_slice() {
             [] => Ok(None),
@@ -80,7 +76,7 @@ impl<'a> Analyzer<'a> {
             }
             self.frames.push(Vec::new());
             let mut frame = Vec::new();
-            let r = self.base_table(name, None, &mut frame);
+            let r = self.base_table(name, None, &mut frame, false);
             self.frames.pop();
             r?;
             return self.insert_tail(ins, frame, None, &[]);
@@ -476,7 +472,7 @@ impl<'a> Analyzer<'a> {
         table: Option<&ProtectedTable>,
     ) -> Res<Vec<OutItem>> {
         let mut frame = self.frames.pop().unwrap_or_default();
-        let r = self.base_table(name, alias, &mut frame);
+        let r = self.base_table(name, alias, &mut frame, false);
         self.frames.push(frame);
         r?;
         let visible = alias
