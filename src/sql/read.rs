@@ -156,17 +156,22 @@ impl<'a> Analyzer<'a> {
                 let r = self.setexpr(right, None)?;
                 self.top_projection = top;
                 let (lf, rf) = (flatten(&l), flatten(&r));
+                // With `*` in a branch, positions are unknown: encrypted columns lose their name,
+                // which makes every name of the result resolve to them (fail closed).
+                let wild = l.iter().chain(&r).any(|i| matches!(i, OutItem::Wild(_)));
                 let n = lf.len().max(rf.len());
                 let mut cols = Vec::with_capacity(n);
                 for i in 0..n {
                     let a = lf.get(i);
                     let b = rf.get(i);
-                    cols.push(OutCol {
-                        name: a.and_then(|c| c.name.clone()),
-                        enc: a
-                            .and_then(|c| c.enc.clone())
-                            .or_else(|| b.and_then(|c| c.enc.clone())),
-                    });
+                    let enc = a
+                        .and_then(|c| c.enc.clone())
+                        .or_else(|| b.and_then(|c| c.enc.clone()));
+                    let name = match (&enc, wild) {
+                        (Some(_), true) => None,
+                        _ => a.and_then(|c| c.name.clone()),
+                    };
+                    cols.push(OutCol { name, enc });
                 }
                 let dedup = !matches!(
                     set_quantifier,
@@ -261,7 +266,7 @@ impl<'a> Analyzer<'a> {
                     return Ok(None);
                 };
                 let mut i = 0;
-                for item in items {
+                for (idx, item) in items.iter().enumerate() {
                     match item {
                         OutItem::Col(c) => {
                             i += 1;
@@ -269,12 +274,9 @@ impl<'a> Analyzer<'a> {
                                 return Ok(c.enc.clone());
                             }
                         }
-                        OutItem::Wild(cs) => {
-                            if let Some(c) = cs.iter().find_map(|c| c.enc.clone()) {
-                                return Ok(Some(c));
-                            }
-                            // Unknown width: later positions cannot be resolved.
-                            return Ok(None);
+                        OutItem::Wild(_) => {
+                            // Unknown width: any encrypted column from here on may be `pos`.
+                            return Ok(first_encrypted(&items[idx..]));
                         }
                     }
                 }
@@ -722,9 +724,10 @@ impl<'a> Analyzer<'a> {
     fn rel_column(&self, rel: &Rel, col: &str) -> Option<ColumnRef> {
         match &rel.kind {
             RelKind::Protected(idxs) => idxs.iter().find_map(|&i| self.enc_column(i, col)),
+            // An encrypted column whose name is unknown matches every name.
             RelKind::Derived(cols) => cols
                 .iter()
-                .find(|c| c.name.as_deref() == Some(col) && c.enc.is_some())
+                .find(|c| c.enc.is_some() && c.name.as_deref().map_or(true, |n| n == col))
                 .and_then(|c| c.enc.clone()),
             RelKind::Plain => None,
         }
@@ -1103,21 +1106,30 @@ pub(crate) fn rename(items: &[OutItem], alias: &TableAlias) -> Res<Vec<OutCol>> 
     }
     let mut out = Vec::new();
     let mut names = alias.columns.iter();
+    let mut positions_known = true;
     for item in items {
         match item {
-            OutItem::Col(c) => out.push(OutCol {
+            OutItem::Col(c) if positions_known => out.push(OutCol {
                 name: names
                     .next()
                     .map(|n| fold(&n.name))
                     .or_else(|| c.name.clone()),
                 enc: c.enc.clone(),
             }),
+            OutItem::Col(c) => {
+                if c.enc.is_some() {
+                    out.push(OutCol {
+                        name: None,
+                        enc: c.enc.clone(),
+                    });
+                }
+            }
             OutItem::Wild(cs) => {
                 if let Some(c) = cs.iter().find_map(|c| c.enc.clone()) {
                     return Err(Rejection::column(&c, "column aliases over * including"));
                 }
                 // Unknown width: the remaining names cannot be matched to columns.
-                return Ok(out);
+                positions_known = false;
             }
         }
     }

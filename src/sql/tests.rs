@@ -905,3 +905,20 @@ fn alter_table_default_on_encrypted_column_refused() {
     ok("alter table secrets add column extra text default 'x'");
     ok("alter table secrets drop column value");
 }
+
+#[test]
+fn wildcards_of_unknown_width_are_conservative() {
+    rejected_col(
+        "select o.*, s.value from other o, secrets s order by 2",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "select x.c from (select o.*, s.value from other o, secrets s) as x(a, b, c) where x.c = 'v'",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "select u.id from (select * from other union all select value from secrets) u where u.id = 'v'",
+        "public.secrets.value",
+    );
+    ok("select o.*, s.value from other o, secrets s order by o.id");
+}
