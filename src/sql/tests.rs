@@ -922,3 +922,13 @@ fn wildcards_of_unknown_width_are_conservative() {
     );
     ok("select o.*, s.value from other o, secrets s order by o.id");
 }
+
+#[test]
+fn update_moving_the_row_to_another_tenant() {
+    let a = ok("update secrets set org_id = 'b', value = 'x' where org_id = 'a'");
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("b".into()));
+    let a = ok("update secrets set value = $1, org_id = $2 where org_id = $3");
+    assert_eq!(a.params[0].tenant, TenantSource::Param(2));
+    rejected("update secrets set org_id = other_col, value = 'x'");
+    ok("update secrets set org_id = other_col, value = NULL");
+}

@@ -490,15 +490,66 @@ impl<'a> Analyzer<'a> {
                 self.table_with_joins(twj)?;
             }
         }
-        let tenant = match (table, &up.selection) {
+        let mut tenant = match (table, &up.selection) {
             (Some(t), Some(sel)) => self.where_tenant(t, &visible, sel),
             _ => TenantSource::Session,
         };
+        if let Some(t) = table {
+            if let Some(new_tenant) = self.assigned_tenant(t, &up.assignments)? {
+                tenant = new_tenant;
+            }
+        }
         self.assignments(&up.assignments, table, &tenant, &[visible.as_str()])?;
         if let Some(sel) = &up.selection {
             self.expr(sel)?;
         }
         self.returning(up.returning.as_deref())
+    }
+
+    /// The tenant an UPDATE moves the row to, when it assigns the tenant column. Refused when the
+    /// new tenant is an expression and encrypted columns are written in the same statement.
+    fn assigned_tenant(
+        &self,
+        table: &ProtectedTable,
+        assignments: &[Assignment],
+    ) -> Res<Option<TenantSource>> {
+        let Some(tc) = &table.tenant_column else {
+            return Ok(None);
+        };
+        let last = |n: &ObjectName| name_parts(n).and_then(|p| p.last().cloned());
+        let mut found = None;
+        let mut writes_encrypted = false;
+        for a in assignments {
+            match &a.target {
+                AssignmentTarget::ColumnName(n) => {
+                    let col = last(n).unwrap_or_default();
+                    if &col == tc {
+                        found = Some(&a.value);
+                    } else if table.encrypted.contains(&col) && !is_null_or_default(&a.value) {
+                        writes_encrypted = true;
+                    }
+                }
+                AssignmentTarget::Tuple(ns) => {
+                    if !table.encrypted.is_empty()
+                        && ns.iter().any(|n| last(n).as_ref() == Some(tc))
+                    {
+                        return Err(Rejection::new(format!(
+                            "multi-column SET of the tenant column {}.{}.{tc} is not supported",
+                            table.schema, table.name
+                        )));
+                    }
+                }
+            }
+        }
+        let Some(value) = found else { return Ok(None) };
+        match self.tenant_value(value) {
+            Some(t) => Ok(Some(t)),
+            None if writes_encrypted => Err(Rejection::new(format!(
+                "the tenant column {}.{}.{tc} must be set to a literal or a parameter when encrypted columns are written",
+                table.schema, table.name
+            ))),
+            None => Ok(None),
+        }
     }
 
     /// `tenant_column = literal | $n` among the top-level AND-ed conjuncts of a WHERE.
