@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Modules: [`wire`] (pure codec), [`proxy`] (all network I/O), [`config`] (file + env + flags
-//! → validated config), [`cli`] (commands), [`crypto`] (key material and the `enc:v1` format).
+//! → validated config), [`cli`] (commands), [`crypto`] (key material and the `enc:v1` format),
+//! [`sql`] (pure statement analysis: which literals and parameters feed encrypted columns).
 
 pub mod cli;
 pub mod config;
@@ -21,4 +22,5 @@ pub mod crypto;
 pub mod keys;
 pub mod proxy;
 pub mod rules;
+pub mod sql;
 pub mod wire;

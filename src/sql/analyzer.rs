@@ -1,0 +1,638 @@
+//! Statement dispatch: parsing, SET/RESET, transaction control, COPY, DDL and the final checks.
+
+use std::collections::HashMap;
+
+use sqlparser::ast::{
+    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Expr, Ident,
+    ObjectName, ObjectNamePart, Reset, Set, Statement, Value,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Token, Tokenizer};
+
+use super::read::Frame;
+use super::text::Positions;
+use super::{
+    might_touch, Analysis, CopyDirection, CopyFormat, CopyPlan, Protected, Rejection,
+    StatementKind, TableName, TenantChange, TxControl, TENANT_SETTING,
+};
+
+/// Result type of the analysis passes: the first rejection stops everything.
+pub(crate) type Res<T> = Result<T, Rejection>;
+
+/// State of one [`super::analyze`] call.
+pub(crate) struct Analyzer<'a> {
+    pub(crate) protected: &'a Protected,
+    pub(crate) pos: Positions<'a>,
+    pub(crate) out: Analysis,
+    /// How often each `$n` appears in the whole text.
+    pub(crate) param_uses: HashMap<usize, usize>,
+    /// Scope stack for column resolution (innermost last).
+    pub(crate) frames: Vec<Frame>,
+    /// CTE stack (innermost last).
+    pub(crate) ctes: Vec<Vec<super::read::Cte>>,
+    /// Whether the current expression is the top-level projection of a top-level SELECT (where
+    /// `set_config('pgenvelope.tenant', …)` is understood).
+    pub(crate) top_projection: bool,
+}
+
+pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
+    let mut a = Analyzer {
+        protected,
+        pos: Positions::new(sql),
+        out: Analysis::default(),
+        param_uses: HashMap::new(),
+        frames: Vec::new(),
+        ctes: Vec::new(),
+        top_projection: false,
+    };
+    if let Err(r) = a.run(sql) {
+        a.out.rejection = Some(r);
+    }
+    a.out
+}
+
+impl<'a> Analyzer<'a> {
+    fn run(&mut self, sql: &str) -> Res<()> {
+        let dialect = PostgreSqlDialect {};
+        let touch = might_touch(sql, self.protected);
+        let parse_error = || {
+            Rejection::new(
+                "statement could not be parsed; statements that may touch encrypted columns must be analysable",
+            )
+        };
+        let tokens = match Tokenizer::new(&dialect, sql).tokenize() {
+            Ok(t) => t,
+            Err(_) if touch => return Err(parse_error()),
+            Err(_) => return Ok(()),
+        };
+        for t in &tokens {
+            if let Token::Placeholder(p) = t {
+                if let Some(n) = param_number(p) {
+                    *self.param_uses.entry(n).or_default() += 1;
+                }
+            }
+        }
+        let statements = match Parser::new(&dialect)
+            .try_with_sql(sql)
+            .and_then(|mut p| p.parse_statements())
+        {
+            Ok(s) => s,
+            Err(_) if touch => return Err(parse_error()),
+            Err(_) => return Ok(()),
+        };
+        self.out.statement_count = statements.len();
+        for stmt in &statements {
+            let kind = self.statement(stmt, true)?;
+            self.out.kinds.push(kind);
+        }
+        self.finish()
+    }
+
+    /// Final cross-statement checks: parameter reuse, ordering of literal sites.
+    fn finish(&mut self) -> Res<()> {
+        let mut per_param: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, p) in self.out.params.iter().enumerate() {
+            per_param.entry(p.index).or_default().push(i);
+        }
+        for (n, sites) in per_param {
+            let first = &self.out.params[sites[0]];
+            let uses = self.param_uses.get(&n).copied().unwrap_or(0);
+            let consistent = sites.iter().all(|&i| {
+                self.out.params[i].column == first.column
+                    && self.out.params[i].tenant == first.tenant
+            });
+            if !consistent || uses != sites.len() {
+                return Err(Rejection {
+                    message: format!(
+                        "pgenvelope: parameter ${n} feeds encrypted column {} and is also used elsewhere; bind a separate parameter",
+                        first.column
+                    ),
+                    column: Some(first.column.clone()),
+                });
+            }
+        }
+        self.out.literals.sort_by_key(|l| l.range.start);
+        for w in self.out.literals.windows(2) {
+            if w[0].range.end > w[1].range.start {
+                return Err(Rejection::column(&w[1].column, "overlapping literal for"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Analyses one statement. `top` is false inside EXPLAIN / PREPARE.
+    pub(crate) fn statement(&mut self, stmt: &Statement, top: bool) -> Res<StatementKind> {
+        Ok(match stmt {
+            Statement::Query(q) => {
+                self.top_projection = top;
+                let r = self.query(q);
+                self.top_projection = false;
+                r?;
+                StatementKind::Query
+            }
+            Statement::Insert(i) => {
+                self.insert(i)?;
+                StatementKind::Insert
+            }
+            Statement::Update(u) => {
+                self.update(u)?;
+                StatementKind::Update
+            }
+            Statement::Delete(d) => {
+                self.delete(d)?;
+                StatementKind::Delete
+            }
+            Statement::Set(s) => {
+                self.set(s)?;
+                StatementKind::Set
+            }
+            Statement::Reset(r) => {
+                let tenant = match &r.reset {
+                    Reset::ALL => true,
+                    Reset::ConfigurationParameter(name) => is_tenant_setting(name),
+                    Reset::SessionAuthorization => false,
+                };
+                if tenant {
+                    self.out
+                        .tenant_changes
+                        .push(TenantChange::Reset { local: false });
+                }
+                StatementKind::Set
+            }
+            Statement::Discard { object_type } => {
+                if object_type.to_string().eq_ignore_ascii_case("ALL") {
+                    self.out
+                        .tenant_changes
+                        .push(TenantChange::Reset { local: false });
+                }
+                StatementKind::Set
+            }
+            Statement::StartTransaction { statements, .. } => {
+                if !statements.is_empty() {
+                    return Err(Rejection::new("BEGIN … END blocks are not supported"));
+                }
+                self.out.tx_controls.push(TxControl::Begin);
+                StatementKind::Transaction
+            }
+            Statement::Commit { .. } => {
+                self.out.tx_controls.push(TxControl::Commit);
+                StatementKind::Transaction
+            }
+            Statement::Rollback { savepoint, .. } => {
+                self.out.tx_controls.push(match savepoint {
+                    Some(name) => TxControl::RollbackTo(fold(name)),
+                    None => TxControl::Rollback,
+                });
+                StatementKind::Transaction
+            }
+            Statement::Savepoint { name } => {
+                self.out.tx_controls.push(TxControl::Savepoint(fold(name)));
+                StatementKind::Transaction
+            }
+            Statement::ReleaseSavepoint { name } => {
+                self.out.tx_controls.push(TxControl::Release(fold(name)));
+                StatementKind::Transaction
+            }
+            Statement::Copy {
+                source,
+                to,
+                target,
+                options,
+                legacy_options,
+                payload,
+            } => {
+                self.copy(source, *to, target, options, legacy_options)?;
+                if payload.as_ref().is_some_and(|p| !p.data.trim().is_empty()) {
+                    return Err(Rejection::new(
+                        "statements after COPY … FROM STDIN in the same query are not supported",
+                    ));
+                }
+                StatementKind::Copy
+            }
+            Statement::Explain { statement, .. } => self.statement(statement, false)?,
+            Statement::Prepare { statement, .. } => {
+                let before = self.out.params.len();
+                self.statement(statement, false)?;
+                if let Some(p) = self.out.params.get(before) {
+                    return Err(Rejection::column(
+                        &p.column.clone(),
+                        "SQL-level PREPARE with a parameter feeding",
+                    ));
+                }
+                StatementKind::Other
+            }
+            Statement::Execute { parameters, .. } => {
+                if !parameters.is_empty() {
+                    return Err(Rejection::new(
+                        "EXECUTE with arguments is not supported: its parameters may feed encrypted columns; use the extended protocol",
+                    ));
+                }
+                StatementKind::Other
+            }
+            Statement::Call(f) => {
+                let has_args = !matches!(&f.args, sqlparser::ast::FunctionArguments::None)
+                    && !f
+                        .args
+                        .to_string()
+                        .trim_matches(|c| c == '(' || c == ')')
+                        .trim()
+                        .is_empty();
+                if has_args && self.mentions_protected(&stmt.to_string()) {
+                    return Err(Rejection::new(
+                        "CALL with arguments that mentions a protected table is not supported",
+                    ));
+                }
+                StatementKind::Other
+            }
+            Statement::Declare { stmts, .. } => {
+                for d in stmts {
+                    if let Some(q) = &d.for_query {
+                        self.query(q)?;
+                    }
+                }
+                StatementKind::Other
+            }
+            Statement::CreateTable(ct) => {
+                self.note_mentions(&ct.name.to_string());
+                if let Some(q) = &ct.query {
+                    self.query(q)?;
+                }
+                StatementKind::Ddl
+            }
+            Statement::AlterTable(at) => {
+                self.alter_table(at)?;
+                StatementKind::Ddl
+            }
+            Statement::Drop { .. }
+            | Statement::CreateIndex(_)
+            | Statement::AlterIndex { .. }
+            | Statement::Truncate(_)
+            | Statement::Vacuum(_)
+            | Statement::Analyze(_)
+            | Statement::Grant(_)
+            | Statement::Revoke(_)
+            | Statement::Comment { .. }
+            | Statement::CreateSchema { .. }
+            | Statement::CreateSequence { .. }
+            | Statement::CreateExtension(_)
+            | Statement::DropExtension(_)
+            | Statement::Lock(_) => {
+                self.note_mentions(&stmt.to_string());
+                StatementKind::Ddl
+            }
+            Statement::Fetch { .. }
+            | Statement::Close { .. }
+            | Statement::Deallocate { .. }
+            | Statement::LISTEN { .. }
+            | Statement::UNLISTEN { .. }
+            | Statement::NOTIFY { .. }
+            | Statement::ShowVariable { .. } => StatementKind::Other,
+            other => {
+                let text = other.to_string();
+                if self.mentions_protected(&text) {
+                    self.out.touches_protected = true;
+                    return Err(Rejection::new(
+                        "this statement mentions a protected table and cannot be analysed (functions, procedures, triggers, rules, views, MERGE, DO blocks); run such DDL directly against PostgreSQL",
+                    ));
+                }
+                if mentions_tenant(&text) {
+                    return Err(Rejection::new(format!(
+                        "{TENANT_SETTING} can only be changed with SET, RESET or SELECT set_config(…)"
+                    )));
+                }
+                StatementKind::Other
+            }
+        })
+    }
+
+    fn note_mentions(&mut self, text: &str) {
+        if self.mentions_protected(text) {
+            self.out.touches_protected = true;
+        }
+    }
+
+    /// Whether any word of `text` (tokenized as SQL) names a protected table.
+    pub(crate) fn mentions_protected(&self, text: &str) -> bool {
+        let dialect = PostgreSqlDialect {};
+        let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize() else {
+            return true;
+        };
+        tokens.iter().any(|t| match t {
+            Token::Word(w) => {
+                let name = fold_word(&w.value, w.quote_style);
+                !self.protected.indexes_by_name(&name).is_empty()
+            }
+            Token::DollarQuotedString(s) => self.mentions_protected(&s.value),
+            Token::SingleQuotedString(s) | Token::EscapedStringLiteral(s) => {
+                s.len() < text.len() && self.mentions_protected(s)
+            }
+            _ => false,
+        })
+    }
+
+    /// Whether any word of `text` names an encrypted column or a protected table.
+    pub(crate) fn mentions_sensitive(&self, text: &str) -> bool {
+        let dialect = PostgreSqlDialect {};
+        let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize() else {
+            return true;
+        };
+        tokens.iter().any(|t| match t {
+            Token::Word(w) => {
+                let name = fold_word(&w.value, w.quote_style);
+                self.protected.is_encrypted_name(&name)
+                    || !self.protected.indexes_by_name(&name).is_empty()
+            }
+            _ => false,
+        })
+    }
+
+    /// ALTER TABLE is allowed, except setting a column default on an encrypted column: later
+    /// INSERTs that omit the column would store that default as plaintext.
+    fn alter_table(&mut self, at: &sqlparser::ast::AlterTable) -> Res<()> {
+        let parts = name_parts(&at.name).unwrap_or_default();
+        let idxs = self.resolve_table(&parts);
+        if idxs.is_empty() {
+            return Ok(());
+        }
+        self.out.touches_protected = true;
+        let dialect = PostgreSqlDialect {};
+        let text = at.to_string();
+        let Ok(tokens) = Tokenizer::new(&dialect, &text).tokenize() else {
+            return Err(Rejection::new("ALTER TABLE could not be analysed"));
+        };
+        let words: Vec<String> = tokens
+            .iter()
+            .filter_map(|t| match t {
+                Token::Word(w) => Some(fold_word(&w.value, w.quote_style)),
+                _ => None,
+            })
+            .collect();
+        if !words.iter().any(|w| w == "default") {
+            return Ok(());
+        }
+        for &i in &idxs {
+            if let Some(c) = words.iter().find_map(|w| self.enc_column(i, w)) {
+                return Err(Rejection {
+                    message: format!(
+                        "pgenvelope: a column default on encrypted column {c} would be stored as plaintext; run such DDL directly against PostgreSQL"
+                    ),
+                    column: Some(c),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The first word of `text` that resolves to an encrypted column in the current scopes.
+    pub(crate) fn mentioned_encrypted(&self, text: &str) -> Option<super::ColumnRef> {
+        let dialect = PostgreSqlDialect {};
+        let tokens = Tokenizer::new(&dialect, text).tokenize().ok()?;
+        tokens.iter().find_map(|t| match t {
+            Token::Word(w) => self.resolve(&[fold_word(&w.value, w.quote_style)]),
+            _ => None,
+        })
+    }
+
+    fn set(&mut self, s: &Set) -> Res<()> {
+        match s {
+            Set::SingleAssignment {
+                scope,
+                variable,
+                values,
+                ..
+            } => {
+                if !is_tenant_setting(variable) {
+                    return Ok(());
+                }
+                let local = matches!(scope, Some(sqlparser::ast::ContextModifier::Local));
+                let [value] = values.as_slice() else {
+                    return Err(Rejection::new(format!(
+                        "SET {TENANT_SETTING} takes exactly one value"
+                    )));
+                };
+                let change = match value {
+                    Expr::Identifier(id)
+                        if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default") =>
+                    {
+                        TenantChange::Reset { local }
+                    }
+                    Expr::Identifier(id) => TenantChange::Set {
+                        value: fold(id),
+                        local,
+                    },
+                    other => match self.literal_text(other) {
+                        Some(value) => TenantChange::Set { value, local },
+                        None => {
+                            return Err(Rejection::new(format!(
+                                "SET {TENANT_SETTING} needs a literal value"
+                            )))
+                        }
+                    },
+                };
+                self.out.tenant_changes.push(change);
+                Ok(())
+            }
+            other => {
+                if mentions_tenant(&other.to_string()) {
+                    return Err(Rejection::new(format!(
+                        "set {TENANT_SETTING} with a single SET statement"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The text of a string or number literal, as PostgreSQL reads it.
+    pub(crate) fn literal_text(&self, e: &Expr) -> Option<String> {
+        match e {
+            Expr::Nested(inner) => self.literal_text(inner),
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => Some(n.clone()),
+                Value::SingleQuotedString(_)
+                | Value::EscapedStringLiteral(_)
+                | Value::UnicodeStringLiteral(_)
+                | Value::NationalStringLiteral(_)
+                | Value::DollarQuotedString(_) => {
+                    let range = self.pos.range(v.span)?;
+                    super::text::decode_literal(self.pos.slice(range)?)
+                }
+                _ => None,
+            },
+            Expr::UnaryOp {
+                op: sqlparser::ast::UnaryOperator::Minus,
+                expr,
+            } => match expr.as_ref() {
+                Expr::Value(v) => match &v.value {
+                    Value::Number(n, _) => Some(format!("-{n}")),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn copy(
+        &mut self,
+        source: &CopySource,
+        to: bool,
+        target: &CopyTarget,
+        options: &[CopyOption],
+        legacy: &[CopyLegacyOption],
+    ) -> Res<()> {
+        let mut plan = CopyPlan {
+            table: None,
+            columns: Vec::new(),
+            direction: if to {
+                CopyDirection::ToStdout
+            } else {
+                CopyDirection::FromStdin
+            },
+            format: CopyFormat::Text,
+            delimiter: None,
+            null: None,
+            quote: None,
+            escape: None,
+            header: false,
+            encoding: None,
+        };
+        for o in options {
+            match o {
+                CopyOption::Format(f) => {
+                    plan.format = match fold(f).as_str() {
+                        "text" => CopyFormat::Text,
+                        "csv" => CopyFormat::Csv,
+                        "binary" => CopyFormat::Binary,
+                        _ => return Err(Rejection::new("unknown COPY format")),
+                    }
+                }
+                CopyOption::Delimiter(c) => plan.delimiter = Some(*c),
+                CopyOption::Null(s) => plan.null = Some(s.clone()),
+                CopyOption::Header(h) => plan.header = *h,
+                CopyOption::Quote(c) => plan.quote = Some(*c),
+                CopyOption::Escape(c) => plan.escape = Some(*c),
+                CopyOption::Encoding(e) => plan.encoding = Some(e.clone()),
+                CopyOption::Freeze(_)
+                | CopyOption::ForceQuote(_)
+                | CopyOption::ForceNotNull(_)
+                | CopyOption::ForceNull(_) => {}
+            }
+        }
+        for o in legacy {
+            match o {
+                CopyLegacyOption::Binary => plan.format = CopyFormat::Binary,
+                CopyLegacyOption::Delimiter(c) => plan.delimiter = Some(*c),
+                CopyLegacyOption::Null(s) => plan.null = Some(s.clone()),
+                CopyLegacyOption::Header => plan.header = true,
+                CopyLegacyOption::Csv(opts) => {
+                    plan.format = CopyFormat::Csv;
+                    for c in opts {
+                        match c {
+                            CopyLegacyCsvOption::Header => plan.header = true,
+                            CopyLegacyCsvOption::Quote(q) => plan.quote = Some(*q),
+                            CopyLegacyCsvOption::Escape(e) => plan.escape = Some(*e),
+                            CopyLegacyCsvOption::ForceQuote(_)
+                            | CopyLegacyCsvOption::ForceNotNull(_) => {}
+                        }
+                    }
+                }
+                _ => return Err(Rejection::new("unsupported COPY option")),
+            }
+        }
+        match source {
+            CopySource::Table {
+                table_name,
+                columns,
+            } => {
+                let Some(idx) = self.write_target(table_name)? else {
+                    return Ok(());
+                };
+                self.out.touches_protected = true;
+                let Some(t) = self.protected.table(idx) else {
+                    return Ok(());
+                };
+                let name = format!("{}.{}", t.schema, t.name);
+                if !to && !matches!(target, CopyTarget::Stdin) {
+                    return Err(Rejection::new(format!(
+                        "COPY FROM a file or program into protected table {name} is not supported; use COPY FROM STDIN"
+                    )));
+                }
+                if plan.format == CopyFormat::Binary
+                    && (matches!(target, CopyTarget::Stdin | CopyTarget::Stdout))
+                {
+                    return Err(Rejection::new(format!(
+                        "COPY in BINARY format of protected table {name} is not supported; use text or csv"
+                    )));
+                }
+                if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
+                    return Ok(());
+                }
+                plan.table = Some(TableName {
+                    schema: t.schema.clone(),
+                    name: t.name.clone(),
+                });
+                plan.columns = columns.iter().map(fold).collect();
+                self.out.copy = Some(plan);
+                Ok(())
+            }
+            CopySource::Query(q) => {
+                let before = self.out.touches_protected;
+                self.out.touches_protected = false;
+                self.query(q)?;
+                let touched = self.out.touches_protected;
+                self.out.touches_protected |= before;
+                if !touched {
+                    return Ok(());
+                }
+                if plan.format == CopyFormat::Binary {
+                    return Err(Rejection::new(
+                        "COPY … TO STDOUT in BINARY format of a query over a protected table is not supported; use text or csv",
+                    ));
+                }
+                if matches!(target, CopyTarget::Stdout) {
+                    self.out.copy = Some(plan);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `$n` → n (1-based).
+pub(crate) fn param_number(p: &str) -> Option<usize> {
+    let n: usize = p.strip_prefix('$')?.parse().ok()?;
+    (n >= 1).then_some(n)
+}
+
+/// An identifier as PostgreSQL stores it.
+pub(crate) fn fold(id: &Ident) -> String {
+    fold_word(&id.value, id.quote_style)
+}
+
+pub(crate) fn fold_word(value: &str, quote: Option<char>) -> String {
+    match quote {
+        Some(_) => value.to_owned(),
+        None => value.to_ascii_lowercase(),
+    }
+}
+
+/// Folded identifier parts of an object name; `None` for function-style parts.
+pub(crate) fn name_parts(name: &ObjectName) -> Option<Vec<String>> {
+    name.0
+        .iter()
+        .map(|p| match p {
+            ObjectNamePart::Identifier(id) => Some(fold(id)),
+            ObjectNamePart::Function(_) => None,
+        })
+        .collect()
+}
+
+fn is_tenant_setting(name: &ObjectName) -> bool {
+    matches!(name_parts(name).as_deref(), Some([a, b]) if a == "pgenvelope" && b == "tenant")
+}
+
+fn mentions_tenant(text: &str) -> bool {
+    text.to_ascii_lowercase().contains("pgenvelope")
+}

@@ -1,0 +1,506 @@
+//! SQL statement analysis: which literals and parameters feed encrypted columns, and which
+//! statements must be refused.
+//!
+//! This module is pure: no tokio, no I/O, no clocks. It parses with `sqlparser`
+//! (`PostgreSqlDialect`) and walks the syntax tree. It never logs and never puts a data value in
+//! an error message; the `Debug` output of every type here redacts literal values.
+//!
+//! # How the proxy uses it
+//!
+//! 1. [`might_touch`] is a cheap substring pre-check. When it returns `false` the statement is
+//!    forwarded without parsing. It is deliberately generous (fail closed): it must be `true` for
+//!    every statement that reads or writes a protected table or sets the tenant.
+//! 2. [`analyze`] parses one SQL text (one or several `;`-separated statements) and returns an
+//!    [`Analysis`]: the byte ranges of literals to encrypt ([`LiteralSite`]), the `$n` parameters
+//!    to encrypt ([`ParamSite`]), tenant changes, transaction controls, a COPY plan, and the first
+//!    reason to refuse the whole text ([`Rejection`], sent with SQLSTATE 0A000).
+//! 3. [`rewrite_literals`] substitutes the ciphertexts into the text.
+//!
+//! # Name resolution
+//!
+//! Identifiers are compared as PostgreSQL stores them: unquoted identifiers fold to lower case
+//! (ASCII only, as PostgreSQL does for UTF-8 databases), quoted ones keep their case. The proxy
+//! cannot know `search_path`, so an unqualified table name matches a protected table of that
+//! name in *any* schema. When an unqualified name used as a write target matches protected
+//! tables in more than one schema, the statement is refused (qualify the name). An unqualified
+//! column name is treated as encrypted if any relation in scope has an encrypted column of that
+//! name.
+//!
+//! # Invariants
+//!
+//! - [`Analysis::literals`] is sorted by position and non-overlapping, and each range lies on
+//!   UTF-8 character boundaries of the analysed text.
+//! - When [`Analysis::rejection`] is `Some`, the other fields are incomplete and must not be
+//!   used: the whole text is refused.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+
+mod analyzer;
+mod read;
+mod text;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+/// The setting that carries the session tenant.
+pub const TENANT_SETTING: &str = "pgenvelope.tenant";
+
+/// One protected table, as the rules describe it. Names are as PostgreSQL stores them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProtectedTable {
+    /// Schema name, e.g. `public`.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+    /// Column that holds the row's organisation, if any.
+    pub tenant_column: Option<String>,
+    /// Columns whose values are stored as `enc:v1:` envelopes.
+    pub encrypted: Vec<String>,
+}
+
+/// The set of protected tables, with O(1) lookups by `(schema, table)` and by bare table name.
+#[derive(Clone, Debug, Default)]
+pub struct Protected {
+    tables: Vec<ProtectedTable>,
+    by_qualified: HashMap<(String, String), usize>,
+    /// Invariant: every index is valid in `tables`; lists are never empty.
+    by_name: HashMap<String, Vec<usize>>,
+    /// Lower-cased search needles for [`might_touch`].
+    needles: Vec<String>,
+    /// Every encrypted column name of every table.
+    encrypted_names: std::collections::HashSet<String>,
+}
+
+impl Protected {
+    /// Builds the lookup tables. Entries naming the same `(schema, table)` are merged.
+    pub fn new(tables: impl IntoIterator<Item = ProtectedTable>) -> Self {
+        let mut out = Protected::default();
+        for t in tables {
+            let key = (t.schema.clone(), t.name.clone());
+            if let Some(&i) = out.by_qualified.get(&key) {
+                let existing = &mut out.tables[i];
+                for c in t.encrypted {
+                    if !existing.encrypted.contains(&c) {
+                        existing.encrypted.push(c);
+                    }
+                }
+                if existing.tenant_column.is_none() {
+                    existing.tenant_column = t.tenant_column;
+                }
+                continue;
+            }
+            let i = out.tables.len();
+            out.by_qualified.insert(key, i);
+            out.by_name.entry(t.name.clone()).or_default().push(i);
+            out.tables.push(t);
+        }
+        for t in &out.tables {
+            out.encrypted_names.extend(t.encrypted.iter().cloned());
+            let lower = t.name.to_lowercase();
+            if !out.needles.contains(&lower) {
+                out.needles.push(lower.clone());
+            }
+            if lower.contains('"') {
+                let doubled = lower.replace('"', "\"\"");
+                if !out.needles.contains(&doubled) {
+                    out.needles.push(doubled);
+                }
+            }
+        }
+        out
+    }
+
+    /// All protected tables.
+    pub fn tables(&self) -> &[ProtectedTable] {
+        &self.tables
+    }
+
+    /// Whether no table is protected.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    /// The table `schema.name`, if protected.
+    pub fn get(&self, schema: &str, name: &str) -> Option<&ProtectedTable> {
+        self.by_qualified
+            .get(&(schema.to_owned(), name.to_owned()))
+            .and_then(|&i| self.tables.get(i))
+    }
+
+    /// Every protected table named `name`, in any schema.
+    pub fn by_name(&self, name: &str) -> impl Iterator<Item = &ProtectedTable> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|&i| self.tables.get(i))
+    }
+
+    pub(crate) fn index_qualified(&self, schema: &str, name: &str) -> Option<usize> {
+        self.by_qualified
+            .get(&(schema.to_owned(), name.to_owned()))
+            .copied()
+    }
+
+    pub(crate) fn indexes_by_name(&self, name: &str) -> &[usize] {
+        self.by_name.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub(crate) fn table(&self, i: usize) -> Option<&ProtectedTable> {
+        self.tables.get(i)
+    }
+
+    pub(crate) fn is_encrypted_name(&self, column: &str) -> bool {
+        self.encrypted_names.contains(column)
+    }
+}
+
+/// A column of a protected table.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ColumnRef {
+    /// Schema name.
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// Column name.
+    pub column: String,
+}
+
+impl fmt::Display for ColumnRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.schema, self.table, self.column)
+    }
+}
+
+/// Where the tenant of a written value comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TenantSource {
+    /// The row's tenant column is given as this literal (numbers as their text).
+    Literal(String),
+    /// The row's tenant column is given as parameter `$n` (1-based).
+    Param(usize),
+    /// The tenant column is absent, NULL or DEFAULT: use the session tenant.
+    Session,
+}
+
+impl fmt::Debug for TenantSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TenantSource::Literal(_) => f.write_str("Literal(<redacted>)"),
+            TenantSource::Param(n) => write!(f, "Param(${n})"),
+            TenantSource::Session => f.write_str("Session"),
+        }
+    }
+}
+
+/// A literal in the SQL text whose value must be encrypted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LiteralSite {
+    /// Byte range in the SQL text of the whole literal token, quotes and prefix included.
+    pub range: Range<usize>,
+    /// The literal's value as PostgreSQL reads it.
+    pub value: String,
+    /// The column the value is written to.
+    pub column: ColumnRef,
+    /// The tenant of the row.
+    pub tenant: TenantSource,
+}
+
+impl fmt::Debug for LiteralSite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiteralSite")
+            .field("range", &self.range)
+            .field("value", &"<redacted>")
+            .field("column", &self.column)
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+/// A `$n` parameter whose bound value must be encrypted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSite {
+    /// 1-based parameter number.
+    pub index: usize,
+    /// The column the value is written to.
+    pub column: ColumnRef,
+    /// The tenant of the row.
+    pub tenant: TenantSource,
+}
+
+/// A change of the session tenant, in statement order.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TenantChange {
+    /// `SET [LOCAL] pgenvelope.tenant = 'x'` or `set_config('pgenvelope.tenant', 'x', local)`.
+    Set {
+        /// The new tenant.
+        value: String,
+        /// Transaction-scoped (`SET LOCAL`, `set_config(…, true)`).
+        local: bool,
+    },
+    /// `SELECT set_config('pgenvelope.tenant', $n, local)`.
+    SetParam {
+        /// 1-based parameter number holding the tenant.
+        param: usize,
+        /// Transaction-scoped.
+        local: bool,
+    },
+    /// `RESET pgenvelope.tenant`, `RESET ALL`, `DISCARD ALL`, `SET pgenvelope.tenant TO DEFAULT`.
+    Reset {
+        /// Transaction-scoped (`SET LOCAL … TO DEFAULT`).
+        local: bool,
+    },
+}
+
+impl fmt::Debug for TenantChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TenantChange::Set { local, .. } => f
+                .debug_struct("Set")
+                .field("value", &"<redacted>")
+                .field("local", local)
+                .finish(),
+            TenantChange::SetParam { param, local } => f
+                .debug_struct("SetParam")
+                .field("param", param)
+                .field("local", local)
+                .finish(),
+            TenantChange::Reset { local } => f.debug_struct("Reset").field("local", local).finish(),
+        }
+    }
+}
+
+/// A transaction control statement, as seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxControl {
+    /// `BEGIN` / `START TRANSACTION`.
+    Begin,
+    /// `COMMIT` / `END`.
+    Commit,
+    /// `ROLLBACK` / `ABORT`.
+    Rollback,
+    /// `SAVEPOINT name` (name folded as PostgreSQL does).
+    Savepoint(String),
+    /// `ROLLBACK TO [SAVEPOINT] name`.
+    RollbackTo(String),
+    /// `RELEASE [SAVEPOINT] name`.
+    Release(String),
+}
+
+/// Direction of a COPY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyDirection {
+    /// `COPY … FROM STDIN`: rows come from the client and must be encrypted.
+    FromStdin,
+    /// `COPY … TO STDOUT`: rows go to the client and must be decrypted.
+    ToStdout,
+}
+
+/// Data format of a COPY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyFormat {
+    /// PostgreSQL's text format.
+    Text,
+    /// CSV.
+    Csv,
+    /// Binary (never planned for protected tables: such COPYs are refused).
+    Binary,
+}
+
+/// A schema-qualified table name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TableName {
+    /// Schema name.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+}
+
+/// What the proxy needs to transform the data of a COPY that touches a protected table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyPlan {
+    /// The protected table; `None` for `COPY (query) TO STDOUT`.
+    pub table: Option<TableName>,
+    /// The explicit column list; empty means all columns in table order.
+    pub columns: Vec<String>,
+    /// Direction.
+    pub direction: CopyDirection,
+    /// Format.
+    pub format: CopyFormat,
+    /// `DELIMITER`, when given.
+    pub delimiter: Option<char>,
+    /// `NULL` string, when given.
+    pub null: Option<String>,
+    /// `QUOTE` (CSV), when given.
+    pub quote: Option<char>,
+    /// `ESCAPE` (CSV), when given.
+    pub escape: Option<char>,
+    /// `HEADER`.
+    pub header: bool,
+    /// `ENCODING`, when given.
+    pub encoding: Option<String>,
+}
+
+/// The kind of one statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatementKind {
+    /// SELECT, VALUES, TABLE and other queries.
+    Query,
+    /// INSERT.
+    Insert,
+    /// UPDATE.
+    Update,
+    /// DELETE.
+    Delete,
+    /// COPY.
+    Copy,
+    /// SET / RESET / DISCARD.
+    Set,
+    /// Transaction control.
+    Transaction,
+    /// DDL and maintenance.
+    Ddl,
+    /// Anything else.
+    Other,
+}
+
+/// Why a SQL text is refused. Sent to the client with SQLSTATE 0A000.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The encrypted column concerned, when there is one.
+    pub column: Option<ColumnRef>,
+    /// Message starting with `pgenvelope: `; names the column, never contains data values.
+    pub message: String,
+}
+
+impl Rejection {
+    pub(crate) fn new(message: impl fmt::Display) -> Self {
+        Rejection {
+            column: None,
+            message: format!("pgenvelope: {message}"),
+        }
+    }
+
+    pub(crate) fn column(column: &ColumnRef, what: impl fmt::Display) -> Self {
+        Rejection {
+            message: format!("pgenvelope: {what} encrypted column {column} is not supported"),
+            column: Some(column.clone()),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The result of analysing one SQL text.
+#[derive(Clone, Debug, Default)]
+pub struct Analysis {
+    /// Literals to encrypt. Invariant: sorted by position, non-overlapping.
+    pub literals: Vec<LiteralSite>,
+    /// Parameters to encrypt.
+    pub params: Vec<ParamSite>,
+    /// Tenant changes, in statement order.
+    pub tenant_changes: Vec<TenantChange>,
+    /// Transaction controls, in statement order.
+    pub tx_controls: Vec<TxControl>,
+    /// The COPY plan, for a COPY that touches a protected table.
+    pub copy: Option<CopyPlan>,
+    /// Whether any statement reads, writes or mentions a protected table.
+    pub touches_protected: bool,
+    /// Number of statements parsed.
+    pub statement_count: usize,
+    /// Kind of each statement.
+    pub kinds: Vec<StatementKind>,
+    /// The first reason to refuse the whole text.
+    pub rejection: Option<Rejection>,
+}
+
+/// Cheap pre-check without parsing: could `sql` read or write a protected table or set the
+/// tenant?
+///
+/// Case-insensitive substring search for every protected table name, `pgenvelope`, `set_config`,
+/// `execute`, `discard`, `reset` and Unicode-escaped identifiers (`U&"`). False positives only cost a parse.
+pub fn might_touch(sql: &str, protected: &Protected) -> bool {
+    let lower = sql.to_lowercase();
+    const ALWAYS: [&str; 6] = [
+        "pgenvelope",
+        "set_config",
+        "execute",
+        "u&\"",
+        "discard",
+        "reset",
+    ];
+    ALWAYS.iter().any(|n| lower.contains(n))
+        || protected.needles.iter().any(|n| lower.contains(n.as_str()))
+}
+
+/// Analyses one SQL text (possibly several `;`-separated statements).
+pub fn analyze(sql: &str, protected: &Protected) -> Analysis {
+    analyzer::run(sql, protected)
+}
+
+/// Why [`rewrite_literals`] refused its input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RewriteError {
+    /// A range ends past the text or starts after it ends.
+    #[error("replacement range {start}..{end} is outside the text ({len} bytes)")]
+    OutOfBounds {
+        /// Range start.
+        start: usize,
+        /// Range end.
+        end: usize,
+        /// Text length in bytes.
+        len: usize,
+    },
+    /// A range does not lie on UTF-8 character boundaries.
+    #[error("replacement range {start}..{end} splits a character")]
+    NotCharBoundary {
+        /// Range start.
+        start: usize,
+        /// Range end.
+        end: usize,
+    },
+    /// Ranges are not sorted or overlap.
+    #[error("replacement range starting at {start} overlaps or precedes the previous one")]
+    Overlap {
+        /// Start of the offending range.
+        start: usize,
+    },
+}
+
+/// Replaces each range of `sql` with its text. Ranges must be sorted and non-overlapping.
+pub fn rewrite_literals(
+    sql: &str,
+    replacements: &[(Range<usize>, String)],
+) -> Result<String, RewriteError> {
+    let mut out =
+        String::with_capacity(sql.len() + replacements.iter().map(|(_, s)| s.len()).sum::<usize>());
+    let mut pos = 0;
+    for (range, text) in replacements {
+        let (start, end) = (range.start, range.end);
+        if start > end || end > sql.len() {
+            return Err(RewriteError::OutOfBounds {
+                start,
+                end,
+                len: sql.len(),
+            });
+        }
+        if start < pos {
+            return Err(RewriteError::Overlap { start });
+        }
+        let (Some(before), Some(_)) = (sql.get(pos..start), sql.get(start..end)) else {
+            return Err(RewriteError::NotCharBoundary { start, end });
+        };
+        out.push_str(before);
+        out.push_str(text);
+        pos = end;
+    }
+    out.push_str(sql.get(pos..).unwrap_or_default());
+    Ok(out)
+}

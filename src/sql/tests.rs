@@ -1,0 +1,934 @@
+#![allow(clippy::unwrap_used)]
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn prot() -> Protected {
+    Protected::new([
+        ProtectedTable {
+            schema: "public".into(),
+            name: "secrets".into(),
+            tenant_column: Some("org_id".into()),
+            encrypted: vec!["value".into(), "note".into()],
+        },
+        ProtectedTable {
+            schema: "app".into(),
+            name: "Users".into(),
+            tenant_column: None,
+            encrypted: vec!["email".into()],
+        },
+        ProtectedTable {
+            schema: "a".into(),
+            name: "dup".into(),
+            tenant_column: None,
+            encrypted: vec!["x".into()],
+        },
+        ProtectedTable {
+            schema: "b".into(),
+            name: "dup".into(),
+            tenant_column: None,
+            encrypted: vec!["x".into()],
+        },
+    ])
+}
+
+fn ok(sql: &str) -> Analysis {
+    let a = analyze(sql, &prot());
+    assert!(a.rejection.is_none(), "{sql}: {:?}", a.rejection);
+    a
+}
+
+fn rejected(sql: &str) -> Rejection {
+    let a = analyze(sql, &prot());
+    let r = a.rejection.unwrap_or_else(|| panic!("not rejected: {sql}"));
+    assert!(r.message.starts_with("pgenvelope: "), "{}", r.message);
+    r
+}
+
+fn rejected_col(sql: &str, col: &str) {
+    let r = rejected(sql);
+    let c = r.column.as_ref().map(ToString::to_string);
+    assert_eq!(c.as_deref(), Some(col), "{sql}: {}", r.message);
+    assert!(r.message.contains(col), "{}", r.message);
+}
+
+fn value_col() -> ColumnRef {
+    ColumnRef {
+        schema: "public".into(),
+        table: "secrets".into(),
+        column: "value".into(),
+    }
+}
+
+fn text_at(sql: &str, l: &LiteralSite) -> String {
+    sql[l.range.clone()].to_owned()
+}
+
+// ---- might_touch ----
+
+#[test]
+fn might_touch_finds_names_case_insensitively() {
+    let p = prot();
+    assert!(might_touch("select * from SECRETS", &p));
+    assert!(might_touch("select * from \"Users\"", &p));
+    assert!(might_touch("SET PGENVELOPE.tenant = 'a'", &p));
+    assert!(might_touch("select set_config('x', 'y', false)", &p));
+    assert!(!might_touch("select 1", &p));
+    assert!(!might_touch("insert into other (a) values ('x')", &p));
+}
+
+// ---- INSERT ----
+
+#[test]
+fn insert_literals_and_tenant() {
+    let sql = "INSERT INTO secrets (org_id, value, note) VALUES ('acme', 'it''s', NULL), (42, E'a\\nb', DEFAULT)";
+    let a = ok(sql);
+    assert!(a.touches_protected);
+    assert_eq!(a.literals.len(), 2);
+    assert_eq!(a.literals[0].value, "it's");
+    assert_eq!(text_at(sql, &a.literals[0]), "'it''s'");
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("acme".into()));
+    assert_eq!(a.literals[0].column, value_col());
+    assert_eq!(a.literals[1].value, "a\nb");
+    assert_eq!(text_at(sql, &a.literals[1]), "E'a\\nb'");
+    assert_eq!(a.literals[1].tenant, TenantSource::Literal("42".into()));
+    assert_eq!(a.kinds, vec![StatementKind::Insert]);
+}
+
+#[test]
+fn insert_columns_any_order_params() {
+    let a = ok("insert into public.secrets (value, org_id, id) values ($2, $1, $3)");
+    assert_eq!(a.params.len(), 1);
+    assert_eq!(a.params[0].index, 2);
+    assert_eq!(a.params[0].tenant, TenantSource::Param(1));
+    assert!(a.literals.is_empty());
+}
+
+#[test]
+fn insert_session_tenant_when_absent() {
+    let a = ok("insert into secrets (value) values ('x')");
+    assert_eq!(a.literals[0].tenant, TenantSource::Session);
+    let a = ok("insert into secrets (org_id, value) values (NULL, 'x')");
+    assert_eq!(a.literals[0].tenant, TenantSource::Session);
+}
+
+#[test]
+fn insert_text_casts_allowed() {
+    let sql = "insert into secrets (value, note) values ('a'::text, CAST($1 AS varchar))";
+    let a = ok(sql);
+    assert_eq!(a.literals.len(), 1);
+    assert_eq!(text_at(sql, &a.literals[0]), "'a'");
+    assert_eq!(a.params[0].index, 1);
+    ok("insert into secrets (value) values ($1::character varying)");
+    ok("insert into secrets (value) values ($1::bpchar)");
+}
+
+#[test]
+fn insert_refused_values() {
+    for v in [
+        "upper('x')",
+        "'a' || $1",
+        "(select 'x')",
+        "42",
+        "'x'::int",
+        "$1::bytea",
+        "'x'::varchar(3)",
+        "true",
+        "B'101'",
+        "X'ff'",
+        "value",
+    ] {
+        rejected_col(
+            &format!("insert into secrets (value) values ({v})"),
+            "public.secrets.value",
+        );
+    }
+}
+
+#[test]
+fn insert_without_column_list_refused() {
+    let r = rejected("insert into secrets values (1, 'a', 'b')");
+    assert!(r.message.contains("name the columns"), "{}", r.message);
+    ok("insert into secrets default values");
+    ok("insert into other values (1, 'x')");
+}
+
+#[test]
+fn insert_select_refused() {
+    rejected_col(
+        "insert into secrets (value) select value from secrets",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "insert into secrets (org_id, value) select 1, 'x'",
+        "public.secrets.value",
+    );
+    ok("insert into secrets (org_id) select 1");
+    ok("insert into other (a) select value from secrets");
+}
+
+#[test]
+fn insert_tenant_expression_refused() {
+    rejected("insert into secrets (org_id, value) values (current_setting('x'), 'v')");
+    ok("insert into secrets (org_id, value) values (current_setting('x'), NULL)");
+}
+
+#[test]
+fn insert_on_conflict() {
+    let a = ok("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value");
+    assert_eq!(a.params.len(), 1);
+    let a = ok("insert into secrets (org_id, value) values ('o', $1) on conflict (id) do update set value = $1");
+    assert_eq!(a.params.len(), 2);
+    assert!(a
+        .params
+        .iter()
+        .all(|p| p.tenant == TenantSource::Literal("o".into())));
+    let sql = "insert into secrets (org_id, value) values ('o', 'a') on conflict (id) do update set note = 'b'";
+    let a = ok(sql);
+    assert_eq!(a.literals.len(), 2);
+    assert_eq!(text_at(sql, &a.literals[1]), "'b'");
+    ok("insert into secrets (org_id, value) values ('o', 'a') on conflict do nothing");
+    rejected_col(
+        "insert into secrets (value) values ('a') on conflict (id) do update set value = secrets.value || 'x'",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "insert into secrets (value) values ('a') on conflict (id) do update set note = excluded.value",
+        "public.secrets.note",
+    );
+    rejected_col(
+        "insert into secrets (value) values ('a') on conflict (value) do nothing",
+        "public.secrets.value",
+    );
+}
+
+#[test]
+fn insert_returning_is_a_read() {
+    ok("insert into secrets (value) values ('a') returning id, value");
+    rejected_col(
+        "insert into secrets (value) values ('a') returning upper(value)",
+        "public.secrets.value",
+    );
+}
+
+#[test]
+fn ambiguous_unqualified_write_refused() {
+    let r = rejected("insert into dup (x) values ('a')");
+    assert!(r.message.contains("qualify"), "{}", r.message);
+    let a = ok("insert into b.dup (x) values ('a')");
+    assert_eq!(a.literals[0].column.schema, "b");
+}
+
+// ---- parameter reuse ----
+
+#[test]
+fn param_reuse_refused() {
+    rejected_col(
+        "insert into secrets (value, note) values ($1, $1)",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "insert into secrets (value, org_id) values ($1, $1)",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "update secrets set value = $1 where id = $1",
+        "public.secrets.value",
+    );
+    ok("insert into secrets (value, note) values ($1, $2)");
+}
+
+// ---- UPDATE / DELETE ----
+
+#[test]
+fn update_tenant_from_where() {
+    let sql = "UPDATE secrets SET value = 'new', note = NULL WHERE id = 3 AND org_id = 'acme'";
+    let a = ok(sql);
+    assert_eq!(a.literals.len(), 1);
+    assert_eq!(text_at(sql, &a.literals[0]), "'new'");
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("acme".into()));
+    let a = ok("update secrets s set value = $1 where s.org_id = $2");
+    assert_eq!(a.params[0].tenant, TenantSource::Param(2));
+    let a = ok("update secrets set value = $1 where id = 1 or org_id = 'x'");
+    assert_eq!(a.params[0].tenant, TenantSource::Session);
+    ok("update secrets set value = DEFAULT, note = note where id = 1");
+    ok("update secrets set org_id = 5 where id = 1 returning value");
+}
+
+#[test]
+fn update_refusals() {
+    rejected_col(
+        "update secrets set value = note where id = 1",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "update secrets set value = lower($1)",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "update secrets set (value, note) = ('a', 'b')",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "update secrets set id = 1 where value = 'x'",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "update secrets set id = 1 from other o where o.v = secrets.note",
+        "public.secrets.note",
+    );
+    rejected_col(
+        "update secrets set id = 1 returning length(value)",
+        "public.secrets.value",
+    );
+}
+
+#[test]
+fn delete_rules() {
+    ok("DELETE FROM secrets WHERE org_id = $1");
+    ok("delete from secrets using other o where o.id = secrets.id returning value");
+    rejected_col(
+        "DELETE FROM secrets WHERE value = 'x'",
+        "public.secrets.value",
+    );
+}
+
+// ---- reads ----
+
+#[test]
+fn plain_projection_ok() {
+    for sql in [
+        "select value from secrets",
+        "select value as v, s.note from secrets s",
+        "select * from secrets",
+        "select s.* from secrets s",
+        "select public.secrets.value from public.secrets",
+        "select count(value), count(*) from secrets",
+        "select id from secrets where value is not null",
+        "select value::text from secrets",
+        "select value from secrets order by id limit 5",
+        "select org_id, count(*) from secrets group by org_id",
+        "select value from secrets where org_id in (select id from orgs)",
+    ] {
+        let a = ok(sql);
+        assert!(a.touches_protected, "{sql}");
+    }
+}
+
+#[test]
+fn comparisons_refused() {
+    for sql in [
+        "select * from secrets where value = 'x'",
+        "select * from secrets where value <> $1",
+        "select * from secrets where 'x' < value",
+        "select * from secrets where value like 'a%'",
+        "select * from secrets where value ilike 'a%'",
+        "select * from secrets where value similar to 'a%'",
+        "select * from secrets where value ~ 'a'",
+        "select * from secrets where value in ('a', 'b')",
+        "select * from secrets where value in (select x from t)",
+        "select * from secrets where value between 'a' and 'b'",
+        "select * from secrets where value = any($1)",
+        "select * from secrets where value is distinct from 'a'",
+        "select * from secrets where id in (select value from secrets)",
+        "select * from secrets s where exists (select 1 from t where t.x = s.value)",
+    ] {
+        rejected_col(sql, "public.secrets.value");
+    }
+}
+
+#[test]
+fn ordering_grouping_distinct_refused() {
+    for sql in [
+        "select value from secrets order by value",
+        "select value from secrets order by 1",
+        "select id, value v from secrets order by v",
+        "select * from secrets order by 1",
+        "select value from secrets group by value",
+        "select value from secrets group by 1",
+        "select distinct value from secrets",
+        "select distinct * from secrets",
+        "select distinct on (value) id from secrets",
+        "select row_number() over (partition by value) from secrets",
+        "select rank() over (order by value) from secrets",
+        "select count(distinct value) from secrets",
+        "select * from secrets join other using (value)",
+        "select value from secrets union select value from secrets",
+        "select id from other union all select value from secrets order by 1",
+        "select value from secrets intersect all select 'x'",
+    ] {
+        rejected_col(sql, "public.secrets.value");
+    }
+    ok("select id, value from secrets order by 1");
+    ok("select value from secrets union all select value from secrets");
+}
+
+#[test]
+fn functions_refused() {
+    for sql in [
+        "select upper(value) from secrets",
+        "select length(value) from secrets",
+        "select coalesce(value, '') from secrets",
+        "select value || 'x' from secrets",
+        "select value::int from secrets",
+        "select substring(value from 1 for 2) from secrets",
+        "select case when id = 1 then value end from secrets",
+        "select max(value) from secrets",
+    ] {
+        rejected_col(sql, "public.secrets.value");
+    }
+}
+
+#[test]
+fn aliases_ctes_derived_tables() {
+    rejected_col(
+        "select x.v from (select value as v from secrets) x where x.v = 'a'",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "with c as (select value as v from secrets) select v from c order by v",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "with c(w) as (select value from secrets) select * from c where w like 'a'",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "select * from (select * from secrets) s where s.note = 'x'",
+        "public.secrets.note",
+    );
+    rejected_col(
+        "select u.v from (select id, 'x' as v from other union all select id, value from secrets) u where u.v = 'x'",
+        "public.secrets.value",
+    );
+    ok("with c as (select value as v from secrets) select v from c");
+    ok("select x.v from (select value as v from secrets) x where x.id = 1");
+    ok("with recursive r as (select 1 as n union all select n + 1 from r where n < 3) select n from r");
+}
+
+#[test]
+fn quoted_identifiers_and_case() {
+    ok("select EMAIL from APP.\"Users\"");
+    rejected_col(
+        "select * from app.\"Users\" where EMAIL = 'x'",
+        "app.Users.email",
+    );
+    // Unquoted Users folds to users, which is not protected.
+    let a = ok("select * from app.Users where email = 'x'");
+    assert!(!a.touches_protected);
+    // A quoted column name keeps its case: "EMAIL" is not the encrypted column.
+    ok("select * from app.\"Users\" where \"EMAIL\" = 'x'");
+    let a = ok("insert into \"Users\" (\"email\") values ('a')");
+    assert_eq!(a.literals[0].column.table, "Users");
+}
+
+#[test]
+fn unqualified_column_resolution_is_conservative() {
+    rejected_col(
+        "select * from other o join secrets s on o.id = s.id where value = 'x'",
+        "public.secrets.value",
+    );
+    ok("select * from other o where o.value = 'x'");
+}
+
+// ---- literal forms and byte ranges ----
+
+#[test]
+fn byte_ranges_with_multibyte_text() {
+    let sql = "/* héllo wörld ☃ */ insert into secrets (note, value)\n values ('ünï''cödé ☃', $q$x'y☃$q$) -- é";
+    let a = ok(sql);
+    assert_eq!(a.literals.len(), 2);
+    assert_eq!(text_at(sql, &a.literals[0]), "'ünï''cödé ☃'");
+    assert_eq!(a.literals[0].value, "ünï'cödé ☃");
+    assert_eq!(text_at(sql, &a.literals[1]), "$q$x'y☃$q$");
+    assert_eq!(a.literals[1].value, "x'y☃");
+}
+
+#[test]
+fn all_literal_forms() {
+    let sql = "insert into secrets (value) values ($$a\\b'c$$), ($t$ $$ $t$), (E'\\x41\\101\\u00e9\\t'), (U&'d\\0061t\\+000061'), (N'nat'), ('')";
+    let a = ok(sql);
+    let vals: Vec<&str> = a.literals.iter().map(|l| l.value.as_str()).collect();
+    assert_eq!(vals, ["a\\b'c", " $$ ", "AAé\t", "data", "nat", ""]);
+    let raws: Vec<String> = a.literals.iter().map(|l| text_at(sql, l)).collect();
+    assert_eq!(
+        raws,
+        [
+            "$$a\\b'c$$",
+            "$t$ $$ $t$",
+            "E'\\x41\\101\\u00e9\\t'",
+            "U&'d\\0061t\\+000061'",
+            "N'nat'",
+            "''"
+        ]
+    );
+}
+
+#[test]
+fn standard_strings_keep_backslashes() {
+    let sql = "insert into secrets (value) values ('a\\nb')";
+    let a = ok(sql);
+    assert_eq!(a.literals[0].value, "a\\nb");
+}
+
+#[test]
+fn multi_statement_texts() {
+    let sql = "BEGIN; SET LOCAL pgenvelope.tenant = 'ü'; insert into secrets (value) values ('é'); select 1; insert into secrets (note) values ('ñ'); COMMIT";
+    let a = ok(sql);
+    assert_eq!(a.statement_count, 6);
+    assert_eq!(a.literals.len(), 2);
+    assert!(a.literals[0].range.end <= a.literals[1].range.start);
+    assert_eq!(text_at(sql, &a.literals[0]), "'é'");
+    assert_eq!(text_at(sql, &a.literals[1]), "'ñ'");
+    assert_eq!(
+        a.tenant_changes,
+        vec![TenantChange::Set {
+            value: "ü".into(),
+            local: true
+        }]
+    );
+    assert_eq!(a.tx_controls, vec![TxControl::Begin, TxControl::Commit]);
+    let r = rejected("select 1; select value from secrets order by value");
+    assert_eq!(r.column, Some(value_col()));
+}
+
+// ---- tenant changes and transactions ----
+
+#[test]
+fn tenant_changes() {
+    let a = ok("SET pgenvelope.tenant = 'acme'; SET SESSION pgenvelope.tenant TO 'b'; SET LOCAL pgenvelope.tenant TO DEFAULT; RESET pgenvelope.tenant; select set_config('pgenvelope.tenant', $1, true); SELECT set_config('pgenvelope.tenant', 'z', false)");
+    assert_eq!(
+        a.tenant_changes,
+        vec![
+            TenantChange::Set {
+                value: "acme".into(),
+                local: false
+            },
+            TenantChange::Set {
+                value: "b".into(),
+                local: false
+            },
+            TenantChange::Reset { local: true },
+            TenantChange::Reset { local: false },
+            TenantChange::SetParam {
+                param: 1,
+                local: true
+            },
+            TenantChange::Set {
+                value: "z".into(),
+                local: false
+            },
+        ]
+    );
+    let a = ok("set pgenvelope.tenant = 7");
+    assert_eq!(
+        a.tenant_changes,
+        vec![TenantChange::Set {
+            value: "7".into(),
+            local: false
+        }]
+    );
+    let a = ok("RESET ALL");
+    assert_eq!(a.tenant_changes, vec![TenantChange::Reset { local: false }]);
+    let a = ok("SET search_path = public; select set_config('search_path', 'x', false)");
+    assert!(a.tenant_changes.is_empty());
+}
+
+#[test]
+fn tenant_set_in_odd_places_refused() {
+    rejected("select 1 where set_config('pgenvelope.tenant', 'a', false) is not null");
+    rejected("select set_config($1, $2, false)");
+    rejected("select set_config('pgenvelope.tenant', upper('a'), false)");
+    rejected("select set_config('pgenvelope.tenant', 'a', $2)");
+}
+
+#[test]
+fn tx_controls() {
+    let a = ok("BEGIN; SAVEPOINT Sp1; ROLLBACK TO SAVEPOINT sp1; RELEASE \"X\"; ROLLBACK; START TRANSACTION; COMMIT; END");
+    assert_eq!(
+        a.tx_controls,
+        vec![
+            TxControl::Begin,
+            TxControl::Savepoint("sp1".into()),
+            TxControl::RollbackTo("sp1".into()),
+            TxControl::Release("X".into()),
+            TxControl::Rollback,
+            TxControl::Begin,
+            TxControl::Commit,
+            TxControl::Commit,
+        ]
+    );
+}
+
+// ---- COPY ----
+
+#[test]
+fn copy_plans() {
+    let a = ok("COPY secrets (org_id, value) FROM STDIN WITH (FORMAT csv, DELIMITER ';', NULL 'N', HEADER true, QUOTE '\"', ESCAPE '\\')");
+    let p = a.copy.unwrap();
+    assert_eq!(
+        p.table,
+        Some(TableName {
+            schema: "public".into(),
+            name: "secrets".into()
+        })
+    );
+    assert_eq!(p.columns, ["org_id", "value"]);
+    assert_eq!(p.direction, CopyDirection::FromStdin);
+    assert_eq!(p.format, CopyFormat::Csv);
+    assert_eq!(p.delimiter, Some(';'));
+    assert_eq!(p.null.as_deref(), Some("N"));
+    assert!(p.header);
+    assert_eq!(p.quote, Some('"'));
+    assert_eq!(p.escape, Some('\\'));
+
+    let p = ok("copy public.secrets to stdout").copy.unwrap();
+    assert_eq!(p.direction, CopyDirection::ToStdout);
+    assert_eq!(p.format, CopyFormat::Text);
+    assert!(p.columns.is_empty());
+
+    let p = ok("copy secrets to stdout with csv header").copy.unwrap();
+    assert_eq!(p.format, CopyFormat::Csv);
+    assert!(p.header);
+
+    let p = ok("copy (select id, value from secrets) to stdout")
+        .copy
+        .unwrap();
+    assert_eq!(p.table, None);
+
+    assert!(ok("copy other from stdin").copy.is_none());
+    assert!(ok("copy secrets to '/tmp/x'").copy.is_none());
+}
+
+#[test]
+fn copy_refusals() {
+    rejected("copy secrets from '/tmp/x'");
+    rejected("copy secrets from program 'cat x'");
+    rejected("copy secrets from stdin with (format binary)");
+    rejected("copy secrets to stdout with (format binary)");
+    rejected("copy secrets to stdout binary");
+    rejected("copy (select value from secrets) to stdout with (format binary)");
+    rejected_col(
+        "copy (select value from secrets order by value) to stdout",
+        "public.secrets.value",
+    );
+    ok("copy other to stdout with (format binary)");
+}
+
+// ---- statements that cannot be analysed ----
+
+#[test]
+fn unanalysable_statements_refused() {
+    rejected("insert into secrets (value values");
+    rejected("merge into secrets s using other o on s.id = o.id when matched then delete");
+    rejected("create view v as select value from secrets");
+    rejected("create function f() returns void as $$ insert into secrets (value) values ('x') $$ language sql");
+    rejected("prepare p as insert into secrets (value) values ($1)");
+    rejected("execute p('secret')");
+    rejected("select 1; explain analyze insert into secrets (value) select 'x'");
+    ok("prepare p as select value from secrets where id = $1");
+    ok("create view v as select 1");
+    ok("execute p");
+    // Parse errors without any protected name pass through.
+    let a = analyze("selec 1 frm x", &prot());
+    assert!(a.rejection.is_none());
+}
+
+#[test]
+fn ddl_allowed() {
+    for sql in [
+        "create table secrets2 (id int)",
+        "alter table secrets add column x text",
+        "drop table secrets",
+        "create index on secrets (org_id)",
+        "truncate secrets",
+        "vacuum secrets",
+        "analyze secrets",
+        "grant select on secrets to bob",
+        "comment on table secrets is 'x'",
+    ] {
+        let a = ok(sql);
+        assert_eq!(a.kinds, vec![StatementKind::Ddl], "{sql}");
+    }
+    assert!(ok("drop table secrets").touches_protected);
+}
+
+#[test]
+fn explain_insert_literals_are_sites() {
+    let sql = "explain analyze insert into secrets (value) values ('x')";
+    let a = ok(sql);
+    assert_eq!(text_at(sql, &a.literals[0]), "'x'");
+}
+
+// ---- Debug never prints values ----
+
+#[test]
+fn debug_redacts_values() {
+    let a = ok("set pgenvelope.tenant = 'tenant-zz'; insert into secrets (org_id, value) values ('org-qq', 'sekrit-xyz')");
+    let d = format!("{a:?}");
+    for v in ["sekrit-xyz", "org-qq", "tenant-zz"] {
+        assert!(!d.contains(v), "{d}");
+    }
+    let r = rejected("select * from secrets where value = 'sekrit-xyz'");
+    assert!(!r.message.contains("sekrit"));
+}
+
+// ---- rewrite_literals ----
+
+#[test]
+fn rewrite_replaces_ranges() {
+    let sql = "insert into secrets (value, note) values ('ä', E'b')";
+    let a = ok(sql);
+    let reps: Vec<_> = a
+        .literals
+        .iter()
+        .map(|l| (l.range.clone(), "'enc:v1:AA=='".to_owned()))
+        .collect();
+    let out = rewrite_literals(sql, &reps).unwrap();
+    assert_eq!(
+        out,
+        "insert into secrets (value, note) values ('enc:v1:AA==', 'enc:v1:AA==')"
+    );
+    assert!(analyze(&out, &prot()).rejection.is_none());
+}
+
+#[test]
+fn rewrite_rejects_bad_ranges() {
+    let s = "aé";
+    assert!(matches!(
+        rewrite_literals(s, &[(0..9, String::new())]),
+        Err(RewriteError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        rewrite_literals(s, &[(2..3, String::new())]),
+        Err(RewriteError::NotCharBoundary { .. })
+    ));
+    assert!(matches!(
+        rewrite_literals(s, &[(1..3, String::new()), (0..1, String::new())]),
+        Err(RewriteError::Overlap { .. })
+    ));
+    #[allow(clippy::reversed_empty_ranges)]
+    let r = rewrite_literals(s, &[(2..1, String::new())]);
+    assert!(r.is_err());
+    assert_eq!(rewrite_literals(s, &[]).unwrap(), s);
+}
+
+// ---- properties ----
+
+const SEEDS: &[&str] = &[
+    "insert into secrets (org_id, value) values ('a', 'ü'), ($1, $2)",
+    "update secrets set value = E'x\\n' where org_id = 'o'",
+    "select value from secrets s join other o on o.id = s.id where s.id = 1",
+    "with c as (select * from secrets) select * from c",
+    "copy secrets (value) from stdin with (format csv)",
+    "set local pgenvelope.tenant = 'x'; begin; savepoint a",
+    "select set_config('pgenvelope.tenant', $1, true)",
+    "delete from secrets where org_id = $1 returning value",
+];
+
+proptest! {
+    #[test]
+    fn analyze_never_panics(s in "\\PC{0,200}") {
+        let p = prot();
+        let a = analyze(&s, &p);
+        if a.touches_protected || !a.tenant_changes.is_empty() {
+            prop_assert!(might_touch(&s, &p));
+        }
+        for l in &a.literals {
+            prop_assert!(s.get(l.range.clone()).is_some());
+        }
+    }
+
+    #[test]
+    fn mutated_statements_never_panic(
+        seed in 0..SEEDS.len(),
+        edits in proptest::collection::vec((any::<usize>(), 0u8..3, "[\\PC]{0,3}"), 0..4),
+    ) {
+        let p = prot();
+        let mut s = SEEDS[seed].to_owned();
+        for (at, op, text) in edits {
+            let mut pos = at % (s.len() + 1);
+            while !s.is_char_boundary(pos) {
+                pos -= 1;
+            }
+            match op {
+                0 => s.insert_str(pos, &text),
+                1 => {
+                    let end = s[pos..].char_indices().nth(1).map_or(s.len(), |(i, _)| pos + i);
+                    s.replace_range(pos..end, "");
+                }
+                _ => s.insert(pos, '\''),
+            }
+        }
+        let a = analyze(&s, &p);
+        if a.touches_protected || !a.tenant_changes.is_empty() {
+            prop_assert!(might_touch(&s, &p));
+        }
+        let mut last = 0;
+        for l in &a.literals {
+            prop_assert!(l.range.start >= last);
+            last = l.range.end;
+            prop_assert!(s.get(l.range.clone()).is_some());
+        }
+    }
+}
+
+#[test]
+fn data_modifying_ctes() {
+    let sql = "with ins as (insert into secrets (org_id, value) values ('o', 'v') returning id) select id from ins";
+    let a = ok(sql);
+    assert_eq!(text_at(sql, &a.literals[0]), "'v'");
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("o".into()));
+    rejected_col(
+        "with u as (update secrets set note = 'n' returning value) select * from u order by value",
+        "public.secrets.value",
+    );
+}
+
+#[test]
+fn copy_followed_by_statements() {
+    let a = ok("copy secrets from stdin; select 1");
+    assert_eq!(a.kinds, vec![StatementKind::Copy, StatementKind::Query]);
+    // sqlparser takes the lines after `FROM STDIN;` as inline data: refused, as they cannot
+    // be analysed.
+    rejected("copy secrets from stdin;\nselect value from secrets order by value");
+}
+
+#[test]
+fn do_blocks_and_triggers_refused() {
+    rejected("DO $$ begin insert into secrets (value) values ('x'); end $$");
+    rejected("create trigger t before insert on secrets for each row execute function f()");
+    rejected("create rule r as on insert to secrets do instead nothing");
+    ok("DO $$ begin perform 1; end $$");
+}
+
+#[test]
+fn misc_reads() {
+    ok("select value, row_number() over (order by id) from secrets limit $1 offset $2");
+    ok("select s.value, o.name from secrets s left join other o on o.id = s.org_id where s.org_id = $1 for update");
+    ok("select (select value from secrets where id = 1) as v");
+    rejected_col(
+        "select (select value from secrets where id = 1) = 'x'",
+        "public.secrets.value",
+    );
+    rejected_col("select value->>'a' from secrets", "public.secrets.value");
+    rejected_col(
+        "select * from secrets natural join other",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "select s.id from secrets s group by s.id having max(s.note) > 'a'",
+        "public.secrets.note",
+    );
+    ok("select count(*) from secrets having count(value) > 1");
+    rejected("table secrets");
+    ok("select 'value' from other");
+    ok("select value from other");
+}
+
+#[test]
+fn rejections_are_clone_and_analysis_is_clone() {
+    let a = analyze("select upper(value) from secrets", &prot());
+    let b = a.clone();
+    assert_eq!(a.rejection, b.rejection);
+    assert_eq!(
+        b.rejection.unwrap().message,
+        "pgenvelope: function upper over encrypted column public.secrets.value is not supported"
+    );
+}
+
+#[test]
+fn protected_lookups() {
+    let p = prot();
+    assert!(p.get("public", "secrets").is_some());
+    assert!(p.get("public", "Users").is_none());
+    assert_eq!(p.by_name("dup").count(), 2);
+    assert!(!p.is_empty());
+    let merged = Protected::new([
+        ProtectedTable {
+            schema: "s".into(),
+            name: "t".into(),
+            tenant_column: None,
+            encrypted: vec!["a".into()],
+        },
+        ProtectedTable {
+            schema: "s".into(),
+            name: "t".into(),
+            tenant_column: Some("o".into()),
+            encrypted: vec!["b".into(), "a".into()],
+        },
+    ]);
+    assert_eq!(merged.tables().len(), 1);
+    assert_eq!(merged.tables()[0].encrypted, ["a", "b"]);
+    assert_eq!(merged.tables()[0].tenant_column.as_deref(), Some("o"));
+}
+
+#[test]
+fn decode_literal_edge_cases() {
+    use super::text::decode_literal;
+    assert_eq!(decode_literal("'a''b'").as_deref(), Some("a'b"));
+    assert_eq!(decode_literal("e'\\''").as_deref(), Some("'"));
+    assert_eq!(decode_literal("E'\\q'").as_deref(), Some("q"));
+    assert_eq!(decode_literal("E'\\0'"), None);
+    assert_eq!(decode_literal("E'\\xZZ'"), None);
+    assert_eq!(decode_literal("E'\\303\\251'").as_deref(), Some("é"));
+    assert_eq!(decode_literal("E'\\377'"), None);
+    assert_eq!(decode_literal("u&'\\\\'").as_deref(), Some("\\"));
+    assert_eq!(decode_literal("U&'\\0000'"), None);
+    assert_eq!(decode_literal("$a$$b$a$").as_deref(), Some("$b"));
+    assert_eq!(decode_literal("$a$x$b$"), None);
+    assert_eq!(decode_literal("$$"), None);
+    assert_eq!(decode_literal("x"), None);
+}
+
+#[test]
+fn cte_named_like_a_protected_table_does_not_hide_writes() {
+    let sql = "with secrets as (select 1) insert into secrets (value) values ('x')";
+    let a = ok(sql);
+    assert_eq!(text_at(sql, &a.literals[0]), "'x'");
+    rejected_col(
+        "with secrets as (select 1) update secrets set value = upper('x')",
+        "public.secrets.value",
+    );
+    // As a read source the CTE does shadow the table.
+    ok("with secrets as (select 'a' as value) select * from secrets where value = 'a'");
+}
+
+#[test]
+fn alter_table_default_on_encrypted_column_refused() {
+    rejected_col(
+        "alter table secrets alter column value set default 'plain'",
+        "public.secrets.value",
+    );
+    ok("alter table secrets alter column org_id set default 1");
+    ok("alter table secrets add column extra text default 'x'");
+    ok("alter table secrets drop column value");
+}
+
+#[test]
+fn wildcards_of_unknown_width_are_conservative() {
+    rejected_col(
+        "select o.*, s.value from other o, secrets s order by 2",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "select x.c from (select o.*, s.value from other o, secrets s) as x(a, b, c) where x.c = 'v'",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "select u.id from (select * from other union all select value from secrets) u where u.id = 'v'",
+        "public.secrets.value",
+    );
+    ok("select o.*, s.value from other o, secrets s order by o.id");
+}
+
+#[test]
+fn update_moving_the_row_to_another_tenant() {
+    let a = ok("update secrets set org_id = 'b', value = 'x' where org_id = 'a'");
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("b".into()));
+    let a = ok("update secrets set value = $1, org_id = $2 where org_id = $3");
+    assert_eq!(a.params[0].tenant, TenantSource::Param(2));
+    rejected("update secrets set org_id = other_col, value = 'x'");
+    ok("update secrets set org_id = other_col, value = NULL");
+}

@@ -1,0 +1,650 @@
+//! Write-path checks: INSERT, UPDATE, DELETE and the values they write to encrypted columns.
+//!
+//! A value written to an encrypted column must be a string literal (encrypted in the text), a
+//! `$n` parameter (encrypted in the Bind), NULL or DEFAULT, optionally cast to an unbounded text
+//! type. Anything else would make PostgreSQL compute the stored value from plaintext, so it is
+//! refused, naming the column.
+
+use sqlparser::ast::{
+    Assignment, AssignmentTarget, BinaryOperator, Delete, Expr, FromTable, Insert, ObjectName,
+    OnConflictAction, OnInsert, SetExpr, TableFactor, TableObject, Update, UpdateTableFromKind,
+    Value,
+};
+
+use super::analyzer::{fold, name_parts, param_number, Analyzer, Res};
+use super::read::{is_text_type, OutItem, Rel, RelKind};
+use super::text::decode_literal;
+use super::{ColumnRef, LiteralSite, ParamSite, ProtectedTable, Rejection, TenantSource};
+
+/// What an expression writes into an encrypted column.
+enum WriteVal {
+    Literal(std::ops::Range<usize>, String),
+    Param(usize),
+    /// NULL or DEFAULT: nothing to encrypt.
+    Nothing,
+    /// The same column of the same row (`SET enc = enc`, `EXCLUDED.enc`).
+    Same,
+    Refused,
+}
+
+impl<'a> Analyzer<'a> {
+    /// The protected table a write target names, if any. Ambiguous unqualified names are refused.
+    pub(crate) fn write_target(&mut self, name: &ObjectName) -> Res<Option<usize>> {
+        let parts = name_parts(name).unwrap_or_default();
+        // A write target is always a real table, even when a CTE has the same name.
+        let idxs = self.resolve_table(&parts);
+        match idxs.as_slice() {
+            [] => Ok(None),
+            [one] => {
+                self.out.touches_protected = true;
+                Ok(Some(*one))
+            }
+            _ => {
+                self.out.touches_protected = true;
+                Err(Rejection::new(format!(
+                    "several protected tables are named {}; qualify the table name with its schema",
+                    parts.last().cloned().unwrap_or_default()
+                )))
+            }
+        }
+    }
+
+    fn table_ref(&self, idx: usize) -> Option<ProtectedTable> {
+        self.protected.table(idx).cloned()
+    }
+
+    pub(crate) fn insert(&mut self, ins: &Insert) -> Res<Vec<OutItem>> {
+        let TableObject::TableName(name) = &ins.table else {
+            if self.mentions_protected(&ins.to_string()) {
+                return Err(Rejection::new(
+                    "INSERT into a table function is not supported",
+                ));
+            }
+            return Ok(Vec::new());
+        };
+        let target = self.write_target(name)?;
+        let visible = ins
+            .table_alias
+            .as_ref()
+            .map(|a| fold(&a.alias))
+            .or_else(|| name_parts(name).and_then(|p| p.last().cloned()))
+            .unwrap_or_default();
+        let Some(idx) = target.and_then(|i| self.table_ref(i).map(|t| (i, t))) else {
+            // Not protected: the source and RETURNING are still reads.
+            if let Some(src) = &ins.source {
+                self.query(src)?;
+            }
+            self.frames.push(Vec::new());
+            let mut frame = Vec::new();
+            let r = self.base_table(name, None, &mut frame, false);
+            self.frames.pop();
+            r?;
+            return self.insert_tail(ins, frame, None, &[]);
+        };
+        let (idx, table) = idx;
+        let columns: Vec<String> = ins
+            .columns
+            .iter()
+            .map(|c| {
+                name_parts(c)
+                    .and_then(|p| p.last().cloned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let col_ref = |c: &str| ColumnRef {
+            schema: table.schema.clone(),
+            table: table.name.clone(),
+            column: c.to_owned(),
+        };
+        let mut row_tenants: Vec<TenantSource> = Vec::new();
+        match &ins.source {
+            None => {
+                if !ins.assignments.is_empty() {
+                    return Err(Rejection::new("INSERT … SET is not PostgreSQL syntax"));
+                }
+            }
+            Some(src) => {
+                if columns.is_empty() && !table.encrypted.is_empty() {
+                    return Err(Rejection::column(
+                        &col_ref(&table.encrypted[0]),
+                        "INSERT without a column list (name the columns) into a table with",
+                    ));
+                }
+                let values = match (
+                    src.body.as_ref(),
+                    &src.with,
+                    &src.order_by,
+                    &src.limit_clause,
+                ) {
+                    (SetExpr::Values(v), None, None, None) => Some(v),
+                    _ => None,
+                };
+                match values {
+                    Some(v) => {
+                        for row in &v.rows {
+                            let row = &row.content;
+                            if row.len() != columns.len() {
+                                return Err(Rejection::new(
+                                    "INSERT has a different number of values and columns",
+                                ));
+                            }
+                            let tenant = self.row_tenant(&table, &columns, row)?;
+                            row_tenants.push(tenant.clone());
+                            for (c, e) in columns.iter().zip(row) {
+                                if table.encrypted.contains(c) {
+                                    self.encrypted_value(e, &col_ref(c), &tenant, None)?;
+                                } else {
+                                    self.frames.push(Vec::new());
+                                    let r = self.expr(e);
+                                    self.frames.pop();
+                                    r?;
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        if let Some(c) = columns.iter().find(|c| table.encrypted.contains(c)) {
+                            return Err(Rejection::column(
+                                &col_ref(c),
+                                "INSERT … SELECT (or a query other than VALUES) into",
+                            ));
+                        }
+                        self.query(src)?;
+                    }
+                }
+            }
+        }
+        let frame = vec![Rel {
+            name: visible,
+            schema: None,
+            kind: RelKind::Protected(vec![idx]),
+        }];
+        self.insert_tail(ins, frame, Some(&table), &row_tenants)
+    }
+
+    /// ON CONFLICT and RETURNING of an INSERT.
+    fn insert_tail(
+        &mut self,
+        ins: &Insert,
+        frame: Vec<Rel>,
+        table: Option<&ProtectedTable>,
+        row_tenants: &[TenantSource],
+    ) -> Res<Vec<OutItem>> {
+        let mut frame = frame;
+        if let Some(rel) = frame.first() {
+            let mut excluded = rel.clone();
+            excluded.name = "excluded".to_owned();
+            frame.push(excluded);
+        }
+        self.frames.push(frame);
+        let r = self.insert_tail_inner(ins, table, row_tenants);
+        self.frames.pop();
+        r
+    }
+
+    fn insert_tail_inner(
+        &mut self,
+        ins: &Insert,
+        table: Option<&ProtectedTable>,
+        row_tenants: &[TenantSource],
+    ) -> Res<Vec<OutItem>> {
+        match &ins.on {
+            Some(OnInsert::OnConflict(oc)) => {
+                if let Some(target) = &oc.conflict_target {
+                    if self.mentions_sensitive(&target.to_string()) {
+                        let text = target.to_string();
+                        if let Some(t) = table {
+                            if let Some(c) = t
+                                .encrypted
+                                .iter()
+                                .find(|c| text.to_lowercase().contains(c.to_lowercase().as_str()))
+                            {
+                                return Err(Rejection::column(
+                                    &ColumnRef {
+                                        schema: t.schema.clone(),
+                                        table: t.name.clone(),
+                                        column: c.clone(),
+                                    },
+                                    "ON CONFLICT target on",
+                                ));
+                            }
+                        }
+                    }
+                }
+                if let OnConflictAction::DoUpdate(du) = &oc.action {
+                    let tenant = match row_tenants.split_first() {
+                        Some((first, rest)) if rest.iter().all(|t| t == first) => first.clone(),
+                        Some(_) => {
+                            if table.is_some_and(|t| !t.encrypted.is_empty()) {
+                                return Err(Rejection::new(
+                                    "ON CONFLICT DO UPDATE writing encrypted columns needs all rows to have the same tenant",
+                                ));
+                            }
+                            TenantSource::Session
+                        }
+                        None => TenantSource::Session,
+                    };
+                    self.assignments(&du.assignments, table, &tenant, &["excluded"])?;
+                    if let Some(sel) = &du.selection {
+                        self.expr(sel)?;
+                    }
+                }
+            }
+            Some(OnInsert::DuplicateKeyUpdate(_)) => {
+                return Err(Rejection::new(
+                    "ON DUPLICATE KEY UPDATE is not PostgreSQL syntax",
+                ));
+            }
+            Some(_) | None => {}
+        }
+        self.returning(ins.returning.as_deref())
+    }
+
+    fn returning(&mut self, items: Option<&[sqlparser::ast::SelectItem]>) -> Res<Vec<OutItem>> {
+        let mut out = Vec::new();
+        for item in items.unwrap_or_default() {
+            out.push(self.select_item(item, false)?);
+        }
+        Ok(out)
+    }
+
+    /// The tenant of one VALUES row.
+    fn row_tenant(
+        &mut self,
+        table: &ProtectedTable,
+        columns: &[String],
+        row: &[Expr],
+    ) -> Res<TenantSource> {
+        let Some(tc) = &table.tenant_column else {
+            return Ok(TenantSource::Session);
+        };
+        let Some(pos) = columns.iter().position(|c| c == tc) else {
+            return Ok(TenantSource::Session);
+        };
+        let Some(e) = row.get(pos) else {
+            return Ok(TenantSource::Session);
+        };
+        match self.tenant_value(e) {
+            Some(t) => Ok(t),
+            None => {
+                let writes_encrypted = columns
+                    .iter()
+                    .zip(row)
+                    .any(|(c, e)| table.encrypted.contains(c) && !is_null_or_default(e));
+                if writes_encrypted {
+                    return Err(Rejection::new(format!(
+                        "the tenant column {}.{}.{tc} must be a literal or a parameter when encrypted columns are written",
+                        table.schema, table.name
+                    )));
+                }
+                Ok(TenantSource::Session)
+            }
+        }
+    }
+
+    /// A tenant given as literal, parameter, NULL or DEFAULT; `None` for anything else.
+    fn tenant_value(&self, e: &Expr) -> Option<TenantSource> {
+        let inner = strip_any_cast(e);
+        if is_null_or_default(inner) {
+            return Some(TenantSource::Session);
+        }
+        if let Expr::Value(v) = inner {
+            if let Value::Placeholder(p) = &v.value {
+                return param_number(p).map(TenantSource::Param);
+            }
+        }
+        self.literal_text(inner).map(TenantSource::Literal)
+    }
+
+    /// Records a value written to encrypted column `col`, or refuses it.
+    fn encrypted_value(
+        &mut self,
+        e: &Expr,
+        col: &ColumnRef,
+        tenant: &TenantSource,
+        same_quals: Option<&[&str]>,
+    ) -> Res<()> {
+        match self.write_val(e, col, same_quals) {
+            WriteVal::Literal(range, value) => {
+                self.out.literals.push(LiteralSite {
+                    range,
+                    value,
+                    column: col.clone(),
+                    tenant: tenant.clone(),
+                });
+                Ok(())
+            }
+            WriteVal::Param(index) => {
+                self.out.params.push(ParamSite {
+                    index,
+                    column: col.clone(),
+                    tenant: tenant.clone(),
+                });
+                Ok(())
+            }
+            WriteVal::Nothing | WriteVal::Same => Ok(()),
+            WriteVal::Refused => Err(Rejection {
+                message: format!(
+                    "pgenvelope: only a string literal, a parameter, NULL or DEFAULT can be written to encrypted column {col}"
+                ),
+                column: Some(col.clone()),
+            }),
+        }
+    }
+
+    fn write_val(&self, e: &Expr, col: &ColumnRef, same_quals: Option<&[&str]>) -> WriteVal {
+        match e {
+            Expr::Nested(inner) => self.write_val(inner, col, same_quals),
+            Expr::Cast {
+                expr,
+                data_type,
+                format: None,
+                ..
+            } if is_text_type(data_type) => self.write_val(expr, col, same_quals),
+            Expr::Identifier(id)
+                if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default") =>
+            {
+                WriteVal::Nothing
+            }
+            Expr::Identifier(id) if fold(id) == col.column && same_quals.is_some() => {
+                WriteVal::Same
+            }
+            Expr::CompoundIdentifier(ids) => {
+                let parts: Vec<String> = ids.iter().map(fold).collect();
+                match parts.as_slice() {
+                    [q, c]
+                        if c == &col.column
+                            && same_quals
+                                .is_some_and(|qs| qs.contains(&q.as_str()) || q == &col.table) =>
+                    {
+                        WriteVal::Same
+                    }
+                    _ => WriteVal::Refused,
+                }
+            }
+            Expr::Value(v) => match &v.value {
+                Value::Null => WriteVal::Nothing,
+                Value::Placeholder(p) => param_number(p).map_or(WriteVal::Refused, WriteVal::Param),
+                Value::SingleQuotedString(_)
+                | Value::EscapedStringLiteral(_)
+                | Value::UnicodeStringLiteral(_)
+                | Value::NationalStringLiteral(_)
+                | Value::DollarQuotedString(_) => {
+                    let Some(range) = self.pos.range(v.span) else {
+                        return WriteVal::Refused;
+                    };
+                    let Some(raw) = self.pos.slice(range.clone()) else {
+                        return WriteVal::Refused;
+                    };
+                    let after = self.pos.rest(range.end).trim_start();
+                    if after.len() >= 7
+                        && after
+                            .get(..7)
+                            .is_some_and(|w| w.eq_ignore_ascii_case("uescape"))
+                    {
+                        return WriteVal::Refused;
+                    }
+                    match decode_literal(raw) {
+                        Some(value) => WriteVal::Literal(range, value),
+                        None => WriteVal::Refused,
+                    }
+                }
+                _ => WriteVal::Refused,
+            },
+            _ => WriteVal::Refused,
+        }
+    }
+
+    /// SET clauses of UPDATE and ON CONFLICT DO UPDATE.
+    fn assignments(
+        &mut self,
+        assignments: &[Assignment],
+        table: Option<&ProtectedTable>,
+        tenant: &TenantSource,
+        same_quals: &[&str],
+    ) -> Res<()> {
+        let same_quals = Some(same_quals);
+        for a in assignments {
+            let targets: Vec<&ObjectName> = match &a.target {
+                AssignmentTarget::ColumnName(n) => vec![n],
+                AssignmentTarget::Tuple(ns) => ns.iter().collect(),
+            };
+            let mut enc = None;
+            for t in &targets {
+                let col = name_parts(t)
+                    .and_then(|p| p.last().cloned())
+                    .unwrap_or_default();
+                if let Some(tb) = table {
+                    if tb.encrypted.contains(&col) {
+                        enc = Some(ColumnRef {
+                            schema: tb.schema.clone(),
+                            table: tb.name.clone(),
+                            column: col,
+                        });
+                        break;
+                    }
+                }
+            }
+            match enc {
+                Some(col) if targets.len() > 1 => {
+                    return Err(Rejection::column(&col, "multi-column SET (…) = (…) on"));
+                }
+                Some(col) => self.encrypted_value(&a.value, &col, tenant, same_quals)?,
+                None => {
+                    self.expr(&a.value)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn update(&mut self, up: &Update) -> Res<Vec<OutItem>> {
+        let (name, alias) = match &up.table.relation {
+            TableFactor::Table {
+                name,
+                alias,
+                args: None,
+                ..
+            } => (name, alias),
+            _ => {
+                if self.mentions_sensitive(&up.to_string()) {
+                    self.out.touches_protected = true;
+                    return Err(Rejection::new(
+                        "this UPDATE form cannot be analysed on a protected table",
+                    ));
+                }
+                return Ok(Vec::new());
+            }
+        };
+        let target = self.write_target(name)?;
+        let table = target.and_then(|i| self.table_ref(i));
+        self.frames.push(Vec::new());
+        let r = self.update_inner(up, name, alias.as_ref(), table.as_ref());
+        self.frames.pop();
+        r
+    }
+
+    fn update_inner(
+        &mut self,
+        up: &Update,
+        name: &ObjectName,
+        alias: Option<&sqlparser::ast::TableAlias>,
+        table: Option<&ProtectedTable>,
+    ) -> Res<Vec<OutItem>> {
+        let mut frame = self.frames.pop().unwrap_or_default();
+        let r = self.base_table(name, alias, &mut frame, false);
+        self.frames.push(frame);
+        r?;
+        let visible = alias
+            .map(|a| fold(&a.name))
+            .or_else(|| name_parts(name).and_then(|p| p.last().cloned()))
+            .unwrap_or_default();
+        if !up.table.joins.is_empty() {
+            return Err(Rejection::new(
+                "UPDATE with JOIN is not PostgreSQL syntax; use FROM",
+            ));
+        }
+        if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) = &up.from
+        {
+            for twj in f {
+                self.table_with_joins(twj)?;
+            }
+        }
+        let mut tenant = match (table, &up.selection) {
+            (Some(t), Some(sel)) => self.where_tenant(t, &visible, sel),
+            _ => TenantSource::Session,
+        };
+        if let Some(t) = table {
+            if let Some(new_tenant) = self.assigned_tenant(t, &up.assignments)? {
+                tenant = new_tenant;
+            }
+        }
+        self.assignments(&up.assignments, table, &tenant, &[visible.as_str()])?;
+        if let Some(sel) = &up.selection {
+            self.expr(sel)?;
+        }
+        self.returning(up.returning.as_deref())
+    }
+
+    /// The tenant an UPDATE moves the row to, when it assigns the tenant column. Refused when the
+    /// new tenant is an expression and encrypted columns are written in the same statement.
+    fn assigned_tenant(
+        &self,
+        table: &ProtectedTable,
+        assignments: &[Assignment],
+    ) -> Res<Option<TenantSource>> {
+        let Some(tc) = &table.tenant_column else {
+            return Ok(None);
+        };
+        let last = |n: &ObjectName| name_parts(n).and_then(|p| p.last().cloned());
+        let mut found = None;
+        let mut writes_encrypted = false;
+        for a in assignments {
+            match &a.target {
+                AssignmentTarget::ColumnName(n) => {
+                    let col = last(n).unwrap_or_default();
+                    if &col == tc {
+                        found = Some(&a.value);
+                    } else if table.encrypted.contains(&col) && !is_null_or_default(&a.value) {
+                        writes_encrypted = true;
+                    }
+                }
+                AssignmentTarget::Tuple(ns) => {
+                    if !table.encrypted.is_empty()
+                        && ns.iter().any(|n| last(n).as_ref() == Some(tc))
+                    {
+                        return Err(Rejection::new(format!(
+                            "multi-column SET of the tenant column {}.{}.{tc} is not supported",
+                            table.schema, table.name
+                        )));
+                    }
+                }
+            }
+        }
+        let Some(value) = found else { return Ok(None) };
+        match self.tenant_value(value) {
+            Some(t) => Ok(Some(t)),
+            None if writes_encrypted => Err(Rejection::new(format!(
+                "the tenant column {}.{}.{tc} must be set to a literal or a parameter when encrypted columns are written",
+                table.schema, table.name
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// `tenant_column = literal | $n` among the top-level AND-ed conjuncts of a WHERE.
+    fn where_tenant(&self, table: &ProtectedTable, visible: &str, sel: &Expr) -> TenantSource {
+        let Some(tc) = &table.tenant_column else {
+            return TenantSource::Session;
+        };
+        let mut stack = vec![sel];
+        while let Some(e) = stack.pop() {
+            match e {
+                Expr::Nested(inner) => stack.push(inner),
+                Expr::BinaryOp {
+                    left,
+                    op: BinaryOperator::And,
+                    right,
+                } => {
+                    stack.push(right);
+                    stack.push(left);
+                }
+                Expr::BinaryOp {
+                    left,
+                    op: BinaryOperator::Eq,
+                    right,
+                } => {
+                    for (col, val) in [(left, right), (right, left)] {
+                        let is_tc = match strip_any_cast(col) {
+                            Expr::Identifier(id) => &fold(id) == tc,
+                            Expr::CompoundIdentifier(ids) => {
+                                let p: Vec<String> = ids.iter().map(fold).collect();
+                                matches!(p.as_slice(), [.., q, c] if c == tc && (q == visible || q == &table.name))
+                            }
+                            _ => false,
+                        };
+                        if is_tc {
+                            if let Some(t) = self.tenant_value(val) {
+                                if t != TenantSource::Session {
+                                    return t;
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        TenantSource::Session
+    }
+
+    pub(crate) fn delete(&mut self, del: &Delete) -> Res<Vec<OutItem>> {
+        let from = match &del.from {
+            FromTable::WithFromKeyword(f) | FromTable::WithoutKeyword(f) => f,
+        };
+        self.frames.push(Vec::new());
+        let r = self.delete_inner(del, from);
+        self.frames.pop();
+        r
+    }
+
+    fn delete_inner(
+        &mut self,
+        del: &Delete,
+        from: &[sqlparser::ast::TableWithJoins],
+    ) -> Res<Vec<OutItem>> {
+        for twj in from {
+            if let TableFactor::Table { name, .. } = &twj.relation {
+                self.write_target(name)?;
+            }
+            self.table_with_joins(twj)?;
+        }
+        for twj in del.using.iter().flatten() {
+            self.table_with_joins(twj)?;
+        }
+        if let Some(sel) = &del.selection {
+            self.expr(sel)?;
+        }
+        self.returning(del.returning.as_deref())
+    }
+}
+
+fn is_null_or_default(e: &Expr) -> bool {
+    match e {
+        Expr::Nested(inner) => is_null_or_default(inner),
+        Expr::Cast { expr, .. } => is_null_or_default(expr),
+        Expr::Value(v) => matches!(v.value, Value::Null),
+        Expr::Identifier(id) => {
+            id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default")
+        }
+        _ => false,
+    }
+}
+
+fn strip_any_cast(e: &Expr) -> &Expr {
+    match e {
+        Expr::Nested(inner) => strip_any_cast(inner),
+        Expr::Cast { expr, .. } => strip_any_cast(expr),
+        other => other,
+    }
+}
