@@ -3,8 +3,12 @@
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
+use std::sync::Arc;
+
 use crate::config::{Config, LogFormat};
-use crate::proxy::Server;
+use crate::keys::{KmsUri, DEFAULT_SCHEMA};
+use crate::proxy::{Engine, EngineSettings, Server};
+use crate::rules::load_path;
 
 /// Install logging, bind the listener and serve until SIGINT/SIGTERM.
 pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
@@ -15,7 +19,8 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let server = Server::bind(config.proxy())
+        let engine = build_engine(&config).await?;
+        let server = Server::bind_with(config.proxy(), engine.clone())
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = server.local_addr().context("reading the bound address")?;
@@ -25,8 +30,49 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
             "listening on {addr}"
         );
         server.run(shutdown_signal()).await;
+        if let Some(engine) = engine {
+            if let Err(e) = engine.keys.flush_counters().await {
+                tracing::warn!(error = %e, "could not save encryption counters");
+            }
+        }
         Ok(0)
     })
+}
+
+/// Load rules and keys. `None` when no rules are configured: the proxy then only relays.
+async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
+    let rules = load_path(&config.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if rules.is_empty() {
+        tracing::warn!(rules = %config.rules.display(), "no encrypted columns configured: relaying only");
+        return Ok(None);
+    }
+    let columns: usize = rules.tables().map(|t| t.columns().len()).sum();
+    tracing::info!(tables = rules.len(), columns, "rules loaded");
+    if let KmsUri::Local { path } = &config.kms {
+        tracing::warn!(
+            path = %path.display(),
+            "using a LOCAL key-encryption key file: for development only, use a KMS or HSM in production"
+        );
+    }
+    let kms = config.kms.clone();
+    let kek = tokio::task::spawn_blocking(move || kms.open())
+        .await
+        .context("opening the KEK provider")?
+        .with_context(|| format!("opening the KEK provider {}", config.kms))?;
+    let engine = Engine::start(EngineSettings {
+        rules,
+        kek,
+        service: config.upstream.service.clone(),
+        key_schema: DEFAULT_SCHEMA.to_owned(),
+        key_cache_ttl: config.key_cache_ttl,
+        key_cache_capacity: config.key_cache_capacity,
+        default_tenant: config.default_tenant.clone(),
+        strict_reads: config.strict_reads,
+        connect_timeout: config.connect_timeout,
+    })
+    .await
+    .context("starting the key manager")?;
+    Ok(Some(engine))
 }
 
 fn init_tracing(config: &Config) -> anyhow::Result<()> {

@@ -23,7 +23,12 @@ use crate::proxy::Shared;
 use crate::wire::backend::{self, TransactionStatus};
 use crate::wire::header::scan_startup;
 use crate::wire::startup::{StartupPacket, StartupParams};
-use crate::wire::Frame;
+use crate::crypto::OrgId;
+use crate::proxy::client_side::ClientSide;
+use crate::proxy::engine::Cipher;
+use crate::proxy::server_side::ServerSide;
+use crate::proxy::session::Session;
+use crate::wire::{Frame, WireError};
 
 /// How long a client may take to send its startup packet (PostgreSQL's
 /// `authentication_timeout` default).
@@ -106,6 +111,12 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
         return Ok(());
     };
     record_params(&params);
+    if let Some(engine) = &shared.engine {
+        if let Some(bad) = invalid_startup_tenant(&params) {
+            let _ = engine;
+            return fail(&mut client, bad).await;
+        }
+    }
     let replication = params.is_replication();
 
     let Ok(_permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
@@ -138,25 +149,50 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
     let (mut client_r, mut client_w) = client.into_split();
     let (mut server_r, mut server_w) = server.into_split();
     let limit = shared.config.max_message_size;
-
-    let mut to_server = ClientToServer;
-    let mut to_client = ServerToClient {
+    let tracker = Tracker {
         state: Arc::clone(&state),
         cancels: Arc::clone(&shared.cancels),
         server_addr,
         cancel_guard: None,
     };
-    let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
-    let s2c = pump::run(
-        &mut server_r,
-        &mut client_w,
-        &mut to_client,
-        BytesMut::new(),
-        limit,
-    );
-    let result = tokio::select! {
-        r = c2s => r.map_err(ConnError::from_client_pump),
-        r = s2c => r.map_err(ConnError::from_server_pump),
+
+    let result = match &shared.engine {
+        None => {
+            let mut to_server = ClientToServer;
+            let mut to_client = ServerToClient { tracker };
+            let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
+            let s2c = pump::run(&mut server_r, &mut client_w, &mut to_client, BytesMut::new(), limit);
+            tokio::select! {
+                r = c2s => r.map_err(ConnError::from_client_pump),
+                r = s2c => r.map_err(ConnError::from_server_pump),
+            }
+        }
+        Some(engine) => {
+            let db = params
+                .get_str("database")
+                .or(params.get_str("user"))
+                .unwrap_or_default()
+                .to_owned();
+            let session = Arc::new(Mutex::new(Session::new(db, startup_tenant(&params))));
+            let mut to_server = ClientSide {
+                session: Arc::clone(&session),
+                cipher: Cipher::new(Arc::clone(engine)),
+                copy_in: None,
+                skip_until_sync: false,
+                copy_failed: false,
+                max_row: limit,
+            };
+            let mut to_client = Encrypting {
+                tracker,
+                inner: ServerSide::new(session, Cipher::new(Arc::clone(engine)), limit),
+            };
+            let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
+            let s2c = pump::run(&mut server_r, &mut client_w, &mut to_client, BytesMut::new(), limit);
+            tokio::select! {
+                r = c2s => r.map_err(ConnError::from_client_pump),
+                r = s2c => r.map_err(ConnError::from_server_pump),
+            }
+        }
     };
     if let Err(e) = &result {
         let mut out = BytesMut::new();
@@ -243,34 +279,32 @@ impl Handler for ClientToServer {
         false
     }
 
-    fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+    async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
         out.extend_from_slice(frame.raw());
         Ok(())
     }
 }
 
-/// Server → client: track session parameters, transaction status and the cancel key; every
-/// message is forwarded unchanged.
-struct ServerToClient {
-    state: Arc<Mutex<SessionState>>,
-    cancels: Arc<CancelRegistry>,
-    server_addr: SocketAddr,
-    cancel_guard: Option<CancelGuard>,
+/// Observes the server's session-level messages: ParameterStatus, BackendKeyData (registers
+/// the cancel key), ReadyForQuery.
+pub(crate) struct Tracker {
+    pub(crate) state: Arc<Mutex<SessionState>>,
+    pub(crate) cancels: Arc<CancelRegistry>,
+    pub(crate) server_addr: SocketAddr,
+    pub(crate) cancel_guard: Option<CancelGuard>,
 }
 
-impl Handler for ServerToClient {
-    type Error = PumpError;
-
-    fn inspects(&self, tag: u8) -> bool {
+impl Tracker {
+    /// Whether `tag` is one the tracker looks at.
+    pub(crate) fn observes(tag: u8) -> bool {
         matches!(
             tag,
-            backend::PARAMETER_STATUS_TAG
-                | backend::BACKEND_KEY_DATA_TAG
-                | backend::READY_FOR_QUERY_TAG
+            backend::PARAMETER_STATUS_TAG | backend::BACKEND_KEY_DATA_TAG | backend::READY_FOR_QUERY_TAG
         )
     }
 
-    fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+    /// Look at one server message.
+    pub(crate) fn observe(&mut self, frame: &Frame) -> Result<(), WireError> {
         match frame.tag() {
             backend::PARAMETER_STATUS_TAG => {
                 let (name, value) = backend::parse_parameter_status(frame.body())?;
@@ -296,7 +330,78 @@ impl Handler for ServerToClient {
             }
             _ => {}
         }
+        Ok(())
+    }
+}
+
+/// Server → client pass-through: every message is forwarded unchanged.
+struct ServerToClient {
+    tracker: Tracker,
+}
+
+impl Handler for ServerToClient {
+    type Error = PumpError;
+
+    fn inspects(&self, tag: u8) -> bool {
+        Tracker::observes(tag)
+    }
+
+    async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        self.tracker.observe(&frame)?;
         out.extend_from_slice(frame.raw());
         Ok(())
     }
+}
+
+/// The encrypting server → client handler plus the session tracker.
+struct Encrypting {
+    tracker: Tracker,
+    inner: ServerSide,
+}
+
+impl Handler for Encrypting {
+    type Error = PumpError;
+
+    fn inspects(&self, tag: u8) -> bool {
+        Tracker::observes(tag) || self.inner.inspects(tag)
+    }
+
+    async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        self.tracker.observe(&frame)?;
+        self.inner.on_message(frame, out).await
+    }
+}
+
+/// The session tenant given at startup: `options=-c pgenvelope.tenant=acme` (or
+/// `--pgenvelope.tenant=acme`), or a `pgenvelope.tenant` startup parameter.
+fn startup_tenant(params: &StartupParams<'_>) -> Option<OrgId> {
+    startup_tenant_text(params).and_then(|t| OrgId::new(t).ok())
+}
+
+fn startup_tenant_text(params: &StartupParams<'_>) -> Option<String> {
+    if let Some(v) = params.get_str("pgenvelope.tenant") {
+        return Some(v.to_owned());
+    }
+    let options = params.get_str("options")?;
+    let mut found = None;
+    let mut words = options.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            Some(rest)
+        } else {
+            w.strip_prefix("--")
+        };
+        if let Some(v) = setting.and_then(|s| s.strip_prefix("pgenvelope.tenant=")) {
+            found = Some(v.to_owned());
+        }
+    }
+    found
+}
+
+/// A startup tenant that is not a valid organisation id is refused at once.
+fn invalid_startup_tenant(params: &StartupParams<'_>) -> Option<ConnError> {
+    let text = startup_tenant_text(params)?;
+    OrgId::new(text).err().map(|_| ConnError::InvalidStartupTenant)
 }

@@ -38,6 +38,9 @@ pub enum ConnError {
         #[source]
         source: std::io::Error,
     },
+    /// The startup packet names a tenant that is not a valid organisation id.
+    #[error("invalid pgenvelope.tenant in the startup packet")]
+    InvalidStartupTenant,
     /// Reading from or writing to the client failed.
     #[error("client i/o: {0}")]
     ClientIo(#[source] std::io::Error),
@@ -85,6 +88,10 @@ impl ConnError {
                 "pgenvelope: received unencrypted data after SSL/GSS request".to_owned(),
             )),
             Self::StartupTimeout => None,
+            Self::InvalidStartupTenant => Some((
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                "pgenvelope: invalid pgenvelope.tenant in the connection options".to_owned(),
+            )),
             Self::TooManyConnections => Some((
                 sqlstate::TOO_MANY_CONNECTIONS,
                 "pgenvelope: too many connections".to_owned(),
@@ -103,5 +110,104 @@ impl ConnError {
             // An error here only means the message could not be framed; nothing to send then.
             let _ = put_error_response(out, Severity::Fatal, code, &message);
         }
+    }
+}
+
+/// A statement-level error the proxy reports to the client; the session goes on.
+///
+/// Messages start with `pgenvelope:`, name columns where there are any, and never contain
+/// data values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    /// SQLSTATE.
+    pub code: &'static str,
+    /// Message text.
+    pub message: String,
+}
+
+impl ClientError {
+    /// 0A000: a statement that cannot be encrypted safely.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self {
+            code: sqlstate::FEATURE_NOT_SUPPORTED,
+            message: message.into(),
+        }
+    }
+
+    /// 42501: no tenant for a write, or another tenant's value.
+    pub fn privilege(message: impl Into<String>) -> Self {
+        Self {
+            code: sqlstate::INSUFFICIENT_PRIVILEGE,
+            message: message.into(),
+        }
+    }
+
+    /// XX001: ciphertext fails authentication or is malformed.
+    pub fn corrupted(message: impl Into<String>) -> Self {
+        Self {
+            code: sqlstate::DATA_CORRUPTED,
+            message: message.into(),
+        }
+    }
+
+    /// 58000: KMS, HSM or key store unavailable.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            code: sqlstate::SYSTEM_ERROR,
+            message: message.into(),
+        }
+    }
+
+    /// Append this error as an ErrorResponse (severity ERROR).
+    pub(crate) fn write(&self, out: &mut BytesMut) {
+        let _ = put_error_response(out, Severity::Error, self.code, &self.message);
+    }
+
+    /// A statement that makes the server raise exactly this error, so that it takes the place
+    /// of a refused statement with the server's own error semantics (the transaction is
+    /// aborted, the rest of a pipeline is skipped up to Sync).
+    pub fn raise_sql(&self) -> String {
+        format!(
+            "DO $pgenvelope$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}; END $pgenvelope$",
+            self.code,
+            quote_literal(&self.message)
+        )
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+/// A SQL string literal for `s` (E'' form, so backslashes and quotes are safe whatever
+/// standard_conforming_strings says). `$pgenvelope$` cannot occur because it is escaped.
+fn quote_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    out.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            '$' => out.push_str("\\x24"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raise_sql_escapes_quotes_and_dollars() {
+        let e = ClientError::unsupported("pgenvelope: it's $pgenvelope$ \\ bad");
+        let sql = e.raise_sql();
+        assert!(sql.contains("E'pgenvelope: it\\'s \\x24pgenvelope\\x24 \\\\ bad'"), "{sql}");
+        assert_eq!(sql.matches("$pgenvelope$").count(), 2);
     }
 }

@@ -11,10 +11,16 @@
 //! ```
 
 mod cancel;
+mod catalog;
+mod client_side;
 mod connection;
+mod copy;
+pub mod engine;
 pub mod error;
 mod listener;
 mod pump;
+mod server_side;
+mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +31,7 @@ use tokio::sync::Semaphore;
 
 pub use cancel::CancelRegistry;
 pub use connection::SessionState;
+pub use engine::{Engine, EngineSettings};
 pub use error::ConnError;
 
 /// Settings of the proxy's listener and connections.
@@ -61,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     pub(crate) cancels: Arc<CancelRegistry>,
     pub(crate) permits: Arc<Semaphore>,
+    /// The encrypting layer; `None` when no rules are configured (pure pass-through).
+    pub(crate) engine: Option<Arc<Engine>>,
 }
 
 /// A bound proxy, ready to run.
@@ -73,11 +82,17 @@ pub struct Server {
 impl Server {
     /// Bind the listening socket.
     pub async fn bind(config: ProxyConfig) -> std::io::Result<Server> {
+        Self::bind_with(config, None).await
+    }
+
+    /// Bind the listening socket, with the encrypting layer when `engine` is given.
+    pub async fn bind_with(config: ProxyConfig, engine: Option<Arc<Engine>>) -> std::io::Result<Server> {
         let listener = TcpListener::bind(config.listen).await?;
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(config.max_connections)),
             cancels: Arc::new(CancelRegistry::default()),
             config,
+            engine,
         });
         Ok(Server { listener, shared })
     }

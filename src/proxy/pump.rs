@@ -38,7 +38,11 @@ pub(crate) trait Handler {
     fn inspects(&self, tag: u8) -> bool;
 
     /// Handle one whole inspected message: append whatever should be forwarded to `out`.
-    fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), Self::Error>;
+    fn on_message(
+        &mut self,
+        frame: Frame,
+        out: &mut BytesMut,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
 /// Why a pump stopped with an error.
@@ -98,7 +102,7 @@ where
                                 tag: header.tag(),
                                 what: "frame",
                             }))?;
-                        handler.on_message(frame, &mut out)?;
+                        handler.on_message(frame, &mut out).await?;
                     } else {
                         out.extend_from_slice(&rbuf[..len]);
                         rbuf.advance(len);
@@ -173,7 +177,7 @@ mod tests {
         fn inspects(&self, tag: u8) -> bool {
             self.0.contains(&tag)
         }
-        fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
             out.extend_from_slice(frame.raw());
             Ok(())
         }

@@ -174,6 +174,7 @@ pub enum CopyError<E> {
 }
 
 /// Splits a COPY payload into rows, lets a callback rewrite target columns, and re-encodes.
+#[derive(Clone)]
 pub struct CopyRewriter {
     rows: RowProcessor,
     scan: Scanner,
@@ -413,6 +414,7 @@ enum Phase {
     Done,
 }
 
+#[derive(Clone)]
 struct RowProcessor {
     format: CopyFormat,
     /// Invariant: sorted, no duplicates.

@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod copy;
+pub mod encoding;
 pub mod frontend;
 pub mod header;
 pub mod sqlstate;

@@ -15,6 +15,7 @@ pub(super) struct RowEnd {
 
 /// Finds where rows end, one byte at a time, across chunks; mirrors PostgreSQL's
 /// `CopyReadLineText`.
+#[derive(Clone)]
 pub(super) struct Scanner {
     csv: bool,
     quote: u8,

@@ -1,0 +1,219 @@
+//! Catalog look-ups: which result columns come from encrypted table columns.
+//!
+//! A RowDescription names each column's source table by OID and attribute number. OIDs are
+//! per database, so the catalog keeps one service connection (the upstream URL's credentials,
+//! with the client's database) and one OID cache per database. The first sight of a table OID
+//! costs one catalog query; after that it is a hash lookup. The cache of a database is dropped
+//! when the proxy sees DDL on it (CREATE/ALTER/DROP of tables or schemas), so a re-created table
+//! or a dropped-and-added column is looked up again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::rules::{ColumnRule, RuleSet};
+
+/// Encrypted columns of one table, by attribute number.
+#[derive(Debug)]
+pub(crate) struct TableMap {
+    /// attnum → the column's rule (schema, table, column as in the rules).
+    pub(crate) encrypted: HashMap<i16, ColumnRule>,
+    /// attnum of the table's tenant column, if the rule has one.
+    pub(crate) tenant_attnum: Option<i16>,
+}
+
+/// A catalog query failed.
+#[derive(Debug, thiserror::Error)]
+#[error("catalog look-up in database {db} failed: {message}")]
+pub(crate) struct CatalogError {
+    db: String,
+    message: String,
+}
+
+#[derive(Default)]
+struct DbState {
+    client: Option<tokio_postgres::Client>,
+    tables: HashMap<u32, Option<Arc<TableMap>>>,
+}
+
+/// Per-database OID caches and service connections.
+pub(crate) struct Catalog {
+    service: tokio_postgres::Config,
+    connect_timeout: Duration,
+    dbs: Mutex<HashMap<String, Arc<AsyncMutex<DbState>>>>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Catalog")
+    }
+}
+
+impl Catalog {
+    pub(crate) fn new(service: tokio_postgres::Config, connect_timeout: Duration) -> Self {
+        Self {
+            service,
+            connect_timeout,
+            dbs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn db(&self, db: &str) -> Arc<AsyncMutex<DbState>> {
+        let mut dbs = self.dbs.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(dbs.entry(db.to_owned()).or_default())
+    }
+
+    /// Forget everything known about `db` (after DDL).
+    pub(crate) fn invalidate(&self, db: &str) {
+        // Dropping the entry drops its cache; a look-up in flight finishes on the old state
+        // and the next one starts afresh.
+        let mut dbs = self.dbs.lock().unwrap_or_else(PoisonError::into_inner);
+        dbs.remove(db);
+    }
+
+    /// The encrypted columns of table `oid` in `db`, or `None` if it has none.
+    pub(crate) async fn table(
+        &self,
+        db: &str,
+        oid: u32,
+        rules: &RuleSet,
+    ) -> Result<Option<Arc<TableMap>>, CatalogError> {
+        let state = self.db(db);
+        let mut state = state.lock().await;
+        if let Some(hit) = state.tables.get(&oid) {
+            return Ok(hit.clone());
+        }
+        let result = self.load(&mut state, db, oid, rules).await;
+        match result {
+            Ok(map) => {
+                state.tables.insert(oid, map.clone());
+                Ok(map)
+            }
+            Err(e) => {
+                state.client = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Column names of `schema.table` in `db` in attribute order (for COPY without a list).
+    pub(crate) async fn columns(
+        &self,
+        db: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<Vec<String>, CatalogError> {
+        let state = self.db(db);
+        let mut state = state.lock().await;
+        let client = self.client(&mut state, db).await?;
+        let rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(|e| self.err(db, &e));
+        match rows {
+            Ok(rows) => Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect()),
+            Err(e) => {
+                state.client = None;
+                Err(e)
+            }
+        }
+    }
+
+    async fn load(
+        &self,
+        state: &mut DbState,
+        db: &str,
+        oid: u32,
+        rules: &RuleSet,
+    ) -> Result<Option<Arc<TableMap>>, CatalogError> {
+        let client = self.client(state, db).await?;
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| self.err(db, &e))?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let schema: String = row.get(0);
+        let name: String = row.get(1);
+        let Some(rule) = rules.table(&schema, &name) else {
+            return Ok(None);
+        };
+        let attrs = client
+            .query(
+                "SELECT attname::text, attnum FROM pg_catalog.pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| self.err(db, &e))?;
+        let mut encrypted = HashMap::new();
+        let mut tenant_attnum = None;
+        for a in &attrs {
+            let attname: String = a.get(0);
+            let attnum: i16 = a.get(1);
+            if let Some(col) = rule.column(&attname) {
+                encrypted.insert(attnum, col.clone());
+            }
+            if rule.tenant_column() == Some(attname.as_str()) {
+                tenant_attnum = Some(attnum);
+            }
+        }
+        Ok(Some(Arc::new(TableMap {
+            encrypted,
+            tenant_attnum,
+        })))
+    }
+
+    async fn client<'a>(
+        &self,
+        state: &'a mut DbState,
+        db: &str,
+    ) -> Result<&'a tokio_postgres::Client, CatalogError> {
+        let stale = state.client.as_ref().is_none_or(|c| c.is_closed());
+        if stale {
+            let mut config = self.service.clone();
+            config.dbname(db);
+            config.application_name("pgenvelope-catalog");
+            let connect = tokio::time::timeout(self.connect_timeout, config.connect(tokio_postgres::NoTls));
+            let (client, conn) = match connect.await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => return Err(self.err(db, &e)),
+                Err(_) => {
+                    return Err(CatalogError {
+                        db: db.to_owned(),
+                        message: "connect timed out".to_owned(),
+                    })
+                }
+            };
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            state.client = Some(client);
+        }
+        state.client.as_ref().ok_or_else(|| CatalogError {
+            db: db.to_owned(),
+            message: "no connection".to_owned(),
+        })
+    }
+
+    fn err(&self, db: &str, e: &tokio_postgres::Error) -> CatalogError {
+        CatalogError {
+            db: db.to_owned(),
+            message: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,798 @@
+//! Client → server direction of an encrypting session: analyses statements, encrypts the
+//! literals, parameters and COPY fields bound for encrypted columns, tracks prepared
+//! statements and portals, and queues what the server side must expect.
+//!
+//! A statement that cannot be encrypted safely is never forwarded. In its place the server is
+//! made to raise our error (`DO … RAISE`), so the client sees an ordinary ErrorResponse with
+//! our SQLSTATE at exactly the right point, the transaction is aborted as for any other
+//! error, and the rest of an extended-protocol pipeline is skipped up to Sync. Never logs
+//! values, parameters or SQL text.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::crypto::{looks_like_enc_v1, OrgId};
+use crate::proxy::copy::CopyIn;
+use crate::proxy::engine::{Cipher, ReadOutcome};
+use crate::proxy::error::ClientError;
+use crate::proxy::pump::{Handler, PumpError};
+use crate::proxy::session::{lock, CopyJob, Pending, Portal, SharedSession, Statement};
+use crate::rules::ColumnRule;
+use crate::sql::{Analysis, CopyDirection, TenantChange, TenantSource};
+use crate::wire::encoding::ClientEncoding;
+use crate::wire::frontend::{self as fe, Bind, Parse, Target};
+use crate::wire::{Frame, WireError};
+
+/// Name of the statement the proxy prepares to raise a refusal in extended protocol.
+const REJECT_STATEMENT: &[u8] = b"__pgenvelope_reject";
+
+/// OIDs of parameter types an encrypted value may be bound as.
+const TEXT_OIDS: &[u32] = &[25, 1043, 1042, 705];
+
+/// The client → server handler.
+pub(crate) struct ClientSide {
+    pub(crate) session: SharedSession,
+    pub(crate) cipher: Cipher,
+    pub(crate) copy_in: Option<CopyIn>,
+    /// After a refusal in extended protocol: drop messages up to Sync.
+    pub(crate) skip_until_sync: bool,
+    /// After an encryption failure inside COPY FROM: drop the client's COPY data up to its
+    /// CopyDone/CopyFail (the server already got CopyFail).
+    pub(crate) copy_failed: bool,
+    pub(crate) max_row: usize,
+}
+
+impl Handler for ClientSide {
+    type Error = PumpError;
+
+    fn inspects(&self, tag: u8) -> bool {
+        match tag {
+            fe::QUERY_TAG
+            | fe::PARSE_TAG
+            | fe::BIND_TAG
+            | fe::DESCRIBE_TAG
+            | fe::EXECUTE_TAG
+            | fe::CLOSE_TAG
+            | fe::SYNC_TAG
+            | fe::FUNCTION_CALL_TAG => true,
+            fe::COPY_DATA_TAG | fe::COPY_DONE_TAG | fe::COPY_FAIL_TAG => {
+                self.copy_in.is_some() || self.copy_failed
+            }
+            _ => false,
+        }
+    }
+
+    async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        let tag = frame.tag();
+        if self.skip_until_sync && tag != fe::SYNC_TAG && tag != fe::QUERY_TAG {
+            return Ok(());
+        }
+        match tag {
+            fe::QUERY_TAG => self.on_query(&frame, out).await,
+            fe::PARSE_TAG => self.on_parse(&frame, out).await,
+            fe::BIND_TAG => self.on_bind(&frame, out).await,
+            fe::DESCRIBE_TAG => self.on_describe(&frame, out),
+            fe::EXECUTE_TAG => self.on_execute(&frame, out).await,
+            fe::CLOSE_TAG => self.on_close(&frame, out),
+            fe::SYNC_TAG => {
+                self.skip_until_sync = false;
+                lock(&self.session).queue.push_back(Pending::Sync);
+                out.extend_from_slice(frame.raw());
+                Ok(())
+            }
+            fe::FUNCTION_CALL_TAG => {
+                lock(&self.session).queue.push_back(Pending::FunctionCall);
+                out.extend_from_slice(frame.raw());
+                Ok(())
+            }
+            fe::COPY_DATA_TAG | fe::COPY_DONE_TAG | fe::COPY_FAIL_TAG => {
+                self.on_copy(&frame, out).await
+            }
+            _ => {
+                out.extend_from_slice(frame.raw());
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ClientSide {
+    fn encoding(&self) -> ClientEncoding {
+        lock(&self.session).encoding.clone()
+    }
+
+    fn count_rejection(&self) {
+        self.cipher
+            .engine()
+            .stats
+            .statements_rejected
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Decode SQL text for analysis. `Ok(None)`: it cannot touch protected tables.
+    fn analyse(&self, sql: &[u8]) -> Result<Option<(String, Arc<Analysis>)>, ClientError> {
+        let engine = self.cipher.engine();
+        let encoding = self.encoding();
+        let text = match encoding.decode(sql) {
+            Ok(t) => t,
+            Err(e) => {
+                // Table names are ASCII: a lossy view is enough to decide that the text
+                // cannot touch a protected table.
+                if !engine.might_touch(&String::from_utf8_lossy(sql)) {
+                    return Ok(None);
+                }
+                return Err(ClientError::unsupported(format!("pgenvelope: {e}")));
+            }
+        };
+        if !engine.might_touch(&text) {
+            return Ok(None);
+        }
+        let analysis = engine.analyze(&text);
+        if let Some(rej) = &analysis.rejection {
+            return Err(ClientError::unsupported(rej.message.clone()));
+        }
+        Ok(Some((text.into_owned(), analysis)))
+    }
+
+    async fn on_query(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        // A new simple query ends any leftover COPY state of a previous one.
+        self.copy_failed = false;
+        self.skip_until_sync = false;
+        let sql = fe::parse_query(frame.body())?;
+        match self.prepare_query(sql).await {
+            Ok(Prepared {
+                sql: None,
+                copy_out,
+                ..
+            }) => {
+                lock(&self.session).queue.push_back(Pending::Query { copy_out });
+                out.extend_from_slice(frame.raw());
+            }
+            Ok(Prepared {
+                sql: Some(new_sql),
+                copy_out,
+                ..
+            }) => {
+                lock(&self.session).queue.push_back(Pending::Query { copy_out });
+                fe::put_query(out, &new_sql)?;
+            }
+            Err(e) => {
+                self.count_rejection();
+                self.copy_in = None;
+                tracing::debug!(code = e.code, "statement refused");
+                lock(&self.session).queue.push_back(Pending::Query { copy_out: None });
+                fe::put_query(out, e.raise_sql().as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Analyse and rewrite a simple query.
+    async fn prepare_query(&mut self, sql: &[u8]) -> Result<Prepared, ClientError> {
+        let Some((text, analysis)) = self.analyse(sql)? else {
+            return Ok(Prepared::default());
+        };
+        let new_sql = self.rewrite_literals(&text, &analysis, None).await?;
+        let mut prepared = Prepared {
+            sql: new_sql,
+            ..Prepared::default()
+        };
+        if let Some(plan) = &analysis.copy {
+            if analysis.statement_count > 1 {
+                return Err(ClientError::unsupported(
+                    "pgenvelope: COPY on an encrypted table must be sent as a statement of its own",
+                ));
+            }
+            let job = self.copy_job(plan).await?;
+            match plan.direction {
+                CopyDirection::FromStdin => self.start_copy_in(job).await?,
+                CopyDirection::ToStdout => prepared.copy_out = Some(job),
+            }
+        }
+        self.apply_tenant_changes(&analysis, None)?;
+        Ok(prepared)
+    }
+
+    /// Encrypt the literals of `analysis` and return the rewritten SQL in the client's
+    /// encoding (`None` when nothing changed).
+    async fn rewrite_literals(
+        &mut self,
+        text: &str,
+        analysis: &Analysis,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        if analysis.literals.is_empty() {
+            return Ok(None);
+        }
+        let mut replacements = Vec::with_capacity(analysis.literals.len());
+        for site in &analysis.literals {
+            let column = self.rule(&site.column.schema, &site.column.table, &site.column.column)?;
+            let org = self.tenant_for(&site.tenant, &column, bind)?;
+            let Some(sealed) = self.seal_value(&column, &org, site.value.as_bytes()).await? else {
+                continue;
+            };
+            replacements.push((site.range.clone(), format!("'{sealed}'")));
+        }
+        let new = crate::sql::rewrite_literals(text, &replacements).map_err(|_| {
+            ClientError::unsupported("pgenvelope: statement could not be rewritten")
+        })?;
+        let bytes = self
+            .encoding()
+            .encode(&new)
+            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
+            .into_owned();
+        Ok(Some(bytes))
+    }
+
+    /// Encrypt a value for `column`, or `None` if it already is a valid enc:v1 value of this
+    /// column and organisation (restores, re-runs): such values are stored unchanged.
+    async fn seal_value(
+        &mut self,
+        column: &ColumnRule,
+        org: &OrgId,
+        plaintext: &[u8],
+    ) -> Result<Option<String>, ClientError> {
+        if looks_like_enc_v1(plaintext) {
+            match self.cipher.read(Some(column), plaintext, None).await {
+                Ok(ReadOutcome::Decrypted(d)) if &d.org == org => return Ok(None),
+                Ok(ReadOutcome::Decrypted(_)) => {
+                    return Err(ClientError::privilege(format!(
+                        "pgenvelope: the encrypted value for {} belongs to another organisation",
+                        column.qualified_name()
+                    )))
+                }
+                Ok(ReadOutcome::Plain) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.cipher.encrypt(column, org, plaintext).await.map(Some)
+    }
+
+    fn rule(&self, schema: &str, table: &str, column: &str) -> Result<ColumnRule, ClientError> {
+        self.cipher
+            .engine()
+            .column_rule(schema, table, column)
+            .cloned()
+            .ok_or_else(|| {
+                ClientError::unsupported(format!(
+                    "pgenvelope: no rule for {schema}.{table}.{column}"
+                ))
+            })
+    }
+
+    /// The organisation owning a value written to `column`.
+    fn tenant_for(
+        &self,
+        source: &TenantSource,
+        column: &ColumnRule,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<OrgId, ClientError> {
+        let invalid = || {
+            ClientError::privilege(format!(
+                "pgenvelope: the tenant given for {} is not a valid organisation id",
+                column.qualified_name()
+            ))
+        };
+        match source {
+            TenantSource::Literal(v) => OrgId::new(v.clone()).map_err(|_| invalid()),
+            TenantSource::Param(n) => {
+                let Some(bind) = bind else {
+                    return Err(ClientError::unsupported(
+                        "pgenvelope: parameter outside the extended protocol",
+                    ));
+                };
+                match bind.text(*n, &self.encoding())? {
+                    Some(v) => OrgId::new(v).map_err(|_| invalid()),
+                    None => self.session_tenant(column),
+                }
+            }
+            TenantSource::Session => self.session_tenant(column),
+        }
+    }
+
+    fn session_tenant(&self, column: &ColumnRule) -> Result<OrgId, ClientError> {
+        let session = lock(&self.session);
+        if let Some(t) = session.tenant.effective() {
+            return Ok(t.clone());
+        }
+        drop(session);
+        if let Some(t) = &self.cipher.engine().default_tenant {
+            return Ok(t.clone());
+        }
+        Err(ClientError::privilege(format!(
+            "pgenvelope: no tenant for a write to {}: set the table's tenant column, \
+             SET pgenvelope.tenant, or start the proxy with --default-tenant",
+            column.qualified_name()
+        )))
+    }
+
+    fn apply_tenant_changes(
+        &self,
+        analysis: &Analysis,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<(), ClientError> {
+        if analysis.tenant_changes.is_empty() {
+            return Ok(());
+        }
+        let invalid = || ClientError::privilege("pgenvelope: invalid pgenvelope.tenant value");
+        let mut changes = Vec::new();
+        for change in &analysis.tenant_changes {
+            match change {
+                TenantChange::Set { value, local } => {
+                    let org = if value.is_empty() {
+                        None
+                    } else {
+                        Some(OrgId::new(value.clone()).map_err(|_| invalid())?)
+                    };
+                    changes.push((org, *local));
+                }
+                TenantChange::SetParam { param, local } => {
+                    let Some(bind) = bind else {
+                        return Err(ClientError::unsupported(
+                            "pgenvelope: set_config with a parameter outside the extended protocol",
+                        ));
+                    };
+                    let org = match bind.text(*param, &self.encoding())? {
+                        Some(v) if !v.is_empty() => Some(OrgId::new(v).map_err(|_| invalid())?),
+                        _ => None,
+                    };
+                    changes.push((org, *local));
+                }
+                TenantChange::Reset { local } => changes.push((None, *local)),
+            }
+        }
+        let mut session = lock(&self.session);
+        for (org, local) in changes {
+            session.tenant.set(org, local);
+        }
+        Ok(())
+    }
+
+    async fn on_parse(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        let parse = Parse::decode(frame.body())?;
+        match self.prepare_parse(&parse).await {
+            Ok((statement, rewritten)) => {
+                let mut session = lock(&self.session);
+                session
+                    .statements
+                    .insert(parse.name.to_vec(), Arc::new(statement));
+                session.queue.push_back(Pending::Parse { hidden: false });
+                drop(session);
+                match rewritten {
+                    Some(bytes) => out.extend_from_slice(&bytes),
+                    None => out.extend_from_slice(frame.raw()),
+                }
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.session).statements.remove(parse.name);
+                self.reject_extended(&e, out)
+            }
+        }
+    }
+
+    async fn prepare_parse(
+        &mut self,
+        parse: &Parse<'_>,
+    ) -> Result<(Statement, Option<BytesMut>), ClientError> {
+        let Some((text, analysis)) = self.analyse(parse.sql)? else {
+            return Ok((
+                Statement {
+                    param_types: parse.param_types.clone(),
+                    ..Statement::default()
+                },
+                None,
+            ));
+        };
+        let mut types = parse.param_types.clone();
+        for site in &analysis.params {
+            let i = site.index - 1;
+            if types.len() <= i {
+                types.resize(i + 1, 0);
+            }
+            match types[i] {
+                0 => types[i] = 25,
+                t if TEXT_OIDS.contains(&t) => {}
+                _ => {
+                    return Err(ClientError::unsupported(format!(
+                        "pgenvelope: parameter ${} for encrypted column {} must be text",
+                        site.index, site.column
+                    )))
+                }
+            }
+        }
+        let new_sql = self.rewrite_literals(&text, &analysis, None).await?;
+        let changed = new_sql.is_some() || types != parse.param_types;
+        let rewritten = if changed {
+            let mut buf = BytesMut::new();
+            let sql = new_sql.as_deref().unwrap_or(parse.sql);
+            Parse {
+                name: parse.name,
+                sql,
+                param_types: types.clone(),
+            }
+            .encode(&mut buf)
+            .map_err(|_| ClientError::unsupported("pgenvelope: statement could not be encoded"))?;
+            Some(buf)
+        } else {
+            None
+        };
+        Ok((
+            Statement {
+                analysis: Some(analysis),
+                param_types: types,
+                ..Statement::default()
+            },
+            rewritten,
+        ))
+    }
+
+    async fn on_bind(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        let bind = Bind::decode(frame.body())?;
+        let statement = lock(&self.session)
+            .statements
+            .get(bind.statement)
+            .cloned()
+            .unwrap_or_default();
+        let result = self.prepare_bind(&bind, &statement).await;
+        match result {
+            Ok(rewritten) => {
+                let portal = Arc::new(Portal {
+                    statement,
+                    result_formats: bind.result_formats.clone(),
+                    described: AtomicBool::new(false),
+                    shape: Default::default(),
+                });
+                let mut session = lock(&self.session);
+                session.portals.insert(bind.portal.to_vec(), portal);
+                session.queue.push_back(Pending::Bind { hidden: false });
+                drop(session);
+                match rewritten {
+                    Some(bytes) => out.extend_from_slice(&bytes),
+                    None => out.extend_from_slice(frame.raw()),
+                }
+                Ok(())
+            }
+            Err(e) => self.reject_extended(&e, out),
+        }
+    }
+
+    async fn prepare_bind(
+        &mut self,
+        bind: &Bind<'_>,
+        statement: &Statement,
+    ) -> Result<Option<BytesMut>, ClientError> {
+        let Some(analysis) = statement.analysis.clone() else {
+            return Ok(None);
+        };
+        let described = statement
+            .described_as
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .param_types
+            .clone();
+        let values = BindValues {
+            bind,
+            types: described.unwrap_or_else(|| statement.param_types.clone()),
+        };
+        self.apply_tenant_changes(&analysis, Some(&values))?;
+        if analysis.params.is_empty() {
+            return Ok(None);
+        }
+        let encoding = self.encoding();
+        let mut params: Vec<Option<Vec<u8>>> = bind.params.iter().map(|p| p.map(<[u8]>::to_vec)).collect();
+        let mut changed = false;
+        for site in &analysis.params {
+            let Some(Some(raw)) = bind.params.get(site.index - 1).copied() else {
+                continue;
+            };
+            let column = self.rule(&site.column.schema, &site.column.table, &site.column.column)?;
+            let org = self.tenant_for(&site.tenant, &column, Some(&values))?;
+            // Text and binary send of text types both carry the text in the client encoding.
+            let plaintext = encoding
+                .decode(raw)
+                .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
+            if let Some(sealed) = self.seal_value(&column, &org, plaintext.as_bytes()).await? {
+                params[site.index - 1] = Some(sealed.into_bytes());
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(None);
+        }
+        let refs: Vec<Option<&[u8]>> = params.iter().map(|p| p.as_deref()).collect();
+        let mut buf = BytesMut::new();
+        bind.encode_with(&refs, &mut buf)
+            .map_err(|_| ClientError::unsupported("pgenvelope: parameters could not be encoded"))?;
+        Ok(Some(buf))
+    }
+
+    fn on_describe(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        let (target, name) = fe::parse_target(fe::DESCRIBE_TAG, frame.body())?;
+        let mut session = lock(&self.session);
+        let pending = match target {
+            Target::Statement => {
+                let statement = session.statements.get(name).cloned().unwrap_or_default();
+                statement.described.store(true, Ordering::Relaxed);
+                Pending::DescribeStatement {
+                    statement,
+                    hidden: false,
+                }
+            }
+            Target::Portal => {
+                let portal = session.portals.get(name).cloned().unwrap_or_else(|| {
+                    Arc::new(Portal {
+                        statement: Arc::default(),
+                        result_formats: Vec::new(),
+                        described: AtomicBool::new(true),
+                        shape: Default::default(),
+                    })
+                });
+                portal.described.store(true, Ordering::Relaxed);
+                Pending::DescribePortal {
+                    portal,
+                    hidden: false,
+                }
+            }
+        };
+        session.queue.push_back(pending);
+        drop(session);
+        out.extend_from_slice(frame.raw());
+        Ok(())
+    }
+
+    async fn on_execute(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        let (name, _max_rows) = fe::parse_execute(frame.body())?;
+        let portal = lock(&self.session).portals.get(name).cloned();
+        let mut copy_out = None;
+        if let Some(portal) = &portal {
+            if let Some(plan) = portal.statement.analysis.as_ref().and_then(|a| a.copy.clone()) {
+                let job = match self.copy_job(&plan).await {
+                    Ok(job) => job,
+                    Err(e) => return self.reject_extended(&e, out),
+                };
+                match plan.direction {
+                    CopyDirection::FromStdin => {
+                        if let Err(e) = self.start_copy_in(job).await {
+                            return self.reject_extended(&e, out);
+                        }
+                    }
+                    CopyDirection::ToStdout => copy_out = Some(job),
+                }
+            }
+            let known = portal.described.load(Ordering::Relaxed)
+                || portal.statement.described.load(Ordering::Relaxed);
+            if !known {
+                // The client never asked for the row description; the server side needs it
+                // to find encrypted columns, so ask for it and swallow the answer.
+                fe::put_describe(out, Target::Portal, name)?;
+                portal.described.store(true, Ordering::Relaxed);
+                lock(&self.session).queue.push_back(Pending::DescribePortal {
+                    portal: Arc::clone(portal),
+                    hidden: true,
+                });
+            }
+        }
+        lock(&self.session)
+            .queue
+            .push_back(Pending::Execute { portal, copy_out });
+        out.extend_from_slice(frame.raw());
+        Ok(())
+    }
+
+    fn on_close(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        let (target, name) = fe::parse_target(fe::CLOSE_TAG, frame.body())?;
+        let mut session = lock(&self.session);
+        match target {
+            Target::Statement => session.statements.remove(name),
+            Target::Portal => session.portals.remove(name).map(|_| Arc::default()),
+        };
+        session.queue.push_back(Pending::Close { hidden: false });
+        drop(session);
+        out.extend_from_slice(frame.raw());
+        Ok(())
+    }
+
+    /// Refuse an extended-protocol message: make the server raise `e` in its place and skip
+    /// the client's messages up to Sync, as the server does after an error.
+    fn reject_extended(&mut self, e: &ClientError, out: &mut BytesMut) -> Result<(), PumpError> {
+        self.count_rejection();
+        tracing::debug!(code = e.code, "statement refused");
+        let raise = e.raise_sql();
+        let mut close = BytesMut::new();
+        crate::wire::put_message(&mut close, fe::CLOSE_TAG, |b| {
+            b.extend_from_slice(b"S");
+            b.extend_from_slice(REJECT_STATEMENT);
+            b.extend_from_slice(&[0]);
+        })?;
+        out.extend_from_slice(&close);
+        Parse {
+            name: REJECT_STATEMENT,
+            sql: raise.as_bytes(),
+            param_types: Vec::new(),
+        }
+        .encode(out)?;
+        Bind {
+            portal: b"",
+            statement: REJECT_STATEMENT,
+            param_formats: Vec::new(),
+            params: Vec::new(),
+            result_formats: Vec::new(),
+        }
+        .encode_with(&[], out)?;
+        crate::wire::put_message(out, fe::EXECUTE_TAG, |b| {
+            b.extend_from_slice(&[0]);
+            b.extend_from_slice(&0i32.to_be_bytes());
+        })?;
+        let mut session = lock(&self.session);
+        session.queue.push_back(Pending::Close { hidden: true });
+        session.queue.push_back(Pending::Parse { hidden: true });
+        session.queue.push_back(Pending::Bind { hidden: true });
+        session.queue.push_back(Pending::Execute {
+            portal: None,
+            copy_out: None,
+        });
+        drop(session);
+        self.skip_until_sync = true;
+        Ok(())
+    }
+
+    /// Resolve a COPY plan on a protected table: column positions of encrypted columns and of
+    /// the tenant column.
+    async fn copy_job(&self, plan: &crate::sql::CopyPlan) -> Result<CopyJob, ClientError> {
+        let engine = Arc::clone(self.cipher.engine());
+        let Some(table) = &plan.table else {
+            return Ok(CopyJob {
+                plan: plan.clone(),
+                targets: Vec::new(),
+                tenant_index: None,
+            });
+        };
+        let rule = engine.rules.table(&table.schema, &table.name).ok_or_else(|| {
+            ClientError::unsupported(format!(
+                "pgenvelope: no rule for {}.{}",
+                table.schema, table.name
+            ))
+        })?;
+        let columns = if plan.columns.is_empty() {
+            let db = lock(&self.session).db.clone();
+            engine
+                .catalog
+                .columns(&db, &table.schema, &table.name)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "catalog unavailable");
+                    ClientError::unavailable("pgenvelope: catalog look-up failed")
+                })?
+        } else {
+            plan.columns.clone()
+        };
+        let targets = columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| rule.column(c).map(|r| (i, r.clone())))
+            .collect();
+        let tenant_index = rule
+            .tenant_column()
+            .and_then(|t| columns.iter().position(|c| c == t));
+        Ok(CopyJob {
+            plan: plan.clone(),
+            targets,
+            tenant_index,
+        })
+    }
+
+    async fn start_copy_in(&mut self, job: CopyJob) -> Result<(), ClientError> {
+        let session_org = match job.tenant_index {
+            Some(_) => None,
+            None => match job.targets.first() {
+                Some((_, col)) => Some(self.session_tenant(col)?),
+                None => None,
+            },
+        };
+        let encoding = self.encoding();
+        let fallback = self.session_or_default();
+        self.copy_in = Some(CopyIn::new(job, session_org, fallback, encoding, self.max_row)?);
+        Ok(())
+    }
+
+    fn session_or_default(&self) -> Option<OrgId> {
+        lock(&self.session)
+            .tenant
+            .effective()
+            .cloned()
+            .or_else(|| self.cipher.engine().default_tenant.clone())
+    }
+
+    async fn on_copy(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        let tag = frame.tag();
+        if self.copy_failed {
+            if tag != fe::COPY_DATA_TAG {
+                self.copy_failed = false;
+            }
+            return Ok(());
+        }
+        let Some(copy) = self.copy_in.as_mut() else {
+            out.extend_from_slice(frame.raw());
+            return Ok(());
+        };
+        let result = match tag {
+            fe::COPY_DATA_TAG => copy.feed(frame.body(), &mut self.cipher, out).await,
+            fe::COPY_DONE_TAG => {
+                let r = copy.finish(&mut self.cipher, out).await;
+                if r.is_ok() {
+                    out.extend_from_slice(frame.raw());
+                    self.copy_in = None;
+                }
+                r
+            }
+            _ => {
+                self.copy_in = None;
+                out.extend_from_slice(frame.raw());
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            self.count_rejection();
+            tracing::debug!(code = e.code, "COPY refused");
+            self.copy_in = None;
+            self.copy_failed = tag == fe::COPY_DATA_TAG;
+            fe::put_copy_fail(out, &e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Outcome of preparing a simple query.
+#[derive(Default)]
+struct Prepared {
+    /// Rewritten SQL (client encoding), or `None` to forward the original.
+    sql: Option<Vec<u8>>,
+    /// COPY TO whose rows must be decrypted.
+    copy_out: Option<CopyJob>,
+}
+
+/// Parameter values of a Bind, with the statement's parameter types.
+struct BindValues<'a> {
+    bind: &'a Bind<'a>,
+    types: Vec<u32>,
+}
+
+impl BindValues<'_> {
+    /// Parameter `n` (1-based) as text: `None` for NULL.
+    fn text(&self, n: usize, encoding: &ClientEncoding) -> Result<Option<String>, ClientError> {
+        let bad = || ClientError::unsupported(format!("pgenvelope: parameter ${n} cannot be read as text"));
+        let Some(value) = n.checked_sub(1).and_then(|i| self.bind.params.get(i)) else {
+            return Err(bad());
+        };
+        let Some(raw) = value else {
+            return Ok(None);
+        };
+        if self.bind.param_format(n - 1) == fe::FORMAT_TEXT {
+            return encoding.decode(raw).map(|t| Some(t.into_owned())).map_err(|_| bad());
+        }
+        let ty = self.types.get(n - 1).copied().unwrap_or(0);
+        let text = match (ty, raw.len()) {
+            (21, 2) => i16::from_be_bytes([raw[0], raw[1]]).to_string(),
+            (23, 4) => i32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]).to_string(),
+            (20, 8) => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(raw);
+                i64::from_be_bytes(b).to_string()
+            }
+            (t, _) if TEXT_OIDS.contains(&t) || t == 19 => {
+                encoding.decode(raw).map_err(|_| bad())?.into_owned()
+            }
+            _ => return Err(bad()),
+        };
+        Ok(Some(text))
+    }
+}
+
+impl From<WireError> for ClientError {
+    fn from(_: WireError) -> Self {
+        ClientError::unsupported("pgenvelope: message could not be encoded")
+    }
+}

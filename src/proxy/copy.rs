@@ -1,0 +1,357 @@
+//! COPY payload rewriting: encrypt the configured columns of `COPY … FROM STDIN` rows and
+//! decrypt them in `COPY … TO STDOUT`, in text and CSV formats. Rows may span CopyData
+//! messages; untouched fields pass byte for byte.
+//!
+//! The row codec is synchronous, key look-ups are not: each chunk is rewritten with the keys
+//! already at hand; if a row needs a key that is not (a new organisation, a pre-encrypted
+//! value under another DEK), the chunk is rewritten again from a saved copy of the codec
+//! after fetching the missing keys. Only the keys change between attempts, so the output is
+//! the same as a single pass.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::crypto::{DekId, OrgId};
+use crate::keys::CachedDek;
+use crate::proxy::engine::{Cipher, Prepared};
+use crate::proxy::error::ClientError;
+use crate::proxy::session::CopyJob;
+use crate::rules::ColumnRule;
+use crate::sql::CopyFormat as SqlCopyFormat;
+use crate::wire::copy::{CopyError, CopyFormat, CopyRewriter, CopyRow};
+use crate::wire::encoding::ClientEncoding;
+use crate::wire::frontend::put_copy_data;
+
+/// Keys a chunk needs that are not at hand yet.
+#[derive(Default)]
+struct Needs {
+    orgs: HashSet<OrgId>,
+    deks: HashMap<DekId, ColumnRule>,
+}
+
+impl Needs {
+    fn is_empty(&self) -> bool {
+        self.orgs.is_empty() && self.deks.is_empty()
+    }
+}
+
+/// Keys fetched for this COPY.
+#[derive(Default)]
+struct KeyRing {
+    active: HashMap<OrgId, Arc<CachedDek>>,
+    by_id: HashMap<DekId, Arc<CachedDek>>,
+}
+
+impl KeyRing {
+    async fn fetch(&mut self, needs: Needs, cipher: &Cipher, any_column: Option<&ColumnRule>) -> Result<(), ClientError> {
+        for org in needs.orgs {
+            let column = any_column.ok_or_else(|| ClientError::unsupported("pgenvelope: COPY has no encrypted column"))?;
+            let dek = cipher.active_key(column, &org).await?;
+            self.active.insert(org, dek);
+        }
+        for (id, column) in needs.deks {
+            let dek = cipher.key_by_id(id, &column).await?;
+            self.by_id.insert(id, dek);
+        }
+        Ok(())
+    }
+}
+
+fn copy_format(plan: &crate::sql::CopyPlan, encoding: &ClientEncoding) -> Result<CopyFormat, ClientError> {
+    let unsupported = |what: &str| ClientError::unsupported(format!("pgenvelope: COPY {what} is not supported on encrypted tables"));
+    let mut format = match plan.format {
+        SqlCopyFormat::Text => CopyFormat::text(),
+        SqlCopyFormat::Csv => CopyFormat::csv(),
+        SqlCopyFormat::Binary => return Err(unsupported("in binary format")),
+    };
+    let byte = |c: char, what: &str| -> Result<u8, ClientError> {
+        u8::try_from(u32::from(c)).ok().filter(u8::is_ascii).ok_or_else(|| unsupported(what))
+    };
+    if let Some(d) = plan.delimiter {
+        format.delimiter = byte(d, "with a non-ASCII delimiter")?;
+    }
+    if let Some(q) = plan.quote {
+        format.quote = byte(q, "with a non-ASCII quote")?;
+        if plan.escape.is_none() {
+            format.escape = format.quote;
+        }
+    }
+    if let Some(e) = plan.escape {
+        format.escape = byte(e, "with a non-ASCII escape")?;
+    }
+    if let Some(n) = &plan.null {
+        format.null = encoding
+            .encode(n)
+            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
+            .into_owned();
+    }
+    format.header = plan.header;
+    if plan.encoding.is_some() {
+        return Err(unsupported("with an ENCODING option"));
+    }
+    Ok(format)
+}
+
+/// `COPY … FROM STDIN` into a table with encrypted columns.
+pub(crate) struct CopyIn {
+    job: CopyJob,
+    rewriter: CopyRewriter,
+    /// Organisation of every row when the tenant column is not in the COPY.
+    session_org: Option<OrgId>,
+    /// Organisation of rows whose tenant column is NULL.
+    fallback_org: Option<OrgId>,
+    encoding: ClientEncoding,
+    keys: KeyRing,
+}
+
+impl CopyIn {
+    pub(crate) fn new(
+        job: CopyJob,
+        session_org: Option<OrgId>,
+        fallback_org: Option<OrgId>,
+        encoding: ClientEncoding,
+        max_row: usize,
+    ) -> Result<Self, ClientError> {
+        let format = copy_format(&job.plan, &encoding)?;
+        let targets = job.targets.iter().map(|(i, _)| *i).collect();
+        let rewriter = CopyRewriter::new(format, targets, max_row)
+            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
+        Ok(Self {
+            job,
+            rewriter,
+            session_org,
+            fallback_org,
+            encoding,
+            keys: KeyRing::default(),
+        })
+    }
+
+    /// Rewrite one CopyData payload; complete rows are appended to `out` as CopyData.
+    pub(crate) async fn feed(&mut self, data: &[u8], cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+        self.run(Some(data), cipher, out).await
+    }
+
+    /// End of data: the last row (if it has no line ending).
+    pub(crate) async fn finish(&mut self, cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+        self.run(None, cipher, out).await
+    }
+
+    async fn run(&mut self, data: Option<&[u8]>, cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+        for _ in 0..3 {
+            let saved = self.rewriter.clone();
+            let mut buf = Vec::new();
+            let mut needs = Needs::default();
+            let mut failure = None;
+            let result = {
+                let mut f = |row: &mut CopyRow<'_>| self_row_in(row, &self.job, &self.session_org, &self.fallback_org, &self.encoding, &self.keys, cipher, &mut needs);
+                match data {
+                    Some(d) => self.rewriter.feed(d, &mut buf, &mut f),
+                    None => self.rewriter.finish(&mut buf, &mut f),
+                }
+            };
+            if let Err(e) = result {
+                failure = Some(copy_error(e, &self.job));
+            }
+            if needs.is_empty() {
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if !buf.is_empty() {
+                    put_copy_data(out, &buf)?;
+                }
+                return Ok(());
+            }
+            self.rewriter = saved;
+            let any = self.job.targets.first().map(|(_, c)| c.clone());
+            self.keys.fetch(needs, cipher, any.as_ref()).await?;
+        }
+        Err(ClientError::unavailable("pgenvelope: keys for COPY could not be loaded"))
+    }
+}
+
+/// The per-row callback of COPY FROM: encrypt every target column of the row.
+#[allow(clippy::too_many_arguments)]
+fn self_row_in(
+    row: &mut CopyRow<'_>,
+    job: &CopyJob,
+    session_org: &Option<OrgId>,
+    fallback_org: &Option<OrgId>,
+    encoding: &ClientEncoding,
+    keys: &KeyRing,
+    cipher: &mut Cipher,
+    needs: &mut Needs,
+) -> Result<(), ClientError> {
+    let Some((_, first)) = job.targets.first() else {
+        return Ok(());
+    };
+    let org = match job.tenant_index {
+        None => session_org.clone(),
+        Some(i) => match row.get(i) {
+            Some(Some(v)) => {
+                let text = encoding
+                    .decode(&v)
+                    .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
+                Some(OrgId::new(text.into_owned()).map_err(|_| {
+                    ClientError::privilege(format!(
+                        "pgenvelope: COPY row {} has an invalid tenant for {}",
+                        row.line(),
+                        first.qualified_name()
+                    ))
+                })?)
+            }
+            _ => fallback_org.clone(),
+        },
+    };
+    let Some(org) = org else {
+        return Err(ClientError::privilege(format!(
+            "pgenvelope: no tenant for COPY into {}: include the tenant column or SET pgenvelope.tenant",
+            first.qualified_name()
+        )));
+    };
+    let Some(dek) = keys.active.get(&org) else {
+        needs.orgs.insert(org);
+        return Ok(());
+    };
+    for (i, column) in &job.targets {
+        let Some(Some(value)) = row.get(*i) else {
+            continue;
+        };
+        let plaintext = encoding
+            .decode(&value)
+            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
+            .into_owned();
+        // A value that already is a valid enc:v1 value of this column and organisation is
+        // stored unchanged (restores of encrypted dumps).
+        if let Prepared::Sealed { parsed, column: c } = cipher.prepare(Some(column), plaintext.as_bytes())? {
+            let Some(existing) = keys.by_id.get(&parsed.dek_id()) else {
+                needs.deks.insert(parsed.dek_id(), c);
+                continue;
+            };
+            let opened = cipher.open_with(existing, &parsed, &c, None)?;
+            if opened.org != org {
+                return Err(ClientError::privilege(format!(
+                    "pgenvelope: COPY row {}: the encrypted value for {} belongs to another organisation",
+                    row.line(),
+                    column.qualified_name()
+                )));
+            }
+            continue;
+        }
+        let sealed = cipher.encrypt_with(dek, column, &org, plaintext.as_bytes())?;
+        row.set(*i, Some(sealed.into_bytes()));
+    }
+    Ok(())
+}
+
+fn copy_error(e: CopyError<ClientError>, job: &CopyJob) -> ClientError {
+    let table = job
+        .plan
+        .table
+        .as_ref()
+        .map(|t| format!("{}.{}", t.schema, t.name))
+        .unwrap_or_else(|| "query".to_owned());
+    match e {
+        CopyError::Callback(e) => e,
+        CopyError::RowTooLong { line } => ClientError::unsupported(format!("pgenvelope: COPY {table} row {line} is too long")),
+        CopyError::Malformed { line, what } => ClientError::unsupported(format!("pgenvelope: COPY {table} row {line} is malformed: {what}")),
+        CopyError::Unrepresentable { line, column } => ClientError::unsupported(format!("pgenvelope: COPY {table} row {line} column {column} cannot be represented")),
+    }
+}
+
+/// `COPY … TO STDOUT` whose rows may hold encrypted values.
+pub(crate) struct CopyOut {
+    job: CopyJob,
+    rewriter: CopyRewriter,
+    /// Column indexes and the rule each is known to come from (None: any enc:v1 value with a
+    /// known column id is decrypted).
+    columns: Vec<(usize, Option<ColumnRule>)>,
+    encoding: ClientEncoding,
+    tenant: Option<OrgId>,
+    keys: KeyRing,
+}
+
+impl CopyOut {
+    /// `ncols`: the column count from CopyOutResponse.
+    pub(crate) fn new(job: CopyJob, ncols: usize, encoding: ClientEncoding, tenant: Option<OrgId>, max_row: usize) -> Result<Self, ClientError> {
+        let format = copy_format(&job.plan, &encoding)?;
+        let columns: Vec<(usize, Option<ColumnRule>)> = if job.plan.table.is_some() {
+            job.targets.iter().map(|(i, c)| (*i, Some(c.clone()))).collect()
+        } else {
+            (0..ncols).map(|i| (i, None)).collect()
+        };
+        let rewriter = CopyRewriter::new(format, columns.iter().map(|(i, _)| *i).collect(), max_row)
+            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
+        Ok(Self {
+            job,
+            rewriter,
+            columns,
+            encoding,
+            tenant,
+            keys: KeyRing::default(),
+        })
+    }
+
+    /// Rewrite one CopyData payload from the server into `out` (as CopyData).
+    pub(crate) async fn feed(&mut self, data: &[u8], cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+        self.run(Some(data), cipher, out).await
+    }
+
+    /// End of the COPY data.
+    pub(crate) async fn finish(&mut self, cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+        self.run(None, cipher, out).await
+    }
+
+    async fn run(&mut self, data: Option<&[u8]>, cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+        for _ in 0..3 {
+            let saved = self.rewriter.clone();
+            let mut buf = Vec::new();
+            let mut needs = Needs::default();
+            let result = {
+                let columns = &self.columns;
+                let encoding = &self.encoding;
+                let tenant = self.tenant.as_ref();
+                let keys = &self.keys;
+                let mut f = |row: &mut CopyRow<'_>| -> Result<(), ClientError> {
+                    for (i, expected) in columns {
+                        let Some(Some(value)) = row.get(*i) else {
+                            continue;
+                        };
+                        let Prepared::Sealed { parsed, column } = cipher.prepare(expected.as_ref(), &value)? else {
+                            continue;
+                        };
+                        let Some(dek) = keys.by_id.get(&parsed.dek_id()) else {
+                            needs.deks.insert(parsed.dek_id(), column);
+                            continue;
+                        };
+                        let opened = cipher.open_with(dek, &parsed, &column, tenant)?;
+                        let text = String::from_utf8(opened.plaintext).map_err(|_| {
+                            ClientError::corrupted(format!("pgenvelope: value in {} is not text", column.qualified_name()))
+                        })?;
+                        let bytes = encoding
+                            .encode(&text)
+                            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
+                            .into_owned();
+                        row.set(*i, Some(bytes));
+                    }
+                    Ok(())
+                };
+                match data {
+                    Some(d) => self.rewriter.feed(d, &mut buf, &mut f),
+                    None => self.rewriter.finish(&mut buf, &mut f),
+                }
+            };
+            if needs.is_empty() {
+                result.map_err(|e| copy_error(e, &self.job))?;
+                if !buf.is_empty() {
+                    put_copy_data(out, &buf)?;
+                }
+                return Ok(());
+            }
+            self.rewriter = saved;
+            self.keys.fetch(needs, cipher, None).await?;
+        }
+        Err(ClientError::unavailable("pgenvelope: keys for COPY could not be loaded"))
+    }
+}

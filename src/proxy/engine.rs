@@ -1,0 +1,442 @@
+//! The encryption engine shared by all connections of a proxy, and the per-direction cipher
+//! that applies it to single values.
+//!
+//! Never logs values, parameters, keys or ciphertext: errors carry column names and SQLSTATEs
+//! only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::crypto::{looks_like_enc_v1, ColumnId, ColumnKey, DekId, EncV1, NonceSource, OrgId};
+use crate::keys::{CachedDek, KekProvider, KeyError, KeyManager, KeyManagerConfig, KeyStore};
+use crate::proxy::catalog::Catalog;
+use crate::proxy::error::ClientError;
+use crate::rules::{ColumnRule, RuleSet};
+use crate::sql::{Analysis, Protected, ProtectedTable};
+
+/// Counters of what the engine did (exported as metrics later; read by tests).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Values encrypted on the way in.
+    pub values_encrypted: AtomicU64,
+    /// Values decrypted on the way out.
+    pub values_decrypted: AtomicU64,
+    /// Plaintext values found in encrypted columns and passed through.
+    pub plaintext_reads: AtomicU64,
+    /// Statements refused.
+    pub statements_rejected: AtomicU64,
+    /// Values that failed to decrypt.
+    pub decrypt_failures: AtomicU64,
+}
+
+/// Settings and shared state of the encrypting layer.
+pub struct Engine {
+    pub(crate) rules: Arc<RuleSet>,
+    pub(crate) protected: Protected,
+    pub(crate) keys: Arc<KeyManager>,
+    pub(crate) catalog: Catalog,
+    pub(crate) default_tenant: Option<OrgId>,
+    pub(crate) strict_reads: bool,
+    plans: moka::sync::Cache<Arc<str>, Arc<Analysis>>,
+    /// What the engine did.
+    pub stats: EngineStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine({} rule tables)", self.rules.len())
+    }
+}
+
+impl Engine {
+    /// Build the engine from its settings: ensure the key store schema (retried in the
+    /// background while the key store is unreachable) and start the counter flusher.
+    pub async fn start(settings: EngineSettings) -> Result<Arc<Engine>, KeyError> {
+        let store = Arc::new(KeyStore::new(settings.service.clone(), &settings.key_schema)?);
+        match tokio::time::timeout(settings.connect_timeout, store.ensure_schema()).await {
+            Ok(Ok(())) => {}
+            outcome => {
+                let why = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                tracing::error!(error = %why, "key store not ready; retrying in the background");
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        if store.ensure_schema().await.is_ok() {
+                            tracing::info!("key store ready");
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        let keys = Arc::new(KeyManager::new(
+            store,
+            settings.kek,
+            KeyManagerConfig {
+                ttl: settings.key_cache_ttl,
+                capacity: settings.key_cache_capacity,
+            },
+        ));
+        keys.spawn_counter_flusher(std::time::Duration::from_secs(5), std::future::pending());
+        Ok(Arc::new(Engine::new(
+            Arc::new(settings.rules),
+            keys,
+            settings.service,
+            settings.connect_timeout,
+            settings.default_tenant,
+            settings.strict_reads,
+        )))
+    }
+
+    /// Build the engine.
+    pub fn new(
+        rules: Arc<RuleSet>,
+        keys: Arc<KeyManager>,
+        service: tokio_postgres::Config,
+        connect_timeout: std::time::Duration,
+        default_tenant: Option<OrgId>,
+        strict_reads: bool,
+    ) -> Self {
+        let protected = protected_from_rules(&rules);
+        Self {
+            rules,
+            protected,
+            keys,
+            catalog: Catalog::new(service, connect_timeout),
+            default_tenant,
+            strict_reads,
+            plans: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// The analysis of `sql`, from the plan cache when this text was seen before.
+    pub(crate) fn analyze(&self, sql: &str) -> Arc<Analysis> {
+        if let Some(hit) = self.plans.get(sql) {
+            return hit;
+        }
+        let analysis = Arc::new(crate::sql::analyze(sql, &self.protected));
+        self.plans.insert(Arc::from(sql), Arc::clone(&analysis));
+        analysis
+    }
+
+    /// Whether `sql` may touch protected tables or the tenant setting (no parsing).
+    pub(crate) fn might_touch(&self, sql: &str) -> bool {
+        crate::sql::might_touch(sql, &self.protected)
+    }
+
+    /// The rule of a column named by the analyser.
+    pub(crate) fn column_rule(&self, schema: &str, table: &str, column: &str) -> Option<&ColumnRule> {
+        self.rules.column(schema, table, column)
+    }
+}
+
+/// Everything the engine is built from.
+pub struct EngineSettings {
+    /// The rules (must not be empty: without rules the proxy is a plain pass-through).
+    pub rules: RuleSet,
+    /// The KEK provider.
+    pub kek: Arc<dyn KekProvider>,
+    /// Service connection settings (key store, catalog); the database holds the key store.
+    pub service: tokio_postgres::Config,
+    /// Key store schema name.
+    pub key_schema: String,
+    /// DEK cache TTL.
+    pub key_cache_ttl: std::time::Duration,
+    /// DEK cache capacity.
+    pub key_cache_capacity: u64,
+    /// Default tenant for writes.
+    pub default_tenant: Option<OrgId>,
+    /// Refuse plaintext in encrypted columns on read.
+    pub strict_reads: bool,
+    /// Timeout for service connections.
+    pub connect_timeout: std::time::Duration,
+}
+
+/// The analyser's view of the rules.
+pub(crate) fn protected_from_rules(rules: &RuleSet) -> Protected {
+    Protected::new(rules.tables().map(|t| ProtectedTable {
+        schema: t.schema().to_owned(),
+        name: t.name().to_owned(),
+        tenant_column: t.tenant_column().map(str::to_owned),
+        encrypted: t.columns().map(|c| c.column().to_owned()).collect(),
+    }))
+}
+
+/// A decrypted value.
+pub(crate) struct Decrypted {
+    /// Plaintext (UTF-8 as encrypted).
+    pub(crate) plaintext: Vec<u8>,
+    /// The organisation that owns the value.
+    pub(crate) org: OrgId,
+}
+
+/// What reading one value of a column found.
+pub(crate) enum ReadOutcome {
+    /// An enc:v1 value, decrypted.
+    Decrypted(Decrypted),
+    /// Not an enc:v1 value: passed through unchanged.
+    Plain,
+}
+
+/// Encrypts and decrypts single values for one direction of one connection: holds the nonce
+/// generator and derived per-column keys.
+pub(crate) struct Cipher {
+    engine: Arc<Engine>,
+    nonces: NonceSource,
+    /// Derived subkeys, valid while the cached DEK they came from is the same allocation.
+    subkeys: HashMap<(DekId, ColumnId), (Arc<CachedDek>, ColumnKey)>,
+}
+
+impl Cipher {
+    pub(crate) fn new(engine: Arc<Engine>) -> Self {
+        Self {
+            engine,
+            nonces: NonceSource::from_os_rng(),
+            subkeys: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+
+    /// Encrypt `plaintext` (UTF-8) for `column` under `org`'s active DEK.
+    pub(crate) async fn encrypt(
+        &mut self,
+        column: &ColumnRule,
+        org: &OrgId,
+        plaintext: &[u8],
+    ) -> Result<String, ClientError> {
+        let dek = self.active_key(column, org).await?;
+        self.encrypt_with(&dek, column, org, plaintext)
+    }
+
+    /// The active DEK of `org` (for a write to `column`).
+    pub(crate) async fn active_key(
+        &self,
+        column: &ColumnRule,
+        org: &OrgId,
+    ) -> Result<Arc<CachedDek>, ClientError> {
+        self.engine
+            .keys
+            .active_key(org)
+            .await
+            .map_err(|e| key_error(&e, column))
+    }
+
+    /// The DEK `id` (to read a value of `column`).
+    pub(crate) async fn key_by_id(
+        &self,
+        id: DekId,
+        column: &ColumnRule,
+    ) -> Result<Arc<CachedDek>, ClientError> {
+        match self.engine.keys.key_by_id(id).await {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                self.engine
+                    .stats
+                    .decrypt_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(key_error(&e, column))
+            }
+        }
+    }
+
+    /// Encrypt with an already fetched DEK.
+    pub(crate) fn encrypt_with(
+        &mut self,
+        dek: &Arc<CachedDek>,
+        column: &ColumnRule,
+        org: &OrgId,
+        plaintext: &[u8],
+    ) -> Result<String, ClientError> {
+        let sealed =
+            subkey(&mut self.subkeys, dek, column.id()).seal(org, plaintext, &mut self.nonces);
+        let sealed = sealed.map_err(|_| {
+            ClientError::unsupported(format!(
+                "pgenvelope: value for {} is too large to encrypt",
+                column.qualified_name()
+            ))
+        })?;
+        self.engine.keys.note_encryptions(dek.dek_id(), 1);
+        self.engine
+            .stats
+            .values_encrypted
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(sealed)
+    }
+
+    /// Read a value of a column whose origin is known (`expected`), or of a column with no
+    /// origin (`None`: only values that carry a header of a known rule column are decrypted).
+    ///
+    /// `tenant`: the session tenant; a value of another organisation is refused (42501).
+    pub(crate) async fn read(
+        &mut self,
+        expected: Option<&ColumnRule>,
+        value: &[u8],
+        tenant: Option<&OrgId>,
+    ) -> Result<ReadOutcome, ClientError> {
+        match self.prepare(expected, value)? {
+            Prepared::Plain => Ok(ReadOutcome::Plain),
+            Prepared::Sealed { parsed, column } => {
+                let dek = self.key_by_id(parsed.dek_id(), &column).await?;
+                self.open_with(&dek, &parsed, &column, tenant)
+                    .map(ReadOutcome::Decrypted)
+            }
+        }
+    }
+
+    /// First, synchronous half of [`Cipher::read`]: classify the value and check its header.
+    pub(crate) fn prepare(
+        &self,
+        expected: Option<&ColumnRule>,
+        value: &[u8],
+    ) -> Result<Prepared, ClientError> {
+        let stats = &self.engine.stats;
+        if !looks_like_enc_v1(value) {
+            if let Some(col) = expected {
+                if self.engine.strict_reads {
+                    stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(ClientError::corrupted(format!(
+                        "pgenvelope: {} holds a value that is not encrypted (strict_reads)",
+                        col.qualified_name()
+                    )));
+                }
+                stats.plaintext_reads.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(Prepared::Plain);
+        }
+        let fail = |what: &str, col: Option<&ColumnRule>| {
+            stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+            ClientError::corrupted(match col {
+                Some(c) => format!("pgenvelope: value in {} {what}", c.qualified_name()),
+                None => format!("pgenvelope: encrypted value {what}"),
+            })
+        };
+        let parsed = match EncV1::parse(value) {
+            Ok(p) => p,
+            // Text that merely starts like an enc:v1 value in a column we know nothing about
+            // is not ours.
+            Err(_) if expected.is_none() => return Ok(Prepared::Plain),
+            Err(_) => return Err(fail("is malformed", expected)),
+        };
+        let column = match expected {
+            Some(col) if parsed.column_id() != col.id() => {
+                return Err(fail("belongs to another column", expected))
+            }
+            Some(col) => col.clone(),
+            None => match self.engine.rules.by_column_id(parsed.column_id()) {
+                Some(col) => col.clone(),
+                None => return Ok(Prepared::Plain),
+            },
+        };
+        Ok(Prepared::Sealed { parsed, column })
+    }
+
+    /// Second, synchronous half of [`Cipher::read`]: open with the fetched DEK.
+    pub(crate) fn open_with(
+        &mut self,
+        dek: &Arc<CachedDek>,
+        parsed: &EncV1,
+        column: &ColumnRule,
+        tenant: Option<&OrgId>,
+    ) -> Result<Decrypted, ClientError> {
+        let stats = &self.engine.stats;
+        if let Some(t) = tenant {
+            if dek.org() != t {
+                stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(ClientError::privilege(format!(
+                    "pgenvelope: a value in {} belongs to another organisation than the session tenant",
+                    column.qualified_name()
+                )));
+            }
+        }
+        let org = dek.org().clone();
+        match subkey(&mut self.subkeys, dek, column.id()).open(&org, parsed) {
+            Ok(plaintext) => {
+                stats.values_decrypted.fetch_add(1, Ordering::Relaxed);
+                Ok(Decrypted { plaintext, org })
+            }
+            Err(_) => {
+                stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                Err(ClientError::corrupted(format!(
+                    "pgenvelope: value in {} fails authentication",
+                    column.qualified_name()
+                )))
+            }
+        }
+    }
+}
+
+/// Result of [`Cipher::prepare`].
+pub(crate) enum Prepared {
+    /// Not an enc:v1 value of a known column: pass through.
+    Plain,
+    /// An enc:v1 value of `column`, to open with the DEK its header names.
+    Sealed {
+        /// The parsed value.
+        parsed: EncV1,
+        /// Its column.
+        column: ColumnRule,
+    },
+}
+
+/// The derived subkey for (DEK, column), derived once per cached DEK allocation.
+fn subkey<'a>(
+    subkeys: &'a mut HashMap<(DekId, ColumnId), (Arc<CachedDek>, ColumnKey)>,
+    dek: &Arc<CachedDek>,
+    column: ColumnId,
+) -> &'a ColumnKey {
+    let key = (dek.dek_id(), column);
+    let fresh = match subkeys.get(&key) {
+        Some((cached, _)) => !Arc::ptr_eq(cached, dek),
+        None => true,
+    };
+    if fresh {
+        if subkeys.len() > 4096 {
+            subkeys.clear();
+        }
+        subkeys.remove(&key);
+    }
+    &subkeys
+        .entry(key)
+        .or_insert_with(|| (Arc::clone(dek), ColumnKey::derive(dek.key(), dek.dek_id(), column)))
+        .1
+}
+
+/// Map a key-management failure to what the client sees (58000 unavailable; XX001 for keys
+/// that are gone; 42501 for another organisation's key).
+pub(crate) fn key_error(e: &KeyError, column: &ColumnRule) -> ClientError {
+    tracing::warn!(error = %e, column = column.qualified_name(), "key unavailable");
+    let col = column.qualified_name();
+    match e {
+        KeyError::KekUnavailable { .. }
+        | KeyError::KeyStoreUnavailable { .. }
+        | KeyError::ActiveKeyContention { .. } => ClientError::unavailable(format!(
+            "pgenvelope: the key service is unavailable; cannot use keys for {col}"
+        )),
+        KeyError::UnwrapRejected { .. }
+        | KeyError::KekMismatch { .. }
+        | KeyError::InvalidStoreUrl { .. }
+        | KeyError::CorruptRecord { .. }
+        | KeyError::InvalidSchemaName { .. } => ClientError::unavailable(format!(
+            "pgenvelope: the data key for {col} cannot be unwrapped"
+        )),
+        KeyError::UnknownDek(_) => ClientError::corrupted(format!(
+            "pgenvelope: a value in {col} uses an unknown data key"
+        )),
+        KeyError::DestroyedDek(_) => ClientError::corrupted(format!(
+            "pgenvelope: a value in {col} uses a destroyed data key"
+        )),
+        KeyError::WrongOrg { .. } => ClientError::privilege(format!(
+            "pgenvelope: a value in {col} belongs to another organisation"
+        )),
+    }
+}

@@ -1,0 +1,427 @@
+//! Server → client direction of an encrypting session: matches every response to the
+//! request queued by the client side, learns result shapes from RowDescriptions, decrypts
+//! DataRow and COPY TO values of encrypted columns, swallows the answers to requests the
+//! proxy injected, and tracks transaction ends for the session tenant.
+//!
+//! A value that fails to decrypt (tampered, another organisation's under a session tenant,
+//! key unavailable) ends the result with an ErrorResponse carrying our SQLSTATE; the rest of
+//! the server's answer up to ReadyForQuery is dropped, so the client sees an ordinary failed
+//! statement and the connection stays in sync. Never logs values.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::crypto::OrgId;
+use crate::proxy::copy::CopyOut;
+use crate::proxy::engine::{Cipher, ReadOutcome};
+use crate::proxy::error::ClientError;
+use crate::proxy::pump::{Handler, PumpError};
+use crate::proxy::session::{lock, ColumnShape, Pending, SharedSession, Shape};
+use crate::wire::backend::{self as be, DataRow, FieldDescription, TransactionStatus};
+use crate::wire::encoding::ClientEncoding;
+use crate::wire::{Frame, WireError};
+
+/// Type OIDs whose values may be text: text, varchar, bpchar, name, unknown, json? (no).
+const TEXTLIKE_OIDS: &[u32] = &[25, 1043, 1042, 19, 705];
+
+/// The server → client handler.
+pub(crate) struct ServerSide {
+    pub(crate) session: SharedSession,
+    pub(crate) cipher: Cipher,
+    /// Shape of the result set being streamed (simple query).
+    current: Option<Arc<Shape>>,
+    /// COPY TO being decrypted.
+    copy_out: Option<CopyOut>,
+    /// After a decryption failure: drop everything up to ReadyForQuery.
+    suppress: bool,
+    /// An ErrorResponse was seen since the last ReadyForQuery.
+    error_in_cycle: bool,
+    /// The last CommandComplete tag since the last ReadyForQuery started with ROLLBACK.
+    rolled_back: bool,
+    pub(crate) max_row: usize,
+}
+
+impl ServerSide {
+    pub(crate) fn new(session: SharedSession, cipher: Cipher, max_row: usize) -> Self {
+        Self {
+            session,
+            cipher,
+            current: None,
+            copy_out: None,
+            suppress: false,
+            error_in_cycle: false,
+            rolled_back: false,
+            max_row,
+        }
+    }
+}
+
+impl Handler for ServerSide {
+    type Error = PumpError;
+
+    fn inspects(&self, tag: u8) -> bool {
+        !matches!(tag, be::NOTICE_RESPONSE_TAG | be::NOTIFICATION_RESPONSE_TAG)
+            || self.suppress
+    }
+
+    async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        match self.handle(&frame, out).await {
+            Ok(()) => Ok(()),
+            Err(Failure::Wire(e)) => Err(e.into()),
+            Err(Failure::Client(e)) => {
+                tracing::debug!(code = e.code, "result refused");
+                if !self.suppress {
+                    e.write(out);
+                }
+                self.suppress = true;
+                self.error_in_cycle = true;
+                self.copy_out = None;
+                self.current = None;
+                Ok(())
+            }
+        }
+    }
+}
+
+enum Failure {
+    Wire(WireError),
+    Client(ClientError),
+}
+
+impl From<WireError> for Failure {
+    fn from(e: WireError) -> Self {
+        Failure::Wire(e)
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Client(e)
+    }
+}
+
+impl ServerSide {
+    /// Forward `frame` unless suppressed or the request it answers was injected.
+    fn emit(&self, frame: &Frame, hidden: bool, out: &mut BytesMut) {
+        if !hidden && !self.suppress {
+            out.extend_from_slice(frame.raw());
+        }
+    }
+
+    async fn handle(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), Failure> {
+        let tag = frame.tag();
+        match tag {
+            be::NOTICE_RESPONSE_TAG | be::NOTIFICATION_RESPONSE_TAG => {
+                self.emit(frame, false, out);
+            }
+            be::PARAMETER_STATUS_TAG => {
+                let (name, value) = be::parse_parameter_status(frame.body())?;
+                if name == b"client_encoding" {
+                    lock(&self.session).encoding =
+                        ClientEncoding::from_name(&String::from_utf8_lossy(value));
+                }
+                self.emit(frame, false, out);
+            }
+            be::READY_FOR_QUERY_TAG => {
+                let status = be::parse_ready_for_query(frame.body())?;
+                {
+                    let mut session = lock(&self.session);
+                    while let Some(p) = session.queue.pop_front() {
+                        if matches!(p, Pending::Sync | Pending::Query { .. } | Pending::FunctionCall) {
+                            break;
+                        }
+                    }
+                    session.status = status;
+                    if status == TransactionStatus::Idle {
+                        session
+                            .tenant
+                            .end_transaction(self.rolled_back || self.error_in_cycle);
+                    }
+                }
+                self.suppress = false;
+                self.error_in_cycle = false;
+                self.rolled_back = false;
+                self.current = None;
+                self.copy_out = None;
+                self.emit(frame, false, out);
+            }
+            be::ERROR_RESPONSE_TAG => {
+                self.error_in_cycle = true;
+                self.copy_out = None;
+                let mut session = lock(&self.session);
+                let extended = matches!(
+                    session.queue.front(),
+                    Some(p) if !matches!(p, Pending::Query { .. } | Pending::FunctionCall | Pending::Sync)
+                );
+                if extended {
+                    // The server skips to Sync: so do the expectations.
+                    while let Some(p) = session.queue.front() {
+                        if matches!(p, Pending::Sync) {
+                            break;
+                        }
+                        session.queue.pop_front();
+                    }
+                }
+                drop(session);
+                self.emit(frame, false, out);
+            }
+            be::PARSE_COMPLETE_TAG | be::BIND_COMPLETE_TAG | be::CLOSE_COMPLETE_TAG => {
+                let popped = lock(&self.session).queue.pop_front();
+                let hidden = matches!(
+                    popped,
+                    Some(Pending::Parse { hidden: true } | Pending::Bind { hidden: true } | Pending::Close { hidden: true })
+                );
+                self.emit(frame, hidden, out);
+            }
+            be::PARAMETER_DESCRIPTION_TAG => {
+                let session = lock(&self.session);
+                let mut hidden = false;
+                if let Some(Pending::DescribeStatement { statement, hidden: h }) = session.queue.front() {
+                    hidden = *h;
+                    if let Ok(types) = be::parse_parameter_description(frame.body()) {
+                        statement
+                            .described_as
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .param_types = Some(types);
+                    }
+                }
+                drop(session);
+                self.emit(frame, hidden, out);
+            }
+            be::ROW_DESCRIPTION_TAG => {
+                let fields = be::parse_row_description(frame.body())?;
+                let shape = Arc::new(self.shape(&fields).await?);
+                let mut session = lock(&self.session);
+                let hidden = match session.queue.front() {
+                    Some(Pending::DescribeStatement { statement, hidden }) => {
+                        let hidden = *hidden;
+                        statement
+                            .described_as
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .shape = Some(shape);
+                        session.queue.pop_front();
+                        hidden
+                    }
+                    Some(Pending::DescribePortal { portal, hidden }) => {
+                        let hidden = *hidden;
+                        *portal.shape.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(shape);
+                        session.queue.pop_front();
+                        hidden
+                    }
+                    _ => {
+                        self.current = Some(shape);
+                        false
+                    }
+                };
+                drop(session);
+                self.emit(frame, hidden, out);
+            }
+            be::NO_DATA_TAG => {
+                let mut session = lock(&self.session);
+                let hidden = match session.queue.front() {
+                    Some(Pending::DescribeStatement { statement, hidden }) => {
+                        let hidden = *hidden;
+                        statement
+                            .described_as
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .shape = Some(Arc::new(Shape::default()));
+                        session.queue.pop_front();
+                        hidden
+                    }
+                    Some(Pending::DescribePortal { portal, hidden }) => {
+                        let hidden = *hidden;
+                        *portal.shape.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(Arc::new(Shape::default()));
+                        session.queue.pop_front();
+                        hidden
+                    }
+                    _ => false,
+                };
+                drop(session);
+                self.emit(frame, hidden, out);
+            }
+            be::DATA_ROW_TAG => {
+                if self.suppress {
+                    return Ok(());
+                }
+                let shape = {
+                    let session = lock(&self.session);
+                    match session.queue.front() {
+                        Some(Pending::Execute { portal: Some(p), .. }) => p.shape(),
+                        _ => self.current.clone(),
+                    }
+                };
+                match shape {
+                    Some(shape) if !shape.is_inert() => self.decrypt_row(&shape, frame, out).await?,
+                    _ => out.extend_from_slice(frame.raw()),
+                }
+            }
+            be::COMMAND_COMPLETE_TAG => {
+                let tag = be::parse_command_complete(frame.body())?;
+                self.note_command(tag);
+                self.current = None;
+                let mut session = lock(&self.session);
+                if matches!(session.queue.front(), Some(Pending::Execute { .. })) {
+                    session.queue.pop_front();
+                }
+                drop(session);
+                self.emit(frame, false, out);
+            }
+            be::EMPTY_QUERY_RESPONSE_TAG | be::PORTAL_SUSPENDED_TAG => {
+                let mut session = lock(&self.session);
+                if matches!(session.queue.front(), Some(Pending::Execute { .. })) {
+                    session.queue.pop_front();
+                }
+                drop(session);
+                self.emit(frame, false, out);
+            }
+            be::COPY_OUT_RESPONSE_TAG => {
+                let (_, formats) = be::parse_copy_response(tag, frame.body())?;
+                let job = {
+                    let session = lock(&self.session);
+                    match session.queue.front() {
+                        Some(Pending::Query { copy_out }) | Some(Pending::Execute { copy_out, .. }) => copy_out.clone(),
+                        _ => None,
+                    }
+                };
+                self.copy_out = match job {
+                    Some(job) => {
+                        let (encoding, tenant) = self.read_context();
+                        Some(CopyOut::new(job, formats.len(), encoding, tenant, self.max_row)?)
+                    }
+                    None => None,
+                };
+                self.emit(frame, false, out);
+            }
+            be::COPY_DATA_TAG if self.copy_out.is_some() => {
+                if self.suppress {
+                    return Ok(());
+                }
+                if let Some(copy) = self.copy_out.as_mut() {
+                    copy.feed(frame.body(), &mut self.cipher, out).await?;
+                }
+            }
+            be::COPY_DONE_TAG => {
+                if let Some(mut copy) = self.copy_out.take() {
+                    copy.finish(&mut self.cipher, out).await?;
+                }
+                self.emit(frame, false, out);
+            }
+            _ => self.emit(frame, false, out),
+        }
+        Ok(())
+    }
+
+    fn note_command(&mut self, tag: &[u8]) {
+        self.rolled_back = tag.starts_with(b"ROLLBACK");
+        let ddl = [
+            &b"CREATE TABLE"[..],
+            b"ALTER TABLE",
+            b"DROP TABLE",
+            b"DROP SCHEMA",
+            b"ALTER SCHEMA",
+            b"CREATE SCHEMA",
+            b"SELECT INTO",
+            b"CREATE TABLE AS",
+        ];
+        if ddl.iter().any(|d| tag.starts_with(d)) {
+            let db = lock(&self.session).db.clone();
+            self.cipher.engine().catalog.invalidate(&db);
+        }
+    }
+
+    /// Client encoding and session tenant (not the default tenant: it does not restrict reads).
+    fn read_context(&self) -> (ClientEncoding, Option<OrgId>) {
+        let session = lock(&self.session);
+        (session.encoding.clone(), session.tenant.effective().cloned())
+    }
+
+    async fn shape(&self, fields: &[FieldDescription]) -> Result<Shape, ClientError> {
+        let engine = Arc::clone(self.cipher.engine());
+        let db = lock(&self.session).db.clone();
+        let mut columns = Vec::with_capacity(fields.len());
+        for f in fields {
+            let mut rule = None;
+            let mut tenant_attnum = None;
+            if f.table_oid != 0 && f.attnum > 0 {
+                let table = engine
+                    .catalog
+                    .table(&db, f.table_oid, &engine.rules)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "catalog unavailable");
+                        ClientError::unavailable(
+                            "pgenvelope: catalog look-up failed; cannot tell encrypted columns",
+                        )
+                    })?;
+                if let Some(t) = table {
+                    rule = t.encrypted.get(&f.attnum).cloned();
+                    tenant_attnum = t.tenant_attnum;
+                }
+            }
+            let tenant_index = match (rule.is_some(), tenant_attnum) {
+                (true, Some(att)) => fields
+                    .iter()
+                    .position(|g| g.table_oid == f.table_oid && g.attnum == att),
+                _ => None,
+            };
+            columns.push(ColumnShape {
+                rule,
+                tenant_index,
+                textlike: TEXTLIKE_OIDS.contains(&f.type_oid),
+                format: f.format,
+            });
+        }
+        Ok(Shape { columns })
+    }
+
+    async fn decrypt_row(&mut self, shape: &Shape, frame: &Frame, out: &mut BytesMut) -> Result<(), Failure> {
+        let row = DataRow::parse(frame.body())?;
+        let (encoding, tenant) = self.read_context();
+        let mut replace: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
+        for (i, col) in shape.columns.iter().enumerate() {
+            if col.rule.is_none() && !col.textlike {
+                continue;
+            }
+            let Some(Some(value)) = row.get(i) else {
+                continue;
+            };
+            let ReadOutcome::Decrypted(d) = self.cipher.read(col.rule.as_ref(), value, tenant.as_ref()).await? else {
+                continue;
+            };
+            if let (Some(rule), Some(j)) = (&col.rule, col.tenant_index) {
+                // The row names its organisation: the value must be that organisation's.
+                let tcol = &shape.columns[j];
+                if let Some(Some(t)) = row.get(j) {
+                    let comparable = tcol.format == 0 || tcol.textlike;
+                    if comparable && t != d.org.as_str().as_bytes() {
+                        return Err(ClientError::corrupted(format!(
+                            "pgenvelope: value in {} belongs to another organisation than its row",
+                            rule.qualified_name()
+                        ))
+                        .into());
+                    }
+                }
+            }
+            let text = String::from_utf8(d.plaintext).map_err(|_| {
+                ClientError::corrupted("pgenvelope: a decrypted value is not text")
+            })?;
+            let bytes = encoding
+                .encode(&text)
+                .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
+                .into_owned();
+            replace.push((i, Some(bytes)));
+        }
+        if replace.is_empty() {
+            out.extend_from_slice(frame.raw());
+        } else {
+            row.encode_with(&replace, out)?;
+        }
+        Ok(())
+    }
+}
