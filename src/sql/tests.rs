@@ -932,3 +932,13 @@ fn update_moving_the_row_to_another_tenant() {
     rejected("update secrets set org_id = other_col, value = 'x'");
     ok("update secrets set org_id = other_col, value = NULL");
 }
+
+#[test]
+fn literals_spanning_lines_and_crlf() {
+    let sql = "insert into secrets\r\n (value, note)\r\n values ('a\r\nß\n☃', $x$\n\t€\n$x$)\r\n";
+    let a = ok(sql);
+    assert_eq!(text_at(sql, &a.literals[0]), "'a\r\nß\n☃'");
+    assert_eq!(a.literals[0].value, "a\r\nß\n☃");
+    assert_eq!(text_at(sql, &a.literals[1]), "$x$\n\t€\n$x$");
+    assert_eq!(a.literals[1].value, "\n\t€\n");
+}
