@@ -942,3 +942,19 @@ fn literals_spanning_lines_and_crlf() {
     assert_eq!(text_at(sql, &a.literals[1]), "$x$\n\t€\n$x$");
     assert_eq!(a.literals[1].value, "\n\t€\n");
 }
+
+#[test]
+fn long_single_line_bulk_insert() {
+    let rows: Vec<String> = (0..5000).map(|i| format!("({i}, 'välue {i}')")).collect();
+    let sql = format!(
+        "insert into secrets (org_id, value) values {}",
+        rows.join(", ")
+    );
+    let a = ok(&sql);
+    assert_eq!(a.literals.len(), 5000);
+    assert_eq!(text_at(&sql, &a.literals[4999]), "'välue 4999'");
+    assert_eq!(
+        a.literals[4999].tenant,
+        TenantSource::Literal("4999".into())
+    );
+}
