@@ -318,7 +318,8 @@ impl fmt::Debug for TenantChange {
     }
 }
 
-/// A transaction control statement, as seen.
+/// A transaction control statement, as seen. `COMMIT AND CHAIN` is reported as `Commit`
+/// followed by `Begin` (likewise `ROLLBACK AND CHAIN`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxControl {
     /// `BEGIN` / `START TRANSACTION`.

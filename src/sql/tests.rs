@@ -958,3 +958,22 @@ fn long_single_line_bulk_insert() {
         TenantSource::Literal("4999".into())
     );
 }
+
+#[test]
+fn chained_transactions_and_abort() {
+    let a = ok("BEGIN ISOLATION LEVEL SERIALIZABLE; ABORT; commit and chain; rollback and chain; rollback to sp");
+    assert_eq!(
+        a.tx_controls,
+        vec![
+            TxControl::Begin,
+            TxControl::Rollback,
+            TxControl::Commit,
+            TxControl::Begin,
+            TxControl::Rollback,
+            TxControl::Begin,
+            TxControl::RollbackTo("sp".into()),
+        ]
+    );
+    let a = ok("discard all");
+    assert_eq!(a.tenant_changes, vec![TenantChange::Reset { local: false }]);
+}
