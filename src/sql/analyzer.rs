@@ -175,15 +175,21 @@ impl<'a> Analyzer<'a> {
                 self.out.tx_controls.push(TxControl::Begin);
                 StatementKind::Transaction
             }
-            Statement::Commit { .. } => {
+            Statement::Commit { chain, .. } => {
                 self.out.tx_controls.push(TxControl::Commit);
+                if *chain {
+                    self.out.tx_controls.push(TxControl::Begin);
+                }
                 StatementKind::Transaction
             }
-            Statement::Rollback { savepoint, .. } => {
+            Statement::Rollback { savepoint, chain } => {
                 self.out.tx_controls.push(match savepoint {
                     Some(name) => TxControl::RollbackTo(fold(name)),
                     None => TxControl::Rollback,
                 });
+                if *chain && savepoint.is_none() {
+                    self.out.tx_controls.push(TxControl::Begin);
+                }
                 StatementKind::Transaction
             }
             Statement::Savepoint { name } => {

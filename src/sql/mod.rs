@@ -26,6 +26,51 @@
 //! column name is treated as encrypted if any relation in scope has an encrypted column of that
 //! name.
 //!
+//! # Write path
+//!
+//! A value written to an encrypted column (INSERT … VALUES, UPDATE … SET, ON CONFLICT DO UPDATE
+//! SET) must be a string literal (`'…'`, `E'…'`, `U&'…'`, `N'…'`, `$tag$…$tag$`), a `$n`
+//! parameter, NULL or DEFAULT, optionally cast to `text`, `varchar`, `character varying` or
+//! `bpchar`. Casts with a length (`varchar(n)`, `char`) are refused: PostgreSQL's explicit cast
+//! truncates silently and would corrupt the envelope. `SET enc = enc` and `SET enc =
+//! EXCLUDED.enc` (same column) are allowed. Everything else is refused, naming the column:
+//! functions, operators, subqueries, numbers, other columns, INSERT … SELECT, INSERT without a
+//! column list, multi-column `SET (…) = (…)` including an encrypted column, and a `$n` that feeds
+//! an encrypted column and is used anywhere else in the text.
+//!
+//! The tenant of a written row is the tenant column's literal or parameter in the same VALUES row,
+//! or in UPDATE the new value assigned to it, else a top-level `tenant_column = literal | $n`
+//! conjunct of the WHERE clause, else [`TenantSource::Session`].
+//!
+//! # Read path
+//!
+//! SELECT, subqueries, CTEs, RETURNING, WHERE/HAVING/JOIN ON and `COPY (query)` are checked with
+//! the rules in `read.rs`: projection, aliasing, text casts, `count(enc)` and `IS [NOT] NULL` are
+//! fine; comparison, pattern matching, ordering, grouping, DISTINCT, UNION/INTERSECT/EXCEPT
+//! without ALL, window partitioning, JOIN USING/NATURAL and any function or operator over an
+//! encrypted value are refused. Encryptedness follows columns through aliases, derived tables,
+//! CTEs and set operations; where `*` hides positions, the analyser assumes the worst.
+//!
+//! # Other statements
+//!
+//! DDL and maintenance on protected tables (CREATE/ALTER/DROP TABLE, CREATE INDEX, TRUNCATE,
+//! VACUUM, ANALYZE, GRANT, REVOKE, COMMENT, LOCK) pass, except a column default on an encrypted
+//! column. Statements that mention a protected table but cannot be analysed (MERGE, DO, CREATE
+//! FUNCTION/PROCEDURE/TRIGGER/RULE/VIEW/POLICY, …) are refused, as are parse errors when
+//! [`might_touch`] is true, SQL-level PREPARE whose parameters feed encrypted columns, and
+//! EXECUTE with arguments.
+//!
+//! # Known gaps
+//!
+//! - Server-side code is opaque: a function or procedure (`SELECT f('x')`, `CALL p('x')` on a
+//!   name that does not mention a protected table) that writes a protected table is not seen,
+//!   nor is dynamic SQL that builds a protected table's name from pieces.
+//! - Writes through views, partitions or inheritance children are protected only if those
+//!   relations are themselves listed as protected.
+//! - An ON CONFLICT DO UPDATE that reassigns the tenant column keeps the inserted row's tenant.
+//! - `COPY … FROM STDIN;` followed by more lines in the same query text is refused (sqlparser
+//!   reads those lines as inline COPY data).
+//!
 //! # Invariants
 //!
 //! - [`Analysis::literals`] is sorted by position and non-overlapping, and each range lies on
@@ -273,7 +318,8 @@ impl fmt::Debug for TenantChange {
     }
 }
 
-/// A transaction control statement, as seen.
+/// A transaction control statement, as seen. `COMMIT AND CHAIN` is reported as `Commit`
+/// followed by `Begin` (likewise `ROLLBACK AND CHAIN`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxControl {
     /// `BEGIN` / `START TRANSACTION`.

@@ -932,3 +932,48 @@ fn update_moving_the_row_to_another_tenant() {
     rejected("update secrets set org_id = other_col, value = 'x'");
     ok("update secrets set org_id = other_col, value = NULL");
 }
+
+#[test]
+fn literals_spanning_lines_and_crlf() {
+    let sql = "insert into secrets\r\n (value, note)\r\n values ('a\r\nß\n☃', $x$\n\t€\n$x$)\r\n";
+    let a = ok(sql);
+    assert_eq!(text_at(sql, &a.literals[0]), "'a\r\nß\n☃'");
+    assert_eq!(a.literals[0].value, "a\r\nß\n☃");
+    assert_eq!(text_at(sql, &a.literals[1]), "$x$\n\t€\n$x$");
+    assert_eq!(a.literals[1].value, "\n\t€\n");
+}
+
+#[test]
+fn long_single_line_bulk_insert() {
+    let rows: Vec<String> = (0..5000).map(|i| format!("({i}, 'välue {i}')")).collect();
+    let sql = format!(
+        "insert into secrets (org_id, value) values {}",
+        rows.join(", ")
+    );
+    let a = ok(&sql);
+    assert_eq!(a.literals.len(), 5000);
+    assert_eq!(text_at(&sql, &a.literals[4999]), "'välue 4999'");
+    assert_eq!(
+        a.literals[4999].tenant,
+        TenantSource::Literal("4999".into())
+    );
+}
+
+#[test]
+fn chained_transactions_and_abort() {
+    let a = ok("BEGIN ISOLATION LEVEL SERIALIZABLE; ABORT; commit and chain; rollback and chain; rollback to sp");
+    assert_eq!(
+        a.tx_controls,
+        vec![
+            TxControl::Begin,
+            TxControl::Rollback,
+            TxControl::Commit,
+            TxControl::Begin,
+            TxControl::Rollback,
+            TxControl::Begin,
+            TxControl::RollbackTo("sp".into()),
+        ]
+    );
+    let a = ok("discard all");
+    assert_eq!(a.tenant_changes, vec![TenantChange::Reset { local: false }]);
+}

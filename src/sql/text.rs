@@ -5,6 +5,7 @@
 //! with PostgreSQL's rules (standard_conforming_strings on), not taken from sqlparser, so that the
 //! value encrypted is exactly the value PostgreSQL would have stored.
 
+use std::cell::Cell;
 use std::ops::Range;
 
 use sqlparser::tokenizer::{Location, Span};
@@ -14,6 +15,9 @@ pub(crate) struct Positions<'a> {
     sql: &'a str,
     /// Invariant: byte offset of the first character of each line; `line_starts[0] == 0`.
     line_starts: Vec<usize>,
+    /// Last resolved position as (line index, character column, byte offset), so that resolving
+    /// many literals of one long line in order stays linear.
+    cursor: Cell<(usize, usize, usize)>,
 }
 
 impl<'a> Positions<'a> {
@@ -25,31 +29,36 @@ impl<'a> Positions<'a> {
                 .filter(|&(_, b)| b == b'\n')
                 .map(|(i, _)| i + 1),
         );
-        Positions { sql, line_starts }
+        Positions {
+            sql,
+            line_starts,
+            cursor: Cell::new((0, 0, 0)),
+        }
     }
 
     /// Byte offset of a 1-based (line, character column) location.
     pub(crate) fn offset(&self, loc: Location) -> Option<usize> {
         let line = usize::try_from(loc.line).ok()?.checked_sub(1)?;
         let col = usize::try_from(loc.column).ok()?.checked_sub(1)?;
-        let start = *self.line_starts.get(line)?;
+        let line_start = *self.line_starts.get(line)?;
+        let (cursor_line, cursor_col, cursor_byte) = self.cursor.get();
+        let (mut seen, start) = if cursor_line == line && cursor_col <= col {
+            (cursor_col, cursor_byte)
+        } else {
+            (0, line_start)
+        };
         let rest = self.sql.get(start..)?;
-        let mut chars = rest.char_indices();
-        let mut seen = 0;
-        loop {
-            match chars.next() {
-                Some((i, c)) => {
-                    if seen == col {
-                        return Some(start + i);
-                    }
-                    if c == '\n' {
-                        return None;
-                    }
-                    seen += 1;
-                }
-                None => return (seen == col).then_some(self.sql.len()),
+        for (i, c) in rest.char_indices() {
+            if seen == col {
+                self.cursor.set((line, col, start + i));
+                return Some(start + i);
             }
+            if c == '\n' {
+                return None;
+            }
+            seen += 1;
         }
+        (seen == col).then_some(self.sql.len())
     }
 
     /// Byte range of a span (end exclusive).
