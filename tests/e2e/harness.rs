@@ -23,6 +23,9 @@ pub fn main_pg() -> (String, u16) {
 /// A running proxy.
 pub struct TestProxy {
     addr: SocketAddr,
+    pub engine: Option<std::sync::Arc<pgenvelope::proxy::Engine>>,
+    pub key_schema: String,
+    _dir: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -35,6 +38,16 @@ pub struct ProxyOptions {
     pub max_connections: usize,
     pub max_message_size: usize,
     pub connect_timeout: Duration,
+    /// Rule file contents; `Some` turns on encryption.
+    pub rules: Option<String>,
+    pub default_tenant: Option<String>,
+    pub strict_reads: bool,
+    /// Key store schema (unique per proxy unless shared on purpose).
+    pub key_schema: String,
+    /// KEK file (a fresh one in a temp dir unless shared on purpose).
+    pub kek_path: Option<std::path::PathBuf>,
+    /// Database holding the key store.
+    pub key_db: String,
 }
 
 impl ProxyOptions {
@@ -45,7 +58,21 @@ impl ProxyOptions {
             max_connections: 1000,
             max_message_size: (1 << 30) - 1,
             connect_timeout: Duration::from_secs(5),
+            rules: None,
+            default_tenant: None,
+            strict_reads: false,
+            key_schema: unique("pgenvelope_t"),
+            kek_path: None,
+            key_db: "test".to_owned(),
         }
+    }
+
+    /// Encrypting proxy in front of the shared test PostgreSQL with these rules.
+    pub fn encrypting(rules: &str) -> Self {
+        let (host, port) = main_pg();
+        let mut o = Self::to(&host, port);
+        o.rules = Some(rules.to_owned());
+        o
     }
 }
 
@@ -58,6 +85,9 @@ impl TestProxy {
 
     /// A proxy with explicit options.
     pub fn with(opts: ProxyOptions) -> Self {
+        let key_schema = opts.key_schema.clone();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kek_path = opts.kek_path.clone().unwrap_or_else(|| dir.path().join("kek"));
         let (addr_tx, addr_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -67,18 +97,49 @@ impl TestProxy {
                 .build()
                 .expect("test runtime");
             rt.block_on(async move {
-                let server = Server::bind(ProxyConfig {
+                let engine = match &opts.rules {
+                    None => None,
+                    Some(text) => {
+                        let rules = pgenvelope::rules::RuleSet::from_sources(&[("test-rules.toml", text.as_str())])
+                            .expect("valid test rules");
+                        let kek = pgenvelope::keys::LocalKek::open_or_create(&kek_path).expect("kek");
+                        let mut service = tokio_postgres::Config::new();
+                        service
+                            .host(&opts.upstream_host)
+                            .port(opts.upstream_port)
+                            .user("postgres")
+                            .dbname(&opts.key_db);
+                        let engine = pgenvelope::proxy::Engine::start(pgenvelope::proxy::EngineSettings {
+                            rules,
+                            kek: std::sync::Arc::new(kek),
+                            service,
+                            key_schema: opts.key_schema.clone(),
+                            key_cache_ttl: Duration::from_secs(300),
+                            key_cache_capacity: 10_000,
+                            default_tenant: opts
+                                .default_tenant
+                                .as_ref()
+                                .map(|t| pgenvelope::crypto::OrgId::new(t.clone()).expect("org")),
+                            strict_reads: opts.strict_reads,
+                            connect_timeout: opts.connect_timeout,
+                        })
+                        .await
+                        .expect("engine");
+                        Some(engine)
+                    }
+                };
+                let server = Server::bind_with(ProxyConfig {
                     listen: "127.0.0.1:0".parse().expect("literal address"),
                     upstream_host: opts.upstream_host,
                     upstream_port: opts.upstream_port,
                     max_connections: opts.max_connections,
                     max_message_size: opts.max_message_size,
                     connect_timeout: opts.connect_timeout,
-                })
+                }, engine.clone())
                 .await
                 .expect("bind proxy");
                 addr_tx
-                    .send(server.local_addr().expect("local addr"))
+                    .send((server.local_addr().expect("local addr"), engine))
                     .expect("send addr");
                 server
                     .run(async {
@@ -88,9 +149,12 @@ impl TestProxy {
             });
             // Dropping the runtime here cancels every connection task.
         });
-        let addr = addr_rx.recv().expect("proxy started");
+        let (addr, engine) = addr_rx.recv().expect("proxy started");
         TestProxy {
             addr,
+            engine,
+            key_schema,
+            _dir: Some(dir),
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -132,6 +196,13 @@ impl Drop for TestProxy {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if self.engine.is_some() {
+            let (host, port) = main_pg();
+            let _ = std::process::Command::new("psql")
+                .args(["-X", "-q", "-h", &host, "-p", &port.to_string(), "-U", "postgres", "-d", "test", "-c"])
+                .arg(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.key_schema))
+                .output();
         }
     }
 }

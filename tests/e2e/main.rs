@@ -6,6 +6,7 @@
 mod support;
 
 mod clients;
+mod encryption;
 mod cluster_smoke;
 mod harness;
 mod passthrough;

@@ -1,0 +1,486 @@
+//! The encrypting proxy end to end: every write form stores enc:v1 and reads back as
+//! plaintext; fail-closed refusals leave nothing written and the session usable.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, TryStreamExt};
+use tokio_postgres::error::SqlState;
+
+use crate::harness::{connect, main_pg, unique, ProxyOptions, TestProxy};
+
+/// A vault table per test and an encrypting proxy for it.
+pub struct Vault {
+    pub proxy: TestProxy,
+    pub table: String,
+}
+
+pub fn vault_rules(table: &str) -> String {
+    format!(
+        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\", \"note\"]\n"
+    )
+}
+
+pub async fn direct() -> tokio_postgres::Client {
+    let (host, port) = main_pg();
+    connect(&format!("host={host} port={port} user=postgres dbname=test"))
+        .await
+        .unwrap()
+}
+
+impl Vault {
+    pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(f: impl FnOnce(&mut ProxyOptions)) -> Self {
+        let table = unique("vault");
+        direct()
+            .await
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id serial primary key, org_id text not null, name text, value text, note varchar)"
+            ))
+            .await
+            .unwrap();
+        let mut opts = ProxyOptions::encrypting(&vault_rules(&table));
+        f(&mut opts);
+        let proxy = TestProxy::with(opts);
+        Vault { proxy, table }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.proxy.pg_config("postgres", None, "test")).await.unwrap()
+    }
+
+    /// All stored (org_id, value, note) straight from PostgreSQL.
+    pub async fn stored(&self) -> Vec<(String, Option<String>, Option<String>)> {
+        direct()
+            .await
+            .query(&format!("SELECT org_id, value, note::text FROM {} ORDER BY id", self.table), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// Every non-NULL encrypted column holds enc:v1 and none holds one of `plaintexts`.
+    pub async fn assert_encrypted_at_rest(&self, plaintexts: &[&str]) {
+        for (_, value, note) in self.stored().await {
+            for v in [value, note].into_iter().flatten() {
+                assert!(v.starts_with("enc:v1:"), "stored in plaintext");
+                for p in plaintexts {
+                    assert!(!v.contains(p));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        let (host, port) = main_pg();
+        let _ = std::process::Command::new("psql")
+            .args(["-X", "-q", "-h", &host, "-p", &port.to_string(), "-U", "postgres", "-d", "test", "-c"])
+            .arg(format!("DROP TABLE IF EXISTS {}", self.table))
+            .output();
+    }
+}
+
+fn code(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
+
+#[tokio::test]
+async fn seed_scenario_insert_and_select_through_the_proxy() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    client
+        .execute(
+            &format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3)"),
+            &[&"acme", &"stripe_secret", &"sk_live_abc123"],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {t} (org_id, name, value, note) VALUES ('globex', 'db', 'hunter2', 'ünïcødé ✓')"
+        ))
+        .await
+        .unwrap();
+    let rows = client
+        .query(&format!("SELECT org_id, name, value, note FROM {t} ORDER BY id"), &[])
+        .await
+        .unwrap();
+    let got: Vec<(String, String, String, Option<String>)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("acme".into(), "stripe_secret".into(), "sk_live_abc123".into(), None),
+            ("globex".into(), "db".into(), "hunter2".into(), Some("ünïcødé ✓".into())),
+        ]
+    );
+    v.assert_encrypted_at_rest(&["sk_live_abc123", "hunter2", "ünïcødé"]).await;
+    // Each organisation has its own DEK.
+    let stored = v.stored().await;
+    let dek = |s: &str| {
+        let parsed = pgenvelope::crypto::EncV1::parse(s.as_bytes()).unwrap();
+        parsed.dek_id()
+    };
+    assert_ne!(dek(stored[0].1.as_deref().unwrap()), dek(stored[1].1.as_deref().unwrap()));
+}
+
+#[tokio::test]
+async fn every_write_form_round_trips() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    // Multi-row VALUES, columns in another order, DEFAULT, NULL, a multi-statement string.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {t} (value, org_id, name, note) VALUES ('v1', 'o1', 'a', DEFAULT), ('v2', 'o1', 'b', NULL); \
+             INSERT INTO {t} (name, org_id, value) VALUES ('c', 'o2', E'it''s\\ttabbed')"
+        ))
+        .await
+        .unwrap();
+    // UPDATE with a WHERE on the tenant, RETURNING an encrypted column.
+    let row = client
+        .query_one(
+            &format!("UPDATE {t} SET value = 'v1-updated' WHERE org_id = 'o1' AND name = 'a' RETURNING value"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "v1-updated");
+    // UPDATE with a parameter and FROM.
+    client
+        .execute(
+            &format!("UPDATE {t} SET note = $1 FROM (SELECT 1) AS x WHERE {t}.org_id = $2 AND name = 'b'"),
+            &[&"note-b", &"o1"],
+        )
+        .await
+        .unwrap();
+    // ON CONFLICT DO UPDATE with EXCLUDED and with a literal.
+    client
+        .batch_execute(&format!("CREATE UNIQUE INDEX ON {t} (org_id, name)"))
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (org_id, name) DO UPDATE SET value = EXCLUDED.value"
+            ),
+            &[&"o2", &"c", &"replaced"],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {t} (org_id, name, value) VALUES ('o2', 'c', 'ignored') \
+             ON CONFLICT (org_id, name) DO UPDATE SET note = 'from-conflict'"
+        ))
+        .await
+        .unwrap();
+    let rows = client
+        .query(&format!("SELECT name, value, note FROM {t} ORDER BY name"), &[])
+        .await
+        .unwrap();
+    let got: Vec<(String, Option<String>, Option<String>)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a".into(), Some("v1-updated".into()), None),
+            ("b".into(), Some("v2".into()), Some("note-b".into())),
+            ("c".into(), Some("replaced".into()), Some("from-conflict".into())),
+        ]
+    );
+    v.assert_encrypted_at_rest(&["v1-updated", "note-b", "replaced", "from-conflict"]).await;
+}
+
+#[tokio::test]
+async fn copy_in_text_and_csv_and_copy_out() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    let sink = client
+        .copy_in(&format!("COPY {t} (org_id, name, value) FROM STDIN"))
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    let mut data = String::new();
+    for i in 0..300 {
+        data.push_str(&format!("org{}\tn{i}\tsecret\\t{i}\n", i % 3));
+    }
+    data.push_str("org0\tnull-value\t\\N\n");
+    // Split the payload at an awkward place so rows span CopyData messages.
+    let (a, b) = data.split_at(1001);
+    sink.send(bytes::Bytes::from(a.to_owned())).await.unwrap();
+    sink.send(bytes::Bytes::from(b.to_owned())).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 301);
+
+    let sink = client
+        .copy_in(&format!("COPY {t} (org_id, name, value, note) FROM STDIN WITH (FORMAT csv)"))
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"org9,csv,\"comma, and \"\"quote\"\"\",\"multi\nline\"\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+
+    v.assert_encrypted_at_rest(&["secret", "comma", "multi"]).await;
+    let stored = v.stored().await;
+    assert_eq!(stored.iter().filter(|r| r.1.is_none()).count(), 1, "NULL stays NULL");
+
+    let out: Vec<bytes::Bytes> = client
+        .copy_out(&format!("COPY {t} (name, value, note) TO STDOUT WITH (FORMAT csv)"))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let text = String::from_utf8(out.concat()).unwrap();
+    assert!(text.contains("n7,secret\t7,"), "{text}");
+    assert!(text.contains("csv,\"comma, and \"\"quote\"\"\",\"multi\nline\""), "{text}");
+    let out: Vec<bytes::Bytes> = client
+        .copy_out(&format!("COPY (SELECT value FROM {t} WHERE name = 'n5') TO STDOUT"))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(out.concat(), b"secret\\t5\n".to_vec());
+}
+
+#[tokio::test]
+async fn fail_closed_refusals_write_nothing_and_keep_the_session() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    client
+        .execute(&format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, 'x', $2)"), &[&"acme", &"s"])
+        .await
+        .unwrap();
+    let refused = [
+        format!("INSERT INTO {t} (org_id, name, value) SELECT org_id, name, value FROM {t}"),
+        format!("INSERT INTO {t} (org_id, name, value) VALUES ('acme', 'y', upper('plain'))"),
+        format!("INSERT INTO {t} (org_id, name, value) VALUES ('acme', 'y', 'a' || 'b')"),
+        format!("SELECT * FROM {t} WHERE value = 's'"),
+        format!("SELECT * FROM {t} WHERE value LIKE 's%'"),
+        format!("SELECT * FROM {t} ORDER BY value"),
+        format!("SELECT value, count(*) FROM {t} GROUP BY value"),
+        format!("SELECT DISTINCT value FROM {t}"),
+        format!("SELECT length(value) FROM {t}"),
+        format!("SELECT * FROM {t} WHERE value IN ('a', 'b')"),
+        format!("UPDATE {t} SET value = note"),
+    ];
+    for sql in &refused {
+        let err = client.simple_query(sql).await.expect_err(sql);
+        assert_eq!(code(&err).as_deref(), Some("0A000"), "{sql}: {err}");
+        let msg = err.as_db_error().unwrap().message().to_owned();
+        assert!(msg.starts_with("pgenvelope:"), "{msg}");
+        assert!(msg.contains(&format!("{t}.")), "names the column: {msg}");
+        // Extended protocol too.
+        let err = client.query(sql.as_str(), &[]).await.expect_err(sql);
+        assert_eq!(code(&err).as_deref(), Some("0A000"), "{sql}: {err}");
+        // The session goes on.
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    // Allowed reads.
+    for sql in [
+        format!("SELECT count(value) FROM {t}"),
+        format!("SELECT * FROM {t} WHERE value IS NOT NULL"),
+        format!("SELECT value AS v FROM {t} WHERE org_id = 'acme'"),
+    ] {
+        client.simple_query(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // Nothing was written by the refused statements.
+    assert_eq!(v.stored().await.len(), 1);
+    // In a transaction, a refusal aborts it like any error.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .simple_query(&format!("INSERT INTO {t} (org_id, name, value) VALUES ('acme', 'in-tx', 'p')"))
+        .await
+        .unwrap();
+    let _ = client
+        .simple_query(&format!("SELECT * FROM {t} ORDER BY value"))
+        .await
+        .expect_err("refused");
+    let err = client.simple_query("SELECT 1").await.expect_err("aborted");
+    assert_eq!(err.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(v.stored().await.len(), 1);
+}
+
+#[tokio::test]
+async fn pipelined_batch_with_a_refusal_in_the_middle_stays_in_sync() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    let ins = format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3)");
+    let bad = format!("SELECT * FROM {t} WHERE value = $1");
+    let a = client.execute(ins.as_str(), &[&"o", &"a", &"1"]);
+    let b = client.query(bad.as_str(), &[&"1"]);
+    let c = client.execute(ins.as_str(), &[&"o", &"c", &"3"]);
+    let sel = format!("SELECT value FROM {t} ORDER BY id");
+    let d = client.query(sel.as_str(), &[]);
+    let (a, b, c, d) = tokio::join!(a, b, c, d);
+    a.unwrap();
+    assert_eq!(code(&b.unwrap_err()).as_deref(), Some("0A000"));
+    c.unwrap();
+    let vals: Vec<String> = d.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(vals, vec!["1".to_owned(), "3".to_owned()]);
+}
+
+#[tokio::test]
+async fn session_tenant_default_tenant_and_missing_tenant() {
+    let table = unique("notes");
+    direct()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id serial, body text)"))
+        .await
+        .unwrap();
+    let rules = format!("[[table]]\nname = \"{table}\"\nencrypt = [\"body\"]\n");
+    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
+    let client = connect(&proxy.pg_config("postgres", None, "test")).await.unwrap();
+    let ins = format!("INSERT INTO {table} (body) VALUES ($1)");
+    let err = client.execute(ins.as_str(), &[&"x"]).await.unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
+    client.batch_execute("SET pgenvelope.tenant = 'acme'").await.unwrap();
+    client.execute(ins.as_str(), &[&"for acme"]).await.unwrap();
+    // SET LOCAL in a rolled-back transaction does not stick.
+    client
+        .batch_execute("BEGIN; SET LOCAL pgenvelope.tenant = 'other'; ROLLBACK")
+        .await
+        .unwrap();
+    client
+        .batch_execute("BEGIN; SET pgenvelope.tenant = 'rolled'; ROLLBACK")
+        .await
+        .unwrap();
+    client.execute(ins.as_str(), &[&"still acme"]).await.unwrap();
+    let rows = client
+        .query(&format!("SELECT body FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    // Another organisation's session cannot read acme's values.
+    let other = connect(&proxy.pg_config("postgres", None, "test")).await.unwrap();
+    other.batch_execute("SET pgenvelope.tenant = 'globex'").await.unwrap();
+    let err = other
+        .query(&format!("SELECT body FROM {table}"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
+    other.simple_query("SELECT 1").await.unwrap();
+    // Startup option sets the tenant too.
+    let opt = connect(&format!(
+        "{} options='-c pgenvelope.tenant=acme'",
+        proxy.pg_config("postgres", None, "test")
+    ))
+    .await
+    .unwrap();
+    let n = opt
+        .query(&format!("SELECT body FROM {table}"), &[])
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(n, 2);
+    drop(proxy);
+    // --default-tenant
+    let mut opts = ProxyOptions::encrypting(&rules);
+    opts.default_tenant = Some("fallback".into());
+    let proxy = TestProxy::with(opts);
+    let client = connect(&proxy.pg_config("postgres", None, "test")).await.unwrap();
+    client.execute(ins.as_str(), &[&"default"]).await.unwrap();
+    direct()
+        .await
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn tampering_swaps_and_copies_are_detected_on_read() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    for (org, name, value) in [("a", "k1", "alpha"), ("b", "k2", "bravo")] {
+        client
+            .execute(&format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3)"), &[&org, &name, &value])
+            .await
+            .unwrap();
+    }
+    let d = direct().await;
+    let read = |sql: String| {
+        let client = &client;
+        async move { client.query(sql.as_str(), &[]).await }
+    };
+    // Swap the two organisations' values directly in PostgreSQL.
+    d.batch_execute(&format!(
+        "UPDATE {t} SET value = CASE name WHEN 'k1' THEN (SELECT value FROM {t} WHERE name = 'k2') \
+         ELSE (SELECT value FROM {t} WHERE name = 'k1') END"
+    ))
+    .await
+    .unwrap();
+    let err = read(format!("SELECT org_id, value FROM {t}")).await.unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+    client.simple_query("SELECT 1").await.unwrap();
+    // Swap back, then copy a value into the other encrypted column.
+    d.batch_execute(&format!(
+        "UPDATE {t} SET value = CASE name WHEN 'k1' THEN (SELECT value FROM {t} WHERE name = 'k2') \
+         ELSE (SELECT value FROM {t} WHERE name = 'k1') END"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(read(format!("SELECT org_id, value FROM {t}")).await.unwrap().len(), 2);
+    d.batch_execute(&format!("UPDATE {t} SET note = value WHERE name = 'k1'"))
+        .await
+        .unwrap();
+    let err = read(format!("SELECT note FROM {t} WHERE org_id = 'a'")).await.unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+    d.batch_execute(&format!("UPDATE {t} SET note = NULL")).await.unwrap();
+    // Flip one character of the ciphertext.
+    d.batch_execute(&format!(
+        "UPDATE {t} SET value = overlay(value placing (CASE substr(value, 20, 1) WHEN 'A' THEN 'B' ELSE 'A' END) from 20 for 1) WHERE name = 'k2'"
+    ))
+    .await
+    .unwrap();
+    let err = client
+        .simple_query(&format!("SELECT value FROM {t} WHERE name = 'k2'"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+    // The untouched row still reads, on the same connection.
+    let rows = read(format!("SELECT value FROM {t} WHERE name = 'k1'")).await.unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "alpha");
+    // Plaintext left in an encrypted column passes through (migration) ...
+    d.batch_execute(&format!("UPDATE {t} SET value = 'legacy' WHERE name = 'k2'"))
+        .await
+        .unwrap();
+    let rows = read(format!("SELECT value FROM {t} WHERE name = 'k2'")).await.unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "legacy");
+    let engine = v.proxy.engine.as_ref().unwrap();
+    assert!(engine.stats.plaintext_reads.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test]
+async fn strict_reads_refuse_plaintext() {
+    let v = Vault::with(|o| o.strict_reads = true).await;
+    let t = &v.table;
+    direct()
+        .await
+        .batch_execute(&format!("INSERT INTO {t} (org_id, name, value) VALUES ('a', 'k', 'legacy')"))
+        .await
+        .unwrap();
+    let client = v.client().await;
+    let err = client
+        .query(&format!("SELECT value FROM {t}"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"));
+    tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1"))
+        .await
+        .unwrap()
+        .unwrap();
+}
