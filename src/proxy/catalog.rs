@@ -188,7 +188,8 @@ impl Catalog {
             let mut config = self.service.clone();
             config.dbname(db);
             config.application_name("pgenvelope-catalog");
-            let connect = tokio::time::timeout(self.connect_timeout, config.connect(tokio_postgres::NoTls));
+            let connect =
+                tokio::time::timeout(self.connect_timeout, config.connect(tokio_postgres::NoTls));
             let (client, conn) = match connect.await {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(e)) => return Err(self.err(db, &e)),

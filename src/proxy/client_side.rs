@@ -147,7 +147,9 @@ impl ClientSide {
                 copy_out,
                 ..
             }) => {
-                lock(&self.session).queue.push_back(Pending::Query { copy_out });
+                lock(&self.session)
+                    .queue
+                    .push_back(Pending::Query { copy_out });
                 out.extend_from_slice(frame.raw());
             }
             Ok(Prepared {
@@ -155,14 +157,18 @@ impl ClientSide {
                 copy_out,
                 ..
             }) => {
-                lock(&self.session).queue.push_back(Pending::Query { copy_out });
+                lock(&self.session)
+                    .queue
+                    .push_back(Pending::Query { copy_out });
                 fe::put_query(out, &new_sql)?;
             }
             Err(e) => {
                 self.count_rejection();
                 self.copy_in = None;
                 tracing::debug!(code = e.code, "statement refused");
-                lock(&self.session).queue.push_back(Pending::Query { copy_out: None });
+                lock(&self.session)
+                    .queue
+                    .push_back(Pending::Query { copy_out: None });
                 fe::put_query(out, e.raise_sql().as_bytes())?;
             }
         }
@@ -210,7 +216,10 @@ impl ClientSide {
         for site in &analysis.literals {
             let column = self.rule(&site.column.schema, &site.column.table, &site.column.column)?;
             let org = self.tenant_for(&site.tenant, &column, bind)?;
-            let Some(sealed) = self.seal_value(&column, &org, site.value.as_bytes()).await? else {
+            let Some(sealed) = self
+                .seal_value(&column, &org, site.value.as_bytes())
+                .await?
+            else {
                 continue;
             };
             replacements.push((site.range.clone(), format!("'{sealed}'")));
@@ -482,7 +491,8 @@ impl ClientSide {
             return Ok(None);
         }
         let encoding = self.encoding();
-        let mut params: Vec<Option<Vec<u8>>> = bind.params.iter().map(|p| p.map(<[u8]>::to_vec)).collect();
+        let mut params: Vec<Option<Vec<u8>>> =
+            bind.params.iter().map(|p| p.map(<[u8]>::to_vec)).collect();
         let mut changed = false;
         for site in &analysis.params {
             let Some(Some(raw)) = bind.params.get(site.index - 1).copied() else {
@@ -548,7 +558,12 @@ impl ClientSide {
         let portal = lock(&self.session).portals.get(name).cloned();
         let mut copy_out = None;
         if let Some(portal) = &portal {
-            if let Some(plan) = portal.statement.analysis.as_ref().and_then(|a| a.copy.clone()) {
+            if let Some(plan) = portal
+                .statement
+                .analysis
+                .as_ref()
+                .and_then(|a| a.copy.clone())
+            {
                 let job = match self.copy_job(&plan).await {
                     Ok(job) => job,
                     Err(e) => return self.reject_extended(&e, out),
@@ -569,10 +584,12 @@ impl ClientSide {
                 // to find encrypted columns, so ask for it and swallow the answer.
                 fe::put_describe(out, Target::Portal, name)?;
                 portal.described.store(true, Ordering::Relaxed);
-                lock(&self.session).queue.push_back(Pending::DescribePortal {
-                    portal: Arc::clone(portal),
-                    hidden: true,
-                });
+                lock(&self.session)
+                    .queue
+                    .push_back(Pending::DescribePortal {
+                        portal: Arc::clone(portal),
+                        hidden: true,
+                    });
             }
         }
         lock(&self.session)
@@ -650,12 +667,15 @@ impl ClientSide {
                 tenant_index: None,
             });
         };
-        let rule = engine.rules.table(&table.schema, &table.name).ok_or_else(|| {
-            ClientError::unsupported(format!(
-                "pgenvelope: no rule for {}.{}",
-                table.schema, table.name
-            ))
-        })?;
+        let rule = engine
+            .rules
+            .table(&table.schema, &table.name)
+            .ok_or_else(|| {
+                ClientError::unsupported(format!(
+                    "pgenvelope: no rule for {}.{}",
+                    table.schema, table.name
+                ))
+            })?;
         let columns = if plan.columns.is_empty() {
             let db = lock(&self.session).db.clone();
             engine
@@ -694,7 +714,13 @@ impl ClientSide {
         };
         let encoding = self.encoding();
         let fallback = self.session_or_default();
-        self.copy_in = Some(CopyIn::new(job, session_org, fallback, encoding, self.max_row)?);
+        self.copy_in = Some(CopyIn::new(
+            job,
+            session_org,
+            fallback,
+            encoding,
+            self.max_row,
+        )?);
         Ok(())
     }
 
@@ -763,7 +789,9 @@ struct BindValues<'a> {
 impl BindValues<'_> {
     /// Parameter `n` (1-based) as text: `None` for NULL.
     fn text(&self, n: usize, encoding: &ClientEncoding) -> Result<Option<String>, ClientError> {
-        let bad = || ClientError::unsupported(format!("pgenvelope: parameter ${n} cannot be read as text"));
+        let bad = || {
+            ClientError::unsupported(format!("pgenvelope: parameter ${n} cannot be read as text"))
+        };
         let Some(value) = n.checked_sub(1).and_then(|i| self.bind.params.get(i)) else {
             return Err(bad());
         };
@@ -771,7 +799,10 @@ impl BindValues<'_> {
             return Ok(None);
         };
         if self.bind.param_format(n - 1) == fe::FORMAT_TEXT {
-            return encoding.decode(raw).map(|t| Some(t.into_owned())).map_err(|_| bad());
+            return encoding
+                .decode(raw)
+                .map(|t| Some(t.into_owned()))
+                .map_err(|_| bad());
         }
         let ty = self.types.get(n - 1).copied().unwrap_or(0);
         let text = match (ty, raw.len()) {

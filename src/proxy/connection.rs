@@ -16,18 +16,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::crypto::OrgId;
 use crate::proxy::cancel::{CancelGuard, CancelRegistry};
+use crate::proxy::client_side::ClientSide;
+use crate::proxy::engine::Cipher;
 use crate::proxy::error::ConnError;
 use crate::proxy::pump::{self, Handler, PumpError};
+use crate::proxy::server_side::ServerSide;
+use crate::proxy::session::Session;
 use crate::proxy::Shared;
 use crate::wire::backend::{self, TransactionStatus};
 use crate::wire::header::scan_startup;
 use crate::wire::startup::{StartupPacket, StartupParams};
-use crate::crypto::OrgId;
-use crate::proxy::client_side::ClientSide;
-use crate::proxy::engine::Cipher;
-use crate::proxy::server_side::ServerSide;
-use crate::proxy::session::Session;
 use crate::wire::{Frame, WireError};
 
 /// How long a client may take to send its startup packet (PostgreSQL's
@@ -161,7 +161,13 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
             let mut to_server = ClientToServer;
             let mut to_client = ServerToClient { tracker };
             let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
-            let s2c = pump::run(&mut server_r, &mut client_w, &mut to_client, BytesMut::new(), limit);
+            let s2c = pump::run(
+                &mut server_r,
+                &mut client_w,
+                &mut to_client,
+                BytesMut::new(),
+                limit,
+            );
             tokio::select! {
                 r = c2s => r.map_err(ConnError::from_client_pump),
                 r = s2c => r.map_err(ConnError::from_server_pump),
@@ -187,7 +193,13 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
                 inner: ServerSide::new(session, Cipher::new(Arc::clone(engine)), limit),
             };
             let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
-            let s2c = pump::run(&mut server_r, &mut client_w, &mut to_client, BytesMut::new(), limit);
+            let s2c = pump::run(
+                &mut server_r,
+                &mut client_w,
+                &mut to_client,
+                BytesMut::new(),
+                limit,
+            );
             tokio::select! {
                 r = c2s => r.map_err(ConnError::from_client_pump),
                 r = s2c => r.map_err(ConnError::from_server_pump),
@@ -299,7 +311,9 @@ impl Tracker {
     pub(crate) fn observes(tag: u8) -> bool {
         matches!(
             tag,
-            backend::PARAMETER_STATUS_TAG | backend::BACKEND_KEY_DATA_TAG | backend::READY_FOR_QUERY_TAG
+            backend::PARAMETER_STATUS_TAG
+                | backend::BACKEND_KEY_DATA_TAG
+                | backend::READY_FOR_QUERY_TAG
         )
     }
 
@@ -403,5 +417,7 @@ fn startup_tenant_text(params: &StartupParams<'_>) -> Option<String> {
 /// A startup tenant that is not a valid organisation id is refused at once.
 fn invalid_startup_tenant(params: &StartupParams<'_>) -> Option<ConnError> {
     let text = startup_tenant_text(params)?;
-    OrgId::new(text).err().map(|_| ConnError::InvalidStartupTenant)
+    OrgId::new(text)
+        .err()
+        .map(|_| ConnError::InvalidStartupTenant)
 }

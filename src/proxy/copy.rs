@@ -45,9 +45,16 @@ struct KeyRing {
 }
 
 impl KeyRing {
-    async fn fetch(&mut self, needs: Needs, cipher: &Cipher, any_column: Option<&ColumnRule>) -> Result<(), ClientError> {
+    async fn fetch(
+        &mut self,
+        needs: Needs,
+        cipher: &Cipher,
+        any_column: Option<&ColumnRule>,
+    ) -> Result<(), ClientError> {
         for org in needs.orgs {
-            let column = any_column.ok_or_else(|| ClientError::unsupported("pgenvelope: COPY has no encrypted column"))?;
+            let column = any_column.ok_or_else(|| {
+                ClientError::unsupported("pgenvelope: COPY has no encrypted column")
+            })?;
             let dek = cipher.active_key(column, &org).await?;
             self.active.insert(org, dek);
         }
@@ -59,15 +66,25 @@ impl KeyRing {
     }
 }
 
-fn copy_format(plan: &crate::sql::CopyPlan, encoding: &ClientEncoding) -> Result<CopyFormat, ClientError> {
-    let unsupported = |what: &str| ClientError::unsupported(format!("pgenvelope: COPY {what} is not supported on encrypted tables"));
+fn copy_format(
+    plan: &crate::sql::CopyPlan,
+    encoding: &ClientEncoding,
+) -> Result<CopyFormat, ClientError> {
+    let unsupported = |what: &str| {
+        ClientError::unsupported(format!(
+            "pgenvelope: COPY {what} is not supported on encrypted tables"
+        ))
+    };
     let mut format = match plan.format {
         SqlCopyFormat::Text => CopyFormat::text(),
         SqlCopyFormat::Csv => CopyFormat::csv(),
         SqlCopyFormat::Binary => return Err(unsupported("in binary format")),
     };
     let byte = |c: char, what: &str| -> Result<u8, ClientError> {
-        u8::try_from(u32::from(c)).ok().filter(u8::is_ascii).ok_or_else(|| unsupported(what))
+        u8::try_from(u32::from(c))
+            .ok()
+            .filter(u8::is_ascii)
+            .ok_or_else(|| unsupported(what))
     };
     if let Some(d) = plan.delimiter {
         format.delimiter = byte(d, "with a non-ASCII delimiter")?;
@@ -129,23 +146,48 @@ impl CopyIn {
     }
 
     /// Rewrite one CopyData payload; complete rows are appended to `out` as CopyData.
-    pub(crate) async fn feed(&mut self, data: &[u8], cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+    pub(crate) async fn feed(
+        &mut self,
+        data: &[u8],
+        cipher: &mut Cipher,
+        out: &mut BytesMut,
+    ) -> Result<(), ClientError> {
         self.run(Some(data), cipher, out).await
     }
 
     /// End of data: the last row (if it has no line ending).
-    pub(crate) async fn finish(&mut self, cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+    pub(crate) async fn finish(
+        &mut self,
+        cipher: &mut Cipher,
+        out: &mut BytesMut,
+    ) -> Result<(), ClientError> {
         self.run(None, cipher, out).await
     }
 
-    async fn run(&mut self, data: Option<&[u8]>, cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+    async fn run(
+        &mut self,
+        data: Option<&[u8]>,
+        cipher: &mut Cipher,
+        out: &mut BytesMut,
+    ) -> Result<(), ClientError> {
         for _ in 0..3 {
             let saved = self.rewriter.clone();
             let mut buf = Vec::new();
             let mut needs = Needs::default();
             let mut failure = None;
             let result = {
-                let mut f = |row: &mut CopyRow<'_>| self_row_in(row, &self.job, &self.session_org, &self.fallback_org, &self.encoding, &self.keys, cipher, &mut needs);
+                let mut f = |row: &mut CopyRow<'_>| {
+                    self_row_in(
+                        row,
+                        &self.job,
+                        &self.session_org,
+                        &self.fallback_org,
+                        &self.encoding,
+                        &self.keys,
+                        cipher,
+                        &mut needs,
+                    )
+                };
                 match data {
                     Some(d) => self.rewriter.feed(d, &mut buf, &mut f),
                     None => self.rewriter.finish(&mut buf, &mut f),
@@ -167,7 +209,9 @@ impl CopyIn {
             let any = self.job.targets.first().map(|(_, c)| c.clone());
             self.keys.fetch(needs, cipher, any.as_ref()).await?;
         }
-        Err(ClientError::unavailable("pgenvelope: keys for COPY could not be loaded"))
+        Err(ClientError::unavailable(
+            "pgenvelope: keys for COPY could not be loaded",
+        ))
     }
 }
 
@@ -224,7 +268,9 @@ fn self_row_in(
             .into_owned();
         // A value that already is a valid enc:v1 value of this column and organisation is
         // stored unchanged (restores of encrypted dumps).
-        if let Prepared::Sealed { parsed, column: c } = cipher.prepare(Some(column), plaintext.as_bytes())? {
+        if let Prepared::Sealed { parsed, column: c } =
+            cipher.prepare(Some(column), plaintext.as_bytes())?
+        {
             let Some(existing) = keys.by_id.get(&parsed.dek_id()) else {
                 needs.deks.insert(parsed.dek_id(), c);
                 continue;
@@ -254,9 +300,15 @@ fn copy_error(e: CopyError<ClientError>, job: &CopyJob) -> ClientError {
         .unwrap_or_else(|| "query".to_owned());
     match e {
         CopyError::Callback(e) => e,
-        CopyError::RowTooLong { line } => ClientError::unsupported(format!("pgenvelope: COPY {table} row {line} is too long")),
-        CopyError::Malformed { line, what } => ClientError::unsupported(format!("pgenvelope: COPY {table} row {line} is malformed: {what}")),
-        CopyError::Unrepresentable { line, column } => ClientError::unsupported(format!("pgenvelope: COPY {table} row {line} column {column} cannot be represented")),
+        CopyError::RowTooLong { line } => {
+            ClientError::unsupported(format!("pgenvelope: COPY {table} row {line} is too long"))
+        }
+        CopyError::Malformed { line, what } => ClientError::unsupported(format!(
+            "pgenvelope: COPY {table} row {line} is malformed: {what}"
+        )),
+        CopyError::Unrepresentable { line, column } => ClientError::unsupported(format!(
+            "pgenvelope: COPY {table} row {line} column {column} cannot be represented"
+        )),
     }
 }
 
@@ -274,15 +326,25 @@ pub(crate) struct CopyOut {
 
 impl CopyOut {
     /// `ncols`: the column count from CopyOutResponse.
-    pub(crate) fn new(job: CopyJob, ncols: usize, encoding: ClientEncoding, tenant: Option<OrgId>, max_row: usize) -> Result<Self, ClientError> {
+    pub(crate) fn new(
+        job: CopyJob,
+        ncols: usize,
+        encoding: ClientEncoding,
+        tenant: Option<OrgId>,
+        max_row: usize,
+    ) -> Result<Self, ClientError> {
         let format = copy_format(&job.plan, &encoding)?;
         let columns: Vec<(usize, Option<ColumnRule>)> = if job.plan.table.is_some() {
-            job.targets.iter().map(|(i, c)| (*i, Some(c.clone()))).collect()
+            job.targets
+                .iter()
+                .map(|(i, c)| (*i, Some(c.clone())))
+                .collect()
         } else {
             (0..ncols).map(|i| (i, None)).collect()
         };
-        let rewriter = CopyRewriter::new(format, columns.iter().map(|(i, _)| *i).collect(), max_row)
-            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
+        let rewriter =
+            CopyRewriter::new(format, columns.iter().map(|(i, _)| *i).collect(), max_row)
+                .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
         Ok(Self {
             job,
             rewriter,
@@ -294,16 +356,30 @@ impl CopyOut {
     }
 
     /// Rewrite one CopyData payload from the server into `out` (as CopyData).
-    pub(crate) async fn feed(&mut self, data: &[u8], cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+    pub(crate) async fn feed(
+        &mut self,
+        data: &[u8],
+        cipher: &mut Cipher,
+        out: &mut BytesMut,
+    ) -> Result<(), ClientError> {
         self.run(Some(data), cipher, out).await
     }
 
     /// End of the COPY data.
-    pub(crate) async fn finish(&mut self, cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+    pub(crate) async fn finish(
+        &mut self,
+        cipher: &mut Cipher,
+        out: &mut BytesMut,
+    ) -> Result<(), ClientError> {
         self.run(None, cipher, out).await
     }
 
-    async fn run(&mut self, data: Option<&[u8]>, cipher: &mut Cipher, out: &mut BytesMut) -> Result<(), ClientError> {
+    async fn run(
+        &mut self,
+        data: Option<&[u8]>,
+        cipher: &mut Cipher,
+        out: &mut BytesMut,
+    ) -> Result<(), ClientError> {
         for _ in 0..3 {
             let saved = self.rewriter.clone();
             let mut buf = Vec::new();
@@ -318,7 +394,9 @@ impl CopyOut {
                         let Some(Some(value)) = row.get(*i) else {
                             continue;
                         };
-                        let Prepared::Sealed { parsed, column } = cipher.prepare(expected.as_ref(), &value)? else {
+                        let Prepared::Sealed { parsed, column } =
+                            cipher.prepare(expected.as_ref(), &value)?
+                        else {
                             continue;
                         };
                         let Some(dek) = keys.by_id.get(&parsed.dek_id()) else {
@@ -327,7 +405,10 @@ impl CopyOut {
                         };
                         let opened = cipher.open_with(dek, &parsed, &column, tenant)?;
                         let text = String::from_utf8(opened.plaintext).map_err(|_| {
-                            ClientError::corrupted(format!("pgenvelope: value in {} is not text", column.qualified_name()))
+                            ClientError::corrupted(format!(
+                                "pgenvelope: value in {} is not text",
+                                column.qualified_name()
+                            ))
                         })?;
                         let bytes = encoding
                             .encode(&text)
@@ -352,6 +433,8 @@ impl CopyOut {
             self.rewriter = saved;
             self.keys.fetch(needs, cipher, None).await?;
         }
-        Err(ClientError::unavailable("pgenvelope: keys for COPY could not be loaded"))
+        Err(ClientError::unavailable(
+            "pgenvelope: keys for COPY could not be loaded",
+        ))
     }
 }

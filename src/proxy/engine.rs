@@ -53,7 +53,10 @@ impl Engine {
     /// Build the engine from its settings: ensure the key store schema (retried in the
     /// background while the key store is unreachable) and start the counter flusher.
     pub async fn start(settings: EngineSettings) -> Result<Arc<Engine>, KeyError> {
-        let store = Arc::new(KeyStore::new(settings.service.clone(), &settings.key_schema)?);
+        let store = Arc::new(KeyStore::new(
+            settings.service.clone(),
+            &settings.key_schema,
+        )?);
         match tokio::time::timeout(settings.connect_timeout, store.ensure_schema()).await {
             Ok(Ok(())) => {}
             outcome => {
@@ -131,7 +134,12 @@ impl Engine {
     }
 
     /// The rule of a column named by the analyser.
-    pub(crate) fn column_rule(&self, schema: &str, table: &str, column: &str) -> Option<&ColumnRule> {
+    pub(crate) fn column_rule(
+        &self,
+        schema: &str,
+        table: &str,
+        column: &str,
+    ) -> Option<&ColumnRule> {
         self.rules.column(schema, table, column)
     }
 }
@@ -205,7 +213,6 @@ impl Cipher {
     pub(crate) fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
-
 
     /// Encrypt `plaintext` (UTF-8) for `column` under `org`'s active DEK.
     pub(crate) async fn encrypt(
@@ -407,7 +414,12 @@ fn subkey<'a>(
     }
     &subkeys
         .entry(key)
-        .or_insert_with(|| (Arc::clone(dek), ColumnKey::derive(dek.key(), dek.dek_id(), column)))
+        .or_insert_with(|| {
+            (
+                Arc::clone(dek),
+                ColumnKey::derive(dek.key(), dek.dek_id(), column),
+            )
+        })
         .1
 }
 

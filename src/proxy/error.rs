@@ -207,7 +207,10 @@ mod tests {
     fn raise_sql_escapes_quotes_and_dollars() {
         let e = ClientError::unsupported("pgenvelope: it's $pgenvelope$ \\ bad");
         let sql = e.raise_sql();
-        assert!(sql.contains("E'pgenvelope: it\\'s \\x24pgenvelope\\x24 \\\\ bad'"), "{sql}");
+        assert!(
+            sql.contains("E'pgenvelope: it\\'s \\x24pgenvelope\\x24 \\\\ bad'"),
+            "{sql}"
+        );
         assert_eq!(sql.matches("$pgenvelope$").count(), 2);
     }
 }

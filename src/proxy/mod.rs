@@ -86,7 +86,10 @@ impl Server {
     }
 
     /// Bind the listening socket, with the encrypting layer when `engine` is given.
-    pub async fn bind_with(config: ProxyConfig, engine: Option<Arc<Engine>>) -> std::io::Result<Server> {
+    pub async fn bind_with(
+        config: ProxyConfig,
+        engine: Option<Arc<Engine>>,
+    ) -> std::io::Result<Server> {
         let listener = TcpListener::bind(config.listen).await?;
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(config.max_connections)),

@@ -17,7 +17,7 @@ use crate::proxy::copy::CopyOut;
 use crate::proxy::engine::{Cipher, ReadOutcome};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
-use crate::proxy::session::{lock, ColumnShape, Pending, SharedSession, Shape};
+use crate::proxy::session::{lock, ColumnShape, Pending, Shape, SharedSession};
 use crate::wire::backend::{self as be, DataRow, FieldDescription, TransactionStatus};
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::{Frame, WireError};
@@ -61,8 +61,7 @@ impl Handler for ServerSide {
     type Error = PumpError;
 
     fn inspects(&self, tag: u8) -> bool {
-        !matches!(tag, be::NOTICE_RESPONSE_TAG | be::NOTIFICATION_RESPONSE_TAG)
-            || self.suppress
+        !matches!(tag, be::NOTICE_RESPONSE_TAG | be::NOTIFICATION_RESPONSE_TAG) || self.suppress
     }
 
     async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
@@ -128,7 +127,10 @@ impl ServerSide {
                 {
                     let mut session = lock(&self.session);
                     while let Some(p) = session.queue.pop_front() {
-                        if matches!(p, Pending::Sync | Pending::Query { .. } | Pending::FunctionCall) {
+                        if matches!(
+                            p,
+                            Pending::Sync | Pending::Query { .. } | Pending::FunctionCall
+                        ) {
                             break;
                         }
                     }
@@ -170,14 +172,22 @@ impl ServerSide {
                 let popped = lock(&self.session).queue.pop_front();
                 let hidden = matches!(
                     popped,
-                    Some(Pending::Parse { hidden: true } | Pending::Bind { hidden: true } | Pending::Close { hidden: true })
+                    Some(
+                        Pending::Parse { hidden: true }
+                            | Pending::Bind { hidden: true }
+                            | Pending::Close { hidden: true }
+                    )
                 );
                 self.emit(frame, hidden, out);
             }
             be::PARAMETER_DESCRIPTION_TAG => {
                 let session = lock(&self.session);
                 let mut hidden = false;
-                if let Some(Pending::DescribeStatement { statement, hidden: h }) = session.queue.front() {
+                if let Some(Pending::DescribeStatement {
+                    statement,
+                    hidden: h,
+                }) = session.queue.front()
+                {
                     hidden = *h;
                     if let Ok(types) = be::parse_parameter_description(frame.body()) {
                         statement
@@ -207,8 +217,10 @@ impl ServerSide {
                     }
                     Some(Pending::DescribePortal { portal, hidden }) => {
                         let hidden = *hidden;
-                        *portal.shape.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                            Some(shape);
+                        *portal
+                            .shape
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(shape);
                         session.queue.pop_front();
                         hidden
                     }
@@ -235,7 +247,10 @@ impl ServerSide {
                     }
                     Some(Pending::DescribePortal { portal, hidden }) => {
                         let hidden = *hidden;
-                        *portal.shape.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        *portal
+                            .shape
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
                             Some(Arc::new(Shape::default()));
                         session.queue.pop_front();
                         hidden
@@ -252,12 +267,16 @@ impl ServerSide {
                 let shape = {
                     let session = lock(&self.session);
                     match session.queue.front() {
-                        Some(Pending::Execute { portal: Some(p), .. }) => p.shape(),
+                        Some(Pending::Execute {
+                            portal: Some(p), ..
+                        }) => p.shape(),
                         _ => self.current.clone(),
                     }
                 };
                 match shape {
-                    Some(shape) if !shape.is_inert() => self.decrypt_row(&shape, frame, out).await?,
+                    Some(shape) if !shape.is_inert() => {
+                        self.decrypt_row(&shape, frame, out).await?
+                    }
                     _ => out.extend_from_slice(frame.raw()),
                 }
             }
@@ -285,14 +304,21 @@ impl ServerSide {
                 let job = {
                     let session = lock(&self.session);
                     match session.queue.front() {
-                        Some(Pending::Query { copy_out }) | Some(Pending::Execute { copy_out, .. }) => copy_out.clone(),
+                        Some(Pending::Query { copy_out })
+                        | Some(Pending::Execute { copy_out, .. }) => copy_out.clone(),
                         _ => None,
                     }
                 };
                 self.copy_out = match job {
                     Some(job) => {
                         let (encoding, tenant) = self.read_context();
-                        Some(CopyOut::new(job, formats.len(), encoding, tenant, self.max_row)?)
+                        Some(CopyOut::new(
+                            job,
+                            formats.len(),
+                            encoding,
+                            tenant,
+                            self.max_row,
+                        )?)
                     }
                     None => None,
                 };
@@ -338,7 +364,10 @@ impl ServerSide {
     /// Client encoding and session tenant (not the default tenant: it does not restrict reads).
     fn read_context(&self) -> (ClientEncoding, Option<OrgId>) {
         let session = lock(&self.session);
-        (session.encoding.clone(), session.tenant.effective().cloned())
+        (
+            session.encoding.clone(),
+            session.tenant.effective().cloned(),
+        )
     }
 
     async fn shape(&self, fields: &[FieldDescription]) -> Result<Shape, ClientError> {
@@ -380,7 +409,12 @@ impl ServerSide {
         Ok(Shape { columns })
     }
 
-    async fn decrypt_row(&mut self, shape: &Shape, frame: &Frame, out: &mut BytesMut) -> Result<(), Failure> {
+    async fn decrypt_row(
+        &mut self,
+        shape: &Shape,
+        frame: &Frame,
+        out: &mut BytesMut,
+    ) -> Result<(), Failure> {
         let row = DataRow::parse(frame.body())?;
         let (encoding, tenant) = self.read_context();
         let mut replace: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
@@ -391,7 +425,11 @@ impl ServerSide {
             let Some(Some(value)) = row.get(i) else {
                 continue;
             };
-            let ReadOutcome::Decrypted(d) = self.cipher.read(col.rule.as_ref(), value, tenant.as_ref()).await? else {
+            let ReadOutcome::Decrypted(d) = self
+                .cipher
+                .read(col.rule.as_ref(), value, tenant.as_ref())
+                .await?
+            else {
                 continue;
             };
             if let (Some(rule), Some(j)) = (&col.rule, col.tenant_index) {
@@ -408,9 +446,8 @@ impl ServerSide {
                     }
                 }
             }
-            let text = String::from_utf8(d.plaintext).map_err(|_| {
-                ClientError::corrupted("pgenvelope: a decrypted value is not text")
-            })?;
+            let text = String::from_utf8(d.plaintext)
+                .map_err(|_| ClientError::corrupted("pgenvelope: a decrypted value is not text"))?;
             let bytes = encoding
                 .encode(&text)
                 .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?

@@ -91,7 +91,12 @@ impl Portal {
     /// The result shape: the portal's own description, else the statement's (with this
     /// portal's result formats).
     pub(crate) fn shape(&self) -> Option<Arc<Shape>> {
-        if let Some(s) = self.shape.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+        if let Some(s) = self
+            .shape
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
             return Some(s);
         }
         let described = self
@@ -133,11 +138,17 @@ pub(crate) enum Pending {
     /// Bind → BindComplete.
     Bind { hidden: bool },
     /// Describe statement → ParameterDescription, RowDescription | NoData.
-    DescribeStatement { statement: Arc<Statement>, hidden: bool },
+    DescribeStatement {
+        statement: Arc<Statement>,
+        hidden: bool,
+    },
     /// Describe portal → RowDescription | NoData.
     DescribePortal { portal: Arc<Portal>, hidden: bool },
     /// Execute → DataRow*, CommandComplete | EmptyQueryResponse | PortalSuspended.
-    Execute { portal: Option<Arc<Portal>>, copy_out: Option<CopyJob> },
+    Execute {
+        portal: Option<Arc<Portal>>,
+        copy_out: Option<CopyJob>,
+    },
     /// Close → CloseComplete.
     Close { hidden: bool },
     /// Sync → ReadyForQuery.
@@ -254,10 +265,18 @@ mod tests {
         t.set(Some(org("l")), true);
         assert_eq!(t.effective(), Some(&org("l")));
         t.end_transaction(false);
-        assert_eq!(t.effective(), Some(&org("a")), "SET LOCAL ends with the transaction");
+        assert_eq!(
+            t.effective(),
+            Some(&org("a")),
+            "SET LOCAL ends with the transaction"
+        );
 
         t.set(None, false);
         t.end_transaction(false);
-        assert_eq!(t.effective(), Some(&org("boot")), "RESET returns to the startup value");
+        assert_eq!(
+            t.effective(),
+            Some(&org("boot")),
+            "RESET returns to the startup value"
+        );
     }
 }

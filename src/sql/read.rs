@@ -463,7 +463,7 @@ impl<'a> Analyzer<'a> {
                 let matches = match q {
                     [t] => &rel.name == t,
                     [.., s, t] => {
-                        &rel.name == t && rel.schema.as_deref().map_or(true, |rs| rs == s)
+                        &rel.name == t && rel.schema.as_deref().is_none_or(|rs| rs == s)
                     }
                     [] => false,
                 };
@@ -701,7 +701,7 @@ impl<'a> Analyzer<'a> {
                 let matches = match qual {
                     [] => true,
                     [t] => &rel.name == t,
-                    [s, t] => &rel.name == t && rel.schema.as_deref().map_or(true, |rs| rs == s),
+                    [s, t] => &rel.name == t && rel.schema.as_deref().is_none_or(|rs| rs == s),
                     _ => false,
                 };
                 if !matches {
@@ -727,7 +727,7 @@ impl<'a> Analyzer<'a> {
             // An encrypted column whose name is unknown matches every name.
             RelKind::Derived(cols) => cols
                 .iter()
-                .find(|c| c.enc.is_some() && c.name.as_deref().map_or(true, |n| n == col))
+                .find(|c| c.enc.is_some() && c.name.as_deref().is_none_or(|n| n == col))
                 .and_then(|c| c.enc.clone()),
             RelKind::Plain => None,
         }

@@ -79,7 +79,10 @@ impl ClientEncoding {
                     return Ok(Cow::Borrowed(text.as_bytes()));
                 }
                 text.chars()
-                    .map(|c| u8::try_from(u32::from(c)).map_err(|_| EncodingError::Unrepresentable("LATIN1")))
+                    .map(|c| {
+                        u8::try_from(u32::from(c))
+                            .map_err(|_| EncodingError::Unrepresentable("LATIN1"))
+                    })
                     .collect::<Result<Vec<u8>, _>>()
                     .map(Cow::Owned)
             }

@@ -22,9 +22,11 @@ pub fn vault_rules(table: &str) -> String {
 
 pub async fn direct() -> tokio_postgres::Client {
     let (host, port) = main_pg();
-    connect(&format!("host={host} port={port} user=postgres dbname=test"))
-        .await
-        .unwrap()
+    connect(&format!(
+        "host={host} port={port} user=postgres dbname=test"
+    ))
+    .await
+    .unwrap()
 }
 
 impl Vault {
@@ -48,14 +50,22 @@ impl Vault {
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.proxy.pg_config("postgres", None, "test")).await.unwrap()
+        connect(&self.proxy.pg_config("postgres", None, "test"))
+            .await
+            .unwrap()
     }
 
     /// All stored (org_id, value, note) straight from PostgreSQL.
     pub async fn stored(&self) -> Vec<(String, Option<String>, Option<String>)> {
         direct()
             .await
-            .query(&format!("SELECT org_id, value, note::text FROM {} ORDER BY id", self.table), &[])
+            .query(
+                &format!(
+                    "SELECT org_id, value, note::text FROM {} ORDER BY id",
+                    self.table
+                ),
+                &[],
+            )
             .await
             .unwrap()
             .iter()
@@ -80,7 +90,19 @@ impl Drop for Vault {
     fn drop(&mut self) {
         let (host, port) = main_pg();
         let _ = std::process::Command::new("psql")
-            .args(["-X", "-q", "-h", &host, "-p", &port.to_string(), "-U", "postgres", "-d", "test", "-c"])
+            .args([
+                "-X",
+                "-q",
+                "-h",
+                &host,
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+                "-c",
+            ])
             .arg(format!("DROP TABLE IF EXISTS {}", self.table))
             .output();
     }
@@ -109,26 +131,45 @@ async fn seed_scenario_insert_and_select_through_the_proxy() {
         .await
         .unwrap();
     let rows = client
-        .query(&format!("SELECT org_id, name, value, note FROM {t} ORDER BY id"), &[])
+        .query(
+            &format!("SELECT org_id, name, value, note FROM {t} ORDER BY id"),
+            &[],
+        )
         .await
         .unwrap();
-    let got: Vec<(String, String, String, Option<String>)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let got: Vec<(String, String, String, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
     assert_eq!(
         got,
         vec![
-            ("acme".into(), "stripe_secret".into(), "sk_live_abc123".into(), None),
-            ("globex".into(), "db".into(), "hunter2".into(), Some("ünïcødé ✓".into())),
+            (
+                "acme".into(),
+                "stripe_secret".into(),
+                "sk_live_abc123".into(),
+                None
+            ),
+            (
+                "globex".into(),
+                "db".into(),
+                "hunter2".into(),
+                Some("ünïcødé ✓".into())
+            ),
         ]
     );
-    v.assert_encrypted_at_rest(&["sk_live_abc123", "hunter2", "ünïcødé"]).await;
+    v.assert_encrypted_at_rest(&["sk_live_abc123", "hunter2", "ünïcødé"])
+        .await;
     // Each organisation has its own DEK.
     let stored = v.stored().await;
     let dek = |s: &str| {
         let parsed = pgenvelope::crypto::EncV1::parse(s.as_bytes()).unwrap();
         parsed.dek_id()
     };
-    assert_ne!(dek(stored[0].1.as_deref().unwrap()), dek(stored[1].1.as_deref().unwrap()));
+    assert_ne!(
+        dek(stored[0].1.as_deref().unwrap()),
+        dek(stored[1].1.as_deref().unwrap())
+    );
 }
 
 #[tokio::test]
@@ -184,20 +225,30 @@ async fn every_write_form_round_trips() {
         .await
         .unwrap();
     let rows = client
-        .query(&format!("SELECT name, value, note FROM {t} ORDER BY name"), &[])
+        .query(
+            &format!("SELECT name, value, note FROM {t} ORDER BY name"),
+            &[],
+        )
         .await
         .unwrap();
-    let got: Vec<(String, Option<String>, Option<String>)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let got: Vec<(String, Option<String>, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     assert_eq!(
         got,
         vec![
             ("a".into(), Some("v1-updated".into()), None),
             ("b".into(), Some("v2".into()), Some("note-b".into())),
-            ("c".into(), Some("replaced".into()), Some("from-conflict".into())),
+            (
+                "c".into(),
+                Some("replaced".into()),
+                Some("from-conflict".into())
+            ),
         ]
     );
-    v.assert_encrypted_at_rest(&["v1-updated", "note-b", "replaced", "from-conflict"]).await;
+    v.assert_encrypted_at_rest(&["v1-updated", "note-b", "replaced", "from-conflict"])
+        .await;
 }
 
 #[tokio::test]
@@ -222,19 +273,32 @@ async fn copy_in_text_and_csv_and_copy_out() {
     assert_eq!(sink.finish().await.unwrap(), 301);
 
     let sink = client
-        .copy_in(&format!("COPY {t} (org_id, name, value, note) FROM STDIN WITH (FORMAT csv)"))
+        .copy_in(&format!(
+            "COPY {t} (org_id, name, value, note) FROM STDIN WITH (FORMAT csv)"
+        ))
         .await
         .unwrap();
     futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from_static(b"org9,csv,\"comma, and \"\"quote\"\"\",\"multi\nline\"\n")).await.unwrap();
+    sink.send(bytes::Bytes::from_static(
+        b"org9,csv,\"comma, and \"\"quote\"\"\",\"multi\nline\"\n",
+    ))
+    .await
+    .unwrap();
     assert_eq!(sink.finish().await.unwrap(), 1);
 
-    v.assert_encrypted_at_rest(&["secret", "comma", "multi"]).await;
+    v.assert_encrypted_at_rest(&["secret", "comma", "multi"])
+        .await;
     let stored = v.stored().await;
-    assert_eq!(stored.iter().filter(|r| r.1.is_none()).count(), 1, "NULL stays NULL");
+    assert_eq!(
+        stored.iter().filter(|r| r.1.is_none()).count(),
+        1,
+        "NULL stays NULL"
+    );
 
     let out: Vec<bytes::Bytes> = client
-        .copy_out(&format!("COPY {t} (name, value, note) TO STDOUT WITH (FORMAT csv)"))
+        .copy_out(&format!(
+            "COPY {t} (name, value, note) TO STDOUT WITH (FORMAT csv)"
+        ))
         .await
         .unwrap()
         .try_collect()
@@ -242,9 +306,14 @@ async fn copy_in_text_and_csv_and_copy_out() {
         .unwrap();
     let text = String::from_utf8(out.concat()).unwrap();
     assert!(text.contains("n7,secret\t7,"), "{text}");
-    assert!(text.contains("csv,\"comma, and \"\"quote\"\"\",\"multi\nline\""), "{text}");
+    assert!(
+        text.contains("csv,\"comma, and \"\"quote\"\"\",\"multi\nline\""),
+        "{text}"
+    );
     let out: Vec<bytes::Bytes> = client
-        .copy_out(&format!("COPY (SELECT value FROM {t} WHERE name = 'n5') TO STDOUT"))
+        .copy_out(&format!(
+            "COPY (SELECT value FROM {t} WHERE name = 'n5') TO STDOUT"
+        ))
         .await
         .unwrap()
         .try_collect()
@@ -259,7 +328,10 @@ async fn fail_closed_refusals_write_nothing_and_keep_the_session() {
     let t = &v.table;
     let client = v.client().await;
     client
-        .execute(&format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, 'x', $2)"), &[&"acme", &"s"])
+        .execute(
+            &format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, 'x', $2)"),
+            &[&"acme", &"s"],
+        )
         .await
         .unwrap();
     let refused = [
@@ -293,14 +365,19 @@ async fn fail_closed_refusals_write_nothing_and_keep_the_session() {
         format!("SELECT * FROM {t} WHERE value IS NOT NULL"),
         format!("SELECT value AS v FROM {t} WHERE org_id = 'acme'"),
     ] {
-        client.simple_query(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        client
+            .simple_query(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     // Nothing was written by the refused statements.
     assert_eq!(v.stored().await.len(), 1);
     // In a transaction, a refusal aborts it like any error.
     client.batch_execute("BEGIN").await.unwrap();
     client
-        .simple_query(&format!("INSERT INTO {t} (org_id, name, value) VALUES ('acme', 'in-tx', 'p')"))
+        .simple_query(&format!(
+            "INSERT INTO {t} (org_id, name, value) VALUES ('acme', 'in-tx', 'p')"
+        ))
         .await
         .unwrap();
     let _ = client
@@ -343,11 +420,16 @@ async fn session_tenant_default_tenant_and_missing_tenant() {
         .unwrap();
     let rules = format!("[[table]]\nname = \"{table}\"\nencrypt = [\"body\"]\n");
     let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-    let client = connect(&proxy.pg_config("postgres", None, "test")).await.unwrap();
+    let client = connect(&proxy.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
     let ins = format!("INSERT INTO {table} (body) VALUES ($1)");
     let err = client.execute(ins.as_str(), &[&"x"]).await.unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
-    client.batch_execute("SET pgenvelope.tenant = 'acme'").await.unwrap();
+    client
+        .batch_execute("SET pgenvelope.tenant = 'acme'")
+        .await
+        .unwrap();
     client.execute(ins.as_str(), &[&"for acme"]).await.unwrap();
     // SET LOCAL in a rolled-back transaction does not stick.
     client
@@ -358,15 +440,23 @@ async fn session_tenant_default_tenant_and_missing_tenant() {
         .batch_execute("BEGIN; SET pgenvelope.tenant = 'rolled'; ROLLBACK")
         .await
         .unwrap();
-    client.execute(ins.as_str(), &[&"still acme"]).await.unwrap();
+    client
+        .execute(ins.as_str(), &[&"still acme"])
+        .await
+        .unwrap();
     let rows = client
         .query(&format!("SELECT body FROM {table} ORDER BY id"), &[])
         .await
         .unwrap();
     assert_eq!(rows.len(), 2);
     // Another organisation's session cannot read acme's values.
-    let other = connect(&proxy.pg_config("postgres", None, "test")).await.unwrap();
-    other.batch_execute("SET pgenvelope.tenant = 'globex'").await.unwrap();
+    let other = connect(&proxy.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    other
+        .batch_execute("SET pgenvelope.tenant = 'globex'")
+        .await
+        .unwrap();
     let err = other
         .query(&format!("SELECT body FROM {table}"), &[])
         .await
@@ -391,7 +481,9 @@ async fn session_tenant_default_tenant_and_missing_tenant() {
     let mut opts = ProxyOptions::encrypting(&rules);
     opts.default_tenant = Some("fallback".into());
     let proxy = TestProxy::with(opts);
-    let client = connect(&proxy.pg_config("postgres", None, "test")).await.unwrap();
+    let client = connect(&proxy.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
     client.execute(ins.as_str(), &[&"default"]).await.unwrap();
     direct()
         .await
@@ -407,7 +499,10 @@ async fn tampering_swaps_and_copies_are_detected_on_read() {
     let client = v.client().await;
     for (org, name, value) in [("a", "k1", "alpha"), ("b", "k2", "bravo")] {
         client
-            .execute(&format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3)"), &[&org, &name, &value])
+            .execute(
+                &format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3)"),
+                &[&org, &name, &value],
+            )
             .await
             .unwrap();
     }
@@ -423,7 +518,9 @@ async fn tampering_swaps_and_copies_are_detected_on_read() {
     ))
     .await
     .unwrap();
-    let err = read(format!("SELECT org_id, value FROM {t}")).await.unwrap_err();
+    let err = read(format!("SELECT org_id, value FROM {t}"))
+        .await
+        .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
     client.simple_query("SELECT 1").await.unwrap();
     // Swap back, then copy a value into the other encrypted column.
@@ -433,13 +530,23 @@ async fn tampering_swaps_and_copies_are_detected_on_read() {
     ))
     .await
     .unwrap();
-    assert_eq!(read(format!("SELECT org_id, value FROM {t}")).await.unwrap().len(), 2);
+    assert_eq!(
+        read(format!("SELECT org_id, value FROM {t}"))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     d.batch_execute(&format!("UPDATE {t} SET note = value WHERE name = 'k1'"))
         .await
         .unwrap();
-    let err = read(format!("SELECT note FROM {t} WHERE org_id = 'a'")).await.unwrap_err();
+    let err = read(format!("SELECT note FROM {t} WHERE org_id = 'a'"))
+        .await
+        .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
-    d.batch_execute(&format!("UPDATE {t} SET note = NULL")).await.unwrap();
+    d.batch_execute(&format!("UPDATE {t} SET note = NULL"))
+        .await
+        .unwrap();
     // Flip one character of the ciphertext.
     d.batch_execute(&format!(
         "UPDATE {t} SET value = overlay(value placing (CASE substr(value, 20, 1) WHEN 'A' THEN 'B' ELSE 'A' END) from 20 for 1) WHERE name = 'k2'"
@@ -452,16 +559,28 @@ async fn tampering_swaps_and_copies_are_detected_on_read() {
         .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
     // The untouched row still reads, on the same connection.
-    let rows = read(format!("SELECT value FROM {t} WHERE name = 'k1'")).await.unwrap();
-    assert_eq!(rows[0].get::<_, String>(0), "alpha");
-    // Plaintext left in an encrypted column passes through (migration) ...
-    d.batch_execute(&format!("UPDATE {t} SET value = 'legacy' WHERE name = 'k2'"))
+    let rows = read(format!("SELECT value FROM {t} WHERE name = 'k1'"))
         .await
         .unwrap();
-    let rows = read(format!("SELECT value FROM {t} WHERE name = 'k2'")).await.unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "alpha");
+    // Plaintext left in an encrypted column passes through (migration) ...
+    d.batch_execute(&format!(
+        "UPDATE {t} SET value = 'legacy' WHERE name = 'k2'"
+    ))
+    .await
+    .unwrap();
+    let rows = read(format!("SELECT value FROM {t} WHERE name = 'k2'"))
+        .await
+        .unwrap();
     assert_eq!(rows[0].get::<_, String>(0), "legacy");
     let engine = v.proxy.engine.as_ref().unwrap();
-    assert!(engine.stats.plaintext_reads.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        engine
+            .stats
+            .plaintext_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
 }
 
 #[tokio::test]
@@ -470,7 +589,9 @@ async fn strict_reads_refuse_plaintext() {
     let t = &v.table;
     direct()
         .await
-        .batch_execute(&format!("INSERT INTO {t} (org_id, name, value) VALUES ('a', 'k', 'legacy')"))
+        .batch_execute(&format!(
+            "INSERT INTO {t} (org_id, name, value) VALUES ('a', 'k', 'legacy')"
+        ))
         .await
         .unwrap();
     let client = v.client().await;

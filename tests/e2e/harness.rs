@@ -87,7 +87,10 @@ impl TestProxy {
     pub fn with(opts: ProxyOptions) -> Self {
         let key_schema = opts.key_schema.clone();
         let dir = tempfile::tempdir().expect("temp dir");
-        let kek_path = opts.kek_path.clone().unwrap_or_else(|| dir.path().join("kek"));
+        let kek_path = opts
+            .kek_path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("kek"));
         let (addr_tx, addr_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -100,42 +103,49 @@ impl TestProxy {
                 let engine = match &opts.rules {
                     None => None,
                     Some(text) => {
-                        let rules = pgenvelope::rules::RuleSet::from_sources(&[("test-rules.toml", text.as_str())])
-                            .expect("valid test rules");
-                        let kek = pgenvelope::keys::LocalKek::open_or_create(&kek_path).expect("kek");
+                        let rules = pgenvelope::rules::RuleSet::from_sources(&[(
+                            "test-rules.toml",
+                            text.as_str(),
+                        )])
+                        .expect("valid test rules");
+                        let kek =
+                            pgenvelope::keys::LocalKek::open_or_create(&kek_path).expect("kek");
                         let mut service = tokio_postgres::Config::new();
                         service
                             .host(&opts.upstream_host)
                             .port(opts.upstream_port)
                             .user("postgres")
                             .dbname(&opts.key_db);
-                        let engine = pgenvelope::proxy::Engine::start(pgenvelope::proxy::EngineSettings {
-                            rules,
-                            kek: std::sync::Arc::new(kek),
-                            service,
-                            key_schema: opts.key_schema.clone(),
-                            key_cache_ttl: Duration::from_secs(300),
-                            key_cache_capacity: 10_000,
-                            default_tenant: opts
-                                .default_tenant
-                                .as_ref()
-                                .map(|t| pgenvelope::crypto::OrgId::new(t.clone()).expect("org")),
-                            strict_reads: opts.strict_reads,
-                            connect_timeout: opts.connect_timeout,
-                        })
-                        .await
-                        .expect("engine");
+                        let engine =
+                            pgenvelope::proxy::Engine::start(pgenvelope::proxy::EngineSettings {
+                                rules,
+                                kek: std::sync::Arc::new(kek),
+                                service,
+                                key_schema: opts.key_schema.clone(),
+                                key_cache_ttl: Duration::from_secs(300),
+                                key_cache_capacity: 10_000,
+                                default_tenant: opts.default_tenant.as_ref().map(|t| {
+                                    pgenvelope::crypto::OrgId::new(t.clone()).expect("org")
+                                }),
+                                strict_reads: opts.strict_reads,
+                                connect_timeout: opts.connect_timeout,
+                            })
+                            .await
+                            .expect("engine");
                         Some(engine)
                     }
                 };
-                let server = Server::bind_with(ProxyConfig {
-                    listen: "127.0.0.1:0".parse().expect("literal address"),
-                    upstream_host: opts.upstream_host,
-                    upstream_port: opts.upstream_port,
-                    max_connections: opts.max_connections,
-                    max_message_size: opts.max_message_size,
-                    connect_timeout: opts.connect_timeout,
-                }, engine.clone())
+                let server = Server::bind_with(
+                    ProxyConfig {
+                        listen: "127.0.0.1:0".parse().expect("literal address"),
+                        upstream_host: opts.upstream_host,
+                        upstream_port: opts.upstream_port,
+                        max_connections: opts.max_connections,
+                        max_message_size: opts.max_message_size,
+                        connect_timeout: opts.connect_timeout,
+                    },
+                    engine.clone(),
+                )
                 .await
                 .expect("bind proxy");
                 addr_tx
@@ -200,7 +210,19 @@ impl Drop for TestProxy {
         if self.engine.is_some() {
             let (host, port) = main_pg();
             let _ = std::process::Command::new("psql")
-                .args(["-X", "-q", "-h", &host, "-p", &port.to_string(), "-U", "postgres", "-d", "test", "-c"])
+                .args([
+                    "-X",
+                    "-q",
+                    "-h",
+                    &host,
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "test",
+                    "-c",
+                ])
                 .arg(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.key_schema))
                 .output();
         }

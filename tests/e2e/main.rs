@@ -6,8 +6,8 @@
 mod support;
 
 mod clients;
-mod encryption;
 mod cluster_smoke;
+mod encryption;
 mod harness;
 mod passthrough;
 mod raw;
