@@ -462,9 +462,7 @@ impl<'a> Analyzer<'a> {
             if let Some(q) = qualifier {
                 let matches = match q {
                     [t] => &rel.name == t,
-                    [.., s, t] => {
-                        &rel.name == t && rel.schema.as_deref().is_none_or(|rs| rs == s)
-                    }
+                    [.., s, t] => &rel.name == t && rel.schema.as_deref().is_none_or(|rs| rs == s),
                     [] => false,
                 };
                 if !matches {

@@ -395,19 +395,28 @@ async fn pipelined_batch_with_a_refusal_in_the_middle_stays_in_sync() {
     let v = Vault::new().await;
     let t = &v.table;
     let client = v.client().await;
-    let ins = format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3)");
+    let ins = client
+        .prepare(&format!(
+            "INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3)"
+        ))
+        .await
+        .unwrap();
     let bad = format!("SELECT * FROM {t} WHERE value = $1");
-    let a = client.execute(ins.as_str(), &[&"o", &"a", &"1"]);
+    // Statements already prepared: the three executions go out back to back in one batch.
+    let a = client.execute(&ins, &[&"o", &"a", &"1"]);
     let b = client.query(bad.as_str(), &[&"1"]);
-    let c = client.execute(ins.as_str(), &[&"o", &"c", &"3"]);
-    let sel = format!("SELECT value FROM {t} ORDER BY id");
-    let d = client.query(sel.as_str(), &[]);
-    let (a, b, c, d) = tokio::join!(a, b, c, d);
+    let c = client.execute(&ins, &[&"o", &"c", &"3"]);
+    let (a, b, c) = tokio::join!(a, b, c);
     a.unwrap();
     assert_eq!(code(&b.unwrap_err()).as_deref(), Some("0A000"));
     c.unwrap();
-    let vals: Vec<String> = d.unwrap().iter().map(|r| r.get(0)).collect();
+    let rows = client
+        .query(&format!("SELECT value FROM {t} ORDER BY id"), &[])
+        .await
+        .unwrap();
+    let vals: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(vals, vec!["1".to_owned(), "3".to_owned()]);
+    v.assert_encrypted_at_rest(&[]).await;
 }
 
 #[tokio::test]
