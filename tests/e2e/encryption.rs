@@ -614,3 +614,324 @@ async fn strict_reads_refuse_plaintext() {
         .unwrap()
         .unwrap();
 }
+
+#[test]
+fn psycopg_and_psql_through_the_encrypting_proxy() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let v = rt.block_on(Vault::new());
+    let t = v.table.clone();
+    let url = v.proxy.url("postgres", None, "test");
+    let with_python = crate::support::require_tool(
+        crate::support::ClientScript::PsycopgSmoke.available(),
+        "psycopg",
+    );
+    if with_python {
+        let out = std::process::Command::new(crate::support::binaries::python().unwrap())
+            .arg(crate::support::binaries::client_script(
+                "psycopg_encrypted.py",
+            ))
+            .env("DATABASE_URL", &url)
+            .env("TABLE", &t)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.trim_end().ends_with("ok"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // psql: simple protocol, \copy, and output identical in shape to a plain table.
+    let printed = crate::clients::psql_ok(
+        v.proxy.port(),
+        "test",
+        &[
+            "-At",
+            "-c",
+            &format!("INSERT INTO {t} (org_id, name, value) VALUES ('psql', 'p1', 'from psql')"),
+            "-c",
+            &format!("SELECT value FROM {t} WHERE name = 'p1'"),
+        ],
+    );
+    assert!(printed.contains("from psql"), "{printed}");
+    rt.block_on(v.assert_encrypted_at_rest(&[
+        "psycopg-secret",
+        "prepared-secret",
+        "many-",
+        "copied-",
+        "from psql",
+    ]));
+    let n = rt.block_on(v.stored()).len();
+    assert_eq!(n, if with_python { 28 } else { 1 }, "rows written");
+}
+
+#[test]
+fn extended_protocol_without_describe_and_pipelined_refusal() {
+    use crate::raw::{data_row, error_field, RawConn};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let v = rt.block_on(Vault::new());
+    let t = &v.table;
+    let (mut conn, _) = RawConn::connect(
+        v.proxy.port(),
+        &[("user", b"postgres"), ("database", b"test")],
+    )
+    .unwrap();
+    let parse = |name: &str, sql: &str| {
+        let mut b = name.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(sql.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b
+    };
+    let bind = |stmt: &str, params: &[&str]| {
+        let mut b = vec![0];
+        b.extend_from_slice(stmt.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p.as_bytes());
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b
+    };
+    let execute = || {
+        let mut b = vec![0];
+        b.extend_from_slice(&0i32.to_be_bytes());
+        b
+    };
+    // One batch, one Sync: insert, a refused comparison, another insert (skipped by the
+    // server after the error), then Sync.
+    let ins = format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, $2, $3)");
+    conn.send(b'P', &parse("ins", &ins)).unwrap();
+    conn.send(b'B', &bind("ins", &["o", "r1", "raw-secret"]))
+        .unwrap();
+    conn.send(b'E', &execute()).unwrap();
+    conn.send(
+        b'P',
+        &parse("", &format!("SELECT name FROM {t} WHERE value = $1")),
+    )
+    .unwrap();
+    conn.send(b'B', &bind("", &["raw-secret"])).unwrap();
+    conn.send(b'E', &execute()).unwrap();
+    conn.send(b'B', &bind("ins", &["o", "r2", "never"]))
+        .unwrap();
+    conn.send(b'E', &execute()).unwrap();
+    conn.send(b'S', &[]).unwrap();
+    let reply = conn.read_until_ready().unwrap();
+    let tags: Vec<u8> = reply.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        tags,
+        b"12CEZ".to_vec(),
+        "ParseComplete, BindComplete, CommandComplete, Error, Ready"
+    );
+    assert_eq!(error_field(&reply[3].1, b'C').as_deref(), Some("0A000"));
+    // The implicit transaction of the batch was rolled back by the error, like any error.
+    // Now a read with no Describe at all: the proxy injects one and hides its answer.
+    conn.send(b'B', &bind("ins", &["o", "r3", "raw-secret-3"]))
+        .unwrap();
+    conn.send(b'E', &execute()).unwrap();
+    conn.send(
+        b'P',
+        &parse("sel", &format!("SELECT name, value FROM {t} ORDER BY id")),
+    )
+    .unwrap();
+    conn.send(b'B', &bind("sel", &[])).unwrap();
+    conn.send(b'E', &execute()).unwrap();
+    conn.send(b'S', &[]).unwrap();
+    let reply = conn.read_until_ready().unwrap();
+    let tags: Vec<u8> = reply.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        tags,
+        b"2C12DCZ".to_vec(),
+        "no RowDescription reaches a client that did not ask"
+    );
+    let row = data_row(&reply[4].1);
+    assert_eq!(row[0].as_deref(), Some(&b"r3"[..]));
+    assert_eq!(row[1].as_deref(), Some(&b"raw-secret-3"[..]));
+    rt.block_on(v.assert_encrypted_at_rest(&["raw-secret"]));
+}
+
+#[tokio::test]
+async fn views_ctes_unions_cursors_and_portals_decrypt() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let mut client = v.client().await;
+    for i in 0..5 {
+        client
+            .execute(
+                &format!("INSERT INTO {t} (org_id, name, value) VALUES ('o', $1, $2)"),
+                &[&format!("n{i}"), &format!("secret-{i}")],
+            )
+            .await
+            .unwrap();
+    }
+    let view = unique("vault_view");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE VIEW {view} AS SELECT name, value FROM {t}"
+        ))
+        .await
+        .unwrap();
+    let col = |rows: Vec<tokio_postgres::Row>, i: usize| -> Vec<String> {
+        let mut v: Vec<String> = rows.iter().map(|r| r.get(i)).collect();
+        v.sort();
+        v
+    };
+    let expected: Vec<String> = (0..5).map(|i| format!("secret-{i}")).collect();
+    let rows = client
+        .query(&format!("SELECT name, value FROM {view}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(col(rows, 1), expected, "view");
+    let rows = client
+        .query(
+            &format!("WITH c AS (SELECT value AS v FROM {t}) SELECT v FROM c"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(col(rows, 0), expected, "cte");
+    let rows = client
+        .query(&format!("SELECT value FROM {t} WHERE name = 'n0' UNION ALL SELECT value FROM {t} WHERE name <> 'n0'"), &[])
+        .await
+        .unwrap();
+    assert_eq!(col(rows, 0), expected, "union all");
+    // Cursor FETCH (simple protocol).
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "DECLARE cur CURSOR FOR SELECT value FROM {t} ORDER BY id"
+    ))
+    .await
+    .unwrap();
+    let msgs = tx.simple_query("FETCH 2 FROM cur").await.unwrap();
+    let fetched: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fetched, vec!["secret-0".to_owned(), "secret-1".to_owned()]);
+    // Portal with a row limit.
+    let stmt = tx
+        .prepare(&format!("SELECT value FROM {t} ORDER BY id"))
+        .await
+        .unwrap();
+    let portal = tx.bind(&stmt, &[]).await.unwrap();
+    let first = tx.query_portal(&portal, 3).await.unwrap();
+    let rest = tx.query_portal(&portal, 10).await.unwrap();
+    assert_eq!(first.len() + rest.len(), 5);
+    assert_eq!(first[0].get::<_, String>(0), "secret-0");
+    tx.commit().await.unwrap();
+    direct()
+        .await
+        .batch_execute(&format!("DROP VIEW {view}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn restored_ciphertext_is_stored_unchanged_and_copy_without_column_list() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    client
+        .execute(
+            &format!("INSERT INTO {t} (org_id, name, value) VALUES ('o', 'orig', 'original')"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let stored = v.stored().await[0].1.clone().unwrap();
+    // Re-inserting the ciphertext (a restore) stores it as is.
+    client
+        .execute(
+            &format!("INSERT INTO {t} (org_id, name, value) VALUES ('o', 'copy', $1)"),
+            &[&stored],
+        )
+        .await
+        .unwrap();
+    let after = v.stored().await;
+    assert_eq!(after[1].1.as_deref(), Some(stored.as_str()));
+    let rows = client
+        .query(&format!("SELECT value FROM {t} WHERE name = 'copy'"), &[])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "original");
+    // ... but not into another organisation's row.
+    let err = client
+        .execute(
+            &format!("INSERT INTO {t} (org_id, name, value) VALUES ('other', 'x', $1)"),
+            &[&stored],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
+    // COPY with no column list: positions come from the catalog.
+    let sink = client
+        .copy_in(&format!("COPY {t} FROM STDIN WITH (FORMAT csv)"))
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(
+        b"100,o,nolist,listless secret,note\n",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    v.assert_encrypted_at_rest(&["original", "listless", "note"])
+        .await;
+    let out: Vec<bytes::Bytes> = client
+        .copy_out(&format!("COPY {t} TO STDOUT WITH (FORMAT csv)"))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let text = String::from_utf8(out.concat()).unwrap();
+    assert!(text.contains("100,o,nolist,listless secret,note"), "{text}");
+}
+
+#[test]
+fn latin1_client_encoding_round_trips() {
+    use crate::raw::{data_row, RawConn};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let v = rt.block_on(Vault::new());
+    let t = &v.table;
+    let (mut conn, _) = RawConn::connect(
+        v.proxy.port(),
+        &[
+            ("user", b"postgres"),
+            ("database", b"test"),
+            ("client_encoding", b"LATIN1"),
+        ],
+    )
+    .unwrap();
+    let mut sql =
+        format!("INSERT INTO {t} (org_id, name, value) VALUES ('o', 'l', 'caf").into_bytes();
+    sql.extend_from_slice(b"\xe9 cr\xe8me')");
+    let reply = conn.query(&sql).unwrap();
+    assert!(reply.iter().all(|(tag, _)| *tag != b'E'));
+    let reply = conn
+        .query(format!("SELECT value FROM {t}").as_bytes())
+        .unwrap();
+    let row = reply.iter().find(|(tag, _)| *tag == b'D').unwrap();
+    assert_eq!(
+        data_row(&row.1)[0].as_deref(),
+        Some(&b"caf\xe9 cr\xe8me"[..])
+    );
+    // Stored as the UTF-8 plaintext, encrypted: a UTF-8 client reads the same text.
+    let rows = rt.block_on(async {
+        v.client()
+            .await
+            .query(&format!("SELECT value FROM {t}"), &[])
+            .await
+            .unwrap()
+    });
+    assert_eq!(rows[0].get::<_, String>(0), "café crème");
+    rt.block_on(v.assert_encrypted_at_rest(&["caf"]));
+}
