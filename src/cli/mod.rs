@@ -31,6 +31,10 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing would only add noise"
+)]
 pub enum Command {
     /// Run the proxy.
     Serve(ServeArgs),
@@ -101,6 +105,11 @@ pub struct ServeArgs {
     /// Maximum number of unwrapped data keys cached [default: 10000]
     #[arg(long, env = "PGENVELOPE_KEY_CACHE_CAPACITY", value_name = "N")]
     pub key_cache_capacity: Option<u64>,
+
+    /// Threads serving client connections; each connection stays on one thread
+    /// [default: 0 = one per CPU]
+    #[arg(long, env = "PGENVELOPE_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
 }
 
 impl ServeArgs {
@@ -119,6 +128,7 @@ impl ServeArgs {
             strict_reads: self.strict_reads,
             key_cache_ttl: self.key_cache_ttl.clone(),
             key_cache_capacity: self.key_cache_capacity,
+            workers: self.workers,
         }
     }
 }

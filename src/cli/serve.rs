@@ -13,11 +13,13 @@ use crate::rules::load_path;
 /// Install logging, bind the listener and serve until SIGINT/SIGTERM.
 pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
     init_tracing(&config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The main runtime runs start-up, signals and background key work; connections are
+    // served by `workers` threads with one single-threaded runtime each.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("pgenvelope")
         .build()
         .context("starting the async runtime")?;
+    let workers = config.workers;
     runtime.block_on(async move {
         let engine = build_engine(&config).await?;
         let server = Server::bind_with(config.proxy(), engine.clone())
@@ -29,7 +31,10 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
             upstream = %format_args!("{}:{}", config.upstream.host, config.upstream.port),
             "listening on {addr}"
         );
-        server.run(shutdown_signal()).await;
+        server
+            .run_threads(workers, shutdown_signal())
+            .await
+            .context("starting the worker threads")?;
         if let Some(engine) = engine {
             if let Err(e) = engine.keys.flush_counters().await {
                 tracing::warn!(error = %e, "could not save encryption counters");

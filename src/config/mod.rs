@@ -65,6 +65,8 @@ pub struct RawConfig {
     pub key_cache_ttl: Option<String>,
     /// `key_cache_capacity = 10000`
     pub key_cache_capacity: Option<u64>,
+    /// `workers = 2` (0 = one per CPU)
+    pub workers: Option<usize>,
 }
 
 /// A size given as a number of bytes or as text with a unit.
@@ -175,6 +177,8 @@ pub struct Overrides {
     pub key_cache_ttl: Option<String>,
     /// `--key-cache-capacity`
     pub key_cache_capacity: Option<u64>,
+    /// `--workers`
+    pub workers: Option<usize>,
 }
 
 /// Validated configuration of `pgenvelope serve`.
@@ -206,6 +210,8 @@ pub struct Config {
     pub key_cache_ttl: Duration,
     /// How many unwrapped DEKs are cached at most.
     pub key_cache_capacity: u64,
+    /// Threads serving connections.
+    pub workers: usize,
 }
 
 /// A configuration error, naming where the bad value came from.
@@ -354,7 +360,13 @@ impl Config {
             ));
         }
 
+        let workers = match over.workers.or(raw.workers).unwrap_or(0) {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        };
+
         Ok(Config {
+            workers,
             rules,
             kms,
             default_tenant,

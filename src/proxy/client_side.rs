@@ -78,12 +78,12 @@ impl Handler for ClientSide {
             fe::CLOSE_TAG => self.on_close(&frame, out),
             fe::SYNC_TAG => {
                 self.skip_until_sync = false;
-                lock(&self.session).queue.push_back(Pending::Sync);
+                push_cycle(&self.session, Pending::Sync);
                 out.extend_from_slice(frame.raw());
                 Ok(())
             }
             fe::FUNCTION_CALL_TAG => {
-                lock(&self.session).queue.push_back(Pending::FunctionCall);
+                push_cycle(&self.session, Pending::FunctionCall);
                 out.extend_from_slice(frame.raw());
                 Ok(())
             }
@@ -147,9 +147,7 @@ impl ClientSide {
                 copy_out,
                 ..
             }) => {
-                lock(&self.session)
-                    .queue
-                    .push_back(Pending::Query { copy_out });
+                push_cycle(&self.session, Pending::Query { copy_out });
                 out.extend_from_slice(frame.raw());
             }
             Ok(Prepared {
@@ -157,18 +155,14 @@ impl ClientSide {
                 copy_out,
                 ..
             }) => {
-                lock(&self.session)
-                    .queue
-                    .push_back(Pending::Query { copy_out });
+                push_cycle(&self.session, Pending::Query { copy_out });
                 fe::put_query(out, &new_sql)?;
             }
             Err(e) => {
                 self.count_rejection();
                 self.copy_in = None;
                 tracing::debug!(code = e.code, "statement refused");
-                lock(&self.session)
-                    .queue
-                    .push_back(Pending::Query { copy_out: None });
+                push_cycle(&self.session, Pending::Query { copy_out: None });
                 fe::put_query(out, e.raise_sql().as_bytes())?;
             }
         }
@@ -304,7 +298,7 @@ impl ClientSide {
     fn session_tenant(&self, column: &ColumnRule) -> Result<OrgId, ClientError> {
         let session = lock(&self.session);
         if let Some(t) = session.tenant.effective() {
-            return Ok(t.clone());
+            return Ok(t);
         }
         drop(session);
         if let Some(t) = &self.cipher.engine().default_tenant {
@@ -728,7 +722,6 @@ impl ClientSide {
         lock(&self.session)
             .tenant
             .effective()
-            .cloned()
             .or_else(|| self.cipher.engine().default_tenant.clone())
     }
 
@@ -769,6 +762,13 @@ impl ClientSide {
         }
         Ok(())
     }
+}
+
+/// Queue a request that ends a cycle (answered by ReadyForQuery).
+fn push_cycle(session: &SharedSession, pending: Pending) {
+    let mut s = lock(session);
+    s.queue.push_back(pending);
+    s.tenant.cycle_sent();
 }
 
 /// Outcome of preparing a simple query.

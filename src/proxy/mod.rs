@@ -72,6 +72,24 @@ pub(crate) struct Shared {
     pub(crate) engine: Option<Arc<Engine>>,
 }
 
+/// Observes a running server (for tests and, later, metrics).
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// Number of client sessions currently holding a connection slot.
+    pub fn active_connections(&self) -> usize {
+        self.shared.config.max_connections - self.shared.permits.available_permits()
+    }
+
+    /// Number of sessions whose cancel key is registered (sessions past authentication).
+    pub fn registered_sessions(&self) -> usize {
+        self.shared.cancels.len()
+    }
+}
+
 /// A bound proxy, ready to run.
 #[derive(Debug)]
 pub struct Server {
@@ -107,11 +125,73 @@ impl Server {
 
     /// Number of client sessions currently holding a connection slot.
     pub fn active_connections(&self) -> usize {
-        self.shared.config.max_connections - self.shared.permits.available_permits()
+        self.handle().active_connections()
+    }
+
+    /// A handle for observing the running server.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Accept connections until `shutdown` completes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         listener::run(self.listener, self.shared, shutdown).await
+    }
+
+    /// Serve on `threads` OS threads, each with its own single-threaded runtime accepting on
+    /// the same socket, until `shutdown` completes. A connection stays on the thread that
+    /// accepted it, so its two directions never hop between threads. Blocks the caller's
+    /// task until every thread has stopped accepting.
+    pub async fn run_threads(
+        self,
+        threads: usize,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let std_listener = self.listener.into_std()?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut joins = Vec::new();
+        for i in 0..threads.max(1) {
+            let listener = std_listener.try_clone()?;
+            let shared = Arc::clone(&self.shared);
+            let mut stop = stop_rx.clone();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("pgenvelope-{i}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a worker runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                listener::run(listener, shared, async move {
+                                    let _ = stop.wait_for(|stopped| *stopped).await;
+                                })
+                                .await
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot register the listener"),
+                        }
+                        let _ = done_tx.send(());
+                        // Serve the connections this thread holds until the process exits.
+                        std::future::pending::<()>().await;
+                    });
+                })?;
+            joins.push(done_rx);
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        for done in joins {
+            let _ = done.await;
+        }
+        Ok(())
     }
 }

@@ -18,7 +18,7 @@ use crate::proxy::engine::{Cipher, ReadOutcome};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
 use crate::proxy::session::{lock, ColumnShape, Pending, Shape, SharedSession};
-use crate::wire::backend::{self as be, DataRow, FieldDescription, TransactionStatus};
+use crate::wire::backend::{self as be, DataRow, FieldDescription};
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::{Frame, WireError};
 
@@ -126,19 +126,20 @@ impl ServerSide {
                 let status = be::parse_ready_for_query(frame.body())?;
                 {
                     let mut session = lock(&self.session);
+                    let mut answered = false;
                     while let Some(p) = session.queue.pop_front() {
                         if matches!(
                             p,
                             Pending::Sync | Pending::Query { .. } | Pending::FunctionCall
                         ) {
+                            answered = true;
                             break;
                         }
                     }
                     session.status = status;
-                    if status == TransactionStatus::Idle {
-                        session
-                            .tenant
-                            .end_transaction(self.rolled_back || self.error_in_cycle);
+                    if answered {
+                        let rolled_back = self.rolled_back || self.error_in_cycle;
+                        session.tenant.cycle_answered(status, rolled_back);
                     }
                 }
                 self.suppress = false;
@@ -150,6 +151,7 @@ impl ServerSide {
             }
             be::ERROR_RESPONSE_TAG => {
                 self.error_in_cycle = true;
+                self.current = None;
                 self.copy_out = None;
                 let mut session = lock(&self.session);
                 let extended = matches!(
@@ -166,7 +168,20 @@ impl ServerSide {
                     }
                 }
                 drop(session);
-                self.emit(frame, false, out);
+                if self.suppress {
+                    return Ok(());
+                }
+                // Our own refusals are raised by a DO block on the server: drop the PL/pgSQL
+                // context line it adds, so the client sees just our message.
+                let ours = be::ErrorFields::find(frame.body(), b'M')
+                    .is_some_and(|m| m.starts_with(b"pgenvelope: "))
+                    && be::ErrorFields::find(frame.body(), b'W')
+                        .is_some_and(|w| w.windows(17).any(|x| x == b"inline_code_block"));
+                if !(ours
+                    && be::put_fields_without(out, be::ERROR_RESPONSE_TAG, frame.body(), b'W'))
+                {
+                    self.emit(frame, false, out);
+                }
             }
             be::PARSE_COMPLETE_TAG | be::BIND_COMPLETE_TAG | be::CLOSE_COMPLETE_TAG => {
                 let popped = lock(&self.session).queue.pop_front();
@@ -264,15 +279,18 @@ impl ServerSide {
                 if self.suppress {
                     return Ok(());
                 }
-                let shape = {
+                if self.current.is_none() {
+                    // First row of an Execute: its shape comes from the portal (or the
+                    // statement it was bound from); kept until the Execute completes.
                     let session = lock(&self.session);
-                    match session.queue.front() {
-                        Some(Pending::Execute {
-                            portal: Some(p), ..
-                        }) => p.shape(),
-                        _ => self.current.clone(),
+                    if let Some(Pending::Execute {
+                        portal: Some(p), ..
+                    }) = session.queue.front()
+                    {
+                        self.current = p.shape();
                     }
-                };
+                }
+                let shape = self.current.clone();
                 match shape {
                     Some(shape) if !shape.is_inert() => {
                         self.decrypt_row(&shape, frame, out).await?
@@ -292,6 +310,7 @@ impl ServerSide {
                 self.emit(frame, false, out);
             }
             be::EMPTY_QUERY_RESPONSE_TAG | be::PORTAL_SUSPENDED_TAG => {
+                self.current = None;
                 let mut session = lock(&self.session);
                 if matches!(session.queue.front(), Some(Pending::Execute { .. })) {
                     session.queue.pop_front();
@@ -364,10 +383,7 @@ impl ServerSide {
     /// Client encoding and session tenant (not the default tenant: it does not restrict reads).
     fn read_context(&self) -> (ClientEncoding, Option<OrgId>) {
         let session = lock(&self.session);
-        (
-            session.encoding.clone(),
-            session.tenant.effective().cloned(),
-        )
+        (session.encoding.clone(), session.tenant.effective())
     }
 
     async fn shape(&self, fields: &[FieldDescription]) -> Result<Shape, ClientError> {

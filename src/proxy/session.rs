@@ -157,48 +157,102 @@ pub(crate) enum Pending {
 
 /// The session tenant, tracked with transaction semantics (DESIGN §5).
 ///
-/// Changes are applied when the statement is forwarded; at the end of a transaction the
-/// server side commits them or, if the transaction rolled back, restores the value it had
-/// at the transaction's start. `SET LOCAL` values end with the transaction.
+/// A change (`SET [LOCAL] pgenvelope.tenant`, RESET, set_config) takes effect for later
+/// statements as soon as it is forwarded, but it is only *settled* when the server answers
+/// the request cycle (simple Query, Sync or FunctionCall) it was part of: committed if the
+/// cycle ended outside a transaction without error or ROLLBACK, dropped if that transaction
+/// rolled back, and kept pending while a transaction is still open. Changes are numbered by
+/// cycle, so a change sent in a later, pipelined cycle is never undone by the rollback of an
+/// earlier one. `SET LOCAL` values end with their transaction.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct TenantState {
     /// Value from the startup packet (`options=-c pgenvelope.tenant=…`): what RESET returns to.
     pub(crate) startup: Option<OrgId>,
-    /// Session-level value.
-    pub(crate) session: Option<OrgId>,
-    /// Transaction-level value (SET LOCAL).
-    pub(crate) local: Option<OrgId>,
-    /// Session value at the start of the current transaction, once a change was made in it.
-    pub(crate) snapshot: Option<Option<OrgId>>,
+    /// Committed session-level value.
+    confirmed: Option<OrgId>,
+    /// Changes of the open transaction, already executed by the server.
+    in_tx: Vec<TenantChangeOp>,
+    /// Changes sent but not yet answered, with the cycle they belong to.
+    pending: VecDeque<(u64, TenantChangeOp)>,
+    /// Cycles sent by the client side (Query, Sync, FunctionCall).
+    sent_cycles: u64,
+    /// Cycles answered (ReadyForQuery matched to a Query, Sync or FunctionCall).
+    answered_cycles: u64,
+}
+
+/// One tenant change: new value (`None` = RESET / DEFAULT) and whether it is `LOCAL`.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantChangeOp {
+    value: Option<OrgId>,
+    local: bool,
 }
 
 impl TenantState {
-    /// The tenant in force: SET LOCAL, else SET, else the startup option.
-    pub(crate) fn effective(&self) -> Option<&OrgId> {
-        self.local.as_ref().or(self.session.as_ref())
+    /// A state starting at the tenant given in the startup packet.
+    pub(crate) fn new(startup: Option<OrgId>) -> Self {
+        Self {
+            confirmed: startup.clone(),
+            startup,
+            ..Self::default()
+        }
     }
 
-    /// Apply `SET [LOCAL] pgenvelope.tenant` (value `None` = RESET / DEFAULT).
-    pub(crate) fn set(&mut self, value: Option<OrgId>, local: bool) {
-        if local {
-            self.local = value.or_else(|| self.session.clone());
-            return;
-        }
-        if self.snapshot.is_none() {
-            self.snapshot = Some(self.session.clone());
-        }
-        self.session = value.or_else(|| self.startup.clone());
-        self.local = None;
-    }
-
-    /// The transaction ended.
-    pub(crate) fn end_transaction(&mut self, rolled_back: bool) {
-        if let Some(before) = self.snapshot.take() {
-            if rolled_back {
-                self.session = before;
+    /// The tenant in force for the next statement: SET LOCAL, else SET, else startup option.
+    pub(crate) fn effective(&self) -> Option<OrgId> {
+        let mut session = self.confirmed.clone();
+        let mut local: Option<Option<OrgId>> = None;
+        for op in self
+            .in_tx
+            .iter()
+            .chain(self.pending.iter().map(|(_, op)| op))
+        {
+            if op.local {
+                local = Some(op.value.clone().or_else(|| session.clone()));
+            } else {
+                session = op.value.clone().or_else(|| self.startup.clone());
+                local = None;
             }
         }
-        self.local = None;
+        match local {
+            Some(l) => l,
+            None => session,
+        }
+    }
+
+    /// Record a change sent in the current cycle.
+    pub(crate) fn set(&mut self, value: Option<OrgId>, local: bool) {
+        self.pending
+            .push_back((self.sent_cycles, TenantChangeOp { value, local }));
+    }
+
+    /// The client side sent a cycle end (Query, Sync, FunctionCall).
+    pub(crate) fn cycle_sent(&mut self) {
+        self.sent_cycles += 1;
+    }
+
+    /// The server answered the oldest outstanding cycle with ReadyForQuery(`status`).
+    /// `rolled_back`: the cycle saw an error or a ROLLBACK.
+    pub(crate) fn cycle_answered(&mut self, status: TransactionStatus, rolled_back: bool) {
+        let cycle = self.answered_cycles;
+        self.answered_cycles += 1;
+        while let Some((c, _)) = self.pending.front() {
+            if *c > cycle {
+                break;
+            }
+            if let Some((_, op)) = self.pending.pop_front() {
+                self.in_tx.push(op);
+            }
+        }
+        if status != TransactionStatus::Idle {
+            return;
+        }
+        let ops = std::mem::take(&mut self.in_tx);
+        if rolled_back {
+            return;
+        }
+        for op in ops.into_iter().filter(|op| !op.local) {
+            self.confirmed = op.value.or_else(|| self.startup.clone());
+        }
     }
 }
 
@@ -229,11 +283,7 @@ impl Session {
             statements: HashMap::new(),
             portals: HashMap::new(),
             queue: VecDeque::new(),
-            tenant: TenantState {
-                startup: startup_tenant.clone(),
-                session: startup_tenant,
-                ..TenantState::default()
-            },
+            tenant: TenantState::new(startup_tenant),
             status: TransactionStatus::Idle,
         }
     }
@@ -249,33 +299,52 @@ mod tests {
 
     #[test]
     fn tenant_follows_transactions() {
-        let mut t = TenantState {
-            startup: Some(org("boot")),
-            session: Some(org("boot")),
-            ..TenantState::default()
-        };
+        use TransactionStatus::{Idle, InTransaction};
+        let mut t = TenantState::new(Some(org("boot")));
         t.set(Some(org("a")), false);
-        t.end_transaction(false);
-        assert_eq!(t.effective(), Some(&org("a")));
+        t.cycle_sent();
+        assert_eq!(t.effective(), Some(org("a")), "in force at once");
+        t.cycle_answered(Idle, false);
+        assert_eq!(t.effective(), Some(org("a")));
 
+        // BEGIN; SET b; ROLLBACK in three cycles.
+        t.cycle_sent();
+        t.cycle_answered(InTransaction, false);
         t.set(Some(org("b")), false);
-        t.end_transaction(true);
-        assert_eq!(t.effective(), Some(&org("a")), "rollback restores");
+        t.cycle_sent();
+        t.cycle_answered(InTransaction, false);
+        assert_eq!(t.effective(), Some(org("b")));
+        t.cycle_sent();
+        t.cycle_answered(Idle, true);
+        assert_eq!(t.effective(), Some(org("a")), "rollback restores");
 
         t.set(Some(org("l")), true);
-        assert_eq!(t.effective(), Some(&org("l")));
-        t.end_transaction(false);
+        t.cycle_sent();
+        assert_eq!(t.effective(), Some(org("l")));
+        t.cycle_answered(InTransaction, false);
+        t.cycle_sent();
+        t.cycle_answered(Idle, false);
         assert_eq!(
             t.effective(),
-            Some(&org("a")),
+            Some(org("a")),
             "SET LOCAL ends with the transaction"
         );
 
+        // A failed cycle answered after the next cycle's SET was already sent keeps that SET.
+        t.cycle_sent();
+        t.set(Some(org("c")), false);
+        t.cycle_sent();
+        t.cycle_answered(Idle, true);
+        assert_eq!(t.effective(), Some(org("c")));
+        t.cycle_answered(Idle, false);
+        assert_eq!(t.effective(), Some(org("c")));
+
         t.set(None, false);
-        t.end_transaction(false);
+        t.cycle_sent();
+        t.cycle_answered(Idle, false);
         assert_eq!(
             t.effective(),
-            Some(&org("boot")),
+            Some(org("boot")),
             "RESET returns to the startup value"
         );
     }

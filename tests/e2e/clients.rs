@@ -195,3 +195,33 @@ fn pgbench_select_only_runs_clean_simple_and_prepared() {
 pub fn psql_ok(port: u16, db: &str, args: &[&str]) -> String {
     ok(&psql(port, db, args))
 }
+
+/// Every `PGENVELOPE_*` variable and `--flag` used in deploy/ exists in `pgenvelope serve --help`.
+#[test]
+fn deploy_files_use_only_existing_settings() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')) {
+            if let Some(name) = word.strip_prefix("PGENVELOPE_") {
+                if name.is_empty() {
+                    continue;
+                }
+                assert!(
+                    help.contains(&format!("PGENVELOPE_{name}")),
+                    "{}: PGENVELOPE_{name}",
+                    path.display()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 4, "deploy files name settings");
+}

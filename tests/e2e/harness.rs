@@ -24,6 +24,7 @@ pub fn main_pg() -> (String, u16) {
 pub struct TestProxy {
     addr: SocketAddr,
     pub engine: Option<std::sync::Arc<pgenvelope::proxy::Engine>>,
+    pub handle: pgenvelope::proxy::ServerHandle,
     pub key_schema: String,
     _dir: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -149,7 +150,11 @@ impl TestProxy {
                 .await
                 .expect("bind proxy");
                 addr_tx
-                    .send((server.local_addr().expect("local addr"), engine))
+                    .send((
+                        server.local_addr().expect("local addr"),
+                        engine,
+                        server.handle(),
+                    ))
                     .expect("send addr");
                 server
                     .run(async {
@@ -159,10 +164,11 @@ impl TestProxy {
             });
             // Dropping the runtime here cancels every connection task.
         });
-        let (addr, engine) = addr_rx.recv().expect("proxy started");
+        let (addr, engine, handle) = addr_rx.recv().expect("proxy started");
         TestProxy {
             addr,
             engine,
+            handle,
             key_schema,
             _dir: Some(dir),
             stop: Some(stop_tx),

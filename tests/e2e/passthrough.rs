@@ -570,3 +570,76 @@ fn ssl_and_gss_requests_are_answered_n() {
     assert_eq!(buf.first(), Some(&b'E'));
     assert_eq!(error_field(&buf[5..], b'C').as_deref(), Some("08P01"));
 }
+
+#[tokio::test]
+async fn clients_vanishing_at_any_point_leave_nothing_behind() {
+    let proxy = TestProxy::start();
+    let wait_idle = |proxy: &TestProxy| {
+        let handle = proxy.handle.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while handle.active_connections() > 0 || handle.registered_sessions() > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("every session torn down");
+        }
+    };
+    // Mid-query: a client running pg_sleep disappears.
+    for _ in 0..3 {
+        let client = connect(&cfg(&proxy)).await.unwrap();
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let q = tokio::spawn(async move {
+            let _ = client.batch_execute("SELECT pg_sleep(30)").await;
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        q.abort();
+        let _ = q.await;
+        // The server side is closed too: the backend goes away once the proxy hangs up.
+        let admin = connect(&cfg(&proxy)).await.unwrap();
+        admin
+            .execute("SELECT pg_cancel_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let n: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                        &[&pid],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("backend of the vanished client ended");
+    }
+    // During startup, half-way through a message, and right after authentication.
+    for bytes in [
+        &b"\x00\x00"[..],
+        &b"\x00\x00\x00\x50\x00\x03\x00\x00user\x00"[..],
+    ] {
+        let mut s = std::net::TcpStream::connect(proxy.addr()).unwrap();
+        std::io::Write::write_all(&mut s, bytes).unwrap();
+    }
+    {
+        let (mut conn, _) = RawConn::connect(
+            proxy.port(),
+            &[("user", b"postgres"), ("database", b"test")],
+        )
+        .unwrap();
+        std::io::Write::write_all(conn.raw_stream(), b"Q\x00\x00\x01\x00SELECT").unwrap();
+    }
+    wait_idle(&proxy).await;
+}
