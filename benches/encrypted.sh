@@ -88,17 +88,17 @@ V64=$(python3 -c 'print("x" * 64)')
 V1K=$(python3 -c 'print("y" * 1024)')
 log "loading $ROWS rows into each table (the encrypted one through the proxy)"
 printf '%s\n' '\set org random(0, 9)' \
-    'INSERT INTO bench_enc (org_id, a, b) VALUES ('"'"'org'"'"' || :org, :v64, :v1k);' >"$WORK/load.sql"
+    'INSERT INTO bench_enc (org_id, a, b) VALUES (:org, :v64, :v1k);' >"$WORK/load.sql"
 "$PG_BINDIR/pgbench" -n -M prepared -h 127.0.0.1 -p "$PROXY_PORT" -U postgres -c 4 -j 2 \
     -t $((ROWS / 4)) -D v64="$V64" -D v1k="$V1K" -f "$WORK/load.sql" postgres >"$WORK/load.log" 2>&1 \
     || die "loading through the proxy failed"
 "${PSQL[@]}" -p "$PG_PORT" -c "INSERT INTO bench_plain (org_id, a, b)
-    SELECT 'org' || (g % 10), repeat('x', 64), repeat('y', 1024) FROM generate_series(1, $ROWS) g"
+    SELECT (g % 10)::text, repeat('x', 64), repeat('y', 1024) FROM generate_series(1, $ROWS) g"
 "${PSQL[@]}" -p "$PG_PORT" -c "VACUUM ANALYZE"
 
 for t in enc plain; do
     printf '%s\n' '\set org random(0, 9)' \
-        "INSERT INTO bench_$t (org_id, a, b) VALUES ('org' || :org, :v64, :v1k);" >"$WORK/insert_$t.sql"
+        "INSERT INTO bench_$t (org_id, a, b) VALUES (:org, :v64, :v1k);" >"$WORK/insert_$t.sql"
     printf '%s\n' "\\set id random(1, $ROWS)" \
         "SELECT a, b FROM bench_$t WHERE id = :id;" >"$WORK/select_$t.sql"
 done
