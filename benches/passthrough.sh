@@ -14,7 +14,7 @@
 #   MODES="simple prepared"   pgbench -M values
 #   JOBS                 pgbench -j (default: min(clients, number of CPUs))
 #   SCALE=10             pgbench -i -s
-#   TARGETS="direct pgbouncer pgenvelope"
+#   TARGETS="direct pgbouncer pgenvelope pgenvelope-rules"
 #   PGENVELOPE_BIN       proxy binary (default: cargo build --release, then
 #                        $CARGO_TARGET_DIR/release/pgenvelope)
 #   PGENVELOPE_NO_BUILD=1     do not run cargo build; skip pgenvelope if the binary is missing
@@ -30,7 +30,7 @@ ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-"1 8 64"}
 MODES=${MODES:-"simple prepared"}
 SCALE=${SCALE:-10}
-TARGETS=${TARGETS:-"direct pgbouncer pgenvelope"}
+TARGETS=${TARGETS:-"direct pgbouncer pgenvelope pgenvelope-rules"}
 RESULTS_DIR=${RESULTS_DIR:-$REPO_DIR/benches/results}
 NCPU=$(nproc)
 CLK_TCK=$(getconf CLK_TCK)
@@ -72,7 +72,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # Processes we start, stopped by PID on any exit.
-PG_PID="" ; BOUNCER_PID="" ; PROXY_PID=""
+PG_PID="" ; BOUNCER_PID="" ; PROXY_PID="" ; PROXY2_PID=""
 WORK=$(mktemp -d /tmp/pgenv-bench.XXXXXX)
 
 stop_pid() { # pid signal timeout_s
@@ -92,6 +92,7 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_pid "$PROXY_PID" TERM 10
+    stop_pid "$PROXY2_PID" TERM 10
     stop_pid "$BOUNCER_PID" INT 10
     stop_pid "$PG_PID" INT 30
     wait 2>/dev/null || true
@@ -202,8 +203,8 @@ for target in $TARGETS; do
         PORT[pgbouncer]=$STARTED_PORT; PID_OF[pgbouncer]=$STARTED_PID
         log "pgbouncer pid $BOUNCER_PID on port ${PORT[pgbouncer]}"
         ACTIVE+=(pgbouncer) ;;
-    pgenvelope)
-        if [ "${BENCH_PROXY_STANDIN:-}" = pgbouncer ]; then
+    pgenvelope|pgenvelope-rules)
+        if [ "${BENCH_PROXY_STANDIN:-}" = pgbouncer ] && [ "$target" = pgenvelope ]; then
             [ -n "$PGBOUNCER" ] || die "BENCH_PROXY_STANDIN=pgbouncer but pgbouncer is missing"
             log "WARNING: measuring a second pgbouncer in place of pgenvelope (BENCH_PROXY_STANDIN)"
             start_pgbouncer standin || die "stand-in pgbouncer did not start"
@@ -227,18 +228,29 @@ for target in $TARGETS; do
             continue
         fi
         port=$(free_port)
+        # `pgenvelope`: no rules, a pure relay. `pgenvelope-rules`: the encrypting engine is
+        # on (rules for a table pgbench never touches), so every statement goes through the
+        # pre-check and every result through the read path: the cost users pay for traffic
+        # that touches no encrypted column.
+        mkdir -p "$WORK/$target-rules"
+        if [ "$target" = pgenvelope-rules ]; then
+            printf '[[table]]\nname = "public.vault_secrets"\ntenant_column = "org_id"\nencrypt = ["value"]\n' \
+                >"$WORK/$target-rules/vault.toml"
+        fi
         RUST_LOG=${RUST_LOG:-info} "$bin" serve --listen "127.0.0.1:$port" \
-            --upstream "postgres://$DB_USER@127.0.0.1:$PG_PORT/$DB" >"$WORK/pgenvelope.log" 2>&1 &
-        PROXY_PID=$!
-        if ! wait_ready "$port" pgenvelope "$PROXY_PID"; then
-            log "WARNING: pgenvelope did not serve on port $port: the pgenvelope target is skipped"
-            tail -n 20 "$WORK/pgenvelope.log" >&2 || true
-            stop_pid "$PROXY_PID" TERM 5; PROXY_PID=""
+            --upstream "postgres://$DB_USER@127.0.0.1:$PG_PORT/$DB" --rules "$WORK/$target-rules" \
+            --kms "local:$WORK/$target-kek" >"$WORK/$target.log" 2>&1 &
+        pid=$!
+        [ "$target" = pgenvelope ] && PROXY_PID=$pid || PROXY2_PID=$pid
+        if ! wait_ready "$port" "$target" "$pid"; then
+            log "WARNING: $target did not serve on port $port: the target is skipped"
+            tail -n 20 "$WORK/$target.log" >&2 || true
+            stop_pid "$pid" TERM 5
             continue
         fi
-        PORT[pgenvelope]=$port; PID_OF[pgenvelope]=$PROXY_PID
-        log "pgenvelope pid $PROXY_PID on port $port ($bin)"
-        ACTIVE+=(pgenvelope) ;;
+        PORT[$target]=$port; PID_OF[$target]=$pid
+        log "$target pid $pid on port $port ($bin)"
+        ACTIVE+=("$target") ;;
     *) die "unknown target $target" ;;
     esac
 done
@@ -314,7 +326,7 @@ fmt = lambda v, spec: "" if v is None else format(v, spec)
 mode_rank = {}
 for k in order:
     mode_rank.setdefault(k[1], len(mode_rank))
-target_rank = {"direct": 0, "pgbouncer": 1, "pgenvelope": 2}
+target_rank = {"direct": 0, "pgbouncer": 1, "pgenvelope": 2, "pgenvelope-rules": 3}
 order.sort(key=lambda k: (mode_rank[k[1]], k[2], target_rank.get(k[0], 9)))
 header = ["target", "mode", "clients", "median_tps", "avg_latency_ms", "ratio_vs_direct",
           "ratio_vs_pgbouncer", "cpu_ms_per_1k_stmts", "rounds"]

@@ -8,6 +8,7 @@
 //! or a dropped-and-added column is looked up again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -43,6 +44,8 @@ pub(crate) struct Catalog {
     service: tokio_postgres::Config,
     connect_timeout: Duration,
     dbs: Mutex<HashMap<String, Arc<AsyncMutex<DbState>>>>,
+    /// Bumped whenever a cache is dropped, so derived caches know to drop theirs.
+    epoch: AtomicU64,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -57,6 +60,7 @@ impl Catalog {
             service,
             connect_timeout,
             dbs: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -71,6 +75,12 @@ impl Catalog {
         // and the next one starts afresh.
         let mut dbs = self.dbs.lock().unwrap_or_else(PoisonError::into_inner);
         dbs.remove(db);
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Changes whenever cached catalog knowledge was dropped.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
     }
 
     /// The encrypted columns of table `oid` in `db`, or `None` if it has none.

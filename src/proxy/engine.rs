@@ -118,6 +118,11 @@ impl Engine {
         }
     }
 
+    /// The key manager (DEK cache and key store).
+    pub fn keys(&self) -> &Arc<KeyManager> {
+        &self.keys
+    }
+
     /// The analysis of `sql`, from the plan cache when this text was seen before.
     pub(crate) fn analyze(&self, sql: &str) -> Arc<Analysis> {
         if let Some(hit) = self.plans.get(sql) {

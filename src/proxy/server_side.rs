@@ -8,6 +8,7 @@
 //! the server's answer up to ReadyForQuery is dropped, so the client sees an ordinary failed
 //! statement and the connection stays in sync. Never logs values.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -35,6 +36,9 @@ pub(crate) struct ServerSide {
     copy_out: Option<CopyOut>,
     /// After a decryption failure: drop everything up to ReadyForQuery.
     suppress: bool,
+    /// Result shapes by RowDescription body, valid for catalog epoch `shapes_epoch`.
+    shapes: HashMap<Vec<u8>, Arc<Shape>>,
+    shapes_epoch: u64,
     /// An ErrorResponse was seen since the last ReadyForQuery.
     error_in_cycle: bool,
     /// The last CommandComplete tag since the last ReadyForQuery started with ROLLBACK.
@@ -50,6 +54,8 @@ impl ServerSide {
             current: None,
             copy_out: None,
             suppress: false,
+            shapes: HashMap::new(),
+            shapes_epoch: 0,
             error_in_cycle: false,
             rolled_back: false,
             max_row,
@@ -216,8 +222,7 @@ impl ServerSide {
                 self.emit(frame, hidden, out);
             }
             be::ROW_DESCRIPTION_TAG => {
-                let fields = be::parse_row_description(frame.body())?;
-                let shape = Arc::new(self.shape(&fields).await?);
+                let shape = self.cached_shape(frame.body()).await?;
                 let mut session = lock(&self.session);
                 let hidden = match session.queue.front() {
                     Some(Pending::DescribeStatement { statement, hidden }) => {
@@ -256,7 +261,7 @@ impl ServerSide {
                             .described_as
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .shape = Some(Arc::new(Shape::default()));
+                            .shape = Some(Arc::new(Shape::empty()));
                         session.queue.pop_front();
                         hidden
                     }
@@ -266,7 +271,7 @@ impl ServerSide {
                             .shape
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                            Some(Arc::new(Shape::default()));
+                            Some(Arc::new(Shape::empty()));
                         session.queue.pop_front();
                         hidden
                     }
@@ -386,6 +391,23 @@ impl ServerSide {
         (session.encoding.clone(), session.tenant.effective())
     }
 
+    /// The shape of a RowDescription, computed once per distinct description per connection
+    /// (and again after DDL changed the catalog).
+    async fn cached_shape(&mut self, body: &[u8]) -> Result<Arc<Shape>, Failure> {
+        let epoch = self.cipher.engine().catalog.epoch();
+        if epoch != self.shapes_epoch || self.shapes.len() > 512 {
+            self.shapes.clear();
+            self.shapes_epoch = epoch;
+        }
+        if let Some(hit) = self.shapes.get(body) {
+            return Ok(Arc::clone(hit));
+        }
+        let fields = be::parse_row_description(body)?;
+        let shape = Arc::new(self.shape(&fields).await?);
+        self.shapes.insert(body.to_vec(), Arc::clone(&shape));
+        Ok(shape)
+    }
+
     async fn shape(&self, fields: &[FieldDescription]) -> Result<Shape, ClientError> {
         let engine = Arc::clone(self.cipher.engine());
         let db = lock(&self.session).db.clone();
@@ -422,7 +444,7 @@ impl ServerSide {
                 format: f.format,
             });
         }
-        Ok(Shape { columns })
+        Ok(Shape::new(columns))
     }
 
     async fn decrypt_row(

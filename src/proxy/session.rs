@@ -44,12 +44,25 @@ pub(crate) struct ColumnShape {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Shape {
     pub(crate) columns: Vec<ColumnShape>,
+    /// Invariant: true iff no column has a rule or may hold text.
+    inert: bool,
 }
 
 impl Shape {
-    /// Whether no column needs looking at.
+    /// A shape from its columns.
+    pub(crate) fn new(columns: Vec<ColumnShape>) -> Self {
+        let inert = columns.iter().all(|c| c.rule.is_none() && !c.textlike);
+        Self { columns, inert }
+    }
+
+    /// A result with no columns (NoData).
+    pub(crate) fn empty() -> Self {
+        Self::new(Vec::new())
+    }
+
+    /// Whether no column needs looking at: rows pass through untouched.
     pub(crate) fn is_inert(&self) -> bool {
-        self.columns.iter().all(|c| c.rule.is_none() && !c.textlike)
+        self.inert
     }
 }
 
@@ -106,11 +119,14 @@ impl Portal {
             .unwrap_or_else(PoisonError::into_inner)
             .shape
             .clone()?;
-        let mut shape = (*described).clone();
-        for (i, c) in shape.columns.iter_mut().enumerate() {
+        if self.result_formats.is_empty() {
+            return Some(described);
+        }
+        let mut columns = described.columns.clone();
+        for (i, c) in columns.iter_mut().enumerate() {
             c.format = crate::wire::frontend::format_at(&self.result_formats, i);
         }
-        Some(Arc::new(shape))
+        Some(Arc::new(Shape::new(columns)))
     }
 }
 

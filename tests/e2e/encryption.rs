@@ -1012,3 +1012,105 @@ fn hostile_messages_never_take_the_encrypting_proxy_down() {
         v.assert_encrypted_at_rest(&[]).await;
     });
 }
+
+#[tokio::test]
+async fn set_config_tenant_and_warm_path_makes_no_key_calls() {
+    let table = unique("cfg");
+    direct()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id serial, body text)"))
+        .await
+        .unwrap();
+    let rules = format!("[[table]]\nname = \"{table}\"\nencrypt = [\"body\"]\n");
+    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
+    let client = connect(&proxy.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    let ins = format!("INSERT INTO {table} (body) VALUES ($1)");
+    // set_config with a literal, session-wide.
+    client
+        .batch_execute("SELECT set_config('pgenvelope.tenant', 'lit', false)")
+        .await
+        .unwrap();
+    client.execute(ins.as_str(), &[&"one"]).await.unwrap();
+    // set_config with a parameter, transaction-local: gone after COMMIT.
+    let mut client = client;
+    let tx = client.transaction().await.unwrap();
+    tx.query(
+        "SELECT set_config('pgenvelope.tenant', $1, true)",
+        &[&"param"],
+    )
+    .await
+    .unwrap();
+    tx.execute(ins.as_str(), &[&"two"]).await.unwrap();
+    tx.commit().await.unwrap();
+    let stored: Vec<String> = direct()
+        .await
+        .query(&format!("SELECT body FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let orgs: Vec<String> = {
+        let engine = proxy.engine.as_ref().unwrap();
+        let mut orgs = Vec::new();
+        for s in &stored {
+            let dek = pgenvelope::crypto::EncV1::parse(s.as_bytes())
+                .unwrap()
+                .dek_id();
+            orgs.push(engine_org(engine, dek).await);
+        }
+        orgs
+    };
+    assert_eq!(orgs, vec!["lit".to_owned(), "param".to_owned()]);
+
+    // Warm: many statements, no key-store load and no unwrap.
+    client.execute(ins.as_str(), &[&"warm-up"]).await.unwrap();
+    let engine = proxy.engine.as_ref().unwrap();
+    let before = engine.keys().stats();
+    for i in 0..200 {
+        client
+            .execute(ins.as_str(), &[&format!("v{i}")])
+            .await
+            .unwrap();
+        client
+            .query(
+                &format!("SELECT body FROM {table} WHERE id = $1"),
+                &[&(i + 3)],
+            )
+            .await
+            .unwrap();
+    }
+    let after = engine.keys().stats();
+    assert_eq!(
+        after.unwrap_calls, before.unwrap_calls,
+        "no KEK call per statement once warm"
+    );
+    assert_eq!(
+        after.store_loads, before.store_loads,
+        "no key-store call per statement once warm"
+    );
+    // COPY in binary format into an encrypted table is refused up front.
+    let err = client
+        .simple_query(&format!("COPY {table} (body) FROM STDIN BINARY"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("0A000"), "{err}");
+    client.simple_query("SELECT 1").await.unwrap();
+    direct()
+        .await
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+async fn engine_org(engine: &pgenvelope::proxy::Engine, dek: pgenvelope::crypto::DekId) -> String {
+    engine
+        .keys()
+        .key_by_id(dek)
+        .await
+        .unwrap()
+        .org()
+        .to_string()
+}

@@ -47,6 +47,8 @@ pub struct ProxyOptions {
     pub key_schema: String,
     /// KEK file (a fresh one in a temp dir unless shared on purpose).
     pub kek_path: Option<std::path::PathBuf>,
+    /// A KEK provider to use instead of a local key file.
+    pub kek: Option<std::sync::Arc<dyn pgenvelope::keys::KekProvider>>,
     /// Database holding the key store.
     pub key_db: String,
 }
@@ -64,6 +66,7 @@ impl ProxyOptions {
             strict_reads: false,
             key_schema: unique("pgenvelope_t"),
             kek_path: None,
+            kek: None,
             key_db: "test".to_owned(),
         }
     }
@@ -109,8 +112,14 @@ impl TestProxy {
                             text.as_str(),
                         )])
                         .expect("valid test rules");
-                        let kek =
-                            pgenvelope::keys::LocalKek::open_or_create(&kek_path).expect("kek");
+                        let kek: std::sync::Arc<dyn pgenvelope::keys::KekProvider> =
+                            match opts.kek.clone() {
+                                Some(k) => k,
+                                None => std::sync::Arc::new(
+                                    pgenvelope::keys::LocalKek::open_or_create(&kek_path)
+                                        .expect("kek"),
+                                ),
+                            };
                         let mut service = tokio_postgres::Config::new();
                         service
                             .host(&opts.upstream_host)
@@ -120,7 +129,7 @@ impl TestProxy {
                         let engine =
                             pgenvelope::proxy::Engine::start(pgenvelope::proxy::EngineSettings {
                                 rules,
-                                kek: std::sync::Arc::new(kek),
+                                kek,
                                 service,
                                 key_schema: opts.key_schema.clone(),
                                 key_cache_ttl: Duration::from_secs(300),
