@@ -15,6 +15,11 @@ use crate::proxy::error::ClientError;
 use crate::rules::{ColumnRule, RuleSet};
 use crate::sql::{Analysis, Protected, ProtectedTable};
 
+/// Total size of SQL texts whose analysis is cached.
+const PLAN_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Statements longer than this are analysed each time (typically bulk literals).
+const PLAN_CACHE_MAX_TEXT: usize = 256 * 1024;
+
 /// Counters of what the engine did (exported as metrics later; read by tests).
 #[derive(Debug, Default)]
 pub struct EngineStats {
@@ -113,7 +118,14 @@ impl Engine {
             catalog: Catalog::new(service, connect_timeout),
             default_tenant,
             strict_reads,
-            plans: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            // Bounded by bytes of SQL text, so a client sending huge distinct statements
+            // cannot grow it without limit.
+            plans: moka::sync::Cache::builder()
+                .weigher(|sql: &Arc<str>, _: &Arc<Analysis>| {
+                    u32::try_from(sql.len().saturating_add(256)).unwrap_or(u32::MAX)
+                })
+                .max_capacity(PLAN_CACHE_BYTES)
+                .build(),
             stats: EngineStats::default(),
         }
     }
@@ -129,7 +141,9 @@ impl Engine {
             return hit;
         }
         let analysis = Arc::new(crate::sql::analyze(sql, &self.protected));
-        self.plans.insert(Arc::from(sql), Arc::clone(&analysis));
+        if sql.len() <= PLAN_CACHE_MAX_TEXT {
+            self.plans.insert(Arc::from(sql), Arc::clone(&analysis));
+        }
         analysis
     }
 
