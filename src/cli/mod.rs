@@ -110,6 +110,11 @@ pub struct ServeArgs {
     /// [default: 0 = one per CPU]
     #[arg(long, env = "PGENVELOPE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+
+    /// On SIGTERM, how long to let sessions finish to their next idle point before closing
+    /// them with 57P01 (SIGINT closes them at once) [default: 30s]
+    #[arg(long, env = "PGENVELOPE_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
 }
 
 impl ServeArgs {
@@ -129,6 +134,7 @@ impl ServeArgs {
             key_cache_ttl: self.key_cache_ttl.clone(),
             key_cache_capacity: self.key_cache_capacity,
             workers: self.workers,
+            shutdown_grace: self.shutdown_grace.clone(),
         }
     }
 }

@@ -31,10 +31,37 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
             upstream = %format_args!("{}:{}", config.upstream.host, config.upstream.port),
             "listening on {addr}"
         );
+        let handle = server.handle();
+        let (kind_tx, kind_rx) = tokio::sync::oneshot::channel();
         server
-            .run_threads(workers, shutdown_signal())
+            .run_threads(workers, async move {
+                let _ = kind_tx.send(shutdown_signal().await);
+            })
             .await
             .context("starting the worker threads")?;
+        match kind_rx.await.unwrap_or(Stop::Fast) {
+            Stop::Graceful => {
+                tracing::info!(
+                    sessions = handle.active_connections(),
+                    grace = ?config.shutdown_grace,
+                    "draining: sessions close at their next idle point"
+                );
+                handle.drain();
+                let drained = tokio::select! {
+                    done = handle.wait_idle(config.shutdown_grace) => done,
+                    _ = tokio::signal::ctrl_c() => false,
+                };
+                if !drained {
+                    tracing::info!(
+                        sessions = handle.active_connections(),
+                        "closing the remaining sessions"
+                    );
+                }
+            }
+            Stop::Fast => {}
+        }
+        handle.close_all();
+        handle.wait_idle(std::time::Duration::from_secs(2)).await;
         if let Some(engine) = engine {
             if let Err(e) = engine.keys.flush_counters().await {
                 tracing::warn!(error = %e, "could not save encryption counters");
@@ -95,7 +122,13 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("installing the logger: {e}"))
 }
 
-async fn shutdown_signal() {
+/// How to stop: SIGTERM drains sessions within the grace period, SIGINT closes them at once.
+enum Stop {
+    Graceful,
+    Fast,
+}
+
+async fn shutdown_signal() -> Stop {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -105,16 +138,23 @@ async fn shutdown_signal() {
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot listen for SIGTERM");
                     let _ = ctrl_c.await;
-                    return;
+                    return Stop::Fast;
                 }
             };
         tokio::select! {
-            _ = ctrl_c => tracing::info!("SIGINT received"),
-            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = ctrl_c => {
+                tracing::info!("SIGINT received: closing every session now");
+                Stop::Fast
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received: draining");
+                Stop::Graceful
+            }
         }
     }
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+        Stop::Fast
     }
 }

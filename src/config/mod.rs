@@ -67,6 +67,8 @@ pub struct RawConfig {
     pub key_cache_capacity: Option<u64>,
     /// `workers = 2` (0 = one per CPU)
     pub workers: Option<usize>,
+    /// `shutdown_grace = "30s"`
+    pub shutdown_grace: Option<String>,
 }
 
 /// A size given as a number of bytes or as text with a unit.
@@ -179,6 +181,8 @@ pub struct Overrides {
     pub key_cache_capacity: Option<u64>,
     /// `--workers`
     pub workers: Option<usize>,
+    /// `--shutdown-grace`
+    pub shutdown_grace: Option<String>,
 }
 
 /// Validated configuration of `pgenvelope serve`.
@@ -212,6 +216,8 @@ pub struct Config {
     pub key_cache_capacity: u64,
     /// Threads serving connections.
     pub workers: usize,
+    /// How long SIGTERM waits for sessions to reach an idle point.
+    pub shutdown_grace: Duration,
 }
 
 /// A configuration error, naming where the bad value came from.
@@ -365,7 +371,11 @@ impl Config {
             n => n,
         };
 
+        let (grace, src) = pick(over.shutdown_grace, raw.shutdown_grace, "30s");
+        let shutdown_grace = parse_duration(&grace).map_err(|m| err("shutdown_grace", src, m))?;
+
         Ok(Config {
+            shutdown_grace,
             workers,
             rules,
             kms,

@@ -42,10 +42,15 @@ pub(crate) struct ClientSide {
     /// CopyDone/CopyFail (the server already got CopyFail).
     pub(crate) copy_failed: bool,
     pub(crate) max_row: usize,
+    pub(crate) activity: Arc<crate::proxy::drain::Activity>,
 }
 
 impl Handler for ClientSide {
     type Error = PumpError;
+
+    fn on_tag(&mut self, tag: u8) {
+        self.activity.client_message(tag);
+    }
 
     fn inspects(&self, tag: u8) -> bool {
         match tag {

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::crypto::OrgId;
 use crate::proxy::cancel::{CancelGuard, CancelRegistry};
 use crate::proxy::client_side::ClientSide;
+use crate::proxy::drain::{session_must_end, Activity};
 use crate::proxy::engine::Cipher;
 use crate::proxy::error::ConnError;
 use crate::proxy::pump::{self, Handler, PumpError};
@@ -149,8 +150,10 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
     let (mut client_r, mut client_w) = client.into_split();
     let (mut server_r, mut server_w) = server.into_split();
     let limit = shared.config.max_message_size;
+    let activity = Arc::new(Activity::default());
     let tracker = Tracker {
         state: Arc::clone(&state),
+        activity: Arc::clone(&activity),
         cancels: Arc::clone(&shared.cancels),
         server_addr,
         cancel_guard: None,
@@ -158,7 +161,9 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
 
     let result = match &shared.engine {
         None => {
-            let mut to_server = ClientToServer;
+            let mut to_server = ClientToServer {
+                activity: Arc::clone(&activity),
+            };
             let mut to_client = ServerToClient { tracker };
             let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
             let s2c = pump::run(
@@ -171,6 +176,7 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
             tokio::select! {
                 r = c2s => r.map_err(ConnError::from_client_pump),
                 r = s2c => r.map_err(ConnError::from_server_pump),
+                () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
             }
         }
         Some(engine) => {
@@ -187,6 +193,7 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
                 skip_until_sync: false,
                 copy_failed: false,
                 max_row: limit,
+                activity: Arc::clone(&activity),
             };
             let mut to_client = Encrypting {
                 tracker,
@@ -203,6 +210,7 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
             tokio::select! {
                 r = c2s => r.map_err(ConnError::from_client_pump),
                 r = s2c => r.map_err(ConnError::from_server_pump),
+                () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
             }
         }
     };
@@ -282,13 +290,19 @@ fn record_params(params: &StartupParams<'_>) {
 }
 
 /// Client → server: nothing needs decoding for pass-through.
-struct ClientToServer;
+struct ClientToServer {
+    activity: Arc<Activity>,
+}
 
 impl Handler for ClientToServer {
     type Error = PumpError;
 
     fn inspects(&self, _tag: u8) -> bool {
         false
+    }
+
+    fn on_tag(&mut self, tag: u8) {
+        self.activity.client_message(tag);
     }
 
     async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
@@ -301,6 +315,7 @@ impl Handler for ClientToServer {
 /// the cancel key), ReadyForQuery.
 pub(crate) struct Tracker {
     pub(crate) state: Arc<Mutex<SessionState>>,
+    pub(crate) activity: Arc<Activity>,
     pub(crate) cancels: Arc<CancelRegistry>,
     pub(crate) server_addr: SocketAddr,
     pub(crate) cancel_guard: Option<CancelGuard>,
@@ -337,6 +352,8 @@ impl Tracker {
             }
             backend::READY_FOR_QUERY_TAG => {
                 let status = backend::parse_ready_for_query(frame.body())?;
+                self.activity
+                    .ready_for_query(status != backend::TransactionStatus::Idle);
                 self.state
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)

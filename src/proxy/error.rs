@@ -41,6 +41,9 @@ pub enum ConnError {
     /// The startup packet names a tenant that is not a valid organisation id.
     #[error("invalid pgenvelope.tenant in the startup packet")]
     InvalidStartupTenant,
+    /// The proxy is shutting down.
+    #[error("closed for shutdown")]
+    Shutdown,
     /// Reading from or writing to the client failed.
     #[error("client i/o: {0}")]
     ClientIo(#[source] std::io::Error),
@@ -99,6 +102,10 @@ impl ConnError {
             Self::UpstreamConnect { .. } => Some((
                 sqlstate::CONNECTION_FAILURE,
                 "pgenvelope: could not connect to the upstream server".to_owned(),
+            )),
+            Self::Shutdown => Some((
+                sqlstate::ADMIN_SHUTDOWN,
+                "pgenvelope: terminating connection because the proxy is shutting down".to_owned(),
             )),
             Self::ClientIo(_) | Self::ServerIo(_) => None,
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::proxy::drain::DrainState;
 use crate::proxy::{connection, Shared};
 
 /// Accept clients until `shutdown` resolves; each client gets its own task.
@@ -14,10 +15,15 @@ pub(crate) async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut drain = shared.drain.subscribe();
     loop {
         tokio::select! {
             () = &mut shutdown => {
                 tracing::info!("shutting down: no longer accepting connections");
+                return;
+            }
+            _ = drain.wait_for(|s| *s != DrainState::Running) => {
+                tracing::info!("draining: no longer accepting connections");
                 return;
             }
             accepted = listener.accept() => match accepted {

@@ -15,6 +15,7 @@ mod catalog;
 mod client_side;
 mod connection;
 mod copy;
+mod drain;
 pub mod engine;
 pub mod error;
 mod listener;
@@ -31,6 +32,7 @@ use tokio::sync::Semaphore;
 
 pub use cancel::CancelRegistry;
 pub use connection::SessionState;
+pub use drain::DrainState;
 pub use engine::{Engine, EngineSettings};
 pub use error::ConnError;
 
@@ -70,6 +72,8 @@ pub(crate) struct Shared {
     pub(crate) permits: Arc<Semaphore>,
     /// The encrypting layer; `None` when no rules are configured (pure pass-through).
     pub(crate) engine: Option<Arc<Engine>>,
+    /// Shutdown state, watched by the listeners and every session.
+    pub(crate) drain: tokio::sync::watch::Sender<DrainState>,
 }
 
 /// Observes a running server (for tests and, later, metrics).
@@ -87,6 +91,40 @@ impl ServerHandle {
     /// Number of sessions whose cancel key is registered (sessions past authentication).
     pub fn registered_sessions(&self) -> usize {
         self.shared.cancels.len()
+    }
+
+    /// Stop accepting connections; each session is closed with `57P01` at its next idle
+    /// ReadyForQuery (no statement or transaction in progress).
+    pub fn drain(&self) {
+        self.shared.drain.send_if_modified(|s| {
+            let change = *s == DrainState::Running;
+            if change {
+                *s = DrainState::Draining;
+            }
+            change
+        });
+    }
+
+    /// Close every session now with `57P01` (after the grace period, or on SIGINT).
+    pub fn close_all(&self) {
+        self.shared.drain.send_replace(DrainState::Closing);
+    }
+
+    /// Current shutdown state.
+    pub fn state(&self) -> DrainState {
+        *self.shared.drain.borrow()
+    }
+
+    /// Wait until no session is left, at most `limit`. Returns whether none is left.
+    pub async fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.active_connections() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
     }
 }
 
@@ -114,6 +152,7 @@ impl Server {
             cancels: Arc::new(CancelRegistry::default()),
             config,
             engine,
+            drain: tokio::sync::watch::channel(DrainState::Running).0,
         });
         Ok(Server { listener, shared })
     }

@@ -37,6 +37,10 @@ pub(crate) trait Handler {
     /// Whether messages with this tag must be buffered whole and passed to [`Handler::on_message`].
     fn inspects(&self, tag: u8) -> bool;
 
+    /// A message with this tag is being forwarded or handled (called exactly once per
+    /// message, inspected or not, before it goes out).
+    fn on_tag(&mut self, _tag: u8) {}
+
     /// Handle one whole inspected message: append whatever should be forwarded to `out`.
     fn on_message(
         &mut self,
@@ -95,6 +99,7 @@ where
                 let len = header.frame_len();
                 let inspect = handler.inspects(header.tag());
                 if rbuf.len() >= len {
+                    handler.on_tag(header.tag());
                     if inspect {
                         let raw = rbuf.split_to(len).freeze();
                         let frame =
@@ -108,6 +113,7 @@ where
                         rbuf.advance(len);
                     }
                 } else if !inspect && len > STREAM_AT {
+                    handler.on_tag(header.tag());
                     stream_left = len - rbuf.len();
                     out.extend_from_slice(&rbuf);
                     rbuf.clear();

@@ -225,3 +225,68 @@ fn deploy_files_use_only_existing_settings() {
     }
     assert!(checked >= 4, "deploy files name settings");
 }
+
+/// The binary: SIGTERM drains (idle sessions get 57P01, the process exits 0); the README's
+/// first command works with an explicit empty rule directory.
+#[test]
+fn sigterm_drains_and_exits() {
+    use crate::raw::{error_field, RawConn};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    let port = crate::support::free_port().unwrap();
+    let (_, pg_port) = main_pg();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+        .current_dir(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--upstream",
+            &format!("postgres://postgres@127.0.0.1:{pg_port}/test"),
+        ])
+        .args([
+            "--rules",
+            "rules",
+            "--shutdown-grace",
+            "10s",
+            "--log",
+            "warn",
+        ])
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let params: &[(&str, &[u8])] = &[("user", b"postgres"), ("database", b"test")];
+    let mut conn = None;
+    for _ in 0..100 {
+        if let Ok((c, _)) = RawConn::connect(port, params) {
+            conn = Some(c);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut conn = conn.expect("proxy serving");
+    conn.query(b"SELECT 1").unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (tag, body) = conn.read_msg().unwrap();
+    assert_eq!(tag, b'E');
+    assert_eq!(error_field(&body, b'C').as_deref(), Some("57P01"));
+    let mut exit = None;
+    for _ in 0..200 {
+        if let Some(s) = child.try_wait().unwrap() {
+            exit = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _guard = Kill(child);
+    assert!(exit.expect("exited after draining").success());
+}

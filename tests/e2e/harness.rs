@@ -165,11 +165,15 @@ impl TestProxy {
                         server.handle(),
                     ))
                     .expect("send addr");
+                // `run` also returns when the proxy drains; keep serving the sessions left
+                // until the test drops the proxy.
+                let mut stop_rx = stop_rx;
                 server
                     .run(async {
-                        let _ = stop_rx.await;
+                        let _ = (&mut stop_rx).await;
                     })
                     .await;
+                let _ = stop_rx.await;
             });
             // Dropping the runtime here cancels every connection task.
         });

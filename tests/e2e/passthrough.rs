@@ -643,3 +643,48 @@ async fn clients_vanishing_at_any_point_leave_nothing_behind() {
     }
     wait_idle(&proxy).await;
 }
+
+#[test]
+fn drain_closes_each_session_at_its_next_idle_point() {
+    let proxy = TestProxy::start();
+    let params: &[(&str, &[u8])] = &[("user", b"postgres"), ("database", b"test")];
+    let (mut idle, _) = RawConn::connect(proxy.port(), params).unwrap();
+    let (mut busy, _) = RawConn::connect(proxy.port(), params).unwrap();
+    let (mut in_tx, _) = RawConn::connect(proxy.port(), params).unwrap();
+    in_tx.query(b"BEGIN").unwrap();
+    busy.send(b'Q', b"SELECT pg_sleep(0.5), 42\0").unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+
+    proxy.handle.drain();
+    let fatal = |conn: &mut RawConn| {
+        let (tag, body) = conn.read_msg().unwrap();
+        assert_eq!(tag, b'E');
+        assert_eq!(error_field(&body, b'C').as_deref(), Some("57P01"));
+        assert_eq!(error_field(&body, b'S').as_deref(), Some("FATAL"));
+    };
+    // The idle session is closed at once.
+    fatal(&mut idle);
+    // The busy one gets its whole answer first.
+    let reply = busy.read_until_ready().unwrap();
+    let row = reply
+        .iter()
+        .find(|(t, _)| *t == b'D')
+        .expect("result delivered");
+    assert_eq!(data_row(&row.1)[1].as_deref(), Some(&b"42"[..]));
+    fatal(&mut busy);
+    // The open transaction is left to finish; it closes after COMMIT.
+    let reply = in_tx.query(b"SELECT 1").unwrap();
+    assert!(reply.iter().any(|(t, _)| *t == b'D'));
+    let reply = in_tx.query(b"COMMIT").unwrap();
+    assert!(reply.iter().any(|(t, _)| *t == b'C'));
+    fatal(&mut in_tx);
+    // No new sessions while draining.
+    assert!(RawConn::connect(proxy.port(), params).is_err());
+
+    // close_all ends sessions wherever they are.
+    let proxy = TestProxy::start();
+    let (mut a, _) = RawConn::connect(proxy.port(), params).unwrap();
+    a.query(b"BEGIN").unwrap();
+    proxy.handle.close_all();
+    fatal(&mut a);
+}

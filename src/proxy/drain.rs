@@ -1,0 +1,92 @@
+//! Shutdown: stop accepting, let each session finish to its next idle ReadyForQuery, then
+//! close it with `57P01`; after the grace period, close every session that is left.
+//!
+//! A session is *idle* when the server's last message was ReadyForQuery with status `I` and
+//! the client has sent nothing since: closing it then loses no statement and no transaction.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use tokio::sync::{watch, Notify};
+
+/// What the proxy is doing with its sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainState {
+    /// Serving.
+    Running,
+    /// No new connections; sessions close at their next idle point.
+    Draining,
+    /// Every session is closed now.
+    Closing,
+}
+
+/// Per-session activity, shared by its two directions.
+///
+/// Invariant: `outstanding` counts request cycles (Query, Sync, FunctionCall, and the startup
+/// itself) sent to the server and not yet answered by ReadyForQuery.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    outstanding: AtomicI64,
+    idle: AtomicBool,
+    ready: Notify,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            // The startup exchange ends with the first ReadyForQuery.
+            outstanding: AtomicI64::new(1),
+            idle: AtomicBool::new(false),
+            ready: Notify::new(),
+        }
+    }
+}
+
+impl Activity {
+    /// The client side forwarded a message; Query, Sync and FunctionCall start a cycle.
+    pub(crate) fn client_message(&self, tag: u8) {
+        if matches!(tag, b'Q' | b'S' | b'F') {
+            self.outstanding.fetch_add(1, Ordering::AcqRel);
+            self.idle.store(false, Ordering::Release);
+        }
+    }
+
+    /// The server sent ReadyForQuery; `in_transaction` unless its status is `I`.
+    pub(crate) fn ready_for_query(&self, in_transaction: bool) {
+        let left = self.outstanding.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left <= 0 && !in_transaction {
+            self.idle.store(true, Ordering::Release);
+            self.ready.notify_waiters();
+        } else {
+            self.idle.store(false, Ordering::Release);
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Acquire)
+    }
+}
+
+/// Resolves when this session must end: when the proxy drains and the session is idle, or
+/// when the proxy closes every session.
+pub(crate) async fn session_must_end(mut state: watch::Receiver<DrainState>, activity: &Activity) {
+    loop {
+        let notified = activity.ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now = *state.borrow_and_update();
+        match now {
+            DrainState::Closing => return,
+            DrainState::Draining if activity.is_idle() => return,
+            _ => {}
+        }
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() {
+                    // The server is gone: nothing will ever ask this session to end.
+                    std::future::pending::<()>().await;
+                }
+            }
+            () = &mut notified => {}
+        }
+    }
+}
