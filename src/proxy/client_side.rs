@@ -71,7 +71,15 @@ impl Handler for ClientSide {
 
     async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
         let tag = frame.tag();
-        if self.skip_until_sync && tag != fe::SYNC_TAG && tag != fe::QUERY_TAG {
+        // After a refusal, the server skips to Sync: so do we, except for messages that
+        // carry no statement (Flush must reach the server so it sends our error; Terminate
+        // ends the session).
+        if self.skip_until_sync
+            && !matches!(
+                tag,
+                fe::SYNC_TAG | fe::QUERY_TAG | fe::FLUSH_TAG | fe::TERMINATE_TAG
+            )
+        {
             return Ok(());
         }
         match tag {

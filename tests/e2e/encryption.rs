@@ -751,6 +751,25 @@ fn extended_protocol_without_describe_and_pipelined_refusal() {
     let row = data_row(&reply[4].1);
     assert_eq!(row[0].as_deref(), Some(&b"r3"[..]));
     assert_eq!(row[1].as_deref(), Some(&b"raw-secret-3"[..]));
+    // A refusal followed by Flush (no Sync): the error still arrives.
+    conn.send(
+        b'P',
+        &parse("", &format!("SELECT name FROM {t} ORDER BY value")),
+    )
+    .unwrap();
+    conn.send(b'B', &bind("", &[])).unwrap();
+    conn.send(b'E', &execute()).unwrap();
+    conn.send(b'H', &[]).unwrap();
+    let (tag, body) = conn.read_msg().unwrap();
+    assert_eq!(tag, b'E');
+    assert_eq!(error_field(&body, b'C').as_deref(), Some("0A000"));
+    assert_eq!(error_field(&body, b'W'), None, "no PL/pgSQL context");
+    conn.send(b'S', &[]).unwrap();
+    let reply = conn.read_until_ready().unwrap();
+    assert_eq!(
+        reply.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+        b"Z".to_vec()
+    );
     rt.block_on(v.assert_encrypted_at_rest(&["raw-secret"]));
 }
 
