@@ -475,7 +475,10 @@ impl ServerSide {
                 let tcol = &shape.columns[j];
                 if let Some(Some(t)) = row.get(j) {
                     let comparable = tcol.format == 0 || tcol.textlike;
-                    if comparable && t != d.org.as_str().as_bytes() {
+                    let same = encoding
+                        .decode(t)
+                        .is_ok_and(|text| text.as_ref() == d.org.as_str());
+                    if comparable && !same {
                         return Err(ClientError::corrupted(format!(
                             "pgenvelope: value in {} belongs to another organisation than its row",
                             rule.qualified_name()
