@@ -21,6 +21,11 @@
 //! AAD = `"pgenvelope/kek/pkcs11/v1"` ‖ organisation id (UTF-8) ‖ DEK id (16 bytes). The DEK
 //! id has a fixed length and ends the AAD, so the encoding is unambiguous.
 //!
+//! SoftHSM2 reports a failed GCM tag check as `CKR_GENERAL_ERROR`. Because that code can also
+//! mean a device fault, a decrypt failing with it is followed by an encrypt/decrypt round trip
+//! of a fixed block on the same session: if that works the wrapped key is rejected (`XX001`),
+//! otherwise the token is unavailable (`58000`).
+//!
 //! PKCS#11 calls block, so every token operation runs in `tokio::task::spawn_blocking`.
 //! Sessions are pooled (at most [`MAX_IDLE_SESSIONS`] idle ones kept). A session whose login
 //! was lost (the token was logged out, restarted or the session closed) is dropped, the user
@@ -523,6 +528,13 @@ impl KekProvider for Pkcs11Kek {
                         | RvError::DataInvalid,
                         _,
                     )) => Err(Outcome::Rejected),
+                    // SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR, which could
+                    // also be a device fault: a round trip on the same session tells them apart.
+                    Err(CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _))
+                        if probe(session, key) =>
+                    {
+                        Err(Outcome::Rejected)
+                    }
                     Err(e) => Err(call("C_Decrypt", e).into()),
                 }
             })
@@ -698,6 +710,25 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Whether the token still encrypts and decrypts with `key` on `session`: an AES-GCM round
+/// trip of a fixed, non-secret block under a fresh IV.
+fn probe(session: &Session, key: ObjectHandle) -> bool {
+    const PROBE_AAD: &[u8] = b"pgenvelope/kek/pkcs11/probe";
+    let block = [0u8; KEY_LEN];
+    let mut iv = [0u8; IV_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut iv);
+    let round_trip = || -> Result<bool, CkError> {
+        let mut enc_iv = iv;
+        let params = GcmParams::new(&mut enc_iv, PROBE_AAD, TAG_BITS.into())?;
+        let sealed = session.encrypt(&Mechanism::AesGcm(params), key, &block)?;
+        let mut dec_iv = iv;
+        let params = GcmParams::new(&mut dec_iv, PROBE_AAD, TAG_BITS.into())?;
+        let opened = session.decrypt(&Mechanism::AesGcm(params), key, &sealed)?;
+        Ok(opened == block)
+    };
+    round_trip().unwrap_or(false)
 }
 
 /// Whether an error means the session (or its login) is gone, so a fresh session may work.
