@@ -32,7 +32,8 @@
 //! logs in again on a fresh session and the operation is retried once.
 //!
 //! Never logs or formats the PIN, plaintext keys or wrapped keys; the
-//! [`KekProvider::kek_id`] is `pkcs11:token=<label>;object=<label>`.
+//! [`KekProvider::kek_id`] is `pkcs11:token=<label>;object=<label>` (or `;id=<id>` when
+//! the URI names the key by id only): no PIN, no module path.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -397,10 +398,16 @@ impl Pkcs11Kek {
             }
         }
         let (slot, token) = find_token(&ctx, uri)?;
-        let object = match (&uri.object, &uri.id) {
-            (Some(label), _) => label.clone(),
-            (None, Some(id)) => format!("id={}", percent_encode(id)),
-            (None, None) => String::new(),
+        let (object, id) = match (&uri.object, &uri.id) {
+            (Some(label), _) => (
+                label.clone(),
+                format!("pkcs11:token={token};object={label}"),
+            ),
+            (None, Some(id)) => {
+                let id = percent_encode(id);
+                (format!("id={id}"), format!("pkcs11:token={token};id={id}"))
+            }
+            (None, None) => (String::new(), format!("pkcs11:token={token}")),
         };
         let mut find = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -415,7 +422,7 @@ impl Pkcs11Kek {
         let inner = Inner {
             ctx,
             slot,
-            id: format!("pkcs11:token={};object={}", token, object),
+            id,
             token,
             find,
             object,
@@ -424,7 +431,10 @@ impl Pkcs11Kek {
         };
         let session = inner.open_session().map_err(|e| match e {
             Pkcs11Error::Call { source, .. }
-                if matches!(*source, CkError::Pkcs11(RvError::PinIncorrect, _)) =>
+                if matches!(
+                    *source,
+                    CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _)
+                ) =>
             {
                 setup(Pkcs11Error::PinIncorrect {
                     token: inner.token.clone(),
@@ -576,7 +586,7 @@ impl Inner {
     ) -> Result<T, Outcome> {
         let mut retried = false;
         loop {
-            let session = match self.take_idle() {
+            let session = match self.take_idle().filter(|_| !retried) {
                 Some(s) => s,
                 None => self.open_session()?,
             };
@@ -588,7 +598,11 @@ impl Inner {
             match result {
                 Err(Outcome::Failed(ref e)) if !retried && needs_new_session(e) => {
                     tracing::warn!(kek = %self.id, "PKCS#11 session lost its login; logging in again");
+                    // Whatever ended this session's login most likely ended the others'.
                     drop(session);
+                    if let Ok(mut idle) = self.idle.lock() {
+                        idle.clear();
+                    }
                     retried = true;
                 }
                 other => {

@@ -384,12 +384,30 @@ mod scenarios {
             kek.unwrap(&c, &rewrapped).await.unwrap();
         }
 
-        // Many concurrent calls share the pool without tripping over each other.
-        let calls = (0..32).map(|_| {
-            let kek = Arc::clone(&kek);
-            let (c, wrapped) = (c.clone(), wrapped.clone());
-            tokio::spawn(async move { kek.unwrap(&c, &wrapped).await.map(|_| ()) })
-        });
+        // Many concurrent calls share the pool and leave several sessions in it.
+        concurrent_unwraps(&kek, &c, &wrapped).await;
+
+        // The module finalised and initialised again under the provider's feet (as after a
+        // token restart): every pooled session handle is invalid and the login is gone, so
+        // the provider drops them, opens a fresh session and logs in again.
+        let ctx = Pkcs11::new(MODULE).unwrap();
+        ctx.clone().finalize().unwrap();
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .unwrap();
+        let back = kek.unwrap(&c, &wrapped).await.unwrap();
+        assert_eq!(back.expose_secret(), key.expose_secret());
+
+        concurrent_unwraps(&kek, &c, &wrapped).await;
+    }
+
+    async fn concurrent_unwraps(kek: &Arc<Pkcs11Kek>, c: &KeyContext, wrapped: &[u8]) {
+        let calls: Vec<_> = (0..32)
+            .map(|_| {
+                let kek = Arc::clone(kek);
+                let (c, wrapped) = (c.clone(), wrapped.to_vec());
+                tokio::spawn(async move { kek.unwrap(&c, &wrapped).await.map(|_| ()) })
+            })
+            .collect();
         for call in calls {
             call.await.unwrap().unwrap();
         }
