@@ -28,7 +28,5 @@ pub use error::KeyError;
 pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
 pub use local::LocalKek;
 pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats};
-pub use pkcs11::{
-    PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PATH, MAX_IDLE_SESSIONS,
-};
+pub use pkcs11::{PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PATH, MAX_SESSIONS};
 pub use store::{DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};

@@ -27,7 +27,8 @@
 //! otherwise the token is unavailable (`58000`).
 //!
 //! PKCS#11 calls block, so every token operation runs in `tokio::task::spawn_blocking`.
-//! Sessions are pooled (at most [`MAX_IDLE_SESSIONS`] idle ones kept). A session whose login
+//! At most [`MAX_SESSIONS`] token operations run at once (a semaphore), each on a session
+//! from a pool of at most as many idle sessions. A session whose login
 //! was lost (the token was logged out, restarted or the session closed) is dropped, the user
 //! logs in again on a fresh session and the operation is retried once.
 //!
@@ -57,8 +58,8 @@ use super::kek::{KekError, KekProvider, KeyContext};
 
 /// The module tried when the URI has no `module-path` (Debian's SoftHSM2).
 pub const DEFAULT_MODULE_PATH: &str = "/usr/lib/softhsm/libsofthsm2.so";
-/// Idle sessions kept for reuse; more may be open while calls are in flight.
-pub const MAX_IDLE_SESSIONS: usize = 8;
+/// Token operations in flight at once per provider, and idle sessions kept for reuse.
+pub const MAX_SESSIONS: usize = 8;
 
 /// Format version byte of a PKCS#11-wrapped DEK.
 const WRAP_VERSION: u8 = 0x01;
@@ -75,17 +76,17 @@ const AAD_PREFIX: &[u8] = b"pgenvelope/kek/pkcs11/v1";
 #[derive(Clone, PartialEq, Eq)]
 pub struct Pkcs11Uri {
     /// `token=`: the token label.
-    pub token: Option<String>,
+    token: Option<String>,
     /// `object=`: the key label.
-    pub object: Option<String>,
+    object: Option<String>,
     /// `id=`: the key's `CKA_ID`.
-    pub id: Option<Vec<u8>>,
+    id: Option<Vec<u8>>,
     /// `slot-id=`: the slot number.
-    pub slot_id: Option<u64>,
+    slot_id: Option<u64>,
     /// `module-path=`: the PKCS#11 library.
-    pub module_path: PathBuf,
+    module_path: PathBuf,
     /// Where the user PIN comes from.
-    pub pin: PinSource,
+    pin: PinSource,
 }
 
 /// Where the user PIN comes from. `Debug` never shows a PIN value.
@@ -216,6 +217,36 @@ impl Pkcs11Uri {
             err("no PIN: add ?pin-source=env:VAR or ?pin-source=file:/path".into())
         })?;
         Ok(out)
+    }
+
+    /// `token=`: the token label, if given.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// `object=`: the key label, if given.
+    pub fn object(&self) -> Option<&str> {
+        self.object.as_deref()
+    }
+
+    /// `id=`: the key's `CKA_ID`, if given.
+    pub fn id(&self) -> Option<&[u8]> {
+        self.id.as_deref()
+    }
+
+    /// `slot-id=`: the slot number, if given.
+    pub fn slot_id(&self) -> Option<u64> {
+        self.slot_id
+    }
+
+    /// The PKCS#11 library to load.
+    pub fn module_path(&self) -> &std::path::Path {
+        &self.module_path
+    }
+
+    /// Where the user PIN comes from.
+    pub fn pin_source(&self) -> &PinSource {
+        &self.pin
     }
 
     fn read_pin(&self) -> Result<AuthPin, KekError> {
@@ -358,6 +389,8 @@ pub enum Pkcs11Error {
 /// A KEK held in an HSM, used through its PKCS#11 module.
 pub struct Pkcs11Kek {
     inner: Arc<Inner>,
+    /// Invariant: [`MAX_SESSIONS`] permits; one held per token operation in flight.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 struct Inner {
@@ -369,7 +402,7 @@ struct Inner {
     object: String,
     pin: AuthPin,
     id: String,
-    /// Invariant: every idle session belongs to `slot`; at most [`MAX_IDLE_SESSIONS`].
+    /// Invariant: every idle session belongs to `slot`; at most [`MAX_SESSIONS`].
     idle: Mutex<Vec<Session>>,
 }
 
@@ -454,6 +487,7 @@ impl Pkcs11Kek {
         tracing::info!(kek = %inner.id, "PKCS#11 KEK ready");
         Ok(Self {
             inner: Arc::new(inner),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
         })
     }
 
@@ -464,9 +498,17 @@ impl Pkcs11Kek {
     {
         let inner = Arc::clone(&self.inner);
         let kek = inner.id.clone();
-        let result = tokio::task::spawn_blocking(move || inner.with_session(op))
+        let result = match Arc::clone(&self.in_flight).acquire_owned().await {
+            Ok(permit) => tokio::task::spawn_blocking(move || {
+                let result = inner.with_session(op);
+                drop(permit);
+                result
+            })
             .await
-            .unwrap_or(Err(Outcome::Failed(Pkcs11Error::Task)));
+            .unwrap_or(Err(Outcome::Failed(Pkcs11Error::Task))),
+            // Never closed; treated like a failed worker all the same.
+            Err(_) => Err(Outcome::Failed(Pkcs11Error::Task)),
+        };
         result.map_err(|outcome| match outcome {
             Outcome::Rejected => KekError::Rejected,
             Outcome::Failed(e) => KekError::Unavailable {
@@ -621,7 +663,7 @@ impl Inner {
 
     fn release(&self, session: Session) {
         if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE_SESSIONS {
+            if idle.len() < MAX_SESSIONS {
                 idle.push(session);
             }
         }
