@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use crate::crypto::{DataKey, DekId, OrgId};
 
 use super::local::LocalKek;
+use super::pkcs11::{Pkcs11Error, Pkcs11Kek, Pkcs11Uri};
 
 /// What a wrapped DEK is bound to. Part of the AAD (local KEK) or the encryption context (KMS).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -94,13 +95,14 @@ impl KmsUri {
 
     /// Build the provider this URI names.
     ///
-    /// Only `local:` is implemented; `aws-kms:` and `pkcs11:` parse but return
-    /// [`KekError::NotSupported`]. Opening a local KEK does blocking file I/O: call this at
-    /// start-up (or from `spawn_blocking`), not on the request path.
+    /// `aws-kms:` parses but returns [`KekError::NotSupported`]. Opening a local KEK does
+    /// blocking file I/O and opening a PKCS#11 KEK loads the module and logs in to the token:
+    /// call this at start-up (or from `spawn_blocking`), not on the request path.
     pub fn open(&self) -> Result<Arc<dyn KekProvider>, KekError> {
         match self {
             Self::Local { path } => Ok(Arc::new(LocalKek::open_or_create(path)?)),
-            Self::AwsKms { .. } | Self::Pkcs11 { .. } => Err(KekError::NotSupported {
+            Self::Pkcs11 { uri } => Ok(Arc::new(Pkcs11Kek::open(&Pkcs11Uri::parse(uri)?)?)),
+            Self::AwsKms { .. } => Err(KekError::NotSupported {
                 scheme: self.scheme(),
             }),
         }
@@ -223,6 +225,10 @@ pub enum KekError {
         /// What is wrong with it (never the bytes themselves).
         reason: &'static str,
     },
+    /// A PKCS#11 KEK could not be set up (URI, PIN, module, token or key), or a token call
+    /// failed in a way that is not a rejected wrapped key.
+    #[error(transparent)]
+    Pkcs11(Arc<Pkcs11Error>),
     /// A remote KEK (KMS, HSM) could not be reached or refused the request.
     #[error("KEK `{kek}` unavailable")]
     Unavailable {
@@ -356,12 +362,10 @@ mod tests {
     }
 
     #[test]
-    fn remote_providers_are_not_supported_yet() {
-        for s in ["aws-kms:alias/pgenvelope", "pkcs11:token=hsm;object=kek"] {
-            let uri: KmsUri = s.parse().unwrap();
-            let err = uri.open().err().unwrap();
-            assert!(matches!(err, KekError::NotSupported { .. }), "{err}");
-            assert!(err.to_string().contains("not supported in this build yet"));
-        }
+    fn aws_kms_is_not_supported_yet() {
+        let uri: KmsUri = "aws-kms:alias/pgenvelope".parse().unwrap();
+        let err = uri.open().err().unwrap();
+        assert!(matches!(err, KekError::NotSupported { .. }), "{err}");
+        assert!(err.to_string().contains("not supported in this build yet"));
     }
 }

@@ -21,10 +21,12 @@ mod error;
 mod kek;
 mod local;
 mod manager;
+mod pkcs11;
 mod store;
 
 pub use error::KeyError;
 pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
 pub use local::LocalKek;
 pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats};
+pub use pkcs11::{PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PATH, MAX_SESSIONS};
 pub use store::{DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};
