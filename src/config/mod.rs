@@ -57,6 +57,8 @@ pub struct RawConfig {
     pub rules: Option<PathBuf>,
     /// `kms = "local:.pgenvelope/kek"` (KEK provider URI)
     pub kms: Option<String>,
+    /// `kms_also = ["aws-kms:alias/old"]`: further KEKs used only to unwrap existing DEKs
+    pub kms_also: Option<Vec<String>>,
     /// `default_tenant = "acme"`
     pub default_tenant: Option<String>,
     /// `strict_reads = true`: plaintext found in an encrypted column is an error (XX001)
@@ -169,6 +171,8 @@ pub struct Overrides {
     pub rules: Option<PathBuf>,
     /// `--kms`
     pub kms: Option<String>,
+    /// `--kms-also` (empty: not given)
+    pub kms_also: Vec<String>,
     /// `--default-tenant`
     pub default_tenant: Option<String>,
     /// `--strict-reads`
@@ -200,8 +204,10 @@ pub struct Config {
     pub log: Option<String>,
     /// Rule file or directory.
     pub rules: PathBuf,
-    /// KEK provider.
+    /// KEK provider: wraps new DEKs and unwraps the DEKs it wrapped.
     pub kms: KmsUri,
+    /// Further KEK providers, used only to unwrap DEKs they wrapped (during a migration).
+    pub kms_also: Vec<KmsUri>,
     /// Organisation for writes when neither the row nor the session names one.
     pub default_tenant: Option<OrgId>,
     /// Plaintext found in an encrypted column is an error instead of being passed through.
@@ -333,6 +339,20 @@ impl Config {
         let kms = kms
             .parse::<KmsUri>()
             .map_err(|e| err("kms", src, e.to_string()))?;
+        let (also, src) = match (over.kms_also, raw.kms_also) {
+            (flag, _) if !flag.is_empty() => (flag, "command line or environment".to_owned()),
+            (_, Some(v)) => (v, file_name.clone()),
+            _ => (Vec::new(), "default".to_owned()),
+        };
+        let kms_also = also
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<KmsUri>()
+                    .map_err(|e| err("kms_also", src.clone(), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let default_tenant = match (over.default_tenant, raw.default_tenant) {
             (Some(v), _) => Some((v, "command line or environment".to_owned())),
@@ -369,6 +389,7 @@ impl Config {
             workers,
             rules,
             kms,
+            kms_also,
             default_tenant,
             strict_reads: over.strict_reads.or(raw.strict_reads).unwrap_or(false),
             key_cache_ttl,

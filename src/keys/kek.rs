@@ -19,6 +19,7 @@ use async_trait::async_trait;
 
 use crate::crypto::{DataKey, DekId, OrgId};
 
+use super::aws::AwsKmsKek;
 use super::local::LocalKek;
 
 /// What a wrapped DEK is bound to. Part of the AAD (local KEK) or the encryption context (KMS).
@@ -94,13 +95,27 @@ impl KmsUri {
 
     /// Build the provider this URI names.
     ///
-    /// Only `local:` is implemented; `aws-kms:` and `pkcs11:` parse but return
-    /// [`KekError::NotSupported`]. Opening a local KEK does blocking file I/O: call this at
-    /// start-up (or from `spawn_blocking`), not on the request path.
-    pub fn open(&self) -> Result<Arc<dyn KekProvider>, KekError> {
+    /// `local:` opens (or creates) the key file on a blocking thread; `aws-kms:` loads the
+    /// standard AWS configuration chain (no KMS call is made yet). `pkcs11:` parses but
+    /// returns [`KekError::NotSupported`]. Call at start-up, not on the request path.
+    pub async fn open(&self) -> Result<Arc<dyn KekProvider>, KekError> {
         match self {
-            Self::Local { path } => Ok(Arc::new(LocalKek::open_or_create(path)?)),
-            Self::AwsKms { .. } | Self::Pkcs11 { .. } => Err(KekError::NotSupported {
+            Self::Local { path } => {
+                let path = path.clone();
+                let kek = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || LocalKek::open_or_create(path)
+                })
+                .await
+                .map_err(|e| KekError::KeyFileIo {
+                    path,
+                    op: "open (task)",
+                    source: Arc::new(io::Error::other(e.to_string())),
+                })??;
+                Ok(Arc::new(kek))
+            }
+            Self::AwsKms { key } => Ok(Arc::new(AwsKmsKek::from_env(key.clone()).await?)),
+            Self::Pkcs11 { .. } => Err(KekError::NotSupported {
                 scheme: self.scheme(),
             }),
         }
@@ -223,7 +238,8 @@ pub enum KekError {
         /// What is wrong with it (never the bytes themselves).
         reason: &'static str,
     },
-    /// A remote KEK (KMS, HSM) could not be reached or refused the request.
+    /// A remote KEK (KMS, HSM) could not be reached, timed out, was throttled or failed
+    /// internally. Transient: the next request tries again.
     #[error("KEK `{kek}` unavailable")]
     Unavailable {
         /// The provider's [`KekProvider::kek_id`].
@@ -231,6 +247,24 @@ pub enum KekError {
         /// The underlying failure.
         #[source]
         source: Arc<dyn StdError + Send + Sync>,
+    },
+    /// The KEK exists in name but cannot be used until an operator acts: disabled, pending
+    /// deletion, deleted or not found. Not retried.
+    #[error("KEK `{kek}` is disabled, pending deletion or not found")]
+    KeyUnusable {
+        /// The provider's [`KekProvider::kek_id`].
+        kek: String,
+        /// What the KMS or HSM reported.
+        #[source]
+        source: Arc<dyn StdError + Send + Sync>,
+    },
+    /// The provider's configuration is incomplete (for example no AWS region).
+    #[error("KEK `{kek}` is misconfigured: {reason}")]
+    Misconfigured {
+        /// The provider's [`KekProvider::kek_id`].
+        kek: String,
+        /// What is missing.
+        reason: &'static str,
     },
 }
 
@@ -355,11 +389,11 @@ mod tests {
         assert!(err.to_string().contains("unknown scheme"), "{err}");
     }
 
-    #[test]
-    fn remote_providers_are_not_supported_yet() {
-        for s in ["aws-kms:alias/pgenvelope", "pkcs11:token=hsm;object=kek"] {
+    #[tokio::test]
+    async fn pkcs11_is_not_supported_yet() {
+        for s in ["pkcs11:token=hsm;object=kek"] {
             let uri: KmsUri = s.parse().unwrap();
-            let err = uri.open().err().unwrap();
+            let err = uri.open().await.err().unwrap();
             assert!(matches!(err, KekError::NotSupported { .. }), "{err}");
             assert!(err.to_string().contains("not supported in this build yet"));
         }
