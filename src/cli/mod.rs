@@ -90,7 +90,12 @@ pub struct ServeArgs {
 
     /// A further KEK provider used only to unwrap data keys it wrapped earlier (during a KEK
     /// migration); repeatable, or comma-separated in the environment. New keys always use --kms
-    #[arg(long, env = "PGENVELOPE_KMS_ALSO", value_name = "URI", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "PGENVELOPE_KMS_ALSO",
+        value_name = "URI",
+        value_delimiter = ','
+    )]
     pub kms_also: Vec<String>,
 
     /// Organisation that owns written values when neither the row's tenant column nor the

@@ -261,9 +261,7 @@ where
     E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
     R: fmt::Debug,
 {
-    let call = |code: Option<String>, message: String| {
-        Arc::new(KmsCallError { op, code, message })
-    };
+    let call = |code: Option<String>, message: String| Arc::new(KmsCallError { op, code, message });
     match err {
         SdkError::ServiceError(service) => {
             let service = service.into_err();
@@ -305,7 +303,10 @@ where
         },
         SdkError::ConstructionFailure(_) => KekError::Unavailable {
             kek,
-            source: call(None, "request could not be built (configuration?)".to_owned()),
+            source: call(
+                None,
+                "request could not be built (configuration?)".to_owned(),
+            ),
         },
         _ => KekError::Unavailable {
             kek,
@@ -372,7 +373,9 @@ mod tests {
         let config = SdkConfig::builder()
             .behavior_version(BehaviorVersion::latest())
             .build();
-        let err = AwsKmsKek::from_sdk_config(&config, "alias/x").err().unwrap();
+        let err = AwsKmsKek::from_sdk_config(&config, "alias/x")
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("aws-kms:alias/x"), "{err}");
     }
 }

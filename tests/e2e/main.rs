@@ -9,6 +9,7 @@ mod clients;
 mod cluster_smoke;
 mod encryption;
 mod harness;
+mod kms;
 mod passthrough;
 mod raw;
 mod sessions;
