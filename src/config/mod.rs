@@ -468,4 +468,39 @@ mod tests {
             "{msg}"
         );
     }
+
+    #[test]
+    fn kms_also_from_file_or_flags() {
+        let raw = RawConfig::parse(
+            Path::new("p.toml"),
+            "kms = \"aws-kms:alias/new\"\nkms_also = [\"local:old-kek\"]\n",
+        )
+        .unwrap();
+        let c = Config::resolve(
+            Overrides::default(),
+            Some((Path::new("p.toml"), raw.clone())),
+        )
+        .unwrap();
+        assert_eq!(c.kms.to_string(), "aws-kms:alias/new");
+        assert_eq!(c.kms_also.len(), 1);
+        assert_eq!(c.kms_also[0].to_string(), "local:old-kek");
+
+        let over = Overrides {
+            kms_also: vec!["aws-kms:alias/a".into(), "aws-kms:alias/b".into()],
+            ..Overrides::default()
+        };
+        let c = Config::resolve(over, Some((Path::new("p.toml"), raw))).unwrap();
+        assert_eq!(c.kms_also.len(), 2);
+        assert!(Config::resolve(Overrides::default(), None)
+            .unwrap()
+            .kms_also
+            .is_empty());
+
+        let over = Overrides {
+            kms_also: vec!["vault:x".into()],
+            ..Overrides::default()
+        };
+        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        assert!(msg.contains("kms_also"), "{msg}");
+    }
 }

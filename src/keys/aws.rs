@@ -239,12 +239,13 @@ fn data_key(plaintext: Option<&[u8]>) -> Result<DataKey, KekError> {
     Ok(DataKey::from_bytes(*bytes))
 }
 
-/// KMS error codes meaning the key itself cannot be used until an operator acts.
+/// KMS error codes meaning the key itself cannot be used until an operator acts. Transient
+/// codes (`ThrottlingException`, `KeyUnavailableException`, `KMSInternalException`,
+/// `DependencyTimeoutException`) and unknown ones count as unavailable.
 const UNUSABLE_CODES: &[&str] = &[
     "DisabledException",
     "KMSInvalidStateException",
     "NotFoundException",
-    "KeyUnavailableException",
 ];
 /// KMS error codes meaning this request was refused (wrong ciphertext, key, context or
 /// permissions).
@@ -366,6 +367,54 @@ mod tests {
         let err = kek.generate(&ctx("acme")).await.err().unwrap();
         assert!(matches!(err, KekError::Unavailable { .. }), "{err}");
         assert!(started.elapsed() < OPERATION_TIMEOUT + Duration::from_secs(2));
+    }
+
+    fn service_error(code: &str) -> KekError {
+        let meta = aws_sdk_kms::error::ErrorMetadata::builder()
+            .code(code)
+            .message("from KMS")
+            .build();
+        let err = aws_sdk_kms::operation::decrypt::DecryptError::generic(meta);
+        let response = aws_sdk_kms::config::http::HttpResponse::new(
+            400.try_into().unwrap(),
+            aws_smithy_types::body::SdkBody::empty(),
+        );
+        classify(
+            "aws-kms:alias/x".to_owned(),
+            "Decrypt",
+            SdkError::service_error(err, response),
+        )
+    }
+
+    #[test]
+    fn kms_error_codes_are_classified() {
+        for code in [
+            "DisabledException",
+            "KMSInvalidStateException",
+            "NotFoundException",
+        ] {
+            let err = service_error(code);
+            assert!(matches!(err, KekError::KeyUnusable { .. }), "{code}: {err}");
+            let source = std::error::Error::source(&err).unwrap().to_string();
+            assert!(source.contains(code), "{source}");
+        }
+        for code in [
+            "AccessDeniedException",
+            "InvalidCiphertextException",
+            "IncorrectKeyException",
+        ] {
+            assert!(matches!(service_error(code), KekError::Rejected), "{code}");
+        }
+        for code in [
+            "ThrottlingException",
+            "KeyUnavailableException",
+            "KMSInternalException",
+            "DependencyTimeoutException",
+            "SomethingNew",
+        ] {
+            let err = service_error(code);
+            assert!(matches!(err, KekError::Unavailable { .. }), "{code}: {err}");
+        }
     }
 
     #[test]

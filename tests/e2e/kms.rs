@@ -353,6 +353,11 @@ async fn encryption_context_binds_org_and_dek() {
         "{err}"
     );
 
+    // Decrypt names the key: a blob of this key is refused under another key.
+    let other = provider(&moto.url(), &create_key(&moto.url(), None).await);
+    let err = other.unwrap(&acme, &wrapped).await.err().unwrap();
+    assert!(matches!(err, KekError::Rejected), "{err}");
+
     // Encrypt (used by rewrap) binds the context the same way.
     let rewrapped = kek.wrap(&acme, &key).await.unwrap();
     assert_ne!(rewrapped, wrapped);
