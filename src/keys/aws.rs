@@ -17,9 +17,10 @@
 //! context, or denied access, is [`KekError::Rejected`]; a disabled, pending-deletion or
 //! missing key is [`KekError::KeyUnusable`], which the SDK does not retry.
 //!
-//! Never logs or formats key material: plaintext keys pass through zeroizing buffers only (the
-//! SDK's own response buffer is outside our control), and error messages are built from the
-//! KMS error code and message, never from request or response bodies.
+//! Never logs or formats key material: plaintext keys we hold pass through zeroizing buffers
+//! only (the SDK's own request and response buffers, which carry the key base64-encoded over
+//! TLS, are outside our control), and error messages are built from the KMS error code and
+//! message, never from request or response bodies.
 
 use std::error::Error as StdError;
 use std::fmt;
