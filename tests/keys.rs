@@ -669,22 +669,23 @@ async fn unreachable_store_is_reported_as_unavailable() {
     );
 }
 
-#[test]
-fn kms_uri_builds_local_provider_only() {
+#[tokio::test]
+async fn kms_uri_builds_local_provider() {
     let dir = tempfile::tempdir().unwrap();
     let uri: KmsUri = format!("local:{}", dir.path().join("kek").display())
         .parse()
         .unwrap();
-    let kek = uri.open().unwrap();
+    let kek = uri.open().await.unwrap();
     assert!(kek.kek_id().starts_with("local:"));
-    let err = "aws-kms:alias/pgenvelope"
+    let err = "pkcs11:token=hsm;object=kek"
         .parse::<KmsUri>()
         .unwrap()
         .open()
+        .await
         .err()
         .unwrap();
     assert!(
-        matches!(err, KekError::NotSupported { scheme: "aws-kms" }),
+        matches!(err, KekError::NotSupported { scheme: "pkcs11" }),
         "{err}"
     );
 }

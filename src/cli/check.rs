@@ -53,6 +53,9 @@ pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
         config.rules.display()
     );
     println!("kms: {}", config.kms);
+    for uri in &config.kms_also {
+        println!("kms (unwrap only): {uri}");
+    }
     if !args.against_db {
         println!("ok");
         return Ok(0);

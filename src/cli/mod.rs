@@ -88,6 +88,16 @@ pub struct ServeArgs {
     #[arg(long, env = "PGENVELOPE_KMS", value_name = "URI")]
     pub kms: Option<String>,
 
+    /// A further KEK provider used only to unwrap data keys it wrapped earlier (during a KEK
+    /// migration); repeatable, or comma-separated in the environment. New keys always use --kms
+    #[arg(
+        long,
+        env = "PGENVELOPE_KMS_ALSO",
+        value_name = "URI",
+        value_delimiter = ','
+    )]
+    pub kms_also: Vec<String>,
+
     /// Organisation that owns written values when neither the row's tenant column nor the
     /// session (SET pgenvelope.tenant) names one; without it such writes are refused (42501)
     #[arg(long, env = "PGENVELOPE_DEFAULT_TENANT", value_name = "ORG")]
@@ -129,6 +139,7 @@ impl ServeArgs {
             log: self.log.clone(),
             rules: self.rules.clone(),
             kms: self.kms.clone(),
+            kms_also: self.kms_also.clone(),
             default_tenant: self.default_tenant.clone(),
             strict_reads: self.strict_reads,
             key_cache_ttl: self.key_cache_ttl.clone(),

@@ -86,14 +86,24 @@ async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
             "using a LOCAL key-encryption key file: for development only, use a KMS or HSM in production"
         );
     }
-    let kms = config.kms.clone();
-    let kek = tokio::task::spawn_blocking(move || kms.open())
+    let kek = config
+        .kms
+        .open()
         .await
-        .context("opening the KEK provider")?
         .with_context(|| format!("opening the KEK provider {}", config.kms))?;
+    let mut kek_also = Vec::with_capacity(config.kms_also.len());
+    for uri in &config.kms_also {
+        let also = uri
+            .open()
+            .await
+            .with_context(|| format!("opening the unwrap-only KEK provider {uri}"))?;
+        tracing::info!(kek = %also.kek_id(), "unwrap-only KEK loaded");
+        kek_also.push(also);
+    }
     let engine = Engine::start(EngineSettings {
         rules,
         kek,
+        kek_also,
         service: config.upstream.service.clone(),
         key_schema: DEFAULT_SCHEMA.to_owned(),
         key_cache_ttl: config.key_cache_ttl,

@@ -57,6 +57,8 @@ pub struct RawConfig {
     pub rules: Option<PathBuf>,
     /// `kms = "local:.pgenvelope/kek"` (KEK provider URI)
     pub kms: Option<String>,
+    /// `kms_also = ["aws-kms:alias/old"]`: further KEKs used only to unwrap existing DEKs
+    pub kms_also: Option<Vec<String>>,
     /// `default_tenant = "acme"`
     pub default_tenant: Option<String>,
     /// `strict_reads = true`: plaintext found in an encrypted column is an error (XX001)
@@ -171,6 +173,8 @@ pub struct Overrides {
     pub rules: Option<PathBuf>,
     /// `--kms`
     pub kms: Option<String>,
+    /// `--kms-also` (empty: not given)
+    pub kms_also: Vec<String>,
     /// `--default-tenant`
     pub default_tenant: Option<String>,
     /// `--strict-reads`
@@ -204,8 +208,10 @@ pub struct Config {
     pub log: Option<String>,
     /// Rule file or directory.
     pub rules: PathBuf,
-    /// KEK provider.
+    /// KEK provider: wraps new DEKs and unwraps the DEKs it wrapped.
     pub kms: KmsUri,
+    /// Further KEK providers, used only to unwrap DEKs they wrapped (during a migration).
+    pub kms_also: Vec<KmsUri>,
     /// Organisation for writes when neither the row nor the session names one.
     pub default_tenant: Option<OrgId>,
     /// Plaintext found in an encrypted column is an error instead of being passed through.
@@ -339,6 +345,20 @@ impl Config {
         let kms = kms
             .parse::<KmsUri>()
             .map_err(|e| err("kms", src, e.to_string()))?;
+        let (also, src) = match (over.kms_also, raw.kms_also) {
+            (flag, _) if !flag.is_empty() => (flag, "command line or environment".to_owned()),
+            (_, Some(v)) => (v, file_name.clone()),
+            _ => (Vec::new(), "default".to_owned()),
+        };
+        let kms_also = also
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<KmsUri>()
+                    .map_err(|e| err("kms_also", src.clone(), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let default_tenant = match (over.default_tenant, raw.default_tenant) {
             (Some(v), _) => Some((v, "command line or environment".to_owned())),
@@ -379,6 +399,7 @@ impl Config {
             workers,
             rules,
             kms,
+            kms_also,
             default_tenant,
             strict_reads: over.strict_reads.or(raw.strict_reads).unwrap_or(false),
             key_cache_ttl,
@@ -456,5 +477,40 @@ mod tests {
             msg.contains("connect_timeout") && msg.contains("p.toml"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn kms_also_from_file_or_flags() {
+        let raw = RawConfig::parse(
+            Path::new("p.toml"),
+            "kms = \"aws-kms:alias/new\"\nkms_also = [\"local:old-kek\"]\n",
+        )
+        .unwrap();
+        let c = Config::resolve(
+            Overrides::default(),
+            Some((Path::new("p.toml"), raw.clone())),
+        )
+        .unwrap();
+        assert_eq!(c.kms.to_string(), "aws-kms:alias/new");
+        assert_eq!(c.kms_also.len(), 1);
+        assert_eq!(c.kms_also[0].to_string(), "local:old-kek");
+
+        let over = Overrides {
+            kms_also: vec!["aws-kms:alias/a".into(), "aws-kms:alias/b".into()],
+            ..Overrides::default()
+        };
+        let c = Config::resolve(over, Some((Path::new("p.toml"), raw))).unwrap();
+        assert_eq!(c.kms_also.len(), 2);
+        assert!(Config::resolve(Overrides::default(), None)
+            .unwrap()
+            .kms_also
+            .is_empty());
+
+        let over = Overrides {
+            kms_also: vec!["vault:x".into()],
+            ..Overrides::default()
+        };
+        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        assert!(msg.contains("kms_also"), "{msg}");
     }
 }

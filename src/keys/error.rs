@@ -24,6 +24,16 @@ pub enum KeyError {
         #[source]
         source: KekError,
     },
+    /// The KEK is disabled, pending deletion or gone: an operator must act, so the call is
+    /// not retried. SQLSTATE 58000.
+    #[error("KEK `{kek}` is disabled, pending deletion or not found")]
+    KekUnusable {
+        /// The provider's KEK id.
+        kek: String,
+        /// What the provider reported.
+        #[source]
+        source: KekError,
+    },
     /// The KEK rejected a stored wrapped DEK: it was altered, moved to another organisation's
     /// row, or wrapped by another KEK with the same id. Points at tampering or corruption of
     /// the key store. SQLSTATE 58000 (details go to the log only).
@@ -35,8 +45,8 @@ pub enum KeyError {
         #[source]
         source: KekError,
     },
-    /// The DEK was wrapped by a different KEK than the one this proxy holds (for example
-    /// half-way through a `keys rewrap`). SQLSTATE 58000.
+    /// The DEK was wrapped by a KEK this proxy holds neither as its primary KEK nor as an
+    /// unwrap-only one (`--kms-also`). SQLSTATE 58000.
     #[error("DEK {dek} is wrapped by KEK `{stored}`, but this proxy uses `{ours}`")]
     KekMismatch {
         /// The DEK.
@@ -109,6 +119,15 @@ pub enum KeyError {
 }
 
 impl KeyError {
+    /// Classify a KEK provider failure while using KEK `kek`: unusable keys stay distinct
+    /// from transient unavailability.
+    pub(crate) fn kek(kek: String, source: KekError) -> Self {
+        match source {
+            KekError::KeyUnusable { .. } => Self::KekUnusable { kek, source },
+            source => Self::KekUnavailable { kek, source },
+        }
+    }
+
     pub(crate) fn store(op: &'static str, source: tokio_postgres::Error) -> Self {
         Self::KeyStoreUnavailable {
             op,

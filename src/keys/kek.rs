@@ -19,6 +19,7 @@ use async_trait::async_trait;
 
 use crate::crypto::{DataKey, DekId, OrgId};
 
+use super::aws::AwsKmsKek;
 use super::local::LocalKek;
 use super::pkcs11::{Pkcs11Error, Pkcs11Kek, Pkcs11Uri};
 
@@ -95,16 +96,37 @@ impl KmsUri {
 
     /// Build the provider this URI names.
     ///
-    /// `aws-kms:` parses but returns [`KekError::NotSupported`]. Opening a local KEK does
-    /// blocking file I/O and opening a PKCS#11 KEK loads the module and logs in to the token:
-    /// call this at start-up (or from `spawn_blocking`), not on the request path.
-    pub fn open(&self) -> Result<Arc<dyn KekProvider>, KekError> {
+    /// `local:` opens (or creates) the key file on a blocking thread; `aws-kms:` loads the
+    /// standard AWS configuration chain (no KMS call is made yet); `pkcs11:` loads the module
+    /// and logs in to the token on a blocking thread. Call at start-up, not on the request
+    /// path.
+    pub async fn open(&self) -> Result<Arc<dyn KekProvider>, KekError> {
         match self {
-            Self::Local { path } => Ok(Arc::new(LocalKek::open_or_create(path)?)),
-            Self::Pkcs11 { uri } => Ok(Arc::new(Pkcs11Kek::open(&Pkcs11Uri::parse(uri)?)?)),
-            Self::AwsKms { .. } => Err(KekError::NotSupported {
-                scheme: self.scheme(),
-            }),
+            Self::Local { path } => {
+                let path = path.clone();
+                let kek = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || LocalKek::open_or_create(path)
+                })
+                .await
+                .map_err(|e| KekError::KeyFileIo {
+                    path,
+                    op: "open (task)",
+                    source: Arc::new(io::Error::other(e.to_string())),
+                })??;
+                Ok(Arc::new(kek))
+            }
+            Self::AwsKms { key } => Ok(Arc::new(AwsKmsKek::from_env(key.clone()).await?)),
+            Self::Pkcs11 { uri } => {
+                let uri = Pkcs11Uri::parse(uri)?;
+                let kek = tokio::task::spawn_blocking(move || Pkcs11Kek::open(&uri))
+                    .await
+                    .map_err(|e| KekError::Unavailable {
+                        kek: "pkcs11".to_owned(),
+                        source: Arc::new(io::Error::other(e.to_string())),
+                    })??;
+                Ok(Arc::new(kek))
+            }
         }
     }
 }
@@ -229,7 +251,8 @@ pub enum KekError {
     /// failed in a way that is not a rejected wrapped key.
     #[error(transparent)]
     Pkcs11(Arc<Pkcs11Error>),
-    /// A remote KEK (KMS, HSM) could not be reached or refused the request.
+    /// A remote KEK (KMS, HSM) could not be reached, timed out, was throttled or failed
+    /// internally. Transient: the next request tries again.
     #[error("KEK `{kek}` unavailable")]
     Unavailable {
         /// The provider's [`KekProvider::kek_id`].
@@ -237,6 +260,24 @@ pub enum KekError {
         /// The underlying failure.
         #[source]
         source: Arc<dyn StdError + Send + Sync>,
+    },
+    /// The KEK exists in name but cannot be used until an operator acts: disabled, pending
+    /// deletion, deleted or not found. Not retried.
+    #[error("KEK `{kek}` is disabled, pending deletion or not found")]
+    KeyUnusable {
+        /// The provider's [`KekProvider::kek_id`].
+        kek: String,
+        /// What the KMS or HSM reported.
+        #[source]
+        source: Arc<dyn StdError + Send + Sync>,
+    },
+    /// The provider's configuration is incomplete (for example no AWS region).
+    #[error("KEK `{kek}` is misconfigured: {reason}")]
+    Misconfigured {
+        /// The provider's [`KekProvider::kek_id`].
+        kek: String,
+        /// What is missing.
+        reason: &'static str,
     },
 }
 
@@ -359,13 +400,5 @@ mod tests {
     fn rejects_unknown_scheme() {
         let err = "vault:secret/kek".parse::<KmsUri>().unwrap_err();
         assert!(err.to_string().contains("unknown scheme"), "{err}");
-    }
-
-    #[test]
-    fn aws_kms_is_not_supported_yet() {
-        let uri: KmsUri = "aws-kms:alias/pgenvelope".parse().unwrap();
-        let err = uri.open().err().unwrap();
-        assert!(matches!(err, KekError::NotSupported { .. }), "{err}");
-        assert!(err.to_string().contains("not supported in this build yet"));
     }
 }

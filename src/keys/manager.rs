@@ -114,6 +114,8 @@ pub struct KeyManagerStats {
 pub struct KeyManager {
     store: Arc<KeyStore>,
     kek: Arc<dyn KekProvider>,
+    /// Unwrap-only KEKs, tried by KEK id for DEKs the primary did not wrap.
+    also: Vec<Arc<dyn KekProvider>>,
     ttl: Duration,
     by_id: Cache<DekId, Arc<CachedDek>>,
     active: Cache<OrgId, Arc<CachedDek>>,
@@ -130,6 +132,7 @@ impl KeyManager {
         Self {
             store,
             kek,
+            also: Vec::new(),
             ttl: config.ttl,
             by_id: cache(config),
             active: cache(config),
@@ -139,6 +142,13 @@ impl KeyManager {
             unwraps: AtomicU64::new(0),
             store_loads: AtomicU64::new(0),
         }
+    }
+
+    /// Also unwrap DEKs recorded as wrapped by any of `keks` (for example the previous KEK
+    /// during a migration). New DEKs are always wrapped by the primary KEK.
+    pub fn with_unwrap_only(mut self, keks: Vec<Arc<dyn KekProvider>>) -> Self {
+        self.also = keks;
+        self
     }
 
     /// The key store behind this cache.
@@ -323,27 +333,29 @@ impl KeyManager {
             return Err(KeyError::DestroyedDek(dek));
         };
         let ours = self.kek.kek_id();
-        if record.kek != ours {
+        let Some(kek) = std::iter::once(&self.kek)
+            .chain(&self.also)
+            .find(|k| k.kek_id() == record.kek)
+        else {
             return Err(KeyError::KekMismatch {
                 dek,
                 stored: record.kek,
                 ours,
             });
-        }
+        };
         let ctx = KeyContext {
             org: record.org_id,
             dek,
         };
         self.unwraps.fetch_add(1, Ordering::Relaxed);
-        let key = self
-            .kek
+        let key = kek
             .unwrap(&ctx, &wrapped)
             .await
             .map_err(|source| match source {
                 KekError::Rejected | KekError::Malformed { .. } => {
                     KeyError::UnwrapRejected { dek, source }
                 }
-                _ => KeyError::KekUnavailable { kek: ours, source },
+                source => KeyError::kek(record.kek.clone(), source),
             })?;
         tracing::debug!(dek = %dek, tenant = %ctx.org, state = %record.state, "unwrapped data key");
         Ok(CachedDek {

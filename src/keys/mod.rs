@@ -17,6 +17,7 @@
 //! [`KeyManager`] counts encryptions per DEK and persists them so rotation can trigger well
 //! before that.
 
+mod aws;
 mod error;
 mod kek;
 mod local;
@@ -24,6 +25,7 @@ mod manager;
 mod pkcs11;
 mod store;
 
+pub use aws::{AwsKmsKek, KmsCallError, CONTEXT_DEK, CONTEXT_ORG};
 pub use error::KeyError;
 pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
 pub use local::LocalKek;

@@ -491,10 +491,7 @@ fn record_from_row(row: &Row) -> Result<DekRecord, KeyError> {
 }
 
 fn kek_error(kek: &str, source: KekError) -> KeyError {
-    KeyError::KekUnavailable {
-        kek: kek.to_owned(),
-        source,
-    }
+    KeyError::kek(kek.to_owned(), source)
 }
 
 /// 1..=63 bytes of `[a-z0-9_]`, not starting with a digit: needs no escaping when quoted.

@@ -82,14 +82,17 @@ impl Engine {
                 });
             }
         }
-        let keys = Arc::new(KeyManager::new(
-            store,
-            settings.kek,
-            KeyManagerConfig {
-                ttl: settings.key_cache_ttl,
-                capacity: settings.key_cache_capacity,
-            },
-        ));
+        let keys = Arc::new(
+            KeyManager::new(
+                store,
+                settings.kek,
+                KeyManagerConfig {
+                    ttl: settings.key_cache_ttl,
+                    capacity: settings.key_cache_capacity,
+                },
+            )
+            .with_unwrap_only(settings.kek_also),
+        );
         keys.spawn_counter_flusher(std::time::Duration::from_secs(5), std::future::pending());
         Ok(Arc::new(Engine::new(
             Arc::new(settings.rules),
@@ -167,8 +170,10 @@ impl Engine {
 pub struct EngineSettings {
     /// The rules (must not be empty: without rules the proxy is a plain pass-through).
     pub rules: RuleSet,
-    /// The KEK provider.
+    /// The KEK provider: wraps new DEKs.
     pub kek: Arc<dyn KekProvider>,
+    /// Further KEK providers, used only to unwrap DEKs whose recorded KEK id is theirs.
+    pub kek_also: Vec<Arc<dyn KekProvider>>,
     /// Service connection settings (key store, catalog); the database holds the key store.
     pub service: tokio_postgres::Config,
     /// Key store schema name.
@@ -452,6 +457,9 @@ pub(crate) fn key_error(e: &KeyError, column: &ColumnRule) -> ClientError {
         | KeyError::KeyStoreUnavailable { .. }
         | KeyError::ActiveKeyContention { .. } => ClientError::unavailable(format!(
             "pgenvelope: the key service is unavailable; cannot use keys for {col}"
+        )),
+        KeyError::KekUnusable { .. } => ClientError::unavailable(format!(
+            "pgenvelope: the key-encryption key is disabled or deleted; cannot use keys for {col}"
         )),
         KeyError::UnwrapRejected { .. }
         | KeyError::KekMismatch { .. }

@@ -49,6 +49,8 @@ pub struct ProxyOptions {
     pub kek_path: Option<std::path::PathBuf>,
     /// A KEK provider to use instead of a local key file.
     pub kek: Option<std::sync::Arc<dyn pgenvelope::keys::KekProvider>>,
+    /// Unwrap-only KEK providers.
+    pub kek_also: Vec<std::sync::Arc<dyn pgenvelope::keys::KekProvider>>,
     /// Database holding the key store.
     pub key_db: String,
 }
@@ -67,6 +69,7 @@ impl ProxyOptions {
             key_schema: unique("pgenvelope_t"),
             kek_path: None,
             kek: None,
+            kek_also: Vec::new(),
             key_db: "test".to_owned(),
         }
     }
@@ -130,6 +133,7 @@ impl TestProxy {
                             pgenvelope::proxy::Engine::start(pgenvelope::proxy::EngineSettings {
                                 rules,
                                 kek,
+                                kek_also: opts.kek_also.clone(),
                                 service,
                                 key_schema: opts.key_schema.clone(),
                                 key_cache_ttl: Duration::from_secs(300),

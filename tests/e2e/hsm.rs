@@ -229,10 +229,7 @@ mod scenarios {
         generate_key(&token, KEY_LABEL, false);
         // Through the same path as `serve --kms pkcs11:…`.
         let kms: KmsUri = uri(&token, KEY_LABEL).parse().unwrap();
-        let kek = tokio::task::spawn_blocking(move || kms.open())
-            .await
-            .unwrap()
-            .unwrap();
+        let kek = kms.open().await.unwrap();
         let expected_id = format!("pkcs11:token={token};object={KEY_LABEL}");
         assert_eq!(kek.kek_id(), expected_id);
         let v = Vault::with(|o| o.kek = Some(kek)).await;

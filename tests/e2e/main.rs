@@ -10,6 +10,7 @@ mod cluster_smoke;
 mod encryption;
 mod harness;
 mod hsm;
+mod kms;
 mod passthrough;
 mod raw;
 mod sessions;
