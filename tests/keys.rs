@@ -677,15 +677,13 @@ async fn kms_uri_builds_local_provider() {
         .unwrap();
     let kek = uri.open().await.unwrap();
     assert!(kek.kek_id().starts_with("local:"));
-    let err = "pkcs11:token=hsm;object=kek"
+    // A PKCS#11 URI whose module does not exist fails at open with a clear error.
+    let err = "pkcs11:token=hsm;object=kek?module-path=/nonexistent/libnothing.so&pin-value=1"
         .parse::<KmsUri>()
         .unwrap()
         .open()
         .await
         .err()
         .unwrap();
-    assert!(
-        matches!(err, KekError::NotSupported { scheme: "pkcs11" }),
-        "{err}"
-    );
+    assert!(matches!(err, KekError::Pkcs11(_)), "{err}");
 }
