@@ -295,9 +295,13 @@ impl ClientSide {
             TenantSource::Literal(v) => OrgId::new(v.clone()).map_err(|_| invalid()),
             TenantSource::Param(n) => {
                 let Some(bind) = bind else {
-                    return Err(ClientError::unsupported(
-                        "pgenvelope: parameter outside the extended protocol",
-                    ));
+                    // A literal is encrypted when the statement is parsed, before any Bind
+                    // says which organisation the row belongs to.
+                    return Err(ClientError::unsupported(format!(
+                        "pgenvelope: the value for {} is a literal but the row's tenant is the \
+                         parameter ${n}: pass the value as a parameter too",
+                        column.qualified_name()
+                    )));
                 };
                 match bind.text(*n, &self.encoding())? {
                     Some(v) => OrgId::new(v).map_err(|_| invalid()),

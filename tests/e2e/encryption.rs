@@ -1133,3 +1133,95 @@ async fn engine_org(engine: &pgenvelope::proxy::Engine, dek: pgenvelope::crypto:
         .org()
         .to_string()
 }
+
+#[tokio::test]
+async fn literal_with_a_parameter_tenant_is_refused_clearly() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    let err = client
+        .execute(
+            &format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, 'n', 'literal')"),
+            &[&"o"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("0A000"));
+    let msg = err.as_db_error().unwrap().message().to_owned();
+    assert!(msg.contains("pass the value as a parameter"), "{msg}");
+    assert!(v.stored().await.is_empty());
+    // The same row with the value as a parameter is fine.
+    client
+        .execute(
+            &format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, 'n', $2)"),
+            &[&"o", &"literal"],
+        )
+        .await
+        .unwrap();
+    v.assert_encrypted_at_rest(&["literal"]).await;
+}
+
+/// 100 concurrent client connections of one new organisation cause exactly one unwrap; N new
+/// organisations cause N. A private cluster, so 100 connections fit beside the others.
+#[test]
+fn hundred_connections_of_a_new_organisation_unwrap_once() {
+    use crate::support::{Auth, ClusterOptions, PrivateCluster};
+    let cluster =
+        PrivateCluster::start(ClusterOptions::new(Auth::Trust).setting("max_connections", "200"))
+            .unwrap();
+    cluster
+        .psql(
+            "test",
+            "CREATE TABLE secrets (id serial, org_id text, value text)",
+        )
+        .unwrap();
+    let mut opts = ProxyOptions::to("127.0.0.1", cluster.port());
+    opts.rules = Some(
+        "[[table]]\nname = \"secrets\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n".into(),
+    );
+    let proxy = TestProxy::with(opts);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let engine = proxy.engine.clone().unwrap();
+        let config = proxy.pg_config("postgres", None, "test");
+        let run = |org: String, n: usize| {
+            let config = config.clone();
+            async move {
+                let clients =
+                    futures_util::future::join_all((0..n).map(|_| connect(&config))).await;
+                let clients: Vec<_> = clients.into_iter().map(Result::unwrap).collect();
+                let writes = clients.iter().enumerate().map(|(i, c)| {
+                    let org = org.clone();
+                    async move {
+                        c.execute(
+                            "INSERT INTO secrets (org_id, value) VALUES ($1, $2)",
+                            &[&org, &format!("v{i}")],
+                        )
+                        .await
+                    }
+                });
+                for r in futures_util::future::join_all(writes).await {
+                    r.unwrap();
+                }
+            }
+        };
+        let before = engine.keys().stats();
+        run("crowd".to_owned(), 100).await;
+        let after = engine.keys().stats();
+        assert_eq!(
+            after.unwrap_calls - before.unwrap_calls,
+            1,
+            "one unwrap for 100 connections"
+        );
+        let before = after;
+        for i in 0..5 {
+            run(format!("org{i}"), 4).await;
+        }
+        let after = engine.keys().stats();
+        assert_eq!(
+            after.unwrap_calls - before.unwrap_calls,
+            5,
+            "one unwrap per organisation"
+        );
+    });
+}
