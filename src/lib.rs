@@ -13,9 +13,10 @@
 //! ```
 //!
 //! Modules: [`wire`] (pure codec), [`proxy`] (all network I/O), [`config`] (file + env + flags
-//! → validated config), [`cli`] (commands), [`crypto`] (key material and the `enc:v1` format),
+//! → validated config), [`cli`] (commands), [`admin`] (metrics and health over HTTP), [`crypto`] (key material and the `enc:v1` format),
 //! [`sql`] (pure statement analysis: which literals and parameters feed encrypted columns).
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod crypto;

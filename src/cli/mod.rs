@@ -125,6 +125,11 @@ pub struct ServeArgs {
     /// them with 57P01 (SIGINT closes them at once) [default: 30s]
     #[arg(long, env = "PGENVELOPE_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+
+    /// Admin HTTP address serving /metrics (Prometheus), /healthz and /readyz, e.g.
+    /// 127.0.0.1:9187 [default: off]
+    #[arg(long, env = "PGENVELOPE_ADMIN", value_name = "HOST:PORT")]
+    pub admin: Option<String>,
 }
 
 impl ServeArgs {
@@ -146,6 +151,7 @@ impl ServeArgs {
             key_cache_capacity: self.key_cache_capacity,
             workers: self.workers,
             shutdown_grace: self.shutdown_grace.clone(),
+            admin: self.admin.clone(),
         }
     }
 }

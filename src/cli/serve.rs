@@ -32,6 +32,17 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
             "listening on {addr}"
         );
         let handle = server.handle();
+        if let Some(admin) = config.admin {
+            let listener = tokio::net::TcpListener::bind(admin)
+                .await
+                .with_context(|| format!("binding the admin address {admin}"))?;
+            tracing::info!(admin = %admin, "admin endpoint: /metrics /healthz /readyz");
+            tokio::spawn(crate::admin::serve(
+                listener,
+                handle.clone(),
+                std::future::pending(),
+            ));
+        }
         let (kind_tx, kind_rx) = tokio::sync::oneshot::channel();
         server
             .run_threads(workers, async move {

@@ -71,6 +71,8 @@ pub struct RawConfig {
     pub workers: Option<usize>,
     /// `shutdown_grace = "30s"`
     pub shutdown_grace: Option<String>,
+    /// `admin = "127.0.0.1:9187"`
+    pub admin: Option<String>,
 }
 
 /// A size given as a number of bytes or as text with a unit.
@@ -187,6 +189,8 @@ pub struct Overrides {
     pub workers: Option<usize>,
     /// `--shutdown-grace`
     pub shutdown_grace: Option<String>,
+    /// `--admin`
+    pub admin: Option<String>,
 }
 
 /// Validated configuration of `pgenvelope serve`.
@@ -224,6 +228,8 @@ pub struct Config {
     pub workers: usize,
     /// How long SIGTERM waits for sessions to reach an idle point.
     pub shutdown_grace: Duration,
+    /// Admin HTTP address (`/metrics`, `/healthz`, `/readyz`), if enabled.
+    pub admin: Option<SocketAddr>,
 }
 
 /// A configuration error, naming where the bad value came from.
@@ -394,7 +400,25 @@ impl Config {
         let (grace, src) = pick(over.shutdown_grace, raw.shutdown_grace, "30s");
         let shutdown_grace = parse_duration(&grace).map_err(|m| err("shutdown_grace", src, m))?;
 
+        let admin = match (over.admin, raw.admin) {
+            (Some(v), _) => Some((v, "command line or environment".to_owned())),
+            (None, Some(v)) => Some((v, file_name.clone())),
+            (None, None) => None,
+        };
+        let admin = match admin {
+            Some((v, _)) if v.is_empty() || v == "off" => None,
+            Some((v, src)) => Some(v.parse::<SocketAddr>().map_err(|e| {
+                err(
+                    "admin",
+                    src,
+                    format!("{e} (expected HOST:PORT with an IP address)"),
+                )
+            })?),
+            None => None,
+        };
+
         Ok(Config {
+            admin,
             shutdown_grace,
             workers,
             rules,

@@ -19,6 +19,7 @@
 
 mod aws;
 mod error;
+mod instrumented;
 mod kek;
 mod local;
 mod manager;
@@ -27,6 +28,7 @@ mod store;
 
 pub use aws::{AwsKmsKek, KmsCallError, CONTEXT_DEK, CONTEXT_ORG};
 pub use error::KeyError;
+pub use instrumented::{InstrumentedKek, KekMetrics};
 pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
 pub use local::LocalKek;
 pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats};

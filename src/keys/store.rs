@@ -266,6 +266,17 @@ impl KeyStore {
         row.as_ref().map(record_from_row).transpose()
     }
 
+    /// Whether the key store answers and its schema exists (for readiness checks).
+    pub async fn ping(&self) -> Result<(), KeyError> {
+        let sql = &self.sql.ping;
+        self.run(
+            "ping",
+            |c| async move { c.query_opt(sql.as_str(), &[]).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// The DEK with this id, in any state.
     pub async fn lookup(&self, dek: DekId) -> Result<Option<DekRecord>, KeyError> {
         let (sql, id) = (&self.sql.select_by_id, &dek.0);
@@ -358,6 +369,7 @@ struct Sql {
     select_by_id: String,
     insert_active: String,
     add_encryptions: String,
+    ping: String,
 }
 
 const COLUMNS: &str = "dek_id, org_id, version, state, kek, wrapped, encryptions, created_at, \
@@ -444,12 +456,14 @@ SELECT {COLUMNS} FROM ins"#
                    FROM unnest($1::uuid[], $2::bigint[]) AS u(id, n) GROUP BY id) AS v \
              WHERE k.dek_id = v.id"
         );
+        let ping = format!("SELECT 1 FROM {s}.data_keys LIMIT 1");
         Self {
             ensure_schema,
             select_active,
             select_by_id,
             insert_active,
             add_encryptions,
+            ping,
         }
     }
 }

@@ -116,12 +116,12 @@ impl ClientSide {
         lock(&self.session).encoding.clone()
     }
 
-    fn count_rejection(&self) {
+    fn count_rejection(&self, code: &str) {
         self.cipher
             .engine()
             .stats
             .statements_rejected
-            .fetch_add(1, Ordering::Relaxed);
+            .inc(crate::proxy::engine::reject_reason(code));
     }
 
     /// Decode SQL text for analysis. `Ok(None)`: it cannot touch protected tables.
@@ -172,7 +172,7 @@ impl ClientSide {
                 fe::put_query(out, &new_sql)?;
             }
             Err(e) => {
-                self.count_rejection();
+                self.count_rejection(e.code);
                 self.copy_in = None;
                 tracing::debug!(code = e.code, "statement refused");
                 push_cycle(&self.session, Pending::Query { copy_out: None });
@@ -626,7 +626,7 @@ impl ClientSide {
     /// Refuse an extended-protocol message: make the server raise `e` in its place and skip
     /// the client's messages up to Sync, as the server does after an error.
     fn reject_extended(&mut self, e: &ClientError, out: &mut BytesMut) -> Result<(), PumpError> {
-        self.count_rejection();
+        self.count_rejection(e.code);
         tracing::debug!(code = e.code, "statement refused");
         let raise = e.raise_sql();
         let mut close = BytesMut::new();
@@ -771,7 +771,7 @@ impl ClientSide {
             }
         };
         if let Err(e) = result {
-            self.count_rejection();
+            self.count_rejection(e.code);
             tracing::debug!(code = e.code, "COPY refused");
             self.copy_in = None;
             self.copy_failed = tag == fe::COPY_DATA_TAG;

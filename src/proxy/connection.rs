@@ -124,10 +124,16 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
         return fail(&mut client, ConnError::TooManyConnections).await;
     };
 
+    shared.sessions_total.fetch_add(1, Ordering::Relaxed);
     let upstream_addr = shared.config.upstream_addr();
     let mut server = match connect_upstream(&upstream_addr, shared.config.connect_timeout).await {
         Ok(s) => s,
-        Err(e) => return fail(&mut client, e).await,
+        Err(e) => {
+            shared
+                .upstream_connect_errors
+                .fetch_add(1, Ordering::Relaxed);
+            return fail(&mut client, e).await;
+        }
     };
     let server_addr = server.peer_addr().map_err(ConnError::ServerIo)?;
     server

@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::crypto::{looks_like_enc_v1, ColumnId, ColumnKey, DekId, EncV1, NonceSource, OrgId};
-use crate::keys::{CachedDek, KekProvider, KeyError, KeyManager, KeyManagerConfig, KeyStore};
+use crate::keys::{
+    CachedDek, InstrumentedKek, KekMetrics, KekProvider, KeyError, KeyManager, KeyManagerConfig,
+    KeyStore,
+};
 use crate::proxy::catalog::Catalog;
 use crate::proxy::error::ClientError;
 use crate::rules::{ColumnRule, RuleSet};
@@ -20,8 +23,8 @@ const PLAN_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Statements longer than this are analysed each time (typically bulk literals).
 const PLAN_CACHE_MAX_TEXT: usize = 256 * 1024;
 
-/// Counters of what the engine did (exported as metrics later; read by tests).
-#[derive(Debug, Default)]
+/// Counters of what the engine did (exported as metrics).
+#[derive(Debug)]
 pub struct EngineStats {
     /// Values encrypted on the way in.
     pub values_encrypted: AtomicU64,
@@ -29,10 +32,94 @@ pub struct EngineStats {
     pub values_decrypted: AtomicU64,
     /// Plaintext values found in encrypted columns and passed through.
     pub plaintext_reads: AtomicU64,
-    /// Statements refused.
-    pub statements_rejected: AtomicU64,
-    /// Values that failed to decrypt.
-    pub decrypt_failures: AtomicU64,
+    /// Statements refused, by reason.
+    pub statements_rejected: ReasonCounts,
+    /// Values that failed to decrypt, by reason.
+    pub decrypt_failures: ReasonCounts,
+}
+
+/// Reasons a statement is refused (metric label values), by SQLSTATE.
+pub const REJECT_REASONS: &[&str] = &[
+    "unsafe_statement",
+    "tenant",
+    "key_unavailable",
+    "corrupted",
+    "other",
+];
+/// Reasons a value fails to decrypt (metric label values).
+pub const DECRYPT_FAILURE_REASONS: &[&str] = &[
+    "malformed",
+    "wrong_column",
+    "wrong_row",
+    "authentication",
+    "other_tenant",
+    "key_unavailable",
+    "not_encrypted",
+];
+
+/// Counters for a fixed, small set of reasons.
+#[derive(Debug)]
+pub struct ReasonCounts {
+    names: &'static [&'static str],
+    counts: Vec<AtomicU64>,
+}
+
+impl ReasonCounts {
+    fn new(names: &'static [&'static str]) -> Self {
+        Self {
+            names,
+            counts: names.iter().map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Count one event of `reason` (unknown reasons count as the last one).
+    pub fn inc(&self, reason: &str) {
+        let i = self
+            .names
+            .iter()
+            .position(|n| *n == reason)
+            .unwrap_or(self.names.len() - 1);
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (reason, count) for every reason.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.names
+            .iter()
+            .zip(&self.counts)
+            .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Sum over all reasons.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        Self {
+            values_encrypted: AtomicU64::new(0),
+            values_decrypted: AtomicU64::new(0),
+            plaintext_reads: AtomicU64::new(0),
+            statements_rejected: ReasonCounts::new(REJECT_REASONS),
+            decrypt_failures: ReasonCounts::new(DECRYPT_FAILURE_REASONS),
+        }
+    }
+}
+
+/// The metric reason for a refusal with SQLSTATE `code`.
+pub(crate) fn reject_reason(code: &str) -> &'static str {
+    match code {
+        "0A000" => "unsafe_statement",
+        "42501" => "tenant",
+        "58000" => "key_unavailable",
+        "XX001" => "corrupted",
+        _ => "other",
+    }
 }
 
 /// Settings and shared state of the encrypting layer.
@@ -46,6 +133,8 @@ pub struct Engine {
     plans: moka::sync::Cache<Arc<str>, Arc<Analysis>>,
     /// What the engine did.
     pub stats: EngineStats,
+    /// Calls to the KEK providers.
+    pub kek_metrics: KekMetrics,
 }
 
 impl std::fmt::Debug for Engine {
@@ -82,26 +171,32 @@ impl Engine {
                 });
             }
         }
+        let kek_metrics = KekMetrics::default();
+        let instrument = |p: Arc<dyn KekProvider>| -> Arc<dyn KekProvider> {
+            Arc::new(InstrumentedKek::new(p, kek_metrics.clone()))
+        };
         let keys = Arc::new(
             KeyManager::new(
                 store,
-                settings.kek,
+                instrument(settings.kek),
                 KeyManagerConfig {
                     ttl: settings.key_cache_ttl,
                     capacity: settings.key_cache_capacity,
                 },
             )
-            .with_unwrap_only(settings.kek_also),
+            .with_unwrap_only(settings.kek_also.into_iter().map(instrument).collect()),
         );
         keys.spawn_counter_flusher(std::time::Duration::from_secs(5), std::future::pending());
-        Ok(Arc::new(Engine::new(
+        let mut engine = Engine::new(
             Arc::new(settings.rules),
             keys,
             settings.service,
             settings.connect_timeout,
             settings.default_tenant,
             settings.strict_reads,
-        )))
+        );
+        engine.kek_metrics = kek_metrics;
+        Ok(Arc::new(engine))
     }
 
     /// Build the engine.
@@ -130,6 +225,7 @@ impl Engine {
                 .max_capacity(PLAN_CACHE_BYTES)
                 .build(),
             stats: EngineStats::default(),
+            kek_metrics: KekMetrics::default(),
         }
     }
 
@@ -271,10 +367,7 @@ impl Cipher {
         match self.engine.keys.key_by_id(id).await {
             Ok(d) => Ok(d),
             Err(e) => {
-                self.engine
-                    .stats
-                    .decrypt_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.engine.stats.decrypt_failures.inc("key_unavailable");
                 Err(key_error(&e, column))
             }
         }
@@ -334,7 +427,7 @@ impl Cipher {
         if !looks_like_enc_v1(value) {
             if let Some(col) = expected {
                 if self.engine.strict_reads {
-                    stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                    stats.decrypt_failures.inc("not_encrypted");
                     return Err(ClientError::corrupted(format!(
                         "pgenvelope: {} holds a value that is not encrypted (strict_reads)",
                         col.qualified_name()
@@ -345,7 +438,12 @@ impl Cipher {
             return Ok(Prepared::Plain);
         }
         let fail = |what: &str, col: Option<&ColumnRule>| {
-            stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+            let reason = if what.starts_with("belongs") {
+                "wrong_column"
+            } else {
+                "malformed"
+            };
+            stats.decrypt_failures.inc(reason);
             ClientError::corrupted(match col {
                 Some(c) => format!("pgenvelope: value in {} {what}", c.qualified_name()),
                 None => format!("pgenvelope: encrypted value {what}"),
@@ -382,7 +480,7 @@ impl Cipher {
         let stats = &self.engine.stats;
         if let Some(t) = tenant {
             if dek.org() != t {
-                stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                stats.decrypt_failures.inc("other_tenant");
                 return Err(ClientError::privilege(format!(
                     "pgenvelope: a value in {} belongs to another organisation than the session tenant",
                     column.qualified_name()
@@ -396,7 +494,7 @@ impl Cipher {
                 Ok(Decrypted { plaintext, org })
             }
             Err(_) => {
-                stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                stats.decrypt_failures.inc("authentication");
                 Err(ClientError::corrupted(format!(
                     "pgenvelope: value in {} fails authentication",
                     column.qualified_name()

@@ -74,6 +74,10 @@ pub(crate) struct Shared {
     pub(crate) engine: Option<Arc<Engine>>,
     /// Shutdown state, watched by the listeners and every session.
     pub(crate) drain: tokio::sync::watch::Sender<DrainState>,
+    /// Sessions started (past the startup packet).
+    pub(crate) sessions_total: std::sync::atomic::AtomicU64,
+    /// Failed connection attempts to the upstream.
+    pub(crate) upstream_connect_errors: std::sync::atomic::AtomicU64,
 }
 
 /// Observes a running server (for tests and, later, metrics).
@@ -108,6 +112,30 @@ impl ServerHandle {
     /// Close every session now with `57P01` (after the grace period, or on SIGINT).
     pub fn close_all(&self) {
         self.shared.drain.send_replace(DrainState::Closing);
+    }
+
+    /// Sessions started since the proxy started.
+    pub fn sessions_total(&self) -> u64 {
+        self.shared
+            .sessions_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Failed connection attempts to the upstream since the proxy started.
+    pub fn upstream_connect_errors(&self) -> u64 {
+        self.shared
+            .upstream_connect_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The upstream `host:port`.
+    pub fn upstream_addr(&self) -> String {
+        self.shared.config.upstream_addr()
+    }
+
+    /// The engine, when rules are configured.
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.shared.engine.as_ref()
     }
 
     /// Current shutdown state.
@@ -153,6 +181,8 @@ impl Server {
             config,
             engine,
             drain: tokio::sync::watch::channel(DrainState::Running).0,
+            sessions_total: std::sync::atomic::AtomicU64::new(0),
+            upstream_connect_errors: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Server { listener, shared })
     }

@@ -479,6 +479,7 @@ impl ServerSide {
                         .decode(t)
                         .is_ok_and(|text| text.as_ref() == d.org.as_str());
                     if comparable && !same {
+                        self.cipher.engine().stats.decrypt_failures.inc("wrong_row");
                         return Err(ClientError::corrupted(format!(
                             "pgenvelope: value in {} belongs to another organisation than its row",
                             rule.qualified_name()

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod admin;
 mod clients;
 mod cluster_smoke;
 mod encryption;
