@@ -128,11 +128,38 @@ async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
     Ok(Some(engine))
 }
 
+/// Log directives that always apply (see `init_tracing`).
+const QUIET_LIBRARIES: &[&str] = &[
+    "sqlparser=off",
+    "tokio_postgres=warn",
+    "postgres_protocol=warn",
+    "aws_smithy_runtime=warn",
+    "aws_smithy_runtime_api=warn",
+    "aws_smithy_http_client=warn",
+    "aws_config=warn",
+    "aws_sdk_kms=warn",
+    "aws_sdk_sts=warn",
+    "hyper=warn",
+    "hyper_util=warn",
+    "h2=warn",
+    "rustls=warn",
+    "cryptoki=warn",
+];
+
 fn init_tracing(config: &Config) -> anyhow::Result<()> {
-    let filter = match &config.log {
+    let mut filter = match &config.log {
         Some(f) => EnvFilter::try_new(f).with_context(|| format!("invalid log filter `{f}`"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    // Libraries that log SQL text, bind parameters or request bodies at debug/trace level are
+    // capped whatever the filter says: the proxy's logs must never hold values or keys.
+    for directive in QUIET_LIBRARIES {
+        filter = filter.add_directive(
+            directive
+                .parse()
+                .with_context(|| format!("built-in log directive `{directive}`"))?,
+        );
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -290,3 +290,115 @@ fn sigterm_drains_and_exits() {
     let _guard = Kill(child);
     assert!(exit.expect("exited after draining").success());
 }
+
+/// A full encrypted workload with the binary logging at trace level: no plaintext value, no
+/// ciphertext, no key material and no password appears anywhere in the log output.
+#[test]
+fn trace_logs_never_contain_values_keys_or_passwords() {
+    use crate::support::{Auth, ClusterOptions, PrivateCluster};
+    let cluster = PrivateCluster::start(ClusterOptions::new(Auth::ScramSha256)).unwrap();
+    cluster
+        .psql(
+            "test",
+            "CREATE TABLE leak (id serial, org_id text, value text)",
+        )
+        .unwrap();
+    let pw = cluster.superuser_password().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(
+        dir.path().join("rules/leak.toml"),
+        "[[table]]\nname = \"leak\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n",
+    )
+    .unwrap();
+    let port = crate::support::free_port().unwrap();
+    let log_path = dir.path().join("proxy.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+        .current_dir(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--upstream")
+        .arg(format!(
+            "postgres://postgres:{pw}@127.0.0.1:{}/test",
+            cluster.port()
+        ))
+        .args(["--rules", "rules", "--kms", "local:kek", "--log", "trace"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let canary = "PLAINTEXT-CANARY-7f3a9";
+    let url = format!("postgres://postgres:{pw}@127.0.0.1:{port}/test");
+    let mut ok = false;
+    for _ in 0..100 {
+        if std::process::Command::new("psql")
+            .args([url.as_str(), "-X", "-q", "-c", "SELECT 1"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ok, "proxy serving");
+    let script = format!(
+        "INSERT INTO leak (org_id, value) VALUES ('acme', '{canary}-lit');\n\
+         PREPARE p(text, text) AS INSERT INTO leak (org_id, value) VALUES ($1, $2);\n\
+         SELECT value FROM leak;\n\
+         COPY leak (org_id, value) FROM STDIN;\nacme\t{canary}-copy\n\\.\n\
+         SELECT * FROM leak WHERE value = '{canary}-refused';\n"
+    );
+    let script_path = dir.path().join("workload.sql");
+    std::fs::write(&script_path, &script).unwrap();
+    let _ = std::process::Command::new("psql")
+        .args([url.as_str(), "-X", "-q"])
+        .arg("-f")
+        .arg(&script_path)
+        .output()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = crate::harness::connect(&format!(
+            "host=127.0.0.1 port={port} user=postgres password={pw} dbname=test"
+        ))
+        .await
+        .unwrap();
+        client
+            .execute(
+                "INSERT INTO leak (org_id, value) VALUES ($1, $2)",
+                &[&"acme", &format!("{canary}-param")],
+            )
+            .await
+            .unwrap();
+        let rows = client.query("SELECT value FROM leak", &[]).await.unwrap();
+        assert_eq!(rows.len(), 3, "literal, COPY and parameter rows");
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let stored = cluster.psql("test", "SELECT value FROM leak").unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains("TRACE") || text.contains("DEBUG"),
+        "trace logging is on"
+    );
+    if let Some(line) = text.lines().find(|l| l.contains(canary)) {
+        panic!("plaintext in the log: {}", &line[..line.len().min(300)]);
+    }
+    assert!(!text.contains("enc:v1:"), "ciphertext in the log");
+    for line in stored.lines().filter(|l| l.starts_with("enc:v1:")) {
+        assert!(!text.contains(&line[7..40]), "ciphertext in the log");
+    }
+    assert!(!text.contains(&pw), "password in the log");
+    let kek = std::fs::read(dir.path().join("kek")).unwrap();
+    let hex: String = kek.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(!text.to_lowercase().contains(&hex), "KEK in the log");
+}
