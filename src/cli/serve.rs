@@ -32,6 +32,9 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
             "listening on {addr}"
         );
         let handle = server.handle();
+        if let Some(engine) = &engine {
+            spawn_rules_reload(Arc::clone(engine), config.rules.clone());
+        }
         if let Some(admin) = config.admin {
             let listener = tokio::net::TcpListener::bind(admin)
                 .await
@@ -168,6 +171,39 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
         LogFormat::Json => builder.json().try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("installing the logger: {e}"))
+}
+
+/// Reload the rules on SIGHUP. A rule set that fails to load (or is empty) is logged and
+/// the rules in force are kept.
+fn spawn_rules_reload(engine: Arc<Engine>, path: std::path::PathBuf) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: rules cannot be reloaded");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            let p = path.clone();
+            match tokio::task::spawn_blocking(move || load_path(&p)).await {
+                Ok(Ok(rules)) if rules.is_empty() => tracing::error!(
+                    rules = %path.display(),
+                    "reloaded rules are empty; keeping the rules in force"
+                ),
+                Ok(Ok(rules)) => {
+                    let tables = rules.len();
+                    engine.reload(rules);
+                    tracing::info!(tables, "rules reloaded");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "rules not reloaded; keeping the rules in force")
+                }
+                Err(e) => tracing::error!(error = %e, "rules not reloaded"),
+            }
+        }
+    });
 }
 
 /// How to stop: SIGTERM drains sessions within the grace period, SIGINT closes them at once.

@@ -78,6 +78,13 @@ impl Catalog {
         self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Forget everything about every database (rules changed).
+    pub(crate) fn invalidate_all(&self) {
+        let mut dbs = self.dbs.lock().unwrap_or_else(PoisonError::into_inner);
+        dbs.clear();
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Changes whenever cached catalog knowledge was dropped.
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)

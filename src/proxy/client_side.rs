@@ -270,7 +270,6 @@ impl ClientSide {
         self.cipher
             .engine()
             .column_rule(schema, table, column)
-            .cloned()
             .ok_or_else(|| {
                 ClientError::unsupported(format!(
                     "pgenvelope: no rule for {schema}.{table}.{column}"
@@ -678,7 +677,8 @@ impl ClientSide {
                 tenant_index: None,
             });
         };
-        let rule = engine
+        let rules = engine.rules();
+        let rule = rules
             .rules
             .table(&table.schema, &table.name)
             .ok_or_else(|| {

@@ -124,8 +124,9 @@ pub(crate) fn reject_reason(code: &str) -> &'static str {
 
 /// Settings and shared state of the encrypting layer.
 pub struct Engine {
-    pub(crate) rules: Arc<RuleSet>,
-    pub(crate) protected: Protected,
+    /// Invariant: replaced whole on reload; readers take a snapshot and keep it for the
+    /// message they are handling.
+    rules: std::sync::RwLock<Arc<RulesSnapshot>>,
     pub(crate) keys: Arc<KeyManager>,
     pub(crate) catalog: Catalog,
     pub(crate) default_tenant: Option<OrgId>,
@@ -139,7 +140,7 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Engine({} rule tables)", self.rules.len())
+        write!(f, "Engine({} rule tables)", self.rules().rules.len())
     }
 }
 
@@ -208,10 +209,8 @@ impl Engine {
         default_tenant: Option<OrgId>,
         strict_reads: bool,
     ) -> Self {
-        let protected = protected_from_rules(&rules);
         Self {
-            rules,
-            protected,
+            rules: std::sync::RwLock::new(Arc::new(RulesSnapshot::new(rules))),
             keys,
             catalog: Catalog::new(service, connect_timeout),
             default_tenant,
@@ -239,7 +238,7 @@ impl Engine {
         if let Some(hit) = self.plans.get(sql) {
             return hit;
         }
-        let analysis = Arc::new(crate::sql::analyze(sql, &self.protected));
+        let analysis = Arc::new(crate::sql::analyze(sql, &self.rules().protected));
         if sql.len() <= PLAN_CACHE_MAX_TEXT {
             self.plans.insert(Arc::from(sql), Arc::clone(&analysis));
         }
@@ -248,7 +247,7 @@ impl Engine {
 
     /// Whether `sql` may touch protected tables or the tenant setting (no parsing).
     pub(crate) fn might_touch(&self, sql: &str) -> bool {
-        crate::sql::might_touch(sql, &self.protected)
+        crate::sql::might_touch(sql, &self.rules().protected)
     }
 
     /// The rule of a column named by the analyser.
@@ -257,8 +256,36 @@ impl Engine {
         schema: &str,
         table: &str,
         column: &str,
-    ) -> Option<&ColumnRule> {
-        self.rules.column(schema, table, column)
+    ) -> Option<ColumnRule> {
+        self.rules().rules.column(schema, table, column).cloned()
+    }
+
+    /// The rules in force now.
+    pub(crate) fn rules(&self) -> Arc<RulesSnapshot> {
+        Arc::clone(
+            &self
+                .rules
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Replace the rules (SIGHUP). Statements already prepared keep the analysis they were
+    /// prepared with; cached analyses and catalog mappings are dropped so new statements and
+    /// results use the new rules.
+    pub fn reload(&self, rules: RuleSet) {
+        let snapshot = Arc::new(RulesSnapshot::new(Arc::new(rules)));
+        *self
+            .rules
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
+        self.plans.invalidate_all();
+        self.catalog.invalidate_all();
+    }
+
+    /// Number of tables with rules now.
+    pub fn rule_tables(&self) -> usize {
+        self.rules().rules.len()
     }
 }
 
@@ -284,6 +311,20 @@ pub struct EngineSettings {
     pub strict_reads: bool,
     /// Timeout for service connections.
     pub connect_timeout: std::time::Duration,
+}
+
+/// The rules and the analyser's view of them, swapped together.
+#[derive(Debug)]
+pub(crate) struct RulesSnapshot {
+    pub(crate) rules: Arc<RuleSet>,
+    pub(crate) protected: Protected,
+}
+
+impl RulesSnapshot {
+    fn new(rules: Arc<RuleSet>) -> Self {
+        let protected = protected_from_rules(&rules);
+        Self { rules, protected }
+    }
 }
 
 /// The analyser's view of the rules.
@@ -461,7 +502,7 @@ impl Cipher {
                 return Err(fail("belongs to another column", expected))
             }
             Some(col) => col.clone(),
-            None => match self.engine.rules.by_column_id(parsed.column_id()) {
+            None => match self.engine.rules().rules.by_column_id(parsed.column_id()) {
                 Some(col) => col.clone(),
                 None => return Ok(Prepared::Plain),
             },

@@ -410,6 +410,7 @@ impl ServerSide {
 
     async fn shape(&self, fields: &[FieldDescription]) -> Result<Shape, ClientError> {
         let engine = Arc::clone(self.cipher.engine());
+        let rules = engine.rules();
         let db = lock(&self.session).db.clone();
         let mut columns = Vec::with_capacity(fields.len());
         for f in fields {
@@ -418,7 +419,7 @@ impl ServerSide {
             if f.table_oid != 0 && f.attnum > 0 {
                 let table = engine
                     .catalog
-                    .table(&db, f.table_oid, &engine.rules)
+                    .table(&db, f.table_oid, &rules.rules)
                     .await
                     .map_err(|e| {
                         tracing::warn!(error = %e, "catalog unavailable");

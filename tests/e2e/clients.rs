@@ -402,3 +402,133 @@ fn trace_logs_never_contain_values_keys_or_passwords() {
     let hex: String = kek.iter().map(|b| format!("{b:02x}")).collect();
     assert!(!text.to_lowercase().contains(&hex), "KEK in the log");
 }
+
+/// SIGHUP reloads the rules: a newly listed column is encrypted from then on; a broken rule
+/// file is refused and the rules in force are kept.
+#[test]
+fn sighup_reloads_rules_and_keeps_them_on_error() {
+    let (_, pg_port) = main_pg();
+    let table = crate::harness::unique("reload");
+    ok(&psql(
+        pg_port,
+        "test",
+        &[
+            "-c",
+            &format!("CREATE TABLE {table} (id serial, org_id text, a text, b text)"),
+        ],
+    ));
+    struct DropTable(u16, String);
+    impl Drop for DropTable {
+        fn drop(&mut self) {
+            let _ = psql(
+                self.0,
+                "test",
+                &["-c", &format!("DROP TABLE IF EXISTS {}", self.1)],
+            );
+        }
+    }
+    let _cleanup = DropTable(pg_port, table.clone());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    let rules = dir.path().join("rules/r.toml");
+    let write_rules = |cols: &str| {
+        std::fs::write(
+            &rules,
+            format!(
+                "[[table]]\nname = \"{table}\"\ntenant_column = \"org_id\"\nencrypt = [{cols}]\n"
+            ),
+        )
+        .unwrap()
+    };
+    write_rules("\"a\"");
+    let port = crate::support::free_port().unwrap();
+    // The org is unique to this run: each run has a fresh local KEK, and the key store in
+    // the shared database outlives it.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+        .current_dir(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--upstream",
+            &format!("postgres://postgres@127.0.0.1:{pg_port}/test"),
+        ])
+        .args(["--rules", "rules", "--kms", "local:kek", "--log", "warn"])
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
+    let pid = child.0.id().to_string();
+    let through = |sql: &str| psql(port, "test", &["-At", "-c", sql]);
+    for _ in 0..100 {
+        if through("SELECT 1").status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let insert = |n: &str| {
+        ok(&through(&format!(
+            "INSERT INTO {table} (org_id, a, b) VALUES ('{table}', 'a-{n}', 'b-{n}')"
+        )));
+    };
+    let stored = |n: &str| {
+        ok(&psql(
+            pg_port,
+            "test",
+            &["-At", "-c", &format!("SELECT a, b FROM {table} WHERE a LIKE 'enc:%' OR a = 'a-{n}' ORDER BY id DESC LIMIT 1")],
+        ))
+    };
+    insert("1");
+    let row = stored("1");
+    assert!(
+        row.starts_with("enc:v1:") && row.trim_end().ends_with("|b-1"),
+        "{row}"
+    );
+    // Add column b and reload.
+    write_rules("\"a\", \"b\"");
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut reloaded = false;
+    for i in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        insert(&format!("r{i}"));
+        let row = stored(&format!("r{i}"));
+        if row
+            .split('|')
+            .nth(1)
+            .is_some_and(|b| b.starts_with("enc:v1:"))
+        {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "b is encrypted after SIGHUP");
+    // A broken rule file is refused; the rules in force stay (b still encrypted).
+    std::fs::write(&rules, "[[table]]\nname = \n").unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    insert("after-broken");
+    let row = stored("after-broken");
+    assert!(
+        row.split('|')
+            .nth(1)
+            .is_some_and(|b| b.starts_with("enc:v1:")),
+        "{row}"
+    );
+    // And reads decrypt both columns.
+    let out = ok(&through(&format!(
+        "SELECT a, b FROM {table} ORDER BY id DESC LIMIT 1"
+    )));
+    assert_eq!(out.trim(), "a-after-broken|b-after-broken");
+}
