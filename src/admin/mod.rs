@@ -173,6 +173,11 @@ pub async fn readiness(proxy: &ServerHandle) -> (bool, String) {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -199,6 +204,20 @@ pub fn metrics(proxy: &ServerHandle) -> String {
         "sessions",
         "Client sessions started",
         counter(proxy.sessions_total()),
+    );
+    let (simple, extended, function_call) = proxy.statements();
+    let kinds = Family::<KindLabel, Counter>::default();
+    for (kind, n) in [
+        ("simple", simple),
+        ("extended", extended),
+        ("function_call", function_call),
+    ] {
+        kinds.get_or_create(&KindLabel { kind }).inc_by(n);
+    }
+    registry.register(
+        "statements",
+        "Statements from clients by protocol kind (Query, Execute, FunctionCall)",
+        kinds,
     );
     registry.register(
         "upstream_connect_errors",

@@ -156,7 +156,7 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
     let (mut client_r, mut client_w) = client.into_split();
     let (mut server_r, mut server_w) = server.into_split();
     let limit = shared.config.max_message_size;
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity::new(Arc::clone(&shared.statements)));
     let tracker = Tracker {
         state: Arc::clone(&state),
         activity: Arc::clone(&activity),

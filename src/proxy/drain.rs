@@ -19,6 +19,17 @@ pub enum DrainState {
     Closing,
 }
 
+/// Statements seen from clients, by protocol kind (for `/metrics`).
+#[derive(Debug, Default)]
+pub(crate) struct StatementCounts {
+    /// Simple-protocol Query messages.
+    pub(crate) simple: std::sync::atomic::AtomicU64,
+    /// Extended-protocol Execute messages.
+    pub(crate) extended: std::sync::atomic::AtomicU64,
+    /// FunctionCall messages.
+    pub(crate) function_call: std::sync::atomic::AtomicU64,
+}
+
 /// Per-session activity, shared by its two directions.
 ///
 /// Invariant: `outstanding` counts request cycles (Query, Sync, FunctionCall, and the startup
@@ -28,22 +39,32 @@ pub(crate) struct Activity {
     outstanding: AtomicI64,
     idle: AtomicBool,
     ready: Notify,
+    statements: std::sync::Arc<StatementCounts>,
 }
 
-impl Default for Activity {
-    fn default() -> Self {
+impl Activity {
+    /// Activity of a new session, counting its statements into `statements`.
+    pub(crate) fn new(statements: std::sync::Arc<StatementCounts>) -> Self {
         Self {
             // The startup exchange ends with the first ReadyForQuery.
             outstanding: AtomicI64::new(1),
             idle: AtomicBool::new(false),
             ready: Notify::new(),
+            statements,
         }
     }
-}
 
-impl Activity {
     /// The client side forwarded a message; Query, Sync and FunctionCall start a cycle.
     pub(crate) fn client_message(&self, tag: u8) {
+        let counter = match tag {
+            b'Q' => Some(&self.statements.simple),
+            b'E' => Some(&self.statements.extended),
+            b'F' => Some(&self.statements.function_call),
+            _ => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         if matches!(tag, b'Q' | b'S' | b'F') {
             self.outstanding.fetch_add(1, Ordering::AcqRel);
             self.idle.store(false, Ordering::Release);

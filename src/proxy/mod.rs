@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     pub(crate) sessions_total: std::sync::atomic::AtomicU64,
     /// Failed connection attempts to the upstream.
     pub(crate) upstream_connect_errors: std::sync::atomic::AtomicU64,
+    /// Statements by protocol kind.
+    pub(crate) statements: Arc<drain::StatementCounts>,
 }
 
 /// Observes a running server (for tests and, later, metrics).
@@ -126,6 +128,13 @@ impl ServerHandle {
         self.shared
             .upstream_connect_errors
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Statements seen so far: (simple Query, extended Execute, FunctionCall).
+    pub fn statements(&self) -> (u64, u64, u64) {
+        let s = &self.shared.statements;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&s.simple), load(&s.extended), load(&s.function_call))
     }
 
     /// The upstream `host:port`.
@@ -183,6 +192,7 @@ impl Server {
             drain: tokio::sync::watch::channel(DrainState::Running).0,
             sessions_total: std::sync::atomic::AtomicU64::new(0),
             upstream_connect_errors: std::sync::atomic::AtomicU64::new(0),
+            statements: Arc::default(),
         });
         Ok(Server { listener, shared })
     }

@@ -83,6 +83,11 @@ fn metrics_move_with_the_workload_and_health_answers() {
     assert!(after.contains("pgenvelope_kek_request_seconds_bucket"));
     assert!(delta("pgenvelope_dek_cache_hits_total") >= 10.0);
     assert!(sample(&after, "pgenvelope_sessions_total") >= 1.0);
+    assert!(
+        delta("pgenvelope_statements_total{kind=\"extended\"}") >= 11.0,
+        "{after}"
+    );
+    assert_eq!(delta("pgenvelope_statements_total{kind=\"simple\"}"), 1.0);
     // Never data: no value, no SQL text, no key material in the exposition.
     assert!(!after.contains("secret") && !after.contains(&t));
     assert_eq!(get(admin, "/healthz").0, 200);
