@@ -150,8 +150,10 @@ impl ClientSide {
     }
 
     async fn on_query(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
-        // A new simple query ends any leftover COPY state of a previous one.
+        // A new simple query ends any leftover COPY state of a previous one (a COPY that the
+        // server refused before any data was sent leaves it set).
         self.copy_failed = false;
+        self.copy_in = None;
         self.skip_until_sync = false;
         let sql = fe::parse_query(frame.body())?;
         match self.prepare_query(sql).await {
@@ -567,6 +569,9 @@ impl ClientSide {
         let (name, _max_rows) = fe::parse_execute(frame.body())?;
         let portal = lock(&self.session).portals.get(name).cloned();
         let mut copy_out = None;
+        // Only this Execute's own COPY may rewrite the data that follows it.
+        self.copy_in = None;
+        self.copy_failed = false;
         if let Some(portal) = &portal {
             if let Some(plan) = portal
                 .statement

@@ -1225,3 +1225,52 @@ fn hundred_connections_of_a_new_organisation_unwrap_once() {
         );
     });
 }
+
+/// A COPY into an encrypted table that the server refuses leaves no state behind: the next
+/// COPY into another table is relayed untouched.
+#[tokio::test]
+async fn failed_copy_leaves_no_rewriter_behind() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    let client = v.client().await;
+    let plain = unique("plain_copy");
+    direct()
+        .await
+        .batch_execute(&format!("CREATE TABLE {plain} (a text, b text, c text)"))
+        .await
+        .unwrap();
+    // The server refuses this COPY (no such column) before any data is sent.
+    let err = client
+        .simple_query(&format!("COPY {t} (org_id, nosuchcol, value) FROM STDIN"))
+        .await
+        .err()
+        .expect("refused by the server");
+    assert!(err.code().is_some(), "{err}");
+    let sink = client
+        .copy_in(&format!("COPY {plain} (a, b, c) FROM STDIN"))
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"x\ty\tz\n"))
+        .await
+        .unwrap();
+    sink.finish().await.unwrap();
+    let row = direct()
+        .await
+        .query_one(&format!("SELECT a, b, c FROM {plain}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2)
+        ),
+        ("x".into(), "y".into(), "z".into())
+    );
+    direct()
+        .await
+        .batch_execute(&format!("DROP TABLE {plain}"))
+        .await
+        .unwrap();
+}
