@@ -22,6 +22,7 @@ mod listener;
 mod pump;
 mod server_side;
 mod session;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,9 @@ pub use connection::SessionState;
 pub use drain::DrainState;
 pub use engine::{Engine, EngineSettings};
 pub use error::ConnError;
+pub use tls::{TlsError, TlsFiles};
+
+use crate::config::SslMode;
 
 /// Settings of the proxy's listener and connections.
 #[derive(Debug, Clone)]
@@ -51,6 +55,14 @@ pub struct ProxyConfig {
     pub max_message_size: usize,
     /// Timeout for connecting to the upstream.
     pub connect_timeout: Duration,
+    /// Certificate and key for TLS toward clients; `None`: SSLRequest is answered `N`.
+    pub tls: Option<TlsFiles>,
+    /// Refuse a StartupMessage that did not come over TLS (28000).
+    pub require_client_tls: bool,
+    /// TLS toward the upstream server.
+    pub upstream_sslmode: SslMode,
+    /// CA file for verifying the upstream server (needed by verify-ca and verify-full).
+    pub upstream_ca: Option<std::path::PathBuf>,
 }
 
 impl ProxyConfig {
@@ -78,6 +90,10 @@ pub(crate) struct Shared {
     pub(crate) sessions_total: std::sync::atomic::AtomicU64,
     /// Failed connection attempts to the upstream.
     pub(crate) upstream_connect_errors: std::sync::atomic::AtomicU64,
+    /// TLS toward clients, when configured.
+    pub(crate) client_tls: Option<tls::ClientTls>,
+    /// TLS toward the upstream.
+    pub(crate) upstream_tls: tls::UpstreamTls,
 }
 
 /// Observes a running server (for tests and, later, metrics).
@@ -133,6 +149,15 @@ impl ServerHandle {
         self.shared.config.upstream_addr()
     }
 
+    /// Re-read the client-facing certificate and key. On error the configuration in force is
+    /// kept. `Ok(false)` when client TLS is not configured.
+    pub fn reload_tls(&self) -> Result<bool, TlsError> {
+        match &self.shared.client_tls {
+            Some(t) => t.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// The engine, when rules are configured.
     pub fn engine(&self) -> Option<&Arc<Engine>> {
         self.shared.engine.as_ref()
@@ -169,11 +194,20 @@ impl Server {
         Self::bind_with(config, None).await
     }
 
-    /// Bind the listening socket, with the encrypting layer when `engine` is given.
+    /// Bind the listening socket, with the encrypting layer when `engine` is given. TLS files
+    /// that fail to load are an `InvalidInput` error naming the file.
     pub async fn bind_with(
         config: ProxyConfig,
         engine: Option<Arc<Engine>>,
     ) -> std::io::Result<Server> {
+        let invalid = |e: TlsError| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let client_tls = match &config.tls {
+            Some(files) => Some(tls::ClientTls::load(files.clone()).map_err(invalid)?),
+            None => None,
+        };
+        let upstream_tls =
+            tls::UpstreamTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
+                .map_err(invalid)?;
         let listener = TcpListener::bind(config.listen).await?;
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(config.max_connections)),
@@ -183,6 +217,8 @@ impl Server {
             drain: tokio::sync::watch::channel(DrainState::Running).0,
             sessions_total: std::sync::atomic::AtomicU64::new(0),
             upstream_connect_errors: std::sync::atomic::AtomicU64::new(0),
+            client_tls,
+            upstream_tls,
         });
         Ok(Server { listener, shared })
     }
