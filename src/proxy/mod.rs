@@ -1,10 +1,12 @@
-//! All network I/O: the listener, per-connection tasks, cancel routing.
+//! All network I/O: the listener, per-connection tasks, TLS on both legs, cancel routing.
 //!
 //! ```text
 //!  client ──▶ listener ──spawn──▶ connection task (one per client, one tracing span)
-//!                                   startup: SSLRequest/GSSENCRequest → 'N',
+//!                                   startup: SSLRequest → 'S' + TLS handshake (when
+//!                                              configured, else 'N'); GSSENCRequest → 'N',
 //!                                            CancelRequest → cancel registry → upstream
-//!                                   StartupMessage → connect upstream, forward as is
+//!                                   StartupMessage → connect upstream, SSLRequest per
+//!                                     sslmode (+ TLS), forward the StartupMessage as is
 //!                                   then two pumps in one task:
 //!                                     client ─▶ pump ─▶ server   (raw frames)
 //!                                     server ─▶ pump ─▶ client   (raw frames; S/K/Z observed)
