@@ -123,6 +123,11 @@ async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
         default_tenant: config.default_tenant.clone(),
         strict_reads: config.strict_reads,
         connect_timeout: config.connect_timeout,
+        service_tls: crate::tls::ServiceTls::new(
+            config.upstream_sslmode,
+            config.upstream_ca.as_deref(),
+        )
+        .context("TLS settings for the service connections")?,
     })
     .await
     .context("starting the key manager")?;

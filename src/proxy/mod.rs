@@ -33,12 +33,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+pub use crate::tls::TlsError;
 pub use cancel::CancelRegistry;
 pub use connection::SessionState;
 pub use drain::DrainState;
 pub use engine::{Engine, EngineSettings};
 pub use error::ConnError;
-pub use tls::{TlsError, TlsFiles};
+pub use tls::TlsFiles;
 
 use crate::config::SslMode;
 

@@ -155,6 +155,11 @@ impl TestProxy {
                                 }),
                                 strict_reads: opts.strict_reads,
                                 connect_timeout: opts.connect_timeout,
+                                service_tls: pgenvelope::tls::ServiceTls::new(
+                                    opts.upstream_sslmode,
+                                    opts.upstream_ca.as_deref(),
+                                )
+                                .expect("service TLS settings"),
                             })
                             .await
                             .expect("engine");

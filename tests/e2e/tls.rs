@@ -403,3 +403,54 @@ fn upstream_wrong_ca_or_no_tls_fails_with_08006() {
         text(&out)
     );
 }
+
+#[test]
+fn service_connections_use_the_upstream_sslmode() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("pgenvelope test CA");
+    let ca_file = ca.write(dir.path(), "ca.crt");
+    let cluster = tls_cluster(&ca);
+    cluster
+        .psql(
+            "test",
+            "CREATE TABLE secrets (id serial primary key, org_id text not null, value text)",
+        )
+        .unwrap();
+    let mut opts = ProxyOptions::to("localhost", cluster.port());
+    opts.rules = Some(
+        "[[table]]\nname = \"public.secrets\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"
+            .to_owned(),
+    );
+    opts.upstream_sslmode = SslMode::VerifyFull;
+    opts.upstream_ca = Some(ca_file);
+    let proxy = TestProxy::with(opts);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=test sslmode=disable",
+        proxy.port()
+    );
+    let out = psql_conninfo(
+        &conninfo,
+        "INSERT INTO secrets (org_id, value) VALUES ('acme', 'tls-secret')",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = psql_conninfo(&conninfo, "SELECT value FROM secrets");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "tls-secret",
+        "{}",
+        text(&out)
+    );
+    let stored = cluster.psql("test", "SELECT value FROM secrets").unwrap();
+    assert!(stored.contains("enc:v1:"), "{stored}");
+    let services = cluster
+        .psql(
+            "postgres",
+            "SELECT string_agg(a.application_name || '=' || s.ssl, ',' ORDER BY a.application_name) \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name LIKE 'pgenvelope%'",
+        )
+        .unwrap();
+    assert!(services.contains("pgenvelope-keys=t"), "{services}");
+    assert!(services.contains("pgenvelope-catalog=t"), "{services}");
+    assert!(!services.contains("=f"), "{services}");
+}
