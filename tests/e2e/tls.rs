@@ -44,8 +44,13 @@ impl Ca {
 
     /// Write a server certificate and key for `localhost`/`127.0.0.1` to `dir`.
     fn server(&self, dir: &Path, prefix: &str) -> TlsFiles {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        self.server_for(dir, prefix, &["localhost", "127.0.0.1"])
+    }
+
+    /// Write a server certificate and key for `names` to `dir`.
+    fn server_for(&self, dir: &Path, prefix: &str, names: &[&str]) -> TlsFiles {
+        let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let mut params = CertificateParams::new(names).unwrap();
         params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
@@ -305,10 +310,14 @@ fn encrypted_pipelined_workload_over_client_tls() {
 /// A private cluster serving TLS with a certificate from `ca`. The files go into the data
 /// directory, owned by the server's OS user, key mode 0600; ssl is turned on by a reload.
 fn tls_cluster(ca: &Ca) -> PrivateCluster {
+    tls_cluster_for(ca, &["localhost", "127.0.0.1"])
+}
+
+fn tls_cluster_for(ca: &Ca, names: &[&str]) -> PrivateCluster {
     let cluster = PrivateCluster::start(ClusterOptions::default()).unwrap();
     let data = cluster.data_dir();
     let meta = std::fs::metadata(&data).unwrap();
-    let files = ca.server(&data, "server");
+    let files = ca.server_for(&data, "server", names);
     for f in [&files.cert, &files.key] {
         std::os::unix::fs::chown(f, Some(meta.uid()), Some(meta.gid())).unwrap();
     }
@@ -453,4 +462,110 @@ fn service_connections_use_the_upstream_sslmode() {
     assert!(services.contains("pgenvelope-keys=t"), "{services}");
     assert!(services.contains("pgenvelope-catalog=t"), "{services}");
     assert!(!services.contains("=f"), "{services}");
+}
+
+#[test]
+fn upstream_verify_ca_ignores_the_host_name_and_verify_full_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("pgenvelope test CA");
+    let ca_file = ca.write(dir.path(), "ca.crt");
+    let cluster = tls_cluster_for(&ca, &["db.example.invalid"]);
+    let conninfo = |p: &TestProxy| {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
+            p.port()
+        )
+    };
+    let verify_ca = upstream_proxy(&cluster, SslMode::VerifyCa, Some(ca_file.clone()));
+    let out = psql_conninfo(&conninfo(&verify_ca), SSL_IN_USE);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "t",
+        "{}",
+        text(&out)
+    );
+    let verify_full = upstream_proxy(&cluster, SslMode::VerifyFull, Some(ca_file));
+    let out = psql_conninfo(&conninfo(&verify_full), "SELECT 1");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not establish TLS"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// The binary: certificate from PGENVELOPE_TLS_CERT/PGENVELOPE_TLS_KEY, reloaded on SIGHUP;
+/// a broken key file keeps the certificate in force.
+#[test]
+fn binary_reloads_the_certificate_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    let first = Ca::new("first CA");
+    let second = Ca::new("second CA");
+    let first_file = first.write(dir.path(), "first.crt");
+    let second_file = second.write(dir.path(), "second.crt");
+    let files = first.server(dir.path(), "proxy");
+    let (pg_host, pg_port) = main_pg();
+    let port = crate::support::free_port().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+            .current_dir(dir.path())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--upstream",
+                &format!("postgres://postgres@{pg_host}:{pg_port}/test"),
+            ])
+            .args(["--rules", "rules", "--log", "warn", "--require-client-tls"])
+            .env("PGENVELOPE_TLS_CERT", &files.cert)
+            .env("PGENVELOPE_TLS_KEY", &files.key)
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
+    let works = |ca: &Path| {
+        psql_conninfo(
+            &format!(
+                "host=localhost port={port} user=postgres dbname=test sslmode=verify-full sslrootcert={}",
+                ca.display()
+            ),
+            "SELECT 1",
+        )
+        .status
+        .success()
+    };
+    let until = |ca: &Path| {
+        (0..100).any(|_| {
+            if works(ca) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            false
+        })
+    };
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    assert!(until(&first_file), "serves the first certificate");
+    second.server(dir.path(), "proxy");
+    hup();
+    assert!(
+        until(&second_file),
+        "serves the second certificate after SIGHUP"
+    );
+    assert!(!works(&first_file));
+    std::fs::write(&files.key, "broken").unwrap();
+    hup();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(works(&second_file), "keeps the certificate in force");
 }
