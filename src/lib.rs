@@ -14,7 +14,8 @@
 //!
 //! Modules: [`wire`] (pure codec), [`proxy`] (all network I/O), [`config`] (file + env + flags
 //! → validated config), [`cli`] (commands), [`admin`] (metrics and health over HTTP), [`crypto`] (key material and the `enc:v1` format),
-//! [`sql`] (pure statement analysis: which literals and parameters feed encrypted columns).
+//! [`sql`] (pure statement analysis: which literals and parameters feed encrypted columns),
+//! [`tls`] (TLS client settings toward PostgreSQL).
 
 pub mod admin;
 pub mod cli;
@@ -24,4 +25,5 @@ pub mod keys;
 pub mod proxy;
 pub mod rules;
 pub mod sql;
+pub mod tls;
 pub mod wire;

@@ -70,8 +70,12 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
         .build()
         .context("starting the async runtime")?;
     let org = runtime.block_on(async {
+        let tls =
+            crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
+                .map_err(|e| e.to_string())?;
         let store = KeyStore::new(config.upstream.service.clone(), DEFAULT_SCHEMA)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_tls(tls);
         match tokio::time::timeout(Duration::from_secs(5), store.lookup(value.dek_id())).await {
             Ok(Ok(Some(rec))) => Ok(format!(
                 "{} (version {}, {}, kek {})",

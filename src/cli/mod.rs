@@ -130,6 +130,28 @@ pub struct ServeArgs {
     /// 127.0.0.1:9187 [default: off]
     #[arg(long, env = "PGENVELOPE_ADMIN", value_name = "HOST:PORT")]
     pub admin: Option<String>,
+
+    /// PEM certificate chain for TLS toward clients (with --tls-key); reloaded on SIGHUP.
+    /// Without it SSLRequest is answered `N` [default: off]
+    #[arg(long, env = "PGENVELOPE_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for TLS toward clients (with --tls-cert)
+    #[arg(long, env = "PGENVELOPE_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Refuse clients that do not negotiate TLS (SQLSTATE 28000) [default: false]
+    #[arg(long, env = "PGENVELOPE_REQUIRE_CLIENT_TLS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub require_client_tls: Option<bool>,
+
+    /// TLS toward PostgreSQL: disable, prefer, require, verify-ca or verify-full
+    /// [default: verify-full with --upstream-ca, else prefer]
+    #[arg(long, env = "PGENVELOPE_UPSTREAM_SSLMODE", value_name = "MODE")]
+    pub upstream_sslmode: Option<String>,
+
+    /// PEM CA certificate(s) for verifying PostgreSQL's certificate
+    #[arg(long, env = "PGENVELOPE_UPSTREAM_CA", value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -152,6 +174,11 @@ impl ServeArgs {
             workers: self.workers,
             shutdown_grace: self.shutdown_grace.clone(),
             admin: self.admin.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            require_client_tls: self.require_client_tls,
+            upstream_sslmode: self.upstream_sslmode.clone(),
+            upstream_ca: self.upstream_ca.clone(),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, LogFormat};
 use crate::keys::{KmsUri, DEFAULT_SCHEMA};
-use crate::proxy::{Engine, EngineSettings, Server};
+use crate::proxy::{Engine, EngineSettings, Server, ServerHandle};
 use crate::rules::load_path;
 
 /// Install logging, bind the listener and serve until SIGINT/SIGTERM.
@@ -32,9 +32,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
             "listening on {addr}"
         );
         let handle = server.handle();
-        if let Some(engine) = &engine {
-            spawn_rules_reload(Arc::clone(engine), config.rules.clone());
-        }
+        spawn_reload(engine.clone(), config.rules.clone(), handle.clone());
         if let Some(admin) = config.admin {
             let listener = tokio::net::TcpListener::bind(admin)
                 .await
@@ -125,6 +123,11 @@ async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
         default_tenant: config.default_tenant.clone(),
         strict_reads: config.strict_reads,
         connect_timeout: config.connect_timeout,
+        service_tls: crate::tls::ServiceTls::new(
+            config.upstream_sslmode,
+            config.upstream_ca.as_deref(),
+        )
+        .context("TLS settings for the service connections")?,
     })
     .await
     .context("starting the key manager")?;
@@ -173,9 +176,10 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("installing the logger: {e}"))
 }
 
-/// Reload the rules on SIGHUP. A rule set that fails to load (or is empty) is logged and
-/// the rules in force are kept.
-fn spawn_rules_reload(engine: Arc<Engine>, path: std::path::PathBuf) {
+/// Reload the rules (when encrypting) and the client TLS certificate (when configured) on
+/// SIGHUP. A rule set that fails to load (or is empty), or certificate files that fail to
+/// load, are logged and what is in force is kept.
+fn spawn_reload(engine: Option<Arc<Engine>>, path: std::path::PathBuf, handle: ServerHandle) {
     #[cfg(unix)]
     tokio::spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -186,6 +190,17 @@ fn spawn_rules_reload(engine: Arc<Engine>, path: std::path::PathBuf) {
             }
         };
         while hup.recv().await.is_some() {
+            match handle.reload_tls() {
+                Ok(true) => tracing::info!("TLS certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "TLS certificate not reloaded; keeping the certificate in force"
+                ),
+            }
+            let Some(engine) = &engine else {
+                continue;
+            };
             let p = path.clone();
             match tokio::task::spawn_blocking(move || load_path(&p)).await {
                 Ok(Ok(rules)) if rules.is_empty() => tracing::error!(

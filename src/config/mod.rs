@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::crypto::OrgId;
 use crate::keys::KmsUri;
+use crate::proxy::TlsFiles;
 
 pub use units::{parse_duration, parse_size};
 
@@ -73,6 +74,16 @@ pub struct RawConfig {
     pub shutdown_grace: Option<String>,
     /// `admin = "127.0.0.1:9187"`
     pub admin: Option<String>,
+    /// `tls_cert = "/etc/pgenvelope/server.crt"` (PEM chain for client-facing TLS)
+    pub tls_cert: Option<PathBuf>,
+    /// `tls_key = "/etc/pgenvelope/server.key"` (PEM private key for client-facing TLS)
+    pub tls_key: Option<PathBuf>,
+    /// `require_client_tls = true`: plaintext clients are refused
+    pub require_client_tls: Option<bool>,
+    /// `upstream_sslmode = "verify-full"`
+    pub upstream_sslmode: Option<String>,
+    /// `upstream_ca = "/etc/pgenvelope/pg-ca.crt"`
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// A size given as a number of bytes or as text with a unit.
@@ -191,6 +202,16 @@ pub struct Overrides {
     pub shutdown_grace: Option<String>,
     /// `--admin`
     pub admin: Option<String>,
+    /// `--tls-cert`
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`
+    pub tls_key: Option<PathBuf>,
+    /// `--require-client-tls`
+    pub require_client_tls: Option<bool>,
+    /// `--upstream-sslmode`
+    pub upstream_sslmode: Option<String>,
+    /// `--upstream-ca`
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// Validated configuration of `pgenvelope serve`.
@@ -230,6 +251,61 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Admin HTTP address (`/metrics`, `/healthz`, `/readyz`), if enabled.
     pub admin: Option<SocketAddr>,
+    /// Certificate and key for TLS toward clients; `None`: SSLRequest is answered `N`.
+    pub tls: Option<TlsFiles>,
+    /// Refuse clients that do not negotiate TLS.
+    pub require_client_tls: bool,
+    /// TLS toward the upstream server.
+    pub upstream_sslmode: SslMode,
+    /// CA file for verifying the upstream server's certificate.
+    pub upstream_ca: Option<PathBuf>,
+}
+
+/// TLS toward the upstream server, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Never ask for TLS.
+    Disable,
+    /// Ask for TLS, fall back to plaintext if the server refuses; the certificate is not
+    /// verified.
+    Prefer,
+    /// TLS or fail (08006); the certificate is not verified.
+    Require,
+    /// TLS or fail; the certificate chain must lead to the CA (host name not checked).
+    VerifyCa,
+    /// TLS or fail; chain and host name are checked.
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "disable" => Self::Disable,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            other => {
+                return Err(format!(
+                    "`{other}` is not disable, prefer, require, verify-ca or verify-full"
+                ))
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        })
+    }
 }
 
 /// A configuration error, naming where the bad value came from.
@@ -417,7 +493,76 @@ impl Config {
             None => None,
         };
 
+        let path_pick = |flag: Option<PathBuf>, file: Option<PathBuf>| match (flag, file) {
+            (Some(v), _) => Some((v, "command line or environment".to_owned())),
+            (None, Some(v)) => Some((v, file_name.clone())),
+            (None, None) => None,
+        };
+        let tls = match (
+            path_pick(over.tls_cert, raw.tls_cert),
+            path_pick(over.tls_key, raw.tls_key),
+        ) {
+            (Some((cert, _)), Some((key, _))) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some((cert, src)), None) => {
+                return Err(err(
+                    "tls_key",
+                    src,
+                    format!(
+                        "tls_cert {} is set but tls_key is not: give both or neither",
+                        cert.display()
+                    ),
+                ))
+            }
+            (None, Some((key, src))) => {
+                return Err(err(
+                    "tls_cert",
+                    src,
+                    format!(
+                        "tls_key {} is set but tls_cert is not: give both or neither",
+                        key.display()
+                    ),
+                ))
+            }
+        };
+        let require_client_tls = over
+            .require_client_tls
+            .or(raw.require_client_tls)
+            .unwrap_or(false);
+        if require_client_tls && tls.is_none() {
+            return Err(err(
+                "require_client_tls",
+                "configuration".into(),
+                "needs tls_cert and tls_key".into(),
+            ));
+        }
+        let upstream_ca = path_pick(over.upstream_ca, raw.upstream_ca).map(|(p, _)| p);
+        let upstream_sslmode = match path_pick(
+            over.upstream_sslmode.map(PathBuf::from),
+            raw.upstream_sslmode.map(PathBuf::from),
+        ) {
+            Some((mode, src)) => mode
+                .to_string_lossy()
+                .parse::<SslMode>()
+                .map_err(|m| err("upstream_sslmode", src, m))?,
+            None if upstream_ca.is_some() => SslMode::VerifyFull,
+            None => SslMode::Prefer,
+        };
+        if matches!(upstream_sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
+            && upstream_ca.is_none()
+        {
+            return Err(err(
+                "upstream_ca",
+                "configuration".into(),
+                format!("upstream_sslmode {upstream_sslmode} needs a CA file"),
+            ));
+        }
+
         Ok(Config {
+            tls,
+            require_client_tls,
+            upstream_sslmode,
+            upstream_ca,
             admin,
             shutdown_grace,
             workers,
@@ -447,6 +592,10 @@ impl Config {
             max_connections: self.max_connections,
             max_message_size: self.max_message_size,
             connect_timeout: self.connect_timeout,
+            tls: self.tls.clone(),
+            require_client_tls: self.require_client_tls,
+            upstream_sslmode: self.upstream_sslmode,
+            upstream_ca: self.upstream_ca.clone(),
         }
     }
 }
@@ -501,6 +650,36 @@ mod tests {
             msg.contains("connect_timeout") && msg.contains("p.toml"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn tls_files_both_or_neither() {
+        let over = Overrides {
+            tls_cert: Some("server.crt".into()),
+            ..Overrides::default()
+        };
+        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        assert!(
+            msg.contains("tls_key") && msg.contains("server.crt"),
+            "{msg}"
+        );
+        let c = Config::resolve(Overrides::default(), None).unwrap();
+        assert!(c.tls.is_none());
+        assert_eq!(c.upstream_sslmode, SslMode::Prefer);
+        let over = Overrides {
+            upstream_ca: Some("ca.crt".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::resolve(over, None).unwrap().upstream_sslmode,
+            SslMode::VerifyFull
+        );
+        let over = Overrides {
+            upstream_sslmode: Some("verify-ca".into()),
+            ..Overrides::default()
+        };
+        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        assert!(msg.contains("upstream_ca"), "{msg}");
     }
 
     #[test]

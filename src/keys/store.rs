@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, Config, NoTls, Row};
+use tokio_postgres::{Client, Config, Row};
 use uuid::Uuid;
 
 use crate::crypto::{DekId, OrgId};
@@ -134,6 +134,7 @@ impl fmt::Debug for DekRecord {
 /// Handle on the key store, over one lazily (re)connected service connection.
 pub struct KeyStore {
     config: Config,
+    tls: crate::tls::ServiceTls,
     schema: String,
     actor: String,
     sql: Sql,
@@ -159,9 +160,12 @@ impl KeyStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        let tls = crate::tls::ServiceTls::default();
+        tls.apply(&mut config);
         Ok(Self {
             sql: Sql::new(schema),
             config,
+            tls,
             schema: schema.to_owned(),
             actor: "pgenvelope".to_owned(),
             client: Mutex::new(None),
@@ -177,6 +181,13 @@ impl KeyStore {
                 source: Arc::new(e),
             })?;
         Self::new(config, schema)
+    }
+
+    /// Connect with TLS as `tls` says (its `sslmode` replaces the one in the config).
+    pub fn with_tls(mut self, tls: crate::tls::ServiceTls) -> Self {
+        tls.apply(&mut self.config);
+        self.tls = tls;
+        self
     }
 
     /// Record `actor` in the `key_events` rows this store writes (default `pgenvelope`).
@@ -335,7 +346,7 @@ impl KeyStore {
         }
         let (client, connection) = self
             .config
-            .connect(NoTls)
+            .connect(self.tls.clone())
             .await
             .map_err(|e| KeyError::store("connect", e))?;
         tokio::spawn(async move {

@@ -42,6 +42,7 @@ struct DbState {
 /// Per-database OID caches and service connections.
 pub(crate) struct Catalog {
     service: tokio_postgres::Config,
+    tls: crate::tls::ServiceTls,
     connect_timeout: Duration,
     dbs: Mutex<HashMap<String, Arc<AsyncMutex<DbState>>>>,
     /// Bumped whenever a cache is dropped, so derived caches know to drop theirs.
@@ -55,8 +56,14 @@ impl std::fmt::Debug for Catalog {
 }
 
 impl Catalog {
-    pub(crate) fn new(service: tokio_postgres::Config, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        mut service: tokio_postgres::Config,
+        connect_timeout: Duration,
+        tls: crate::tls::ServiceTls,
+    ) -> Self {
+        tls.apply(&mut service);
         Self {
+            tls,
             service,
             connect_timeout,
             dbs: Mutex::new(HashMap::new()),
@@ -206,7 +213,7 @@ impl Catalog {
             config.dbname(db);
             config.application_name("pgenvelope-catalog");
             let connect =
-                tokio::time::timeout(self.connect_timeout, config.connect(tokio_postgres::NoTls));
+                tokio::time::timeout(self.connect_timeout, config.connect(self.tls.clone()));
             let (client, conn) = match connect.await {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(e)) => return Err(self.err(db, &e)),

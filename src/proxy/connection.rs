@@ -1,5 +1,9 @@
-//! Per-client task: the startup phase (SSL/GSS negotiation, cancel routing, StartupMessage),
-//! the upstream connection, then the two message pumps until either side closes.
+//! Per-client task: the startup phase (SSL/GSS negotiation and the TLS handshake, cancel
+//! routing, StartupMessage), the upstream connection and its TLS negotiation, then the two
+//! message pumps until either side closes.
+//!
+//! The relay is generic over both streams ([`Split`]): plaintext TCP splits into owned halves
+//! without locking, TLS streams go through `tokio::io::split`.
 //!
 //! Both directions run concurrently inside the one task (so neither can block the other), and
 //! whichever side closes first ends the connection: a client that vanishes closes its server
@@ -11,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -25,6 +29,7 @@ use crate::proxy::error::ConnError;
 use crate::proxy::pump::{self, Handler, PumpError};
 use crate::proxy::server_side::ServerSide;
 use crate::proxy::session::Session;
+use crate::proxy::tls::{ClientTls, Negotiated};
 use crate::proxy::Shared;
 use crate::wire::backend::{self, TransactionStatus};
 use crate::wire::header::scan_startup;
@@ -72,27 +77,118 @@ pub(crate) async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Share
     .await
 }
 
+/// A client or server stream that can be split into two owned halves, one per pump.
+pub(crate) trait Split: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The read half.
+    type Read: AsyncRead + Unpin + Send;
+    /// The write half.
+    type Write: AsyncWrite + Unpin + Send;
+    /// Split the stream.
+    fn into_halves(self) -> (Self::Read, Self::Write);
+}
+
+impl Split for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Split for tokio_rustls::server::TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+impl Split for Box<tokio_rustls::client::TlsStream<TcpStream>> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// Where the startup phase on one stream ended.
+enum Startup {
+    /// Nothing more to do (clean EOF, or a CancelRequest that was handled).
+    Done,
+    /// The client asked for TLS and it is configured; `S` is not sent yet.
+    Tls(tokio_rustls::TlsAcceptor),
+    /// A StartupMessage.
+    Packet(Bytes),
+}
+
+/// What the relay needs from the StartupMessage.
+struct Start {
+    packet: Bytes,
+    replication: bool,
+    db: String,
+    tenant: Option<OrgId>,
+}
+
 async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), ConnError> {
     let _ = client.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(1024);
-    let packet = loop {
-        let len = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &mut buf))
-            .await
-        {
+    match startup(&mut client, &mut buf, shared, shared.client_tls.as_ref()).await? {
+        Startup::Done => Ok(()),
+        Startup::Packet(packet) => {
+            if shared.config.require_client_tls {
+                return fail(&mut client, ConnError::ClientTlsRequired).await;
+            }
+            session(client, packet, buf, shared).await
+        }
+        Startup::Tls(acceptor) => {
+            client.write_all(b"S").await.map_err(ConnError::ClientIo)?;
+            let mut tls = match tokio::time::timeout(STARTUP_TIMEOUT, acceptor.accept(client)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return Err(ConnError::ClientTls(e)),
+                Err(_) => return Err(ConnError::StartupTimeout),
+            };
+            match startup(&mut tls, &mut buf, shared, None).await? {
+                Startup::Packet(packet) => session(tls, packet, buf, shared).await,
+                Startup::Done | Startup::Tls(_) => Ok(()),
+            }
+        }
+    }
+}
+
+/// Read startup-phase packets until a StartupMessage, answering SSLRequest/GSSENCRequest
+/// with `N` (or handing back to the caller when `tls` is given and the client asks for it)
+/// and routing CancelRequests.
+async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    buf: &mut BytesMut,
+    shared: &Arc<Shared>,
+    tls: Option<&ClientTls>,
+) -> Result<Startup, ConnError> {
+    loop {
+        let len = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client, buf)).await {
             Ok(Ok(Some(len))) => len,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(e)) => return fail(&mut client, e).await,
+            Ok(Ok(None)) => return Ok(Startup::Done),
+            Ok(Err(e)) => return fail(client, e).await,
             Err(_) => return Err(ConnError::StartupTimeout),
         };
         let packet = buf.split_to(len).freeze();
         let parsed = match StartupPacket::parse(&packet) {
             Ok(p) => p,
-            Err(e) => return fail(&mut client, ConnError::ClientProtocol(e)).await,
+            Err(e) => return fail(client, ConnError::ClientProtocol(e)).await,
         };
         match parsed {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                // Bytes sent before the answer would otherwise be read as if they had come
+                // through the encrypted channel.
                 if !buf.is_empty() {
-                    return fail(&mut client, ConnError::BufferedBeforeNegotiation).await;
+                    return fail(client, ConnError::BufferedBeforeNegotiation).await;
+                }
+                if let (StartupPacket::SslRequest, Some(tls)) = (&parsed, tls) {
+                    return Ok(Startup::Tls(tls.acceptor()));
                 }
                 client.write_all(b"N").await.map_err(ConnError::ClientIo)?;
             }
@@ -101,24 +197,41 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
                     .cancels
                     .forward(key, shared.config.connect_timeout)
                     .await;
-                return Ok(());
+                return Ok(Startup::Done);
             }
-            StartupPacket::Startup(_) => break packet,
+            StartupPacket::Startup(_) => return Ok(Startup::Packet(packet)),
         }
-    };
+    }
+}
+
+/// Check the StartupMessage, connect and negotiate the upstream, then relay.
+async fn session<C: Split>(
+    mut client: C,
+    packet: Bytes,
+    buf: BytesMut,
+    shared: &Arc<Shared>,
+) -> Result<(), ConnError> {
     let StartupPacket::Startup(params) =
         StartupPacket::parse(&packet).map_err(ConnError::ClientProtocol)?
     else {
         return Ok(());
     };
     record_params(&params);
-    if let Some(engine) = &shared.engine {
+    if shared.engine.is_some() {
         if let Some(bad) = invalid_startup_tenant(&params) {
-            let _ = engine;
             return fail(&mut client, bad).await;
         }
     }
-    let replication = params.is_replication();
+    let start = Start {
+        replication: params.is_replication(),
+        db: params
+            .get_str("database")
+            .or(params.get_str("user"))
+            .unwrap_or_default()
+            .to_owned(),
+        tenant: startup_tenant(&params),
+        packet: packet.clone(),
+    };
 
     let Ok(_permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
         return fail(&mut client, ConnError::TooManyConnections).await;
@@ -126,7 +239,8 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
 
     shared.sessions_total.fetch_add(1, Ordering::Relaxed);
     let upstream_addr = shared.config.upstream_addr();
-    let mut server = match connect_upstream(&upstream_addr, shared.config.connect_timeout).await {
+    let timeout = shared.config.connect_timeout;
+    let server = match connect_upstream(&upstream_addr, timeout).await {
         Ok(s) => s,
         Err(e) => {
             shared
@@ -136,12 +250,54 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
         }
     };
     let server_addr = server.peer_addr().map_err(ConnError::ServerIo)?;
+    let negotiate = shared
+        .upstream_tls
+        .negotiate(server, &shared.config.upstream_host);
+    let negotiated = match tokio::time::timeout(timeout, negotiate).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(source)) => {
+            tracing::warn!(error = %source, sslmode = %shared.upstream_tls.mode(), "upstream TLS failed");
+            shared
+                .upstream_connect_errors
+                .fetch_add(1, Ordering::Relaxed);
+            let e = ConnError::UpstreamTls {
+                addr: upstream_addr,
+                source,
+            };
+            return fail(&mut client, e).await;
+        }
+        Err(_) => {
+            shared
+                .upstream_connect_errors
+                .fetch_add(1, Ordering::Relaxed);
+            let e = ConnError::UpstreamConnect {
+                addr: upstream_addr,
+                source: std::io::ErrorKind::TimedOut.into(),
+            };
+            return fail(&mut client, e).await;
+        }
+    };
+    match negotiated {
+        Negotiated::Plain(server) => relay(client, server, server_addr, start, buf, shared).await,
+        Negotiated::Tls(server) => relay(client, server, server_addr, start, buf, shared).await,
+    }
+}
+
+/// Forward the StartupMessage and run the two pumps until either side closes.
+async fn relay<C: Split, U: Split>(
+    mut client: C,
+    mut server: U,
+    server_addr: SocketAddr,
+    start: Start,
+    buf: BytesMut,
+    shared: &Arc<Shared>,
+) -> Result<(), ConnError> {
     server
-        .write_all(&packet)
+        .write_all(&start.packet)
         .await
         .map_err(ConnError::ServerIo)?;
 
-    if replication {
+    if start.replication {
         // Replication sessions (physical or logical, CopyBoth streams included) are relayed
         // as raw bytes: values stay exactly as stored.
         tracing::debug!("replication connection: raw relay");
@@ -153,8 +309,8 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
     }
 
     let state = Arc::new(Mutex::new(SessionState::default()));
-    let (mut client_r, mut client_w) = client.into_split();
-    let (mut server_r, mut server_w) = server.into_split();
+    let (mut client_r, mut client_w) = client.into_halves();
+    let (mut server_r, mut server_w) = server.into_halves();
     let limit = shared.config.max_message_size;
     let activity = Arc::new(Activity::new(Arc::clone(&shared.statements)));
     let tracker = Tracker {
@@ -186,12 +342,7 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
             }
         }
         Some(engine) => {
-            let db = params
-                .get_str("database")
-                .or(params.get_str("user"))
-                .unwrap_or_default()
-                .to_owned();
-            let session = Arc::new(Mutex::new(Session::new(db, startup_tenant(&params))));
+            let session = Arc::new(Mutex::new(Session::new(start.db, start.tenant)));
             let mut to_server = ClientSide {
                 session: Arc::clone(&session),
                 cipher: Cipher::new(Arc::clone(engine)),
@@ -233,8 +384,8 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
 
 /// Read until `buf` holds a whole startup-phase packet; `Ok(None)` on a clean EOF before any
 /// byte.
-async fn read_startup(
-    client: &mut TcpStream,
+async fn read_startup<S: AsyncRead + Unpin>(
+    client: &mut S,
     buf: &mut BytesMut,
 ) -> Result<Option<usize>, ConnError> {
     loop {
@@ -275,7 +426,7 @@ async fn connect_upstream(addr: &str, timeout: Duration) -> Result<TcpStream, Co
 }
 
 /// Send the client the FATAL response for `e` (if it has one) and return `e`.
-async fn fail(client: &mut TcpStream, e: ConnError) -> Result<(), ConnError> {
+async fn fail<S: AsyncWrite + Unpin, T>(client: &mut S, e: ConnError) -> Result<T, ConnError> {
     let mut out = BytesMut::new();
     e.write_fatal(&mut out);
     if !out.is_empty() {

@@ -148,10 +148,10 @@ impl Engine {
     /// Build the engine from its settings: ensure the key store schema (retried in the
     /// background while the key store is unreachable) and start the counter flusher.
     pub async fn start(settings: EngineSettings) -> Result<Arc<Engine>, KeyError> {
-        let store = Arc::new(KeyStore::new(
-            settings.service.clone(),
-            &settings.key_schema,
-        )?);
+        let store = Arc::new(
+            KeyStore::new(settings.service.clone(), &settings.key_schema)?
+                .with_tls(settings.service_tls.clone()),
+        );
         match tokio::time::timeout(settings.connect_timeout, store.ensure_schema()).await {
             Ok(Ok(())) => {}
             outcome => {
@@ -191,10 +191,15 @@ impl Engine {
         let mut engine = Engine::new(
             Arc::new(settings.rules),
             keys,
-            settings.service,
+            settings.service.clone(),
             settings.connect_timeout,
             settings.default_tenant,
             settings.strict_reads,
+        );
+        engine.catalog = Catalog::new(
+            settings.service,
+            settings.connect_timeout,
+            settings.service_tls,
         );
         engine.kek_metrics = kek_metrics;
         Ok(Arc::new(engine))
@@ -212,7 +217,7 @@ impl Engine {
         Self {
             rules: std::sync::RwLock::new(Arc::new(RulesSnapshot::new(rules))),
             keys,
-            catalog: Catalog::new(service, connect_timeout),
+            catalog: Catalog::new(service, connect_timeout, crate::tls::ServiceTls::default()),
             default_tenant,
             strict_reads,
             // Bounded by bytes of SQL text, so a client sending huge distinct statements
@@ -311,6 +316,8 @@ pub struct EngineSettings {
     pub strict_reads: bool,
     /// Timeout for service connections.
     pub connect_timeout: std::time::Duration,
+    /// TLS for the service connections (default: none, as before).
+    pub service_tls: crate::tls::ServiceTls,
 }
 
 /// The rules and the analyser's view of them, swapped together.

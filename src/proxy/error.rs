@@ -23,6 +23,21 @@ pub enum ConnError {
     /// The client sent bytes after an SSLRequest/GSSENCRequest before reading the answer.
     #[error("client sent data before the encryption negotiation was answered")]
     BufferedBeforeNegotiation,
+    /// A StartupMessage arrived in plaintext while client TLS is required.
+    #[error("client did not negotiate TLS, which is required")]
+    ClientTlsRequired,
+    /// The TLS handshake with the client failed.
+    #[error("client TLS handshake: {0}")]
+    ClientTls(#[source] std::io::Error),
+    /// TLS toward the upstream could not be negotiated as `sslmode` requires.
+    #[error("TLS toward upstream {addr}: {source}")]
+    UpstreamTls {
+        /// The upstream address.
+        addr: String,
+        /// What failed.
+        #[source]
+        source: crate::proxy::TlsError,
+    },
     /// The client did not complete its startup packet in time.
     #[error("startup packet not received in time")]
     StartupTimeout,
@@ -90,7 +105,16 @@ impl ConnError {
                 sqlstate::PROTOCOL_VIOLATION,
                 "pgenvelope: received unencrypted data after SSL/GSS request".to_owned(),
             )),
-            Self::StartupTimeout => None,
+            Self::StartupTimeout | Self::ClientTls(_) => None,
+            // The code PostgreSQL uses when pg_hba.conf has no entry (e.g. hostssl only).
+            Self::ClientTlsRequired => Some((
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "pgenvelope: TLS is required: connect with sslmode=require or stronger".to_owned(),
+            )),
+            Self::UpstreamTls { .. } => Some((
+                sqlstate::CONNECTION_FAILURE,
+                "pgenvelope: could not establish TLS with the upstream server".to_owned(),
+            )),
             Self::InvalidStartupTenant => Some((
                 sqlstate::INSUFFICIENT_PRIVILEGE,
                 "pgenvelope: invalid pgenvelope.tenant in the connection options".to_owned(),

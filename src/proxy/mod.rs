@@ -1,10 +1,12 @@
-//! All network I/O: the listener, per-connection tasks, cancel routing.
+//! All network I/O: the listener, per-connection tasks, TLS on both legs, cancel routing.
 //!
 //! ```text
 //!  client ──▶ listener ──spawn──▶ connection task (one per client, one tracing span)
-//!                                   startup: SSLRequest/GSSENCRequest → 'N',
+//!                                   startup: SSLRequest → 'S' + TLS handshake (when
+//!                                              configured, else 'N'); GSSENCRequest → 'N',
 //!                                            CancelRequest → cancel registry → upstream
-//!                                   StartupMessage → connect upstream, forward as is
+//!                                   StartupMessage → connect upstream, SSLRequest per
+//!                                     sslmode (+ TLS), forward the StartupMessage as is
 //!                                   then two pumps in one task:
 //!                                     client ─▶ pump ─▶ server   (raw frames)
 //!                                     server ─▶ pump ─▶ client   (raw frames; S/K/Z observed)
@@ -22,6 +24,7 @@ mod listener;
 mod pump;
 mod server_side;
 mod session;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,11 +33,15 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+pub use crate::tls::TlsError;
 pub use cancel::CancelRegistry;
 pub use connection::SessionState;
 pub use drain::DrainState;
 pub use engine::{Engine, EngineSettings};
 pub use error::ConnError;
+pub use tls::TlsFiles;
+
+use crate::config::SslMode;
 
 /// Settings of the proxy's listener and connections.
 #[derive(Debug, Clone)]
@@ -51,6 +58,14 @@ pub struct ProxyConfig {
     pub max_message_size: usize,
     /// Timeout for connecting to the upstream.
     pub connect_timeout: Duration,
+    /// Certificate and key for TLS toward clients; `None`: SSLRequest is answered `N`.
+    pub tls: Option<TlsFiles>,
+    /// Refuse a StartupMessage that did not come over TLS (28000).
+    pub require_client_tls: bool,
+    /// TLS toward the upstream server.
+    pub upstream_sslmode: SslMode,
+    /// CA file for verifying the upstream server (needed by verify-ca and verify-full).
+    pub upstream_ca: Option<std::path::PathBuf>,
 }
 
 impl ProxyConfig {
@@ -80,6 +95,10 @@ pub(crate) struct Shared {
     pub(crate) upstream_connect_errors: std::sync::atomic::AtomicU64,
     /// Statements by protocol kind.
     pub(crate) statements: Arc<drain::StatementCounts>,
+    /// TLS toward clients, when configured.
+    pub(crate) client_tls: Option<tls::ClientTls>,
+    /// TLS toward the upstream.
+    pub(crate) upstream_tls: tls::UpstreamTls,
 }
 
 /// Observes a running server (for tests and, later, metrics).
@@ -142,6 +161,15 @@ impl ServerHandle {
         self.shared.config.upstream_addr()
     }
 
+    /// Re-read the client-facing certificate and key. On error the configuration in force is
+    /// kept. `Ok(false)` when client TLS is not configured.
+    pub fn reload_tls(&self) -> Result<bool, TlsError> {
+        match &self.shared.client_tls {
+            Some(t) => t.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// The engine, when rules are configured.
     pub fn engine(&self) -> Option<&Arc<Engine>> {
         self.shared.engine.as_ref()
@@ -178,11 +206,20 @@ impl Server {
         Self::bind_with(config, None).await
     }
 
-    /// Bind the listening socket, with the encrypting layer when `engine` is given.
+    /// Bind the listening socket, with the encrypting layer when `engine` is given. TLS files
+    /// that fail to load are an `InvalidInput` error naming the file.
     pub async fn bind_with(
         config: ProxyConfig,
         engine: Option<Arc<Engine>>,
     ) -> std::io::Result<Server> {
+        let invalid = |e: TlsError| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let client_tls = match &config.tls {
+            Some(files) => Some(tls::ClientTls::load(files.clone()).map_err(invalid)?),
+            None => None,
+        };
+        let upstream_tls =
+            tls::UpstreamTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
+                .map_err(invalid)?;
         let listener = TcpListener::bind(config.listen).await?;
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(config.max_connections)),
@@ -193,6 +230,8 @@ impl Server {
             sessions_total: std::sync::atomic::AtomicU64::new(0),
             upstream_connect_errors: std::sync::atomic::AtomicU64::new(0),
             statements: Arc::default(),
+            client_tls,
+            upstream_tls,
         });
         Ok(Server { listener, shared })
     }

@@ -6,6 +6,9 @@
 pub const PROTOCOL_VIOLATION: &str = "08P01";
 /// 08006 connection_failure (upstream unreachable).
 pub const CONNECTION_FAILURE: &str = "08006";
+/// 28000 invalid_authorization_specification (PostgreSQL's code for a connection pg_hba.conf
+/// rejects, such as a plaintext client where only `hostssl` is allowed).
+pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
 /// 0A000 feature_not_supported: a statement that cannot be encrypted safely.
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 /// 42501 insufficient_privilege: no tenant for a write, or another tenant's value.

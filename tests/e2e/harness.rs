@@ -53,6 +53,14 @@ pub struct ProxyOptions {
     pub kek_also: Vec<std::sync::Arc<dyn pgenvelope::keys::KekProvider>>,
     /// Database holding the key store.
     pub key_db: String,
+    /// Client-facing TLS certificate and key.
+    pub tls: Option<pgenvelope::proxy::TlsFiles>,
+    /// Refuse plaintext clients.
+    pub require_client_tls: bool,
+    /// TLS toward the upstream.
+    pub upstream_sslmode: pgenvelope::config::SslMode,
+    /// CA for verifying the upstream.
+    pub upstream_ca: Option<std::path::PathBuf>,
 }
 
 impl ProxyOptions {
@@ -71,6 +79,10 @@ impl ProxyOptions {
             kek: None,
             kek_also: Vec::new(),
             key_db: "test".to_owned(),
+            tls: None,
+            require_client_tls: false,
+            upstream_sslmode: pgenvelope::config::SslMode::Prefer,
+            upstream_ca: None,
         }
     }
 
@@ -143,6 +155,11 @@ impl TestProxy {
                                 }),
                                 strict_reads: opts.strict_reads,
                                 connect_timeout: opts.connect_timeout,
+                                service_tls: pgenvelope::tls::ServiceTls::new(
+                                    opts.upstream_sslmode,
+                                    opts.upstream_ca.as_deref(),
+                                )
+                                .expect("service TLS settings"),
                             })
                             .await
                             .expect("engine");
@@ -157,6 +174,10 @@ impl TestProxy {
                         max_connections: opts.max_connections,
                         max_message_size: opts.max_message_size,
                         connect_timeout: opts.connect_timeout,
+                        tls: opts.tls.clone(),
+                        require_client_tls: opts.require_client_tls,
+                        upstream_sslmode: opts.upstream_sslmode,
+                        upstream_ca: opts.upstream_ca.clone(),
                     },
                     engine.clone(),
                 )

@@ -15,3 +15,4 @@ mod kms;
 mod passthrough;
 mod raw;
 mod sessions;
+mod tls;
