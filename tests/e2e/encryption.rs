@@ -1243,8 +1243,7 @@ async fn failed_copy_leaves_no_rewriter_behind() {
     let err = client
         .simple_query(&format!("COPY {t} (org_id, nosuchcol, value) FROM STDIN"))
         .await
-        .err()
-        .expect("refused by the server");
+        .expect_err("refused by the server");
     assert!(err.code().is_some(), "{err}");
     let sink = client
         .copy_in(&format!("COPY {plain} (a, b, c) FROM STDIN"))
