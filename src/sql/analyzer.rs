@@ -504,6 +504,9 @@ impl<'a> Analyzer<'a> {
             header: false,
             encoding: None,
         };
+        // FORCE_NULL / FORCE_NOT_NULL change which fields are NULL in a way the proxy's row
+        // codec does not model: refused on protected tables.
+        let mut forces_nulls = false;
         for o in options {
             match o {
                 CopyOption::Format(f) => {
@@ -520,10 +523,8 @@ impl<'a> Analyzer<'a> {
                 CopyOption::Quote(c) => plan.quote = Some(*c),
                 CopyOption::Escape(c) => plan.escape = Some(*c),
                 CopyOption::Encoding(e) => plan.encoding = Some(e.clone()),
-                CopyOption::Freeze(_)
-                | CopyOption::ForceQuote(_)
-                | CopyOption::ForceNotNull(_)
-                | CopyOption::ForceNull(_) => {}
+                CopyOption::ForceNotNull(_) | CopyOption::ForceNull(_) => forces_nulls = true,
+                CopyOption::Freeze(_) | CopyOption::ForceQuote(_) => {}
             }
         }
         for o in legacy {
@@ -539,8 +540,8 @@ impl<'a> Analyzer<'a> {
                             CopyLegacyCsvOption::Header => plan.header = true,
                             CopyLegacyCsvOption::Quote(q) => plan.quote = Some(*q),
                             CopyLegacyCsvOption::Escape(e) => plan.escape = Some(*e),
-                            CopyLegacyCsvOption::ForceQuote(_)
-                            | CopyLegacyCsvOption::ForceNotNull(_) => {}
+                            CopyLegacyCsvOption::ForceNotNull(_) => forces_nulls = true,
+                            CopyLegacyCsvOption::ForceQuote(_) => {}
                         }
                     }
                 }
@@ -574,6 +575,11 @@ impl<'a> Analyzer<'a> {
                 }
                 if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
                     return Ok(());
+                }
+                if forces_nulls {
+                    return Err(Rejection::new(format!(
+                        "COPY with FORCE_NULL or FORCE_NOT_NULL on protected table {name} is not supported"
+                    )));
                 }
                 plan.table = Some(TableName {
                     schema: t.schema.clone(),

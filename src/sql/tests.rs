@@ -977,3 +977,15 @@ fn chained_transactions_and_abort() {
     let a = ok("discard all");
     assert_eq!(a.tenant_changes, vec![TenantChange::Reset { local: false }]);
 }
+
+#[test]
+fn copy_force_null_options_are_refused_on_protected_tables() {
+    for sql in [
+        "COPY secrets (org_id, value) FROM STDIN WITH (FORMAT csv, FORCE_NULL (value))",
+        "COPY secrets (org_id, value) FROM STDIN WITH (FORMAT csv, FORCE_NOT_NULL (value))",
+    ] {
+        let r = rejected(sql);
+        assert!(r.message.contains("FORCE_NULL"), "{sql}: {}", r.message);
+    }
+    ok("COPY unrelated (a) FROM STDIN WITH (FORMAT csv, FORCE_NULL (a))");
+}
