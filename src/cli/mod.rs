@@ -3,6 +3,7 @@
 
 mod check;
 mod inspect;
+mod keys;
 mod serve;
 
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Print the header of an enc:v1 value (algorithm, DEK, organisation, column); never decrypts.
     Inspect(inspect::InspectArgs),
+    /// Inspect the key store (data keys per organisation).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 /// Flags of `pgenvelope serve`.
@@ -197,6 +201,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Inspect(args) => {
             let config = load_config(cli.config.as_deref(), args.overrides())?;
             inspect::run(&config, &args)
+        }
+        Command::Keys(cmd) => {
+            let config = load_config(cli.config.as_deref(), cmd.overrides())?;
+            keys::run(&config, &cmd)
         }
     }
 }

@@ -277,6 +277,17 @@ impl KeyStore {
         row.as_ref().map(record_from_row).transpose()
     }
 
+    /// Every DEK (of `org`, or of all organisations), ordered by organisation and version.
+    pub async fn list(&self, org: Option<&OrgId>) -> Result<Vec<DekRecord>, KeyError> {
+        let (sql, org) = (&self.sql.select_list, org.map(OrgId::as_str));
+        let rows = self
+            .run("list DEKs", |c| async move {
+                c.query(sql.as_str(), &[&org]).await
+            })
+            .await?;
+        rows.iter().map(record_from_row).collect()
+    }
+
     /// Whether the key store answers and its schema exists (for readiness checks).
     pub async fn ping(&self) -> Result<(), KeyError> {
         let sql = &self.sql.ping;
@@ -381,6 +392,7 @@ struct Sql {
     insert_active: String,
     add_encryptions: String,
     ping: String,
+    select_list: String,
 }
 
 const COLUMNS: &str = "dek_id, org_id, version, state, kek, wrapped, encryptions, created_at, \
@@ -444,6 +456,10 @@ $$;
         let select_active =
             format!("SELECT {COLUMNS} FROM {s}.data_keys WHERE org_id = $1 AND state = 'active'");
         let select_by_id = format!("SELECT {COLUMNS} FROM {s}.data_keys WHERE dek_id = $1");
+        let select_list = format!(
+            "SELECT {COLUMNS} FROM {s}.data_keys WHERE $1::text IS NULL OR org_id = $1 \
+             ORDER BY org_id, version"
+        );
         // No conflict target: every unique index arbitrates (primary key, (org_id, version)
         // and the one-active-per-org partial index), so a lost race inserts nothing.
         let insert_active = format!(
@@ -475,6 +491,7 @@ SELECT {COLUMNS} FROM ins"#
             insert_active,
             add_encryptions,
             ping,
+            select_list,
         }
     }
 }

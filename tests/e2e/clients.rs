@@ -401,6 +401,44 @@ fn trace_logs_never_contain_values_keys_or_passwords() {
     let kek = std::fs::read(dir.path().join("kek")).unwrap();
     let hex: String = kek.iter().map(|b| format!("{b:02x}")).collect();
     assert!(!text.to_lowercase().contains(&hex), "KEK in the log");
+
+    // `keys list` shows the organisation's DEK from the key store, never key material.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+        .args(["keys", "list", "--json", "--upstream"])
+        .arg(format!(
+            "postgres://postgres:{pw}@127.0.0.1:{}/test",
+            cluster.port()
+        ))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("\"org\":\"acme\""))
+        .expect("acme listed");
+    assert!(
+        line.contains("\"version\":1") && line.contains("\"state\":\"active\""),
+        "{line}"
+    );
+    assert!(line.contains("\"kek\":\"local:"), "{line}");
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+        .args(["keys", "list", "--org", "acme", "--upstream"])
+        .arg(format!(
+            "postgres://postgres:{pw}@127.0.0.1:{}/test",
+            cluster.port()
+        ))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.starts_with("ORGANISATION") && table.contains("acme"),
+        "{table}"
+    );
 }
 
 /// SIGHUP reloads the rules: a newly listed column is encrypted from then on; a broken rule
