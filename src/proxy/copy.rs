@@ -66,6 +66,58 @@ impl KeyRing {
     }
 }
 
+/// A row codec plus the keys fetched for its COPY: rewrites a chunk with the keys at hand, and
+/// again from a saved copy of the codec after fetching the keys a row asked for.
+struct KeyedRewriter {
+    rewriter: CopyRewriter,
+    keys: KeyRing,
+}
+
+impl KeyedRewriter {
+    /// Rewrite `data` (or, with `None`, the end of data) into CopyData messages on `out`.
+    /// `row` rewrites one row with the keys at hand and records in `Needs` the ones missing.
+    async fn run(
+        &mut self,
+        data: Option<&[u8]>,
+        cipher: &mut Cipher,
+        out: &mut BytesMut,
+        job: &CopyJob,
+        mut row: impl FnMut(
+            &mut CopyRow<'_>,
+            &KeyRing,
+            &mut Cipher,
+            &mut Needs,
+        ) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        for _ in 0..3 {
+            let saved = self.rewriter.clone();
+            let mut buf = Vec::new();
+            let mut needs = Needs::default();
+            let result = {
+                let keys = &self.keys;
+                let mut f = |r: &mut CopyRow<'_>| row(r, keys, &mut *cipher, &mut needs);
+                match data {
+                    Some(d) => self.rewriter.feed(d, &mut buf, &mut f),
+                    None => self.rewriter.finish(&mut buf, &mut f),
+                }
+            };
+            if needs.is_empty() {
+                result.map_err(|e| copy_error(e, job))?;
+                if !buf.is_empty() {
+                    put_copy_data(out, &buf)?;
+                }
+                return Ok(());
+            }
+            self.rewriter = saved;
+            let any = job.targets.first().map(|(_, c)| c);
+            self.keys.fetch(needs, cipher, any).await?;
+        }
+        Err(ClientError::unavailable(
+            "pgenvelope: keys for COPY could not be loaded",
+        ))
+    }
+}
+
 fn copy_format(
     plan: &crate::sql::CopyPlan,
     encoding: &ClientEncoding,
@@ -113,14 +165,18 @@ fn copy_format(
 
 /// `COPY … FROM STDIN` into a table with encrypted columns.
 pub(crate) struct CopyIn {
+    codec: KeyedRewriter,
+    rows: RowsIn,
+}
+
+/// What the COPY FROM row callback needs besides the keys.
+struct RowsIn {
     job: CopyJob,
-    rewriter: CopyRewriter,
     /// Organisation of every row when the tenant column is not in the COPY.
     session_org: Option<OrgId>,
     /// Organisation of rows whose tenant column is NULL.
     fallback_org: Option<OrgId>,
     encoding: ClientEncoding,
-    keys: KeyRing,
 }
 
 impl CopyIn {
@@ -136,12 +192,16 @@ impl CopyIn {
         let rewriter = CopyRewriter::new(format, targets, max_row)
             .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
         Ok(Self {
-            job,
-            rewriter,
-            session_org,
-            fallback_org,
-            encoding,
-            keys: KeyRing::default(),
+            codec: KeyedRewriter {
+                rewriter,
+                keys: KeyRing::default(),
+            },
+            rows: RowsIn {
+                job,
+                session_org,
+                fallback_org,
+                encoding,
+            },
         })
     }
 
@@ -170,125 +230,93 @@ impl CopyIn {
         cipher: &mut Cipher,
         out: &mut BytesMut,
     ) -> Result<(), ClientError> {
-        for _ in 0..3 {
-            let saved = self.rewriter.clone();
-            let mut buf = Vec::new();
-            let mut needs = Needs::default();
-            let mut failure = None;
-            let result = {
-                let mut f = |row: &mut CopyRow<'_>| {
-                    self_row_in(
-                        row,
-                        &self.job,
-                        &self.session_org,
-                        &self.fallback_org,
-                        &self.encoding,
-                        &self.keys,
-                        cipher,
-                        &mut needs,
-                    )
-                };
-                match data {
-                    Some(d) => self.rewriter.feed(d, &mut buf, &mut f),
-                    None => self.rewriter.finish(&mut buf, &mut f),
-                }
-            };
-            if let Err(e) = result {
-                failure = Some(copy_error(e, &self.job));
-            }
-            if needs.is_empty() {
-                if let Some(e) = failure {
-                    return Err(e);
-                }
-                if !buf.is_empty() {
-                    put_copy_data(out, &buf)?;
-                }
-                return Ok(());
-            }
-            self.rewriter = saved;
-            let any = self.job.targets.first().map(|(_, c)| c.clone());
-            self.keys.fetch(needs, cipher, any.as_ref()).await?;
-        }
-        Err(ClientError::unavailable(
-            "pgenvelope: keys for COPY could not be loaded",
-        ))
+        let rows = &self.rows;
+        self.codec
+            .run(data, cipher, out, &rows.job, |row, keys, cipher, needs| {
+                rows.encrypt_row(row, keys, cipher, needs)
+            })
+            .await
     }
 }
 
-/// The per-row callback of COPY FROM: encrypt every target column of the row.
-#[allow(clippy::too_many_arguments)]
-fn self_row_in(
-    row: &mut CopyRow<'_>,
-    job: &CopyJob,
-    session_org: &Option<OrgId>,
-    fallback_org: &Option<OrgId>,
-    encoding: &ClientEncoding,
-    keys: &KeyRing,
-    cipher: &mut Cipher,
-    needs: &mut Needs,
-) -> Result<(), ClientError> {
-    let Some((_, first)) = job.targets.first() else {
-        return Ok(());
-    };
-    let org = match job.tenant_index {
-        None => session_org.clone(),
-        Some(i) => match row.get(i) {
-            Some(Some(v)) => {
-                let text = encoding
-                    .decode(&v)
-                    .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
-                Some(OrgId::new(text.into_owned()).map_err(|_| {
-                    ClientError::privilege(format!(
-                        "pgenvelope: COPY row {} has an invalid tenant for {}",
-                        row.line(),
-                        first.qualified_name()
-                    ))
-                })?)
-            }
-            _ => fallback_org.clone(),
-        },
-    };
-    let Some(org) = org else {
-        return Err(ClientError::privilege(format!(
+impl RowsIn {
+    /// The per-row callback of COPY FROM: encrypt every target column of the row.
+    fn encrypt_row(
+        &self,
+        row: &mut CopyRow<'_>,
+        keys: &KeyRing,
+        cipher: &mut Cipher,
+        needs: &mut Needs,
+    ) -> Result<(), ClientError> {
+        let (job, session_org, fallback_org, encoding) = (
+            &self.job,
+            &self.session_org,
+            &self.fallback_org,
+            &self.encoding,
+        );
+        let Some((_, first)) = job.targets.first() else {
+            return Ok(());
+        };
+        let org = match job.tenant_index {
+            None => session_org.clone(),
+            Some(i) => match row.get(i) {
+                Some(Some(v)) => {
+                    let text = encoding
+                        .decode(&v)
+                        .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
+                    Some(OrgId::new(text.into_owned()).map_err(|_| {
+                        ClientError::privilege(format!(
+                            "pgenvelope: COPY row {} has an invalid tenant for {}",
+                            row.line(),
+                            first.qualified_name()
+                        ))
+                    })?)
+                }
+                _ => fallback_org.clone(),
+            },
+        };
+        let Some(org) = org else {
+            return Err(ClientError::privilege(format!(
             "pgenvelope: no tenant for COPY into {}: include the tenant column or SET pgenvelope.tenant",
             first.qualified_name()
         )));
-    };
-    let Some(dek) = keys.active.get(&org) else {
-        needs.orgs.insert(org);
-        return Ok(());
-    };
-    for (i, column) in &job.targets {
-        let Some(Some(value)) = row.get(*i) else {
-            continue;
         };
-        let plaintext = encoding
-            .decode(&value)
-            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
-            .into_owned();
-        // A value that already is a valid enc:v1 value of this column and organisation is
-        // stored unchanged (restores of encrypted dumps).
-        if let Prepared::Sealed { parsed, column: c } =
-            cipher.prepare(Some(column), plaintext.as_bytes())?
-        {
-            let Some(existing) = keys.by_id.get(&parsed.dek_id()) else {
-                needs.deks.insert(parsed.dek_id(), c);
+        let Some(dek) = keys.active.get(&org) else {
+            needs.orgs.insert(org);
+            return Ok(());
+        };
+        for (i, column) in &job.targets {
+            let Some(Some(value)) = row.get(*i) else {
                 continue;
             };
-            let opened = cipher.open_with(existing, &parsed, &c, None)?;
-            if opened.org != org {
-                return Err(ClientError::privilege(format!(
+            let plaintext = encoding
+                .decode(&value)
+                .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
+                .into_owned();
+            // A value that already is a valid enc:v1 value of this column and organisation is
+            // stored unchanged (restores of encrypted dumps).
+            if let Prepared::Sealed { parsed, column: c } =
+                cipher.prepare(Some(column), plaintext.as_bytes())?
+            {
+                let Some(existing) = keys.by_id.get(&parsed.dek_id()) else {
+                    needs.deks.insert(parsed.dek_id(), c);
+                    continue;
+                };
+                let opened = cipher.open_with(existing, &parsed, &c, None)?;
+                if opened.org != org {
+                    return Err(ClientError::privilege(format!(
                     "pgenvelope: COPY row {}: the encrypted value for {} belongs to another organisation",
                     row.line(),
                     column.qualified_name()
                 )));
+                }
+                continue;
             }
-            continue;
+            let sealed = cipher.encrypt_with(dek, column, &org, plaintext.as_bytes())?;
+            row.set(*i, Some(sealed.into_bytes()));
         }
-        let sealed = cipher.encrypt_with(dek, column, &org, plaintext.as_bytes())?;
-        row.set(*i, Some(sealed.into_bytes()));
+        Ok(())
     }
-    Ok(())
 }
 
 fn copy_error(e: CopyError<ClientError>, job: &CopyJob) -> ClientError {
@@ -315,13 +343,12 @@ fn copy_error(e: CopyError<ClientError>, job: &CopyJob) -> ClientError {
 /// `COPY … TO STDOUT` whose rows may hold encrypted values.
 pub(crate) struct CopyOut {
     job: CopyJob,
-    rewriter: CopyRewriter,
+    codec: KeyedRewriter,
     /// Column indexes and the rule each is known to come from (None: any enc:v1 value with a
     /// known column id is decrypted).
     columns: Vec<(usize, Option<ColumnRule>)>,
     encoding: ClientEncoding,
     tenant: Option<OrgId>,
-    keys: KeyRing,
 }
 
 impl CopyOut {
@@ -347,11 +374,13 @@ impl CopyOut {
                 .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
         Ok(Self {
             job,
-            rewriter,
+            codec: KeyedRewriter {
+                rewriter,
+                keys: KeyRing::default(),
+            },
             columns,
             encoding,
             tenant,
-            keys: KeyRing::default(),
         })
     }
 
@@ -380,61 +409,37 @@ impl CopyOut {
         cipher: &mut Cipher,
         out: &mut BytesMut,
     ) -> Result<(), ClientError> {
-        for _ in 0..3 {
-            let saved = self.rewriter.clone();
-            let mut buf = Vec::new();
-            let mut needs = Needs::default();
-            let result = {
-                let columns = &self.columns;
-                let encoding = &self.encoding;
-                let tenant = self.tenant.as_ref();
-                let keys = &self.keys;
-                let mut f = |row: &mut CopyRow<'_>| -> Result<(), ClientError> {
-                    for (i, expected) in columns {
-                        let Some(Some(value)) = row.get(*i) else {
-                            continue;
-                        };
-                        let Prepared::Sealed { parsed, column } =
-                            cipher.prepare(expected.as_ref(), &value)?
-                        else {
-                            continue;
-                        };
-                        let Some(dek) = keys.by_id.get(&parsed.dek_id()) else {
-                            needs.deks.insert(parsed.dek_id(), column);
-                            continue;
-                        };
-                        let opened = cipher.open_with(dek, &parsed, &column, tenant)?;
-                        let text = String::from_utf8(opened.plaintext).map_err(|_| {
-                            ClientError::corrupted(format!(
-                                "pgenvelope: value in {} is not text",
-                                column.qualified_name()
-                            ))
-                        })?;
-                        let bytes = encoding
-                            .encode(&text)
-                            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
-                            .into_owned();
-                        row.set(*i, Some(bytes));
-                    }
-                    Ok(())
-                };
-                match data {
-                    Some(d) => self.rewriter.feed(d, &mut buf, &mut f),
-                    None => self.rewriter.finish(&mut buf, &mut f),
+        let (columns, encoding, tenant) = (&self.columns, &self.encoding, self.tenant.as_ref());
+        self.codec
+            .run(data, cipher, out, &self.job, |row, keys, cipher, needs| {
+                for (i, expected) in columns {
+                    let Some(Some(value)) = row.get(*i) else {
+                        continue;
+                    };
+                    let Prepared::Sealed { parsed, column } =
+                        cipher.prepare(expected.as_ref(), &value)?
+                    else {
+                        continue;
+                    };
+                    let Some(dek) = keys.by_id.get(&parsed.dek_id()) else {
+                        needs.deks.insert(parsed.dek_id(), column);
+                        continue;
+                    };
+                    let opened = cipher.open_with(dek, &parsed, &column, tenant)?;
+                    let text = String::from_utf8(opened.plaintext).map_err(|_| {
+                        ClientError::corrupted(format!(
+                            "pgenvelope: value in {} is not text",
+                            column.qualified_name()
+                        ))
+                    })?;
+                    let bytes = encoding
+                        .encode(&text)
+                        .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
+                        .into_owned();
+                    row.set(*i, Some(bytes));
                 }
-            };
-            if needs.is_empty() {
-                result.map_err(|e| copy_error(e, &self.job))?;
-                if !buf.is_empty() {
-                    put_copy_data(out, &buf)?;
-                }
-                return Ok(());
-            }
-            self.rewriter = saved;
-            self.keys.fetch(needs, cipher, None).await?;
-        }
-        Err(ClientError::unavailable(
-            "pgenvelope: keys for COPY could not be loaded",
-        ))
+                Ok(())
+            })
+            .await
     }
 }
