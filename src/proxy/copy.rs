@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::crypto::{DekId, OrgId};
+use crate::crypto::{looks_like_enc_v1, DekId, OrgId};
 use crate::keys::CachedDek;
 use crate::proxy::engine::{Cipher, Prepared};
 use crate::proxy::error::ClientError;
@@ -295,9 +295,14 @@ impl RowsIn {
                 .into_owned();
             // A value that already is a valid enc:v1 value of this column and organisation is
             // stored unchanged (restores of encrypted dumps).
-            if let Prepared::Sealed { parsed, column: c } =
+            // (Only values that look like one are checked: `prepare` is the read path and
+            // would count, or under strict reads refuse, ordinary plaintext.)
+            let sealed = if looks_like_enc_v1(plaintext.as_bytes()) {
                 cipher.prepare(Some(column), plaintext.as_bytes())?
-            {
+            } else {
+                Prepared::Plain
+            };
+            if let Prepared::Sealed { parsed, column: c } = sealed {
                 let Some(existing) = keys.by_id.get(&parsed.dek_id()) else {
                     needs.deks.insert(parsed.dek_id(), c);
                     continue;

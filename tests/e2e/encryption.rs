@@ -613,6 +613,25 @@ async fn strict_reads_refuse_plaintext() {
         .await
         .unwrap()
         .unwrap();
+    // Strict reads concern reads: writing plaintext values (here by COPY) encrypts them.
+    let sink = client
+        .copy_in(&format!("COPY {t} (org_id, name, value) FROM STDIN"))
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"a\tcopied\tfresh\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    let engine = v.proxy.engine.as_ref().unwrap();
+    assert_eq!(
+        engine
+            .stats
+            .plaintext_reads
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "writes are not counted as plaintext reads"
+    );
 }
 
 #[test]
