@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::config::{Config, Overrides};
 use crate::crypto::OrgId;
-use crate::keys::{DekRecord, KeyStore, DEFAULT_SCHEMA};
+use crate::keys::{DekRecord, KeyStore};
 
 /// `pgenvelope keys` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -31,6 +31,10 @@ pub struct ListArgs {
     /// [default: postgres://postgres@127.0.0.1:5432/postgres]
     #[arg(long, env = "PGENVELOPE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
+
+    /// Schema of the key store [default: pgenvelope]
+    #[arg(long, env = "PGENVELOPE_KEY_SCHEMA", value_name = "NAME")]
+    pub key_schema: Option<String>,
 }
 
 impl KeysCommand {
@@ -38,6 +42,7 @@ impl KeysCommand {
         match self {
             Self::List(a) => Overrides {
                 upstream: a.upstream.clone(),
+                key_schema: a.key_schema.clone(),
                 ..Overrides::default()
             },
         }
@@ -60,7 +65,7 @@ async fn list(config: &Config, args: &ListArgs) -> anyhow::Result<i32> {
         Some(o) => Some(OrgId::new(o.clone()).map_err(|e| anyhow::anyhow!("--org: {e}"))?),
         None => None,
     };
-    let store = KeyStore::new(config.upstream.service.clone(), DEFAULT_SCHEMA)
+    let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let records = tokio::time::timeout(config.connect_timeout, store.list(org.as_ref()))
         .await

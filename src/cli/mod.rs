@@ -2,6 +2,7 @@
 //! besides `main` that uses `anyhow`.
 
 mod check;
+mod common;
 mod inspect;
 mod keys;
 mod serve;
@@ -121,6 +122,21 @@ pub struct ServeArgs {
     #[arg(long, env = "PGENVELOPE_KEY_CACHE_CAPACITY", value_name = "N")]
     pub key_cache_capacity: Option<u64>,
 
+    /// Schema of the key store (data_keys, key_events) in the upstream database
+    /// [default: pgenvelope]
+    #[arg(long, env = "PGENVELOPE_KEY_SCHEMA", value_name = "NAME")]
+    pub key_schema: Option<String>,
+
+    /// Rotate an organisation's data key automatically once it has encrypted this many values
+    /// [default: 2147483648 = 2^31, half the limit of random nonces under one key]
+    #[arg(long, env = "PGENVELOPE_ROTATE_AFTER_ENCRYPTIONS", value_name = "N")]
+    pub rotate_after_encryptions: Option<u64>,
+
+    /// Rotate an organisation's data key automatically once it is this old, e.g. 90d or
+    /// 2160h [default: off]
+    #[arg(long, env = "PGENVELOPE_ROTATE_AFTER_AGE", value_name = "DURATION")]
+    pub rotate_after_age: Option<String>,
+
     /// Threads serving client connections; each connection stays on one thread
     /// [default: 0 = one per CPU]
     #[arg(long, env = "PGENVELOPE_WORKERS", value_name = "N")]
@@ -176,6 +192,9 @@ impl ServeArgs {
             strict_reads: self.strict_reads,
             key_cache_ttl: self.key_cache_ttl.clone(),
             key_cache_capacity: self.key_cache_capacity,
+            key_schema: self.key_schema.clone(),
+            rotate_after_encryptions: self.rotate_after_encryptions,
+            rotate_after_age: self.rotate_after_age.clone(),
             workers: self.workers,
             shutdown_grace: self.shutdown_grace.clone(),
             admin: self.admin.clone(),

@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 use std::sync::Arc;
 
 use crate::config::{Config, LogFormat};
-use crate::keys::{KmsUri, DEFAULT_SCHEMA};
+use crate::keys::KmsUri;
 use crate::proxy::{Engine, EngineSettings, Server, ServerHandle};
 use crate::rules::load_path;
 
@@ -117,7 +117,7 @@ async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
         kek,
         kek_also,
         service: config.upstream.service.clone(),
-        key_schema: DEFAULT_SCHEMA.to_owned(),
+        key_schema: config.key_schema.clone(),
         key_cache_ttl: config.key_cache_ttl,
         key_cache_capacity: config.key_cache_capacity,
         default_tenant: config.default_tenant.clone(),

@@ -33,6 +33,14 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = crate::wire::header::POSTGRES_MAX_ME
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default rules location.
 pub const DEFAULT_RULES: &str = "rules";
+/// Default key store schema.
+pub const DEFAULT_KEY_SCHEMA: &str = crate::keys::DEFAULT_SCHEMA;
+/// Default automatic rotation threshold: 2^31 encryptions, half the 2^32 limit of random
+/// 96-bit nonces under one key.
+pub const DEFAULT_ROTATE_AFTER_ENCRYPTIONS: u64 = 1 << 31;
+/// Largest accepted automatic rotation threshold: 2^32 minus a margin for the encryptions made
+/// between two counter flushes.
+pub const MAX_ROTATE_AFTER_ENCRYPTIONS: u64 = (1 << 32) - (1 << 24);
 /// Default KEK provider: a local key file, for development only.
 pub const DEFAULT_KMS: &str = "local:.pgenvelope/kek";
 
@@ -68,6 +76,12 @@ pub struct RawConfig {
     pub key_cache_ttl: Option<String>,
     /// `key_cache_capacity = 10000`
     pub key_cache_capacity: Option<u64>,
+    /// `key_schema = "pgenvelope"`: schema of the key store in the upstream database
+    pub key_schema: Option<String>,
+    /// `rotate_after_encryptions = 2147483648`: rotate a DEK once it encrypted this many values
+    pub rotate_after_encryptions: Option<u64>,
+    /// `rotate_after_age = "90d"`: rotate a DEK once it is this old (`off` by default)
+    pub rotate_after_age: Option<String>,
     /// `workers = 2` (0 = one per CPU)
     pub workers: Option<usize>,
     /// `shutdown_grace = "30s"`
@@ -196,6 +210,12 @@ pub struct Overrides {
     pub key_cache_ttl: Option<String>,
     /// `--key-cache-capacity`
     pub key_cache_capacity: Option<u64>,
+    /// `--key-schema`
+    pub key_schema: Option<String>,
+    /// `--rotate-after-encryptions`
+    pub rotate_after_encryptions: Option<u64>,
+    /// `--rotate-after-age`
+    pub rotate_after_age: Option<String>,
     /// `--workers`
     pub workers: Option<usize>,
     /// `--shutdown-grace`
@@ -245,6 +265,12 @@ pub struct Config {
     pub key_cache_ttl: Duration,
     /// How many unwrapped DEKs are cached at most.
     pub key_cache_capacity: u64,
+    /// Schema of the key store (`data_keys`, `key_events`) in the upstream database.
+    pub key_schema: String,
+    /// A DEK is rotated automatically once it has encrypted this many values.
+    pub rotate_after_encryptions: u64,
+    /// A DEK is rotated automatically once it is this old (`None`: never by age).
+    pub rotate_after_age: Option<Duration>,
     /// Threads serving connections.
     pub workers: usize,
     /// How long SIGTERM waits for sessions to reach an idle point.
@@ -468,6 +494,43 @@ impl Config {
             ));
         }
 
+        let (key_schema, src) = pick(over.key_schema, raw.key_schema, DEFAULT_KEY_SCHEMA);
+        if !crate::keys::is_plain_identifier(&key_schema) {
+            return Err(err(
+                "key_schema",
+                src,
+                format!("`{key_schema}` is not 1-63 characters of a-z, 0-9 and _ (not starting with a digit)"),
+            ));
+        }
+        let rotate_after_encryptions = over
+            .rotate_after_encryptions
+            .or(raw.rotate_after_encryptions)
+            .unwrap_or(DEFAULT_ROTATE_AFTER_ENCRYPTIONS);
+        if rotate_after_encryptions == 0 || rotate_after_encryptions > MAX_ROTATE_AFTER_ENCRYPTIONS
+        {
+            return Err(err(
+                "rotate_after_encryptions",
+                "configuration".into(),
+                format!("must be between 1 and {MAX_ROTATE_AFTER_ENCRYPTIONS} (2^32 random nonces per key is the hard limit)"),
+            ));
+        }
+        let (age, src) = pick(over.rotate_after_age, raw.rotate_after_age, "off");
+        let rotate_after_age = match age.as_str() {
+            "off" | "" => None,
+            text => {
+                let age =
+                    parse_duration(text).map_err(|m| err("rotate_after_age", src.clone(), m))?;
+                if age < Duration::from_secs(1) {
+                    return Err(err(
+                        "rotate_after_age",
+                        src,
+                        "must be at least 1s (or off)".into(),
+                    ));
+                }
+                Some(age)
+            }
+        };
+
         let workers = match over.workers.or(raw.workers).unwrap_or(0) {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             n => n,
@@ -573,6 +636,9 @@ impl Config {
             strict_reads: over.strict_reads.or(raw.strict_reads).unwrap_or(false),
             key_cache_ttl,
             key_cache_capacity,
+            key_schema,
+            rotate_after_encryptions,
+            rotate_after_age,
             listen,
             upstream,
             max_connections,

@@ -1,9 +1,9 @@
-//! Durations (`500ms`, `10s`, `5m`, `1h`, or plain seconds) and sizes (`1024`, `64KiB`,
+//! Durations (`500ms`, `10s`, `5m`, `1h`, `90d`, or plain seconds) and sizes (`1024`, `64KiB`,
 //! `64MiB`, `1GiB`, `kB`/`MB`/`GB` as powers of 1000).
 
 use std::time::Duration;
 
-/// Parse a duration such as `500ms`, `10s`, `5m`, `1h`, or a plain number of seconds.
+/// Parse a duration such as `500ms`, `10s`, `5m`, `1h`, `90d`, or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -16,9 +16,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Duration::from_millis(n),
         "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
         _ => {
             return Err(format!(
-                "`{text}` has an unknown duration unit (use ms, s, m or h)"
+                "`{text}` has an unknown duration unit (use ms, s, m, h or d)"
             ))
         }
     };

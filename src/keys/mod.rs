@@ -33,4 +33,4 @@ pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
 pub use local::LocalKek;
 pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats};
 pub use pkcs11::{PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PATH, MAX_SESSIONS};
-pub use store::{DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};
+pub use store::{is_plain_identifier, DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};

@@ -536,8 +536,9 @@ fn kek_error(kek: &str, source: KekError) -> KeyError {
     KeyError::kek(kek.to_owned(), source)
 }
 
-/// 1..=63 bytes of `[a-z0-9_]`, not starting with a digit: needs no escaping when quoted.
-fn is_plain_identifier(name: &str) -> bool {
+/// Whether `name` can be a key store schema: 1..=63 bytes of `[a-z0-9_]`, not starting with a
+/// digit (needs no escaping when quoted).
+pub fn is_plain_identifier(name: &str) -> bool {
     let bytes = name.as_bytes();
     (1..=63).contains(&bytes.len())
         && !bytes[0].is_ascii_digit()
