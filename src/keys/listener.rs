@@ -6,7 +6,7 @@
 //! 10 s), dropping the cache again once it listens. While it is down, cached keys still expire
 //! after the cache TTL.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +28,26 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct ListenerState {
     listening: AtomicBool,
+    /// Notifications applied, by kind (in the order of [`CHANGE_KINDS`]).
+    changes: [AtomicU64; 5],
 }
+
+/// Kinds of key change notifications (metric label values).
+pub const CHANGE_KINDS: [&str; 5] = ["rotate", "shred", "destroy", "rewrap", "flush"];
 
 impl ListenerState {
     /// Whether key changes are being received now.
     pub fn is_listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
+    }
+
+    /// (kind, notifications applied) for every kind.
+    pub fn changes(&self) -> Vec<(&'static str, u64)> {
+        CHANGE_KINDS
+            .iter()
+            .zip(&self.changes)
+            .map(|(k, n)| (*k, n.load(Ordering::Relaxed)))
+            .collect()
     }
 }
 
@@ -115,7 +129,7 @@ async fn listen_once(
         tokio::select! {
             payload = rx.recv() => {
                 let Some(payload) = payload else { break };
-                apply(manager, &schema, &payload).await;
+                apply(manager, state, &schema, &payload).await;
             }
             _ = ping.tick() => {
                 let alive = tokio::time::timeout(PING_TIMEOUT, client.simple_query("")).await;
@@ -130,16 +144,19 @@ async fn listen_once(
     Ok(())
 }
 
-async fn apply(manager: &KeyManager, schema: &str, payload: &str) {
+async fn apply(manager: &KeyManager, state: &ListenerState, schema: &str, payload: &str) {
     let Some(change) = KeyChange::parse(payload, schema) else {
         return;
     };
+    if let Some(i) = CHANGE_KINDS.iter().position(|k| *k == kind(&change)) {
+        state.changes[i].fetch_add(1, Ordering::Relaxed);
+    }
     match &change {
         KeyChange::Rewrap => tracing::debug!("data keys re-wrapped elsewhere"),
         KeyChange::Flush => manager.invalidate_all(),
         KeyChange::Rotate(org) | KeyChange::Shred(org) | KeyChange::Destroy(org) => {
             manager.revoke_org(org).await;
-            tracing::info!(tenant = %org, change = ?kind(&change), "cached keys evicted after a key change");
+            tracing::info!(tenant = %org, change = kind(&change), "cached keys evicted after a key change");
         }
     }
 }

@@ -130,6 +130,8 @@ pub struct KeyManagerStats {
     pub unwrap_calls: u64,
     /// Key-store look-ups (`lookup`, `get_or_create_active`) made to load keys.
     pub store_loads: u64,
+    /// DEKs this manager rotated because the rotation policy said so.
+    pub auto_rotations: u64,
 }
 
 /// DEK cache: finds, creates and unwraps data keys, and counts their use.
@@ -159,6 +161,7 @@ pub struct KeyManager {
     misses: AtomicU64,
     unwraps: AtomicU64,
     store_loads: AtomicU64,
+    auto_rotations: AtomicU64,
 }
 
 impl KeyManager {
@@ -181,6 +184,7 @@ impl KeyManager {
             misses: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
             store_loads: AtomicU64::new(0),
+            auto_rotations: AtomicU64::new(0),
         }
     }
 
@@ -344,6 +348,7 @@ impl KeyManager {
             {
                 Ok(Some(r)) => {
                     rotated += 1;
+                    self.auto_rotations.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
                         tenant = %org,
                         retired = %dek,
@@ -401,6 +406,7 @@ impl KeyManager {
             cache_misses: self.misses.load(Ordering::Relaxed),
             unwrap_calls: self.unwraps.load(Ordering::Relaxed),
             store_loads: self.store_loads.load(Ordering::Relaxed),
+            auto_rotations: self.auto_rotations.load(Ordering::Relaxed),
         }
     }
 

@@ -38,7 +38,7 @@ pub use error::KeyError;
 pub use instrumented::{InstrumentedKek, KekMetrics};
 pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
 pub use lifecycle::{KeyChange, KeyEvent, RewrapReport, Rotation, NOTIFY_CHANNEL};
-pub use listener::{spawn_key_listener, ListenerState};
+pub use listener::{spawn_key_listener, ListenerState, CHANGE_KINDS};
 pub use local::LocalKek;
 pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats, RotationPolicy};
 pub use pkcs11::{PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PATH, MAX_SESSIONS};

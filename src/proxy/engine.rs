@@ -249,6 +249,14 @@ impl Engine {
         self.key_listener.as_ref().map(|l| l.is_listening())
     }
 
+    /// Key change notifications applied, by kind (empty without a listener).
+    pub fn key_changes(&self) -> Vec<(&'static str, u64)> {
+        self.key_listener
+            .as_ref()
+            .map(|l| l.changes())
+            .unwrap_or_default()
+    }
+
     /// The analysis of `sql`, from the plan cache when this text was seen before.
     pub(crate) fn analyze(&self, sql: &str) -> Arc<Analysis> {
         if let Some(hit) = self.plans.get(sql) {
