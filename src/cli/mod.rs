@@ -122,6 +122,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PGENVELOPE_KEY_CACHE_CAPACITY", value_name = "N")]
     pub key_cache_capacity: Option<u64>,
 
+    /// What a value whose data key was destroyed (keys shred) reads as: error (SQLSTATE
+    /// XX001) or null [default: error]
+    #[arg(long, env = "PGENVELOPE_SHREDDED_READS", value_name = "POLICY")]
+    pub shredded_reads: Option<String>,
+
     /// Schema of the key store (data_keys, key_events) in the upstream database
     /// [default: pgenvelope]
     #[arg(long, env = "PGENVELOPE_KEY_SCHEMA", value_name = "NAME")]
@@ -193,6 +198,7 @@ impl ServeArgs {
             key_cache_ttl: self.key_cache_ttl.clone(),
             key_cache_capacity: self.key_cache_capacity,
             key_schema: self.key_schema.clone(),
+            shredded_reads: self.shredded_reads.clone(),
             rotate_after_encryptions: self.rotate_after_encryptions,
             rotate_after_age: self.rotate_after_age.clone(),
             workers: self.workers,

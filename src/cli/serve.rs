@@ -127,6 +127,7 @@ async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
         counter_flush_interval: std::time::Duration::from_secs(5),
         default_tenant: config.default_tenant.clone(),
         strict_reads: config.strict_reads,
+        shredded_reads: config.shredded_reads,
         connect_timeout: config.connect_timeout,
         service_tls: crate::tls::ServiceTls::new(
             config.upstream_sslmode,

@@ -76,6 +76,8 @@ pub struct RawConfig {
     pub key_cache_ttl: Option<String>,
     /// `key_cache_capacity = 10000`
     pub key_cache_capacity: Option<u64>,
+    /// `shredded_reads = "error" | "null"`: what a value under a destroyed DEK reads as
+    pub shredded_reads: Option<String>,
     /// `key_schema = "pgenvelope"`: schema of the key store in the upstream database
     pub key_schema: Option<String>,
     /// `rotate_after_encryptions = 2147483648`: rotate a DEK once it encrypted this many values
@@ -212,6 +214,8 @@ pub struct Overrides {
     pub key_cache_capacity: Option<u64>,
     /// `--key-schema`
     pub key_schema: Option<String>,
+    /// `--shredded-reads`
+    pub shredded_reads: Option<String>,
     /// `--rotate-after-encryptions`
     pub rotate_after_encryptions: Option<u64>,
     /// `--rotate-after-age`
@@ -267,6 +271,8 @@ pub struct Config {
     pub key_cache_capacity: u64,
     /// Schema of the key store (`data_keys`, `key_events`) in the upstream database.
     pub key_schema: String,
+    /// What a value under a destroyed (shredded) DEK reads as.
+    pub shredded_reads: crate::proxy::ShreddedReads,
     /// A DEK is rotated automatically once it has encrypted this many values.
     pub rotate_after_encryptions: u64,
     /// A DEK is rotated automatically once it is this old (`None`: never by age).
@@ -502,6 +508,18 @@ impl Config {
                 format!("`{key_schema}` is not 1-63 characters of a-z, 0-9 and _ (not starting with a digit)"),
             ));
         }
+        let (shredded, src) = pick(over.shredded_reads, raw.shredded_reads, "error");
+        let shredded_reads = match shredded.as_str() {
+            "error" => crate::proxy::ShreddedReads::Error,
+            "null" => crate::proxy::ShreddedReads::Null,
+            other => {
+                return Err(err(
+                    "shredded_reads",
+                    src,
+                    format!("`{other}` is not error or null"),
+                ))
+            }
+        };
         let rotate_after_encryptions = over
             .rotate_after_encryptions
             .or(raw.rotate_after_encryptions)
@@ -637,6 +655,7 @@ impl Config {
             key_cache_ttl,
             key_cache_capacity,
             key_schema,
+            shredded_reads,
             rotate_after_encryptions,
             rotate_after_age,
             listen,

@@ -262,6 +262,12 @@ impl ClientSide {
                     )))
                 }
                 Ok(ReadOutcome::Plain) => {}
+                Ok(ReadOutcome::Shredded) => {
+                    return Err(ClientError::corrupted(format!(
+                        "pgenvelope: the encrypted value for {} uses a destroyed data key",
+                        column.qualified_name()
+                    )))
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -42,6 +42,8 @@ impl Needs {
 struct KeyRing {
     active: HashMap<OrgId, Arc<CachedDek>>,
     by_id: HashMap<DekId, Arc<CachedDek>>,
+    /// DEKs found destroyed, with the policy that reads their values as NULL.
+    shredded: HashSet<DekId>,
 }
 
 impl KeyRing {
@@ -59,8 +61,14 @@ impl KeyRing {
             self.active.insert(org, dek);
         }
         for (id, column) in needs.deks {
-            let dek = cipher.key_by_id(id, &column).await?;
-            self.by_id.insert(id, dek);
+            match cipher.key_for_read(id, &column).await? {
+                Some(dek) => {
+                    self.by_id.insert(id, dek);
+                }
+                None => {
+                    self.shredded.insert(id);
+                }
+            }
         }
         Ok(())
     }
@@ -303,6 +311,13 @@ impl RowsIn {
                 Prepared::Plain
             };
             if let Prepared::Sealed { parsed, column: c } = sealed {
+                if keys.shredded.contains(&parsed.dek_id()) {
+                    return Err(ClientError::corrupted(format!(
+                        "pgenvelope: COPY row {}: the encrypted value for {} uses a destroyed data key",
+                        row.line(),
+                        column.qualified_name()
+                    )));
+                }
                 let Some(existing) = keys.by_id.get(&parsed.dek_id()) else {
                     needs.deks.insert(parsed.dek_id(), c);
                     continue;
@@ -426,6 +441,10 @@ impl CopyOut {
                     else {
                         continue;
                     };
+                    if keys.shredded.contains(&parsed.dek_id()) {
+                        row.set(*i, None);
+                        continue;
+                    }
                     let Some(dek) = keys.by_id.get(&parsed.dek_id()) else {
                         needs.deks.insert(parsed.dek_id(), column);
                         continue;

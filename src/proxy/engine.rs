@@ -55,6 +55,7 @@ pub const DECRYPT_FAILURE_REASONS: &[&str] = &[
     "other_tenant",
     "key_unavailable",
     "not_encrypted",
+    "shredded",
 ];
 
 /// Counters for a fixed, small set of reasons.
@@ -131,6 +132,8 @@ pub struct Engine {
     pub(crate) catalog: Catalog,
     pub(crate) default_tenant: Option<OrgId>,
     pub(crate) strict_reads: bool,
+    /// Values under destroyed (shredded) DEKs read as NULL instead of failing (XX001).
+    pub(crate) shredded_null: bool,
     plans: moka::sync::Cache<Arc<str>, Arc<Analysis>>,
     /// What the engine did.
     pub stats: EngineStats,
@@ -207,6 +210,7 @@ impl Engine {
         );
         engine.kek_metrics = kek_metrics;
         engine.key_listener = Some(listener);
+        engine.shredded_null = settings.shredded_reads == ShreddedReads::Null;
         Ok(Arc::new(engine))
     }
 
@@ -225,6 +229,7 @@ impl Engine {
             catalog: Catalog::new(service, connect_timeout, crate::tls::ServiceTls::default()),
             default_tenant,
             strict_reads,
+            shredded_null: false,
             // Bounded by bytes of SQL text, so a client sending huge distinct statements
             // cannot grow it without limit.
             plans: moka::sync::Cache::builder()
@@ -313,6 +318,17 @@ impl Engine {
     }
 }
 
+/// What reading a value whose DEK was destroyed (`keys shred`) gives the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShreddedReads {
+    /// An error, SQLSTATE XX001 "uses a destroyed data key" (the default).
+    #[default]
+    Error,
+    /// NULL, in query results and `COPY … TO` alike (counted as decrypt failures with
+    /// reason `shredded`). Writes of such values are still refused.
+    Null,
+}
+
 /// Everything the engine is built from.
 pub struct EngineSettings {
     /// The rules (must not be empty: without rules the proxy is a plain pass-through).
@@ -337,6 +353,8 @@ pub struct EngineSettings {
     pub default_tenant: Option<OrgId>,
     /// Refuse plaintext in encrypted columns on read.
     pub strict_reads: bool,
+    /// What reading a value under a destroyed (shredded) DEK gives.
+    pub shredded_reads: ShreddedReads,
     /// Timeout for service connections.
     pub connect_timeout: std::time::Duration,
     /// TLS for the service connections (default: none, as before).
@@ -381,6 +399,8 @@ pub(crate) enum ReadOutcome {
     Decrypted(Decrypted),
     /// Not an enc:v1 value: passed through unchanged.
     Plain,
+    /// An enc:v1 value under a destroyed DEK, with the `null` shredded-reads policy.
+    Shredded,
 }
 
 /// Encrypts and decrypts single values for one direction of one connection: holds the nonce
@@ -429,14 +449,19 @@ impl Cipher {
             .map_err(|e| key_error(&e, column))
     }
 
-    /// The DEK `id` (to read a value of `column`).
-    pub(crate) async fn key_by_id(
+    /// The DEK `id` (to read a value of `column`), or `None` when it was destroyed and the
+    /// policy reads such values as NULL.
+    pub(crate) async fn key_for_read(
         &self,
         id: DekId,
         column: &ColumnRule,
-    ) -> Result<Arc<CachedDek>, ClientError> {
+    ) -> Result<Option<Arc<CachedDek>>, ClientError> {
         match self.engine.keys.key_by_id(id).await {
-            Ok(d) => Ok(d),
+            Ok(d) => Ok(Some(d)),
+            Err(KeyError::DestroyedDek(_)) if self.engine.shredded_null => {
+                self.engine.stats.decrypt_failures.inc("shredded");
+                Ok(None)
+            }
             Err(e) => {
                 self.engine.stats.decrypt_failures.inc("key_unavailable");
                 Err(key_error(&e, column))
@@ -481,7 +506,9 @@ impl Cipher {
         match self.prepare(expected, value)? {
             Prepared::Plain => Ok(ReadOutcome::Plain),
             Prepared::Sealed { parsed, column } => {
-                let dek = self.key_by_id(parsed.dek_id(), &column).await?;
+                let Some(dek) = self.key_for_read(parsed.dek_id(), &column).await? else {
+                    return Ok(ReadOutcome::Shredded);
+                };
                 self.open_with(&dek, &parsed, &column, tenant)
                     .map(ReadOutcome::Decrypted)
             }

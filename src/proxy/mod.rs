@@ -37,7 +37,7 @@ pub use crate::tls::TlsError;
 pub use cancel::CancelRegistry;
 pub use connection::SessionState;
 pub use drain::DrainState;
-pub use engine::{Engine, EngineSettings};
+pub use engine::{Engine, EngineSettings, ShreddedReads};
 pub use error::ConnError;
 pub use tls::TlsFiles;
 

@@ -464,12 +464,17 @@ impl ServerSide {
             let Some(Some(value)) = row.get(i) else {
                 continue;
             };
-            let ReadOutcome::Decrypted(d) = self
+            let d = match self
                 .cipher
                 .read(col.rule.as_ref(), value, tenant.as_ref())
                 .await?
-            else {
-                continue;
+            {
+                ReadOutcome::Decrypted(d) => d,
+                ReadOutcome::Plain => continue,
+                ReadOutcome::Shredded => {
+                    replace.push((i, None));
+                    continue;
+                }
             };
             if let (Some(rule), Some(j)) = (&col.rule, col.tenant_index) {
                 // The row names its organisation: the value must be that organisation's.

@@ -63,6 +63,8 @@ pub struct ProxyOptions {
     pub upstream_ca: Option<std::path::PathBuf>,
     /// Automatic rotation limits.
     pub rotation: pgenvelope::keys::RotationPolicy,
+    /// What values under destroyed DEKs read as.
+    pub shredded_reads: pgenvelope::proxy::ShreddedReads,
     /// How often encryption counts are flushed (and rotation checked).
     pub counter_flush_interval: Duration,
 }
@@ -88,6 +90,7 @@ impl ProxyOptions {
             upstream_sslmode: pgenvelope::config::SslMode::Prefer,
             upstream_ca: None,
             rotation: pgenvelope::keys::RotationPolicy::default(),
+            shredded_reads: pgenvelope::proxy::ShreddedReads::Error,
             counter_flush_interval: Duration::from_secs(5),
         }
     }
@@ -162,6 +165,7 @@ impl TestProxy {
                                     pgenvelope::crypto::OrgId::new(t.clone()).expect("org")
                                 }),
                                 strict_reads: opts.strict_reads,
+                                shredded_reads: opts.shredded_reads,
                                 connect_timeout: opts.connect_timeout,
                                 service_tls: pgenvelope::tls::ServiceTls::new(
                                     opts.upstream_sslmode,

@@ -691,9 +691,84 @@ async fn the_listener_reconnects_and_still_sees_rotations() {
     let new = active_dek(&schema, "acme").await.unwrap();
     until_writes_use(&client, &t, "acme", new, Duration::from_secs(5)).await;
     let metrics = pgenvelope::admin::metrics(&v.proxy.handle);
-    assert!(metrics.contains("pgenvelope_key_listener_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("pgenvelope_key_listener_up 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("pgenvelope_key_changes_total{kind=\"rotate\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shredded_values_read_as_null_with_the_null_policy() {
+    use futures_util::TryStreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    let v = Vault::with(|o| {
+        o.kek_path = Some(kek.clone());
+        o.shredded_reads = pgenvelope::proxy::ShreddedReads::Null;
+    })
+    .await;
+    let (t, schema) = (v.table.clone(), v.proxy.key_schema.clone());
+    let client = v.client().await;
+    let a = insert(&client, &t, "org-a", "a secret").await;
+    insert(&client, &t, "org-b", "b secret").await;
+    let a_stored = stored_value(&t, a).await;
+    ok(&cli_async(
+        strings(&["keys", "shred", "--org", "org-a", "--yes"]),
+        schema.clone(),
+        Some(kek.clone()),
+    )
+    .await);
+
+    let started = Instant::now();
+    let rows = loop {
+        let rows: Vec<(String, Option<String>)> = client
+            .query(&format!("SELECT org_id, value FROM {t} ORDER BY id"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if rows[0].1.is_none() {
+            break rows;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "shred not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        rows,
+        [
+            ("org-a".to_owned(), None),
+            ("org-b".to_owned(), Some("b secret".to_owned()))
+        ]
+    );
+    let out: Vec<bytes::Bytes> = client
+        .copy_out(&format!("COPY {t} (org_id, value) TO STDOUT"))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.concat()).unwrap(),
+        "org-a\t\\N\norg-b\tb secret\n"
+    );
+    // Writing a shredded value back (a restore) is refused, not stored as if plaintext.
+    let err = client
+        .execute(
+            &format!("INSERT INTO {t} (org_id, value) VALUES ('org-a', $1)"),
+            &[&a_stored],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("XX001"), "{err:?}");
+    let metrics = pgenvelope::admin::metrics(&v.proxy.handle);
+    assert!(
+        metrics.contains("pgenvelope_decrypt_failures_total{reason=\"shredded\"}"),
         "{metrics}"
     );
 }
