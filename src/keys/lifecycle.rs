@@ -527,8 +527,11 @@ impl KeyStore {
         );
         let max_enc = i64::try_from(max_encryptions).unwrap_or(i64::MAX);
         let age = max_age.map(|d| d.as_secs_f64());
+        let (sql, max_enc_ref, age_ref) = (&sql, &max_enc, &age);
         let rows = self
-            .run_query("find DEKs due for rotation", &sql, &max_enc, &age)
+            .run("find DEKs due for rotation", |c| async move {
+                c.query(sql.as_str(), &[max_enc_ref, age_ref]).await
+            })
             .await?;
         let mut due = Vec::with_capacity(rows.len());
         for r in rows {
@@ -618,21 +621,6 @@ impl KeyStore {
                 "could not compact the key store; run VACUUM FULL on data_keys so erased wrapped keys leave its files"
             );
         }
-    }
-
-    async fn run_query(
-        &self,
-        op: &'static str,
-        sql: &str,
-        a: &(dyn tokio_postgres::types::ToSql + Sync),
-        b: &(dyn tokio_postgres::types::ToSql + Sync),
-    ) -> Result<Vec<tokio_postgres::Row>, KeyError> {
-        let (client, conn) = self.dedicated().await?;
-        let driver = tokio::spawn(conn);
-        let rows = client.query(sql, &[a, b]).await;
-        drop(client);
-        let _ = driver.await;
-        rows.map_err(|e| KeyError::store(op, e))
     }
 }
 

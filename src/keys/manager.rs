@@ -32,6 +32,9 @@ use super::error::KeyError;
 use super::kek::{KekError, KekProvider, KeyContext};
 use super::store::{DekRecord, DekState, KeyStore};
 
+/// How often the counter flusher checks DEK ages when nothing was encrypted.
+const AGE_CHECK_EVERY: Duration = Duration::from_secs(60);
+
 /// Cache settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyManagerConfig {
@@ -380,14 +383,27 @@ impl KeyManager {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tokio::pin!(shutdown);
+            // Counts only change when something was flushed; ages are checked once a minute.
+            let mut age_checked: Option<Instant> = None;
             loop {
                 tokio::select! {
                     _ = ticks.tick() => {}
                     () = &mut shutdown => break,
                 }
-                if let Err(e) = manager.flush_counters().await {
-                    tracing::warn!(error = %e, "could not persist DEK encryption counters");
+                let flushed = match manager.flush_counters().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not persist DEK encryption counters");
+                        continue;
+                    }
+                };
+                let age_due = manager.rotation.max_age.is_some()
+                    && age_checked.is_none_or(|t| t.elapsed() >= AGE_CHECK_EVERY);
+                if flushed == 0 && !age_due {
                     continue;
+                }
+                if age_due {
+                    age_checked = Some(Instant::now());
                 }
                 if let Err(e) = manager.rotate_due().await {
                     tracing::warn!(error = %e, "could not check DEKs due for rotation");

@@ -332,7 +332,7 @@ impl KeyStore {
 
     /// Run an idempotent operation, retrying once on a fresh connection if the connection
     /// turned out to be closed.
-    async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, KeyError>
+    pub(super) async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, KeyError>
     where
         F: Fn(Arc<Client>) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
