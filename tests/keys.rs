@@ -687,3 +687,53 @@ async fn kms_uri_builds_local_provider() {
         .unwrap();
     assert!(matches!(err, KekError::Pkcs11(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_conditional_rotations_rotate_once() {
+    let db = TestDb::new();
+    let store = db.ready_store().await;
+    let acme = org("acme");
+    let v1 = store.get_or_create_active(&acme, &*db.kek).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, kek, acme) = (Arc::clone(&store), Arc::clone(&db.kek), acme.clone());
+            tokio::spawn(async move {
+                store
+                    .rotate(&acme, &*kek, Some(v1.dek_id), Some("test"))
+                    .await
+            })
+        })
+        .collect();
+    let mut rotated = Vec::new();
+    for t in tasks {
+        if let Some(r) = t.await.unwrap().unwrap() {
+            rotated.push(r);
+        }
+    }
+    assert_eq!(rotated.len(), 1, "exactly one rotation wins");
+    let r = &rotated[0];
+    assert_eq!(r.retired.as_ref().unwrap().dek_id, v1.dek_id);
+    assert_eq!(r.active.version, 2);
+    let all = store.list(Some(&acme)).await.unwrap();
+    let states: Vec<(i32, DekState)> = all.iter().map(|d| (d.version, d.state)).collect();
+    assert_eq!(states, [(1, DekState::DecryptOnly), (2, DekState::Active)]);
+    // An unconditional rotation always rotates; one event per rotation.
+    let v3 = store
+        .rotate(&acme, &*db.kek, None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let events = store.events(Some(&acme), 100).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds, ["create", "rotate", "rotate"]);
+    // Destroying works on retired keys only.
+    assert!(!store.destroy_retired(v3.active.dek_id, None).await.unwrap());
+    assert!(store
+        .destroy_retired(v1.dek_id, Some("emptied"))
+        .await
+        .unwrap());
+    assert!(!store.destroy_retired(v1.dek_id, None).await.unwrap());
+    let gone = store.lookup(v1.dek_id).await.unwrap().unwrap();
+    assert_eq!(gone.state, DekState::Destroyed);
+    assert!(gone.wrapped.is_none());
+}

@@ -772,3 +772,36 @@ async fn shredded_values_read_as_null_with_the_null_policy() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_without_the_wrapping_kek_changes_nothing_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kek1, other, kek2) = (
+        dir.path().join("kek1"),
+        dir.path().join("other"),
+        dir.path().join("kek2"),
+    );
+    let v = Vault::with(|o| o.kek_path = Some(kek1.clone())).await;
+    let (t, schema) = (v.table.clone(), v.proxy.key_schema.clone());
+    insert(&v.client().await, &t, "acme", "secret").await;
+    let before = deks(&schema, "acme").await;
+    let out = cli_async(
+        vec![
+            "keys".into(),
+            "rewrap".into(),
+            "--to-kms".into(),
+            format!("local:{}", kek2.display()),
+        ],
+        schema.clone(),
+        Some(other.clone()),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("re-wrapped 0 data key(s)"), "{stdout}");
+    assert!(
+        stdout.contains("not re-wrapped") && stdout.contains("was not given"),
+        "{stdout}"
+    );
+    assert_eq!(deks(&schema, "acme").await, before);
+}
