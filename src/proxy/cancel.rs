@@ -90,6 +90,13 @@ pub(crate) struct CancelGuard {
     key: Vec<u8>,
 }
 
+impl CancelGuard {
+    /// The session's cancel key.
+    pub(crate) fn key(&self) -> &[u8] {
+        &self.key
+    }
+}
+
 impl Drop for CancelGuard {
     fn drop(&mut self) {
         self.registry

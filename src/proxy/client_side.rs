@@ -70,6 +70,7 @@ impl Handler for ClientSide {
     }
 
     async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        crate::proxy::fault::check(&frame);
         let tag = frame.tag();
         // After a refusal, the server skips to Sync: so do we, except for messages that
         // carry no statement (Flush must reach the server so it sends our error; Terminate

@@ -8,11 +8,25 @@
 //! Both directions run concurrently inside the one task (so neither can block the other), and
 //! whichever side closes first ends the connection: a client that vanishes closes its server
 //! connection, and a server that ends the session (FATAL error, `pg_terminate_backend`,
-//! restart) has its last messages flushed to the client before the client is closed.
+//! restart) has its last messages flushed to the client before the client is closed. A client
+//! that vanishes while a statement runs also has that statement cancelled (a CancelRequest for
+//! its backend): a backend busy in a long query would otherwise notice the closed socket only
+//! when it next writes.
+//!
+//! Connecting is bounded by the connect timeout up to the server's first answer to the
+//! StartupMessage, so an upstream that accepts TCP but never answers (overloaded, stopped)
+//! gives the client `08006` instead of a hang.
+//!
+//! A panic inside a session (a bug) is caught at the session's task: that client gets a FATAL
+//! `XX000` (when its connection is still in a state to receive it) and is closed; the worker
+//! thread and every other session go on.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +40,7 @@ use crate::proxy::client_side::ClientSide;
 use crate::proxy::drain::{session_must_end, Activity};
 use crate::proxy::engine::Cipher;
 use crate::proxy::error::ConnError;
+use crate::proxy::fault;
 use crate::proxy::pump::{self, Handler, PumpError};
 use crate::proxy::server_side::ServerSide;
 use crate::proxy::session::Session;
@@ -65,11 +80,12 @@ pub(crate) async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Share
     );
     async move {
         tracing::trace!("accepted");
-        match serve_inner(client, &shared).await {
+        match catch_panic(serve_inner(client, &shared)).await {
             Ok(()) => tracing::debug!("closed"),
             Err(e @ (ConnError::ClientIo(_) | ConnError::ServerIo(_))) => {
                 tracing::debug!(error = %e, "closed")
             }
+            Err(e @ ConnError::Internal) => tracing::error!(error = %e, "connection closed"),
             Err(e) => tracing::info!(error = %e, "connection ended with an error"),
         }
     }
@@ -296,11 +312,24 @@ async fn relay<C: Split, U: Split>(
         .write_all(&start.packet)
         .await
         .map_err(ConnError::ServerIo)?;
+    let server_buf = match first_answer(&mut server, shared).await {
+        Ok(b) => b,
+        Err(e) => {
+            shared
+                .upstream_connect_errors
+                .fetch_add(1, Ordering::Relaxed);
+            return fail(&mut client, e).await;
+        }
+    };
 
     if start.replication {
         // Replication sessions (physical or logical, CopyBoth streams included) are relayed
         // as raw bytes: values stay exactly as stored.
         tracing::debug!("replication connection: raw relay");
+        client
+            .write_all(&server_buf)
+            .await
+            .map_err(ConnError::ClientIo)?;
         server.write_all(&buf).await.map_err(ConnError::ServerIo)?;
         return tokio::io::copy_bidirectional(&mut client, &mut server)
             .await
@@ -321,25 +350,44 @@ async fn relay<C: Split, U: Split>(
         cancel_guard: None,
     };
 
+    // Set when the client's direction ended first: the client closed or vanished.
+    let mut client_gone = false;
     let result = match &shared.engine {
         None => {
             let mut to_server = ClientToServer {
                 activity: Arc::clone(&activity),
             };
             let mut to_client = ServerToClient { tracker };
-            let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
-            let s2c = pump::run(
+            // Boxed: the pump futures are large, and the panic guard below moves its future.
+            let c2s = Box::pin(pump::run(
+                &mut client_r,
+                &mut server_w,
+                &mut to_server,
+                buf,
+                limit,
+            ));
+            let s2c = Box::pin(pump::run(
                 &mut server_r,
                 &mut client_w,
                 &mut to_client,
-                BytesMut::new(),
+                server_buf,
                 limit,
-            );
-            tokio::select! {
-                r = c2s => r.map_err(ConnError::from_client_pump),
-                r = s2c => r.map_err(ConnError::from_server_pump),
-                () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
+            ));
+            let result = catch_panic(async {
+                tokio::select! {
+                    r = c2s => {
+                        client_gone = true;
+                        r.map_err(ConnError::from_client_pump)
+                    }
+                    r = s2c => r.map_err(ConnError::from_server_pump),
+                    () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
+                }
+            })
+            .await;
+            if client_gone {
+                cancel_if_busy(&to_client.tracker, shared).await;
             }
+            result
         }
         Some(engine) => {
             let session = Arc::new(Mutex::new(Session::new(start.db, start.tenant)));
@@ -356,19 +404,36 @@ async fn relay<C: Split, U: Split>(
                 tracker,
                 inner: ServerSide::new(session, Cipher::new(Arc::clone(engine)), limit),
             };
-            let c2s = pump::run(&mut client_r, &mut server_w, &mut to_server, buf, limit);
-            let s2c = pump::run(
+            // Boxed: the pump futures are large, and the panic guard below moves its future.
+            let c2s = Box::pin(pump::run(
+                &mut client_r,
+                &mut server_w,
+                &mut to_server,
+                buf,
+                limit,
+            ));
+            let s2c = Box::pin(pump::run(
                 &mut server_r,
                 &mut client_w,
                 &mut to_client,
-                BytesMut::new(),
+                server_buf,
                 limit,
-            );
-            tokio::select! {
-                r = c2s => r.map_err(ConnError::from_client_pump),
-                r = s2c => r.map_err(ConnError::from_server_pump),
-                () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
+            ));
+            let result = catch_panic(async {
+                tokio::select! {
+                    r = c2s => {
+                        client_gone = true;
+                        r.map_err(ConnError::from_client_pump)
+                    }
+                    r = s2c => r.map_err(ConnError::from_server_pump),
+                    () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
+                }
+            })
+            .await;
+            if client_gone {
+                cancel_if_busy(&to_client.tracker, shared).await;
             }
+            result
         }
     };
     if let Err(e) = &result {
@@ -402,6 +467,56 @@ async fn read_startup<S: AsyncRead + Unpin>(
             ));
         }
     }
+}
+
+/// Wait, at most the connect timeout, for the server's first answer to the StartupMessage; the
+/// bytes read go to the server → client pump.
+async fn first_answer<U: AsyncRead + Unpin>(
+    server: &mut U,
+    shared: &Shared,
+) -> Result<BytesMut, ConnError> {
+    let addr = shared.config.upstream_addr();
+    let mut buf = BytesMut::with_capacity(1024);
+    let failed = |source: std::io::Error| ConnError::UpstreamConnect {
+        addr: addr.clone(),
+        source,
+    };
+    match tokio::time::timeout(shared.config.connect_timeout, server.read_buf(&mut buf)).await {
+        Ok(Ok(0)) => Err(failed(std::io::ErrorKind::UnexpectedEof.into())),
+        Ok(Ok(_)) => Ok(buf),
+        Ok(Err(e)) => Err(failed(e)),
+        Err(_) => Err(failed(std::io::ErrorKind::TimedOut.into())),
+    }
+}
+
+/// The client is gone: if a statement may still be running for it, ask the server to cancel
+/// it, so the backend does not work on until it next writes to the closed socket.
+async fn cancel_if_busy(tracker: &Tracker, shared: &Shared) {
+    if tracker.activity.is_idle() {
+        return;
+    }
+    if let Some(guard) = &tracker.cancel_guard {
+        tracing::debug!("client vanished during a statement: cancelling it");
+        shared
+            .cancels
+            .forward(guard.key(), shared.config.connect_timeout)
+            .await;
+    }
+}
+
+/// Run a session future, turning a panic inside it into [`ConnError::Internal`] so the caller
+/// can still answer the client; the panic itself has been reported by the panic hook.
+/// The future is boxed: session futures are large, and a second copy of one in the caller's
+/// state would cost the worker thread's stack in debug builds.
+async fn catch_panic<F: Future<Output = Result<(), ConnError>>>(fut: F) -> Result<(), ConnError> {
+    let mut fut = Box::pin(fut);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => Poll::Ready(Err(ConnError::Internal)),
+        }
+    })
+    .await
 }
 
 async fn connect_upstream(addr: &str, timeout: Duration) -> Result<TcpStream, ConnError> {
@@ -454,8 +569,8 @@ struct ClientToServer {
 impl Handler for ClientToServer {
     type Error = PumpError;
 
-    fn inspects(&self, _tag: u8) -> bool {
-        false
+    fn inspects(&self, tag: u8) -> bool {
+        fault::INSPECTS_QUERIES && tag == crate::wire::frontend::QUERY_TAG
     }
 
     fn on_tag(&mut self, tag: u8) {
@@ -463,6 +578,7 @@ impl Handler for ClientToServer {
     }
 
     async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
+        fault::check(&frame);
         out.extend_from_slice(frame.raw());
         Ok(())
     }

@@ -82,7 +82,9 @@ impl Activity {
         }
     }
 
-    fn is_idle(&self) -> bool {
+    /// Whether the session is idle: the server's last ReadyForQuery said `I` and nothing was
+    /// sent since.
+    pub(crate) fn is_idle(&self) -> bool {
         self.idle.load(Ordering::Acquire)
     }
 }

@@ -59,6 +59,9 @@ pub enum ConnError {
     /// The proxy is shutting down.
     #[error("closed for shutdown")]
     Shutdown,
+    /// A bug: the connection's task panicked. The details are in the log.
+    #[error("internal error: the connection task panicked")]
+    Internal,
     /// Reading from or writing to the client failed.
     #[error("client i/o: {0}")]
     ClientIo(#[source] std::io::Error),
@@ -130,6 +133,10 @@ impl ConnError {
             Self::Shutdown => Some((
                 sqlstate::ADMIN_SHUTDOWN,
                 "pgenvelope: terminating connection because the proxy is shutting down".to_owned(),
+            )),
+            Self::Internal => Some((
+                sqlstate::INTERNAL_ERROR,
+                "pgenvelope: internal error".to_owned(),
             )),
             Self::ClientIo(_) | Self::ServerIo(_) => None,
         }

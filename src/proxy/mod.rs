@@ -20,6 +20,7 @@ mod copy;
 mod drain;
 pub mod engine;
 pub mod error;
+pub mod fault;
 mod listener;
 mod pump;
 mod server_side;

@@ -264,6 +264,49 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// Peak virtual memory size of this process (`VmPeak`), in KiB.
+    fn vm_peak_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmPeak:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_claim_above_the_limit_reserves_nothing() {
+        const GIB: usize = 1 << 30;
+        let claim = u32::try_from(GIB + 4).unwrap();
+        let input = || {
+            let mut m = frame(b'Q', b"select 1\0");
+            m.push(b'Q');
+            m.extend_from_slice(&claim.to_be_bytes());
+            vec![m]
+        };
+        // The proxy's default limit (1 GiB - 1) and a header claiming a 1 GiB body.
+        let before = vm_peak_kib();
+        let (r, out) = relay(input(), vec![b'Q'], GIB - 1);
+        assert!(matches!(
+            r,
+            Err(PumpError::Wire(WireError::TooLarge { .. }))
+        ));
+        assert!(out.is_empty());
+        let after = vm_peak_kib();
+        // Unrelated threads may map a few arenas meanwhile; a reservation would be 1 GiB.
+        assert!(
+            after - before < 512 * 1024,
+            "peak virtual memory grew by {} KiB",
+            after - before
+        );
+        // Control: where the limit allows the claim, the pump reserves the whole body up
+        // front (an inspected message is buffered whole), and the measurement sees it.
+        let (r, _) = relay(input(), vec![b'Q'], 2 * GIB);
+        assert!(r.is_ok());
+        assert!(vm_peak_kib() - after >= 1024 * 1024 - 64 * 1024);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 

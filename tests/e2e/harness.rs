@@ -205,12 +205,16 @@ impl TestProxy {
                 // `run` also returns when the proxy drains; keep serving the sessions left
                 // until the test drops the proxy.
                 let mut stop_rx = stop_rx;
+                let mut stopped = false;
                 server
                     .run(async {
                         let _ = (&mut stop_rx).await;
+                        stopped = true;
                     })
                     .await;
-                let _ = stop_rx.await;
+                if !stopped {
+                    let _ = stop_rx.await;
+                }
             });
             // Dropping the runtime here cancels every connection task.
         });

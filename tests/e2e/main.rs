@@ -6,9 +6,11 @@
 mod support;
 
 mod admin;
+mod at_rest;
 mod clients;
 mod cluster_smoke;
 mod encryption;
+mod faults;
 mod harness;
 mod hsm;
 mod keys_lifecycle;
@@ -16,4 +18,5 @@ mod kms;
 mod passthrough;
 mod raw;
 mod sessions;
+mod soak;
 mod tls;

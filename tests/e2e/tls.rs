@@ -15,13 +15,13 @@ use crate::harness::{main_pg, ProxyOptions, TestProxy};
 use crate::support::cluster::{ClusterOptions, PrivateCluster};
 
 /// A private CA that signs server certificates for `localhost` and `127.0.0.1`.
-struct Ca {
+pub(crate) struct Ca {
     cert: rcgen::Certificate,
     key: KeyPair,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -36,14 +36,14 @@ impl Ca {
     }
 
     /// Write the CA certificate to `dir/name`.
-    fn write(&self, dir: &Path, name: &str) -> PathBuf {
+    pub(crate) fn write(&self, dir: &Path, name: &str) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, self.cert.pem()).unwrap();
         path
     }
 
     /// Write a server certificate and key for `localhost`/`127.0.0.1` to `dir`.
-    fn server(&self, dir: &Path, prefix: &str) -> TlsFiles {
+    pub(crate) fn server(&self, dir: &Path, prefix: &str) -> TlsFiles {
         self.server_for(dir, prefix, &["localhost", "127.0.0.1"])
     }
 

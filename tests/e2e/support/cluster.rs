@@ -311,6 +311,27 @@ impl PrivateCluster {
         Ok(())
     }
 
+    /// Kills the postmaster and every one of its children with SIGKILL, as a machine or
+    /// container crash would: no backend gets to answer its client or write anything more.
+    pub(crate) fn kill9_all(&mut self) -> io::Result<()> {
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let children = child_pids(pid);
+        self.kill9()?;
+        for child in children {
+            signal(child, "KILL");
+        }
+        Ok(())
+    }
+
+    /// Sends `sig` (`"STOP"`, `"CONT"`, …) to the postmaster alone.
+    pub(crate) fn signal_postmaster(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            signal(pid, sig);
+        }
+    }
+
     /// Stops the server if it runs, then starts it again on the same port and data directory.
     pub(crate) fn restart(&mut self) -> io::Result<()> {
         self.stop()?;
@@ -534,6 +555,35 @@ fn accepts_startup(port: u16, user: &str) -> bool {
     let ready = matches!(stream.read_exact(&mut tag), Ok(()) if tag[0] == b'R');
     let _ = stream.shutdown(Shutdown::Both);
     ready
+}
+
+/// PIDs of the live processes whose parent is `parent` (from `/proc/*/stat`).
+fn child_pids(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may contain spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 fn signal(pid: u32, sig: &str) {
