@@ -233,8 +233,14 @@ impl Engine {
             // Bounded by bytes of SQL text, so a client sending huge distinct statements
             // cannot grow it without limit.
             plans: moka::sync::Cache::builder()
-                .weigher(|sql: &Arc<str>, _: &Arc<Analysis>| {
-                    u32::try_from(sql.len().saturating_add(256)).unwrap_or(u32::MAX)
+                .weigher(|sql: &Arc<str>, a: &Arc<Analysis>| {
+                    // Text, entry overhead, and the analysis' vectors (roughly).
+                    let parts = a.params.len()
+                        + a.tenant_changes.len()
+                        + a.tx_controls.len()
+                        + a.kinds.len();
+                    let bytes = sql.len() + 256 + parts * 64;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
                 })
                 .max_capacity(PLAN_CACHE_BYTES)
                 .build(),
@@ -268,7 +274,9 @@ impl Engine {
             return hit;
         }
         let analysis = Arc::new(crate::sql::analyze(sql, &self.rules().protected));
-        if sql.len() <= PLAN_CACHE_MAX_TEXT {
+        // A text with literals bound for encrypted columns carries plaintext values: it is
+        // not kept in memory beyond this statement (and such texts rarely repeat anyway).
+        if sql.len() <= PLAN_CACHE_MAX_TEXT && analysis.literals.is_empty() {
             self.plans.insert(Arc::from(sql), Arc::clone(&analysis));
         }
         analysis
