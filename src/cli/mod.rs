@@ -5,6 +5,7 @@ mod check;
 mod common;
 mod inspect;
 mod keys;
+mod reencrypt;
 mod serve;
 
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ pub enum Command {
     /// Inspect the key store (data keys per organisation).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Encrypt plaintext and move values from retired data keys to the active ones, in place.
+    Reencrypt(reencrypt::ReencryptArgs),
 }
 
 /// Flags of `pgenvelope serve`.
@@ -225,6 +228,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys(cmd) => {
             let config = load_config(cli.config.as_deref(), cmd.overrides())?;
             keys::run(&config, &cmd)
+        }
+        Command::Reencrypt(args) => {
+            let config = load_config(cli.config.as_deref(), args.overrides())?;
+            reencrypt::run(&config, &args)
         }
     }
 }
