@@ -318,11 +318,7 @@ impl Display {
         } else {
             0.0
         };
-        let percent = if total > 0 {
-            (done.min(total) * 100 / total) as usize
-        } else {
-            100
-        };
+        let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100) as usize;
         let mut err = std::io::stderr().lock();
         if self.terminal {
             let filled = percent * 30 / 100;

@@ -14,5 +14,6 @@ mod hsm;
 mod kms;
 mod passthrough;
 mod raw;
+mod reencrypt;
 mod sessions;
 mod tls;
