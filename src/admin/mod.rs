@@ -270,6 +270,25 @@ pub fn metrics(proxy: &ServerHandle) -> String {
             "Data-key look-ups that had to load",
             counter(keys.cache_misses),
         );
+        registry.register(
+            "dek_auto_rotations",
+            "Data keys this proxy rotated by the rotation policy (count or age)",
+            counter(keys.auto_rotations),
+        );
+        registry.register(
+            "key_listener_up",
+            "1 while the key change listener (LISTEN pgenvelope_keys) is connected",
+            gauge(u64::from(engine.key_listener_ready().unwrap_or(false))),
+        );
+        let changes = Family::<KindLabel, Counter>::default();
+        for (kind, n) in engine.key_changes() {
+            changes.get_or_create(&KindLabel { kind }).inc_by(n);
+        }
+        registry.register(
+            "key_changes",
+            "Key change notifications applied (cached keys evicted), by kind",
+            changes,
+        );
         engine.kek_metrics.register(&mut registry);
     }
     let mut out = String::new();

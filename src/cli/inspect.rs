@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use crate::config::{Config, Overrides};
 use crate::crypto::EncV1;
-use crate::keys::{KeyStore, DEFAULT_SCHEMA};
+use crate::keys::KeyStore;
 use crate::rules::load_path;
 
 /// Flags of `pgenvelope inspect`.
@@ -26,6 +26,10 @@ pub struct InspectArgs {
     #[arg(long, env = "PGENVELOPE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
 
+    /// Schema of the key store [default: pgenvelope]
+    #[arg(long, env = "PGENVELOPE_KEY_SCHEMA", value_name = "NAME")]
+    pub key_schema: Option<String>,
+
     /// Do not contact the key store
     #[arg(long)]
     pub offline: bool,
@@ -36,6 +40,7 @@ impl InspectArgs {
         Overrides {
             rules: self.rules.clone(),
             upstream: self.upstream.clone(),
+            key_schema: self.key_schema.clone(),
             ..Overrides::default()
         }
     }
@@ -73,7 +78,7 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
         let tls =
             crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
                 .map_err(|e| e.to_string())?;
-        let store = KeyStore::new(config.upstream.service.clone(), DEFAULT_SCHEMA)
+        let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
             .map_err(|e| e.to_string())?
             .with_tls(tls);
         match tokio::time::timeout(Duration::from_secs(5), store.lookup(value.dek_id())).await {

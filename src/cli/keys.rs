@@ -1,19 +1,104 @@
-//! `pgenvelope keys …`: inspect the key store. Read-only: it never unwraps or prints a key,
+//! `pgenvelope keys …`: list, rotate, rewrap and shred data keys, and print the audit trail.
+//!
+//! Every change runs while proxies serve traffic: it is one transaction in the key store
+//! that records a `key_events` row (with `--reason`) and notifies every proxy, which evicts
+//! the organisation's cached keys at once (see `keys::lifecycle`). Nothing here prints a key,
 //! wrapped or not.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use anyhow::Context;
 
+use super::common::{open_keks, open_store, runtime, StoreArgs};
 use crate::config::{Config, Overrides};
 use crate::crypto::OrgId;
-use crate::keys::{DekRecord, KeyStore};
+use crate::keys::{DekRecord, KekProvider, KeyEvent, KeyStore, KmsUri, RewrapReport};
 
 /// `pgenvelope keys` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum KeysCommand {
     /// List organisations' data keys: version, state, KEK, dates, encryption counts.
     List(ListArgs),
+    /// Give an organisation a new active data key; the previous one becomes decrypt-only.
+    /// Proxies use the new key for writes within a second. Use the proxies' --kms.
+    Rotate(RotateArgs),
+    /// Re-wrap every data key under the current KEK (--kms), or under --to-kms; data rows are
+    /// not touched. Batched, verified by unwrapping, resumable (rerun to finish).
+    Rewrap(RewrapArgs),
+    /// Destroy every data key of an organisation: its encrypted values can never be
+    /// decrypted again. Proxies evict the keys at once.
+    Shred(ShredArgs),
+    /// Print the key events (create, rotate, rewrap, shred, destroy), oldest first.
+    Events(EventsArgs),
+}
+
+/// Flags of `pgenvelope keys rotate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RotateArgs {
+    /// The organisation
+    #[arg(long, value_name = "ORG")]
+    pub org: String,
+
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// Flags of `pgenvelope keys rewrap`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RewrapArgs {
+    /// KEK to re-wrap under [default: --kms]. Give the KEKs that wrapped the keys now as
+    /// --kms and --kms-also
+    #[arg(long, value_name = "URI")]
+    pub to_kms: Option<String>,
+
+    /// Data keys per transaction
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub batch: usize,
+
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// Flags of `pgenvelope keys shred`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShredArgs {
+    /// The organisation
+    #[arg(long, value_name = "ORG")]
+    pub org: String,
+
+    /// Confirm: the organisation's encrypted data becomes unrecoverable
+    #[arg(long)]
+    pub yes: bool,
+
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// Flags of `pgenvelope keys events`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EventsArgs {
+    /// Only this organisation
+    #[arg(long, value_name = "ORG")]
+    pub org: Option<String>,
+
+    /// At most this many of the most recent events
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub limit: i64,
+
+    /// One JSON object per line instead of a table
+    #[arg(long)]
+    pub json: bool,
+
+    /// Upstream URL whose database holds the key store
+    /// [default: postgres://postgres@127.0.0.1:5432/postgres]
+    #[arg(long, env = "PGENVELOPE_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+
+    /// Schema of the key store [default: pgenvelope]
+    #[arg(long, env = "PGENVELOPE_KEY_SCHEMA", value_name = "NAME")]
+    pub key_schema: Option<String>,
 }
 
 /// Flags of `pgenvelope keys list`.
@@ -45,19 +130,206 @@ impl KeysCommand {
                 key_schema: a.key_schema.clone(),
                 ..Overrides::default()
             },
+            Self::Events(a) => Overrides {
+                upstream: a.upstream.clone(),
+                key_schema: a.key_schema.clone(),
+                ..Overrides::default()
+            },
+            Self::Rotate(a) => a.store.overrides(),
+            Self::Rewrap(a) => a.store.overrides(),
+            Self::Shred(a) => a.store.overrides(),
         }
     }
 }
 
 /// Run a `keys` subcommand; returns the exit code.
 pub(crate) fn run(config: &Config, cmd: &KeysCommand) -> anyhow::Result<i32> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = runtime()?;
     match cmd {
         KeysCommand::List(args) => runtime.block_on(list(config, args)),
+        KeysCommand::Rotate(args) => runtime.block_on(rotate(config, args)),
+        KeysCommand::Rewrap(args) => runtime.block_on(rewrap(config, args)),
+        KeysCommand::Shred(args) => runtime.block_on(shred(config, args)),
+        KeysCommand::Events(args) => runtime.block_on(events(config, args)),
     }
+}
+
+fn org_flag(org: &str) -> anyhow::Result<OrgId> {
+    OrgId::new(org).map_err(|e| anyhow::anyhow!("--org: {e}"))
+}
+
+async fn rotate(config: &Config, args: &RotateArgs) -> anyhow::Result<i32> {
+    let org = org_flag(&args.org)?;
+    let store = open_store(config).await?;
+    let (kek, _) = open_keks(config).await?;
+    let rotation = store
+        .rotate(&org, &*kek, None, args.store.reason.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("rotating the data key of {org}: {e}"))?
+        .context("rotation did not happen")?;
+    match &rotation.retired {
+        Some(old) => println!(
+            "{org}: version {} ({}) is active; version {} ({}) is now decrypt-only",
+            rotation.active.version, rotation.active.dek_id, old.version, old.dek_id
+        ),
+        None => println!(
+            "{org}: version {} ({}) is active; there was no active key before",
+            rotation.active.version, rotation.active.dek_id
+        ),
+    }
+    Ok(0)
+}
+
+async fn rewrap(config: &Config, args: &RewrapArgs) -> anyhow::Result<i32> {
+    let store = open_store(config).await?;
+    let (kek, also) = open_keks(config).await?;
+    let to: Arc<dyn KekProvider> = match &args.to_kms {
+        Some(uri) => {
+            let uri: KmsUri = uri.parse().map_err(|e| anyhow::anyhow!("--to-kms: {e}"))?;
+            uri.open()
+                .await
+                .with_context(|| format!("opening the target KEK provider {uri}"))?
+        }
+        None => Arc::clone(&kek),
+    };
+    let mut from = vec![kek];
+    from.extend(also);
+    from.push(Arc::clone(&to));
+    let report = store
+        .rewrap(
+            &from,
+            &*to,
+            args.batch,
+            args.store.reason.as_deref(),
+            |r: &RewrapReport| {
+                eprintln!(
+                    "rewrap: {} re-wrapped, {} skipped so far",
+                    r.rewrapped,
+                    r.skipped.len()
+                );
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("re-wrapping data keys: {e}"))?;
+    println!(
+        "re-wrapped {} data key(s) under {} ({} by the KMS without leaving it); {} already were",
+        report.rewrapped,
+        to.kek_id(),
+        report.by_kms,
+        report.already
+    );
+    for (dek, why) in &report.skipped {
+        println!("not re-wrapped: {dek}: {why}");
+    }
+    Ok(if report.skipped.is_empty() { 0 } else { 1 })
+}
+
+async fn shred(config: &Config, args: &ShredArgs) -> anyhow::Result<i32> {
+    let org = org_flag(&args.org)?;
+    if !args.yes {
+        eprintln!(
+            "pgenvelope keys shred destroys every data key of {org}: its encrypted values can \
+             never be decrypted again. Add --yes to do it."
+        );
+        return Ok(2);
+    }
+    let store = open_store(config).await?;
+    let destroyed = store
+        .shred(&org, args.store.reason.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("shredding {org}: {e}"))?;
+    if destroyed.is_empty() {
+        println!("{org}: no live data keys; nothing destroyed (recorded in key_events)");
+    } else {
+        for r in &destroyed {
+            println!("{org}: destroyed version {} ({})", r.version, r.dek_id);
+        }
+        println!(
+            "{org}: {} data key(s) destroyed; its encrypted values are unrecoverable",
+            destroyed.len()
+        );
+    }
+    Ok(0)
+}
+
+async fn events(config: &Config, args: &EventsArgs) -> anyhow::Result<i32> {
+    let org = args.org.as_deref().map(org_flag).transpose()?;
+    let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let events = tokio::time::timeout(
+        config.connect_timeout,
+        store.events(org.as_ref(), args.limit.max(1)),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.json {
+        for e in &events {
+            println!("{}", event_json(e));
+        }
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<24} {:<8} {:<36} {:<28} {:<24} REASON / DETAIL",
+        "AT", "ORGANISATION", "EVENT", "DEK", "KEK", "ACTOR"
+    );
+    for e in &events {
+        let dek = e
+            .dek
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "-".to_owned());
+        let mut note = e.reason.clone().unwrap_or_default();
+        if let Some(d) = &e.detail {
+            if !note.is_empty() {
+                note.push_str(" / ");
+            }
+            note.push_str(d);
+        }
+        println!(
+            "{:<20} {:<24} {:<8} {:<36} {:<28} {:<24} {}",
+            timestamp(Some(e.at)),
+            e.org,
+            e.event,
+            dek,
+            e.kek.as_deref().unwrap_or("-"),
+            e.actor.as_deref().unwrap_or("-"),
+            note
+        );
+    }
+    if events.is_empty() {
+        println!("(no key events)");
+    }
+    Ok(0)
+}
+
+fn event_json(e: &KeyEvent) -> String {
+    let s = |v: Option<&str>| v.map_or_else(|| "null".to_owned(), |v| format!("\"{}\"", esc(v)));
+    format!(
+        "{{\"id\":{},\"at\":\"{}\",\"org\":\"{}\",\"event\":\"{}\",\"dek\":{},\"kek\":{},\"reason\":{},\"actor\":{},\"detail\":{}}}",
+        e.id,
+        timestamp(Some(e.at)),
+        esc(&e.org),
+        esc(&e.event),
+        s(e.dek.map(|d| d.to_string()).as_deref()),
+        s(e.kek.as_deref()),
+        s(e.reason.as_deref()),
+        s(e.actor.as_deref()),
+        s(e.detail.as_deref()),
+    )
+}
+
+/// JSON string escaping.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 async fn list(config: &Config, args: &ListArgs) -> anyhow::Result<i32> {
@@ -101,18 +373,6 @@ async fn list(config: &Config, args: &ListArgs) -> anyhow::Result<i32> {
 }
 
 fn json_line(r: &DekRecord) -> String {
-    let esc = |s: &str| {
-        let mut out = String::with_capacity(s.len() + 2);
-        for c in s.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-                c => out.push(c),
-            }
-        }
-        out
-    };
     let opt = |t: Option<SystemTime>| match t {
         Some(_) => format!("\"{}\"", timestamp(t)),
         None => "null".to_owned(),

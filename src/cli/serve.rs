@@ -120,6 +120,11 @@ async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
         key_schema: config.key_schema.clone(),
         key_cache_ttl: config.key_cache_ttl,
         key_cache_capacity: config.key_cache_capacity,
+        rotation: crate::keys::RotationPolicy {
+            max_encryptions: config.rotate_after_encryptions,
+            max_age: config.rotate_after_age,
+        },
+        counter_flush_interval: std::time::Duration::from_secs(5),
         default_tenant: config.default_tenant.clone(),
         strict_reads: config.strict_reads,
         connect_timeout: config.connect_timeout,

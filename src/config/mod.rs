@@ -37,7 +37,7 @@ pub const DEFAULT_RULES: &str = "rules";
 pub const DEFAULT_KEY_SCHEMA: &str = crate::keys::DEFAULT_SCHEMA;
 /// Default automatic rotation threshold: 2^31 encryptions, half the 2^32 limit of random
 /// 96-bit nonces under one key.
-pub const DEFAULT_ROTATE_AFTER_ENCRYPTIONS: u64 = 1 << 31;
+pub const DEFAULT_ROTATE_AFTER_ENCRYPTIONS: u64 = crate::crypto::ROTATE_DEK_AFTER;
 /// Largest accepted automatic rotation threshold: 2^32 minus a margin for the encryptions made
 /// between two counter flushes.
 pub const MAX_ROTATE_AFTER_ENCRYPTIONS: u64 = (1 << 32) - (1 << 24);

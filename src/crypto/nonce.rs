@@ -27,10 +27,10 @@ use crate::crypto::aead::NONCE_LEN;
 /// NIST SP 800-38D limit on encryptions with random 96-bit nonces under one key.
 pub const MAX_RANDOM_NONCES_PER_KEY: u64 = 1 << 32;
 
-/// Encryptions after which a DEK is rotated: a quarter of [`MAX_RANDOM_NONCES_PER_KEY`], so a
-/// counter that lags behind (several proxies, batched counter updates) still stays far from the
-/// limit.
-pub const ROTATE_DEK_AFTER: u64 = 1 << 30;
+/// Encryptions after which a DEK is rotated by default: half of [`MAX_RANDOM_NONCES_PER_KEY`], so
+/// a counter that lags behind (several proxies, batched counter updates) still stays far from
+/// the limit. Configurable (`--rotate-after-encryptions`).
+pub const ROTATE_DEK_AFTER: u64 = 1 << 31;
 
 /// A source of random GCM nonces; one per connection or per worker, never shared by copying.
 pub struct NonceSource {

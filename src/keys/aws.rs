@@ -3,7 +3,8 @@
 //!
 //! - New DEKs come from `GenerateDataKey` (`KeySpec=AES_256`); the `CiphertextBlob` is the
 //!   wrapped form stored in the key store. `Decrypt` unwraps (with `KeyId` set, so a blob made
-//!   under another key is refused by KMS), `Encrypt` wraps an existing key (rewrap).
+//!   under another key is refused by KMS), `Encrypt` wraps an existing key, and `ReEncrypt`
+//!   moves a wrapped DEK to another KMS key without the plaintext leaving KMS (`keys rewrap`).
 //! - Every call carries the encryption context `{"pgenvelope:org": ORG, "pgenvelope:dek":
 //!   DEK}`. KMS binds it into the ciphertext, so a wrapped DEK copied into another
 //!   organisation's row fails to decrypt, and IAM policies can condition on it.
@@ -182,6 +183,40 @@ impl KekProvider for AwsKmsKek {
             .map_err(|e| self.fail("Decrypt", e))?;
         let plaintext = out.plaintext.map(|b| Zeroizing::new(b.into_inner()));
         data_key(plaintext.as_deref().map(Vec::as_slice))
+    }
+
+    async fn rewrap_to(
+        &self,
+        ctx: &KeyContext,
+        wrapped: &[u8],
+        to: &dyn KekProvider,
+    ) -> Option<Result<Vec<u8>, KekError>> {
+        let destination = to.aws_kms_key()?;
+        let context = encryption_context(ctx);
+        let result = self
+            .client
+            .re_encrypt()
+            .source_key_id(&self.key)
+            .ciphertext_blob(Blob::new(wrapped))
+            .set_source_encryption_context(Some(context.clone()))
+            .destination_key_id(destination)
+            .set_destination_encryption_context(Some(context))
+            .send()
+            .await
+            .map_err(|e| self.fail("ReEncrypt", e))
+            .and_then(|out| {
+                out.ciphertext_blob
+                    .map(Blob::into_inner)
+                    .filter(|b| !b.is_empty())
+                    .ok_or(KekError::Malformed {
+                        reason: "KMS returned no CiphertextBlob",
+                    })
+            });
+        Some(result)
+    }
+
+    fn aws_kms_key(&self) -> Option<String> {
+        Some(self.key.clone())
     }
 }
 

@@ -124,4 +124,20 @@ impl KekProvider for InstrumentedKek {
         self.metrics.record("unwrap", started, &r);
         r
     }
+
+    async fn rewrap_to(
+        &self,
+        ctx: &KeyContext,
+        wrapped: &[u8],
+        to: &dyn KekProvider,
+    ) -> Option<Result<Vec<u8>, KekError>> {
+        let started = Instant::now();
+        let r = self.inner.rewrap_to(ctx, wrapped, to).await?;
+        self.metrics.record("rewrap", started, &r);
+        Some(r)
+    }
+
+    fn aws_kms_key(&self) -> Option<String> {
+        self.inner.aws_kms_key()
+    }
 }

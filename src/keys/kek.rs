@@ -59,6 +59,23 @@ pub trait KekProvider: Send + Sync {
     /// Fails with [`KekError::Rejected`] if the bytes were altered, were wrapped for another
     /// context, or were wrapped by another KEK.
     async fn unwrap(&self, ctx: &KeyContext, wrapped: &[u8]) -> Result<DataKey, KekError>;
+
+    /// Re-wrap `wrapped` (made by this KEK for `ctx`) under `to` without the plaintext key
+    /// leaving the key service, where both KEKs live in one (AWS KMS `ReEncrypt`). `None`
+    /// when not available: the caller unwraps and wraps instead.
+    async fn rewrap_to(
+        &self,
+        _ctx: &KeyContext,
+        _wrapped: &[u8],
+        _to: &dyn KekProvider,
+    ) -> Option<Result<Vec<u8>, KekError>> {
+        None
+    }
+
+    /// The AWS KMS key this provider wraps with, if it is an AWS KMS key.
+    fn aws_kms_key(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A parsed `--kms` URI naming the KEK.

@@ -41,6 +41,27 @@ pub struct KeyManagerConfig {
     /// Maximum number of cached DEKs (and, separately, of cached organisations).
     /// Default 10 000.
     pub capacity: u64,
+    /// When the counter flusher rotates an active DEK by itself.
+    pub rotation: RotationPolicy,
+}
+
+/// Automatic rotation: an active DEK is rotated once it has encrypted `max_encryptions`
+/// values (counts as persisted by the flusher) or, with `max_age`, once it is that old.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RotationPolicy {
+    /// Default 2^31: half the 2^32 limit of random 96-bit nonces under one key.
+    pub max_encryptions: u64,
+    /// Default: none.
+    pub max_age: Option<Duration>,
+}
+
+impl Default for RotationPolicy {
+    fn default() -> Self {
+        Self {
+            max_encryptions: crate::crypto::ROTATE_DEK_AFTER,
+            max_age: None,
+        }
+    }
 }
 
 impl Default for KeyManagerConfig {
@@ -48,6 +69,7 @@ impl Default for KeyManagerConfig {
         Self {
             ttl: Duration::from_secs(300),
             capacity: 10_000,
+            rotation: RotationPolicy::default(),
         }
     }
 }
@@ -61,6 +83,8 @@ pub struct CachedDek {
     state: DekState,
     key: DataKey,
     loaded_at: Instant,
+    /// `KeyManager::generation` when its load started.
+    generation: u64,
 }
 
 impl CachedDek {
@@ -106,6 +130,8 @@ pub struct KeyManagerStats {
     pub unwrap_calls: u64,
     /// Key-store look-ups (`lookup`, `get_or_create_active`) made to load keys.
     pub store_loads: u64,
+    /// DEKs this manager rotated because the rotation policy said so.
+    pub auto_rotations: u64,
 }
 
 /// DEK cache: finds, creates and unwraps data keys, and counts their use.
@@ -119,11 +145,23 @@ pub struct KeyManager {
     ttl: Duration,
     by_id: Cache<DekId, Arc<CachedDek>>,
     active: Cache<OrgId, Arc<CachedDek>>,
+    /// DEKs known to be destroyed (permanent, so never re-read).
+    destroyed: Cache<DekId, ()>,
+    rotation: RotationPolicy,
+    /// Bumped by every revocation; entries loaded before a revocation that concerns them are
+    /// stale even if the load finished after it.
+    generation: AtomicU64,
+    /// Generation of the last revocation per organisation, with when it happened (pruned after
+    /// a TTL: older entries are stale by age anyway).
+    revoked: Mutex<HashMap<OrgId, (u64, Instant)>>,
+    /// Generation of the last revocation of everything.
+    revoked_all: AtomicU64,
     pending: Mutex<HashMap<DekId, u64>>,
     hits: AtomicU64,
     misses: AtomicU64,
     unwraps: AtomicU64,
     store_loads: AtomicU64,
+    auto_rotations: AtomicU64,
 }
 
 impl KeyManager {
@@ -136,11 +174,17 @@ impl KeyManager {
             ttl: config.ttl,
             by_id: cache(config),
             active: cache(config),
+            destroyed: Cache::builder().max_capacity(config.capacity).build(),
+            rotation: config.rotation,
+            generation: AtomicU64::new(0),
+            revoked: Mutex::new(HashMap::new()),
+            revoked_all: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
             store_loads: AtomicU64::new(0),
+            auto_rotations: AtomicU64::new(0),
         }
     }
 
@@ -167,6 +211,8 @@ impl KeyManager {
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         self.evict_if_stale(&self.active, org).await;
+        // The entry shared with the by-id cache was loaded no later than this look-up, so a
+        // revocation during it leaves the entry stale (see `is_stale`).
         let load = async {
             self.store_loads.fetch_add(1, Ordering::Relaxed);
             let record = self.store.get_or_create_active(org, &*self.kek).await?;
@@ -185,8 +231,16 @@ impl KeyManager {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(cached);
         }
+        if self.destroyed.contains_key(&dek) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Err(KeyError::DestroyedDek(dek));
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        self.load_by_id(dek, None).await
+        let result = self.load_by_id(dek, None).await;
+        if let Err(KeyError::DestroyedDek(_)) = &result {
+            self.destroyed.insert(dek, ()).await;
+        }
+        result
     }
 
     /// Like [`KeyManager::key_by_id`], but fails with [`KeyError::WrongOrg`] unless the DEK
@@ -221,8 +275,25 @@ impl KeyManager {
 
     /// Forget every cached key.
     pub fn invalidate_all(&self) {
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.revoked_all.store(g, Ordering::Release);
         self.active.invalidate_all();
         self.by_id.invalidate_all();
+    }
+
+    /// Forget `org`'s keys because they changed in the key store (rotated, shredded, a
+    /// retired key destroyed). Unlike [`KeyManager::invalidate_org`], a load that is in flight
+    /// now cannot leave what it read before the change behind: entries whose load started
+    /// before this call are stale.
+    pub async fn revoke_org(&self, org: &OrgId) {
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        {
+            let mut revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
+            let ttl = self.ttl;
+            revoked.retain(|_, (_, at)| at.elapsed() < ttl);
+            revoked.insert(org.clone(), (g, Instant::now()));
+        }
+        self.invalidate_org(org).await;
     }
 
     /// Record `n` encryptions under `dek`, to be persisted by the next flush.
@@ -260,8 +331,45 @@ impl KeyManager {
         Ok(batch.len())
     }
 
-    /// Spawn a task that flushes the counters every `every`, and once more when `shutdown`
-    /// completes. Failures are logged and retried on the next tick.
+    /// Rotate the active DEKs that reached the rotation policy's limits (any organisation:
+    /// every proxy checks, the conditional rotation in the key store makes it happen once).
+    /// Returns how many this call rotated.
+    pub async fn rotate_due(&self) -> Result<usize, KeyError> {
+        let due = self
+            .store
+            .due_for_rotation(self.rotation.max_encryptions, self.rotation.max_age)
+            .await?;
+        let mut rotated = 0;
+        for (org, dek, why) in due {
+            match self
+                .store
+                .rotate(&org, &*self.kek, Some(dek), Some(&why))
+                .await
+            {
+                Ok(Some(r)) => {
+                    rotated += 1;
+                    self.auto_rotations.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        tenant = %org,
+                        retired = %dek,
+                        dek = %r.active.dek_id,
+                        reason = %why,
+                        "data key rotated automatically"
+                    );
+                    self.revoke_org(&org).await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, tenant = %org, "automatic key rotation failed")
+                }
+            }
+        }
+        Ok(rotated)
+    }
+
+    /// Spawn a task that flushes the counters every `every` (then rotates the DEKs the
+    /// rotation policy says are due), and once more when `shutdown` completes. Failures are
+    /// logged and retried on the next tick.
     pub fn spawn_counter_flusher(
         self: &Arc<Self>,
         every: Duration,
@@ -279,6 +387,10 @@ impl KeyManager {
                 }
                 if let Err(e) = manager.flush_counters().await {
                     tracing::warn!(error = %e, "could not persist DEK encryption counters");
+                    continue;
+                }
+                if let Err(e) = manager.rotate_due().await {
+                    tracing::warn!(error = %e, "could not check DEKs due for rotation");
                 }
             }
             if let Err(e) = manager.flush_counters().await {
@@ -294,6 +406,7 @@ impl KeyManager {
             cache_misses: self.misses.load(Ordering::Relaxed),
             unwrap_calls: self.unwraps.load(Ordering::Relaxed),
             store_loads: self.store_loads.load(Ordering::Relaxed),
+            auto_rotations: self.auto_rotations.load(Ordering::Relaxed),
         }
     }
 
@@ -306,6 +419,7 @@ impl KeyManager {
     ) -> Result<Arc<CachedDek>, KeyError> {
         self.evict_if_stale(&self.by_id, &dek).await;
         let load = async {
+            let generation = self.generation.load(Ordering::Acquire);
             let record = match known {
                 Some(record) => record,
                 None => {
@@ -316,7 +430,7 @@ impl KeyManager {
                         .ok_or(KeyError::UnknownDek(dek))?
                 }
             };
-            self.unwrap_record(record).await.map(Arc::new)
+            self.unwrap_record(record, generation).await.map(Arc::new)
         };
         self.by_id
             .try_get_with(dek, load)
@@ -324,7 +438,11 @@ impl KeyManager {
             .map_err(Arc::unwrap_or_clone)
     }
 
-    async fn unwrap_record(&self, record: DekRecord) -> Result<CachedDek, KeyError> {
+    async fn unwrap_record(
+        &self,
+        record: DekRecord,
+        generation: u64,
+    ) -> Result<CachedDek, KeyError> {
         let dek = record.dek_id;
         let Some(wrapped) = record
             .wrapped
@@ -365,6 +483,7 @@ impl KeyManager {
             state: record.state,
             key,
             loaded_at: Instant::now(),
+            generation,
         })
     }
 
@@ -398,7 +517,19 @@ impl KeyManager {
     }
 
     fn is_stale(&self, dek: &CachedDek) -> bool {
-        dek.loaded_at.elapsed() >= self.ttl
+        if dek.loaded_at.elapsed() >= self.ttl {
+            return true;
+        }
+        if dek.generation == self.generation.load(Ordering::Acquire) {
+            return false;
+        }
+        if dek.generation < self.revoked_all.load(Ordering::Acquire) {
+            return true;
+        }
+        let revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
+        revoked
+            .get(&dek.org)
+            .is_some_and(|&(g, _)| dek.generation < g)
     }
 }
 
@@ -434,7 +565,15 @@ mod tests {
         let config = "host=127.0.0.1".parse().unwrap();
         let store = Arc::new(KeyStore::new(config, "pgenvelope").unwrap());
         let kek = Arc::new(LocalKek::open_or_create(dir.path().join("kek")).unwrap());
-        KeyManager::new(store, kek, KeyManagerConfig { ttl, capacity: 10 })
+        KeyManager::new(
+            store,
+            kek,
+            KeyManagerConfig {
+                ttl,
+                capacity: 10,
+                rotation: RotationPolicy::default(),
+            },
+        )
     }
 
     fn cached() -> CachedDek {
@@ -445,6 +584,7 @@ mod tests {
             state: DekState::Active,
             key: DataKey::from_bytes([0x5a; 32]),
             loaded_at: Instant::now(),
+            generation: 0,
         }
     }
 

@@ -14,13 +14,20 @@
 //! zeroizing types ([`DataKey`](crate::crypto::DataKey), `Zeroizing` buffers).
 //!
 //! Per-key limit: with random 96-bit nonces a DEK must not encrypt more than 2^32 values.
-//! [`KeyManager`] counts encryptions per DEK and persists them so rotation can trigger well
-//! before that.
+//! [`KeyManager`] counts encryptions per DEK, persists them, and rotates a DEK automatically
+//! once its count (or age) passes the [`RotationPolicy`].
+//!
+//! Lifecycle (rotate, rewrap, shred, destroy) is in `lifecycle`: each change is one
+//! transaction in the key store that also records a `key_events` row and sends
+//! `NOTIFY pgenvelope_keys`; every proxy's listener (`listener`) evicts the organisation's
+//! cached keys when it arrives.
 
 mod aws;
 mod error;
 mod instrumented;
 mod kek;
+mod lifecycle;
+mod listener;
 mod local;
 mod manager;
 mod pkcs11;
@@ -30,7 +37,9 @@ pub use aws::{AwsKmsKek, KmsCallError, CONTEXT_DEK, CONTEXT_ORG};
 pub use error::KeyError;
 pub use instrumented::{InstrumentedKek, KekMetrics};
 pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
+pub use lifecycle::{KeyChange, KeyEvent, RewrapReport, Rotation, NOTIFY_CHANNEL};
+pub use listener::{spawn_key_listener, ListenerState, CHANGE_KINDS};
 pub use local::LocalKek;
-pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats};
+pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats, RotationPolicy};
 pub use pkcs11::{PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PATH, MAX_SESSIONS};
 pub use store::{is_plain_identifier, DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};

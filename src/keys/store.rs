@@ -40,7 +40,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often `get_or_create_active` retries when racing proxies keep winning.
 const CREATE_ATTEMPTS: usize = 3;
 /// Class id of our advisory locks: "pgen" in ASCII.
-const ADVISORY_LOCK_CLASS: i32 = 0x7067_656e;
+pub(super) const ADVISORY_LOCK_CLASS: i32 = 0x7067_656e;
 
 /// Lifecycle state of a DEK.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -133,10 +133,10 @@ impl fmt::Debug for DekRecord {
 
 /// Handle on the key store, over one lazily (re)connected service connection.
 pub struct KeyStore {
-    config: Config,
-    tls: crate::tls::ServiceTls,
+    pub(super) config: Config,
+    pub(super) tls: crate::tls::ServiceTls,
     schema: String,
-    actor: String,
+    pub(super) actor: String,
     sql: Sql,
     /// Invariant: when `Some`, the client was connected with `config`; it may since have
     /// closed, which the next caller notices and replaces it.
@@ -349,6 +349,23 @@ impl KeyStore {
         }
     }
 
+    /// A new connection of its own, for transactions (key lifecycle operations, the change
+    /// listener). Its driver task ends when the client is dropped.
+    pub(crate) async fn dedicated(
+        &self,
+    ) -> Result<
+        (
+            Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, crate::tls::ServiceTlsStream>,
+        ),
+        KeyError,
+    > {
+        self.config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| KeyError::store("connect", e))
+    }
+
     /// The shared connection, (re)connecting if there is none or it has closed.
     async fn client(&self) -> Result<Arc<Client>, KeyError> {
         let mut slot = self.client.lock().await;
@@ -395,7 +412,8 @@ struct Sql {
     select_list: String,
 }
 
-const COLUMNS: &str = "dek_id, org_id, version, state, kek, wrapped, encryptions, created_at, \
+pub(super) const COLUMNS: &str =
+    "dek_id, org_id, version, state, kek, wrapped, encryptions, created_at, \
                        retired_at, destroyed_at";
 
 impl Sql {
@@ -431,6 +449,7 @@ CREATE TABLE IF NOT EXISTS {s}.key_events (
     reason text,
     actor  text
 );
+ALTER TABLE {s}.key_events ADD COLUMN IF NOT EXISTS detail text;
 CREATE OR REPLACE FUNCTION {s}.key_events_append_only() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
@@ -496,7 +515,7 @@ SELECT {COLUMNS} FROM ins"#
     }
 }
 
-fn record_from_row(row: &Row) -> Result<DekRecord, KeyError> {
+pub(super) fn record_from_row(row: &Row) -> Result<DekRecord, KeyError> {
     let get = |e: tokio_postgres::Error| KeyError::store("decode key row", e);
     let dek_id = DekId(row.try_get::<_, Uuid>("dek_id").map_err(get)?);
     let corrupt = |reason| KeyError::CorruptRecord {
@@ -532,7 +551,7 @@ fn record_from_row(row: &Row) -> Result<DekRecord, KeyError> {
     })
 }
 
-fn kek_error(kek: &str, source: KekError) -> KeyError {
+pub(super) fn kek_error(kek: &str, source: KekError) -> KeyError {
     KeyError::kek(kek.to_owned(), source)
 }
 

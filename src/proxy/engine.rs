@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use crate::crypto::{looks_like_enc_v1, ColumnId, ColumnKey, DekId, EncV1, NonceSource, OrgId};
 use crate::keys::{
-    CachedDek, InstrumentedKek, KekMetrics, KekProvider, KeyError, KeyManager, KeyManagerConfig,
-    KeyStore,
+    spawn_key_listener, CachedDek, InstrumentedKek, KekMetrics, KekProvider, KeyError, KeyManager,
+    KeyManagerConfig, KeyStore, ListenerState, RotationPolicy,
 };
 use crate::proxy::catalog::Catalog;
 use crate::proxy::error::ClientError;
@@ -136,6 +136,8 @@ pub struct Engine {
     pub stats: EngineStats,
     /// Calls to the KEK providers.
     pub kek_metrics: KekMetrics,
+    /// The key change listener (`None` when the engine was built without one).
+    pub(crate) key_listener: Option<Arc<ListenerState>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -183,11 +185,13 @@ impl Engine {
                 KeyManagerConfig {
                     ttl: settings.key_cache_ttl,
                     capacity: settings.key_cache_capacity,
+                    rotation: settings.rotation,
                 },
             )
             .with_unwrap_only(settings.kek_also.into_iter().map(instrument).collect()),
         );
-        keys.spawn_counter_flusher(std::time::Duration::from_secs(5), std::future::pending());
+        keys.spawn_counter_flusher(settings.counter_flush_interval, std::future::pending());
+        let (_, listener) = spawn_key_listener(Arc::clone(&keys));
         let mut engine = Engine::new(
             Arc::new(settings.rules),
             keys,
@@ -202,6 +206,7 @@ impl Engine {
             settings.service_tls,
         );
         engine.kek_metrics = kek_metrics;
+        engine.key_listener = Some(listener);
         Ok(Arc::new(engine))
     }
 
@@ -230,12 +235,26 @@ impl Engine {
                 .build(),
             stats: EngineStats::default(),
             kek_metrics: KekMetrics::default(),
+            key_listener: None,
         }
     }
 
     /// The key manager (DEK cache and key store).
     pub fn keys(&self) -> &Arc<KeyManager> {
         &self.keys
+    }
+
+    /// Whether the key change listener is connected and listening (`None`: no listener).
+    pub fn key_listener_ready(&self) -> Option<bool> {
+        self.key_listener.as_ref().map(|l| l.is_listening())
+    }
+
+    /// Key change notifications applied, by kind (empty without a listener).
+    pub fn key_changes(&self) -> Vec<(&'static str, u64)> {
+        self.key_listener
+            .as_ref()
+            .map(|l| l.changes())
+            .unwrap_or_default()
     }
 
     /// The analysis of `sql`, from the plan cache when this text was seen before.
@@ -310,6 +329,10 @@ pub struct EngineSettings {
     pub key_cache_ttl: std::time::Duration,
     /// DEK cache capacity.
     pub key_cache_capacity: u64,
+    /// Automatic rotation limits.
+    pub rotation: RotationPolicy,
+    /// How often encryption counts are written to the key store (and rotation is checked).
+    pub counter_flush_interval: std::time::Duration,
     /// Default tenant for writes.
     pub default_tenant: Option<OrgId>,
     /// Refuse plaintext in encrypted columns on read.

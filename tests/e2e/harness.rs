@@ -61,6 +61,10 @@ pub struct ProxyOptions {
     pub upstream_sslmode: pgenvelope::config::SslMode,
     /// CA for verifying the upstream.
     pub upstream_ca: Option<std::path::PathBuf>,
+    /// Automatic rotation limits.
+    pub rotation: pgenvelope::keys::RotationPolicy,
+    /// How often encryption counts are flushed (and rotation checked).
+    pub counter_flush_interval: Duration,
 }
 
 impl ProxyOptions {
@@ -83,6 +87,8 @@ impl ProxyOptions {
             require_client_tls: false,
             upstream_sslmode: pgenvelope::config::SslMode::Prefer,
             upstream_ca: None,
+            rotation: pgenvelope::keys::RotationPolicy::default(),
+            counter_flush_interval: Duration::from_secs(5),
         }
     }
 
@@ -150,6 +156,8 @@ impl TestProxy {
                                 key_schema: opts.key_schema.clone(),
                                 key_cache_ttl: Duration::from_secs(300),
                                 key_cache_capacity: 10_000,
+                                rotation: opts.rotation,
+                                counter_flush_interval: opts.counter_flush_interval,
                                 default_tenant: opts.default_tenant.as_ref().map(|t| {
                                     pgenvelope::crypto::OrgId::new(t.clone()).expect("org")
                                 }),

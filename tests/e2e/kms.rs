@@ -662,3 +662,77 @@ async fn deks_of_a_previous_kek_stay_readable_with_kms_also() {
     strict.key_schema = unique("pgenvelope_unused");
     migrated.key_schema = unique("pgenvelope_unused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rewrap_moves_deks_between_kms_keys_with_reencrypt() {
+    let Some(moto) = Moto::start() else { return };
+    let (first, second) = (
+        create_key(&moto.url(), None).await,
+        create_key(&moto.url(), None).await,
+    );
+    let vault = vault_with(provider(&moto.url(), &first)).await;
+    insert(&vault, "acme", "acme-secret").await.unwrap();
+    insert(&vault, "globex", "globex-secret").await.unwrap();
+    let before = vault.stored().await;
+
+    let (host, port) = crate::harness::main_pg();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+        .args(["keys", "rewrap", "--reason", "move to the new KMS key"])
+        .arg("--upstream")
+        .arg(format!("postgres://postgres@{host}:{port}/test"))
+        .arg("--key-schema")
+        .arg(&vault.proxy.key_schema)
+        .arg("--kms")
+        .arg(format!("aws-kms:{first}"))
+        .arg("--to-kms")
+        .arg(format!("aws-kms:{second}"))
+        .env("AWS_ENDPOINT_URL", moto.url())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("AWS_PROFILE")
+        .env_remove("PGENVELOPE_KMS_ALSO")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Both keys moved by ReEncrypt: the plaintext DEKs never left KMS for the move.
+    assert!(
+        stdout.contains("re-wrapped 2 data key(s)") && stdout.contains("(2 by the KMS"),
+        "{stdout}"
+    );
+    assert_eq!(vault.stored().await, before, "data rows untouched");
+    let expected = format!("aws-kms:{second}");
+    assert_eq!(
+        keks_in_store(&vault).await,
+        [
+            ("acme".to_owned(), expected.clone()),
+            ("globex".to_owned(), expected)
+        ]
+    );
+
+    // A proxy holding only the second key reads both organisations.
+    let table = vault.table.clone();
+    let mut reader = crate::harness::TestProxy::with({
+        let mut o =
+            crate::harness::ProxyOptions::encrypting(&crate::encryption::vault_rules(&table));
+        o.key_schema = vault.proxy.key_schema.clone();
+        o.kek = Some(provider(&moto.url(), &second));
+        o
+    });
+    let client = crate::harness::connect(&reader.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    let rows = client
+        .query(&format!("SELECT value FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap();
+    let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(values, ["acme-secret", "globex-secret"]);
+    // The key schema belongs to the vault's proxy, which drops it.
+    reader.key_schema = unique("pgenvelope_unused");
+}

@@ -11,6 +11,7 @@ mod cluster_smoke;
 mod encryption;
 mod harness;
 mod hsm;
+mod keys_lifecycle;
 mod kms;
 mod passthrough;
 mod raw;
