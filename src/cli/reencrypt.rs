@@ -124,6 +124,7 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
             KeyManagerConfig {
                 ttl: OWN_KEY_CACHE_TTL,
                 capacity: config.key_cache_capacity,
+                ..KeyManagerConfig::default()
             },
         )
         .with_unwrap_only(also),
@@ -193,7 +194,7 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
             );
             continue;
         }
-        match destroy_retired(&store, key.dek, reason).await {
+        match store.destroy_retired(key.dek, reason).await {
             Ok(true) => println!("destroyed {label}"),
             Ok(false) => println!("kept {label}: no longer decrypt_only"),
             Err(e) => {
@@ -376,13 +377,4 @@ impl Progress for Display {
         self.end_line();
         eprintln!("{table}: {message}");
     }
-}
-
-// TEMPORARY until KeyStore::destroy_retired lands.
-async fn destroy_retired(
-    _store: &crate::keys::KeyStore,
-    _dek: crate::crypto::DekId,
-    _reason: Option<&str>,
-) -> Result<bool, crate::keys::KeyError> {
-    Ok(false)
 }

@@ -691,7 +691,10 @@ async fn the_listener_reconnects_and_still_sees_rotations() {
     let new = active_dek(&schema, "acme").await.unwrap();
     until_writes_use(&client, &t, "acme", new, Duration::from_secs(5)).await;
     let metrics = pgenvelope::admin::metrics(&v.proxy.handle);
-    assert!(metrics.contains("pgenvelope_key_listener_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("pgenvelope_key_listener_up 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("pgenvelope_key_changes_total{kind=\"rotate\"} 1"),
         "{metrics}"
