@@ -26,15 +26,7 @@ const PLAIN_EVERY: Duration = Duration::from_secs(2);
 /// Shortest interval between redraws of the progress bar.
 const BAR_EVERY: Duration = Duration::from_millis(100);
 
-/// Flags of `pgenvelope reencrypt`.
-///
-/// Walks every encrypted column of the rules (or one table) in primary-key order, in small
-/// transactions: plaintext is encrypted under the active DEK of the row's organisation, values
-/// under retired (decrypt_only) DEKs are moved to their organisation's active DEK, values under
-/// destroyed or unknown DEKs are counted and left alone. Writes go straight to PostgreSQL with
-/// compare-and-set, so concurrent application writes are never overwritten. Interrupted runs
-/// resume from a checkpoint in the key store schema; running twice changes nothing. After a
-/// run over all tables, says which retired DEKs no longer protect any value.
+/// Flags of `pgenvelope reencrypt` (the command's help text is on `Command::Reencrypt`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReencryptArgs {
     /// Only this table (schema-qualified; unqualified means public); it must be in the rules
