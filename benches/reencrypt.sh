@@ -83,8 +83,8 @@ log "loading $ROWS plaintext rows and pgbench scale $SCALE"
 "${PSQL[@]}" -c "
   CREATE TABLE bench_reenc (id bigint primary key, org_id text not null, secret text);
   INSERT INTO bench_reenc SELECT g, 'org' || (g % 10), md5(g::text) || md5((-g)::text)
-    FROM generate_series(1, $ROWS) g;
-  VACUUM ANALYZE bench_reenc;"
+    FROM generate_series(1, $ROWS) g;"
+"${PSQL[@]}" -c "VACUUM ANALYZE bench_reenc"
 "$PG_BINDIR/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >"$WORK/pgbench-init.log" 2>&1
 mkdir -p "$WORK/rules"
 printf '[[table]]\nname = "public.bench_reenc"\ntenant_column = "org_id"\nencrypt = ["secret"]\n' >"$WORK/rules/bench.toml"
