@@ -23,6 +23,7 @@ pub mod config;
 pub mod crypto;
 pub mod keys;
 pub mod proxy;
+pub mod reencrypt;
 pub mod rules;
 pub mod sql;
 pub mod tls;

@@ -1,6 +1,5 @@
 //! Flags shared by the commands that work on the key store (`keys …`, `reencrypt`), and the
 //! key store / KEK handles they open.
-#![allow(dead_code, reason = "used by the key lifecycle commands being added")]
 
 use std::sync::Arc;
 

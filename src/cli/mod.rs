@@ -5,6 +5,7 @@ mod check;
 mod common;
 mod inspect;
 mod keys;
+mod reencrypt;
 mod serve;
 
 use std::path::PathBuf;
@@ -48,6 +49,18 @@ pub enum Command {
     /// Inspect the key store (data keys per organisation).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Encrypt plaintext and move values from retired data keys to the active ones, in place.
+    ///
+    /// Walks every encrypted column of the rules (or one table) in primary-key order, in small
+    /// transactions, directly in PostgreSQL (never through a proxy). Plaintext is encrypted under
+    /// the active data key of the row's organisation; values under retired (decrypt_only) keys
+    /// move to their organisation's active key; values under destroyed or unknown keys, or
+    /// failing authentication, are counted and left alone. Compare-and-set writes never
+    /// overwrite concurrent application writes. Interrupted runs resume from a checkpoint in the
+    /// key store schema; running twice changes nothing. After a run over all tables, says which
+    /// retired keys no longer protect any value. Exit 1 when a table could not be processed
+    /// (e.g. it has no primary key).
+    Reencrypt(reencrypt::ReencryptArgs),
 }
 
 /// Flags of `pgenvelope serve`.
@@ -231,6 +244,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys(cmd) => {
             let config = load_config(cli.config.as_deref(), cmd.overrides())?;
             keys::run(&config, &cmd)
+        }
+        Command::Reencrypt(args) => {
+            let config = load_config(cli.config.as_deref(), args.overrides())?;
+            reencrypt::run(&config, &args)
         }
     }
 }

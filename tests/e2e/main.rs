@@ -17,6 +17,7 @@ mod keys_lifecycle;
 mod kms;
 mod passthrough;
 mod raw;
+mod reencrypt;
 mod sessions;
 mod soak;
 mod tls;

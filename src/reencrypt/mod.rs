@@ -1,0 +1,843 @@
+//! `reencrypt`: move every stored value of the configured columns under its organisation's
+//! active DEK, directly in PostgreSQL, while applications keep writing through proxies.
+//!
+//! # What happens to a value
+//!
+//! | stored value | owner | action |
+//! |---|---|---|
+//! | `NULL` | – | skipped |
+//! | plaintext (not `enc:v1:`) | the row's `tenant_column`, else `--default-tenant` | sealed under the owner's active DEK (created if it has none); no owner: counted, left as is |
+//! | `enc:v1` under the owner's active DEK | the DEK's organisation | unchanged (not decrypted) |
+//! | `enc:v1` under a `decrypt_only` DEK | the DEK's organisation | opened and sealed again under that organisation's active DEK |
+//! | `enc:v1` under a destroyed or unknown DEK, for another column, failing authentication, or malformed | – | counted by reason, left as is |
+//!
+//! Output is exactly what the proxy writes (same [`ColumnKey`], column id from the rule and
+//! AAD), so proxies read it back. With an organisation filter, values owned by other
+//! organisations are skipped.
+//!
+//! # Safety against concurrent writers
+//!
+//! Rows are read in primary-key order (keyset pagination, `(pk…) > (last…)`, composite keys
+//! supported) without locks. Each batch is written by one compare-and-set `UPDATE … FROM
+//! unnest(…)` that only changes a column whose current text is still the one read (and whose
+//! tenant column is unchanged), inside a transaction that also saves the checkpoint. Rows the
+//! `UPDATE` skipped were changed in between: they are read again `FOR UPDATE` in the same
+//! transaction, processed again and written; an application's newer value is therefore never
+//! overwritten. A deadlock or lock timeout rolls the batch back and it is retried. Tables
+//! without a primary key are reported and skipped.
+//!
+//! # Resuming
+//!
+//! See [`checkpoint`]: the last key of each finished batch is saved with the batch; the next
+//! run resumes there unless a `rotate` or `shred` happened since the pass began, in which case
+//! the table starts over. A run over finished tables changes nothing.
+//!
+//! # What this module never does
+//!
+//! It never logs or returns values, plaintext, ciphertext or keys: errors and reports name
+//! tables, columns, DEK ids and organisations only. It never writes through a proxy.
+
+mod checkpoint;
+mod error;
+mod plan;
+mod verify;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, GenericClient, Row};
+use zeroize::Zeroizing;
+
+use crate::crypto::{looks_like_enc_v1, ColumnId, ColumnKey, DekId, EncV1, NonceSource, OrgId};
+use crate::keys::{CachedDek, KeyError, KeyManager};
+use crate::rules::{ColumnRule, RuleSet, TableRule};
+use crate::tls::ServiceTls;
+
+use checkpoint::{Checkpoint, Checkpoints};
+pub use error::ReencryptError;
+use plan::TablePlan;
+pub use verify::Census;
+
+/// Default rows per batch (one transaction each).
+pub const DEFAULT_BATCH: u32 = 500;
+/// `application_name` of the service connection unless the URL sets one.
+const APPLICATION_NAME: &str = "pgenvelope-reencrypt";
+/// Class id of the run lock: "pgre" in ASCII.
+const RUN_LOCK_CLASS: i32 = 0x7067_7265;
+/// Compare-and-set rounds for rows that keep changing before they are left for the next run.
+const CAS_ATTEMPTS: usize = 3;
+/// Retries of a batch rolled back by a deadlock, serialization failure or lock timeout.
+const BATCH_RETRIES: usize = 5;
+
+/// What to re-encrypt and how.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The configured columns.
+    pub rules: RuleSet,
+    /// Only this table (`schema`, `table` as stored); `None` for all.
+    pub table: Option<(String, String)>,
+    /// Only values owned by this organisation.
+    pub org: Option<OrgId>,
+    /// Owner of plaintext in rows with no tenant column value.
+    pub default_tenant: Option<OrgId>,
+    /// Rows per batch (at least 1).
+    pub batch: usize,
+    /// Ignore and delete saved checkpoints.
+    pub restart: bool,
+}
+
+/// Receives progress while tables are processed. All methods default to doing nothing.
+pub trait Progress {
+    /// A table's pass begins at `done` of about `total` rows.
+    fn table_started(&self, _table: &str, _done: u64, _total: u64) {}
+    /// A batch was committed.
+    fn advanced(&self, _table: &str, _done: u64, _total: u64) {}
+    /// A table's pass ended (successfully or not).
+    fn table_finished(&self, _table: &str) {}
+    /// Something the operator should know (resuming, starting over, retrying).
+    fn notice(&self, _table: &str, _message: &str) {}
+}
+
+/// Why a value was left as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Untouched {
+    /// Plaintext in a row whose organisation is unknown (no tenant value, no default tenant).
+    NoOrganisation,
+    /// Under a destroyed DEK: unrecoverable.
+    DestroyedDek,
+    /// Under a DEK the key store does not know.
+    UnknownDek,
+    /// The DEK exists but cannot be unwrapped here (other KEK, rejected by the KEK).
+    KeyUnavailable,
+    /// Failed authentication, or sealed for another column.
+    Authentication,
+    /// Starts with `enc:v1:` but is not a well-formed value.
+    Malformed,
+    /// Changed by someone else in every compare-and-set round; the next run retries it.
+    KeptChanging,
+}
+
+impl Untouched {
+    /// Short description for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::NoOrganisation => {
+                "plaintext with no organisation (no tenant value, no --default-tenant)"
+            }
+            Self::DestroyedDek => "under a destroyed DEK",
+            Self::UnknownDek => "under an unknown DEK",
+            Self::KeyUnavailable => "under a DEK this KEK cannot unwrap",
+            Self::Authentication => "failed authentication or sealed for another column",
+            Self::Malformed => "malformed enc:v1",
+            Self::KeptChanging => "changed concurrently in every attempt",
+        }
+    }
+}
+
+/// Counts for one table, over values (a row has one value per encrypted column) unless the
+/// name says rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Rows read in this run.
+    pub rows: u64,
+    /// Rows a previous run had done (resumed from a checkpoint).
+    pub resumed_rows: u64,
+    /// The checkpoint was dropped because keys were rotated or shredded since it was written.
+    pub restarted: bool,
+    /// NULL values.
+    pub nulls: u64,
+    /// Plaintext values now encrypted.
+    pub encrypted: u64,
+    /// Values moved from a retired DEK to the active one.
+    pub moved: u64,
+    /// Values already under their organisation's active DEK.
+    pub unchanged: u64,
+    /// Values owned by organisations other than the filter's.
+    pub other_org: u64,
+    /// Values left as they are, by reason.
+    pub untouched: BTreeMap<Untouched, u64>,
+    /// Rows whose compare-and-set failed because they changed, and were read again.
+    pub conflicts: u64,
+    /// A key was rotated or shredded while the table was processed: values written under the
+    /// old key since then need another run.
+    pub keys_changed_during: bool,
+}
+
+impl TableStats {
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Null => self.nulls += 1,
+            Outcome::Encrypted => self.encrypted += 1,
+            Outcome::Moved => self.moved += 1,
+            Outcome::Unchanged => self.unchanged += 1,
+            Outcome::OtherOrg => self.other_org += 1,
+            Outcome::Untouched(why) => *self.untouched.entry(why).or_insert(0) += 1,
+        }
+    }
+
+    fn merge(&mut self, other: &Self) {
+        self.rows += other.rows;
+        self.nulls += other.nulls;
+        self.encrypted += other.encrypted;
+        self.moved += other.moved;
+        self.unchanged += other.unchanged;
+        self.other_org += other.other_org;
+        self.conflicts += other.conflicts;
+        for (why, n) in &other.untouched {
+            *self.untouched.entry(*why).or_insert(0) += n;
+        }
+    }
+
+    /// Values left as they are, all reasons together.
+    pub fn untouched_total(&self) -> u64 {
+        self.untouched.values().sum()
+    }
+}
+
+/// The result for one table.
+#[derive(Debug)]
+pub struct TableReport {
+    /// `schema.table`.
+    pub table: String,
+    /// Counts, or why the table was skipped or stopped. A table that stopped half-way keeps
+    /// its checkpoint.
+    pub result: Result<TableStats, ReencryptError>,
+}
+
+/// A retired (`decrypt_only`) DEK and what still depends on it.
+#[derive(Debug, Clone)]
+pub struct RetiredKey {
+    /// The DEK.
+    pub dek: DekId,
+    /// Its organisation.
+    pub org: OrgId,
+    /// Its version.
+    pub version: i32,
+    /// Values of the configured columns still under it.
+    pub remaining: u64,
+    /// Retired longer ago than the cache TTL given, so no proxy can still hold it as its
+    /// organisation's active key.
+    pub settled: bool,
+}
+
+/// One re-encryption run over a service connection of its own.
+///
+/// Holds a session advisory lock on the key store schema for its lifetime, so two runs
+/// against one key store never interleave.
+pub struct Reencryptor {
+    client: Client,
+    schema: String,
+    checkpoints: Checkpoints,
+    crypto: Crypto,
+    options: Options,
+}
+
+impl Reencryptor {
+    /// Connect with `service` (the upstream URL's settings), take the run lock and create
+    /// the checkpoint table. `keys` must use the same key store schema `schema`.
+    pub async fn connect(
+        mut service: tokio_postgres::Config,
+        tls: ServiceTls,
+        schema: &str,
+        keys: Arc<KeyManager>,
+        options: Options,
+    ) -> Result<Self, ReencryptError> {
+        if service.get_application_name().is_none() {
+            service.application_name(APPLICATION_NAME);
+        }
+        tls.apply(&mut service);
+        let (client, connection) =
+            service
+                .connect(tls)
+                .await
+                .map_err(|e| ReencryptError::Connect {
+                    source: Arc::new(e),
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "reencrypt connection closed");
+            }
+        });
+        let locked: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&RUN_LOCK_CLASS, &schema],
+            )
+            .await
+            .map_err(|e| ReencryptError::db("take the run lock", None, e))?
+            .get(0);
+        if !locked {
+            return Err(ReencryptError::AlreadyRunning {
+                schema: schema.to_owned(),
+            });
+        }
+        // Waiting behind an application's long transaction would stall the run silently;
+        // time out and retry the batch instead.
+        client
+            .batch_execute("SET lock_timeout = '5s'")
+            .await
+            .map_err(|e| ReencryptError::db("set lock_timeout", None, e))?;
+        let checkpoints = Checkpoints::new(schema);
+        checkpoints.ensure(&client).await?;
+        Ok(Self {
+            client,
+            schema: schema.to_owned(),
+            checkpoints,
+            crypto: Crypto {
+                keys,
+                nonces: NonceSource::from_os_rng(),
+                column_keys: HashMap::new(),
+                unusable: HashMap::new(),
+                org_filter: options.org.clone(),
+                default_tenant: options.default_tenant.clone(),
+                sealed: HashMap::new(),
+            },
+            options,
+        })
+    }
+
+    /// The tables this run covers, in rule order.
+    pub fn tables(&self) -> Result<Vec<TableRule>, ReencryptError> {
+        let rules = &self.options.rules;
+        match &self.options.table {
+            None => Ok(rules.tables().cloned().collect()),
+            Some((schema, name)) => match rules.table(schema, name) {
+                Some(t) => Ok(vec![t.clone()]),
+                None => Err(ReencryptError::NotConfigured {
+                    table: format!("{schema}.{name}"),
+                }),
+            },
+        }
+    }
+
+    /// Process every table of the run. A failing table is reported and the next one taken;
+    /// a key store or KEK outage stops the run (the report then ends with that table).
+    pub async fn run(
+        &mut self,
+        progress: &dyn Progress,
+    ) -> Result<Vec<TableReport>, ReencryptError> {
+        let mut reports = Vec::new();
+        for rule in self.tables()? {
+            let table = rule.qualified_name();
+            let result = self.table(&rule, progress).await;
+            progress.table_finished(&table);
+            if let Err(e) = self.crypto.keys.flush_counters().await {
+                progress.notice(&table, &format!("could not save encryption counts: {e}"));
+            }
+            let fatal = matches!(
+                result,
+                Err(ReencryptError::Keys { .. } | ReencryptError::Connect { .. })
+            ) || self.client.is_closed();
+            reports.push(TableReport { table, result });
+            if fatal {
+                break;
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Read-only census of every configured column (not only this run's tables).
+    pub async fn census(&mut self) -> Result<Census, ReencryptError> {
+        verify::census(&mut self.client, &self.options.rules).await
+    }
+
+    /// Every `decrypt_only` DEK (of the filter organisation, if any), whether it was retired
+    /// longer ago than `ttl` by the database clock, and the values `census` found under it.
+    ///
+    /// Call [`Reencryptor::retired_keys`] before taking the census when the answer decides
+    /// destruction: a key settled before the census began cannot gain values during it from
+    /// a proxy's stale cache.
+    pub async fn retired_keys(&self, ttl: Duration) -> Result<Vec<RetiredKey>, ReencryptError> {
+        let sql = format!(
+            "SELECT dek_id, org_id, version, \
+                    retired_at IS NOT NULL AND retired_at <= now() - make_interval(secs => $1) \
+             FROM \"{}\".data_keys \
+             WHERE state = 'decrypt_only' AND ($2::text IS NULL OR org_id = $2) \
+             ORDER BY org_id, version",
+            self.schema
+        );
+        let org = self.options.org.as_ref().map(OrgId::as_str);
+        let rows = self
+            .client
+            .query(&sql, &[&ttl.as_secs_f64(), &org])
+            .await
+            .map_err(|e| ReencryptError::db("list retired DEKs", None, e))?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in rows {
+            let org: String = row.get(1);
+            let Ok(org) = OrgId::new(org) else {
+                continue;
+            };
+            keys.push(RetiredKey {
+                dek: DekId(row.get(0)),
+                org,
+                version: row.get(2),
+                remaining: 0,
+                settled: row.get(3),
+            });
+        }
+        Ok(keys)
+    }
+
+    async fn table(
+        &mut self,
+        rule: &TableRule,
+        progress: &dyn Progress,
+    ) -> Result<TableStats, ReencryptError> {
+        let plan = TablePlan::build(&self.client, rule).await?;
+        let name = plan.name.clone();
+        let scope = self
+            .options
+            .org
+            .as_ref()
+            .map_or_else(String::new, |o| o.as_str().to_owned());
+        let org_owned = self.options.org.as_ref().map(|o| o.as_str().to_owned());
+        let org = org_owned.as_deref();
+        let mut stats = TableStats::default();
+
+        let mut saved = self.checkpoints.load(&self.client, &name, &scope).await?;
+        if self.options.restart && saved.is_some() {
+            self.checkpoints.delete(&self.client, &name, &scope).await?;
+            saved = None;
+        }
+        if let Some(cp) = &saved {
+            if cp.last_key.len() != plan.pk.len() {
+                return Err(ReencryptError::BadCheckpoint { table: name });
+            }
+            let changed = self
+                .checkpoints
+                .stale_events_since(&self.client, cp.since_event, org)
+                .await?;
+            if changed > 0 {
+                progress.notice(
+                    &name,
+                    "keys were rotated or shredded since the checkpoint: starting over",
+                );
+                stats.restarted = true;
+                saved = None;
+            } else {
+                progress.notice(
+                    &name,
+                    &format!(
+                        "resuming after {} row(s) done by an earlier run",
+                        cp.rows_done
+                    ),
+                );
+            }
+        }
+        let since_event = match &saved {
+            Some(cp) => cp.since_event,
+            None => self.checkpoints.high_water(&self.client).await?,
+        };
+        let total: i64 = self
+            .client
+            .query_one(&plan.count, &[])
+            .await
+            .map_err(|e| ReencryptError::db("count rows", Some(&name), e))?
+            .get(0);
+        let total = u64::try_from(total).unwrap_or(0);
+        stats.resumed_rows = saved.as_ref().map_or(0, |cp| cp.rows_done);
+        let mut done = stats.resumed_rows;
+        let mut last_key = saved.map(|cp| cp.last_key);
+        progress.table_started(&name, done, total);
+
+        let batch = self.options.batch.max(1);
+        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+        loop {
+            let mut attempt = 0;
+            let (read, batch_stats, next_key) = loop {
+                match self
+                    .batch(&plan, last_key.as_deref(), limit, &scope, since_event, done)
+                    .await
+                {
+                    Ok(r) => break r,
+                    Err(e) if e.is_transient() && attempt < BATCH_RETRIES => {
+                        attempt += 1;
+                        progress.notice(&name, "batch rolled back (lock conflict); retrying");
+                        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            if read == 0 {
+                break;
+            }
+            stats.merge(&batch_stats);
+            done += read as u64;
+            progress.advanced(&name, done, total.max(done));
+            last_key = next_key;
+            if read < batch {
+                break;
+            }
+        }
+        self.checkpoints.delete(&self.client, &name, &scope).await?;
+        stats.keys_changed_during = self
+            .checkpoints
+            .stale_events_since(&self.client, since_event, org)
+            .await?
+            > 0;
+        Ok(stats)
+    }
+
+    /// Read one batch after `after`, write what changed and the checkpoint in one
+    /// transaction. Returns the rows read, their counts and the batch's last key.
+    async fn batch(
+        &mut self,
+        plan: &TablePlan,
+        after: Option<&[String]>,
+        limit: i64,
+        scope: &str,
+        since_event: i64,
+        done: u64,
+    ) -> Result<(usize, TableStats, Option<Vec<String>>), ReencryptError> {
+        let name = plan.name.as_str();
+        let rows = match after {
+            None => self.client.query(&plan.select_first, &[&limit]).await,
+            Some(key) => {
+                let mut params: Vec<&(dyn ToSql + Sync)> =
+                    key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+                params.push(&limit);
+                self.client.query(&plan.select_after, &params).await
+            }
+        }
+        .map_err(|e| ReencryptError::db("read rows", Some(name), e))?;
+        let Some(last) = rows.last() else {
+            return Ok((0, TableStats::default(), None));
+        };
+        let last_key = row_key(plan, last)?;
+
+        let mut stats = TableStats {
+            rows: rows.len() as u64,
+            ..TableStats::default()
+        };
+        let mut pending = Vec::new();
+        for row in &rows {
+            let work = self.crypto.row(plan, row).await?;
+            if work.changes() {
+                pending.push(work);
+            } else {
+                work.outcomes.into_iter().for_each(|o| stats.count(o));
+            }
+        }
+
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| ReencryptError::db("begin", Some(name), e))?;
+        let mut round = 0;
+        while !pending.is_empty() {
+            let updated = update(&tx, plan, &pending).await?;
+            let (applied, conflicted): (Vec<RowWork>, Vec<RowWork>) =
+                pending.into_iter().partition(|w| updated.contains(&w.key));
+            for w in applied {
+                w.outcomes.into_iter().for_each(|o| stats.count(o));
+            }
+            if conflicted.is_empty() {
+                break;
+            }
+            stats.conflicts += conflicted.len() as u64;
+            round += 1;
+            if round >= CAS_ATTEMPTS {
+                for w in conflicted {
+                    w.give_up().into_iter().for_each(|o| stats.count(o));
+                }
+                break;
+            }
+            let locked = select_locked(&tx, plan, &conflicted).await?;
+            pending = Vec::new();
+            for row in &locked {
+                let work = self.crypto.row(plan, row).await?;
+                if work.changes() {
+                    pending.push(work);
+                } else {
+                    work.outcomes.into_iter().for_each(|o| stats.count(o));
+                }
+            }
+        }
+        let checkpoint = Checkpoint {
+            last_key: last_key.clone(),
+            rows_done: done + rows.len() as u64,
+            since_event,
+        };
+        self.checkpoints.save(&tx, name, scope, &checkpoint).await?;
+        tx.commit()
+            .await
+            .map_err(|e| ReencryptError::db("commit", Some(name), e))?;
+        for (dek, n) in std::mem::take(&mut self.crypto.sealed) {
+            self.crypto.keys.note_encryptions(dek, n);
+        }
+        Ok((rows.len(), stats, Some(last_key)))
+    }
+}
+
+impl std::fmt::Debug for Reencryptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reencryptor")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened to one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Null,
+    Encrypted,
+    Moved,
+    Unchanged,
+    OtherOrg,
+    Untouched(Untouched),
+}
+
+/// One row as read, and what to write.
+///
+/// Invariant: `old`, `new` and `outcomes` have one entry per encrypted column; `new[i]` is
+/// `Some` exactly when `outcomes[i]` is `Encrypted` or `Moved`.
+struct RowWork {
+    key: Vec<String>,
+    tenant: Option<String>,
+    old: Vec<Option<String>>,
+    new: Vec<Option<String>>,
+    outcomes: Vec<Outcome>,
+}
+
+impl RowWork {
+    fn changes(&self) -> bool {
+        self.new.iter().any(Option::is_some)
+    }
+
+    /// Outcomes when the row is left for the next run.
+    fn give_up(self) -> Vec<Outcome> {
+        self.outcomes
+            .into_iter()
+            .zip(&self.new)
+            .map(|(o, n)| match n {
+                Some(_) => Outcome::Untouched(Untouched::KeptChanging),
+                None => o,
+            })
+            .collect()
+    }
+}
+
+/// Why a DEK cannot be used, with its organisation when the key store knows it.
+#[derive(Debug, Clone)]
+struct Unusable {
+    why: Untouched,
+    org: Option<OrgId>,
+}
+
+/// Keys, nonces and the per-value decisions.
+struct Crypto {
+    keys: Arc<KeyManager>,
+    nonces: NonceSource,
+    /// Derived subkeys; only used after the DEK was fetched again from `keys`, so a DEK
+    /// destroyed meanwhile is not used from here.
+    column_keys: HashMap<(DekId, ColumnId), ColumnKey>,
+    /// DEKs that cannot decrypt (destroyed, unknown, unwrappable): remembered so each costs
+    /// one key-store look-up, not one per value.
+    unusable: HashMap<DekId, Unusable>,
+    org_filter: Option<OrgId>,
+    default_tenant: Option<OrgId>,
+    /// Seals per DEK in the current batch, noted once the batch commits.
+    sealed: HashMap<DekId, u64>,
+}
+
+impl Crypto {
+    async fn row(&mut self, plan: &TablePlan, row: &Row) -> Result<RowWork, ReencryptError> {
+        let key = row_key(plan, row)?;
+        let get_err = |e| ReencryptError::db("decode row", Some(&plan.name), e);
+        let tenant: Option<String> = row.try_get(plan.pk.len()).map_err(get_err)?;
+        let row_org = tenant
+            .as_deref()
+            .and_then(|t| OrgId::new(t).ok())
+            .or_else(|| self.default_tenant.clone());
+        let n = plan.columns.len();
+        let mut work = RowWork {
+            key,
+            tenant,
+            old: Vec::with_capacity(n),
+            new: Vec::with_capacity(n),
+            outcomes: Vec::with_capacity(n),
+        };
+        for (i, column) in plan.columns.iter().enumerate() {
+            let value: Option<String> = row.try_get(plan.value_offset() + i).map_err(get_err)?;
+            let (outcome, new) = self
+                .value(&plan.name, column, row_org.as_ref(), value.as_deref())
+                .await?;
+            work.old.push(if new.is_some() { value } else { None });
+            work.new.push(new);
+            work.outcomes.push(outcome);
+        }
+        Ok(work)
+    }
+
+    async fn value(
+        &mut self,
+        table: &str,
+        column: &ColumnRule,
+        row_org: Option<&OrgId>,
+        value: Option<&str>,
+    ) -> Result<(Outcome, Option<String>), ReencryptError> {
+        let Some(value) = value else {
+            return Ok((Outcome::Null, None));
+        };
+        let keys_err = |source| ReencryptError::Keys {
+            table: table.to_owned(),
+            source,
+        };
+        if !looks_like_enc_v1(value.as_bytes()) {
+            let Some(org) = row_org else {
+                return Ok((Outcome::Untouched(Untouched::NoOrganisation), None));
+            };
+            if self.org_filter.as_ref().is_some_and(|f| f != org) {
+                return Ok((Outcome::OtherOrg, None));
+            }
+            let active = self.keys.active_key(org).await.map_err(keys_err)?;
+            let sealed = self.seal(column, &active, org, value.as_bytes())?;
+            return Ok((Outcome::Encrypted, Some(sealed)));
+        }
+        let Ok(parsed) = EncV1::parse(value.as_bytes()) else {
+            return Ok((Outcome::Untouched(Untouched::Malformed), None));
+        };
+        let dek = parsed.dek_id();
+        let cached = match self.dek(dek).await.map_err(keys_err)? {
+            Ok(cached) => cached,
+            Err(unusable) => {
+                let other = match (&self.org_filter, &unusable.org) {
+                    (Some(f), Some(o)) => f != o,
+                    _ => false,
+                };
+                if other {
+                    return Ok((Outcome::OtherOrg, None));
+                }
+                return Ok((Outcome::Untouched(unusable.why), None));
+            }
+        };
+        let org = cached.org().clone();
+        if self.org_filter.as_ref().is_some_and(|f| *f != org) {
+            return Ok((Outcome::OtherOrg, None));
+        }
+        if parsed.column_id() != column.id() {
+            return Ok((Outcome::Untouched(Untouched::Authentication), None));
+        }
+        let active = self.keys.active_key(&org).await.map_err(keys_err)?;
+        if active.dek_id() == dek {
+            return Ok((Outcome::Unchanged, None));
+        }
+        let old_key = self.column_key(&cached, column.id());
+        let Ok(plaintext) = old_key.open(&org, &parsed) else {
+            return Ok((Outcome::Untouched(Untouched::Authentication), None));
+        };
+        let plaintext = Zeroizing::new(plaintext);
+        let sealed = self.seal(column, &active, &org, &plaintext)?;
+        Ok((Outcome::Moved, Some(sealed)))
+    }
+
+    /// The DEK for decrypting, or why it cannot be used. Errors that stop the run (key store
+    /// or KEK unreachable) are `Err`.
+    async fn dek(&mut self, dek: DekId) -> Result<Result<Arc<CachedDek>, Unusable>, KeyError> {
+        if let Some(unusable) = self.unusable.get(&dek) {
+            return Ok(Err(unusable.clone()));
+        }
+        let why = match self.keys.key_by_id(dek).await {
+            Ok(cached) => return Ok(Ok(cached)),
+            Err(KeyError::DestroyedDek(_)) => Untouched::DestroyedDek,
+            Err(KeyError::UnknownDek(_)) => Untouched::UnknownDek,
+            Err(
+                KeyError::UnwrapRejected { .. }
+                | KeyError::KekMismatch { .. }
+                | KeyError::KekUnusable { .. }
+                | KeyError::CorruptRecord { .. },
+            ) => Untouched::KeyUnavailable,
+            Err(e) => return Err(e),
+        };
+        let org = match self.keys.store().lookup(dek).await {
+            Ok(record) => record.map(|r| r.org_id),
+            Err(KeyError::CorruptRecord { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let unusable = Unusable { why, org };
+        self.unusable.insert(dek, unusable.clone());
+        Ok(Err(unusable))
+    }
+
+    fn column_key(&mut self, dek: &Arc<CachedDek>, column: ColumnId) -> &ColumnKey {
+        self.column_keys
+            .entry((dek.dek_id(), column))
+            .or_insert_with(|| ColumnKey::derive(dek.key(), dek.dek_id(), column))
+    }
+
+    fn seal(
+        &mut self,
+        column: &ColumnRule,
+        active: &Arc<CachedDek>,
+        org: &OrgId,
+        plaintext: &[u8],
+    ) -> Result<String, ReencryptError> {
+        let key = self.column_key(active, column.id()).clone();
+        let sealed =
+            key.seal(org, plaintext, &mut self.nonces)
+                .map_err(|e| ReencryptError::Seal {
+                    column: column.qualified_name().to_owned(),
+                    reason: e.to_string(),
+                })?;
+        *self.sealed.entry(active.dek_id()).or_insert(0) += 1;
+        Ok(sealed)
+    }
+}
+
+/// The text form of a row's primary key.
+fn row_key(plan: &TablePlan, row: &Row) -> Result<Vec<String>, ReencryptError> {
+    (0..plan.pk.len())
+        .map(|i| {
+            row.try_get::<_, String>(i)
+                .map_err(|e| ReencryptError::db("decode primary key", Some(&plan.name), e))
+        })
+        .collect()
+}
+
+/// Run the compare-and-set update for `work`; returns the keys of the rows it changed.
+async fn update(
+    client: &impl GenericClient,
+    plan: &TablePlan,
+    work: &[RowWork],
+) -> Result<HashSet<Vec<String>>, ReencryptError> {
+    let keys: Vec<Vec<&str>> = (0..plan.pk.len())
+        .map(|i| work.iter().map(|w| w.key[i].as_str()).collect())
+        .collect();
+    let tenants: Vec<Option<&str>> = work.iter().map(|w| w.tenant.as_deref()).collect();
+    let mut values: Vec<Vec<Option<&str>>> = Vec::with_capacity(2 * plan.columns.len());
+    for i in 0..plan.columns.len() {
+        values.push(work.iter().map(|w| w.old[i].as_deref()).collect());
+        values.push(work.iter().map(|w| w.new[i].as_deref()).collect());
+    }
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(keys.len() + 1 + values.len());
+    params.extend(keys.iter().map(|k| k as &(dyn ToSql + Sync)));
+    params.push(&tenants);
+    params.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
+    let rows = client
+        .query(&plan.update, &params)
+        .await
+        .map_err(|e| ReencryptError::db("update rows", Some(&plan.name), e))?;
+    rows.iter().map(|r| row_key(plan, r)).collect()
+}
+
+/// Read the rows of `work` again, locked against further changes until commit.
+async fn select_locked(
+    client: &impl GenericClient,
+    plan: &TablePlan,
+    work: &[RowWork],
+) -> Result<Vec<Row>, ReencryptError> {
+    let keys: Vec<Vec<&str>> = (0..plan.pk.len())
+        .map(|i| work.iter().map(|w| w.key[i].as_str()).collect())
+        .collect();
+    let params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+    client
+        .query(&plan.select_locked, &params)
+        .await
+        .map_err(|e| ReencryptError::db("re-read changed rows", Some(&plan.name), e))
+}
