@@ -127,12 +127,13 @@ def main():
         md.append("")
 
     # 3. bulk read
-    bulk = [k for k in runs.order if k[0] == "bulk"]
+    bulk = [k for k in runs.order if k[0].startswith("bulk")]
     if bulk:
         md += ["### Bulk read: one SELECT of all rows, one column encrypted", "",
                "| target | rows | value B | wall s | plaintext MB/s (wall) | proxy CPU s | plaintext MB/s per proxy CPU s | wall vs pgenvelope-plain | wall vs direct |",
                "|---|---|---|---|---|---|---|---|---|"]
-        for k in sorted(bulk, key=lambda k: ["direct", "pgenvelope-plain", "pgenvelope-encrypted"].index(k[1])):
+        for k in sorted(bulk, key=lambda k: (int(k[0].split("-")[1]) if "-" in k[0] else 0,
+                                             ["direct", "pgenvelope-plain", "pgenvelope-encrypted"].index(k[1]))):
             rs = runs.by[k]
             e = extra(rs[0])
             mb = e["rows"] * e["value_bytes"] / MB
@@ -141,13 +142,13 @@ def main():
             per_cpu = mb / cpu if cpu else None
             inv = lambda base: runs.ratio(k, base, "wall_s")
             r1, r2 = inv("pgenvelope-plain"), inv("direct")
-            s = dict(scenario="bulk", target=k[1], mode=k[2], clients=k[3], tps=None,
+            s = dict(scenario=k[0], target=k[1], mode=k[2], clients=k[3], tps=None,
                      mean_ms=wall * 1000, p99_ms=None,
                      cpu_ms_per_1k=(cpu * 1000 / (e["rows"] / 1000) if cpu else None),
                      ratio_1=(1 / r1 if r1 else None), ratio_1_base="pgenvelope-plain (throughput)",
                      ratio_2=(1 / r2 if r2 else None), ratio_2_base="direct (throughput)",
                      cpu_ratio=None, value=per_cpu, unit="plaintext MB per proxy CPU second",
-                     rounds=len(rs))
+                     rounds=len(rs), _mb=mb)
             summary.append(s)
             md.append(f"| {k[1]} | {int(e['rows']):,} | {int(e['value_bytes'])} | {wall:.2f} | {mb / wall:,.0f} "
                       f"| {fmt(cpu)} | {fmt(per_cpu, ',.0f')} | {fmt(s['ratio_1'])} | {fmt(s['ratio_2'])} |")
@@ -205,7 +206,7 @@ def main():
                     "proxy_cpu_ms_per_1k_stmts", "ratio_1", "ratio_1_vs", "ratio_2", "ratio_2_vs",
                     "cpu_ratio_vs_pgbouncer", "value", "value_unit", "rounds"])
         for s in summary:
-            w.writerow([fmt(s[c], ".4g") if isinstance(s[c], float) else s[c] for c in cols])
+            w.writerow([fmt(s.get(c), ".4g") if isinstance(s.get(c), float) else s.get(c, "") for c in cols])
     head = [f"Machine: {machine.get('nproc', '?')} CPUs ({machine.get('cpu', '?')}), "
             f"{machine.get('ram_gib', '?')} GiB RAM; {machine.get('postgres', '')}; {machine.get('pgbouncer', '')}; "
             f"load average before/after: {machine.get('load_before', '?')} / {machine.get('load_after', '?')}",
@@ -265,18 +266,24 @@ def chart(folder, summary, machine, plt):
         grouped(axes[0][2], el, ["direct", "pgenvelope-plain", "pgenvelope-encrypted"],
                 lambda g, t: (pick("encrypted-" + eg[el.index(g)][0], t, None, eg[el.index(g)][1]) or {}).get("tps"),
                 "Encrypted columns (64 B + 1 KiB), prepared: TPS", "transactions/s")
-    bulk = [s for s in summary if s["scenario"] == "bulk"]
+    bulk = [s for s in summary if s["scenario"].startswith("bulk")]
     if bulk:
-        ax = axes[1][0]
-        names = [s["target"] for s in bulk]
-        wall = [s["mean_ms"] / 1000 for s in bulk]
-        ax.bar(names, wall, color=[colors.get(n) for n in names])
-        for i, s in enumerate(bulk):
-            if s["value"]:
-                ax.text(i, wall[i], f"{s['value']:,.0f} MB/s\nper proxy CPU s", ha="center", va="bottom", fontsize=8)
-        ax.set_title("Bulk read of all rows: wall time", fontsize=10)
-        ax.set_ylabel("seconds")
-        ax.tick_params(axis="x", labelsize=8)
+        sizes = sorted({int(s["scenario"].split("-")[1]) for s in bulk})
+        sl = [f"{v} B values" for v in sizes]
+
+        def mbps(g, t):
+            s = pick(f"bulk-{sizes[sl.index(g)]}", t)
+            if not s or not s["mean_ms"]:
+                return None
+            e = s["mean_ms"] / 1000
+            return s["_mb"] / e if s.get("_mb") else None
+        grouped(axes[1][0], sl, ["direct", "pgenvelope-plain", "pgenvelope-encrypted"], mbps,
+                "Bulk read, all rows in one SELECT: plaintext MB/s (wall)", "MB/s")
+        for i, v in enumerate(sizes):
+            s = pick(f"bulk-{v}", "pgenvelope-encrypted")
+            if s and s["value"]:
+                axes[1][0].text(i + 0.53, 0, f"{s['value']:,.0f} MB/s\nper proxy\nCPU second",
+                                ha="center", va="bottom", fontsize=7, color="white")
     mem = [s for s in summary if s["scenario"] == "memory"]
     if mem:
         ax = axes[1][1]

@@ -14,7 +14,7 @@
 #   encrypted    insert and point select of rows with two encrypted text columns (64 B and
 #                1 KiB values), prepared: through pgenvelope, vs the same statements on a table
 #                without rules through pgenvelope and directly
-#   bulk         SELECT of BULK_ROWS rows with one encrypted column of BULK_VALUE bytes, vs
+#   bulk         SELECT of BULK_ROWS rows with one encrypted column of BULK_VALUES bytes, vs
 #                the same rows unencrypted through pgenvelope and directly: plaintext MB per
 #                second of wall time and per second of proxy CPU
 #   coldstart    ORGS organisations each writing once through a proxy with an empty key store
@@ -28,7 +28,8 @@
 #   DURATION=10 ROUNDS=3 CLIENTS="1 8 64" MODES="simple prepared"  pgbench scenarios
 #   ENC_CLIENTS="1 8"       clients of the encrypted workload
 #   SCALE=10                pgbench -i -s
-#   BULK_ROWS=1000000 BULK_VALUE=256  BULK_ROUNDS=$ROUNDS
+#   BULK_ROWS=1000000 BULK_VALUES="256 1024" (plaintext bytes per value; one table each)
+#   BULK_ROUNDS=$ROUNDS
 #   ORGS=10000              cold start organisations
 #   IDLE_CONNS=1000         memory scenario connections
 #   SCENARIOS="memory passthrough encrypted bulk coldstart"
@@ -36,6 +37,8 @@
 #                           workload through a proxy whose engine is on (rules for other tables)
 #   PGENVELOPE_BIN          proxy binary (default: cargo build --release, then the target dir's)
 #   PGENVELOPE_NO_BUILD=1   do not run cargo build
+#   PROXY_WRAPPER           command prefix for every pgenvelope process, for profiling, e.g.
+#                           "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"
 #   PGENVELOPE_PG_BINDIR    PostgreSQL binaries (default /usr/lib/postgresql/15/bin)
 #   RESULTS_DIR             default benches/results/<UTC timestamp>
 #   BENCH_VENV              Python venv for matplotlib (default ~/.cache/pgenvelope/bench-venv);
@@ -50,7 +53,7 @@ MODES=${MODES:-"simple prepared"}
 ENC_CLIENTS=${ENC_CLIENTS:-"1 8"}
 SCALE=${SCALE:-10}
 BULK_ROWS=${BULK_ROWS:-1000000}
-BULK_VALUE=${BULK_VALUE:-256}
+BULK_VALUES=${BULK_VALUES:-"256 1024"}
 BULK_ROUNDS=${BULK_ROUNDS:-$ROUNDS}
 ORGS=${ORGS:-10000}
 IDLE_CONNS=${IDLE_CONNS:-1000}
@@ -162,8 +165,12 @@ log "postgres pid $PG_PID port $PG_PORT; pgbench -i -s $SCALE"
 "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "
   CREATE TABLE bench_enc (id bigserial primary key, org_id text not null, a text, b text);
   CREATE TABLE bench_plain (id bigserial primary key, org_id text not null, a text, b text);
-  CREATE TABLE bulk_enc (id int primary key, org_id text not null, secret text);
-  CREATE TABLE bulk_plain (id int primary key, org_id text not null, secret text);"
+"
+for v in $BULK_VALUES; do
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "
+      CREATE TABLE bulk_enc_$v (id int primary key, org_id text not null, secret text);
+      CREATE TABLE bulk_plain_$v (id int primary key, org_id text not null, secret text);"
+done
 "${PSQL[@]}" -p "$PG_PORT" -d cold -c "
   CREATE TABLE cold_secrets (id bigserial primary key, org_id text not null, value text);
   CREATE SEQUENCE org_seq;"
@@ -200,12 +207,11 @@ cat >"$WORK/rules-bench/bench.toml" <<'EOF'
 name = "public.bench_enc"
 tenant_column = "org_id"
 encrypt = ["a", "b"]
-
-[[table]]
-name = "public.bulk_enc"
-tenant_column = "org_id"
-encrypt = ["secret"]
 EOF
+for v in $BULK_VALUES; do
+    printf '\n[[table]]\nname = "public.bulk_enc_%s"\ntenant_column = "org_id"\nencrypt = ["secret"]\n' \
+        "$v" >>"$WORK/rules-bench/bench.toml"
+done
 cat >"$WORK/rules-cold/cold.toml" <<'EOF'
 [[table]]
 name = "public.cold_secrets"
@@ -217,7 +223,8 @@ start_proxy() { # name rules db [extra args...] -> STARTED_PID STARTED_PORT STAR
     shift 3
     STARTED_PORT=$(free_port)
     STARTED_ADMIN=$(free_port)
-    (cd "$WORK" && exec "$PGENVELOPE_BIN" serve --listen "127.0.0.1:$STARTED_PORT" \
+    # shellcheck disable=SC2086
+    (cd "$WORK" && exec ${PROXY_WRAPPER:-} "$PGENVELOPE_BIN" serve --listen "127.0.0.1:$STARTED_PORT" \
         --upstream "postgres://$USER_@127.0.0.1:$PG_PORT/$db" --rules "$WORK/$rules" \
         --kms "local:$WORK/kek" --admin "127.0.0.1:$STARTED_ADMIN" --log warn "$@") \
         >>"$WORK/$name.log" 2>&1 &
@@ -345,19 +352,23 @@ scenario_encrypted() {
 }
 
 scenario_bulk() {
-    log "bulk: $BULK_ROWS rows of $BULK_VALUE B (plain directly, encrypted by COPY through the proxy)"
-    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "INSERT INTO bulk_plain
-        SELECT g, 'org' || (g % 10), left(repeat(md5(g::text), $(( BULK_VALUE / 32 + 1 ))), $BULK_VALUE)
+    local v
+    for v in $BULK_VALUES; do bulk_one "$v"; done
+}
+
+bulk_one() { # value bytes
+    local v=$1 check t round target port pid wall
+    log "bulk: $BULK_ROWS rows of $v B (plain directly, encrypted by COPY through the proxy)"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "INSERT INTO bulk_plain_$v
+        SELECT g, 'org' || (g % 10), left(repeat(md5(g::text), $(( v / 32 + 1 ))), $v)
         FROM generate_series(1, $BULK_ROWS) g"
-    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "COPY bulk_plain TO STDOUT" \
-        | "${PSQL[@]}" -p "$RULES_PORT" -d "$DB" -c "COPY bulk_enc FROM STDIN" \
-        || die "COPY into bulk_enc through the proxy failed"
-    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE bulk_enc" -c "VACUUM ANALYZE bulk_plain"
-    local check
-    check=$("${PSQL[@]}" -p "$PG_PORT" -d "$DB" -Atc "SELECT count(*) FILTER (WHERE secret LIKE 'enc:v1:%'), count(*) FROM bulk_enc")
-    [ "$check" = "$BULK_ROWS|$BULK_ROWS" ] || die "bulk_enc is not fully encrypted: $check"
-    local t round target port pid
-    for t in enc plain; do echo "SELECT id, secret FROM bulk_$t;" >"$WORK/bulk_$t.sql"; done
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "COPY bulk_plain_$v TO STDOUT" \
+        | "${PSQL[@]}" -p "$RULES_PORT" -d "$DB" -c "COPY bulk_enc_$v FROM STDIN" \
+        || die "COPY into bulk_enc_$v through the proxy failed"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE bulk_enc_$v" -c "VACUUM ANALYZE bulk_plain_$v"
+    check=$("${PSQL[@]}" -p "$PG_PORT" -d "$DB" -Atc "SELECT count(*) FILTER (WHERE secret LIKE 'enc:v1:%'), count(*) FROM bulk_enc_$v")
+    [ "$check" = "$BULK_ROWS|$BULK_ROWS" ] || die "bulk_enc_$v is not fully encrypted: $check"
+    for t in enc plain; do echo "SELECT id, secret FROM bulk_${t}_$v;" >"$WORK/bulk_${t}_$v.sql"; done
     for round in $(seq 1 "$BULK_ROUNDS"); do
         for target in direct pgenvelope-plain pgenvelope-encrypted; do
             case $target in
@@ -365,11 +376,10 @@ scenario_bulk() {
                 pgenvelope-plain) port=$RULES_PORT; pid=$RULES_PID; t=plain ;;
                 pgenvelope-encrypted) port=$RULES_PORT; pid=$RULES_PID; t=enc ;;
             esac
-            pgbench_run "$port" "$pid" -M simple -t 1 -c 1 -f "$WORK/bulk_$t.sql" "$DB"
-            local wall
+            pgbench_run "$port" "$pid" -M simple -t 1 -c 1 -f "$WORK/bulk_${t}_$v.sql" "$DB"
             wall=$(python3 -c "print($MEAN / 1000)")
-            record "bulk,$round,$target,simple,1,,$MEAN,,$BULK_ROWS,$CPU_S,$wall,rows=$BULK_ROWS;value_bytes=$BULK_VALUE"
-            log "bulk r$round $target: ${wall}s wall, proxy cpu ${CPU_S:--} s"
+            record "bulk-$v,$round,$target,simple,1,,$MEAN,,$BULK_ROWS,$CPU_S,$wall,rows=$BULK_ROWS;value_bytes=$v"
+            log "bulk $v B r$round $target: ${wall}s wall, proxy cpu ${CPU_S:--} s"
         done
     done
 }
@@ -432,7 +442,7 @@ log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 {
     echo "date=$STAMP"
-    echo "command=benches/run.sh (DURATION=$DURATION ROUNDS=$ROUNDS CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" ENC_CLIENTS=\"$ENC_CLIENTS\" BULK_ROWS=$BULK_ROWS BULK_VALUE=$BULK_VALUE ORGS=$ORGS IDLE_CONNS=$IDLE_CONNS)"
+    echo "command=benches/run.sh (DURATION=$DURATION ROUNDS=$ROUNDS CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" ENC_CLIENTS=\"$ENC_CLIENTS\" BULK_ROWS=$BULK_ROWS BULK_VALUES=\"$BULK_VALUES\" ORGS=$ORGS IDLE_CONNS=$IDLE_CONNS)"
     echo "commit=$(cd "$REPO_DIR" && git rev-parse --short HEAD)$(cd "$REPO_DIR" && git diff --quiet HEAD -- src || echo '+dirty')"
     echo "nproc=$NCPU"
     echo "cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
