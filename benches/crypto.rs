@@ -45,6 +45,10 @@ fn bench(c: &mut Criterion) {
             })
         });
 
+        group.bench_with_input(BenchmarkId::new("parse", size), &text, |b, text| {
+            b.iter(|| EncV1::parse(text.as_bytes()).unwrap())
+        });
+
         let value = EncV1::parse(text.as_bytes()).unwrap();
         group.bench_with_input(BenchmarkId::new("open", size), &value, |b, value| {
             b.iter(|| key.open(&org, value).unwrap())

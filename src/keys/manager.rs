@@ -246,6 +246,20 @@ impl KeyManager {
         result
     }
 
+    /// Whether a DEK this manager handed out earlier may still be used as if it had just been
+    /// looked up again with [`KeyManager::key_by_id`]: not past its TTL and not revoked since
+    /// (rotate, shred, key change notification). Counts as a cache hit when it may.
+    ///
+    /// Lets a caller that decrypts many values under one DEK (a result set) skip the cache
+    /// look-up per value without missing a revocation.
+    pub fn still_fresh(&self, dek: &CachedDek) -> bool {
+        let fresh = !self.is_stale(dek);
+        if fresh {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        fresh
+    }
+
     /// Like [`KeyManager::key_by_id`], but fails with [`KeyError::WrongOrg`] unless the DEK
     /// belongs to `org` (the session tenant).
     pub async fn key_for_org(&self, dek: DekId, org: &OrgId) -> Result<Arc<CachedDek>, KeyError> {

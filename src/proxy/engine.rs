@@ -418,6 +418,9 @@ pub(crate) struct Cipher {
     nonces: NonceSource,
     /// Derived subkeys, valid while the cached DEK they came from is the same allocation.
     subkeys: HashMap<(DekId, ColumnId), (Arc<CachedDek>, ColumnKey)>,
+    /// The DEK of the last value read: the values of one result set mostly share it, and
+    /// checking it is still fresh is cheaper than a cache look-up per value.
+    last_read_dek: Option<Arc<CachedDek>>,
 }
 
 impl Cipher {
@@ -426,6 +429,7 @@ impl Cipher {
             engine,
             nonces: NonceSource::from_os_rng(),
             subkeys: HashMap::new(),
+            last_read_dek: None,
         }
     }
 
@@ -511,16 +515,23 @@ impl Cipher {
         value: &[u8],
         tenant: Option<&OrgId>,
     ) -> Result<ReadOutcome, ClientError> {
-        match self.prepare(expected, value)? {
-            Prepared::Plain => Ok(ReadOutcome::Plain),
-            Prepared::Sealed { parsed, column } => {
-                let Some(dek) = self.key_for_read(parsed.dek_id(), &column).await? else {
-                    return Ok(ReadOutcome::Shredded);
-                };
-                self.open_with(&dek, &parsed, &column, tenant)
-                    .map(ReadOutcome::Decrypted)
-            }
-        }
+        let (parsed, looked_up) = match self.classify(expected, value)? {
+            Classified::Plain => return Ok(ReadOutcome::Plain),
+            Classified::Sealed { parsed, column } => (parsed, column),
+        };
+        let Some(column) = looked_up.as_ref().or(expected) else {
+            return Ok(ReadOutcome::Plain);
+        };
+        let dek = match self.last_read_dek.take() {
+            Some(d) if d.dek_id() == parsed.dek_id() && self.engine.keys.still_fresh(&d) => d,
+            _ => match self.key_for_read(parsed.dek_id(), column).await? {
+                Some(d) => d,
+                None => return Ok(ReadOutcome::Shredded),
+            },
+        };
+        let opened = self.open_with(&dek, &parsed, column, tenant);
+        self.last_read_dek = Some(dek);
+        opened.map(ReadOutcome::Decrypted)
     }
 
     /// First, synchronous half of [`Cipher::read`]: classify the value and check its header.
@@ -529,6 +540,22 @@ impl Cipher {
         expected: Option<&ColumnRule>,
         value: &[u8],
     ) -> Result<Prepared, ClientError> {
+        Ok(match self.classify(expected, value)? {
+            Classified::Plain => Prepared::Plain,
+            Classified::Sealed { parsed, column } => match column.or_else(|| expected.cloned()) {
+                Some(column) => Prepared::Sealed { parsed, column },
+                None => Prepared::Plain,
+            },
+        })
+    }
+
+    /// [`Cipher::prepare`] without copying `expected`: a sealed value's column is `None` when
+    /// it is `expected`, and only a column found by the value's header is returned owned.
+    fn classify(
+        &self,
+        expected: Option<&ColumnRule>,
+        value: &[u8],
+    ) -> Result<Classified, ClientError> {
         let stats = &self.engine.stats;
         if !looks_like_enc_v1(value) {
             if let Some(col) = expected {
@@ -541,7 +568,7 @@ impl Cipher {
                 }
                 stats.plaintext_reads.fetch_add(1, Ordering::Relaxed);
             }
-            return Ok(Prepared::Plain);
+            return Ok(Classified::Plain);
         }
         let fail = |what: &str, col: Option<&ColumnRule>| {
             let reason = if what.starts_with("belongs") {
@@ -559,20 +586,20 @@ impl Cipher {
             Ok(p) => p,
             // Text that merely starts like an enc:v1 value in a column we know nothing about
             // is not ours.
-            Err(_) if expected.is_none() => return Ok(Prepared::Plain),
+            Err(_) if expected.is_none() => return Ok(Classified::Plain),
             Err(_) => return Err(fail("is malformed", expected)),
         };
         let column = match expected {
             Some(col) if parsed.column_id() != col.id() => {
                 return Err(fail("belongs to another column", expected))
             }
-            Some(col) => col.clone(),
+            Some(_) => None,
             None => match self.engine.rules().rules.by_column_id(parsed.column_id()) {
-                Some(col) => col.clone(),
-                None => return Ok(Prepared::Plain),
+                Some(col) => Some(col.clone()),
+                None => return Ok(Classified::Plain),
             },
         };
-        Ok(Prepared::Sealed { parsed, column })
+        Ok(Classified::Sealed { parsed, column })
     }
 
     /// Second, synchronous half of [`Cipher::read`]: open with the fetched DEK.
@@ -620,6 +647,19 @@ pub(crate) enum Prepared {
         parsed: EncV1,
         /// Its column.
         column: ColumnRule,
+    },
+}
+
+/// Result of [`Cipher::classify`].
+enum Classified {
+    /// Not an enc:v1 value of a known column: pass through.
+    Plain,
+    /// An enc:v1 value; `column` is `None` when it is the expected column.
+    Sealed {
+        /// The parsed value.
+        parsed: EncV1,
+        /// Its column, when it was found from the value's header.
+        column: Option<ColumnRule>,
     },
 }
 

@@ -8,6 +8,7 @@
 //! the server's answer up to ReadyForQuery is dropped, so the client sees an ordinary failed
 //! statement and the connection stays in sync. Never logs values.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -496,10 +497,15 @@ impl ServerSide {
             }
             let text = String::from_utf8(d.plaintext)
                 .map_err(|_| ClientError::corrupted("pgenvelope: a decrypted value is not text"))?;
-            let bytes = encoding
+            let converted = match encoding
                 .encode(&text)
                 .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?
-                .into_owned();
+            {
+                Cow::Borrowed(_) => None,
+                Cow::Owned(b) => Some(b),
+            };
+            // The client's encoding is mostly UTF-8: then the plaintext goes out as it is.
+            let bytes = converted.unwrap_or_else(|| text.into_bytes());
             replace.push((i, Some(bytes)));
         }
         if replace.is_empty() {

@@ -1,0 +1,468 @@
+#!/usr/bin/env bash
+# The benchmark suite: one command that starts its own PostgreSQL, pgbouncer and pgenvelope
+# processes, runs every scenario with the targets interleaved, and writes a CSV, a Markdown
+# table and a PNG chart to benches/results/<timestamp>/.
+#
+# Not a test: it measures, and asserts nothing about time. Ratios are taken between targets
+# measured in the same round, so a busy machine shifts all of them alike.
+#
+# Scenarios (SCENARIOS, in this order):
+#   memory       proxy RSS with IDLE_CONNS idle client connections (pgbouncer, pgenvelope
+#                without rules, pgenvelope with rules), and the cost per connection
+#   passthrough  pgbench -S, simple and prepared, CLIENTS clients: direct, pgbouncer (session
+#                mode), pgenvelope with no rules
+#   encrypted    insert and point select of rows with two encrypted text columns (64 B and
+#                1 KiB values), prepared: through pgenvelope, vs the same statements on a table
+#                without rules through pgenvelope and directly
+#   bulk         SELECT of BULK_ROWS rows with one encrypted column of BULK_VALUES bytes, vs
+#                the same rows unencrypted through pgenvelope and directly: plaintext MB per
+#                second of wall time and per second of proxy CPU
+#   coldstart    ORGS organisations each writing once through a proxy with an empty key store
+#                (new keys), then again through a restarted proxy (cold cache, keys exist), then
+#                again warm: KEK calls (from /metrics) and key-store statements (from
+#                pg_stat_statements) per organisation, and the time each pass takes
+#
+# Usage: benches/run.sh                      (needs PostgreSQL 15, pgbench, pgbouncer, python3)
+#
+# Environment (all optional):
+#   DURATION=10 ROUNDS=3 CLIENTS="1 8 64" MODES="simple prepared"  pgbench scenarios
+#   ENC_CLIENTS="1 8"       clients of the encrypted workload
+#   SCALE=10                pgbench -i -s
+#   BULK_ROWS=1000000 BULK_VALUES="256 1024" (plaintext bytes per value; one table each)
+#   BULK_ROUNDS=$ROUNDS
+#   ORGS=10000              cold start organisations
+#   IDLE_CONNS=1000         memory scenario connections
+#   SCENARIOS="memory passthrough encrypted bulk coldstart"
+#   PT_TARGETS="direct pgbouncer pgenvelope"  add pgenvelope-rules to measure the pass-through
+#                           workload through a proxy whose engine is on (rules for other tables)
+#   PGENVELOPE_BIN          proxy binary (default: cargo build --release, then the target dir's)
+#   PGENVELOPE_NO_BUILD=1   do not run cargo build
+#   PROXY_WRAPPER           command prefix for every pgenvelope process, for profiling, e.g.
+#                           "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"
+#   PGENVELOPE_PG_BINDIR    PostgreSQL binaries (default /usr/lib/postgresql/15/bin)
+#   RESULTS_DIR             default benches/results/<UTC timestamp>
+#   BENCH_VENV              Python venv for matplotlib (default ~/.cache/pgenvelope/bench-venv);
+#                           NO_CHART=1 skips the chart
+set -euo pipefail
+
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CLIENTS=${CLIENTS:-"1 8 64"}
+MODES=${MODES:-"simple prepared"}
+ENC_CLIENTS=${ENC_CLIENTS:-"1 8"}
+SCALE=${SCALE:-10}
+BULK_ROWS=${BULK_ROWS:-1000000}
+BULK_VALUES=${BULK_VALUES:-"256 1024"}
+BULK_ROUNDS=${BULK_ROUNDS:-$ROUNDS}
+ORGS=${ORGS:-10000}
+IDLE_CONNS=${IDLE_CONNS:-1000}
+SCENARIOS=${SCENARIOS:-"memory passthrough encrypted bulk coldstart"}
+PT_TARGETS=${PT_TARGETS:-"direct pgbouncer pgenvelope"}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS_DIR=${RESULTS_DIR:-$REPO_DIR/benches/results/$STAMP}
+PG_BINDIR=${PGENVELOPE_PG_BINDIR:-/usr/lib/postgresql/15/bin}
+NCPU=$(nproc)
+CLK_TCK=$(getconf CLK_TCK)
+DB=bench
+USER_=postgres
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+
+[ -x "$PG_BINDIR/initdb" ] || die "no PostgreSQL binaries in $PG_BINDIR (set PGENVELOPE_PG_BINDIR)"
+PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+[ -x "$PGBOUNCER" ] || die "pgbouncer not found"
+PGBENCH=$PG_BINDIR/pgbench
+PSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U "$USER_")
+
+if [ -z "${PGENVELOPE_BIN:-}" ]; then
+    TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_DIR/target}
+    if [ "${PGENVELOPE_NO_BUILD:-}" != 1 ]; then
+        log "cargo build --release --bin pgenvelope"
+        (cd "$REPO_DIR" && cargo build --release --locked --bin pgenvelope) >&2 \
+            || die "cargo build --release failed"
+    fi
+    PGENVELOPE_BIN=$TARGET_DIR/release/pgenvelope
+fi
+[ -x "$PGENVELOPE_BIN" ] || die "no pgenvelope binary at $PGENVELOPE_BIN"
+
+# PostgreSQL and pgbouncer refuse to run as root: setpriv execs in place, so $! is the server.
+if [ "$(id -u)" = 0 ]; then AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups); else AS_PG=(); fi
+
+WORK=$(mktemp -d /tmp/pgenv-suite.XXXXXX)
+[ "$(id -u)" != 0 ] || chown postgres: "$WORK"
+PIDS=()   # every server we start, stopped in reverse order on exit
+cleanup() {
+    local rc=$? i pid
+    trap - EXIT INT TERM
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${PIDS[$i]}
+        kill -0 "$pid" 2>/dev/null || continue
+        kill -INT "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    if [ "$rc" != 0 ]; then
+        for f in "$WORK"/*.log; do [ -f "$f" ] && { log "--- $f"; tail -n 15 "$f" >&2; }; done
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+wait_ready() { # port pid name [db]
+    local port=$1 pid=$2 name=$3 db=${4:-$DB}
+    for _ in $(seq 1 300); do
+        kill -0 "$pid" 2>/dev/null || { log "$name exited during start"; return 1; }
+        "${PSQL[@]}" -p "$port" -d "$db" -Atc 'SELECT 1' >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    log "$name did not accept connections on port $port"
+    return 1
+}
+
+cpu_ticks() { # pid -> utime+stime in clock ticks
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo $(( ${12} + ${13} ))
+}
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: private cluster, no durability, room for IDLE_CONNS backends.
+PG_PORT=$(free_port)
+"${AS_PG[@]}" "$PG_BINDIR/initdb" -D "$WORK/data" -U "$USER_" -A trust -E UTF8 --locale=C \
+    --no-sync >"$WORK/initdb.log" 2>&1 || die "initdb failed"
+mkdir -p "$WORK/sock"
+[ "$(id -u)" != 0 ] || chown postgres: "$WORK/sock"
+cat >>"$WORK/data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK/sock'
+max_connections = $((IDLE_CONNS + 200))
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = all
+EOF
+"${AS_PG[@]}" "$PG_BINDIR/postgres" -D "$WORK/data" -p "$PG_PORT" >"$WORK/postgres.log" 2>&1 &
+PG_PID=$!; PIDS+=("$PG_PID")
+wait_ready "$PG_PORT" "$PG_PID" postgres postgres || die "postgres did not start"
+"${PSQL[@]}" -p "$PG_PORT" -d postgres -c "CREATE DATABASE $DB" -c "CREATE DATABASE cold"
+"${PSQL[@]}" -p "$PG_PORT" -d cold -c "CREATE EXTENSION pg_stat_statements"
+log "postgres pid $PG_PID port $PG_PORT; pgbench -i -s $SCALE"
+"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U "$USER_" "$DB" >"$WORK/init.log" 2>&1 \
+    || die "pgbench -i failed"
+"${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "
+  CREATE TABLE bench_enc (id bigserial primary key, org_id text not null, a text, b text);
+  CREATE TABLE bench_plain (id bigserial primary key, org_id text not null, a text, b text);
+"
+for v in $BULK_VALUES; do
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "
+      CREATE TABLE bulk_enc_$v (id int primary key, org_id text not null, secret text);
+      CREATE TABLE bulk_plain_$v (id int primary key, org_id text not null, secret text);"
+done
+"${PSQL[@]}" -p "$PG_PORT" -d cold -c "
+  CREATE TABLE cold_secrets (id bigserial primary key, org_id text not null, value text);
+  CREATE SEQUENCE org_seq;"
+
+# pgbouncer, session mode, enough pool for the memory scenario.
+BOUNCER_PORT=$(free_port)
+printf '"%s" ""\n' "$USER_" >"$WORK/users.txt"
+cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+$DB = host=127.0.0.1 port=$PG_PORT dbname=$DB
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/users.txt
+pool_mode = session
+max_client_conn = $((IDLE_CONNS + 100))
+default_pool_size = $((IDLE_CONNS + 50))
+max_db_connections = 0
+ignore_startup_parameters = extra_float_digits,options
+logfile = $WORK/pgbouncer.log
+EOF
+[ "$(id -u)" != 0 ] || chown postgres: "$WORK/pgbouncer.ini" "$WORK/users.txt"
+"${AS_PG[@]}" "$PGBOUNCER" "$WORK/pgbouncer.ini" >>"$WORK/pgbouncer.out.log" 2>&1 &
+BOUNCER_PID=$!; PIDS+=("$BOUNCER_PID")
+wait_ready "$BOUNCER_PORT" "$BOUNCER_PID" pgbouncer || die "pgbouncer did not start"
+
+# pgenvelope instances: `plain` has no rules (a pure relay), `rules` encrypts the bench tables.
+mkdir -p "$WORK/rules-none" "$WORK/rules-bench" "$WORK/rules-cold"
+cat >"$WORK/rules-bench/bench.toml" <<'EOF'
+[[table]]
+name = "public.bench_enc"
+tenant_column = "org_id"
+encrypt = ["a", "b"]
+EOF
+for v in $BULK_VALUES; do
+    printf '\n[[table]]\nname = "public.bulk_enc_%s"\ntenant_column = "org_id"\nencrypt = ["secret"]\n' \
+        "$v" >>"$WORK/rules-bench/bench.toml"
+done
+cat >"$WORK/rules-cold/cold.toml" <<'EOF'
+[[table]]
+name = "public.cold_secrets"
+tenant_column = "org_id"
+encrypt = ["value"]
+EOF
+start_proxy() { # name rules db [extra args...] -> STARTED_PID STARTED_PORT STARTED_ADMIN
+    local name=$1 rules=$2 db=$3
+    shift 3
+    STARTED_PORT=$(free_port)
+    STARTED_ADMIN=$(free_port)
+    # shellcheck disable=SC2086
+    (cd "$WORK" && exec ${PROXY_WRAPPER:-} "$PGENVELOPE_BIN" serve --listen "127.0.0.1:$STARTED_PORT" \
+        --upstream "postgres://$USER_@127.0.0.1:$PG_PORT/$db" --rules "$WORK/$rules" \
+        --kms "local:$WORK/kek" --admin "127.0.0.1:$STARTED_ADMIN" --log warn "$@") \
+        >>"$WORK/$name.log" 2>&1 &
+    STARTED_PID=$!; PIDS+=("$STARTED_PID")
+    wait_ready "$STARTED_PORT" "$STARTED_PID" "$name" "$db" || die "$name did not start"
+}
+start_proxy pgenvelope rules-none "$DB"
+PLAIN_PID=$STARTED_PID; PLAIN_PORT=$STARTED_PORT
+start_proxy pgenvelope-rules rules-bench "$DB"
+RULES_PID=$STARTED_PID; RULES_PORT=$STARTED_PORT
+log "pgbouncer pid $BOUNCER_PID port $BOUNCER_PORT; pgenvelope pid $PLAIN_PID port $PLAIN_PORT;" \
+    "pgenvelope with rules pid $RULES_PID port $RULES_PORT"
+
+mkdir -p "$RESULTS_DIR"
+RAW=$RESULTS_DIR/raw.csv
+echo "scenario,round,target,mode,clients,tps,mean_ms,p99_ms,statements,proxy_cpu_s,wall_s,extra" >"$RAW"
+record() { echo "$*" >>"$RAW"; }
+
+# ---------------------------------------------------------------------------------------------
+# One pgbench run with per-transaction logging (for p99). Sets TPS MEAN P99 COUNT CPU_S.
+pgbench_run() { # port pid(or -) script-args...
+    local port=$1 pid=$2 before after out
+    shift 2
+    rm -rf "$WORK/pglog"; mkdir -p "$WORK/pglog"
+    before=0; [ "$pid" = - ] || before=$(cpu_ticks "$pid")
+    out=$("$PGBENCH" -n -h 127.0.0.1 -p "$port" -U "$USER_" -l \
+        --log-prefix="$WORK/pglog/tx" "$@" 2>&1) || die "pgbench failed on port $port: $out"
+    CPU_S=""
+    if [ "$pid" != - ]; then
+        after=$(cpu_ticks "$pid")
+        CPU_S=$(python3 -c "print(($after - $before) / $CLK_TCK)")
+    fi
+    TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -n1)
+    MEAN=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out" | head -n1)
+    COUNT=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+    [ -n "$TPS" ] && [ -n "$MEAN" ] && [ -n "$COUNT" ] || die "unparsed pgbench output: $out"
+    P99=$(cat "$WORK"/pglog/tx* | python3 -c '
+import sys
+lat = sorted(int(l.split()[2]) for l in sys.stdin if l.strip())
+print(f"{lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000:.3f}" if lat else "")')
+}
+
+jobs_for() { echo $(( $1 < NCPU ? $1 : NCPU )); }
+
+# ---------------------------------------------------------------------------------------------
+scenario_memory() {
+    log "memory: $IDLE_CONNS idle connections each to pgbouncer, pgenvelope, pgenvelope with rules"
+    local target port pid out
+    for target in pgbouncer pgenvelope pgenvelope-rules; do
+        case $target in
+            pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_PID ;;
+            pgenvelope) port=$PLAIN_PORT; pid=$PLAIN_PID ;;
+            pgenvelope-rules) port=$RULES_PORT; pid=$RULES_PID ;;
+        esac
+        out=$(python3 "$REPO_DIR/benches/idle_conns.py" "$port" "$pid" "$IDLE_CONNS" "$USER_" "$DB") \
+            || die "idle connections to $target failed"
+        # out: rss0_kib rssN_kib rss_after_close_kib
+        read -r rss0 rssn rssc <<<"$out"
+        record "memory,1,$target,,$IDLE_CONNS,,,,,,,rss0_kib=$rss0;rss_n_kib=$rssn;rss_closed_kib=$rssc"
+        log "memory $target: RSS $rss0 KiB idle, $rssn KiB with $IDLE_CONNS connections," \
+            "$rssc KiB after closing: $(( (rssn - rss0) / IDLE_CONNS )) KiB per connection"
+        sleep 2   # let the server reap the closed backends
+    done
+}
+
+scenario_passthrough() {
+    local round mode c target port pid
+    for round in $(seq 1 "$ROUNDS"); do
+        for mode in $MODES; do
+            for c in $CLIENTS; do
+                for target in $PT_TARGETS; do
+                    case $target in
+                        direct) port=$PG_PORT; pid=- ;;
+                        pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_PID ;;
+                        pgenvelope) port=$PLAIN_PORT; pid=$PLAIN_PID ;;
+                        pgenvelope-rules) port=$RULES_PORT; pid=$RULES_PID ;;
+                        *) die "unknown pass-through target $target" ;;
+                    esac
+                    pgbench_run "$port" "$pid" -S -T "$DURATION" -c "$c" -j "$(jobs_for "$c")" \
+                        -M "$mode" "$DB"
+                    record "passthrough,$round,$target,$mode,$c,$TPS,$MEAN,$P99,$COUNT,$CPU_S,,"
+                    log "passthrough r$round $mode c=$c $target: $TPS tps, mean $MEAN ms, p99 $P99 ms, cpu ${CPU_S:--} s"
+                done
+            done
+        done
+    done
+}
+
+scenario_encrypted() {
+    local v64 v1k t round w c target port table
+    v64=$(printf 'x%.0s' $(seq 64)); v1k=$(printf 'y%.0s' $(seq 1024))
+    log "encrypted: loading 20000 rows into each table (bench_enc through the proxy)"
+    printf '%s\n' '\set org random(0, 9)' \
+        'INSERT INTO bench_enc (org_id, a, b) VALUES (:org, :v64, :v1k);' >"$WORK/load.sql"
+    "$PGBENCH" -n -M prepared -h 127.0.0.1 -p "$RULES_PORT" -U "$USER_" -c 4 -j 2 -t 5000 \
+        -D v64="$v64" -D v1k="$v1k" -f "$WORK/load.sql" "$DB" >"$WORK/load.log" 2>&1 \
+        || die "loading bench_enc through the proxy failed: $(tail -n 5 "$WORK/load.log")"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "INSERT INTO bench_plain (org_id, a, b)
+        SELECT (g % 10)::text, repeat('x', 64), repeat('y', 1024) FROM generate_series(1, 20000) g" \
+        -c "VACUUM ANALYZE bench_enc" -c "VACUUM ANALYZE bench_plain"
+    for t in enc plain; do
+        printf '%s\n' '\set org random(0, 9)' \
+            "INSERT INTO bench_$t (org_id, a, b) VALUES (:org, :v64, :v1k);" >"$WORK/insert_$t.sql"
+        printf '%s\n' '\set id random(1, 20000)' \
+            "SELECT a, b FROM bench_$t WHERE id = :id;" >"$WORK/select_$t.sql"
+    done
+    for round in $(seq 1 "$ROUNDS"); do
+        for w in select insert; do
+            for c in $ENC_CLIENTS; do
+                for target in direct pgenvelope-plain pgenvelope-encrypted; do
+                    case $target in
+                        direct) port=$PG_PORT; pid=-; table=plain ;;
+                        pgenvelope-plain) port=$RULES_PORT; pid=$RULES_PID; table=plain ;;
+                        pgenvelope-encrypted) port=$RULES_PORT; pid=$RULES_PID; table=enc ;;
+                    esac
+                    pgbench_run "$port" "$pid" -M prepared -T "$DURATION" -c "$c" \
+                        -j "$(jobs_for "$c")" -D v64="$v64" -D v1k="$v1k" \
+                        -f "$WORK/${w}_$table.sql" "$DB"
+                    record "encrypted-$w,$round,$target,prepared,$c,$TPS,$MEAN,$P99,$COUNT,$CPU_S,,"
+                    log "encrypted r$round $w c=$c $target: $TPS tps, mean $MEAN ms, p99 $P99 ms, cpu ${CPU_S:--} s"
+                done
+            done
+        done
+    done
+}
+
+scenario_bulk() {
+    local v
+    for v in $BULK_VALUES; do bulk_one "$v"; done
+}
+
+bulk_one() { # value bytes
+    local v=$1 check t round target port pid wall
+    log "bulk: $BULK_ROWS rows of $v B (plain directly, encrypted by COPY through the proxy)"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "INSERT INTO bulk_plain_$v
+        SELECT g, 'org' || (g % 10), left(repeat(md5(g::text), $(( v / 32 + 1 ))), $v)
+        FROM generate_series(1, $BULK_ROWS) g"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "COPY bulk_plain_$v TO STDOUT" \
+        | "${PSQL[@]}" -p "$RULES_PORT" -d "$DB" -c "COPY bulk_enc_$v FROM STDIN" \
+        || die "COPY into bulk_enc_$v through the proxy failed"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE bulk_enc_$v" -c "VACUUM ANALYZE bulk_plain_$v"
+    check=$("${PSQL[@]}" -p "$PG_PORT" -d "$DB" -Atc "SELECT count(*) FILTER (WHERE secret LIKE 'enc:v1:%'), count(*) FROM bulk_enc_$v")
+    [ "$check" = "$BULK_ROWS|$BULK_ROWS" ] || die "bulk_enc_$v is not fully encrypted: $check"
+    for t in enc plain; do echo "SELECT id, secret FROM bulk_${t}_$v;" >"$WORK/bulk_${t}_$v.sql"; done
+    for round in $(seq 1 "$BULK_ROUNDS"); do
+        for target in direct pgenvelope-plain pgenvelope-encrypted; do
+            case $target in
+                direct) port=$PG_PORT; pid=-; t=plain ;;
+                pgenvelope-plain) port=$RULES_PORT; pid=$RULES_PID; t=plain ;;
+                pgenvelope-encrypted) port=$RULES_PORT; pid=$RULES_PID; t=enc ;;
+            esac
+            pgbench_run "$port" "$pid" -M simple -t 1 -c 1 -f "$WORK/bulk_${t}_$v.sql" "$DB"
+            wall=$(python3 -c "print($MEAN / 1000)")
+            record "bulk-$v,$round,$target,simple,1,,$MEAN,,$BULK_ROWS,$CPU_S,$wall,rows=$BULK_ROWS;value_bytes=$v"
+            log "bulk $v B r$round $target: ${wall}s wall, proxy cpu ${CPU_S:--} s"
+        done
+    done
+}
+
+metric() { # admin_port name_and_labels -> value (0 if absent)
+    curl -fsS "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m { print $2; f=1 } END { if (!f) print 0 }'
+}
+
+scenario_coldstart() {
+    log "cold start: $ORGS organisations, each writing once (new keys), then after a restart, then warm"
+    local v64 pass pid port admin t0 t1 n stmts
+    v64=$(printf 'x%.0s' $(seq 64))
+    printf '%s\n' 'SELECT nextval('"'"'org_seq'"'"') AS org \gset' \
+        'INSERT INTO cold_secrets (org_id, value) VALUES (:org, :v64);' >"$WORK/cold.sql"
+    start_proxy pgenvelope-cold rules-cold cold --key-cache-capacity $((ORGS * 2))
+    pid=$STARTED_PID; port=$STARTED_PORT; admin=$STARTED_ADMIN
+    for pass in new-keys restart warm; do
+        if [ "$pass" = restart ]; then
+            kill -TERM "$pid"
+            for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            start_proxy pgenvelope-cold rules-cold cold --key-cache-capacity $((ORGS * 2))
+            pid=$STARTED_PID; port=$STARTED_PORT; admin=$STARTED_ADMIN
+        fi
+        "${PSQL[@]}" -p "$PG_PORT" -d cold -Atc "ALTER SEQUENCE org_seq RESTART" \
+            -c "SELECT pg_stat_statements_reset()" >/dev/null
+        local g0 u0 m0 g1 u1 m1
+        g0=$(metric "$admin" 'pgenvelope_kek_requests_total{op="generate",result="ok"}')
+        u0=$(metric "$admin" 'pgenvelope_kek_requests_total{op="unwrap",result="ok"}')
+        m0=$(metric "$admin" 'pgenvelope_dek_cache_misses_total')
+        t0=$(date +%s.%N)
+        pgbench_run "$port" "$pid" -M prepared -c 8 -j 2 -t $((ORGS / 8)) -D v64="$v64" \
+            -f "$WORK/cold.sql" cold
+        t1=$(date +%s.%N)
+        g1=$(metric "$admin" 'pgenvelope_kek_requests_total{op="generate",result="ok"}')
+        u1=$(metric "$admin" 'pgenvelope_kek_requests_total{op="unwrap",result="ok"}')
+        m1=$(metric "$admin" 'pgenvelope_dek_cache_misses_total')
+        # Statements the proxy's service connection sent to the key store (schema pgenvelope).
+        stmts=$("${PSQL[@]}" -p "$PG_PORT" -d cold -Atc "SELECT coalesce(sum(calls), 0)
+            FROM pg_stat_statements WHERE query ~* '(data_keys|key_events)'")
+        n=$(( $(( ORGS / 8 )) * 8 ))
+        local wall
+        wall=$(python3 -c "print(round($t1 - $t0, 3))")
+        record "coldstart,1,$pass,prepared,8,$TPS,$MEAN,$P99,$((COUNT * 2)),$CPU_S,$wall,orgs=$n;kek_generate=$((g1 - g0));kek_unwrap=$((u1 - u0));dek_cache_misses=$((m1 - m0));keystore_statements=$stmts"
+        log "coldstart $pass: $n orgs in ${wall}s; KEK generate $((g1 - g0)), unwrap $((u1 - u0));" \
+            "cache misses $((m1 - m0)); key-store statements $stmts; p99 $P99 ms"
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+log "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RESULTS_DIR/load_before.txt"
+for s in $SCENARIOS; do
+    case $s in
+        memory|passthrough|encrypted|bulk|coldstart) "scenario_$s" ;;
+        *) die "unknown scenario $s" ;;
+    esac
+done
+echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RESULTS_DIR/load_after.txt"
+log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+{
+    echo "date=$STAMP"
+    echo "command=benches/run.sh (DURATION=$DURATION ROUNDS=$ROUNDS CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" ENC_CLIENTS=\"$ENC_CLIENTS\" BULK_ROWS=$BULK_ROWS BULK_VALUES=\"$BULK_VALUES\" ORGS=$ORGS IDLE_CONNS=$IDLE_CONNS)"
+    echo "commit=$(cd "$REPO_DIR" && git rev-parse --short HEAD)$(cd "$REPO_DIR" && git diff --quiet HEAD -- src || echo '+dirty')"
+    echo "nproc=$NCPU"
+    echo "cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
+    echo "ram_gib=$(awk '/MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)"
+    echo "postgres=$("$PG_BINDIR/postgres" --version)"
+    echo "pgbouncer=$("$PGBOUNCER" --version | head -n1)"
+    echo "load_before=$(cat "$RESULTS_DIR/load_before.txt")"
+    echo "load_after=$(cat "$RESULTS_DIR/load_after.txt")"
+} >"$RESULTS_DIR/machine.txt"
+rm -f "$RESULTS_DIR/load_before.txt" "$RESULTS_DIR/load_after.txt"
+
+PY=python3
+if [ "${NO_CHART:-}" != 1 ]; then
+    VENV=${BENCH_VENV:-$HOME/.cache/pgenvelope/bench-venv}
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
+        log "installing matplotlib into $VENV"
+        python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib >&2 \
+            || log "WARNING: could not install matplotlib: no chart"
+    fi
+    "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null && PY=$VENV/bin/python
+fi
+"$PY" "$REPO_DIR/benches/report.py" "$RESULTS_DIR"
+log "results in $RESULTS_DIR (summary.csv, summary.md, chart.png, raw.csv, machine.txt)"
