@@ -50,7 +50,7 @@ impl KeyRing {
     async fn fetch(
         &mut self,
         needs: Needs,
-        cipher: &Cipher,
+        cipher: &mut Cipher,
         any_column: Option<&ColumnRule>,
     ) -> Result<(), ClientError> {
         for org in needs.orgs {

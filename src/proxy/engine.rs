@@ -421,6 +421,9 @@ pub(crate) struct Cipher {
     /// The DEK of the last value read: the values of one result set mostly share it, and
     /// checking it is still fresh is cheaper than a cache look-up per value.
     last_read_dek: Option<Arc<CachedDek>>,
+    /// The active DEK of the last value written, reused for the same organisation while it
+    /// is still fresh (not expired, not revoked by a rotation or shred).
+    last_active_dek: Option<Arc<CachedDek>>,
 }
 
 impl Cipher {
@@ -430,6 +433,7 @@ impl Cipher {
             nonces: NonceSource::from_os_rng(),
             subkeys: HashMap::new(),
             last_read_dek: None,
+            last_active_dek: None,
         }
     }
 
@@ -450,15 +454,23 @@ impl Cipher {
 
     /// The active DEK of `org` (for a write to `column`).
     pub(crate) async fn active_key(
-        &self,
+        &mut self,
         column: &ColumnRule,
         org: &OrgId,
     ) -> Result<Arc<CachedDek>, ClientError> {
-        self.engine
+        if let Some(dek) = &self.last_active_dek {
+            if dek.org() == org && self.engine.keys.still_fresh(dek) {
+                return Ok(Arc::clone(dek));
+            }
+        }
+        let dek = self
+            .engine
             .keys
             .active_key(org)
             .await
-            .map_err(|e| key_error(&e, column))
+            .map_err(|e| key_error(&e, column))?;
+        self.last_active_dek = Some(Arc::clone(&dek));
+        Ok(dek)
     }
 
     /// The DEK `id` (to read a value of `column`), or `None` when it was destroyed and the
