@@ -271,6 +271,11 @@ pub fn metrics(proxy: &ServerHandle) -> String {
             counter(keys.cache_misses),
         );
         registry.register(
+            "plan_cache_bytes",
+            "Weight of cached statement analyses (SQL text and analysis), bounded by a fixed cap",
+            gauge(engine.plan_cache_bytes()),
+        );
+        registry.register(
             "dek_auto_rotations",
             "Data keys this proxy rotated by the rotation policy (count or age)",
             counter(keys.auto_rotations),

@@ -18,8 +18,9 @@ use crate::proxy::error::ClientError;
 use crate::rules::{ColumnRule, RuleSet};
 use crate::sql::{Analysis, Protected, ProtectedTable};
 
-/// Total size of SQL texts whose analysis is cached.
-const PLAN_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Total weight (SQL text plus analysis, see the weigher) of cached analyses. Applications
+/// that inline literals produce a new text per statement; they fill the cache to this cap.
+const PLAN_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// Statements longer than this are analysed each time (typically bulk literals).
 const PLAN_CACHE_MAX_TEXT: usize = 256 * 1024;
 
@@ -318,6 +319,12 @@ impl Engine {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
         self.plans.invalidate_all();
         self.catalog.invalidate_all();
+    }
+
+    /// Weight of the cached statement analyses, in bytes (bounded by the cache's cap).
+    pub fn plan_cache_bytes(&self) -> u64 {
+        self.plans.run_pending_tasks();
+        self.plans.weighted_size()
     }
 
     /// Number of tables with rules now.
