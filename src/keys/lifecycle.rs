@@ -52,14 +52,22 @@ pub enum KeyChange {
 }
 
 impl KeyChange {
+    /// The event name, as in the payload and the `kind` metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Rotate(_) => "rotate",
+            Self::Shred(_) => "shred",
+            Self::Destroy(_) => "destroy",
+            Self::Rewrap => "rewrap",
+            Self::Flush => "flush",
+        }
+    }
+
     /// The notification payload for a change in `schema`.
     pub fn payload(&self, schema: &str) -> String {
-        match self {
-            Self::Rotate(org) => format!("{schema} rotate {org}"),
-            Self::Shred(org) => format!("{schema} shred {org}"),
-            Self::Destroy(org) => format!("{schema} destroy {org}"),
-            Self::Rewrap => format!("{schema} rewrap"),
-            Self::Flush => format!("{schema} flush"),
+        match self.org() {
+            Some(org) => format!("{schema} {} {org}", self.kind()),
+            None => format!("{schema} {}", self.kind()),
         }
     }
 
@@ -481,12 +489,12 @@ impl KeyStore {
              FROM {s}.key_events WHERE $1::text IS NULL OR org_id = $1 \
              ORDER BY id DESC LIMIT $2) e ORDER BY id"
         );
-        let (client, conn) = self.dedicated().await?;
-        let driver = tokio::spawn(conn);
-        let rows = client.query(&sql, &[&org, &limit]).await;
-        drop(client);
-        let _ = driver.await;
-        let rows = rows.map_err(store("list key events"))?;
+        let (sql, org, limit) = (&sql, &org, &limit);
+        let rows = self
+            .run("list key events", |c| async move {
+                c.query(sql.as_str(), &[org, limit]).await
+            })
+            .await?;
         rows.iter()
             .map(|r| {
                 let get = |e| KeyError::store("decode key event", e);

@@ -148,7 +148,7 @@ async fn apply(manager: &KeyManager, state: &ListenerState, schema: &str, payloa
     let Some(change) = KeyChange::parse(payload, schema) else {
         return;
     };
-    if let Some(i) = CHANGE_KINDS.iter().position(|k| *k == kind(&change)) {
+    if let Some(i) = CHANGE_KINDS.iter().position(|k| *k == change.kind()) {
         state.changes[i].fetch_add(1, Ordering::Relaxed);
     }
     match &change {
@@ -156,17 +156,7 @@ async fn apply(manager: &KeyManager, state: &ListenerState, schema: &str, payloa
         KeyChange::Flush => manager.invalidate_all(),
         KeyChange::Rotate(org) | KeyChange::Shred(org) | KeyChange::Destroy(org) => {
             manager.revoke_org(org).await;
-            tracing::info!(tenant = %org, change = kind(&change), "cached keys evicted after a key change");
+            tracing::info!(tenant = %org, change = change.kind(), "cached keys evicted after a key change");
         }
-    }
-}
-
-fn kind(change: &KeyChange) -> &'static str {
-    match change {
-        KeyChange::Rotate(_) => "rotate",
-        KeyChange::Shred(_) => "shred",
-        KeyChange::Destroy(_) => "destroy",
-        KeyChange::Rewrap => "rewrap",
-        KeyChange::Flush => "flush",
     }
 }
