@@ -15,12 +15,12 @@ use bytes::BytesMut;
 
 use crate::crypto::{looks_like_enc_v1, OrgId};
 use crate::proxy::copy::CopyIn;
-use crate::proxy::engine::{Cipher, ReadOutcome};
+use crate::proxy::engine::{Cipher, ReadOutcome, RulesSnapshot};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
 use crate::proxy::session::{lock, CopyJob, Pending, Portal, SharedSession, Statement};
 use crate::rules::ColumnRule;
-use crate::sql::{Analysis, CopyDirection, TenantChange, TenantSource};
+use crate::sql::{Analysis, ColumnRef, CopyDirection, TenantChange, TenantSource};
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::frontend::{self as fe, Bind, Parse, Target};
 use crate::wire::{Frame, WireError};
@@ -223,11 +223,12 @@ impl ClientSide {
             return Ok(None);
         }
         let mut replacements = Vec::with_capacity(analysis.literals.len());
+        let rules = self.rules();
         for site in &analysis.literals {
-            let column = self.rule(&site.column.schema, &site.column.table, &site.column.column)?;
-            let org = self.tenant_for(&site.tenant, &column, bind)?;
+            let column = rule_for(&rules, &site.column)?;
+            let org = self.tenant_for(&site.tenant, column, bind)?;
             let Some(sealed) = self
-                .seal_value(&column, &org, site.value.as_bytes())
+                .seal_value(column, &org, site.value.as_bytes())
                 .await?
             else {
                 continue;
@@ -275,15 +276,10 @@ impl ClientSide {
         self.cipher.encrypt(column, org, plaintext).await.map(Some)
     }
 
-    fn rule(&self, schema: &str, table: &str, column: &str) -> Result<ColumnRule, ClientError> {
-        self.cipher
-            .engine()
-            .column_rule(schema, table, column)
-            .ok_or_else(|| {
-                ClientError::unsupported(format!(
-                    "pgenvelope: no rule for {schema}.{table}.{column}"
-                ))
-            })
+    /// The rules in force for this statement (one snapshot, so a reload between two values of
+    /// one statement cannot mix rule sets, and no rule is cloned per value).
+    fn rules(&self) -> Arc<RulesSnapshot> {
+        self.cipher.engine().rules()
     }
 
     /// The organisation owning a value written to `column`.
@@ -513,17 +509,18 @@ impl ClientSide {
         let mut params: Vec<Option<Vec<u8>>> =
             bind.params.iter().map(|p| p.map(<[u8]>::to_vec)).collect();
         let mut changed = false;
+        let rules = self.rules();
         for site in &analysis.params {
             let Some(Some(raw)) = bind.params.get(site.index - 1).copied() else {
                 continue;
             };
-            let column = self.rule(&site.column.schema, &site.column.table, &site.column.column)?;
-            let org = self.tenant_for(&site.tenant, &column, Some(&values))?;
+            let column = rule_for(&rules, &site.column)?;
+            let org = self.tenant_for(&site.tenant, column, Some(&values))?;
             // Text and binary send of text types both carry the text in the client encoding.
             let plaintext = encoding
                 .decode(raw)
                 .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
-            if let Some(sealed) = self.seal_value(&column, &org, plaintext.as_bytes()).await? {
+            if let Some(sealed) = self.seal_value(column, &org, plaintext.as_bytes()).await? {
                 params[site.index - 1] = Some(sealed.into_bytes());
                 changed = true;
             }
@@ -856,3 +853,14 @@ impl From<WireError> for ClientError {
         ClientError::unsupported("pgenvelope: message could not be encoded")
     }
 }
+
+/// The rule of a column the analyser found a value for.
+fn rule_for<'a>(rules: &'a RulesSnapshot, column: &ColumnRef) -> Result<&'a ColumnRule, ClientError> {
+    rules
+        .rules
+        .column(&column.schema, &column.table, &column.column)
+        .ok_or_else(|| {
+ClientError::unsupported(format!("pgenvelope: no rule for {column}"))
+        })
+}
+

@@ -18,12 +18,6 @@ use crate::proxy::error::ClientError;
 use crate::rules::{ColumnRule, RuleSet};
 use crate::sql::{Analysis, Protected, ProtectedTable};
 
-/// Total weight (SQL text plus analysis, see the weigher) of cached analyses. Applications
-/// that inline literals produce a new text per statement; they fill the cache to this cap.
-const PLAN_CACHE_BYTES: u64 = 16 * 1024 * 1024;
-/// Statements longer than this are analysed each time (typically bulk literals).
-const PLAN_CACHE_MAX_TEXT: usize = 256 * 1024;
-
 /// Counters of what the engine did (exported as metrics).
 #[derive(Debug)]
 pub struct EngineStats {
@@ -135,7 +129,7 @@ pub struct Engine {
     pub(crate) strict_reads: bool,
     /// Values under destroyed (shredded) DEKs read as NULL instead of failing (XX001).
     pub(crate) shredded_null: bool,
-    plans: moka::sync::Cache<Arc<str>, Arc<Analysis>>,
+    plans: crate::proxy::plans::PlanCache,
     /// What the engine did.
     pub stats: EngineStats,
     /// Calls to the KEK providers.
@@ -231,20 +225,7 @@ impl Engine {
             default_tenant,
             strict_reads,
             shredded_null: false,
-            // Bounded by bytes of SQL text, so a client sending huge distinct statements
-            // cannot grow it without limit.
-            plans: moka::sync::Cache::builder()
-                .weigher(|sql: &Arc<str>, a: &Arc<Analysis>| {
-                    // Text, entry overhead, and the analysis' vectors (roughly).
-                    let parts = a.params.len()
-                        + a.tenant_changes.len()
-                        + a.tx_controls.len()
-                        + a.kinds.len();
-                    let bytes = sql.len() + 256 + parts * 64;
-                    u32::try_from(bytes).unwrap_or(u32::MAX)
-                })
-                .max_capacity(PLAN_CACHE_BYTES)
-                .build(),
+            plans: crate::proxy::plans::PlanCache::new(),
             stats: EngineStats::default(),
             kek_metrics: KekMetrics::default(),
             key_listener: None,
@@ -275,27 +256,13 @@ impl Engine {
             return hit;
         }
         let analysis = Arc::new(crate::sql::analyze(sql, &self.rules().protected));
-        // A text with literals bound for encrypted columns carries plaintext values: it is
-        // not kept in memory beyond this statement (and such texts rarely repeat anyway).
-        if sql.len() <= PLAN_CACHE_MAX_TEXT && analysis.literals.is_empty() {
-            self.plans.insert(Arc::from(sql), Arc::clone(&analysis));
-        }
+        self.plans.offer(sql, &analysis);
         analysis
     }
 
     /// Whether `sql` may touch protected tables or the tenant setting (no parsing).
     pub(crate) fn might_touch(&self, sql: &str) -> bool {
         crate::sql::might_touch(sql, &self.rules().protected)
-    }
-
-    /// The rule of a column named by the analyser.
-    pub(crate) fn column_rule(
-        &self,
-        schema: &str,
-        table: &str,
-        column: &str,
-    ) -> Option<ColumnRule> {
-        self.rules().rules.column(schema, table, column).cloned()
     }
 
     /// The rules in force now.
@@ -317,13 +284,12 @@ impl Engine {
             .rules
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
-        self.plans.invalidate_all();
+        self.plans.clear();
         self.catalog.invalidate_all();
     }
 
     /// Weight of the cached statement analyses, in bytes (bounded by the cache's cap).
     pub fn plan_cache_bytes(&self) -> u64 {
-        self.plans.run_pending_tasks();
         self.plans.weighted_size()
     }
 

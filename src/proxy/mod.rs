@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 mod listener;
+mod plans;
 mod pump;
 mod server_side;
 mod session;
