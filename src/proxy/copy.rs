@@ -322,7 +322,7 @@ impl RowsIn {
                     needs.deks.insert(parsed.dek_id(), c);
                     continue;
                 };
-                let opened = cipher.open_with(existing, &parsed, &c, None)?;
+                let opened = cipher.open_with(existing, parsed, &c, None)?;
                 if opened.org != org {
                     return Err(ClientError::privilege(format!(
                     "pgenvelope: COPY row {}: the encrypted value for {} belongs to another organisation",
@@ -449,7 +449,7 @@ impl CopyOut {
                         needs.deks.insert(parsed.dek_id(), column);
                         continue;
                     };
-                    let opened = cipher.open_with(dek, &parsed, &column, tenant)?;
+                    let opened = cipher.open_with(dek, parsed, &column, tenant)?;
                     let text = String::from_utf8(opened.plaintext).map_err(|_| {
                         ClientError::corrupted(format!(
                             "pgenvelope: value in {} is not text",

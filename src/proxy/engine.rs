@@ -514,7 +514,7 @@ impl Cipher {
                 None => return Ok(ReadOutcome::Shredded),
             },
         };
-        let opened = self.open_with(&dek, &parsed, column, tenant);
+        let opened = self.open_with(&dek, parsed, column, tenant);
         self.last_read_dek = Some(dek);
         opened.map(ReadOutcome::Decrypted)
     }
@@ -591,7 +591,7 @@ impl Cipher {
     pub(crate) fn open_with(
         &mut self,
         dek: &Arc<CachedDek>,
-        parsed: &EncV1,
+        parsed: EncV1,
         column: &ColumnRule,
         tenant: Option<&OrgId>,
     ) -> Result<Decrypted, ClientError> {
@@ -606,7 +606,7 @@ impl Cipher {
             }
         }
         let org = dek.org().clone();
-        match subkey(&mut self.subkeys, dek, column.id()).open(&org, parsed) {
+        match subkey(&mut self.subkeys, dek, column.id()).open_owned(&org, parsed) {
             Ok(plaintext) => {
                 stats.values_decrypted.fetch_add(1, Ordering::Relaxed);
                 Ok(Decrypted { plaintext, org })
