@@ -184,7 +184,7 @@ pub struct ServeArgs {
     pub require_client_tls: Option<bool>,
 
     /// TLS toward PostgreSQL: disable, prefer, require, verify-ca or verify-full
-    /// [default: verify-full with --upstream-ca, else prefer]
+    /// [default: the --upstream URL's sslmode, else verify-full with --upstream-ca, else prefer]
     #[arg(long, env = "PGENVELOPE_UPSTREAM_SSLMODE", value_name = "MODE")]
     pub upstream_sslmode: Option<String>,
 

@@ -149,6 +149,8 @@ pub struct Upstream {
     pub port: u16,
     /// Parsed connection settings for the proxy's own service connection (key store, catalog).
     pub service: tokio_postgres::Config,
+    /// `sslmode` given in the URL or keyword string, if any (see [`Upstream::parse`]).
+    pub sslmode: Option<SslMode>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -160,8 +162,13 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// Parse a `postgres://` URL or a libpq keyword string. Only TCP hosts are supported.
+    ///
+    /// An `sslmode` in it (`?sslmode=require`, `sslmode=verify-full`) is taken out and returned
+    /// in [`Upstream::sslmode`]: it sets `upstream_sslmode` when that is not given, and
+    /// contradicting it is an error, so a URL asking for TLS is never silently downgraded.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let service = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+        let (rest, sslmode) = take_sslmode(url)?;
+        let service = tokio_postgres::Config::from_str(&rest).map_err(|e| e.to_string())?;
         let host = match service.get_hosts() {
             [] => "127.0.0.1".to_owned(),
             [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
@@ -177,8 +184,53 @@ impl Upstream {
             host,
             port,
             service,
+            sslmode,
         })
     }
+}
+
+/// Split `sslmode` out of a URL's query (`postgres://…?sslmode=x&…`) or a keyword string
+/// (`… sslmode=x …`); returns the rest and the parsed mode.
+fn take_sslmode(url: &str) -> Result<(String, Option<SslMode>), String> {
+    let mut mode = None;
+    let mut set = |value: &str| -> Result<(), String> {
+        let parsed = value
+            .parse::<SslMode>()
+            .map_err(|m| format!("sslmode: {m}"))?;
+        match mode {
+            Some(old) if old != parsed => Err("sslmode is given twice with different values".into()),
+            _ => {
+                mode = Some(parsed);
+                Ok(())
+            }
+        }
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_owned(), None));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("sslmode", v)) => set(v)?,
+                _ => kept.push(pair),
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((rest, mode));
+    }
+    let mut kept = Vec::new();
+    for word in url.split_whitespace() {
+        match word.split_once('=') {
+            Some(("sslmode", v)) => set(v.trim_matches('\''))?,
+            _ => kept.push(word),
+        }
+    }
+    Ok((kept.join(" "), mode))
 }
 
 /// Values given on the command line or in the environment (already merged by clap).
@@ -622,12 +674,27 @@ impl Config {
             over.upstream_sslmode.map(PathBuf::from),
             raw.upstream_sslmode.map(PathBuf::from),
         ) {
-            Some((mode, src)) => mode
-                .to_string_lossy()
-                .parse::<SslMode>()
-                .map_err(|m| err("upstream_sslmode", src, m))?,
-            None if upstream_ca.is_some() => SslMode::VerifyFull,
-            None => SslMode::Prefer,
+            Some((mode, src)) => {
+                let mode = mode
+                    .to_string_lossy()
+                    .parse::<SslMode>()
+                    .map_err(|m| err("upstream_sslmode", src.clone(), m))?;
+                match upstream.sslmode {
+                    Some(in_url) if in_url != mode => {
+                        return Err(err(
+                            "upstream_sslmode",
+                            src,
+                            format!("{mode} contradicts sslmode={in_url} in the upstream URL"),
+                        ))
+                    }
+                    _ => mode,
+                }
+            }
+            None => match upstream.sslmode {
+                Some(in_url) => in_url,
+                None if upstream_ca.is_some() => SslMode::VerifyFull,
+                None => SslMode::Prefer,
+            },
         };
         if matches!(upstream_sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
             && upstream_ca.is_none()
@@ -714,6 +781,46 @@ mod tests {
         assert_eq!(c.listen.port(), 7001);
         assert_eq!(c.upstream.host, "db");
         assert_eq!(c.upstream.port, 6000);
+    }
+
+    #[test]
+    fn sslmode_in_the_upstream_url_is_honoured() {
+        let with = |upstream: &str, flag: Option<&str>| {
+            Config::resolve(
+                Overrides {
+                    upstream: Some(upstream.into()),
+                    upstream_sslmode: flag.map(Into::into),
+                    upstream_ca: Some("ca.crt".into()),
+                    ..Overrides::default()
+                },
+                None,
+            )
+        };
+        let c = with("postgres://u@db:6000/x?sslmode=require&application_name=a", None).unwrap();
+        assert_eq!(c.upstream_sslmode, SslMode::Require);
+        assert_eq!(c.upstream.service.get_application_name(), Some("a"));
+        assert_eq!(c.upstream.port, 6000);
+        let c = with("postgresql://u@db/x?sslmode=verify-full", None).unwrap();
+        assert_eq!(c.upstream_sslmode, SslMode::VerifyFull);
+        let c = with("host=db port=6001 sslmode=disable user=u", None).unwrap();
+        assert_eq!(c.upstream_sslmode, SslMode::Disable);
+        assert_eq!(c.upstream.service.get_user(), Some("u"));
+        assert_eq!(c.upstream.port, 6001);
+        // Same value twice is fine; a contradiction is an error, never a silent downgrade.
+        let c = with("postgres://u@db/x?sslmode=require", Some("require")).unwrap();
+        assert_eq!(c.upstream_sslmode, SslMode::Require);
+        let msg = with("postgres://u@db/x?sslmode=require", Some("prefer"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("contradicts sslmode=require"), "{msg}");
+        let msg = with("postgres://u@db/x?sslmode=sometimes", None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("sometimes"), "{msg}");
+        let msg = with("postgres://u@db/x?sslmode=require&sslmode=disable", None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("twice"), "{msg}");
     }
 
     #[test]
