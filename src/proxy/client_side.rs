@@ -474,7 +474,23 @@ impl ClientSide {
                 session.queue.push_back(Pending::Bind { hidden: false });
                 drop(session);
                 match rewritten {
-                    Some(bytes) => out.extend_from_slice(&bytes),
+                    Some(sealed) => {
+                        // Straight into the output: the other parameters are copied once.
+                        let mut refs = bind.params.clone();
+                        for (i, value) in &sealed {
+                            refs[*i] = Some(value.as_slice());
+                        }
+                        let start = out.len();
+                        if bind.encode_with(&refs, out).is_err() {
+                            out.truncate(start);
+                            return self.reject_extended(
+                                &ClientError::unsupported(
+                                    "pgenvelope: parameters could not be encoded",
+                                ),
+                                out,
+                            );
+                        }
+                    }
                     None => out.extend_from_slice(frame.raw()),
                 }
                 Ok(())
@@ -487,7 +503,7 @@ impl ClientSide {
         &mut self,
         bind: &Bind<'_>,
         statement: &Statement,
-    ) -> Result<Option<BytesMut>, ClientError> {
+    ) -> Result<Option<Vec<(usize, Vec<u8>)>>, ClientError> {
         let Some(analysis) = statement.analysis.clone() else {
             return Ok(None);
         };
@@ -506,9 +522,8 @@ impl ClientSide {
             return Ok(None);
         }
         let encoding = self.encoding();
-        let mut params: Vec<Option<Vec<u8>>> =
-            bind.params.iter().map(|p| p.map(<[u8]>::to_vec)).collect();
-        let mut changed = false;
+        // (parameter index, sealed value) of every parameter that changes.
+        let mut sealed_params = Vec::with_capacity(analysis.params.len());
         let rules = self.rules();
         for site in &analysis.params {
             let Some(Some(raw)) = bind.params.get(site.index - 1).copied() else {
@@ -521,18 +536,10 @@ impl ClientSide {
                 .decode(raw)
                 .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
             if let Some(sealed) = self.seal_value(column, &org, plaintext.as_bytes()).await? {
-                params[site.index - 1] = Some(sealed.into_bytes());
-                changed = true;
+                sealed_params.push((site.index - 1, sealed.into_bytes()));
             }
         }
-        if !changed {
-            return Ok(None);
-        }
-        let refs: Vec<Option<&[u8]>> = params.iter().map(|p| p.as_deref()).collect();
-        let mut buf = BytesMut::new();
-        bind.encode_with(&refs, &mut buf)
-            .map_err(|_| ClientError::unsupported("pgenvelope: parameters could not be encoded"))?;
-        Ok(Some(buf))
+        Ok((!sealed_params.is_empty()).then_some(sealed_params))
     }
 
     fn on_describe(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {

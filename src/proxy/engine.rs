@@ -390,10 +390,11 @@ pub(crate) struct Cipher {
     engine: Arc<Engine>,
     nonces: NonceSource,
     /// Derived subkeys, valid while the cached DEK they came from is the same allocation.
-    subkeys: HashMap<(DekId, ColumnId), (Arc<CachedDek>, ColumnKey)>,
-    /// The DEK of the last value read: the values of one result set mostly share it, and
-    /// checking it is still fresh is cheaper than a cache look-up per value.
-    last_read_dek: Option<Arc<CachedDek>>,
+    /// Reads find their DEK here first (checking it is still fresh is far cheaper than a DEK
+    /// cache look-up per value, and rows of many organisations interleave in one result).
+    /// Keys are ids of DEKs that exist in the key store (random, not chosen by clients), so a
+    /// fast non-keyed hash is safe.
+    subkeys: SubkeyMap,
     /// The active DEK of the last value written, reused for the same organisation while it
     /// is still fresh (not expired, not revoked by a rotation or shred).
     last_active_dek: Option<Arc<CachedDek>>,
@@ -404,8 +405,7 @@ impl Cipher {
         Self {
             engine,
             nonces: NonceSource::from_os_rng(),
-            subkeys: HashMap::new(),
-            last_read_dek: None,
+            subkeys: SubkeyMap::default(),
             last_active_dek: None,
         }
     }
@@ -507,16 +507,21 @@ impl Cipher {
         let Some(column) = looked_up.as_ref().or(expected) else {
             return Ok(ReadOutcome::Plain);
         };
-        let dek = match self.last_read_dek.take() {
-            Some(d) if d.dek_id() == parsed.dek_id() && self.engine.keys.still_fresh(&d) => d,
-            _ => match self.key_for_read(parsed.dek_id(), column).await? {
+        let known = self
+            .subkeys
+            .get(&(parsed.dek_id(), column.id()))
+            .map(|(d, _)| d)
+            .filter(|d| self.engine.keys.still_fresh(d))
+            .cloned();
+        let dek = match known {
+            Some(d) => d,
+            None => match self.key_for_read(parsed.dek_id(), column).await? {
                 Some(d) => d,
                 None => return Ok(ReadOutcome::Shredded),
             },
         };
-        let opened = self.open_with(&dek, parsed, column, tenant);
-        self.last_read_dek = Some(dek);
-        opened.map(ReadOutcome::Decrypted)
+        self.open_with(&dek, parsed, column, tenant)
+            .map(ReadOutcome::Decrypted)
     }
 
     /// First, synchronous half of [`Cipher::read`]: classify the value and check its header.
@@ -648,9 +653,12 @@ enum Classified {
     },
 }
 
+/// Derived subkeys by (DEK, column), with the cached DEK they were derived from.
+type SubkeyMap = HashMap<(DekId, ColumnId), (Arc<CachedDek>, ColumnKey), rustc_hash::FxBuildHasher>;
+
 /// The derived subkey for (DEK, column), derived once per cached DEK allocation.
 fn subkey<'a>(
-    subkeys: &'a mut HashMap<(DekId, ColumnId), (Arc<CachedDek>, ColumnKey)>,
+    subkeys: &'a mut SubkeyMap,
     dek: &Arc<CachedDek>,
     column: ColumnId,
 ) -> &'a ColumnKey {

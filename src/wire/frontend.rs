@@ -213,12 +213,20 @@ impl<'a> Bind<'a> {
         let np = i16::try_from(params.len()).map_err(|_| too_many.clone())?;
         let nr = i16::try_from(self.result_formats.len()).map_err(|_| too_many.clone())?;
         let mut lens = Vec::with_capacity(params.len());
+        let mut size = 5
+            + self.portal.len()
+            + self.statement.len()
+            + 8
+            + 2 * (self.param_formats.len() + self.result_formats.len());
         for p in params {
             lens.push(match p {
                 None => -1,
                 Some(v) => i32::try_from(v.len()).map_err(|_| too_many.clone())?,
             });
+            size += 4 + p.map_or(0, <[u8]>::len);
         }
+        // One allocation for the whole message instead of growing it value by value.
+        out.reserve(size);
         put_message(out, BIND_TAG, |out| {
             put_cstr(out, self.portal);
             put_cstr(out, self.statement);
