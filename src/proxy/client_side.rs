@@ -195,17 +195,23 @@ impl ClientSide {
             sql: new_sql,
             ..Prepared::default()
         };
-        if let Some(plan) = &analysis.copy {
-            if analysis.statement_count > 1 {
+        match &analysis.copy {
+            // A COPY of a query naming no protected table, among other statements: relayed
+            // as is (its output is only scanned for enc:v1 values when sent on its own).
+            Some(_) if analysis.statement_count > 1 && !analysis.touches_protected => {}
+            Some(_) if analysis.statement_count > 1 => {
                 return Err(ClientError::unsupported(
                     "pgenvelope: COPY on an encrypted table must be sent as a statement of its own",
                 ));
             }
-            let job = self.copy_job(plan).await?;
-            match plan.direction {
-                CopyDirection::FromStdin => self.start_copy_in(job).await?,
-                CopyDirection::ToStdout => prepared.copy_out = Some(job),
+            Some(plan) => {
+                let job = self.copy_job(plan).await?;
+                match plan.direction {
+                    CopyDirection::FromStdin => self.start_copy_in(job).await?,
+                    CopyDirection::ToStdout => prepared.copy_out = Some(job),
+                }
             }
+            None => {}
         }
         self.apply_tenant_changes(&analysis, None)?;
         Ok(prepared)

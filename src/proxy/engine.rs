@@ -262,7 +262,7 @@ impl Engine {
 
     /// Whether `sql` may touch protected tables or the tenant setting (no parsing).
     pub(crate) fn might_touch(&self, sql: &str) -> bool {
-        crate::sql::might_touch(sql, &self.rules().protected)
+        crate::sql::might_touch(sql, &self.rules().protected) || crate::sql::might_copy(sql)
     }
 
     /// The rules in force now.

@@ -486,6 +486,14 @@ pub fn might_touch(sql: &str, protected: &Protected) -> bool {
         || protected.needles.iter().any(|n| lower.contains(n.as_str()))
 }
 
+/// Whether `sql` may be a `COPY (query) TO STDOUT`, whose output may carry enc:v1 values read
+/// through views or functions that name no protected table (case-insensitive `copy`).
+pub fn might_copy(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"copy"))
+}
+
 /// Analyses one SQL text (possibly several `;`-separated statements).
 pub fn analyze(sql: &str, protected: &Protected) -> Analysis {
     analyzer::run(sql, protected)

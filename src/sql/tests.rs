@@ -78,6 +78,22 @@ fn might_touch_finds_names_case_insensitively() {
     assert!(!might_touch("insert into other (a) values ('x')", &p));
 }
 
+#[test]
+fn copy_of_a_query_naming_no_protected_table_is_scanned() {
+    assert!(crate::sql::might_copy("CoPy (select * from v) to stdout"));
+    assert!(!crate::sql::might_copy("select 1"));
+    let a = analyze("COPY (SELECT a FROM some_view) TO STDOUT", &prot());
+    assert!(a.rejection.is_none());
+    assert!(!a.touches_protected);
+    assert!(a.copy.as_ref().is_some_and(|c| c.table.is_none()));
+    // Binary output is not scanned, and an unparsable text naming nothing protected is
+    // relayed rather than refused.
+    let a = analyze("COPY (SELECT a FROM some_view) TO STDOUT BINARY", &prot());
+    assert!(a.copy.is_none() && a.rejection.is_none());
+    let a = analyze("COPY ((( TO nowhere", &prot());
+    assert!(a.rejection.is_none());
+}
+
 // ---- INSERT ----
 
 #[test]

@@ -320,6 +320,46 @@ async fn copy_in_text_and_csv_and_copy_out() {
         .await
         .unwrap();
     assert_eq!(out.concat(), b"secret\\t5\n".to_vec());
+
+    // Through a view the analyser cannot see into, COPY output is still decrypted; a
+    // COPY in binary format of it passes through as stored (ciphertext, never plaintext).
+    let view = format!("{t}_view");
+    direct()
+        .await
+        .batch_execute(&format!("CREATE VIEW {view} AS SELECT name, value FROM {t}"))
+        .await
+        .unwrap();
+    let out: Vec<bytes::Bytes> = client
+        .copy_out(&format!(
+            "COPY (SELECT value FROM {view} WHERE name = 'n5') TO STDOUT WITH (FORMAT csv)"
+        ))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(out.concat(), b"secret\t5\n".to_vec());
+    let rows = client
+        .query(&format!("SELECT value FROM {view} WHERE name = 'n5'"), &[])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "secret\t5");
+    let out: Vec<bytes::Bytes> = client
+        .copy_out(&format!(
+            "COPY (SELECT value FROM {view} WHERE name = 'n5') TO STDOUT BINARY"
+        ))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let raw = out.concat();
+    assert!(raw.windows(7).any(|w| w == b"enc:v1:"));
+    direct()
+        .await
+        .batch_execute(&format!("DROP VIEW {view}"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
