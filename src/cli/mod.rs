@@ -3,6 +3,7 @@
 
 mod check;
 mod common;
+mod guard;
 mod inspect;
 mod keys;
 mod reencrypt;
@@ -61,6 +62,14 @@ pub enum Command {
     /// retired keys no longer protect any value. Exit 1 when a table could not be processed
     /// (e.g. it has no primary key).
     Reencrypt(reencrypt::ReencryptArgs),
+    /// Add CHECK constraints that make PostgreSQL refuse plaintext in encrypted columns.
+    ///
+    /// Writes the proxy cannot see (updatable views, partitions or inheritance children
+    /// addressed by their own names, triggers, functions, rules, connections that bypass the
+    /// proxy) then fail with SQLSTATE 23514 instead of storing plaintext. Each encrypted column
+    /// gets `CHECK (col IS NULL OR left(col::text, 7) = 'enc:v1:') NOT VALID`: rows already
+    /// stored are not scanned; `--validate` checks them (run `reencrypt` first). Idempotent.
+    Guard(guard::GuardArgs),
 }
 
 /// Flags of `pgenvelope serve`.
@@ -248,6 +257,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Reencrypt(args) => {
             let config = load_config(cli.config.as_deref(), args.overrides())?;
             reencrypt::run(&config, &args)
+        }
+        Command::Guard(args) => {
+            let config = load_config(cli.config.as_deref(), args.overrides())?;
+            guard::run(&config, &args)
         }
     }
 }

@@ -198,7 +198,9 @@ fn take_sslmode(url: &str) -> Result<(String, Option<SslMode>), String> {
             .parse::<SslMode>()
             .map_err(|m| format!("sslmode: {m}"))?;
         match mode {
-            Some(old) if old != parsed => Err("sslmode is given twice with different values".into()),
+            Some(old) if old != parsed => {
+                Err("sslmode is given twice with different values".into())
+            }
             _ => {
                 mode = Some(parsed);
                 Ok(())
@@ -796,7 +798,11 @@ mod tests {
                 None,
             )
         };
-        let c = with("postgres://u@db:6000/x?sslmode=require&application_name=a", None).unwrap();
+        let c = with(
+            "postgres://u@db:6000/x?sslmode=require&application_name=a",
+            None,
+        )
+        .unwrap();
         assert_eq!(c.upstream_sslmode, SslMode::Require);
         assert_eq!(c.upstream.service.get_application_name(), Some("a"));
         assert_eq!(c.upstream.port, 6000);

@@ -233,10 +233,7 @@ impl ClientSide {
         for site in &analysis.literals {
             let column = rule_for(&rules, &site.column)?;
             let org = self.tenant_for(&site.tenant, column, bind)?;
-            let Some(sealed) = self
-                .seal_value(column, &org, site.value.as_bytes())
-                .await?
-            else {
+            let Some(sealed) = self.seal_value(column, &org, site.value.as_bytes()).await? else {
                 continue;
             };
             replacements.push((site.range.clone(), format!("'{sealed}'")));
@@ -868,12 +865,12 @@ impl From<WireError> for ClientError {
 }
 
 /// The rule of a column the analyser found a value for.
-fn rule_for<'a>(rules: &'a RulesSnapshot, column: &ColumnRef) -> Result<&'a ColumnRule, ClientError> {
+fn rule_for<'a>(
+    rules: &'a RulesSnapshot,
+    column: &ColumnRef,
+) -> Result<&'a ColumnRule, ClientError> {
     rules
         .rules
         .column(&column.schema, &column.table, &column.column)
-        .ok_or_else(|| {
-ClientError::unsupported(format!("pgenvelope: no rule for {column}"))
-        })
+        .ok_or_else(|| ClientError::unsupported(format!("pgenvelope: no rule for {column}")))
 }
-

@@ -657,11 +657,7 @@ enum Classified {
 type SubkeyMap = HashMap<(DekId, ColumnId), (Arc<CachedDek>, ColumnKey), rustc_hash::FxBuildHasher>;
 
 /// The derived subkey for (DEK, column), derived once per cached DEK allocation.
-fn subkey<'a>(
-    subkeys: &'a mut SubkeyMap,
-    dek: &Arc<CachedDek>,
-    column: ColumnId,
-) -> &'a ColumnKey {
+fn subkey<'a>(subkeys: &'a mut SubkeyMap, dek: &Arc<CachedDek>, column: ColumnId) -> &'a ColumnKey {
     let key = (dek.dek_id(), column);
     let fresh = match subkeys.get(&key) {
         Some((cached, _)) => !Arc::ptr_eq(cached, dek),

@@ -326,7 +326,9 @@ async fn copy_in_text_and_csv_and_copy_out() {
     let view = format!("{t}_view");
     direct()
         .await
-        .batch_execute(&format!("CREATE VIEW {view} AS SELECT name, value FROM {t}"))
+        .batch_execute(&format!(
+            "CREATE VIEW {view} AS SELECT name, value FROM {t}"
+        ))
         .await
         .unwrap();
     let out: Vec<bytes::Bytes> = client

@@ -11,6 +11,7 @@ mod clients;
 mod cluster_smoke;
 mod encryption;
 mod faults;
+mod guard;
 mod harness;
 mod hsm;
 mod keys_lifecycle;

@@ -112,7 +112,10 @@ fn plan_cache_kib(admin: &str) -> u64 {
     let Ok(mut s) = TcpStream::connect(admin) else {
         return 0;
     };
-    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.lines()
