@@ -132,6 +132,11 @@ fn hsm_cold_cache_unwraps_once_per_organisation() {
     scenario("cache_effectiveness");
 }
 
+#[test]
+fn hsm_down_or_hanging_cached_orgs_keep_working_new_orgs_58000_then_recover() {
+    scenario("down_or_hanging");
+}
+
 /// The halves that run in a child process with `SOFTHSM2_CONF` set; see the module docs.
 mod scenarios {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -220,6 +225,100 @@ mod scenarios {
             org: OrgId::new(org).unwrap(),
             dek: DekId::from_bytes(*uuid::Uuid::new_v4().as_bytes()),
         }
+    }
+
+    /// An HSM that hangs, then one that fails every call (SoftHSM runs inside this process,
+    /// so both are injected in front of each real token call; see `proxy::fault`).
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "run in a child process by hsm_down_or_hanging_cached_orgs_keep_working_new_orgs_58000_then_recover"]
+    async fn down_or_hanging() {
+        use std::time::{Duration, Instant};
+
+        use pgenvelope::proxy::fault::{set_hsm_down, set_hsm_stall};
+
+        let Some(token) = token() else { return };
+        generate_key(&token, KEY_LABEL, false);
+        let kek = Pkcs11Kek::open(&Pkcs11Uri::parse(&uri(&token, KEY_LABEL)).unwrap())
+            .unwrap()
+            .with_timeout(Duration::from_secs(1));
+        let v = Vault::with(|o| o.kek = Some(Arc::new(kek))).await;
+        let t = v.table.clone();
+        let client = v.client().await;
+        let insert = |org: &'static str, value: &'static str| {
+            let client = &client;
+            let t = t.clone();
+            async move {
+                client
+                    .execute(
+                        &format!("INSERT INTO {t} (org_id, name, value) VALUES ($1, 'n', $2)"),
+                        &[&org, &value],
+                    )
+                    .await
+            }
+        };
+        let sqlstate = |e: &tokio_postgres::Error| {
+            e.as_db_error()
+                .map(|d| d.code().code().to_owned())
+                .unwrap_or_else(|| e.to_string())
+        };
+        insert("acme", "before").await.unwrap();
+
+        // Hanging: every token call blocks for 4 s, the provider gives up after 1 s.
+        set_hsm_stall(Duration::from_secs(4));
+        insert("acme", "during-hang").await.unwrap();
+        let started = Instant::now();
+        let err = insert("initech", "x").await.unwrap_err();
+        let took = started.elapsed();
+        set_hsm_stall(Duration::ZERO);
+        assert_eq!(sqlstate(&err), "58000", "{err}");
+        // Bounded by the operation timeout, not by the hang.
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+        // The same proxy recovers once the token answers again (hung calls free their
+        // sessions when they return).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match insert("initech", "after-hang").await {
+                Ok(_) => break,
+                Err(e) if sqlstate(&e) == "58000" && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("no recovery after the hang: {e}"),
+            }
+        }
+
+        // Down: every token call fails as with CKR_DEVICE_ERROR.
+        set_hsm_down(true);
+        insert("acme", "during-outage").await.unwrap();
+        insert("initech", "during-outage").await.unwrap();
+        let started = Instant::now();
+        let err = insert("globex", "x").await.unwrap_err();
+        let took = started.elapsed();
+        set_hsm_down(false);
+        assert_eq!(sqlstate(&err), "58000", "{err}");
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+        insert("globex", "after-outage").await.unwrap();
+
+        let rows = client
+            .query(&format!("SELECT org_id, value FROM {t} ORDER BY id"), &[])
+            .await
+            .unwrap();
+        let got: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let want = [
+            ("acme", "before"),
+            ("acme", "during-hang"),
+            ("initech", "after-hang"),
+            ("acme", "during-outage"),
+            ("initech", "during-outage"),
+            ("globex", "after-outage"),
+        ];
+        assert_eq!(
+            got,
+            want.iter()
+                .map(|(o, v)| (o.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        );
+        v.assert_encrypted_at_rest(&["before", "during-hang", "after-hang", "after-outage"])
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

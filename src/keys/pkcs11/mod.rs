@@ -66,6 +66,12 @@ pub const DEFAULT_MODULE_PATH: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// Token operations in flight at once per provider, and idle sessions kept for reuse.
 pub const MAX_SESSIONS: usize = 8;
 
+/// Default bound on one token operation (see [`Pkcs11Kek::with_timeout`]), as for AWS KMS.
+/// A PKCS#11 call cannot be interrupted: a call that hangs keeps its blocking thread and its
+/// session permit until the module returns, but the statement waiting for it fails with
+/// `58000` after this long instead of hanging with the HSM.
+pub(crate) const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
+
 /// Format version byte of a PKCS#11-wrapped DEK.
 const WRAP_VERSION: u8 = 0x01;
 const IV_LEN: usize = 12;
@@ -160,6 +166,13 @@ pub enum Pkcs11Error {
     /// A blocking task running a token operation panicked or was cancelled.
     #[error("PKCS#11 worker task failed")]
     Task,
+    /// A token operation (including the wait for a free session) did not finish in time:
+    /// the HSM hangs or is overloaded.
+    #[error("PKCS#11 operation did not finish within {}s", after.as_secs_f32())]
+    TimedOut {
+        /// The bound that was exceeded.
+        after: std::time::Duration,
+    },
 }
 
 /// A KEK held in an HSM, used through its PKCS#11 module.
@@ -167,6 +180,8 @@ pub struct Pkcs11Kek {
     inner: Arc<Inner>,
     /// Invariant: [`MAX_SESSIONS`] permits; one held per token operation in flight.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Bound on one operation, from asking for a session to the token's answer.
+    timeout: std::time::Duration,
 }
 
 struct Inner {
@@ -266,7 +281,15 @@ impl Pkcs11Kek {
         Ok(Self {
             inner: Arc::new(inner),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
+            timeout: OPERATION_TIMEOUT,
         })
+    }
+
+    /// Bound each operation (waiting for a session included) by `timeout` instead of
+    /// [`OPERATION_TIMEOUT`].
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     async fn run<T, F>(&self, op: F) -> Result<T, KekError>
@@ -276,17 +299,28 @@ impl Pkcs11Kek {
     {
         let inner = Arc::clone(&self.inner);
         let kek = inner.id.clone();
-        let result = match Arc::clone(&self.in_flight).acquire_owned().await {
-            Ok(permit) => tokio::task::spawn_blocking(move || {
-                let result = inner.with_session(op);
-                drop(permit);
-                result
-            })
-            .await
-            .unwrap_or(Err(Outcome::Failed(Pkcs11Error::Task))),
-            // Never closed; treated like a failed worker all the same.
-            Err(_) => Err(Outcome::Failed(Pkcs11Error::Task)),
+        let in_flight = Arc::clone(&self.in_flight);
+        let operation = async move {
+            match in_flight.acquire_owned().await {
+                Ok(permit) => tokio::task::spawn_blocking(move || {
+                    let result = match crate::proxy::fault::hsm_fault() {
+                        Some(e) => Err(Outcome::Failed(e)),
+                        None => inner.with_session(op),
+                    };
+                    drop(permit);
+                    result
+                })
+                .await
+                .unwrap_or(Err(Outcome::Failed(Pkcs11Error::Task))),
+                // Never closed; treated like a failed worker all the same.
+                Err(_) => Err(Outcome::Failed(Pkcs11Error::Task)),
+            }
         };
+        let result = tokio::time::timeout(self.timeout, operation)
+            .await
+            .unwrap_or(Err(Outcome::Failed(Pkcs11Error::TimedOut {
+                after: self.timeout,
+            })));
         result.map_err(|outcome| match outcome {
             Outcome::Rejected => KekError::Rejected,
             Outcome::Failed(e) => KekError::Unavailable {
