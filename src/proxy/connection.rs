@@ -151,7 +151,15 @@ struct Start {
 async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), ConnError> {
     let _ = client.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(1024);
-    match startup(&mut client, &mut buf, shared, shared.client_tls.as_ref()).await? {
+    match startup(
+        &mut client,
+        &mut buf,
+        shared,
+        shared.client_tls.as_ref(),
+        false,
+    )
+    .await?
+    {
         Startup::Done => Ok(()),
         Startup::Packet(packet) => {
             if shared.config.require_client_tls {
@@ -167,7 +175,7 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
                 Ok(Err(e)) => return Err(ConnError::ClientTls(e)),
                 Err(_) => return Err(ConnError::StartupTimeout),
             };
-            match startup(&mut tls, &mut buf, shared, None).await? {
+            match startup(&mut tls, &mut buf, shared, None, true).await? {
                 Startup::Packet(packet) => session(tls, packet, buf, shared).await,
                 Startup::Done | Startup::Tls(_) => Ok(()),
             }
@@ -183,7 +191,10 @@ async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     shared: &Arc<Shared>,
     tls: Option<&ClientTls>,
+    tls_done: bool,
 ) -> Result<Startup, ConnError> {
+    // At most one SSLRequest and one GSSENCRequest, and none once TLS is up, as in PostgreSQL.
+    let (mut ssl_asked, mut gss_asked) = (tls_done, tls_done);
     loop {
         let len = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client, buf)).await {
             Ok(Ok(Some(len))) => len,
@@ -202,6 +213,13 @@ async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
                 // through the encrypted channel.
                 if !buf.is_empty() {
                     return fail(client, ConnError::BufferedBeforeNegotiation).await;
+                }
+                let asked = match parsed {
+                    StartupPacket::SslRequest => &mut ssl_asked,
+                    _ => &mut gss_asked,
+                };
+                if std::mem::replace(asked, true) {
+                    return fail(client, ConnError::RepeatedNegotiation).await;
                 }
                 if let (StartupPacket::SslRequest, Some(tls)) = (&parsed, tls) {
                     return Ok(Startup::Tls(tls.acceptor()));

@@ -23,6 +23,10 @@ pub enum ConnError {
     /// The client sent bytes after an SSLRequest/GSSENCRequest before reading the answer.
     #[error("client sent data before the encryption negotiation was answered")]
     BufferedBeforeNegotiation,
+    /// A second SSLRequest or GSSENCRequest, or one after TLS was set up (PostgreSQL refuses
+    /// these too; answering them again would let a client loop in the startup phase).
+    #[error("client repeated an encryption request")]
+    RepeatedNegotiation,
     /// A StartupMessage arrived in plaintext while client TLS is required.
     #[error("client did not negotiate TLS, which is required")]
     ClientTlsRequired,
@@ -107,6 +111,10 @@ impl ConnError {
             Self::BufferedBeforeNegotiation => Some((
                 sqlstate::PROTOCOL_VIOLATION,
                 "pgenvelope: received unencrypted data after SSL/GSS request".to_owned(),
+            )),
+            Self::RepeatedNegotiation => Some((
+                sqlstate::PROTOCOL_VIOLATION,
+                "pgenvelope: encryption was already negotiated".to_owned(),
             )),
             Self::StartupTimeout | Self::ClientTls(_) => None,
             // The code PostgreSQL uses when pg_hba.conf has no entry (e.g. hostssl only).

@@ -558,6 +558,12 @@ fn ssl_and_gss_requests_are_answered_n() {
         let mut answer = [0u8; 1];
         std::io::Read::read_exact(&mut s, &mut answer).unwrap();
         assert_eq!(&answer, b"N");
+        // The same request again: refused (08P01) rather than answered forever.
+        std::io::Write::write_all(&mut s, &p).unwrap();
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+        assert_eq!(buf.first(), Some(&b'E'));
+        assert_eq!(error_field(&buf[5..], b'C').as_deref(), Some("08P01"));
     }
     // Bytes pipelined behind an SSLRequest, before its answer, are refused.
     let mut s = std::net::TcpStream::connect(proxy.addr()).unwrap();

@@ -199,11 +199,24 @@ fn ssl_request_is_answered_s_and_early_bytes_are_refused() {
     s.read_exact(&mut answer).unwrap();
     assert_eq!(answer[0], b'S');
 
-    // GSSENCRequest stays refused.
+    // GSSENCRequest stays refused; then SSLRequest is still possible (libpq's order with
+    // gssencmode=prefer), but a repeated request is a protocol violation, as in PostgreSQL.
     let mut s = std::net::TcpStream::connect(proxy.addr()).unwrap();
     s.write_all(&GSSENC_REQUEST).unwrap();
     s.read_exact(&mut answer).unwrap();
     assert_eq!(answer[0], b'N');
+    s.write_all(&GSSENC_REQUEST).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf.first(), Some(&b'E'));
+    assert!(String::from_utf8_lossy(&buf).contains("08P01"));
+    let mut s = std::net::TcpStream::connect(proxy.addr()).unwrap();
+    s.write_all(&GSSENC_REQUEST).unwrap();
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(answer[0], b'N');
+    s.write_all(&SSL_REQUEST).unwrap();
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(answer[0], b'S');
 
     // Bytes sent behind the SSLRequest, before the answer, are refused with 08P01.
     let mut s = std::net::TcpStream::connect(proxy.addr()).unwrap();
