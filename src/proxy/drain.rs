@@ -93,10 +93,20 @@ impl Activity {
 /// when the proxy closes every session.
 pub(crate) async fn session_must_end(mut state: watch::Receiver<DrainState>, activity: &Activity) {
     loop {
+        let now = *state.borrow_and_update();
+        if now == DrainState::Running {
+            // Idle points matter only while draining: not listening for them while serving
+            // saves a wake-up of the session per statement.
+            if state.changed().await.is_err() {
+                // The server is gone: nothing will ever ask this session to end.
+                std::future::pending::<()>().await;
+            }
+            continue;
+        }
+        // Registered before the idle check, so a ReadyForQuery in between is not missed.
         let notified = activity.ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let now = *state.borrow_and_update();
         match now {
             DrainState::Closing => return,
             DrainState::Draining if activity.is_idle() => return,
@@ -105,7 +115,6 @@ pub(crate) async fn session_must_end(mut state: watch::Receiver<DrainState>, act
         tokio::select! {
             changed = state.changed() => {
                 if changed.is_err() {
-                    // The server is gone: nothing will ever ask this session to end.
                     std::future::pending::<()>().await;
                 }
             }
