@@ -99,6 +99,16 @@ pub fn client_config(
     Ok(Some(Arc::new(config)))
 }
 
+/// Read a CA file and build the certificate verifier from it, as `verify-ca` and
+/// `verify-full` do; returns the number of CA certificates. For `pgenvelope check`, which
+/// also checks a CA file that the configured `sslmode` does not use.
+pub fn validate_ca(ca: &Path) -> Result<usize, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let count = read_certs(ca)?.len();
+    web_pki_verifier(ca, &provider)?;
+    Ok(count)
+}
+
 /// TLS for tokio-postgres connections, with the same `sslmode` semantics as the upstream leg.
 ///
 /// The default value never asks for TLS, like tokio-postgres's `NoTls`: `sslmode=prefer` in

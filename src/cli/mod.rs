@@ -43,7 +43,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy.
     Serve(ServeArgs),
-    /// Validate the configuration and rule files; exit 1 on any error.
+    /// Validate the configuration, rule files, TLS files and KEK settings; exit 1 on any error.
+    ///
+    /// Offline unless asked: loads the client certificate and key as the listener does (they
+    /// must match), parses the upstream CA file, and checks a local: KEK file without ever
+    /// creating it. --against-kms wraps and unwraps a test key with the KEK provider;
+    /// --against-db checks the rules against the upstream database's catalog.
     Check(check::CheckArgs),
     /// Print the header of an enc:v1 value (algorithm, DEK, organisation, column); never decrypts.
     Inspect(inspect::InspectArgs),

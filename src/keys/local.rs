@@ -56,10 +56,8 @@ impl LocalKek {
     /// permission bit. Blocking: call at start-up.
     pub fn open_or_create(path: impl AsRef<Path>) -> Result<Self, KekError> {
         let path = path.as_ref();
-        match File::open(path) {
-            Ok(file) => return Self::from_file(file, path),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(path, "open", e)),
+        if let Some(kek) = Self::open_existing(path)? {
+            return Ok(kek);
         }
         if create_key_file(path)? {
             tracing::warn!(
@@ -70,6 +68,19 @@ impl LocalKek {
         }
         let file = File::open(path).map_err(|e| io_error(path, "open", e))?;
         Self::from_file(file, path)
+    }
+
+    /// Open the key file at `path` if it exists, with the same checks as
+    /// [`LocalKek::open_or_create`] (regular file of exactly 32 bytes, no group or world
+    /// permission bits); `Ok(None)` if there is no file. Never creates or changes anything.
+    /// Blocking.
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Option<Self>, KekError> {
+        let path = path.as_ref();
+        match File::open(path) {
+            Ok(file) => Self::from_file(file, path).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(path, "open", e)),
+        }
     }
 
     /// The key file this KEK was read from.
@@ -442,6 +453,31 @@ mod tests {
             );
             assert!(err.to_string().contains(&path.display().to_string()));
         }
+    }
+
+    #[test]
+    fn open_existing_never_creates_and_checks_like_open_or_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/kek");
+        assert!(LocalKek::open_existing(&path).unwrap().is_none());
+        assert!(!path.exists());
+        assert!(!path.parent().unwrap().exists());
+
+        let created = LocalKek::open_or_create(&path).unwrap();
+        let opened = LocalKek::open_existing(&path).unwrap().unwrap();
+        assert_eq!(created.kek_id(), opened.kek_id());
+
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            LocalKek::open_existing(&path),
+            Err(KekError::KeyFilePermissions { mode: 0o640, .. })
+        ));
+        fs::write(&path, [1u8; 31]).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            LocalKek::open_existing(&path),
+            Err(KekError::KeyFileInvalid { len: 31, .. })
+        ));
     }
 
     #[test]

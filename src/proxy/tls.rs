@@ -37,6 +37,15 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl TlsFiles {
+    /// Load the files exactly as the listener does (and as a SIGHUP reload does): the chain
+    /// and the key must parse and the key must belong to the leaf certificate. For
+    /// `pgenvelope check`; the configuration built is dropped.
+    pub fn validate(&self) -> Result<(), TlsError> {
+        server_config(self).map(|_| ())
+    }
+}
+
 /// The client-facing TLS configuration, reloadable.
 #[derive(Debug)]
 pub(crate) struct ClientTls {

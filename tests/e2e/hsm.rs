@@ -137,6 +137,70 @@ fn hsm_down_or_hanging_cached_orgs_keep_working_new_orgs_58000_then_recover() {
     scenario("down_or_hanging");
 }
 
+/// `pgenvelope check --against-kms` with a key imported by `softhsm2-util` (no scenario
+/// needed: the module is only loaded by the binary, which is given `SOFTHSM2_CONF`).
+#[test]
+fn hsm_check_against_kms_round_trips() {
+    let Some(hsm) = SoftHsm::init("pgenvelope-check") else {
+        return;
+    };
+    let raw = hsm.dir.path().join("kek.bin");
+    // softhsm2-util reads the key file as text (a NUL or a newline shortens the key), so the
+    // test key is 32 random alphanumeric bytes.
+    let key: String = rand::Rng::sample_iter(rand::rngs::OsRng, rand::distributions::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    std::fs::write(&raw, key).unwrap();
+    let out = Command::new("softhsm2-util")
+        .args(["--import"])
+        .arg(&raw)
+        .args(["--aes", "--token", "pgenvelope-check", "--label", KEY_LABEL])
+        .args(["--id", "01", "--pin", USER_PIN])
+        .env("SOFTHSM2_CONF", hsm.conf())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "softhsm2-util --import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&raw).unwrap();
+
+    let conf = hsm.conf();
+    let conf = conf.to_str().unwrap();
+    let run = |object: &str| {
+        let uri = format!(
+            "pkcs11:token=pgenvelope-check;object={object};type=secret-key\
+             ?module-path={MODULE}&pin-value={USER_PIN}"
+        );
+        let out = crate::check::check_with_env(
+            hsm.dir.path(),
+            &["--kms", uri.as_str(), "--against-kms"],
+            &[("SOFTHSM2_CONF", conf)],
+        );
+        let (stdout, stderr) = crate::check::texts(&out);
+        assert!(
+            !stdout.contains(USER_PIN) && !stderr.contains(USER_PIN),
+            "PIN printed"
+        );
+        (out.status.code(), stdout, stderr)
+    };
+    let (code, stdout, stderr) = run(KEY_LABEL);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("round trip ok") && stdout.contains("pin-value=REDACTED"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = run("no-such-key");
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("error: kms (--kms)") && stderr.contains("no secret key no-such-key"),
+        "{stderr}"
+    );
+}
+
 /// The halves that run in a child process with `SOFTHSM2_CONF` set; see the module docs.
 mod scenarios {
     use std::sync::atomic::{AtomicUsize, Ordering};

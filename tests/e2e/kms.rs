@@ -736,3 +736,55 @@ async fn keys_rewrap_moves_deks_between_kms_keys_with_reencrypt() {
     // The key schema belongs to the vault's proxy, which drops it.
     reader.key_schema = unique("pgenvelope_unused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_against_kms_round_trips_with_a_real_key_and_fails_on_a_missing_one() {
+    let Some(moto) = Moto::start() else { return };
+    let alias = create_key(&moto.url(), None).await;
+    let url = moto.url();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |kms: &str, against_kms: bool| {
+        let mut args = vec!["--kms".to_owned(), format!("aws-kms:{kms}")];
+        if against_kms {
+            args.push("--against-kms".to_owned());
+        }
+        let out = crate::check::check_with_env(
+            dir.path(),
+            &args,
+            &[
+                ("AWS_ENDPOINT_URL", url.as_str()),
+                ("AWS_ACCESS_KEY_ID", "test"),
+                ("AWS_SECRET_ACCESS_KEY", "test"),
+                ("AWS_REGION", "us-east-1"),
+            ],
+        );
+        let (stdout, stderr) = crate::check::texts(&out);
+        (out.status.code(), stdout, stderr)
+    };
+
+    let (code, stdout, stderr) = run(&alias, true);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("kms: aws-kms:{alias}: round trip ok")),
+        "{stdout}"
+    );
+
+    // Without --against-kms nothing is contacted, so a missing key passes.
+    let (code, stdout, stderr) = run("alias/does-not-exist", false);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("not contacted"), "{stdout}");
+
+    for missing in [
+        "alias/does-not-exist".to_owned(),
+        uuid::Uuid::new_v4().to_string(),
+    ] {
+        let (code, stdout, stderr) = run(&missing, true);
+        assert_eq!(code, Some(1), "{missing}\n{stdout}\n{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "error: kms (--kms): aws-kms:{missing}: wrapping a test key"
+            )) && stderr.contains("disabled, pending deletion or not found"),
+            "{missing}\n{stderr}"
+        );
+    }
+}

@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod at_rest;
+mod check;
 mod clients;
 mod cluster_smoke;
 mod encryption;

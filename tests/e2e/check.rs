@@ -1,0 +1,359 @@
+//! `pgenvelope check` through the real binary: client TLS files loaded as the listener loads
+//! them, the upstream CA file parsed, local KEK files checked without ever being created, and
+//! the `--against-kms` round trip. (The AWS KMS round trip against moto is in `kms`.)
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use pgenvelope::keys::{KekProvider, LocalKek};
+
+use crate::tls::Ca;
+
+/// Every environment variable `check` reads, so a developer's settings cannot leak in.
+const CHECK_ENV: &[&str] = &[
+    "PGENVELOPE_CONFIG",
+    "PGENVELOPE_RULES",
+    "PGENVELOPE_KMS",
+    "PGENVELOPE_KMS_ALSO",
+    "PGENVELOPE_UPSTREAM",
+    "PGENVELOPE_TLS_CERT",
+    "PGENVELOPE_TLS_KEY",
+    "PGENVELOPE_UPSTREAM_SSLMODE",
+    "PGENVELOPE_UPSTREAM_CA",
+];
+
+/// Run `pgenvelope check` in `dir` with an empty rule directory and `args`.
+pub(crate) fn check<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> Output {
+    check_with_env(dir, args, &[])
+}
+
+/// [`check`] with further environment variables.
+pub(crate) fn check_with_env<S: AsRef<OsStr>>(
+    dir: &Path,
+    args: &[S],
+    env: &[(&str, &str)],
+) -> Output {
+    let rules = dir.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgenvelope"));
+    cmd.current_dir(dir).arg("check").arg("--rules").arg(&rules);
+    // A developer's AWS profile must not decide which KMS `--against-kms` talks to.
+    for var in CHECK_ENV.iter().chain(&["AWS_PROFILE"]) {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.args(args).output().expect("run pgenvelope check")
+}
+
+/// stdout and stderr of a run, for assertions and their messages.
+pub(crate) fn texts(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn kms_arg(path: &Path) -> String {
+    format!("local:{}", path.display())
+}
+
+fn p(path: &Path) -> &OsStr {
+    path.as_os_str()
+}
+
+#[test]
+fn valid_tls_files_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("check CA");
+    let ca_file = ca.write(dir.path(), "ca.crt");
+    let server = ca.server(dir.path(), "server");
+    let kek = dir.path().join("kek");
+    let out = check(
+        dir.path(),
+        &[
+            OsStr::new("--tls-cert"),
+            p(&server.cert),
+            OsStr::new("--tls-key"),
+            p(&server.key),
+            OsStr::new("--upstream-ca"),
+            p(&ca_file),
+            OsStr::new("--kms"),
+            OsStr::new(&kms_arg(&kek)),
+        ],
+    );
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "tls (clients): certificate {} and key {} ok",
+            server.cert.display(),
+            server.key.display()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "tls (upstream): sslmode verify-full, CA {} (1 certificate) ok",
+            ca_file.display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with("ok\n"), "{stdout}");
+}
+
+#[test]
+fn tls_files_come_from_the_environment_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("check CA");
+    let server = ca.server(dir.path(), "server");
+    let other = ca.server(dir.path(), "other");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgenvelope"));
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    for var in CHECK_ENV {
+        cmd.env_remove(var);
+    }
+    let out = cmd
+        .current_dir(dir.path())
+        .args(["check", "--rules", "rules"])
+        .env("PGENVELOPE_TLS_CERT", &server.cert)
+        .env("PGENVELOPE_TLS_KEY", &other.key)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("does not belong to the certificate"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn key_of_another_certificate_fails_naming_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("check CA");
+    let server = ca.server(dir.path(), "server");
+    let other = ca.server(dir.path(), "other");
+    let out = check(
+        dir.path(),
+        &[
+            OsStr::new("--tls-cert"),
+            p(&server.cert),
+            OsStr::new("--tls-key"),
+            p(&other.key),
+        ],
+    );
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error: tls (clients) (--tls-cert/--tls-key)"))
+        .unwrap_or_else(|| panic!("no tls error line in {stderr}"));
+    assert!(
+        line.contains(&server.cert.display().to_string())
+            && line.contains(&other.key.display().to_string())
+            && line.contains("does not belong to the certificate"),
+        "{line}"
+    );
+    assert!(!stdout.contains("tls (clients): certificate"), "{stdout}");
+    assert!(stderr.contains("1 problem(s) found"), "{stderr}");
+}
+
+#[test]
+fn missing_or_garbage_client_tls_files_fail_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("check CA");
+    let server = ca.server(dir.path(), "server");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.path().join("missing.crt");
+    for (cert, key, named) in [
+        (&missing, &server.key, &missing),
+        (&garbage, &server.key, &garbage),
+        (&server.cert, &garbage, &garbage),
+    ] {
+        let out = check(
+            dir.path(),
+            &[
+                OsStr::new("--tls-cert"),
+                p(cert),
+                OsStr::new("--tls-key"),
+                p(key),
+            ],
+        );
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+        assert!(
+            stderr.contains("error: tls (clients) (--tls-cert/--tls-key)")
+                && stderr.contains(&named.display().to_string()),
+            "{stderr}"
+        );
+    }
+    // Only one of the pair is a configuration error, as for `serve`.
+    let out = check(dir.path(), &[OsStr::new("--tls-cert"), p(&server.cert)]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("tls_key"), "{stderr}");
+}
+
+#[test]
+fn garbage_upstream_ca_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("ca.pem");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64 !\n").unwrap();
+    for mode in ["verify-full", "verify-ca", "require"] {
+        let out = check(
+            dir.path(),
+            &[
+                OsStr::new("--upstream-ca"),
+                p(&garbage),
+                OsStr::new("--upstream-sslmode"),
+                OsStr::new(mode),
+            ],
+        );
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(out.status.code(), Some(1), "{mode}\n{stdout}\n{stderr}");
+        assert!(
+            stderr.contains("error: tls (upstream) (--upstream-ca)")
+                && stderr.contains(&garbage.display().to_string()),
+            "{mode}\n{stderr}"
+        );
+    }
+    let out = check(
+        dir.path(),
+        &[
+            OsStr::new("--upstream-ca"),
+            p(&dir.path().join("absent.pem")),
+        ],
+    );
+    let (_, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("absent.pem"), "{stderr}");
+}
+
+#[test]
+fn missing_local_kek_will_be_created_and_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("keys/kek");
+    for extra in [None, Some("--against-kms")] {
+        let mut args = vec!["--kms".to_owned(), kms_arg(&kek)];
+        args.extend(extra.map(str::to_owned));
+        let out = check(dir.path(), &args);
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+        assert!(stdout.contains("will be created"), "{stdout}");
+        assert!(!kek.exists(), "check created the key file");
+        assert!(
+            !dir.path().join("keys").exists(),
+            "check created the directory"
+        );
+    }
+    // The default location, relative to the working directory, is not created either.
+    let out = check::<&str>(dir.path(), &[]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("kms: local:.pgenvelope/kek: the key file does not exist yet"),
+        "{stdout}"
+    );
+    assert!(!dir.path().join(".pgenvelope").exists());
+}
+
+#[test]
+fn corrupt_local_kek_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, [7u8; 31]).unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = check(dir.path(), &["--kms".to_owned(), kms_arg(&kek)]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("error: kms (--kms)")
+            && stderr.contains(&kek.display().to_string())
+            && stderr.contains("exactly 32 bytes, found 31 bytes"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&kek).unwrap(), [7u8; 31], "file untouched");
+
+    // Right size, but readable by others.
+    std::fs::write(&kek, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check(dir.path(), &["--kms".to_owned(), kms_arg(&kek)]);
+    let (_, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+}
+
+#[test]
+fn against_kms_round_trips_with_a_local_kek() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek_path = dir.path().join("kek");
+    let kek = LocalKek::open_or_create(&kek_path).unwrap();
+    let old_path = dir.path().join("old-kek");
+    let old = LocalKek::open_or_create(&old_path).unwrap();
+    let out = check(
+        dir.path(),
+        &[
+            "--kms".to_owned(),
+            kms_arg(&kek_path),
+            "--kms-also".to_owned(),
+            kms_arg(&old_path),
+            "--against-kms".to_owned(),
+        ],
+    );
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "kms: {}: round trip ok (wrapped and unwrapped a random test key; KEK id {})",
+            kms_arg(&kek_path),
+            kek.kek_id()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "kms (unwrap only): {}: key file ok (KEK id {}",
+            kms_arg(&old_path),
+            old.kek_id()
+        )),
+        "{stdout}"
+    );
+    // Never key material: no run of the key file's bytes, in hex, in the output.
+    for path in [&kek_path, &old_path] {
+        let hex: String = std::fs::read(path)
+            .unwrap()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        for window in (0..hex.len() - 16).step_by(8) {
+            let piece = &hex[window..window + 16];
+            assert!(
+                !stdout.contains(piece) && !stderr.contains(piece),
+                "key bytes printed"
+            );
+        }
+    }
+
+    // An unwrap-only key file that does not exist could unwrap nothing: an error.
+    let missing: PathBuf = dir.path().join("never-there");
+    let out = check(
+        dir.path(),
+        &[
+            "--kms".to_owned(),
+            kms_arg(&kek_path),
+            "--kms-also".to_owned(),
+            kms_arg(&missing),
+        ],
+    );
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("error: kms (unwrap only) (--kms-also)")
+            && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(!missing.exists());
+}
