@@ -708,9 +708,8 @@ impl ClientSide {
             })?;
         let columns = if plan.columns.is_empty() {
             let db = lock(&self.session).db.clone();
-            engine
-                .catalog
-                .columns(&db, &table.schema, &table.name)
+            // Boxed: see `Cipher::active_key`.
+            Box::pin(engine.catalog.columns(&db, &table.schema, &table.name))
                 .await
                 .map_err(|e| {
                     tracing::warn!(error = %e, "catalog unavailable");

@@ -80,7 +80,7 @@ pub(crate) async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Share
     );
     async move {
         tracing::trace!("accepted");
-        match catch_panic(serve_inner(client, &shared)).await {
+        match catch_panic(Box::pin(serve_inner(client, &shared))).await {
             Ok(()) => tracing::debug!("closed"),
             Err(e @ (ConnError::ClientIo(_) | ConnError::ServerIo(_))) => {
                 tracing::debug!(error = %e, "closed")
@@ -391,7 +391,7 @@ async fn relay<C: Split, U: Split>(
                 server_buf,
                 limit,
             ));
-            let result = catch_panic(async {
+            let result = catch_panic(Box::pin(async {
                 tokio::select! {
                     r = c2s => {
                         client_gone = true;
@@ -400,7 +400,7 @@ async fn relay<C: Split, U: Split>(
                     r = s2c => r.map_err(ConnError::from_server_pump),
                     () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
                 }
-            })
+            }))
             .await;
             if client_gone {
                 cancel_if_busy(&to_client.tracker, shared).await;
@@ -437,7 +437,7 @@ async fn relay<C: Split, U: Split>(
                 server_buf,
                 limit,
             ));
-            let result = catch_panic(async {
+            let result = catch_panic(Box::pin(async {
                 tokio::select! {
                     r = c2s => {
                         client_gone = true;
@@ -446,7 +446,7 @@ async fn relay<C: Split, U: Split>(
                     r = s2c => r.map_err(ConnError::from_server_pump),
                     () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
                 }
-            })
+            }))
             .await;
             if client_gone {
                 cancel_if_busy(&to_client.tracker, shared).await;
@@ -524,10 +524,12 @@ async fn cancel_if_busy(tracker: &Tracker, shared: &Shared) {
 
 /// Run a session future, turning a panic inside it into [`ConnError::Internal`] so the caller
 /// can still answer the client; the panic itself has been reported by the panic hook.
-/// The future is boxed: session futures are large, and a second copy of one in the caller's
-/// state would cost the worker thread's stack in debug builds.
-async fn catch_panic<F: Future<Output = Result<(), ConnError>>>(fut: F) -> Result<(), ConnError> {
-    let mut fut = Box::pin(fut);
+/// The future comes boxed: session futures are large, and taking one by value would keep a
+/// second, unused copy of it in the caller's state (memory per idle connection, and the
+/// worker thread's stack in debug builds).
+async fn catch_panic<F: Future<Output = Result<(), ConnError>>>(
+    mut fut: std::pin::Pin<Box<F>>,
+) -> Result<(), ConnError> {
     std::future::poll_fn(|cx| {
         match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(poll) => poll,

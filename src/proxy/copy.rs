@@ -118,7 +118,8 @@ impl KeyedRewriter {
             }
             self.rewriter = saved;
             let any = job.targets.first().map(|(_, c)| c);
-            self.keys.fetch(needs, cipher, any).await?;
+            // Boxed: see `Cipher::active_key`.
+            Box::pin(self.keys.fetch(needs, cipher, any)).await?;
         }
         Err(ClientError::unavailable(
             "pgenvelope: keys for COPY could not be loaded",

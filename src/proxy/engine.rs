@@ -436,10 +436,9 @@ impl Cipher {
                 return Ok(Arc::clone(dek));
             }
         }
-        let dek = self
-            .engine
-            .keys
-            .active_key(org)
+        // Boxed here and below: the key manager's futures (cache, key store, KMS) are large,
+        // and a session's relay future would otherwise carry their size even while idle.
+        let dek = Box::pin(self.engine.keys.active_key(org))
             .await
             .map_err(|e| key_error(&e, column))?;
         self.last_active_dek = Some(Arc::clone(&dek));
@@ -453,7 +452,7 @@ impl Cipher {
         id: DekId,
         column: &ColumnRule,
     ) -> Result<Option<Arc<CachedDek>>, ClientError> {
-        match self.engine.keys.key_by_id(id).await {
+        match Box::pin(self.engine.keys.key_by_id(id)).await {
             Ok(d) => Ok(Some(d)),
             Err(KeyError::DestroyedDek(_)) if self.engine.shredded_null => {
                 self.engine.stats.decrypt_failures.inc("shredded");

@@ -404,7 +404,9 @@ impl ServerSide {
             return Ok(Arc::clone(hit));
         }
         let fields = be::parse_row_description(body)?;
-        let shape = Arc::new(self.shape(&fields).await?);
+        // Boxed: the catalog look-up's future is large and rarely needed (see
+        // `Cipher::active_key`).
+        let shape = Arc::new(Box::pin(self.shape(&fields)).await?);
         self.shapes.insert(body.to_vec(), Arc::clone(&shape));
         Ok(shape)
     }
