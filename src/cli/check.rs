@@ -344,17 +344,7 @@ async fn round_trip(kek: &dyn KekProvider) -> anyhow::Result<()> {
 const TEXT_LIKE: &[&str] = &["text", "character varying", "character", "citext", "name"];
 
 async fn check_against_db(config: &Config, rules: &RuleSet) -> anyhow::Result<Vec<String>> {
-    let tls = crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
-        .context("TLS settings for the upstream")?;
-    let mut service = config.upstream.service.clone();
-    tls.apply(&mut service);
-    let (client, conn) = tokio::time::timeout(config.connect_timeout, service.connect(tls))
-        .await
-        .map_err(|_| anyhow::anyhow!("connecting to the upstream timed out"))?
-        .context("connecting to the upstream")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = crate::cli::common::connect_upstream(config).await?;
     let mut problems = Vec::new();
     for table in rules.tables() {
         let rows = client

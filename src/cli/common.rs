@@ -76,6 +76,23 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<KeyStore>>
     Ok(Arc::new(store))
 }
 
+/// A connection to the upstream database with the proxy's service credentials, TLS settings
+/// and connect timeout (for `check --against-db` and `guard`).
+pub(crate) async fn connect_upstream(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
+    let tls = crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
+        .context("TLS settings for the upstream")?;
+    let mut service = config.upstream.service.clone();
+    tls.apply(&mut service);
+    let (client, conn) = tokio::time::timeout(config.connect_timeout, service.connect(tls))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to the upstream timed out"))?
+        .context("connecting to the upstream")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
 /// The primary KEK and the unwrap-only ones.
 pub(crate) async fn open_keks(
     config: &Config,

@@ -95,18 +95,7 @@ pub(crate) fn run(config: &Config, args: &GuardArgs) -> anyhow::Result<i32> {
     }
     let runtime = crate::cli::common::runtime()?;
     runtime.block_on(async {
-        let tls =
-            crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
-                .context("TLS settings for the upstream")?;
-        let mut service = config.upstream.service.clone();
-        tls.apply(&mut service);
-        let (client, conn) = tokio::time::timeout(config.connect_timeout, service.connect(tls))
-            .await
-            .map_err(|_| anyhow::anyhow!("connecting to the upstream timed out"))?
-            .context("connecting to the upstream")?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = crate::cli::common::connect_upstream(config).await?;
         let mut failed = 0usize;
         for column in &columns {
             match guard_one(&client, column, args).await {
