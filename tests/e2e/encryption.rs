@@ -108,7 +108,7 @@ impl Drop for Vault {
     }
 }
 
-fn code(e: &tokio_postgres::Error) -> Option<String> {
+pub(crate) fn code(e: &tokio_postgres::Error) -> Option<String> {
     e.code().map(|c| c.code().to_owned())
 }
 

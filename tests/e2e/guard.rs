@@ -2,9 +2,10 @@
 //! addressed by its own name, a function, a trigger, or a connection that bypasses the proxy —
 //! store plaintext without guards, and are refused by PostgreSQL (23514) with them.
 
+use crate::support::output_text;
 use std::process::{Command, Output, Stdio};
 
-use crate::encryption::direct;
+use crate::encryption::{code, direct};
 use crate::harness::{connect, main_pg, unique, ProxyOptions, TestProxy};
 
 fn guard(rules: &std::path::Path, extra: &[&str]) -> Output {
@@ -20,22 +21,6 @@ fn guard(rules: &std::path::Path, extra: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The SQLSTATE of a failed statement.
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| d.code().code().to_owned())
-        .unwrap_or_else(|| e.to_string())
 }
 
 #[tokio::test]
@@ -81,11 +66,11 @@ async fn guards_refuse_plaintext_written_around_the_proxy() {
     assert_eq!(stored, "leaked");
 
     let out = guard(&rules, &[]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("guard pgenvelope_enc_value added"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 
     // Through the proxy by the table's name: encrypted, accepted.
@@ -106,7 +91,7 @@ async fn guards_refuse_plaintext_written_around_the_proxy() {
     ];
     for sql in &around {
         let e = client.batch_execute(sql).await.unwrap_err();
-        assert_eq!(code(&e), "23514", "{sql}: {e}");
+        assert_eq!(code(&e).as_deref(), Some("23514"), "{sql}: {e}");
     }
     let e = db
         .batch_execute(&format!(
@@ -114,7 +99,7 @@ async fn guards_refuse_plaintext_written_around_the_proxy() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(code(&e), "23514");
+    assert_eq!(code(&e).as_deref(), Some("23514"), "{e}");
     // The session survives the refusals; reads decrypt.
     let row = client
         .query_one(&format!("SELECT value FROM {t} WHERE id = 2"), &[])
@@ -124,20 +109,20 @@ async fn guards_refuse_plaintext_written_around_the_proxy() {
 
     // Idempotent; --validate refuses while plaintext is stored, then marks the guard valid.
     let out = guard(&rules, &[]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("present"));
     let out = guard(&rules, &["--validate"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("1 value(s) are not encrypted"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     db.batch_execute(&format!("DELETE FROM {t} WHERE id = 1"))
         .await
         .unwrap();
     let out = guard(&rules, &["--validate"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid (every stored value checked)"));
     let validated: bool = db
         .query_one(
@@ -153,7 +138,7 @@ async fn guards_refuse_plaintext_written_around_the_proxy() {
     assert!(validated);
 
     let out = guard(&rules, &["--remove"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     db.batch_execute(&format!(
         "INSERT INTO {t}_p1 (id, org_id, value) VALUES (8, 'acme', 'unguarded')"
     ))

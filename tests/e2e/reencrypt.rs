@@ -1,6 +1,7 @@
 //! `pgenvelope reencrypt` end to end: the real binary against the shared PostgreSQL, next to
 //! an encrypting proxy on the same key store, KEK and rules.
 
+use crate::support::output_text;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -83,7 +84,7 @@ impl Setup {
 
     fn keys(&self, args: &[&str]) {
         let out = self.command(&[&["keys"], args].concat()).output().unwrap();
-        assert!(out.status.success(), "keys {args:?}: {}", text(&out));
+        assert!(out.status.success(), "keys {args:?}: {}", output_text(&out));
     }
 
     /// `org` -> its active DEK, straight from the key store.
@@ -133,15 +134,6 @@ impl Drop for Setup {
                 .output();
         }
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn stdout(out: &Output) -> String {
@@ -304,7 +296,7 @@ async fn hundred_thousand_rows_killed_halfway_resume_and_keep_every_value() {
 
     // Second run resumes and finishes.
     let out = s.reencrypt(&["--batch", "500"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let report = stdout(&out);
     assert!(
         report.contains(&format!("(resumed after {done} row(s))")),
@@ -348,11 +340,11 @@ async fn hundred_thousand_rows_killed_halfway_resume_and_keep_every_value() {
 
     // A third run changes nothing.
     let out = s.reencrypt(&[]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(
         stdout(&out).contains("0 encrypted from plaintext, 0 moved from retired DEKs"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert_eq!(stored(&t).await, after);
 }
@@ -410,7 +402,7 @@ async fn concurrent_writes_through_the_proxy_are_never_overwritten() {
     let mut conflicts = 0;
     for _ in 0..3 {
         let out = s.reencrypt(&["--batch", "20", "--restart"]);
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", output_text(&out));
         let report = stdout(&out);
         conflicts += conflicts_in(&report);
     }
@@ -433,7 +425,7 @@ async fn concurrent_writes_through_the_proxy_are_never_overwritten() {
     }
     // A last pass with the writers gone leaves nothing in plaintext.
     let out = s.reencrypt(&[]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     for (id, _, value) in stored(&t).await {
         assert!(
             value.unwrap().starts_with("enc:v1:"),
@@ -494,7 +486,7 @@ async fn table_without_primary_key_fails_and_destroyed_keys_are_left_alone() {
         .collect();
 
     let out = s.reencrypt(&[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
     let report = stdout(&out);
     assert!(
         report.contains(&format!(
@@ -508,7 +500,7 @@ async fn table_without_primary_key_fails_and_destroyed_keys_are_left_alone() {
     );
     assert!(report.contains("1 encrypted from plaintext"), "{report}");
     for needle in ["secret", "zq-"] {
-        assert!(!text(&out).contains(needle), "a value was printed");
+        assert!(!output_text(&out).contains(needle), "a value was printed");
     }
     // The destroyed organisation's values are exactly as they were; the PK-less table too.
     let gone_after: Vec<_> = stored(&keyed)
@@ -572,7 +564,7 @@ async fn destroy_retired_destroys_emptied_keys_and_keeps_used_ones() {
 
     // Retired just now: proxies may still hold the keys as active, so nothing is destroyed.
     let out = s.reencrypt(&["--destroy-retired", "--reason", "emptied"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let report = stdout(&out);
     assert!(
         report.contains("left untouched: 1 failed authentication"),
@@ -605,7 +597,7 @@ async fn destroy_retired_destroys_emptied_keys_and_keeps_used_ones() {
         "--reason",
         "emptied",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let report = stdout(&out);
     assert!(
         report.contains(&format!("destroyed retired DEK {}", old["a"])),

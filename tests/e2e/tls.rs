@@ -1,6 +1,7 @@
 //! TLS on both legs with a private CA generated per test: clients verify the proxy
 //! (verify-full), the proxy verifies a PostgreSQL started with ssl=on.
 
+use crate::support::output_text;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -84,15 +85,6 @@ fn psql_conninfo(conninfo: &str, sql: &str) -> Output {
         .expect("psql is installed")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn tls_proxy(files: &TlsFiles, require: bool) -> TestProxy {
     let (host, port) = main_pg();
     let mut opts = ProxyOptions::to(&host, port);
@@ -115,7 +107,7 @@ fn client_verify_full_through_the_proxy() {
             ca_file.display()
         );
         let out = psql_conninfo(&conninfo, "\\conninfo");
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", output_text(&out));
         let info = String::from_utf8_lossy(&out.stdout);
         assert!(info.contains("SSL connection"), "{info}");
         let out = psql_conninfo(&conninfo, "SELECT 40 + 2");
@@ -123,7 +115,7 @@ fn client_verify_full_through_the_proxy() {
             String::from_utf8_lossy(&out.stdout).trim(),
             "42",
             "{}",
-            text(&out)
+            output_text(&out)
         );
     }
     // Without TLS flags on the client the proxy still serves plaintext.
@@ -134,7 +126,7 @@ fn client_verify_full_through_the_proxy() {
         ),
         "SELECT 1",
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 }
 
 #[test]
@@ -153,7 +145,7 @@ fn client_with_the_wrong_ca_refuses_the_proxy() {
         ),
         "SELECT 1",
     );
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("certificate"), "{err}");
 }
@@ -171,7 +163,7 @@ fn require_client_tls_refuses_plaintext() {
         ),
         "SELECT 1",
     );
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("TLS is required"), "{err}");
     let out = psql_conninfo(
@@ -181,7 +173,7 @@ fn require_client_tls_refuses_plaintext() {
         ),
         "SELECT 1",
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 }
 
 #[test]
@@ -260,7 +252,7 @@ fn certificate_reload_swaps_the_certificate_and_keeps_it_on_bad_files() {
     second.server(dir.path(), "proxy");
     assert!(proxy.handle.reload_tls().unwrap());
     let out = psql_conninfo(&conninfo(&second_file), "SELECT 1");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(!psql_conninfo(&conninfo(&first_file), "SELECT 1")
         .status
         .success());
@@ -302,20 +294,20 @@ fn encrypted_pipelined_workload_over_client_tls() {
         assert!(
             out.status.success() && stdout.trim_end().ends_with("ok"),
             "{}",
-            text(&out)
+            output_text(&out)
         );
     }
     let out = psql_conninfo(
         &url,
         &format!("INSERT INTO {t} (org_id, name, value) VALUES ('psql', 'p1', 'over tls')"),
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let out = psql_conninfo(&url, &format!("SELECT value FROM {t} WHERE name = 'p1'"));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "over tls",
         "{}",
-        text(&out)
+        output_text(&out)
     );
     rt.block_on(v.assert_encrypted_at_rest(&["over tls", "psycopg-secret"]));
 }
@@ -375,7 +367,7 @@ fn upstream_verify_full_and_verify_ca() {
             String::from_utf8_lossy(&out.stdout).trim(),
             "t",
             "{mode}: {}",
-            text(&out)
+            output_text(&out)
         );
     }
 }
@@ -395,7 +387,7 @@ fn upstream_wrong_ca_or_no_tls_fails_with_08006() {
         ),
         "SELECT 1",
     );
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("could not establish TLS"), "{err}");
     assert_eq!(proxy.handle.upstream_connect_errors(), 1);
@@ -414,15 +406,15 @@ fn upstream_wrong_ca_or_no_tls_fails_with_08006() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "f",
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let require = upstream_proxy(&plain, SslMode::Require, None);
     let out = psql_conninfo(&conninfo(&require), "SELECT 1");
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("could not establish TLS"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }
 
@@ -454,13 +446,13 @@ fn service_connections_use_the_upstream_sslmode() {
         &conninfo,
         "INSERT INTO secrets (org_id, value) VALUES ('acme', 'tls-secret')",
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let out = psql_conninfo(&conninfo, "SELECT value FROM secrets");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "tls-secret",
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let stored = cluster.psql("test", "SELECT value FROM secrets").unwrap();
     assert!(stored.contains("enc:v1:"), "{stored}");
@@ -495,15 +487,15 @@ fn upstream_verify_ca_ignores_the_host_name_and_verify_full_does_not() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "t",
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let verify_full = upstream_proxy(&cluster, SslMode::VerifyFull, Some(ca_file));
     let out = psql_conninfo(&conninfo(&verify_full), "SELECT 1");
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("could not establish TLS"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }
 

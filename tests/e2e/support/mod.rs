@@ -8,3 +8,13 @@ pub(crate) mod cluster;
 
 pub(crate) use binaries::{pgbench, psql, require_tool, ClientScript};
 pub(crate) use cluster::{free_port, Auth, ClusterOptions, PrivateCluster};
+
+/// Exit status, stdout and stderr of a finished command, for assertion messages.
+pub(crate) fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
