@@ -225,14 +225,63 @@ fn take_sslmode(url: &str) -> Result<(String, Option<SslMode>), String> {
         };
         return Ok((rest, mode));
     }
-    let mut kept = Vec::new();
-    for word in url.split_whitespace() {
-        match word.split_once('=') {
-            Some(("sslmode", v)) => set(v.trim_matches('\''))?,
-            _ => kept.push(word),
+    // Keyword string: `key = value` pairs, values possibly 'quoted' (with \' and \\ escapes).
+    // Only the sslmode pairs are cut out; everything else (a quoted password with spaces)
+    // stays byte for byte.
+    let bytes = url.as_bytes();
+    let mut rest = String::with_capacity(url.len());
+    let mut kept_from = 0;
+    let mut i = 0;
+    let skip_ws = |mut i: usize| {
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
         }
+        i
+    };
+    loop {
+        i = skip_ws(i);
+        if i >= bytes.len() {
+            break;
+        }
+        let key_start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = &url[key_start..i];
+        i = skip_ws(i);
+        if bytes.get(i) != Some(&b'=') {
+            // Not a pair: leave it for tokio-postgres to report.
+            break;
+        }
+        i = skip_ws(i + 1);
+        let mut value = String::new();
+        if bytes.get(i) == Some(&b'\'') {
+            i += 1;
+            while i < bytes.len() && bytes[i] != b'\'' {
+                if bytes[i] == b'\\' && i + 1 < bytes.len() {
+                    i += 1;
+                }
+                value.push(char::from(bytes[i]));
+                i += 1;
+            }
+            i += 1;
+        } else {
+            let start = i;
+            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            value.push_str(&url[start..i]);
+        }
+        let end = i.min(bytes.len());
+        if key == "sslmode" {
+            set(&value)?;
+            rest.push_str(&url[kept_from..key_start]);
+            kept_from = end;
+        }
+        i = end;
     }
-    Ok((kept.join(" "), mode))
+    rest.push_str(&url[kept_from..]);
+    Ok((rest, mode))
 }
 
 /// Values given on the command line or in the environment (already merged by clap).
@@ -812,6 +861,18 @@ mod tests {
         assert_eq!(c.upstream_sslmode, SslMode::Disable);
         assert_eq!(c.upstream.service.get_user(), Some("u"));
         assert_eq!(c.upstream.port, 6001);
+        // Spaced and quoted forms; the other values, quoted spaces included, stay as given.
+        let c = with(
+            "host=db sslmode = 'verify-ca' password='two  spaces' user=u",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.upstream_sslmode, SslMode::VerifyCa);
+        assert_eq!(c.upstream.service.get_password(), Some(&b"two  spaces"[..]));
+        assert_eq!(c.upstream.service.get_user(), Some("u"));
+        let (rest, mode) = take_sslmode("host=db password='a b' sslmode=require").unwrap();
+        assert_eq!(rest, "host=db password='a b' ");
+        assert_eq!(mode, Some(SslMode::Require));
         // Same value twice is fine; a contradiction is an error, never a silent downgrade.
         let c = with("postgres://u@db/x?sslmode=require", Some("require")).unwrap();
         assert_eq!(c.upstream_sslmode, SslMode::Require);

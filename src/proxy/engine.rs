@@ -260,9 +260,10 @@ impl Engine {
         analysis
     }
 
-    /// Whether `sql` may touch protected tables or the tenant setting (no parsing).
+    /// Whether `sql` must be analysed: it may touch protected tables or the tenant setting,
+    /// or is a COPY whose output may carry enc:v1 values (no parsing).
     pub(crate) fn might_touch(&self, sql: &str) -> bool {
-        crate::sql::might_touch(sql, &self.rules().protected) || crate::sql::might_copy(sql)
+        crate::sql::worth_analysing(sql, &self.rules().protected)
     }
 
     /// The rules in force now.

@@ -473,7 +473,17 @@ pub struct Analysis {
 /// Case-insensitive substring search for every protected table name, `pgenvelope`, `set_config`,
 /// `execute`, `discard`, `reset` and Unicode-escaped identifiers (`U&"`). False positives only cost a parse.
 pub fn might_touch(sql: &str, protected: &Protected) -> bool {
+    touches(&sql.to_lowercase(), protected)
+}
+
+/// The proxy's pre-check: [`might_touch`], or a `COPY` (a `COPY (query) TO` may read
+/// protected tables through views, so its output is scanned). One lower-casing for both.
+pub fn worth_analysing(sql: &str, protected: &Protected) -> bool {
     let lower = sql.to_lowercase();
+    touches(&lower, protected) || lower.contains("copy")
+}
+
+fn touches(lower: &str, protected: &Protected) -> bool {
     const ALWAYS: [&str; 6] = [
         "pgenvelope",
         "set_config",
@@ -484,14 +494,6 @@ pub fn might_touch(sql: &str, protected: &Protected) -> bool {
     ];
     ALWAYS.iter().any(|n| lower.contains(n))
         || protected.needles.iter().any(|n| lower.contains(n.as_str()))
-}
-
-/// Whether `sql` may be a `COPY (query) TO STDOUT`, whose output may carry enc:v1 values read
-/// through views or functions that name no protected table (case-insensitive `copy`).
-pub fn might_copy(sql: &str) -> bool {
-    sql.as_bytes()
-        .windows(4)
-        .any(|w| w.eq_ignore_ascii_case(b"copy"))
 }
 
 /// Analyses one SQL text (possibly several `;`-separated statements).
