@@ -890,6 +890,16 @@ mod tests {
         assert!(msg.contains("twice"), "{msg}");
     }
 
+    proptest::proptest! {
+        /// Any text, including near-misses of quoting, is split without panicking.
+        #[test]
+        fn take_sslmode_never_panics(s in "[a-z =' \\\\é]{0,40}", t in proptest::prelude::any::<String>()) {
+            let _ = take_sslmode(&s);
+            let _ = take_sslmode(&format!("sslmode = {t}"));
+            let _ = take_sslmode(&t);
+        }
+    }
+
     #[test]
     fn unknown_file_key_names_file_and_key() {
         let e = RawConfig::parse(Path::new("p.toml"), "listn = \"x\"\n").unwrap_err();
