@@ -18,15 +18,19 @@ use crate::proxy::copy::CopyIn;
 use crate::proxy::engine::{Cipher, ReadOutcome, RulesSnapshot};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
+use crate::proxy::session::may_change_lexing;
 use crate::proxy::session::{lock, CopyJob, Pending, Portal, SharedSession, Statement};
 use crate::rules::ColumnRule;
 use crate::sql::{Analysis, ColumnRef, CopyDirection, TenantChange, TenantSource};
-use crate::wire::encoding::ClientEncoding;
+use crate::wire::encoding::{ClientEncoding, EncodingError};
 use crate::wire::frontend::{self as fe, Bind, Parse, Target};
 use crate::wire::{Frame, WireError};
 
 /// Name of the statement the proxy prepares to raise a refusal in extended protocol.
 const REJECT_STATEMENT: &[u8] = b"__pgenvelope_reject";
+
+/// Refusal while a statement that may change how text is read is still in flight.
+const IN_FLIGHT: &str = "pgenvelope: a statement that may change client_encoding or standard_conforming_strings is still in flight; send this statement after its answer (or with ASCII-only text)";
 
 /// OIDs of parameter types an encrypted value may be bound as.
 const TEXT_OIDS: &[u32] = &[25, 1043, 1042, 705];
@@ -97,6 +101,8 @@ impl Handler for ClientSide {
                 Ok(())
             }
             fe::FUNCTION_CALL_TAG => {
+                // Any function may change a setting.
+                lock(&self.session).lexing.may_change();
                 push_cycle(&self.session, Pending::FunctionCall);
                 out.extend_from_slice(frame.raw());
                 Ok(())
@@ -126,18 +132,47 @@ impl ClientSide {
     }
 
     /// Decode SQL text for analysis. `Ok(None)`: it cannot touch protected tables.
+    ///
+    /// The text is read as the server will read it: in the session's client_encoding (for an
+    /// encoding the proxy cannot convert, a view that keeps ASCII and lexes as PostgreSQL does,
+    /// good for statements that carry no value for an encrypted column), and refused when the
+    /// reading depends on a setting the proxy does not know for sure (see [`crate::proxy::session::LexState`]).
     fn analyse(&self, sql: &[u8]) -> Result<Option<(String, Arc<Analysis>)>, ClientError> {
         let engine = self.cipher.engine();
-        let encoding = self.encoding();
-        let text = match encoding.decode(sql) {
-            Ok(t) => t,
+        let (encoding, standard_strings, uncertain, bytewise) = {
+            let s = lock(&self.session);
+            (
+                s.encoding.clone(),
+                s.lexing.standard_strings,
+                s.lexing.uncertain(),
+                s.lexing.server_sql_ascii,
+            )
+        };
+        // ASCII reads the same in every client encoding PostgreSQL supports.
+        if uncertain && !sql.is_ascii() && engine.might_touch(&String::from_utf8_lossy(sql)) {
+            return Err(ClientError::unsupported(IN_FLIGHT));
+        }
+        // `exact`: the text is what the server reads, values included.
+        let (text, exact) = match encoding.decode(sql) {
+            Ok(t) => (t, true),
             Err(e) => {
                 // Table names are ASCII: a lossy view is enough to decide that the text
                 // cannot touch a protected table.
                 if !engine.might_touch(&String::from_utf8_lossy(sql)) {
                     return Ok(None);
                 }
-                return Err(ClientError::unsupported(format!("pgenvelope: {e}")));
+                let view = match &e {
+                    EncodingError::Unsupported(_)
+                        if sql.is_ascii() || engine.rules().protected.ascii_names() =>
+                    {
+                        encoding.lexing_view(sql, bytewise)
+                    }
+                    _ => None,
+                };
+                match view {
+                    Some(v) => (std::borrow::Cow::Owned(v), sql.is_ascii()),
+                    None => return Err(ClientError::unsupported(format!("pgenvelope: {e}"))),
+                }
             }
         };
         if !engine.might_touch(&text) {
@@ -146,6 +181,25 @@ impl ClientSide {
         let analysis = engine.analyze(&text);
         if let Some(rej) = &analysis.rejection {
             return Err(ClientError::unsupported(rej.message.clone()));
+        }
+        if analysis.plain_backslash && (!standard_strings || uncertain) {
+            return Err(ClientError::unsupported(
+                "pgenvelope: a '...' string literal holds a backslash while standard_conforming_strings is off or may be changing, so PostgreSQL may read the statement differently; use E'...' strings or parameters",
+            ));
+        }
+        if !exact && (!analysis.literals.is_empty() || !analysis.tenant_changes.is_empty()) {
+            return Err(ClientError::unsupported(format!(
+                "pgenvelope: {}",
+                EncodingError::Unsupported(encoding.name().to_owned())
+            )));
+        }
+        if uncertain
+            && analysis
+                .copy
+                .as_ref()
+                .is_some_and(|c| c.direction == CopyDirection::FromStdin)
+        {
+            return Err(ClientError::unsupported(IN_FLIGHT));
         }
         Ok(Some((text.into_owned(), analysis)))
     }
@@ -157,7 +211,11 @@ impl ClientSide {
         self.copy_in = None;
         self.skip_until_sync = false;
         let sql = fe::parse_query(frame.body())?;
-        match self.prepare_query(sql).await {
+        let prepared = self.prepare_query(sql).await;
+        if may_change_lexing(sql) {
+            lock(&self.session).lexing.may_change();
+        }
+        match prepared {
             Ok(Prepared {
                 sql: None,
                 copy_out,
@@ -380,7 +438,8 @@ impl ClientSide {
     async fn on_parse(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
         let parse = Parse::decode(frame.body())?;
         match self.prepare_parse(&parse).await {
-            Ok((statement, rewritten)) => {
+            Ok((mut statement, rewritten)) => {
+                statement.changes_lexing = may_change_lexing(parse.sql);
                 let mut session = lock(&self.session);
                 session
                     .statements
@@ -524,7 +583,10 @@ impl ClientSide {
         if analysis.params.is_empty() {
             return Ok(None);
         }
-        let encoding = self.encoding();
+        let (encoding, uncertain) = {
+            let s = lock(&self.session);
+            (s.encoding.clone(), s.lexing.uncertain())
+        };
         // (parameter index, sealed value) of every parameter that changes.
         let mut sealed_params = Vec::with_capacity(analysis.params.len());
         let rules = self.rules();
@@ -533,6 +595,15 @@ impl ClientSide {
                 continue;
             };
             let column = rule_for(&rules, &site.column)?;
+            if raw.contains(&0) {
+                return Err(ClientError::invalid_text(format!(
+                    "pgenvelope: parameter ${} for encrypted column {} holds a NUL byte, which text cannot hold",
+                    site.index, site.column
+                )));
+            }
+            if uncertain && !raw.is_ascii() {
+                return Err(ClientError::unsupported(IN_FLIGHT));
+            }
             let org = self.tenant_for(&site.tenant, column, Some(&values))?;
             // Text and binary send of text types both carry the text in the client encoding.
             let plaintext = encoding
@@ -587,6 +658,9 @@ impl ClientSide {
         self.copy_in = None;
         self.copy_failed = false;
         if let Some(portal) = &portal {
+            if portal.statement.changes_lexing {
+                lock(&self.session).lexing.may_change();
+            }
             if let Some(plan) = portal
                 .statement
                 .analysis
@@ -804,6 +878,7 @@ fn push_cycle(session: &SharedSession, pending: Pending) {
     let mut s = lock(session);
     s.queue.push_back(pending);
     s.tenant.cycle_sent();
+    s.lexing.cycle_sent();
 }
 
 /// Outcome of preparing a simple query.

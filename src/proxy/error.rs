@@ -180,6 +180,14 @@ impl ClientError {
         }
     }
 
+    /// 22021: a value PostgreSQL text cannot hold (a NUL byte).
+    pub fn invalid_text(message: impl Into<String>) -> Self {
+        Self {
+            code: sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+            message: message.into(),
+        }
+    }
+
     /// 42501: no tenant for a write, or another tenant's value.
     pub fn privilege(message: impl Into<String>) -> Self {
         Self {
@@ -227,22 +235,53 @@ impl std::fmt::Display for ClientError {
     }
 }
 
-/// A SQL string literal for `s` (E'' form, so backslashes and quotes are safe whatever
-/// standard_conforming_strings says). `$pgenvelope$` cannot occur because it is escaped.
+/// A SQL expression for the text `s` that is pure ASCII and reads the same under either
+/// `standard_conforming_strings` and in every client encoding (the server may read our bytes in
+/// GBK, SJIS or BIG5, where a multibyte character can swallow a backslash that follows it).
+///
+/// Plain `'…'` pieces with quotes doubled and no backslash; `\` and `$` (so the `DO` body's
+/// `$pgenvelope$` delimiter cannot occur) as `chr(n)`; every run of non-ASCII characters as
+/// `convert_from(decode('<utf-8 hex>', 'hex'), 'UTF8')`, which the server converts into its own
+/// encoding (unchanged bytes under SQL_ASCII). Control characters become spaces.
 fn quote_literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 3);
-    out.push_str("E'");
+    let mut parts: Vec<String> = Vec::new();
+    let mut plain = String::new();
+    let mut wide = String::new();
+    let flush_plain = |plain: &mut String, parts: &mut Vec<String>| {
+        if !plain.is_empty() {
+            parts.push(format!("'{}'", plain.replace('\'', "''")));
+            plain.clear();
+        }
+    };
+    let flush_wide = |wide: &mut String, parts: &mut Vec<String>| {
+        if !wide.is_empty() {
+            let hex: String = wide.bytes().map(|b| format!("{b:02x}")).collect();
+            parts.push(format!("convert_from(decode('{hex}', 'hex'), 'UTF8')"));
+            wide.clear();
+        }
+    };
     for c in s.chars() {
+        if !c.is_ascii() {
+            flush_plain(&mut plain, &mut parts);
+            wide.push(c);
+            continue;
+        }
+        flush_wide(&mut wide, &mut parts);
         match c {
-            '\'' => out.push_str("\\'"),
-            '\\' => out.push_str("\\\\"),
-            '$' => out.push_str("\\x24"),
-            c if c.is_control() => out.push(' '),
-            c => out.push(c),
+            '\\' | '$' => {
+                flush_plain(&mut plain, &mut parts);
+                parts.push(format!("chr({})", u32::from(c)));
+            }
+            c if c.is_ascii_control() => plain.push(' '),
+            c => plain.push(c),
         }
     }
-    out.push('\'');
-    out
+    flush_plain(&mut plain, &mut parts);
+    flush_wide(&mut wide, &mut parts);
+    if parts.is_empty() {
+        return "''".to_owned();
+    }
+    parts.join(" || ")
 }
 
 #[cfg(test)]
@@ -250,13 +289,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn raise_sql_escapes_quotes_and_dollars() {
-        let e = ClientError::unsupported("pgenvelope: it's $pgenvelope$ \\ bad");
+    fn raise_sql_is_ascii_without_backslashes() {
+        let e = ClientError::unsupported("pgenvelope: it's $pgenvelope$ \\ bad wërt\n中");
         let sql = e.raise_sql();
+        assert!(sql.is_ascii(), "{sql}");
+        assert!(!sql.contains('\\'), "{sql}");
+        assert_eq!(
+            sql.matches('$').count(),
+            4,
+            "only the two delimiters: {sql}"
+        );
         assert!(
-            sql.contains("E'pgenvelope: it\\'s \\x24pgenvelope\\x24 \\\\ bad'"),
+            sql.contains(
+                "'pgenvelope: it''s ' || chr(36) || 'pgenvelope' || chr(36) || ' ' || chr(92) || ' bad w' || convert_from(decode('c3ab', 'hex'), 'UTF8') || 'rt ' || convert_from(decode('e4b8ad', 'hex'), 'UTF8')"
+            ),
             "{sql}"
         );
-        assert_eq!(sql.matches("$pgenvelope$").count(), 2);
+        assert_eq!(quote_literal(""), "''");
     }
 }

@@ -127,6 +127,12 @@ impl ServerSide {
                     lock(&self.session).encoding =
                         ClientEncoding::from_name(&String::from_utf8_lossy(value));
                 }
+                if name == b"standard_conforming_strings" {
+                    lock(&self.session).lexing.standard_strings = value == b"on";
+                }
+                if name == b"server_encoding" {
+                    lock(&self.session).lexing.server_sql_ascii = value == b"SQL_ASCII";
+                }
                 self.emit(frame, false, out);
             }
             be::READY_FOR_QUERY_TAG => {
@@ -145,6 +151,7 @@ impl ServerSide {
                     }
                     session.status = status;
                     if answered {
+                        session.lexing.cycle_answered();
                         let rolled_back = self.rolled_back || self.error_in_cycle;
                         session.tenant.cycle_answered(status, rolled_back);
                     }
@@ -179,13 +186,14 @@ impl ServerSide {
                     return Ok(());
                 }
                 // Our own refusals are raised by a DO block on the server: drop the PL/pgSQL
-                // context line it adds, so the client sees just our message.
+                // context and source location it adds (Where, File, Line, Routine), so the
+                // client sees just our message and code.
                 let ours = be::ErrorFields::find(frame.body(), b'M')
                     .is_some_and(|m| m.starts_with(b"pgenvelope: "))
                     && be::ErrorFields::find(frame.body(), b'W')
                         .is_some_and(|w| w.windows(17).any(|x| x == b"inline_code_block"));
                 if !(ours
-                    && be::put_fields_without(out, be::ERROR_RESPONSE_TAG, frame.body(), b'W'))
+                    && be::put_fields_without(out, be::ERROR_RESPONSE_TAG, frame.body(), b"WFLR"))
                 {
                     self.emit(frame, false, out);
                 }

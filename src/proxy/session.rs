@@ -77,6 +77,8 @@ pub(crate) struct Statement {
     pub(crate) described: AtomicBool,
     /// Filled by the server side from Describe responses.
     pub(crate) described_as: Mutex<Described>,
+    /// Executing it may change how the server reads later texts ([`may_change_lexing`]).
+    pub(crate) changes_lexing: bool,
 }
 
 /// What a Describe told us.
@@ -272,6 +274,79 @@ impl TenantState {
     }
 }
 
+/// How the server will read the next SQL text the client sends.
+///
+/// `standard_conforming_strings` is taken from ParameterStatus (startup and later changes), as
+/// `client_encoding` is. The server reports a change only when it executes it, so while a
+/// statement that may change either setting is in flight (sent, its cycle not yet answered by
+/// ReadyForQuery; this includes earlier messages of the cycle being sent), the proxy cannot know
+/// how the server will read what follows: [`LexState::uncertain`].
+#[derive(Debug, Clone)]
+pub(crate) struct LexState {
+    /// `standard_conforming_strings` as last reported (on unless the server says otherwise).
+    pub(crate) standard_strings: bool,
+    /// The server's encoding is SQL_ASCII: it converts nothing and lexes the client's bytes.
+    pub(crate) server_sql_ascii: bool,
+    /// Cycles sent (Query, Sync, FunctionCall); the one being sent has this index.
+    sent: u64,
+    /// Cycles answered.
+    answered: u64,
+    /// Index of the last cycle holding a statement that may change how text is read.
+    risky: Option<u64>,
+}
+
+impl Default for LexState {
+    fn default() -> Self {
+        Self {
+            standard_strings: true,
+            server_sql_ascii: false,
+            sent: 0,
+            answered: 0,
+            risky: None,
+        }
+    }
+}
+
+impl LexState {
+    /// A statement that may change `standard_conforming_strings` or `client_encoding` is part
+    /// of the cycle being sent.
+    pub(crate) fn may_change(&mut self) {
+        self.risky = Some(self.sent);
+    }
+
+    /// Whether such a statement is still unanswered.
+    pub(crate) fn uncertain(&self) -> bool {
+        self.risky.is_some_and(|c| c >= self.answered)
+    }
+
+    /// The client side sent a cycle end.
+    pub(crate) fn cycle_sent(&mut self) {
+        self.sent += 1;
+    }
+
+    /// The server answered the oldest outstanding cycle.
+    pub(crate) fn cycle_answered(&mut self) {
+        self.answered += 1;
+    }
+}
+
+/// Whether a SQL text may change how the server reads later texts (`standard_conforming_strings`
+/// or `client_encoding`): generous, any `set` (SET, RESET, set_config, SET NAMES, a function's
+/// SET clause, UPDATE … SET), `discard`, or the setting names. Server-side code that changes
+/// them without naming them is not seen.
+pub(crate) fn may_change_lexing(sql: &[u8]) -> bool {
+    const NEEDLES: [&[u8]; 5] = [
+        b"set",
+        b"discard",
+        b"standard_conforming",
+        b"client_encoding",
+        b"names",
+    ];
+    NEEDLES
+        .iter()
+        .any(|n| sql.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)))
+}
+
 /// The shared session state.
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -289,6 +364,8 @@ pub(crate) struct Session {
     pub(crate) tenant: TenantState,
     /// Transaction status from the last ReadyForQuery.
     pub(crate) status: TransactionStatus,
+    /// How the server reads SQL text.
+    pub(crate) lexing: LexState,
 }
 
 impl Session {
@@ -301,6 +378,7 @@ impl Session {
             queue: VecDeque::new(),
             tenant: TenantState::new(startup_tenant),
             status: TransactionStatus::Idle,
+            lexing: LexState::default(),
         }
     }
 }
@@ -308,6 +386,26 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lexing_is_uncertain_until_the_cycle_is_answered() {
+        let mut l = LexState::default();
+        assert!(!l.uncertain());
+        l.cycle_sent();
+        l.may_change();
+        assert!(l.uncertain(), "in the cycle being sent");
+        l.cycle_sent();
+        l.cycle_sent();
+        l.cycle_answered();
+        assert!(l.uncertain(), "an earlier cycle was answered");
+        l.cycle_answered();
+        assert!(!l.uncertain());
+        assert!(may_change_lexing(b"ReSeT ALL"));
+        assert!(may_change_lexing(
+            b"select set_config('client_encoding', 'GBK', false)"
+        ));
+        assert!(!may_change_lexing(b"SELECT 1 FROM t"));
+    }
 
     fn org(s: &str) -> OrgId {
         OrgId::new(s).unwrap()

@@ -37,16 +37,32 @@ pub(crate) struct Analyzer<'a> {
 }
 
 pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
+    let continued = super::text::continuations(sql);
+    let (parsed, pos) = match &continued {
+        Ok(Some(shadow)) => (
+            shadow.text.as_str(),
+            Positions::with_shadow(&shadow.text, sql, shadow.groups.clone()),
+        ),
+        _ => (sql, Positions::new(sql)),
+    };
     let mut a = Analyzer {
         protected,
-        pos: Positions::new(sql),
+        pos,
         out: Analysis::default(),
         param_uses: HashMap::new(),
         frames: Vec::new(),
         ctes: Vec::new(),
         top_projection: false,
     };
-    if let Err(r) = a.run(sql) {
+    if continued.is_err() {
+        if might_touch(sql, protected) {
+            a.out.rejection = Some(Rejection::new(
+                "a string literal continued over several lines could not be analysed (a continuation of E'' holding an escaped quote); write it as one literal",
+            ));
+        }
+        return a.out;
+    }
+    if let Err(r) = a.run(parsed) {
         a.out.rejection = Some(r);
     }
     a.out
@@ -66,6 +82,11 @@ impl<'a> Analyzer<'a> {
             Err(_) if touch => return Err(parse_error()),
             Err(_) => return Ok(()),
         };
+        // Up to the first plain '…' literal holding a backslash, PostgreSQL splits the text
+        // the same way under either standard_conforming_strings: the proxy decides per session.
+        self.out.plain_backslash = tokens.iter().any(|t| {
+            matches!(t, Token::SingleQuotedString(s) | Token::NationalStringLiteral(s) if s.contains('\\'))
+        });
         for t in &tokens {
             if let Token::Placeholder(p) = t {
                 if let Some(n) = param_number(p) {

@@ -16,6 +16,21 @@
 //!    reason to refuse the whole text ([`Rejection`], sent with SQLSTATE 0A000).
 //! 3. [`rewrite_literals`] substitutes the ciphertexts into the text.
 //!
+//! # Reading the text as PostgreSQL does
+//!
+//! The analysis lexes as PostgreSQL does with `standard_conforming_strings = on`. With it off,
+//! a backslash in a plain `'…'` literal escapes the next character, so the same text can split
+//! into other statements; up to the first plain literal holding a backslash the two readings
+//! agree, so [`Analysis::plain_backslash`] says whether they may differ and the proxy refuses
+//! such texts (0A000: use `E'…'` or parameters) while the session's setting is off or may be
+//! changing. The proxy follows the setting and `client_encoding` from ParameterStatus, and
+//! treats both as uncertain while a statement that may change them is in flight; then
+//! non-ASCII texts that may touch protected tables are refused too. Under a client encoding the
+//! proxy cannot convert, the text is analysed in a view that follows PostgreSQL's multibyte
+//! rules (a GBK or SJIS trailing byte `\` is no backslash): statements that carry no value
+//! for an encrypted column pass, the others are refused. String continuation (`'ab'` newline
+//! `'cd'`, one literal) is read as one literal.
+//!
 //! # Name resolution
 //!
 //! Identifiers are compared as PostgreSQL stores them: unquoted identifiers fold to lower case
@@ -70,6 +85,11 @@
 //! - An ON CONFLICT DO UPDATE that reassigns the tenant column keeps the inserted row's tenant.
 //! - `COPY … FROM STDIN;` followed by more lines in the same query text is refused (sqlparser
 //!   reads those lines as inline COPY data).
+//! - A change of `standard_conforming_strings` or `client_encoding` made by server-side code
+//!   whose call does not name it (a function that runs `SET` inside, called as `SELECT f()`) is
+//!   seen only when the server reports it; texts pipelined right behind such a call are read
+//!   with the old setting. Texts that say `set`, `reset`, `discard`, `names`, the setting names,
+//!   or any FunctionCall message make the settings uncertain until answered.
 //!
 //! # Invariants
 //!
@@ -161,6 +181,17 @@ impl Protected {
     /// All protected tables.
     pub fn tables(&self) -> &[ProtectedTable] {
         &self.tables
+    }
+
+    /// Whether every schema, table and column name of the rules is ASCII: then a non-ASCII
+    /// character of a statement can never be part of a protected name.
+    pub fn ascii_names(&self) -> bool {
+        self.tables.iter().all(|t| {
+            t.schema.is_ascii()
+                && t.name.is_ascii()
+                && t.tenant_column.as_deref().is_none_or(str::is_ascii)
+                && t.encrypted.iter().all(|c| c.is_ascii())
+        })
     }
 
     /// Whether no table is protected.
@@ -465,6 +496,11 @@ pub struct Analysis {
     pub kinds: Vec<StatementKind>,
     /// The first reason to refuse the whole text.
     pub rejection: Option<Rejection>,
+    /// Whether a plain `'…'` (or `N'…'`) string literal holds a backslash. The analysis reads
+    /// text as PostgreSQL does with `standard_conforming_strings = on`; the two settings split
+    /// a text the same way unless this is set, so the caller refuses such texts when the
+    /// session's setting is off or uncertain.
+    pub plain_backslash: bool,
 }
 
 /// Cheap pre-check without parsing: could `sql` read or write a protected table or set the

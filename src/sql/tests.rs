@@ -1009,3 +1009,41 @@ fn copy_force_null_options_are_refused_on_protected_tables() {
     }
     ok("COPY unrelated (a) FROM STDIN WITH (FORMAT csv, FORCE_NULL (a))");
 }
+
+#[test]
+fn plain_literals_with_backslashes_are_flagged() {
+    assert!(
+        ok("SELECT 'a\\' /* '; INSERT INTO secrets (org_id, value) VALUES ('o', 'p'); -- */")
+            .plain_backslash
+    );
+    assert!(ok("INSERT INTO secrets (org_id, value) VALUES ('o', N'a\\b')").plain_backslash);
+    assert!(!ok("INSERT INTO secrets (org_id, value) VALUES ('o', E'a\\\\b')").plain_backslash);
+    assert!(!ok("SELECT $x$a\\b$x$, 1 FROM secrets -- \\ 'a\\'").plain_backslash);
+}
+
+#[test]
+fn continued_literals_are_one_literal() {
+    let sql = "INSERT INTO secrets (org_id, value, note) VALUES ('o'\n'1', 'sec' -- c\n  're''t', E'x\\''\n'y\\n')";
+    let a = ok(sql);
+    let values: Vec<(&str, &str)> = a
+        .literals
+        .iter()
+        .map(|l| (&sql[l.range.clone()], l.value.as_str()))
+        .collect();
+    assert_eq!(
+        values,
+        vec![
+            ("'sec' -- c\n  're''t'", "secre't"),
+            ("E'x\\''\n'y\\n'", "x'y\n"),
+        ]
+    );
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("o1".into()));
+    // Not continued: on one line (PostgreSQL refuses it), or across a block comment.
+    rejected("INSERT INTO secrets (org_id, value) VALUES ('o', 'a' 'b')");
+    rejected("INSERT INTO secrets (org_id, value) VALUES ('o', 'a' /* c */\n'b')");
+    // A continuation of E'' that sqlparser would end early is refused.
+    rejected("SELECT E'a'\n'b\\' ; INSERT INTO secrets (org_id, value) VALUES ('o', 'p'); --'");
+    assert!(text::separator_continues(" \t-- x\n\x0b "));
+    assert!(!text::separator_continues("\x0b\n"));
+    assert!(!text::separator_continues("  "));
+}

@@ -4,15 +4,26 @@
 //! module turns them into byte offsets. Literal values are decoded here from the raw token text
 //! with PostgreSQL's rules (standard_conforming_strings on), not taken from sqlparser, so that the
 //! value encrypted is exactly the value PostgreSQL would have stored.
+//!
+//! String continuation (`'abc'` newline `'def'`, one literal `abcdef` in PostgreSQL, which
+//! sqlparser does not know) is handled with a *shadow* text of the same byte length in which
+//! each continued literal is joined into one token and padded with spaces ([`continuations`]);
+//! the parser reads the shadow, while ranges and values come from the original text.
 
 use std::cell::Cell;
 use std::ops::Range;
 
-use sqlparser::tokenizer::{Location, Span};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::tokenizer::{Location, Span, Token, Tokenizer, Whitespace};
 
 /// Converts sqlparser locations into byte offsets of one text.
 pub(crate) struct Positions<'a> {
+    /// The text the parser read (the shadow, when there are continued literals).
     sql: &'a str,
+    /// The client's text: same byte length, same bytes outside `groups`.
+    original: &'a str,
+    /// Byte ranges of continued literals (sorted), each one token in `sql`.
+    groups: Vec<Range<usize>>,
     /// Invariant: byte offset of the first character of each line; `line_starts[0] == 0`.
     line_starts: Vec<usize>,
     /// Last resolved position as (line index, character column, byte offset), so that resolving
@@ -31,9 +42,23 @@ impl<'a> Positions<'a> {
         );
         Positions {
             sql,
+            original: sql,
+            groups: Vec::new(),
             line_starts,
             cursor: Cell::new((0, 0, 0)),
         }
+    }
+
+    /// Positions over `shadow` (what the parser read) for ranges of `original`.
+    pub(crate) fn with_shadow(
+        shadow: &'a str,
+        original: &'a str,
+        groups: Vec<Range<usize>>,
+    ) -> Self {
+        let mut p = Self::new(shadow);
+        p.original = original;
+        p.groups = groups;
+        p
     }
 
     /// Byte offset of a 1-based (line, character column) location.
@@ -64,17 +89,168 @@ impl<'a> Positions<'a> {
     /// Byte range of a span (end exclusive).
     pub(crate) fn range(&self, span: Span) -> Option<Range<usize>> {
         let start = self.offset(span.start)?;
-        let end = self.offset(span.end)?;
+        let mut end = self.offset(span.end)?;
+        if let Ok(i) = self.groups.binary_search_by_key(&start, |g| g.start) {
+            end = self.groups.get(i)?.end;
+        }
         (start < end && end <= self.sql.len()).then_some(start..end)
     }
 
     pub(crate) fn slice(&self, range: Range<usize>) -> Option<&'a str> {
-        self.sql.get(range)
+        self.original.get(range)
     }
 
     /// The text after `pos`.
     pub(crate) fn rest(&self, pos: usize) -> &'a str {
-        self.sql.get(pos..).unwrap_or_default()
+        self.original.get(pos..).unwrap_or_default()
+    }
+}
+
+/// Continued string literals of `sql` (PostgreSQL's `quotecontinue`: a `'…'` after whitespace
+/// that holds a newline, `--` comments allowed, continues the literal before it). `None` when
+/// there are none; else the shadow text (same byte length, each group joined into one literal
+/// and padded with spaces) and the group ranges. `Err` when a continued literal cannot be read
+/// as PostgreSQL reads it (a continuation of an `E'…'` literal holding `\'`, which sqlparser
+/// tokenizes without escapes): the text must be refused.
+pub(crate) fn continuations(sql: &str) -> Result<Option<Shadow>, Unreadable> {
+    if !sql.contains(['\n', '\r']) {
+        return Ok(None);
+    }
+    let dialect = PostgreSqlDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
+        return Ok(None);
+    };
+    let pos = Positions::new(sql);
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while let Some(t) = tokens.get(i) {
+        i += 1;
+        let continuable = matches!(
+            t.token,
+            Token::SingleQuotedString(_)
+                | Token::EscapedStringLiteral(_)
+                | Token::NationalStringLiteral(_)
+                | Token::UnicodeStringLiteral(_)
+                | Token::HexStringLiteral(_)
+        );
+        if !continuable {
+            continue;
+        }
+        let Some(first) = pos.range(t.span) else {
+            continue;
+        };
+        let mut end = first.end;
+        loop {
+            let mut k = i;
+            while matches!(tokens.get(k).map(|t| &t.token), Some(Token::Whitespace(w)) if !matches!(w, Whitespace::MultiLineComment(_)))
+            {
+                k += 1;
+            }
+            let Some(next) = tokens.get(k) else { break };
+            if !matches!(next.token, Token::SingleQuotedString(_)) {
+                break;
+            }
+            let Some(r) = pos.range(next.span) else { break };
+            if !sql.get(end..r.start).is_some_and(separator_continues) {
+                break;
+            }
+            end = r.end;
+            i = k + 1;
+        }
+        if end != first.end {
+            groups.push(first.start..end);
+        }
+    }
+    if groups.is_empty() {
+        return Ok(None);
+    }
+    let mut shadow = String::with_capacity(sql.len());
+    let mut at = 0;
+    for g in &groups {
+        shadow.push_str(sql.get(at..g.start).ok_or(Unreadable)?);
+        let joined = sql
+            .get(g.clone())
+            .and_then(join_segments)
+            .ok_or(Unreadable)?;
+        let pad = g.len().checked_sub(joined.len()).ok_or(Unreadable)?;
+        shadow.push_str(&joined);
+        shadow.extend(std::iter::repeat_n(' ', pad));
+        at = g.end;
+    }
+    shadow.push_str(sql.get(at..).ok_or(Unreadable)?);
+    Ok(Some(Shadow {
+        text: shadow,
+        groups,
+    }))
+}
+
+/// The text the parser reads when literals are continued (see [`continuations`]).
+pub(crate) struct Shadow {
+    /// Same byte length as the original; each continued literal joined and padded.
+    pub(crate) text: String,
+    /// Byte ranges of the continued literals (sorted).
+    pub(crate) groups: Vec<Range<usize>>,
+}
+
+/// A continued literal that cannot be read as PostgreSQL reads it.
+pub(crate) struct Unreadable;
+
+/// Whether the text between two string literals continues the first (PostgreSQL's
+/// `whitespace_with_newline`): spaces, tabs, form feeds and `--` comments, at least one newline,
+/// vertical tabs only after it.
+pub(crate) fn separator_continues(sep: &str) -> bool {
+    let b = sep.as_bytes();
+    let mut i = 0;
+    let mut newline = false;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b' ' | b'\t' | 0x0c => i += 1,
+            b'\n' | b'\r' => {
+                newline = true;
+                i += 1;
+            }
+            0x0b if newline => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while b.get(i).is_some_and(|&c| c != b'\n' && c != b'\r') {
+                    i += 1;
+                }
+            }
+            _ => return false,
+        }
+    }
+    newline
+}
+
+/// A quoted literal token, possibly continued over several segments, as one token: the prefix,
+/// the segments' bodies joined, the closing quote. `None` when it is not well formed.
+pub(crate) fn join_segments(token: &str) -> Option<String> {
+    let q = token.find('\'')?;
+    let escapes = token.get(..q)?.eq_ignore_ascii_case("e");
+    let b = token.as_bytes();
+    let mut out = String::with_capacity(token.len());
+    out.push_str(token.get(..=q)?);
+    let mut i = q + 1;
+    loop {
+        let body = i;
+        loop {
+            match *b.get(i)? {
+                b'\\' if escapes => i += 2,
+                b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+                b'\'' => break,
+                _ => i += 1,
+            }
+        }
+        out.push_str(token.get(body..i)?);
+        i += 1;
+        if i == token.len() {
+            out.push('\'');
+            return Some(out);
+        }
+        let next = i + token.get(i..)?.find('\'')?;
+        if !separator_continues(token.get(i..next)?) {
+            return None;
+        }
+        i = next + 1;
     }
 }
 
@@ -82,6 +258,11 @@ impl<'a> Positions<'a> {
 /// reads it. `None` when the token is not a string literal this module understands, or when its
 /// escapes are invalid (PostgreSQL would refuse it as well).
 pub(crate) fn decode_literal(token: &str) -> Option<String> {
+    if token.starts_with('$') {
+        return dollar(token);
+    }
+    let joined = join_segments(token)?;
+    let token = joined.as_str();
     let bytes = token.as_bytes();
     match bytes.first()? {
         b'\'' => standard(token),

@@ -159,14 +159,14 @@ impl fmt::Debug for ErrorFields<'_> {
 }
 
 /// Append an ErrorResponse/NoticeResponse (`tag`) with the fields of `body` except those of
-/// type `drop`. Returns `false` (appending nothing) if `body` is malformed.
-pub fn put_fields_without(out: &mut BytesMut, tag: u8, body: &[u8], drop: u8) -> bool {
+/// the types in `drop`. Returns `false` (appending nothing) if `body` is malformed.
+pub fn put_fields_without(out: &mut BytesMut, tag: u8, body: &[u8], drop: &[u8]) -> bool {
     let fields: Result<Vec<(u8, &[u8])>, WireError> = ErrorFields::new(body).collect();
     let Ok(fields) = fields else {
         return false;
     };
     put_message(out, tag, |out| {
-        for (f, v) in fields.iter().filter(|(f, _)| *f != drop) {
+        for (f, v) in fields.iter().filter(|(f, _)| !drop.contains(f)) {
             out.extend_from_slice(&[*f]);
             put_cstr(out, v);
         }

@@ -46,6 +46,16 @@ impl ClientEncoding {
         }
     }
 
+    /// The encoding's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Utf8 => "UTF8",
+            Self::SqlAscii => "SQL_ASCII",
+            Self::Latin1 => "LATIN1",
+            Self::Unsupported(name) => name,
+        }
+    }
+
     /// Whether text needs no conversion.
     pub fn is_utf8(&self) -> bool {
         matches!(self, Self::Utf8 | Self::SqlAscii)
@@ -91,6 +101,73 @@ impl ClientEncoding {
     }
 }
 
+/// What a non-ASCII character stands as in [`ClientEncoding::lexing_view`]: a letter, so it
+/// lexes as PostgreSQL lexes any non-ASCII character (part of an identifier or of a string).
+pub const LEXING_PLACEHOLDER: char = '\u{4e00}';
+
+impl ClientEncoding {
+    /// For an encoding the proxy cannot convert: the text with every character of PostgreSQL's
+    /// multibyte rules for that encoding (`pg_encoding_mblen`) replaced by
+    /// [`LEXING_PLACEHOLDER`], ASCII kept. The server converts client text to its own encoding
+    /// before lexing, so this lexes as the server lexes it (in GBK, SJIS, BIG5, UHC, GB18030
+    /// and JOHAB a trailing byte may be `\\`, which must not be read as one). `bytewise`: the
+    /// server's encoding is SQL_ASCII, so it converts nothing and lexes byte by byte. `None`
+    /// for an encoding name PostgreSQL does not have, or a truncated character.
+    pub fn lexing_view(&self, bytes: &[u8], bytewise: bool) -> Option<String> {
+        let name = match self {
+            Self::Unsupported(name) => name.to_ascii_uppercase().replace(['-', '_'], ""),
+            _ => return self.decode(bytes).ok().map(Cow::into_owned),
+        };
+        enum Rule {
+            /// Every non-ASCII byte is (part of) a character all of whose bytes are non-ASCII.
+            HighBytes,
+            Sjis,
+            TwoByte,
+            Gb18030,
+            Euc,
+        }
+        let rule = match name.as_str() {
+            _ if bytewise => Rule::HighBytes,
+            "SJIS" | "SHIFTJIS2004" => Rule::Sjis,
+            "BIG5" | "GBK" | "UHC" => Rule::TwoByte,
+            "GB18030" => Rule::Gb18030,
+            "JOHAB" => Rule::Euc,
+            "EUCJP" | "EUCCN" | "EUCKR" | "EUCTW" | "EUCJIS2004" | "MULEINTERNAL" | "WIN866"
+            | "WIN874" | "KOI8R" | "KOI8U" => Rule::HighBytes,
+            n if n.starts_with("LATIN") || n.starts_with("ISO8859") || n.starts_with("WIN125") => {
+                Rule::HighBytes
+            }
+            _ => return None,
+        };
+        let mut out = String::with_capacity(bytes.len());
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            if b.is_ascii() {
+                out.push(char::from(b));
+                i += 1;
+                continue;
+            }
+            let len = match rule {
+                Rule::HighBytes => 1,
+                Rule::Sjis if (0xa1..=0xdf).contains(&b) => 1,
+                Rule::Sjis | Rule::TwoByte => 2,
+                Rule::Gb18030 => match bytes.get(i + 1) {
+                    Some(0x30..=0x39) => 4,
+                    _ => 2,
+                },
+                Rule::Euc if b == 0x8f => 3,
+                Rule::Euc => 2,
+            };
+            if i + len > bytes.len() {
+                return None;
+            }
+            out.push(LEXING_PLACEHOLDER);
+            i += len;
+        }
+        Some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -105,6 +182,40 @@ mod tests {
         assert!(e.encode("日本").is_err());
         assert!(ClientEncoding::from_name("EUC_JP").decode(b"x").is_err());
         assert!(ClientEncoding::from_name("UTF8").decode(b"\xff").is_err());
+    }
+
+    #[test]
+    fn lexing_view_follows_multibyte_rules() {
+        let gbk = ClientEncoding::from_name("GBK");
+        assert_eq!(
+            gbk.lexing_view(b"E'\x95\\'", false).as_deref(),
+            Some("E'\u{4e00}'")
+        );
+        let sjis = ClientEncoding::from_name("SJIS");
+        assert_eq!(
+            sjis.lexing_view(b"\xb1\\", false).as_deref(),
+            Some("\u{4e00}\\")
+        );
+        let latin9 = ClientEncoding::from_name("LATIN9");
+        assert_eq!(
+            latin9.lexing_view(b"\xa4\\", false).as_deref(),
+            Some("\u{4e00}\\")
+        );
+        let gb18030 = ClientEncoding::from_name("GB18030");
+        assert_eq!(
+            gb18030.lexing_view(b"\x81\x30\x81\x30'", false).as_deref(),
+            Some("\u{4e00}'")
+        );
+        assert_eq!(gbk.lexing_view(b"x\x95", false), None, "truncated");
+        assert_eq!(
+            ClientEncoding::from_name("KLINGON").lexing_view(b"x", false),
+            None
+        );
+        assert_eq!(
+            gbk.lexing_view(b"E'\x95\\'", true).as_deref(),
+            Some("E'\u{4e00}\\'"),
+            "a SQL_ASCII server reads the trailing byte as a backslash"
+        );
     }
 
     proptest! {

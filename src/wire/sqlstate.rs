@@ -11,6 +11,8 @@ pub const CONNECTION_FAILURE: &str = "08006";
 pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
 /// 0A000 feature_not_supported: a statement that cannot be encrypted safely.
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+/// 22021 character_not_in_repertoire: a NUL byte in a value (PostgreSQL text cannot hold one).
+pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
 /// 42501 insufficient_privilege: no tenant for a write, or another tenant's value.
 pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 /// 53300 too_many_connections.

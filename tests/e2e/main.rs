@@ -17,6 +17,7 @@ mod harness;
 mod hsm;
 mod keys_lifecycle;
 mod kms;
+mod lexing;
 mod passthrough;
 mod raw;
 mod reencrypt;
