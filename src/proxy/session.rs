@@ -331,16 +331,20 @@ impl LexState {
 }
 
 /// Whether a SQL text may change how the server reads later texts (`standard_conforming_strings`
-/// or `client_encoding`): generous, any `set` (SET, RESET, set_config, SET NAMES, a function's
-/// SET clause, UPDATE … SET), `discard`, or the setting names. Server-side code that changes
-/// them without naming them is not seen.
+/// or `client_encoding`): it names either setting, says `names` (SET NAMES), `set_config`,
+/// `reset` or `discard` (RESET ALL, DISCARD ALL), or `u&` (a Unicode-escaped identifier may
+/// spell a setting's name). Case-insensitive, anywhere in the text (in strings and comments
+/// too, so DO blocks and function bodies count). Server-side code that changes a setting
+/// without naming it (a name built at run time, a function called by another name) is not seen.
 pub(crate) fn may_change_lexing(sql: &[u8]) -> bool {
-    const NEEDLES: [&[u8]; 5] = [
-        b"set",
-        b"discard",
+    const NEEDLES: [&[u8]; 7] = [
         b"standard_conforming",
         b"client_encoding",
         b"names",
+        b"set_config",
+        b"reset",
+        b"discard",
+        b"u&",
     ];
     NEEDLES
         .iter()
@@ -404,7 +408,12 @@ mod tests {
         assert!(may_change_lexing(
             b"select set_config('client_encoding', 'GBK', false)"
         ));
+        assert!(may_change_lexing(b"SET NAMES 'GBK'"));
+        assert!(may_change_lexing(
+            b"SET U&\"client_\\0065ncoding\" TO 'GBK'"
+        ));
         assert!(!may_change_lexing(b"SELECT 1 FROM t"));
+        assert!(!may_change_lexing(b"UPDATE t SET a = 1"));
     }
 
     fn org(s: &str) -> OrgId {

@@ -88,8 +88,9 @@
 //! - A change of `standard_conforming_strings` or `client_encoding` made by server-side code
 //!   whose call does not name it (a function that runs `SET` inside, called as `SELECT f()`) is
 //!   seen only when the server reports it; texts pipelined right behind such a call are read
-//!   with the old setting. Texts that say `set`, `reset`, `discard`, `names`, the setting names,
-//!   or any FunctionCall message make the settings uncertain until answered.
+//!   with the old setting. Texts that name either setting or say `names`, `set_config`,
+//!   `reset`, `discard` or `u&`, and any FunctionCall message, make the settings uncertain
+//!   until answered.
 //!
 //! # Invariants
 //!
