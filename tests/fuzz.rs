@@ -2,6 +2,9 @@
 //! every message decoder (both directions, startup packets, COPY payloads), the `enc:v1`
 //! decoder and `inspect`, the rules parser and the statement analyser. Each target must return
 //! `Ok` or `Err` for any input: no panic, no hang, no allocation driven by a claimed length.
+//! One target is differential: the analyser's statement split against the test PostgreSQL's,
+//! under both `standard_conforming_strings` values and several client encodings (it needs the
+//! server at 127.0.0.1:5432 or `PGENVELOPE_TEST_PGHOST`/`PGENVELOPE_TEST_PGPORT`).
 //!
 //! Inputs are bounded in size, so every case is fast; the number of cases per target is
 //! `PGENVELOPE_FUZZ_CASES` (default 2000), and each target prints its case count and time.
@@ -675,4 +678,320 @@ fn fuzz_statement_analyser() {
             Ok(())
         },
     );
+}
+
+/// Differential check of the statement split: texts built from hostile fragments (quotes,
+/// backslashes, comments, dollar quotes, `E''`, `U&''`, continued literals, multibyte
+/// characters whose trailing byte is `\`) run on a direct connection to the test PostgreSQL,
+/// inside a transaction that is rolled back, under both `standard_conforming_strings` values and
+/// several client encodings. Each statement is `SELECT n, <literal or comment> FROM <protected
+/// table>`, with statements hidden in the bodies. Whenever the proxy's reading of a
+/// text (decoding as the proxy does, then [`analyze`] and [`lexing_refusal`]) accepts it and the
+/// server runs it without error, both must see the same number of statements: otherwise a
+/// statement runs that the analyser never saw.
+mod differential {
+    use std::cell::RefCell;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use super::*;
+    use pgenvelope::sql::lexing_refusal;
+    use pgenvelope::wire::encoding::{ClientEncoding, EncodingError};
+
+    type Msg = (u8, Vec<u8>);
+
+    struct Pg {
+        stream: TcpStream,
+        server_sql_ascii: bool,
+    }
+
+    fn put(buf: &mut Vec<u8>, tag: u8, body: &[u8]) {
+        buf.push(tag);
+        buf.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+        buf.extend_from_slice(body);
+    }
+
+    fn query(buf: &mut Vec<u8>, sql: &[u8]) {
+        let mut body = sql.to_vec();
+        body.push(0);
+        put(buf, b'Q', &body);
+    }
+
+    impl Pg {
+        fn connect() -> Pg {
+            let host =
+                std::env::var("PGENVELOPE_TEST_PGHOST").unwrap_or_else(|_| "127.0.0.1".into());
+            let port: u16 = std::env::var("PGENVELOPE_TEST_PGPORT")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(5432);
+            let stream = TcpStream::connect((host.as_str(), port)).unwrap_or_else(|e| {
+                panic!(
+                    "the differential lexing check needs the test PostgreSQL at {host}:{port}: {e}"
+                )
+            });
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut body = 196_608u32.to_be_bytes().to_vec();
+            for (k, v) in [("user", "postgres"), ("database", "test")] {
+                body.extend_from_slice(k.as_bytes());
+                body.push(0);
+                body.extend_from_slice(v.as_bytes());
+                body.push(0);
+            }
+            body.push(0);
+            let mut packet = u32::try_from(body.len() + 4)
+                .unwrap()
+                .to_be_bytes()
+                .to_vec();
+            packet.extend_from_slice(&body);
+            let mut pg = Pg {
+                stream,
+                server_sql_ascii: false,
+            };
+            pg.stream.write_all(&packet).unwrap();
+            for (tag, body) in pg.read_until_ready() {
+                assert_ne!(tag, b'E', "startup failed");
+                if tag == b'S' && body.starts_with(b"server_encoding\0SQL_ASCII\0") {
+                    pg.server_sql_ascii = true;
+                }
+            }
+            pg
+        }
+
+        fn read_msg(&mut self) -> Msg {
+            let mut head = [0u8; 5];
+            self.stream.read_exact(&mut head).unwrap();
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            self.stream.read_exact(&mut body).unwrap();
+            (head[0], body)
+        }
+
+        fn read_until_ready(&mut self) -> Vec<Msg> {
+            let mut out = Vec::new();
+            loop {
+                let m = self.read_msg();
+                let done = m.0 == b'Z';
+                out.push(m);
+                if done {
+                    return out;
+                }
+            }
+        }
+
+        /// Run simple queries in order (one write), each answer up to ReadyForQuery.
+        fn run(&mut self, texts: &[&[u8]]) -> Vec<Vec<Msg>> {
+            let mut buf = Vec::new();
+            for t in texts {
+                query(&mut buf, t);
+            }
+            self.stream.write_all(&buf).unwrap();
+            texts.iter().map(|_| self.read_until_ready()).collect()
+        }
+
+        /// Statements the server completed for `text` (run in a rolled-back transaction), or
+        /// `None` when it refused the text (syntax, encoding) or failed half-way.
+        fn statements(&mut self, text: &[u8]) -> Option<usize> {
+            let answers = self.run(&[b"BEGIN", text, b"ROLLBACK"]);
+            let reply = &answers[1];
+            if reply.iter().any(|(t, _)| *t == b'E') {
+                return None;
+            }
+            Some(reply.iter().filter(|(t, _)| *t == b'C').count())
+        }
+
+        fn set(&mut self, setting: &str, value: &str) {
+            let sql = format!("SET {setting} = '{value}'");
+            let answers = self.run(&[sql.as_bytes()]);
+            assert!(answers[0].iter().all(|(t, _)| *t != b'E'), "{sql} failed");
+        }
+    }
+
+    /// Pieces of the bodies of literals and comments.
+    const BODY: &[&[u8]] = &[
+        b"a",
+        b"\\",
+        b"\\",
+        b"'",
+        b"'",
+        b"''",
+        b";",
+        b" ; SELECT 90 FROM @ ; ",
+        b" ; SELECT 91 FROM @ -- ",
+        b"/*",
+        b"*/",
+        b"--",
+        b"\n",
+        b"$q$",
+        b"E'",
+        b"\x95\\",
+        b"\xa4\\",
+        b"\x81\\",
+        b"\xc3\xa9",
+        b"\xe9",
+    ];
+
+    /// One statement `SELECT n, <literal or comment> FROM T`: the wrapper kind and body pieces.
+    type Piece = (u8, Vec<usize>);
+
+    fn build(statements: &[Piece], table: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, (kind, body)) in statements.iter().enumerate() {
+            if n > 0 {
+                out.extend_from_slice(if kind % 2 == 0 { b";" } else { b";\n" });
+            }
+            let body: Vec<u8> = body
+                .iter()
+                .flat_map(|&i| BODY[i].iter().copied())
+                .flat_map(|b| {
+                    if b == b'@' {
+                        table.as_bytes().to_vec()
+                    } else {
+                        vec![b]
+                    }
+                })
+                .collect();
+            out.extend_from_slice(format!("SELECT {n}").as_bytes());
+            let (open, close): (&[u8], &[u8]) = match kind % 8 {
+                0 => (b", '", b"'"),
+                1 => (b", E'", b"'"),
+                2 => (b", $q$", b"$q$"),
+                3 => (b", U&'", b"'"),
+                4 => (b" /*", b"*/"),
+                5 => (b" --", b"\n"),
+                6 => (b", 'x'\n'", b"'"),
+                _ => (b"", b""),
+            };
+            out.extend_from_slice(open);
+            out.extend_from_slice(&body);
+            out.extend_from_slice(close);
+            out.extend_from_slice(b" FROM ");
+            out.extend_from_slice(table.as_bytes());
+        }
+        out
+    }
+
+    /// How the proxy reads `bytes`: `None` when it refuses the text, else the statement count.
+    fn proxy_reading(
+        bytes: &[u8],
+        encoding: &ClientEncoding,
+        standard_strings: bool,
+        server_sql_ascii: bool,
+        p: &Protected,
+    ) -> Option<usize> {
+        let text = match encoding.decode(bytes) {
+            Ok(t) => t.into_owned(),
+            Err(EncodingError::Unsupported(_)) => encoding.lexing_view(bytes, server_sql_ascii)?,
+            Err(_) => return None,
+        };
+        let a = analyze(&text, p);
+        if a.rejection.is_some() || lexing_refusal(&a, standard_strings, false).is_some() {
+            return None;
+        }
+        Some(a.statement_count)
+    }
+
+    /// Texts that split differently under standard_conforming_strings = off or in a multibyte
+    /// encoding, checked first in every setting (`@` stands for the table).
+    const KNOWN: &[&[u8]] = &[
+        b"SELECT 1 FROM @; SELECT 'a\\' /* '; SELECT 2 FROM @; -- */",
+        b"SELECT 'a\\' , '; SELECT 2 FROM @; --'",
+        b"SELECT E'\x95\\'; SELECT 2 FROM @; --'",
+        b"SELECT '\x95\\'; SELECT 2 FROM @; --'",
+        b"SELECT 1 FROM @;\nSELECT 'a'\n'b\\' ; SELECT 2 FROM @; --'",
+        b"SELECT E'a'\n'b\\' ; SELECT 2 FROM @; --'",
+    ];
+
+    #[test]
+    fn statement_split_matches_the_server() {
+        let pg = RefCell::new(Pg::connect());
+        let table = format!("fzlex_{}", std::process::id());
+        pg.borrow_mut().run(&[format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int, secret text); INSERT INTO {table} VALUES (1, NULL)"
+        )
+        .as_bytes()]);
+        let p = Protected::new([ProtectedTable {
+            schema: "public".into(),
+            name: table.clone(),
+            tenant_column: None,
+            encrypted: vec!["secret".into()],
+        }]);
+        let per_setting = (cases() / 4).max(100);
+        let compared = RefCell::new(0usize);
+        let mut total = 0usize;
+        for scs in ["on", "off"] {
+            for enc in ["UTF8", "LATIN1", "LATIN9", "GBK", "SJIS", "BIG5"] {
+                {
+                    let mut pg = pg.borrow_mut();
+                    pg.set("standard_conforming_strings", scs);
+                    pg.set("client_encoding", enc);
+                }
+                let encoding = ClientEncoding::from_name(enc);
+                let bytewise = pg.borrow().server_sql_ascii;
+                let check = |text: &[u8]| -> Result<(), String> {
+                    let Some(ours) = proxy_reading(text, &encoding, scs == "on", bytewise, &p)
+                    else {
+                        return Ok(());
+                    };
+                    let Some(theirs) = pg.borrow_mut().statements(text) else {
+                        return Ok(());
+                    };
+                    *compared.borrow_mut() += 1;
+                    if ours == theirs {
+                        return Ok(());
+                    }
+                    Err(format!(
+                        "standard_conforming_strings={scs}, client_encoding={enc}: the analyser saw {ours} statement(s), the server ran {theirs}: {:?}",
+                        String::from_utf8_lossy(text)
+                    ))
+                };
+                for known in KNOWN {
+                    let mut bytes = Vec::new();
+                    for &b in *known {
+                        if b == b'@' {
+                            bytes.extend_from_slice(table.as_bytes());
+                        } else {
+                            bytes.push(b);
+                        }
+                    }
+                    if let Err(e) = check(&bytes) {
+                        panic!("fuzz lexing (known case): {e}");
+                    }
+                }
+                let before = *compared.borrow();
+                let mut runner = TestRunner::new(Config {
+                    cases: per_setting,
+                    failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
+                    ..Config::default()
+                });
+                let result = runner.run(
+                    &proptest::collection::vec(
+                        (any::<u8>(), proptest::collection::vec(0..BODY.len(), 0..5)),
+                        1..4,
+                    ),
+                    |statements| {
+                        check(&build(&statements, &table))
+                            .map_err(proptest::test_runner::TestCaseError::fail)
+                    },
+                );
+                if let Err(e) = result {
+                    panic!("fuzz lexing: {e}");
+                }
+                total += *compared.borrow() - before;
+            }
+        }
+        pg.borrow_mut()
+            .run(&[format!("DROP TABLE IF EXISTS {table}").as_bytes()]);
+        eprintln!(
+            "fuzz lexing: {} texts run on both sides and compared",
+            total
+        );
+        assert!(
+            total >= 12 * (per_setting as usize) / 20,
+            "too few texts were accepted by both sides ({total}): the check would prove little"
+        );
+    }
 }

@@ -182,10 +182,8 @@ impl ClientSide {
         if let Some(rej) = &analysis.rejection {
             return Err(ClientError::unsupported(rej.message.clone()));
         }
-        if analysis.plain_backslash && (!standard_strings || uncertain) {
-            return Err(ClientError::unsupported(
-                "pgenvelope: a '...' string literal holds a backslash while standard_conforming_strings is off or may be changing, so PostgreSQL may read the statement differently; use E'...' strings or parameters",
-            ));
+        if let Some(refusal) = crate::sql::lexing_refusal(&analysis, standard_strings, uncertain) {
+            return Err(ClientError::unsupported(refusal));
         }
         if !exact && (!analysis.literals.is_empty() || !analysis.tenant_changes.is_empty()) {
             return Err(ClientError::unsupported(format!(

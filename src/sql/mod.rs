@@ -533,6 +533,19 @@ fn touches(lower: &str, protected: &Protected) -> bool {
         || protected.needles.iter().any(|n| lower.contains(n.as_str()))
 }
 
+/// Why a text the analysis accepted must still be refused in a session whose
+/// `standard_conforming_strings` is off (`standard_strings == false`) or may be changing
+/// (`uncertain`): PostgreSQL may split it differently (see [`Analysis::plain_backslash`]).
+pub fn lexing_refusal(
+    analysis: &Analysis,
+    standard_strings: bool,
+    uncertain: bool,
+) -> Option<&'static str> {
+    (analysis.plain_backslash && (!standard_strings || uncertain)).then_some(
+        "pgenvelope: a '...' string literal holds a backslash while standard_conforming_strings is off or may be changing, so PostgreSQL may read the statement differently; use E'...' strings or parameters",
+    )
+}
+
 /// Analyses one SQL text (possibly several `;`-separated statements).
 pub fn analyze(sql: &str, protected: &Protected) -> Analysis {
     analyzer::run(sql, protected)
