@@ -298,6 +298,15 @@ impl RowsIn {
             let Some(Some(value)) = row.get(*i) else {
                 continue;
             };
+            // PostgreSQL text cannot hold NUL (`\000` in text format, a raw NUL in CSV): the
+            // server refuses it in plaintext, so it must not pass sealed either.
+            if value.contains(&0) {
+                return Err(ClientError::invalid_text(format!(
+                    "pgenvelope: COPY row {}: the value for {} holds a NUL byte, which text cannot hold",
+                    row.line(),
+                    column.qualified_name()
+                )));
+            }
             let plaintext = encoding
                 .decode(&value)
                 .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?

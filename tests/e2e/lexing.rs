@@ -310,3 +310,70 @@ async fn nul_in_a_parameter_is_refused() {
     assert!(v.stored().await.is_empty(), "nothing written");
     let _ = main_pg();
 }
+
+#[tokio::test]
+async fn nul_in_a_copy_field_is_refused() {
+    use futures_util::SinkExt;
+    let v = Vault::new().await;
+    let t = &v.table;
+    let c = v.client().await;
+    for (sql, row) in [
+        (
+            format!("COPY {t} (org_id, value) FROM STDIN"),
+            "o1\ta\\000b\n",
+        ),
+        (
+            format!("COPY {t} (org_id, value) FROM STDIN WITH (FORMAT csv)"),
+            "o1,\"a\0b\"\n",
+        ),
+    ] {
+        let sink = c.copy_in(&sql).await.unwrap();
+        let mut sink = Box::pin(sink);
+        let sent = sink.send(bytes::Bytes::from(row.to_owned())).await;
+        let finished = match sent {
+            Ok(()) => sink.as_mut().finish().await,
+            Err(e) => Err(e),
+        };
+        assert!(finished.is_err(), "{sql}: accepted");
+        assert!(v.stored().await.is_empty(), "{sql}: nothing written");
+    }
+}
+
+#[test]
+fn encoding_change_in_flight_is_seen_in_extended_protocol() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let v = rt.block_on(Vault::new());
+    let t = &v.table;
+    let mut conn = raw(&v, &[("client_encoding", b"LATIN1")]);
+    let mut buf = Vec::new();
+    let mut put = |tag: u8, body: &[u8]| {
+        buf.push(tag);
+        buf.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+        buf.extend_from_slice(body);
+    };
+    let cycle = |put: &mut dyn FnMut(u8, &[u8]), sql: &[u8]| {
+        let mut parse = vec![0];
+        parse.extend_from_slice(sql);
+        parse.push(0);
+        parse.extend_from_slice(&0i16.to_be_bytes());
+        put(b'P', &parse);
+        put(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+        put(b'E', &[0, 0, 0, 0, 0]);
+        put(b'S', &[]);
+    };
+    // Read in LATIN1, `name` gets one long literal and `value` NULL; read in GBK (0x95 0x5C is
+    // one character), `value` gets chr(112) in plaintext.
+    let mut insert = format!("INSERT INTO {t} (org_id, name, value) VALUES ('o1', E'").into_bytes();
+    insert.extend_from_slice(b"\x95\\', chr(112)) --', NULL)");
+    cycle(&mut put, b"SET client_encoding = 'GBK'");
+    cycle(&mut put, &insert);
+    {
+        use std::io::Write;
+        conn.raw_stream().write_all(&buf).unwrap();
+    }
+    let first = conn.read_until_ready().unwrap();
+    assert_eq!(error_code(&first), None);
+    let second = conn.read_until_ready().unwrap();
+    assert_eq!(error_code(&second).as_deref(), Some("0A000"));
+    assert!(rt.block_on(v.stored()).is_empty(), "nothing written");
+}
