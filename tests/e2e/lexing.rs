@@ -50,6 +50,11 @@ async fn scs_off_by_set_refuses_texts_lexed_differently() {
     let v = Vault::new().await;
     let t = &v.table;
     let c = v.client().await;
+    // Read the same way under standard_conforming_strings = on: one SELECT. Sent three times,
+    // so its analysis is in the plan cache when the setting changes.
+    for _ in 0..3 {
+        c.batch_execute(&hidden_insert(t)).await.unwrap();
+    }
     c.batch_execute("SET standard_conforming_strings = off")
         .await
         .unwrap();
