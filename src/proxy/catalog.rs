@@ -122,7 +122,8 @@ impl Catalog {
         }
     }
 
-    /// Column names of `schema.table` in `db` in attribute order (for COPY without a list).
+    /// Column names of `schema.table` in `db` in attribute order, as COPY without a column list
+    /// uses them: generated and dropped columns excluded.
     pub(crate) async fn columns(
         &self,
         db: &str,
@@ -138,6 +139,7 @@ impl Catalog {
                  JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+                 AND a.attgenerated = '' \
                  ORDER BY a.attnum",
                 &[&schema, &table],
             )
