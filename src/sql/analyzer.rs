@@ -23,6 +23,8 @@ pub(crate) type Res<T> = Result<T, Rejection>;
 /// State of one [`super::analyze`] call.
 pub(crate) struct Analyzer<'a> {
     pub(crate) protected: &'a Protected,
+    /// The whole analysed text.
+    pub(crate) source: &'a str,
     pub(crate) pos: Positions<'a>,
     pub(crate) out: Analysis,
     /// How often each `$n` appears in the whole text.
@@ -47,6 +49,7 @@ pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
     };
     let mut a = Analyzer {
         protected,
+        source: parsed,
         pos,
         out: Analysis::default(),
         param_uses: HashMap::new(),
@@ -99,7 +102,7 @@ impl<'a> Analyzer<'a> {
             .and_then(|mut p| p.parse_statements())
         {
             Ok(s) => s,
-            Err(_) if touch => return Err(parse_error()),
+            Err(_) if touch => return self.run_pieces(sql),
             Err(_) => return Ok(()),
         };
         self.out.statement_count = statements.len();
@@ -108,6 +111,192 @@ impl<'a> Analyzer<'a> {
             self.out.kinds.push(kind);
         }
         self.finish()
+    }
+
+    /// Fallback when the whole text does not parse: each `;`-separated piece is parsed on its
+    /// own (with the rest of the text blanked out, so that positions stay those of `sql`). A
+    /// piece that still does not parse is refused only if it could touch something protected
+    /// (see [`Analyzer::unparsed`]); otherwise it is forwarded as is.
+    fn run_pieces(&mut self, sql: &str) -> Res<()> {
+        const MAX_PIECES: usize = 1000;
+        let dialect = PostgreSqlDialect {};
+        let parse_error = || {
+            Rejection::new(
+                "statement could not be parsed; statements that may touch encrypted columns must be analysable",
+            )
+        };
+        let tokens = Tokenizer::new(&dialect, sql)
+            .tokenize_with_location()
+            .map_err(|_| parse_error())?;
+        // Offsets in `sql` itself (the parsed text, which `self.pos` maps to the original).
+        let local = Positions::new(sql);
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for t in &tokens {
+            if t.token == Token::SemiColon {
+                let end = local.offset(t.span.start).ok_or_else(parse_error)?;
+                pieces.push(start..end);
+                start = end + 1;
+            }
+        }
+        pieces.push(start..sql.len());
+        if pieces.len() > MAX_PIECES {
+            return Err(parse_error());
+        }
+        for range in pieces {
+            let Some(piece) = sql.get(range.clone()) else {
+                return Err(parse_error());
+            };
+            if piece.trim().is_empty() {
+                continue;
+            }
+            let masked: String = sql
+                .char_indices()
+                .map(|(i, c)| {
+                    if range.contains(&i) || c == '\n' {
+                        c
+                    } else {
+                        ' '
+                    }
+                })
+                .collect();
+            match Parser::new(&dialect)
+                .try_with_sql(&masked)
+                .and_then(|mut p| p.parse_statements())
+            {
+                Ok(statements) => {
+                    for stmt in &statements {
+                        self.out.statement_count += 1;
+                        let kind = self.statement(stmt, true)?;
+                        self.out.kinds.push(kind);
+                    }
+                }
+                Err(_) => {
+                    self.out.statement_count += 1;
+                    let kind = self.unparsed(piece).ok_or_else(parse_error)??;
+                    self.out.kinds.push(kind);
+                }
+            }
+        }
+        self.finish()
+    }
+
+    /// A statement sqlparser cannot read. COPY with options it does not know is rewritten to a
+    /// form it does; anything else is forwarded only when it names no protected table (in its
+    /// words or in its string and dollar-quoted bodies) and no tenant machinery. `None`: refuse
+    /// as unparsable.
+    fn unparsed(&mut self, piece: &str) -> Option<Res<StatementKind>> {
+        let lower = piece.to_lowercase();
+        let first = lower.split_whitespace().next().unwrap_or_default();
+        if first == "copy" {
+            return self.copy_fallback(piece);
+        }
+        const TENANT: [&str; 5] = ["pgenvelope", "set_config", "u&\"", "discard", "reset"];
+        if first == "execute" || TENANT.iter().any(|n| lower.contains(n)) {
+            return None;
+        }
+        if self.mentions_protected(piece) {
+            self.out.touches_protected = true;
+            return None;
+        }
+        Some(Ok(StatementKind::Other))
+    }
+
+    /// COPY with PostgreSQL syntax sqlparser lacks: `HEADER off|0|no|false|on|1|yes|true|match`
+    /// and a trailing `WHERE condition` (COPY FROM). The options are normalised; the condition is
+    /// checked as the WHERE clause of a query over the table (so it cannot compare encrypted
+    /// values).
+    fn copy_fallback(&mut self, piece: &str) -> Option<Res<StatementKind>> {
+        let dialect = PostgreSqlDialect {};
+        let tokens = Tokenizer::new(&dialect, piece)
+            .tokenize_with_location()
+            .ok()?;
+        let pos = Positions::new(piece);
+        let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+        let mut where_at = None;
+        let mut depth = 0usize;
+        let significant: Vec<_> = tokens
+            .iter()
+            .filter(|t| !matches!(t.token, Token::Whitespace(_)))
+            .collect();
+        for (i, t) in significant.iter().enumerate() {
+            match &t.token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth = depth.saturating_sub(1),
+                Token::Word(w) if w.quote_style.is_none() => {
+                    let v = w.value.to_ascii_lowercase();
+                    if depth == 0 && v == "where" {
+                        where_at = Some(pos.offset(t.span.start)?);
+                        break;
+                    }
+                    let Some(next) = significant.get(i + 1) else {
+                        continue;
+                    };
+                    if depth != 1 || v != "header" {
+                        continue;
+                    }
+                    let value = match &next.token {
+                        Token::Word(v) if v.quote_style.is_none() => v.value.to_ascii_lowercase(),
+                        Token::Number(n, _) => n.clone(),
+                        Token::SingleQuotedString(s) => s.to_ascii_lowercase(),
+                        _ => continue,
+                    };
+                    let on = match value.as_str() {
+                        "on" | "1" | "yes" | "true" | "match" => true,
+                        "off" | "0" | "no" | "false" => false,
+                        _ => continue,
+                    };
+                    let start = pos.offset(t.span.start)?;
+                    let end = pos.offset(next.span.end)?;
+                    edits.push((start..end, format!("HEADER {on}")));
+                }
+                _ => {}
+            }
+        }
+        let head = piece.get(..where_at.unwrap_or(piece.len()))?;
+        let copy_text = super::rewrite_literals(head, &edits).ok()?;
+        let mut statements = Parser::new(&dialect)
+            .try_with_sql(&copy_text)
+            .and_then(|mut p| p.parse_statements())
+            .ok()?;
+        let (Some(stmt), None) = (statements.pop(), statements.pop()) else {
+            return None;
+        };
+        let Statement::Copy {
+            source,
+            to,
+            target,
+            options,
+            legacy_options,
+            payload,
+        } = &stmt
+        else {
+            return None;
+        };
+        if payload.is_some() {
+            return None;
+        }
+        if let Some(at) = where_at {
+            let CopySource::Table { table_name, .. } = source else {
+                return None;
+            };
+            let condition = piece.get(at + "where".len()..)?;
+            let query = format!("SELECT 1 FROM {table_name} WHERE {condition}");
+            let mut parsed = Parser::new(&dialect)
+                .try_with_sql(&query)
+                .and_then(|mut p| p.parse_statements())
+                .ok()?;
+            let (Some(Statement::Query(q)), None) = (parsed.pop(), parsed.pop()) else {
+                return None;
+            };
+            if let Err(r) = self.query(&q) {
+                return Some(Err(r));
+            }
+        }
+        Some(
+            self.copy(source, *to, target, options, legacy_options)
+                .map(|()| StatementKind::Copy),
+        )
     }
 
     /// Final cross-statement checks: parameter reuse, ordering of literal sites.
@@ -282,6 +471,18 @@ impl<'a> Analyzer<'a> {
             }
             Statement::CreateTable(ct) => {
                 self.note_mentions(&ct.name.to_string());
+                let parents = ct.inherits.iter().flatten().chain(ct.partition_of.as_ref());
+                for parent in parents {
+                    if !self
+                        .resolve_table(&name_parts(parent).unwrap_or_default())
+                        .is_empty()
+                    {
+                        self.out.touches_protected = true;
+                        return Err(Rejection::new(
+                            "a table inheriting from, or a partition of, a protected table is not protected itself; run such DDL directly against PostgreSQL and list the new table in the rules",
+                        ));
+                    }
+                }
                 if let Some(q) = &ct.query {
                     self.query(q)?;
                 }
@@ -343,7 +544,9 @@ impl<'a> Analyzer<'a> {
     pub(crate) fn mentions_protected(&self, text: &str) -> bool {
         let dialect = PostgreSqlDialect {};
         let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize() else {
-            return true;
+            // sqlparser does not always print what it parsed back as valid SQL (quoted
+            // identifiers holding `"`): the whole text then decides.
+            return text == self.source || self.mentions_protected(self.source);
         };
         tokens.iter().any(|t| match t {
             Token::Word(w) => {
@@ -362,7 +565,7 @@ impl<'a> Analyzer<'a> {
     pub(crate) fn mentions_sensitive(&self, text: &str) -> bool {
         let dialect = PostgreSqlDialect {};
         let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize() else {
-            return true;
+            return text == self.source || self.mentions_sensitive(self.source);
         };
         tokens.iter().any(|t| match t {
             Token::Word(w) => {
@@ -374,38 +577,146 @@ impl<'a> Analyzer<'a> {
         })
     }
 
-    /// ALTER TABLE is allowed, except setting a column default on an encrypted column: later
-    /// INSERTs that omit the column would store that default as plaintext.
+    /// ALTER TABLE on a protected table is allowed when it leaves the encrypted columns, their
+    /// guards and the table's name alone. Refused (run it directly, then `pgenvelope
+    /// reencrypt`): renaming the table, or renaming a table to a protected name; renaming an
+    /// encrypted or tenant column, or renaming a column to an encrypted name; adding a column
+    /// named like an encrypted one (its type may be a domain with a default); dropping an
+    /// encrypted column; a default, a new type (`USING`, `varchar(n)` truncation) or generation
+    /// on an encrypted column; dropping or renaming a `pgenvelope_enc_*` guard; INHERIT and
+    /// ATTACH PARTITION involving a protected table; and any operation the analyser does not
+    /// know.
     fn alter_table(&mut self, at: &sqlparser::ast::AlterTable) -> Res<()> {
+        use sqlparser::ast::{AlterColumnOperation as Col, AlterTableOperation as Op};
         let parts = name_parts(&at.name).unwrap_or_default();
         let idxs = self.resolve_table(&parts);
+        let refuse = |what: &str| {
+            Rejection::new(format!(
+                "{what} is not supported through the proxy; run such DDL directly against PostgreSQL, then run `pgenvelope reencrypt`"
+            ))
+        };
+        let names_protected = |a: &Self, n: &ObjectName| {
+            !a.resolve_table(&name_parts(n).unwrap_or_default())
+                .is_empty()
+        };
+        for op in &at.operations {
+            let other = match op {
+                Op::RenameTable {
+                    table_name:
+                        sqlparser::ast::RenameTableNameKind::As(n)
+                        | sqlparser::ast::RenameTableNameKind::To(n),
+                } => n,
+                Op::Inherit { parent: n } | Op::AttachPartitionOf { partition: n, .. } => n,
+                _ => continue,
+            };
+            if !idxs.is_empty() || names_protected(self, other) {
+                self.out.touches_protected = true;
+                return Err(refuse(
+                    "renaming, INHERIT or ATTACH PARTITION involving a protected table",
+                ));
+            }
+        }
         if idxs.is_empty() {
             return Ok(());
         }
         self.out.touches_protected = true;
-        let dialect = PostgreSqlDialect {};
-        let text = at.to_string();
-        let Ok(tokens) = Tokenizer::new(&dialect, &text).tokenize() else {
-            return Err(Rejection::new("ALTER TABLE could not be analysed"));
-        };
-        let words: Vec<String> = tokens
-            .iter()
-            .filter_map(|t| match t {
-                Token::Word(w) => Some(fold_word(&w.value, w.quote_style)),
-                _ => None,
+        let enc = |a: &Self, c: &Ident| idxs.iter().find_map(|&i| a.enc_column(i, &fold(c)));
+        let is_tenant = |a: &Self, c: &Ident| {
+            let name = fold(c);
+            idxs.iter().any(|&i| {
+                a.protected
+                    .table(i)
+                    .is_some_and(|t| t.tenant_column.as_deref() == Some(name.as_str()))
             })
-            .collect();
-        if !words.iter().any(|w| w == "default") {
-            return Ok(());
+        };
+        let is_guard = |n: &Ident| fold(n).starts_with("pgenvelope_enc_");
+        let column_refusal = |c: super::ColumnRef, what: &str| {
+            Rejection {
+            message: format!(
+                "pgenvelope: {what} encrypted column {c} is not supported through the proxy; run such DDL directly against PostgreSQL, then run `pgenvelope reencrypt`"
+            ),
+            column: Some(c),
         }
-        for &i in &idxs {
-            if let Some(c) = words.iter().find_map(|w| self.enc_column(i, w)) {
-                return Err(Rejection {
-                    message: format!(
-                        "pgenvelope: a column default on encrypted column {c} would be stored as plaintext; run such DDL directly against PostgreSQL"
-                    ),
-                    column: Some(c),
-                });
+        };
+        for op in &at.operations {
+            match op {
+                Op::AddColumn { column_def, .. } => {
+                    if let Some(c) = enc(self, &column_def.name) {
+                        return Err(column_refusal(c, "adding a column named like"));
+                    }
+                }
+                Op::DropColumn { column_names, .. } => {
+                    if let Some(c) = column_names.iter().find_map(|n| enc(self, n)) {
+                        return Err(column_refusal(c, "dropping"));
+                    }
+                }
+                Op::RenameColumn {
+                    old_column_name,
+                    new_column_name,
+                } => {
+                    if let Some(c) =
+                        enc(self, old_column_name).or_else(|| enc(self, new_column_name))
+                    {
+                        return Err(column_refusal(c, "renaming to or from"));
+                    }
+                    if is_tenant(self, old_column_name) {
+                        return Err(refuse("renaming the tenant column of a protected table"));
+                    }
+                }
+                Op::AlterColumn { column_name, op } => {
+                    if let Some(c) = enc(self, column_name) {
+                        match op {
+                            Col::SetNotNull | Col::DropNotNull | Col::DropDefault => {}
+                            Col::SetDefault { .. } => {
+                                return Err(Rejection {
+                                    message: format!(
+                                        "pgenvelope: a column default on encrypted column {c} would be stored as plaintext; run such DDL directly against PostgreSQL"
+                                    ),
+                                    column: Some(c),
+                                })
+                            }
+                            _ => return Err(column_refusal(c, "changing the type of")),
+                        }
+                    }
+                }
+                Op::ChangeColumn { old_name: n, .. } | Op::ModifyColumn { col_name: n, .. } => {
+                    if let Some(c) = enc(self, n) {
+                        return Err(column_refusal(c, "changing"));
+                    }
+                }
+                Op::DropConstraint { name, .. } => {
+                    if is_guard(name) {
+                        return Err(refuse("dropping a pgenvelope_enc_* guard constraint"));
+                    }
+                }
+                Op::RenameConstraint { old_name, new_name } => {
+                    if is_guard(old_name) || is_guard(new_name) {
+                        return Err(refuse("renaming a pgenvelope_enc_* guard constraint"));
+                    }
+                }
+                Op::AddConstraint { .. }
+                | Op::ValidateConstraint { .. }
+                | Op::DisableRowLevelSecurity
+                | Op::EnableRowLevelSecurity
+                | Op::ForceRowLevelSecurity
+                | Op::NoForceRowLevelSecurity
+                | Op::DisableRule { .. }
+                | Op::DisableTrigger { .. }
+                | Op::EnableAlwaysRule { .. }
+                | Op::EnableAlwaysTrigger { .. }
+                | Op::EnableReplicaRule { .. }
+                | Op::EnableReplicaTrigger { .. }
+                | Op::EnableRule { .. }
+                | Op::EnableTrigger { .. }
+                | Op::ReplicaIdentity { .. }
+                | Op::OwnerTo { .. }
+                | Op::SetLogged
+                | Op::SetUnlogged
+                | Op::SetOptionsParens { .. }
+                | Op::ResetOptions { .. }
+                | Op::DetachPartitionOf { .. }
+                | Op::NoInherit { .. } => {}
+                _ => return Err(refuse("this ALTER TABLE operation on a protected table")),
             }
         }
         Ok(())
@@ -650,11 +961,27 @@ pub(crate) fn fold(id: &Ident) -> String {
     fold_word(&id.value, id.quote_style)
 }
 
+/// PostgreSQL keeps at most `NAMEDATALEN - 1` bytes of an identifier.
+pub(crate) const MAX_IDENTIFIER_BYTES: usize = 63;
+
 pub(crate) fn fold_word(value: &str, quote: Option<char>) -> String {
-    match quote {
+    let folded = match quote {
         Some(_) => value.to_owned(),
         None => value.to_ascii_lowercase(),
+    };
+    truncate_identifier(folded)
+}
+
+/// Truncates an identifier as PostgreSQL's scanner does: to 63 bytes, on a character boundary.
+pub(crate) fn truncate_identifier(mut name: String) -> String {
+    if name.len() > MAX_IDENTIFIER_BYTES {
+        let mut end = MAX_IDENTIFIER_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
     }
+    name
 }
 
 /// Folded identifier parts of an object name; `None` for function-style parts.

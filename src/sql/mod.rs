@@ -34,7 +34,9 @@
 //! # Name resolution
 //!
 //! Identifiers are compared as PostgreSQL stores them: unquoted identifiers fold to lower case
-//! (ASCII only, as PostgreSQL does for UTF-8 databases), quoted ones keep their case. The proxy
+//! (ASCII only, as PostgreSQL does for UTF-8 databases), quoted ones keep their case, and names
+//! longer than 63 bytes are truncated to 63 bytes on a character boundary (NAMEDATALEN - 1), so
+//! a long name that PostgreSQL truncates to a protected table or column is treated as it. The proxy
 //! cannot know `search_path`, so an unqualified table name matches a protected table of that
 //! name in *any* schema. When an unqualified name used as a write target matches protected
 //! tables in more than one schema, the statement is refused (qualify the name). An unqualified
@@ -46,9 +48,12 @@
 //! A value written to an encrypted column (INSERT … VALUES, UPDATE … SET, ON CONFLICT DO UPDATE
 //! SET) must be a string literal (`'…'`, `E'…'`, `U&'…'`, `N'…'`, `$tag$…$tag$`), a `$n`
 //! parameter, NULL or DEFAULT, optionally cast to `text`, `varchar`, `character varying` or
-//! `bpchar`. Casts with a length (`varchar(n)`, `char`) are refused: PostgreSQL's explicit cast
-//! truncates silently and would corrupt the envelope. `SET enc = enc` and `SET enc =
-//! EXCLUDED.enc` (same column) are allowed. Everything else is refused, naming the column:
+//! `bpchar` (also `pg_catalog.`-qualified, and as typed literals `text 'x'`, `varchar 'x'`).
+//! Casts with a length (`varchar(n)`, `char`) are refused: PostgreSQL's explicit cast
+//! truncates silently and would corrupt the envelope. `SET enc = enc`, `SET enc = v.enc` where
+//! `v` is the name the target is visible under (its alias once aliased, else its table name) and
+//! `SET enc = EXCLUDED.enc` (same column) are allowed; a FROM item or CTE with another name, or
+//! the table name once the target is aliased, is another relation and is refused. Everything else is refused, naming the column:
 //! functions, operators, subqueries, numbers, other columns, INSERT … SELECT, INSERT without a
 //! column list, multi-column `SET (…) = (…)` including an encrypted column, and a `$n` that feeds
 //! an encrypted column and is used anywhere else in the text.
@@ -63,17 +68,35 @@
 //! the rules in `read.rs`: projection, aliasing, text casts, `count(enc)` and `IS [NOT] NULL` are
 //! fine; comparison, pattern matching, ordering, grouping, DISTINCT, UNION/INTERSECT/EXCEPT
 //! without ALL, window partitioning, JOIN USING/NATURAL and any function or operator over an
-//! encrypted value are refused. Encryptedness follows columns through aliases, derived tables,
+//! encrypted value are refused. `coalesce(enc, fallback…)` with only string literals, NULL or
+//! parameters as fallbacks is the column itself (decrypted on the way out, refused where the
+//! column would be). A positional `ORDER BY n` is refused only when output column `n` is
+//! encrypted, or when a `*` before it hides the width. Encryptedness follows columns through aliases, derived tables,
 //! CTEs and set operations; where `*` hides positions, the analyser assumes the worst.
 //!
 //! # Other statements
 //!
 //! DDL and maintenance on protected tables (CREATE/ALTER/DROP TABLE, CREATE INDEX, TRUNCATE,
-//! VACUUM, ANALYZE, GRANT, REVOKE, COMMENT, LOCK) pass, except a column default on an encrypted
-//! column. Statements that mention a protected table but cannot be analysed (MERGE, DO, CREATE
-//! FUNCTION/PROCEDURE/TRIGGER/RULE/VIEW/POLICY, …) are refused, as are parse errors when
-//! [`might_touch`] is true, SQL-level PREPARE whose parameters feed encrypted columns, and
-//! EXECUTE with arguments.
+//! VACUUM, ANALYZE, GRANT, REVOKE, COMMENT, LOCK) pass, except DDL that could rewrite, rename,
+//! retype or default an encrypted column or its guard, which is refused with a message to run it
+//! directly and then `pgenvelope reencrypt`: renaming a protected table (or another table to a
+//! protected name), renaming encrypted or tenant columns (or a column to an encrypted name),
+//! adding a column named like an encrypted one (whatever its type: a domain may carry a default),
+//! dropping, retyping (`USING`, `varchar(n)`), defaulting or generating an encrypted column,
+//! dropping or renaming a `pgenvelope_enc_*` guard, INHERIT / ATTACH PARTITION / CREATE TABLE …
+//! INHERITS / PARTITION OF involving a protected table, and ALTER TABLE operations the analyser
+//! does not know. Statements that mention a protected table but cannot be analysed (MERGE, DO,
+//! CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/VIEW/POLICY, …) are refused, as are SQL-level PREPARE
+//! whose parameters feed encrypted columns, and EXECUTE with arguments.
+//!
+//! When a text does not parse as a whole and [`might_touch`] is true, each `;`-separated
+//! statement is parsed on its own. One that still does not parse (DO blocks, syntax sqlparser
+//! lacks) is forwarded when none of its words, string or dollar-quoted bodies names a protected
+//! table and it does not mention `pgenvelope`, `set_config`, `RESET`, `DISCARD` or `U&"`, and
+//! does not start with EXECUTE; otherwise it is refused. COPY with `HEADER
+//! off|0|false|on|1|true|match` and `COPY … FROM STDIN WHERE condition` are understood; the
+//! condition is checked like a WHERE clause over the table (so it cannot compare encrypted
+//! values). `ENCODING` sets the encoding of the COPY data.
 //!
 //! # Known gaps
 //!
@@ -83,6 +106,9 @@
 //! - Writes through views, partitions or inheritance children are protected only if those
 //!   relations are themselves listed as protected.
 //! - An ON CONFLICT DO UPDATE that reassigns the tenant column keeps the inserted row's tenant.
+//! - `SELECT * … ORDER BY n` is refused when `n` falls in the `*` (the analyser has no catalog).
+//! - `ALTER DOMAIN … SET DEFAULT` on a domain already used by an encrypted column is not seen.
+//! - Dynamic SQL in DO blocks that builds a protected table's name from pieces is not seen.
 //! - `COPY … FROM STDIN;` followed by more lines in the same query text is refused (sqlparser
 //!   reads those lines as inline COPY data).
 //! - A change of `standard_conforming_strings` or `client_encoding` made by server-side code

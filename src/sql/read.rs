@@ -941,6 +941,9 @@ impl<'a> Analyzer<'a> {
                 }
             }
         }
+        if let Some(pass_through) = self.coalesce_pass_through(f)? {
+            return Ok(pass_through);
+        }
         if let Some(w) = &f.over {
             match w {
                 WindowType::WindowSpec(spec) => {
@@ -1002,6 +1005,54 @@ impl<'a> Analyzer<'a> {
             }
         }
         Ok(None)
+    }
+
+    /// `coalesce(x, fallback…)` where every fallback is a string literal, NULL or a parameter:
+    /// the result is `x` itself or a value the client wrote, so it is `x`'s column (decrypted on
+    /// the way out, refused where `x` would be). `Ok(None)`: not this form.
+    fn coalesce_pass_through(
+        &mut self,
+        f: &sqlparser::ast::Function,
+    ) -> Res<Option<Option<ColumnRef>>> {
+        let is_coalesce = matches!(name_parts(&f.name).as_deref(), Some([n]) if n == "coalesce");
+        let FunctionArguments::List(list) = &f.args else {
+            return Ok(None);
+        };
+        if !is_coalesce
+            || f.over.is_some()
+            || f.filter.is_some()
+            || !f.within_group.is_empty()
+            || list.duplicate_treatment.is_some()
+            || !list.clauses.is_empty()
+        {
+            return Ok(None);
+        }
+        let args: Option<Vec<&Expr>> = list
+            .args
+            .iter()
+            .map(|a| match a {
+                FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
+                _ => None,
+            })
+            .collect();
+        let Some((first, rest)) = args.as_deref().and_then(<[&Expr]>::split_first) else {
+            return Ok(None);
+        };
+        let plain = |e: &Expr| match strip_casts(e) {
+            Expr::Value(v) => matches!(
+                v.value,
+                Value::Null
+                    | Value::Placeholder(_)
+                    | Value::SingleQuotedString(_)
+                    | Value::EscapedStringLiteral(_)
+                    | Value::DollarQuotedString(_)
+            ),
+            _ => false,
+        };
+        if !rest.iter().all(|e| plain(e)) {
+            return Ok(None);
+        }
+        self.expr(first).map(Some)
     }
 
     /// `SELECT set_config('pgenvelope.tenant', value, is_local)` as a top-level item.
@@ -1091,7 +1142,12 @@ pub(crate) fn is_text_type(t: &DataType) -> bool {
         DataType::Text | DataType::String(None) => true,
         DataType::Varchar(None) | DataType::CharacterVarying(None) => true,
         DataType::Custom(name, mods) if mods.is_empty() => {
-            matches!(name_parts(name).as_deref(), Some([n]) if n == "bpchar" || n == "text" || n == "varchar")
+            let unbounded = |n: &str| n == "bpchar" || n == "text" || n == "varchar";
+            match name_parts(name).as_deref() {
+                Some([n]) => unbounded(n),
+                Some([schema, n]) => schema == "pg_catalog" && unbounded(n),
+                _ => false,
+            }
         }
         _ => false,
     }

@@ -389,7 +389,7 @@ fn functions_refused() {
     for sql in [
         "select upper(value) from secrets",
         "select length(value) from secrets",
-        "select coalesce(value, '') from secrets",
+        "select coalesce(value, other) from secrets",
         "select value || 'x' from secrets",
         "select value::int from secrets",
         "select substring(value from 1 for 2) from secrets",
@@ -923,7 +923,10 @@ fn alter_table_default_on_encrypted_column_refused() {
     );
     ok("alter table secrets alter column org_id set default 1");
     ok("alter table secrets add column extra text default 'x'");
-    ok("alter table secrets drop column value");
+    rejected_col(
+        "alter table secrets drop column value",
+        "public.secrets.value",
+    );
 }
 
 #[test]
@@ -1046,4 +1049,188 @@ fn continued_literals_are_one_literal() {
     assert!(text::separator_continues(" \t-- x\n\x0b "));
     assert!(!text::separator_continues("\x0b\n"));
     assert!(!text::separator_continues("  "));
+}
+
+#[test]
+fn update_same_column_only_through_the_visible_target_name() {
+    ok("UPDATE secrets SET value = value");
+    ok("UPDATE secrets SET value = secrets.value");
+    ok("UPDATE secrets v SET value = v.value");
+    rejected_col(
+        "UPDATE secrets v SET value = t.value FROM (SELECT 'x' AS value) AS t",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "UPDATE secrets v SET value = secrets.value FROM (SELECT 'x' AS value) AS secrets",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "WITH secrets AS (SELECT 'x' AS value) UPDATE secrets AS v SET value = secrets.value FROM secrets",
+        "public.secrets.value",
+    );
+    ok("INSERT INTO secrets AS v (org_id, value) VALUES ('a', 'b') ON CONFLICT (org_id) DO UPDATE SET value = v.value");
+    ok("INSERT INTO secrets (org_id, value) VALUES ('a', 'b') ON CONFLICT (org_id) DO UPDATE SET value = secrets.value, note = EXCLUDED.note");
+    rejected_col(
+        "INSERT INTO secrets AS v (org_id, value) VALUES ('a', 'b') ON CONFLICT (org_id) DO UPDATE SET value = v.note",
+        "public.secrets.value",
+    );
+}
+
+#[test]
+fn typed_literals_and_qualified_text_types_are_literals() {
+    for sql in [
+        "INSERT INTO secrets (org_id, value) VALUES ('a', text 'x')",
+        "INSERT INTO secrets (org_id, value) VALUES ('a', varchar 'x')",
+        "INSERT INTO secrets (org_id, value) VALUES ('a', 'x'::pg_catalog.text)",
+        "INSERT INTO secrets (org_id, value) VALUES ('a', CAST('x' AS pg_catalog.varchar))",
+        "UPDATE secrets SET value = text 'x'",
+    ] {
+        let a = ok(sql);
+        assert_eq!(a.literals.len(), 1, "{sql}");
+        assert_eq!(a.literals[0].value, "x", "{sql}");
+        assert_eq!(&sql[a.literals[0].range.clone()], "'x'", "{sql}");
+    }
+    rejected_col(
+        "INSERT INTO secrets (org_id, value) VALUES ('a', varchar(3) 'xyzw')",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "INSERT INTO secrets (org_id, value) VALUES ('a', 'x'::other.text)",
+        "public.secrets.value",
+    );
+}
+
+#[test]
+fn identifiers_are_truncated_to_63_bytes() {
+    let long = "s".repeat(63);
+    let p = Protected::new([ProtectedTable {
+        schema: "public".into(),
+        name: long.clone(),
+        tenant_column: None,
+        encrypted: vec![format!("{}é", "v".repeat(61))],
+    }]);
+    let a = analyze(&format!("INSERT INTO {long}extra (x) VALUES ('a')"), &p);
+    assert!(a.touches_protected);
+    // 61 + 'é' (2 bytes) = 63 bytes: a longer quoted name truncates to it.
+    let col = format!("\"{}éé\"", "v".repeat(61));
+    let a = analyze(&format!("INSERT INTO \"{long}zz\" ({col}) VALUES (1)"), &p);
+    assert!(a.rejection.is_some());
+    let a = analyze(
+        &format!("INSERT INTO \"{long}zz\" ({col}) VALUES ('p')"),
+        &p,
+    );
+    assert!(a.rejection.is_none(), "{:?}", a.rejection);
+    assert_eq!(a.literals.len(), 1);
+    // A multi-byte character straddling byte 63 is dropped whole.
+    assert_eq!(
+        analyzer_truncate(format!("{}é", "a".repeat(62))),
+        "a".repeat(62)
+    );
+}
+
+fn analyzer_truncate(s: String) -> String {
+    super::analyzer::truncate_identifier(s)
+}
+
+#[test]
+fn alter_table_refuses_ddl_that_rewrites_encrypted_columns() {
+    for sql in [
+        "ALTER TABLE secrets ALTER COLUMN value TYPE text USING 'plain'",
+        "ALTER TABLE secrets ALTER value TYPE varchar(10)",
+        "ALTER TABLE secrets RENAME COLUMN value TO v2",
+        "ALTER TABLE secrets RENAME COLUMN other TO note",
+        "ALTER TABLE secrets RENAME COLUMN org_id TO org",
+        "ALTER TABLE secrets RENAME TO s2",
+        "ALTER TABLE plain RENAME TO secrets",
+        "ALTER TABLE secrets ALTER COLUMN value SET DEFAULT 'x'",
+        "ALTER TABLE secrets DROP COLUMN note",
+        "ALTER TABLE secrets ADD COLUMN note text",
+        "ALTER TABLE secrets ADD COLUMN note my_domain",
+        "ALTER TABLE secrets DROP CONSTRAINT pgenvelope_enc_value",
+        "ALTER TABLE secrets RENAME CONSTRAINT pgenvelope_enc_value TO x",
+        "ALTER TABLE plain INHERIT secrets",
+        "ALTER TABLE secrets INHERIT plain",
+        "ALTER TABLE secrets ATTACH PARTITION plain DEFAULT",
+        "CREATE TABLE child () INHERITS (secrets)",
+        "CREATE TABLE part PARTITION OF secrets DEFAULT",
+    ] {
+        let r = rejected(sql);
+        assert!(r.message.contains("directly"), "{sql}: {}", r.message);
+    }
+    // Not understood by the parser: refused as unanalysable.
+    rejected("ALTER TABLE secrets SET SCHEMA other");
+    for sql in [
+        "ALTER TABLE secrets ADD COLUMN extra int DEFAULT 1",
+        "ALTER TABLE secrets ALTER COLUMN other SET DEFAULT 'x'",
+        "ALTER TABLE secrets ALTER COLUMN value SET NOT NULL",
+        "ALTER TABLE secrets ALTER COLUMN value DROP DEFAULT",
+        "ALTER TABLE secrets RENAME COLUMN a TO b",
+        "ALTER TABLE secrets ADD CONSTRAINT pgenvelope_enc_value CHECK (value IS NULL OR value LIKE 'enc:v1:%') NOT VALID",
+        "ALTER TABLE secrets VALIDATE CONSTRAINT pgenvelope_enc_value",
+        "ALTER TABLE secrets DROP CONSTRAINT other_check",
+        "ALTER TABLE plain RENAME TO plain2",
+        "ALTER TABLE plain ALTER COLUMN value TYPE int USING 1",
+    ] {
+        ok(sql);
+    }
+}
+
+#[test]
+fn unparsable_statements_naming_nothing_protected_pass() {
+    ok("DO $$ BEGIN EXECUTE 'select 1'; END $$");
+    ok("BEGIN; CREATE USER \"u6\\\"\"\"; RESET ROLE; ROLLBACK");
+    let a = ok("BEGIN; DO $$ BEGIN PERFORM 1; END $$; INSERT INTO secrets (org_id, value) VALUES ('a', 'x'); COMMIT");
+    assert_eq!(a.literals.len(), 1);
+    assert_eq!(a.tx_controls, vec![TxControl::Begin, TxControl::Commit]);
+    assert_eq!(a.statement_count, 4);
+    rejected("DO $$ BEGIN EXECUTE 'insert into secrets (value) values (''x'')'; END $$");
+    rejected("DO $$ BEGIN INSERT INTO secrets (value) VALUES ('x'); END $$");
+    rejected("DO $$ BEGIN PERFORM set_config('pgenvelope.tenant', 'x', false); END $$");
+    rejected("DO $$ BEGIN RESET ALL; END $$");
+}
+
+#[test]
+fn copy_header_values_and_where() {
+    for (opts, header) in [
+        ("(FORMAT csv, HEADER off)", false),
+        ("(FORMAT csv, HEADER 0)", false),
+        ("(FORMAT csv, HEADER no)", false),
+        ("(FORMAT csv, HEADER false)", false),
+        ("(FORMAT csv, HEADER MATCH)", true),
+        ("(FORMAT csv, HEADER on)", true),
+        ("(FORMAT csv, HEADER)", true),
+        ("(ENCODING 'UTF8')", false),
+    ] {
+        let a = ok(&format!(
+            "COPY secrets (org_id, value) FROM STDIN WITH {opts}"
+        ));
+        let plan = a.copy.unwrap();
+        assert_eq!(plan.header, header, "{opts}");
+    }
+    let a = ok("COPY secrets (org_id, value) FROM STDIN WITH (FORMAT csv, HEADER match) WHERE org_id = 'a'");
+    assert!(a.copy.unwrap().header);
+    ok("COPY secrets (org_id, value) FROM STDIN WHERE org_id = 'a'");
+    rejected_col(
+        "COPY secrets (org_id, value) FROM STDIN WHERE value = 'a'",
+        "public.secrets.value",
+    );
+    rejected("COPY secrets FROM STDIN WHERE (SELECT 1) = 1 AND note LIKE 'x%'");
+}
+
+#[test]
+fn coalesce_with_literal_fallbacks_passes_the_column_through() {
+    ok("SELECT coalesce(value, '') FROM secrets");
+    ok("SELECT coalesce(value, NULL, $1) AS v FROM secrets");
+    rejected_col(
+        "SELECT 1 FROM secrets WHERE coalesce(value, '') = 'x'",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "SELECT coalesce(value, other) FROM secrets",
+        "public.secrets.value",
+    );
+    rejected_col(
+        "SELECT coalesce(value, '') FROM secrets ORDER BY 1",
+        "public.secrets.value",
+    );
 }

@@ -224,7 +224,23 @@ impl<'a> Analyzer<'a> {
                         }
                         None => TenantSource::Session,
                     };
-                    self.assignments(&du.assignments, table, &tenant, &["excluded"])?;
+                    let visible = ins
+                        .table_alias
+                        .as_ref()
+                        .map(|a| fold(&a.alias))
+                        .or_else(|| match &ins.table {
+                            TableObject::TableName(n) => {
+                                name_parts(n).and_then(|p| p.last().cloned())
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    self.assignments(
+                        &du.assignments,
+                        table,
+                        &tenant,
+                        &["excluded", visible.as_str()],
+                    )?;
                     if let Some(sel) = &du.selection {
                         self.expr(sel)?;
                     }
@@ -352,15 +368,21 @@ impl<'a> Analyzer<'a> {
             Expr::CompoundIdentifier(ids) => {
                 let parts: Vec<String> = ids.iter().map(fold).collect();
                 match parts.as_slice() {
+                    // Only the name the target is visible under (its alias once aliased, else
+                    // its table name) or EXCLUDED: a FROM item or CTE of another name is
+                    // another relation.
                     [q, c]
                         if c == &col.column
-                            && same_quals
-                                .is_some_and(|qs| qs.contains(&q.as_str()) || q == &col.table) =>
+                            && same_quals.is_some_and(|qs| qs.contains(&q.as_str())) =>
                     {
                         WriteVal::Same
                     }
                     _ => WriteVal::Refused,
                 }
+            }
+            // `text 'x'`, `varchar 'x'`, `pg_catalog.text 'x'`: a literal of a text type.
+            Expr::TypedString(ts) if is_text_type(&ts.data_type) => {
+                self.write_val(&Expr::Value(ts.value.clone()), col, same_quals)
             }
             Expr::Value(v) => match &v.value {
                 Value::Null => WriteVal::Nothing,
