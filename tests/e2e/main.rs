@@ -24,3 +24,4 @@ mod reencrypt;
 mod sessions;
 mod soak;
 mod tls;
+mod writes;
