@@ -581,14 +581,18 @@ impl ClientSide {
             bind,
             types: described.unwrap_or_else(|| statement.param_types.clone()),
         };
-        self.apply_tenant_changes(&analysis, Some(&values))?;
-        if analysis.params.is_empty() {
-            return Ok(None);
-        }
         let (encoding, uncertain) = {
             let s = lock(&self.session);
             (s.encoding.clone(), s.lexing.uncertain())
         };
+        if uncertain && non_ascii_tenant_param(&analysis, bind) {
+            // Read in the wrong encoding, a tenant would name another organisation.
+            return Err(ClientError::unsupported(IN_FLIGHT));
+        }
+        self.apply_tenant_changes(&analysis, Some(&values))?;
+        if analysis.params.is_empty() {
+            return Ok(None);
+        }
         // (parameter index, sealed value) of every parameter that changes.
         let mut sealed_params = Vec::with_capacity(analysis.params.len());
         let rules = self.rules();
@@ -873,6 +877,29 @@ impl ClientSide {
         }
         Ok(())
     }
+}
+
+/// Whether a parameter that names a tenant (of a written row, or of `set_config`) holds
+/// non-ASCII bytes.
+fn non_ascii_tenant_param(analysis: &Analysis, bind: &Bind<'_>) -> bool {
+    let rows = analysis
+        .params
+        .iter()
+        .map(|p| &p.tenant)
+        .chain(analysis.literals.iter().map(|l| &l.tenant))
+        .filter_map(|t| match t {
+            TenantSource::Param(n) => Some(*n),
+            _ => None,
+        });
+    let settings = analysis.tenant_changes.iter().filter_map(|c| match c {
+        TenantChange::SetParam { param, .. } => Some(*param),
+        _ => None,
+    });
+    rows.chain(settings).any(|n| {
+        n.checked_sub(1)
+            .and_then(|i| bind.params.get(i).copied().flatten())
+            .is_some_and(|v| !v.is_ascii())
+    })
 }
 
 /// Queue a request that ends a cycle (answered by ReadyForQuery).

@@ -382,3 +382,50 @@ fn encoding_change_in_flight_is_seen_in_extended_protocol() {
     assert_eq!(error_code(&second).as_deref(), Some("0A000"));
     assert!(rt.block_on(v.stored()).is_empty(), "nothing written");
 }
+
+#[test]
+fn tenant_parameter_during_an_encoding_change_is_refused() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let v = rt.block_on(Vault::new());
+    let t = &v.table;
+    let mut conn = raw(&v, &[]);
+    let mut buf = Vec::new();
+    let mut put = |tag: u8, body: &[u8]| {
+        buf.push(tag);
+        buf.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+        buf.extend_from_slice(body);
+    };
+    let mut set = vec![0];
+    set.extend_from_slice(b"SET client_encoding = 'LATIN1'\0");
+    set.extend_from_slice(&0i16.to_be_bytes());
+    put(b'P', &set);
+    put(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+    put(b'E', &[0, 0, 0, 0, 0]);
+    put(b'S', &[]);
+    let mut ins = vec![0];
+    ins.extend_from_slice(format!("INSERT INTO {t} (org_id, value) VALUES ($1, $2)\0").as_bytes());
+    ins.extend_from_slice(&0i16.to_be_bytes());
+    put(b'P', &ins);
+    // The tenant "é" in UTF-8: the server reads it in LATIN1 as "Ã©", the organisation a
+    // value sealed for "é" would not open under.
+    let mut bind = vec![0, 0];
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&2i16.to_be_bytes());
+    for p in [&b"\xc3\xa9"[..], b"secret"] {
+        bind.extend_from_slice(&i32::try_from(p.len()).unwrap().to_be_bytes());
+        bind.extend_from_slice(p);
+    }
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    put(b'B', &bind);
+    put(b'E', &[0, 0, 0, 0, 0]);
+    put(b'S', &[]);
+    {
+        use std::io::Write;
+        conn.raw_stream().write_all(&buf).unwrap();
+    }
+    let first = conn.read_until_ready().unwrap();
+    assert_eq!(error_code(&first), None);
+    let second = conn.read_until_ready().unwrap();
+    assert_eq!(error_code(&second).as_deref(), Some("0A000"));
+    assert!(rt.block_on(v.stored()).is_empty(), "nothing written");
+}
