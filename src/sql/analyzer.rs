@@ -23,8 +23,6 @@ pub(crate) type Res<T> = Result<T, Rejection>;
 /// State of one [`super::analyze`] call.
 pub(crate) struct Analyzer<'a> {
     pub(crate) protected: &'a Protected,
-    /// The whole analysed text.
-    pub(crate) source: &'a str,
     pub(crate) pos: Positions<'a>,
     pub(crate) out: Analysis,
     /// How often each `$n` appears in the whole text.
@@ -49,7 +47,6 @@ pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
     };
     let mut a = Analyzer {
         protected,
-        source: parsed,
         pos,
         out: Analysis::default(),
         param_uses: HashMap::new(),
@@ -132,8 +129,29 @@ impl<'a> Analyzer<'a> {
         let local = Positions::new(sql);
         let mut pieces = Vec::new();
         let mut start = 0;
+        // A `;` inside parentheses (CREATE RULE … DO (…; …)) or a BEGIN ATOMIC body does not end
+        // a statement: such texts are not split.
+        let mut depth = 0usize;
+        let mut previous_begin = false;
         for t in &tokens {
+            match &t.token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth = depth.saturating_sub(1),
+                Token::Word(w) if w.quote_style.is_none() => {
+                    if previous_begin && w.value.eq_ignore_ascii_case("atomic") {
+                        return Err(parse_error());
+                    }
+                    previous_begin = w.value.eq_ignore_ascii_case("begin");
+                    continue;
+                }
+                Token::Whitespace(_) => continue,
+                _ => {}
+            }
+            previous_begin = false;
             if t.token == Token::SemiColon {
+                if depth > 0 {
+                    return Err(parse_error());
+                }
                 let end = local.offset(t.span.start).ok_or_else(parse_error)?;
                 pieces.push(start..end);
                 start = end + 1;
@@ -544,9 +562,10 @@ impl<'a> Analyzer<'a> {
     pub(crate) fn mentions_protected(&self, text: &str) -> bool {
         let dialect = PostgreSqlDialect {};
         let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize() else {
-            // sqlparser does not always print what it parsed back as valid SQL (quoted
-            // identifiers holding `"`): the whole text then decides.
-            return text == self.source || self.mentions_protected(self.source);
+            // Not SQL (sqlparser does not always print what it parsed back as valid SQL, e.g.
+            // quoted identifiers holding `"`; string bodies may be prose): any occurrence of a
+            // protected table's name counts.
+            return self.contains_protected_name(text);
         };
         tokens.iter().any(|t| match t {
             Token::Word(w) => {
@@ -561,11 +580,26 @@ impl<'a> Analyzer<'a> {
         })
     }
 
+    /// Whether `text` contains a protected table's name anywhere (case-insensitive substring).
+    fn contains_protected_name(&self, text: &str) -> bool {
+        let lower = text.to_lowercase();
+        self.protected
+            .needles
+            .iter()
+            .any(|n| lower.contains(n.as_str()))
+    }
+
     /// Whether any word of `text` names an encrypted column or a protected table.
     pub(crate) fn mentions_sensitive(&self, text: &str) -> bool {
         let dialect = PostgreSqlDialect {};
         let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize() else {
-            return text == self.source || self.mentions_sensitive(self.source);
+            let lower = text.to_lowercase();
+            return self.contains_protected_name(text)
+                || self
+                    .protected
+                    .encrypted_names
+                    .iter()
+                    .any(|c| lower.contains(&c.to_lowercase()));
         };
         tokens.iter().any(|t| match t {
             Token::Word(w) => {

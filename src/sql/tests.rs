@@ -1234,3 +1234,17 @@ fn coalesce_with_literal_fallbacks_passes_the_column_through() {
         "public.secrets.value",
     );
 }
+
+#[test]
+fn statement_splitting_fallback_is_conservative() {
+    // Prose in a string body that is not SQL: only the protected names matter.
+    ok("DO $$ BEGIN RAISE NOTICE 'it''s'; END $$");
+    rejected("DO $$ BEGIN RAISE NOTICE 'it''s secrets'; EXECUTE 'select 1'; END $$");
+    // Statement bodies with inner semicolons are not split.
+    rejected(
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; DO $$ BEGIN END $$; RESET ROLE",
+    );
+    rejected(
+        "CREATE RULE r AS ON INSERT TO t DO ALSO (SELECT 1; SELECT 2); DO $$ BEGIN END $$; RESET ROLE",
+    );
+}
