@@ -489,6 +489,7 @@ impl<'a> Analyzer<'a> {
             }
             Statement::CreateTable(ct) => {
                 self.note_mentions(&ct.name.to_string());
+                self.create_protected_table(ct)?;
                 let parents = ct.inherits.iter().flatten().chain(ct.partition_of.as_ref());
                 for parent in parents {
                     if !self
@@ -751,6 +752,49 @@ impl<'a> Analyzer<'a> {
                 | Op::DetachPartitionOf { .. }
                 | Op::NoInherit { .. } => {}
                 _ => return Err(refuse("this ALTER TABLE operation on a protected table")),
+            }
+        }
+        Ok(())
+    }
+
+    /// CREATE TABLE of a protected table: an encrypted column may not have a default or a
+    /// generation expression (stored as plaintext by later INSERTs that omit it), nor a type
+    /// other than a built-in one (a domain may carry a default).
+    fn create_protected_table(&mut self, ct: &sqlparser::ast::CreateTable) -> Res<()> {
+        use sqlparser::ast::{ColumnOption as O, DataType};
+        let idxs = self.resolve_table(&name_parts(&ct.name).unwrap_or_default());
+        if idxs.is_empty() {
+            return Ok(());
+        }
+        self.out.touches_protected = true;
+        for col in &ct.columns {
+            let Some(c) = idxs
+                .iter()
+                .find_map(|&i| self.enc_column(i, &fold(&col.name)))
+            else {
+                continue;
+            };
+            let plain_options = col.options.iter().all(|o| {
+                matches!(
+                    o.option,
+                    O::Null
+                        | O::NotNull
+                        | O::PrimaryKey(_)
+                        | O::Unique(_)
+                        | O::Check(_)
+                        | O::Collation(_)
+                        | O::Comment(_)
+                )
+            });
+            let builtin = !matches!(col.data_type, DataType::Custom(..))
+                || super::read::is_text_type(&col.data_type);
+            if !plain_options || !builtin {
+                return Err(Rejection {
+                    message: format!(
+                        "pgenvelope: a default, generation expression or domain type on encrypted column {c} is not supported through the proxy; run such DDL directly against PostgreSQL, then run `pgenvelope reencrypt`"
+                    ),
+                    column: Some(c),
+                });
             }
         }
         Ok(())

@@ -1248,3 +1248,18 @@ fn statement_splitting_fallback_is_conservative() {
         "CREATE RULE r AS ON INSERT TO t DO ALSO (SELECT 1; SELECT 2); DO $$ BEGIN END $$; RESET ROLE",
     );
 }
+
+#[test]
+fn create_protected_table_refuses_defaults_on_encrypted_columns() {
+    ok("CREATE TABLE secrets (id int, org_id text DEFAULT 'o', value text NOT NULL, note varchar(200))");
+    ok("CREATE TABLE other (value text DEFAULT 'x', note my_domain)");
+    for sql in [
+        "CREATE TABLE secrets (org_id text, value text DEFAULT 'plain')",
+        "CREATE TABLE secrets (org_id text, value text GENERATED ALWAYS AS (org_id) STORED)",
+        "CREATE TABLE secrets (org_id text, note my_domain)",
+    ] {
+        let r = rejected(sql);
+        assert!(r.message.contains("directly"), "{sql}: {}", r.message);
+        assert!(r.column.is_some(), "{sql}");
+    }
+}

@@ -443,3 +443,43 @@ async fn plaintext_that_starts_like_an_envelope_is_encrypted() {
         .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
 }
+
+#[tokio::test]
+async fn create_table_with_a_default_on_an_encrypted_column_is_refused() {
+    let table = unique("wcreate");
+    let dom = unique("wcdom");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE DOMAIN {dom} AS text DEFAULT 'domain-plain'"
+        ))
+        .await
+        .unwrap();
+    let rules = format!(
+        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"
+    );
+    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
+    let client = crate::harness::connect(&proxy.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    for sql in [
+        format!("CREATE TABLE {table} (org_id text, value text DEFAULT 'plain')"),
+        format!(
+            "CREATE TABLE {table} (org_id text, value text GENERATED ALWAYS AS (org_id) STORED)"
+        ),
+        format!("CREATE TABLE {table} (org_id text, value {dom})"),
+    ] {
+        refused(&client, &sql).await;
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id serial, org_id text DEFAULT 'acme', value text NOT NULL)"
+        ))
+        .await
+        .unwrap();
+    direct()
+        .await
+        .batch_execute(&format!("DROP TABLE {table}; DROP DOMAIN {dom}"))
+        .await
+        .unwrap();
+}
