@@ -71,7 +71,8 @@
 //! encrypted value are refused. `coalesce(enc, fallback…)` with only string literals, NULL or
 //! parameters as fallbacks is the column itself (decrypted on the way out, refused where the
 //! column would be). A positional `ORDER BY n` is refused only when output column `n` is
-//! encrypted, or when a `*` before it hides the width. Encryptedness follows columns through aliases, derived tables,
+//! encrypted, or when a `*` before it hides the width (a `*` over derived tables and CTEs whose
+//! columns are all known keeps positions; over a base table it does not). Encryptedness follows columns through aliases, derived tables,
 //! CTEs and set operations; where `*` hides positions, the analyser assumes the worst.
 //!
 //! # Other statements

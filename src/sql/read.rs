@@ -29,8 +29,11 @@ pub(crate) struct Rel {
 pub(crate) enum RelKind {
     /// A protected base table (one index per schema it may resolve to).
     Protected(Vec<usize>),
-    /// A derived table or CTE with known output columns.
+    /// A derived table or CTE with known encrypted output columns (a `*` inside hides the
+    /// others).
     Derived(Vec<OutCol>),
+    /// A derived table or CTE whose every output column is known, in order.
+    Known(Vec<OutCol>),
     /// Anything else: nothing encrypted.
     Plain,
 }
@@ -48,6 +51,13 @@ pub(crate) enum OutItem {
     Col(OutCol),
     /// `*` or `t.*`: the encrypted columns it contains; other columns are unknown.
     Wild(Vec<OutCol>),
+    /// `*` or `t.*` over relations whose columns are all known: those columns, in order.
+    Known(Vec<OutCol>),
+}
+
+/// Whether every output column of `items` is known, in order (no `*` of unknown width).
+fn complete(items: &[OutItem]) -> bool {
+    items.iter().all(|i| !matches!(i, OutItem::Wild(_)))
 }
 
 pub(crate) type Frame = Vec<Rel>;
@@ -56,6 +66,8 @@ pub(crate) type Frame = Vec<Rel>;
 pub(crate) struct Cte {
     pub(crate) name: String,
     pub(crate) cols: Vec<OutCol>,
+    /// Whether `cols` lists every output column, in order.
+    pub(crate) complete: bool,
 }
 
 /// Flattens projection items into columns (wildcards contribute their encrypted columns).
@@ -64,7 +76,7 @@ pub(crate) fn flatten(items: &[OutItem]) -> Vec<OutCol> {
     for i in items {
         match i {
             OutItem::Col(c) => v.push(c.clone()),
-            OutItem::Wild(cs) => v.extend(cs.iter().cloned()),
+            OutItem::Wild(cs) | OutItem::Known(cs) => v.extend(cs.iter().cloned()),
         }
     }
     v
@@ -96,11 +108,11 @@ impl<'a> Analyzer<'a> {
                     self.out.params.truncate(params);
                     self.out.tenant_changes.truncate(changes);
                     let cols = rename(&first, &cte.alias)?;
-                    self.push_cte(name.clone(), cols);
+                    self.push_cte(name.clone(), cols, complete(&first));
                 }
                 let items = self.query(&cte.query)?;
                 let cols = rename(&items, &cte.alias)?;
-                self.push_cte(name, cols);
+                self.push_cte(name, cols, complete(&items));
             }
         }
         self.top_projection = top;
@@ -118,10 +130,14 @@ impl<'a> Analyzer<'a> {
         Ok(items)
     }
 
-    fn push_cte(&mut self, name: String, cols: Vec<OutCol>) {
+    fn push_cte(&mut self, name: String, cols: Vec<OutCol>, complete: bool) {
         if let Some(level) = self.ctes.last_mut() {
             level.retain(|c| c.name != name);
-            level.push(Cte { name, cols });
+            level.push(Cte {
+                name,
+                cols,
+                complete,
+            });
         }
     }
 
@@ -185,7 +201,12 @@ impl<'a> Analyzer<'a> {
                         ));
                     }
                 }
-                let items: Vec<OutItem> = cols.into_iter().map(OutItem::Col).collect();
+                // With `*` in a branch the positions are unknown too.
+                let items: Vec<OutItem> = if wild {
+                    vec![OutItem::Wild(cols)]
+                } else {
+                    cols.into_iter().map(OutItem::Col).collect()
+                };
                 self.order_by_outputs(order_by, &items)?;
                 Ok(items)
             }
@@ -273,6 +294,12 @@ impl<'a> Analyzer<'a> {
                             if i == pos {
                                 return Ok(c.enc.clone());
                             }
+                        }
+                        OutItem::Known(cs) => {
+                            if let Some(c) = cs.get(pos.wrapping_sub(i + 1)) {
+                                return Ok(c.enc.clone());
+                            }
+                            i += cs.len();
                         }
                         OutItem::Wild(_) => {
                             // Unknown width: any encrypted column from here on may be `pos`.
@@ -458,6 +485,7 @@ impl<'a> Analyzer<'a> {
     /// `*` or `qualifier.*` over a frame.
     fn wildcard(&self, frame: &[Rel], qualifier: Option<&[String]>) -> OutItem {
         let mut cols = Vec::new();
+        let mut known = Some(Vec::new());
         for rel in frame {
             if let Some(q) = qualifier {
                 let matches = match q {
@@ -468,6 +496,10 @@ impl<'a> Analyzer<'a> {
                 if !matches {
                     continue;
                 }
+            }
+            match (&rel.kind, known.as_mut()) {
+                (RelKind::Known(cs), Some(k)) => k.extend(cs.iter().cloned()),
+                _ => known = None,
             }
             match &rel.kind {
                 RelKind::Protected(idxs) => {
@@ -486,11 +518,16 @@ impl<'a> Analyzer<'a> {
                         }
                     }
                 }
-                RelKind::Derived(cs) => cols.extend(cs.iter().filter(|c| c.enc.is_some()).cloned()),
+                RelKind::Derived(cs) | RelKind::Known(cs) => {
+                    cols.extend(cs.iter().filter(|c| c.enc.is_some()).cloned())
+                }
                 RelKind::Plain => {}
             }
         }
-        OutItem::Wild(cols)
+        match known {
+            Some(k) if !k.is_empty() => OutItem::Known(k),
+            _ => OutItem::Wild(cols),
+        }
     }
 
     pub(crate) fn table_with_joins(&mut self, twj: &TableWithJoins) -> Res<()> {
@@ -538,7 +575,7 @@ impl<'a> Analyzer<'a> {
                 }
                 JoinConstraint::Natural => {
                     let frame = self.frames.last().cloned().unwrap_or_default();
-                    if let OutItem::Wild(cs) = self.wildcard(&frame, None) {
+                    if let OutItem::Wild(cs) | OutItem::Known(cs) = self.wildcard(&frame, None) {
                         if let Some(c) = cs.into_iter().find_map(|c| c.enc) {
                             return Err(Rejection::column(&c, "NATURAL JOIN over"));
                         }
@@ -589,7 +626,11 @@ impl<'a> Analyzer<'a> {
                 frame.push(Rel {
                     name: alias.as_ref().map(|a| fold(&a.name)).unwrap_or_default(),
                     schema: None,
-                    kind: RelKind::Derived(cols),
+                    kind: if complete(&items) {
+                        RelKind::Known(cols)
+                    } else {
+                        RelKind::Derived(cols)
+                    },
                 });
                 Ok(())
             }
@@ -635,7 +676,11 @@ impl<'a> Analyzer<'a> {
                 .find(|c| &c.name == single)
                 .cloned();
             if let Some(cte) = cte {
-                let items: Vec<OutItem> = cte.cols.into_iter().map(OutItem::Col).collect();
+                let items: Vec<OutItem> = if cte.complete {
+                    cte.cols.into_iter().map(OutItem::Col).collect()
+                } else {
+                    vec![OutItem::Wild(cte.cols)]
+                };
                 let cols = match alias {
                     Some(a) => rename(&items, a)?,
                     None => flatten(&items),
@@ -643,7 +688,11 @@ impl<'a> Analyzer<'a> {
                 frame.push(Rel {
                     name: visible,
                     schema: None,
-                    kind: RelKind::Derived(cols),
+                    kind: if cte.complete {
+                        RelKind::Known(cols)
+                    } else {
+                        RelKind::Derived(cols)
+                    },
                 });
                 return Ok(());
             }
@@ -723,7 +772,7 @@ impl<'a> Analyzer<'a> {
         match &rel.kind {
             RelKind::Protected(idxs) => idxs.iter().find_map(|&i| self.enc_column(i, col)),
             // An encrypted column whose name is unknown matches every name.
-            RelKind::Derived(cols) => cols
+            RelKind::Derived(cols) | RelKind::Known(cols) => cols
                 .iter()
                 .find(|c| c.enc.is_some() && c.name.as_deref().is_none_or(|n| n == col))
                 .and_then(|c| c.enc.clone()),
@@ -1161,7 +1210,14 @@ pub(crate) fn rename(items: &[OutItem], alias: &TableAlias) -> Res<Vec<OutCol>> 
     let mut out = Vec::new();
     let mut names = alias.columns.iter();
     let mut positions_known = true;
-    for item in items {
+    let expanded: Vec<OutItem> = items
+        .iter()
+        .flat_map(|i| match i {
+            OutItem::Known(cs) => cs.iter().cloned().map(OutItem::Col).collect(),
+            other => vec![other.clone()],
+        })
+        .collect();
+    for item in &expanded {
         match item {
             OutItem::Col(c) if positions_known => out.push(OutCol {
                 name: names
@@ -1185,6 +1241,7 @@ pub(crate) fn rename(items: &[OutItem], alias: &TableAlias) -> Res<Vec<OutCol>> 
                 // Unknown width: the remaining names cannot be matched to columns.
                 positions_known = false;
             }
+            OutItem::Known(_) => {}
         }
     }
     Ok(out)

@@ -1263,3 +1263,22 @@ fn create_protected_table_refuses_defaults_on_encrypted_columns() {
         assert!(r.column.is_some(), "{sql}");
     }
 }
+
+#[test]
+fn positional_order_by_through_stars_of_known_width() {
+    ok("SELECT * FROM (SELECT org_id, value FROM secrets) s ORDER BY 1");
+    ok("WITH x AS (SELECT org_id, value FROM secrets) SELECT * FROM x ORDER BY 1");
+    ok("SELECT s.* FROM (SELECT org_id, value FROM secrets) s(a, b) ORDER BY 1, a");
+    ok("SELECT org_id, value FROM secrets UNION ALL SELECT org_id, value FROM secrets ORDER BY 1");
+    for sql in [
+        "SELECT * FROM (SELECT org_id, value FROM secrets) s ORDER BY 2",
+        "WITH x AS (SELECT org_id, value FROM secrets) SELECT x.* FROM x ORDER BY 2",
+        "SELECT * FROM (SELECT org_id, value FROM secrets) s(a, b) ORDER BY b",
+        "SELECT * FROM (SELECT * FROM secrets) s ORDER BY 1",
+        "WITH x AS (SELECT * FROM secrets) SELECT * FROM x ORDER BY 1",
+        "SELECT * FROM (SELECT org_id FROM secrets) s, secrets ORDER BY 1",
+        "SELECT id, * FROM secrets UNION ALL SELECT id, * FROM secrets ORDER BY 5",
+    ] {
+        rejected_col(sql, "public.secrets.value");
+    }
+}

@@ -314,6 +314,21 @@ async fn positional_order_by_of_a_plain_output_column_passes() {
         .unwrap();
     let got: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
     assert_eq!(got, vec!["s1", "s2"]);
+    // A `*` over a derived table or CTE of known columns keeps positions.
+    let rows = client
+        .query(
+            &format!("SELECT * FROM (SELECT name, value FROM {t}) s ORDER BY 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    assert_eq!(got, vec!["s1", "s2"]);
+    refused(
+        &client,
+        &format!("WITH s AS (SELECT name, value FROM {t}) SELECT * FROM s ORDER BY 2"),
+    )
+    .await;
     // Through a wildcard the width is unknown: still refused (the analyser has no catalog).
     refused(&client, &format!("SELECT * FROM {t} ORDER BY 1")).await;
     refused(&client, &format!("SELECT name, value FROM {t} ORDER BY 2")).await;
