@@ -1282,3 +1282,11 @@ fn positional_order_by_through_stars_of_known_width() {
         rejected_col(sql, "public.secrets.value");
     }
 }
+
+#[test]
+fn unterminated_dollar_quotes_in_unparsable_pieces_do_not_recurse() {
+    // Found by the differential fuzz: the fallback's name search once recursed between the
+    // whole text and a string body that does not tokenize, without end.
+    let a = analyze("SELECT 0, 'x'\n'\n'E'$q$' FROM secrets", &prot());
+    assert!(a.rejection.is_some());
+}
