@@ -472,7 +472,7 @@ async fn read_startup<S: AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Result<Option<usize>, ConnError> {
     loop {
-        if let Some(len) = scan_startup(buf).map_err(ConnError::ClientProtocol)? {
+        if let Some(len) = scan_startup(buf).map_err(|_| ConnError::BadStartupLength)? {
             return Ok(Some(len));
         }
         let n = client.read_buf(buf).await.map_err(ConnError::ClientIo)?;

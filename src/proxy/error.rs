@@ -42,6 +42,12 @@ pub enum ConnError {
         #[source]
         source: crate::proxy::TlsError,
     },
+    /// A startup-phase packet announced a length PostgreSQL refuses (under 8 bytes or over its
+    /// limit, e.g. a regular message sent before the StartupMessage). PostgreSQL closes such
+    /// a connection without a word ("invalid length of startup packet" goes to its log only),
+    /// and so does the proxy.
+    #[error("invalid length of startup packet")]
+    BadStartupLength,
     /// The client did not complete its startup packet in time.
     #[error("startup packet not received in time")]
     StartupTimeout,
@@ -116,7 +122,7 @@ impl ConnError {
                 sqlstate::PROTOCOL_VIOLATION,
                 "pgenvelope: encryption was already negotiated".to_owned(),
             )),
-            Self::StartupTimeout | Self::ClientTls(_) => None,
+            Self::StartupTimeout | Self::ClientTls(_) | Self::BadStartupLength => None,
             // The code PostgreSQL uses when pg_hba.conf has no entry (e.g. hostssl only).
             Self::ClientTlsRequired => Some((
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
