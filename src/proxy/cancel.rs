@@ -4,14 +4,17 @@
 //! is the upstream server's own key. The registry remembers which upstream address each live
 //! session's key belongs to; a CancelRequest for a known key is forwarded there on a fresh
 //! connection, one for an unknown key is dropped silently (as PostgreSQL itself does), so the
-//! proxy cannot be used to spray cancel packets at the server.
+//! proxy cannot be used to spray cancel packets at the server. As PostgreSQL does, the client's
+//! cancel connection is closed only after the server closed the forwarded one (it does so once
+//! it has signalled the backend), bounded by the connect timeout: a client that, like libpq,
+//! waits for that close before its next statement is not cancelled in the next statement.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::wire::startup::CANCEL_REQUEST_CODE;
@@ -71,7 +74,14 @@ impl CancelRegistry {
         let result = tokio::time::timeout(connect_timeout, async {
             let mut stream = TcpStream::connect(addr).await?;
             stream.write_all(&packet).await?;
-            stream.shutdown().await
+            stream.shutdown().await?;
+            // PostgreSQL closes the cancel connection only after it has signalled the backend.
+            // Answering the client (closing its cancel connection) before that lets its next
+            // statement start first and be the one cancelled; so wait for the close, bounded
+            // by the timeout.
+            let mut sink = [0u8; 64];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
         })
         .await;
         match result {
