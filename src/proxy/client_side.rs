@@ -7,6 +7,17 @@
 //! our SQLSTATE at exactly the right point, the transaction is aborted as for any other
 //! error, and the rest of an extended-protocol pipeline is skipped up to Sync. Never logs
 //! values, parameters or SQL text.
+//!
+//! Prepared statements and portals follow the server, not the client: a Parse, Bind or Close
+//! is queued with its effect, which the server side commits only on ParseComplete,
+//! BindComplete or CloseComplete (a Parse the server refuses, or anything it skips after an
+//! error, changes nothing). A Bind or Execute looks its statement or portal up through the
+//! requests still in flight ([`crate::proxy::session::Session::statement_ahead`]); when that
+//! depends on an earlier, still unanswered cycle (a pipelined redefinition that may yet fail)
+//! and either candidate touches a protected table, it is refused (0A000) rather than guessed.
+//! While the server skips messages up to Sync (after our refusal, or after its own error
+//! reported before the client's Sync was forwarded), every message up to Sync is dropped, a
+//! Query included, as PostgreSQL ignores them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +30,7 @@ use crate::proxy::engine::{Cipher, ReadOutcome, RulesSnapshot};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
 use crate::proxy::session::may_change_lexing;
-use crate::proxy::session::{lock, CopyJob, Pending, Portal, SharedSession, Statement};
+use crate::proxy::session::{lock, Ahead, CopyJob, Pending, Portal, SharedSession, Statement};
 use crate::rules::ColumnRule;
 use crate::sql::{Analysis, ColumnRef, CopyDirection, TenantChange, TenantSource};
 use crate::wire::encoding::{ClientEncoding, EncodingError};
@@ -32,6 +43,10 @@ const REJECT_STATEMENT: &[u8] = b"__pgenvelope_reject";
 /// Refusal while a statement that may change how text is read is still in flight.
 const IN_FLIGHT: &str = "pgenvelope: a statement that may change client_encoding or standard_conforming_strings is still in flight; send this statement after its answer (or with ASCII-only text)";
 
+/// Refusal of a Bind or Execute whose statement or portal an earlier, still unanswered cycle
+/// redefines or closes: which one the server will use depends on whether that cycle succeeds.
+const UNSETTLED: &str = "pgenvelope: the prepared statement or portal is redefined or closed by an earlier request whose answer has not arrived yet; send this after its answer";
+
 /// OIDs of parameter types an encrypted value may be bound as.
 const TEXT_OIDS: &[u32] = &[25, 1043, 1042, 705];
 
@@ -40,8 +55,6 @@ pub(crate) struct ClientSide {
     pub(crate) session: SharedSession,
     pub(crate) cipher: Cipher,
     pub(crate) copy_in: Option<CopyIn>,
-    /// After a refusal in extended protocol: drop messages up to Sync.
-    pub(crate) skip_until_sync: bool,
     /// After an encryption failure inside COPY FROM: drop the client's COPY data up to its
     /// CopyDone/CopyFail (the server already got CopyFail).
     pub(crate) copy_failed: bool,
@@ -76,14 +89,12 @@ impl Handler for ClientSide {
     async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
         crate::proxy::fault::check(&frame);
         let tag = frame.tag();
-        // After a refusal, the server skips to Sync: so do we, except for messages that
-        // carry no statement (Flush must reach the server so it sends our error; Terminate
-        // ends the session).
-        if self.skip_until_sync
-            && !matches!(
-                tag,
-                fe::SYNC_TAG | fe::QUERY_TAG | fe::FLUSH_TAG | fe::TERMINATE_TAG
-            )
+        // After an error in the extended protocol the server skips every message up to Sync,
+        // a Query too: so do we (nothing of theirs is analysed, forwarded or expected), except
+        // for messages that carry no statement (Flush must reach the server so it sends the
+        // error; Terminate ends the session).
+        if lock(&self.session).skipping
+            && !matches!(tag, fe::SYNC_TAG | fe::FLUSH_TAG | fe::TERMINATE_TAG)
         {
             return Ok(());
         }
@@ -95,7 +106,10 @@ impl Handler for ClientSide {
             fe::EXECUTE_TAG => self.on_execute(&frame, out).await,
             fe::CLOSE_TAG => self.on_close(&frame, out),
             fe::SYNC_TAG => {
-                self.skip_until_sync = false;
+                // One lock: the server side sets `skipping` only while no Sync is queued.
+                let mut s = lock(&self.session);
+                s.skipping = false;
+                drop(s);
                 push_cycle(&self.session, Pending::Sync);
                 out.extend_from_slice(frame.raw());
                 Ok(())
@@ -207,7 +221,6 @@ impl ClientSide {
         // server refused before any data was sent leaves it set).
         self.copy_failed = false;
         self.copy_in = None;
-        self.skip_until_sync = false;
         let sql = fe::parse_query(frame.body())?;
         let prepared = self.prepare_query(sql).await;
         if may_change_lexing(sql) {
@@ -442,22 +455,20 @@ impl ClientSide {
         match self.prepare_parse(&parse).await {
             Ok((mut statement, rewritten)) => {
                 statement.changes_lexing = may_change_lexing(parse.sql);
-                let mut session = lock(&self.session);
-                session
-                    .statements
-                    .insert(parse.name.to_vec(), Arc::new(statement));
-                session.queue.push_back(Pending::Parse { hidden: false });
-                drop(session);
+                // Takes effect when the server confirms it (ParseComplete).
+                lock(&self.session).queue.push_back(Pending::Parse {
+                    hidden: false,
+                    name: parse.name.to_vec(),
+                    statement: Some(Arc::new(statement)),
+                });
                 match rewritten {
                     Some(bytes) => out.extend_from_slice(&bytes),
                     None => out.extend_from_slice(frame.raw()),
                 }
                 Ok(())
             }
-            Err(e) => {
-                lock(&self.session).statements.remove(parse.name);
-                self.reject_extended(&e, out)
-            }
+            // Never forwarded: the server keeps what it had under this name, and so do we.
+            Err(e) => self.reject_extended(&e, out),
         }
     }
 
@@ -519,11 +530,16 @@ impl ClientSide {
 
     async fn on_bind(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
         let bind = Bind::decode(frame.body())?;
-        let statement = lock(&self.session)
-            .statements
-            .get(bind.statement)
-            .cloned()
-            .unwrap_or_default();
+        let ahead = lock(&self.session).statement_ahead(bind.statement);
+        if let Ahead::Uncertain(candidates) = &ahead {
+            let inert = candidates
+                .iter()
+                .all(|c| c.as_ref().is_none_or(|s| s.analysis.is_none()));
+            if !inert {
+                return self.reject_extended(&ClientError::unsupported(UNSETTLED), out);
+            }
+        }
+        let statement = ahead.latest().unwrap_or_default();
         let result = self.prepare_bind(&bind, &statement).await;
         match result {
             Ok(rewritten) => {
@@ -533,10 +549,12 @@ impl ClientSide {
                     described: AtomicBool::new(false),
                     shape: Default::default(),
                 });
-                let mut session = lock(&self.session);
-                session.portals.insert(bind.portal.to_vec(), portal);
-                session.queue.push_back(Pending::Bind { hidden: false });
-                drop(session);
+                // Takes effect when the server confirms it (BindComplete).
+                lock(&self.session).queue.push_back(Pending::Bind {
+                    hidden: false,
+                    name: bind.portal.to_vec(),
+                    portal: Some(portal),
+                });
                 match rewritten {
                     Some(sealed) => {
                         // Straight into the output: the other parameters are copied once.
@@ -627,7 +645,7 @@ impl ClientSide {
         let mut session = lock(&self.session);
         let pending = match target {
             Target::Statement => {
-                let statement = session.statements.get(name).cloned().unwrap_or_default();
+                let statement = session.statement_ahead(name).latest().unwrap_or_default();
                 statement.described.store(true, Ordering::Relaxed);
                 Pending::DescribeStatement {
                     statement,
@@ -635,7 +653,7 @@ impl ClientSide {
                 }
             }
             Target::Portal => {
-                let portal = session.portals.get(name).cloned().unwrap_or_else(|| {
+                let portal = session.portal_ahead(name).latest().unwrap_or_else(|| {
                     Arc::new(Portal {
                         statement: Arc::default(),
                         result_formats: Vec::new(),
@@ -658,7 +676,16 @@ impl ClientSide {
 
     async fn on_execute(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
         let (name, _max_rows) = fe::parse_execute(frame.body())?;
-        let portal = lock(&self.session).portals.get(name).cloned();
+        let ahead = lock(&self.session).portal_ahead(name);
+        if let Ahead::Uncertain(candidates) = &ahead {
+            let inert = candidates
+                .iter()
+                .all(|c| c.as_ref().is_none_or(|p| p.statement.analysis.is_none()));
+            if !inert {
+                return self.reject_extended(&ClientError::unsupported(UNSETTLED), out);
+            }
+        }
+        let portal = ahead.latest();
         let mut copy_out = None;
         // Only this Execute's own COPY may rewrite the data that follows it.
         self.copy_in = None;
@@ -710,13 +737,12 @@ impl ClientSide {
 
     fn on_close(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
         let (target, name) = fe::parse_target(fe::CLOSE_TAG, frame.body())?;
-        let mut session = lock(&self.session);
-        match target {
-            Target::Statement => session.statements.remove(name),
-            Target::Portal => session.portals.remove(name).map(|_| Arc::default()),
-        };
-        session.queue.push_back(Pending::Close { hidden: false });
-        drop(session);
+        // Takes effect when the server confirms it (CloseComplete).
+        lock(&self.session).queue.push_back(Pending::Close {
+            hidden: false,
+            target,
+            name: name.to_vec(),
+        });
         out.extend_from_slice(frame.raw());
         Ok(())
     }
@@ -753,15 +779,28 @@ impl ClientSide {
             b.extend_from_slice(&0i32.to_be_bytes());
         })?;
         let mut session = lock(&self.session);
-        session.queue.push_back(Pending::Close { hidden: true });
-        session.queue.push_back(Pending::Parse { hidden: true });
-        session.queue.push_back(Pending::Bind { hidden: true });
+        session.queue.push_back(Pending::Close {
+            hidden: true,
+            target: Target::Statement,
+            name: REJECT_STATEMENT.to_vec(),
+        });
+        session.queue.push_back(Pending::Parse {
+            hidden: true,
+            name: REJECT_STATEMENT.to_vec(),
+            statement: None,
+        });
+        // The server's unnamed portal becomes the refusal's.
+        session.queue.push_back(Pending::Bind {
+            hidden: true,
+            name: Vec::new(),
+            portal: None,
+        });
         session.queue.push_back(Pending::Execute {
             portal: None,
             copy_out: None,
         });
+        session.skipping = true;
         drop(session);
-        self.skip_until_sync = true;
         Ok(())
     }
 

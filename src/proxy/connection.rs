@@ -413,7 +413,6 @@ async fn relay<C: Split, U: Split>(
                 session: Arc::clone(&session),
                 cipher: Cipher::new(Arc::clone(engine)),
                 copy_in: None,
-                skip_until_sync: false,
                 copy_failed: false,
                 max_row: limit,
                 activity: Arc::clone(&activity),

@@ -20,7 +20,7 @@ use crate::proxy::engine::{Cipher, ReadOutcome};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
 use crate::proxy::session::{lock, ColumnShape, Pending, Shape, SharedSession};
-use crate::wire::backend::{self as be, DataRow, FieldDescription};
+use crate::wire::backend::{self as be, DataRow, FieldDescription, TransactionStatus};
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::{Frame, WireError};
 
@@ -44,6 +44,9 @@ pub(crate) struct ServerSide {
     error_in_cycle: bool,
     /// The last CommandComplete tag since the last ReadyForQuery started with ROLLBACK.
     rolled_back: bool,
+    /// Cycle ends (Query, FunctionCall) the server skipped after an error since the last
+    /// ReadyForQuery: answered together with the Sync that ends the skip.
+    skipped_cycles: usize,
     pub(crate) max_row: usize,
 }
 
@@ -59,6 +62,7 @@ impl ServerSide {
             shapes_epoch: 0,
             error_in_cycle: false,
             rolled_back: false,
+            skipped_cycles: 0,
             max_row,
         }
     }
@@ -141,19 +145,23 @@ impl ServerSide {
                     let mut session = lock(&self.session);
                     let mut answered = false;
                     while let Some(p) = session.queue.pop_front() {
-                        if matches!(
-                            p,
-                            Pending::Sync | Pending::Query { .. } | Pending::FunctionCall
-                        ) {
+                        if p.ends_cycle() {
                             answered = true;
                             break;
                         }
                     }
                     session.status = status;
                     if answered {
-                        session.lexing.cycle_answered();
+                        // Cycles the server skipped after an error end with this one.
                         let rolled_back = self.rolled_back || self.error_in_cycle;
-                        session.tenant.cycle_answered(status, rolled_back);
+                        for _ in 0..=std::mem::take(&mut self.skipped_cycles) {
+                            session.lexing.cycle_answered();
+                            session.tenant.cycle_answered(status, rolled_back);
+                        }
+                    }
+                    if status == TransactionStatus::Idle {
+                        // Portals end with their transaction.
+                        session.portals.clear();
                     }
                 }
                 self.suppress = false;
@@ -168,18 +176,11 @@ impl ServerSide {
                 self.current = None;
                 self.copy_out = None;
                 let mut session = lock(&self.session);
-                let extended = matches!(
-                    session.queue.front(),
-                    Some(p) if !matches!(p, Pending::Query { .. } | Pending::FunctionCall | Pending::Sync)
-                );
+                let extended = session.queue.front().is_some_and(|p| !p.ends_cycle());
                 if extended {
-                    // The server skips to Sync: so do the expectations.
-                    while let Some(p) = session.queue.front() {
-                        if matches!(p, Pending::Sync) {
-                            break;
-                        }
-                        session.queue.pop_front();
-                    }
+                    // The server skips to Sync: so do the expectations, and the effects of
+                    // the skipped requests never happen.
+                    self.skipped_cycles += session.fail_extended();
                 }
                 drop(session);
                 if self.suppress {
@@ -199,15 +200,7 @@ impl ServerSide {
                 }
             }
             be::PARSE_COMPLETE_TAG | be::BIND_COMPLETE_TAG | be::CLOSE_COMPLETE_TAG => {
-                let popped = lock(&self.session).queue.pop_front();
-                let hidden = matches!(
-                    popped,
-                    Some(
-                        Pending::Parse { hidden: true }
-                            | Pending::Bind { hidden: true }
-                            | Pending::Close { hidden: true }
-                    )
-                );
+                let hidden = lock(&self.session).confirm();
                 self.emit(frame, hidden, out);
             }
             be::PARAMETER_DESCRIPTION_TAG => {

@@ -18,6 +18,7 @@ use crate::rules::ColumnRule;
 use crate::sql::{Analysis, CopyPlan};
 use crate::wire::backend::TransactionStatus;
 use crate::wire::encoding::ClientEncoding;
+use crate::wire::frontend::Target;
 
 /// Shared handle.
 pub(crate) type SharedSession = Arc<Mutex<Session>>;
@@ -144,6 +145,12 @@ pub(crate) struct CopyJob {
 }
 
 /// A request whose response is still expected.
+///
+/// Parse, Bind and Close change the server's prepared statements and portals only when the
+/// server confirms them (ParseComplete, BindComplete, CloseComplete): the proxy commits their
+/// effect to [`Session::statements`] / [`Session::portals`] then, and not when it forwards
+/// them, since the server may refuse them (42P05, a parse error) or skip them (after an
+/// earlier error, up to Sync).
 #[derive(Debug)]
 pub(crate) enum Pending {
     /// Simple query: answered up to ReadyForQuery. `copy_out` is set for a COPY TO whose
@@ -151,10 +158,19 @@ pub(crate) enum Pending {
     Query { copy_out: Option<CopyJob> },
     /// FunctionCall: answered up to ReadyForQuery.
     FunctionCall,
-    /// Parse → ParseComplete.
-    Parse { hidden: bool },
-    /// Bind → BindComplete.
-    Bind { hidden: bool },
+    /// Parse → ParseComplete: `name` then denotes `statement` (`None`: one the proxy does not
+    /// track, such as its own refusal statement).
+    Parse {
+        hidden: bool,
+        name: Vec<u8>,
+        statement: Option<Arc<Statement>>,
+    },
+    /// Bind → BindComplete: portal `name` then denotes `portal` (`None`: untracked).
+    Bind {
+        hidden: bool,
+        name: Vec<u8>,
+        portal: Option<Arc<Portal>>,
+    },
     /// Describe statement → ParameterDescription, RowDescription | NoData.
     DescribeStatement {
         statement: Arc<Statement>,
@@ -167,10 +183,45 @@ pub(crate) enum Pending {
         portal: Option<Arc<Portal>>,
         copy_out: Option<CopyJob>,
     },
-    /// Close → CloseComplete.
-    Close { hidden: bool },
+    /// Close → CloseComplete: `name` then denotes nothing.
+    Close {
+        hidden: bool,
+        target: Target,
+        name: Vec<u8>,
+    },
     /// Sync → ReadyForQuery.
     Sync,
+}
+
+impl Pending {
+    /// Whether the request ends a cycle (is answered by ReadyForQuery).
+    pub(crate) fn ends_cycle(&self) -> bool {
+        matches!(
+            self,
+            Pending::Sync | Pending::Query { .. } | Pending::FunctionCall
+        )
+    }
+}
+
+/// What a statement or portal name will denote when the server reaches the message being sent.
+#[derive(Debug)]
+pub(crate) enum Ahead<T> {
+    /// Known: the server's object if every request before in this cycle succeeds (if one
+    /// fails, the server skips the message being sent).
+    Known(Option<Arc<T>>),
+    /// It depends on whether requests of an earlier, still unanswered cycle succeed: any of
+    /// these (the last is the value if they all succeed).
+    Uncertain(Vec<Option<Arc<T>>>),
+}
+
+impl<T> Ahead<T> {
+    /// The value if every request in flight succeeds.
+    pub(crate) fn latest(&self) -> Option<Arc<T>> {
+        match self {
+            Ahead::Known(v) => v.clone(),
+            Ahead::Uncertain(c) => c.last().cloned().flatten(),
+        }
+    }
 }
 
 /// The session tenant, tracked with transaction semantics (DESIGN §5).
@@ -358,10 +409,15 @@ pub(crate) struct Session {
     pub(crate) db: String,
     /// The session's client_encoding.
     pub(crate) encoding: ClientEncoding,
-    /// Named and unnamed prepared statements.
+    /// Named and unnamed prepared statements, as the server confirmed them.
     pub(crate) statements: HashMap<Vec<u8>, Arc<Statement>>,
-    /// Open portals.
+    /// Open portals, as the server confirmed them.
     pub(crate) portals: HashMap<Vec<u8>, Arc<Portal>>,
+    /// The server skips messages up to Sync (after an error in the extended protocol, ours or
+    /// its own): the client side drops them, a Query included, as the server ignores them.
+    /// Set by the client side when it refuses an extended-protocol message and by the server
+    /// side on an error when no Sync has been forwarded yet; cleared when a Sync is forwarded.
+    pub(crate) skipping: bool,
     /// Requests in flight.
     pub(crate) queue: VecDeque<Pending>,
     /// Session tenant.
@@ -379,11 +435,149 @@ impl Session {
             encoding: ClientEncoding::Utf8,
             statements: HashMap::new(),
             portals: HashMap::new(),
+            skipping: false,
             queue: VecDeque::new(),
             tenant: TenantState::new(startup_tenant),
             status: TransactionStatus::Idle,
             lexing: LexState::default(),
         }
+    }
+}
+
+impl Session {
+    /// What statement `name` will denote when the server reaches the message being sent.
+    pub(crate) fn statement_ahead(&self, name: &[u8]) -> Ahead<Statement> {
+        self.ahead(self.statements.get(name).cloned(), |p| match p {
+            Pending::Parse {
+                name: n, statement, ..
+            } if n == name => Some(statement.clone()),
+            Pending::Close {
+                target: Target::Statement,
+                name: n,
+                ..
+            } if n == name => Some(None),
+            _ => None,
+        })
+    }
+
+    /// What portal `name` will denote when the server reaches the message being sent.
+    pub(crate) fn portal_ahead(&self, name: &[u8]) -> Ahead<Portal> {
+        self.ahead(self.portals.get(name).cloned(), |p| match p {
+            Pending::Bind {
+                name: n, portal, ..
+            } if n == name => Some(portal.clone()),
+            Pending::Close {
+                target: Target::Portal,
+                name: n,
+                ..
+            } if n == name => Some(None),
+            _ => None,
+        })
+    }
+
+    /// Replay the effects (`effect`: `Some(new value)` for a request naming the object) of
+    /// the requests in flight on the `confirmed` value.
+    fn ahead<T>(
+        &self,
+        confirmed: Option<Arc<T>>,
+        effect: impl Fn(&Pending) -> Option<Option<Arc<T>>>,
+    ) -> Ahead<T> {
+        // Requests after the last cycle end belong to the cycle being sent.
+        let current = self
+            .queue
+            .iter()
+            .rposition(Pending::ends_cycle)
+            .map_or(0, |i| i + 1);
+        let mut candidates = vec![confirmed];
+        let mut last = None;
+        for (i, p) in self.queue.iter().enumerate() {
+            if let Some(v) = effect(p) {
+                candidates.push(v);
+                last = Some(i);
+            }
+        }
+        match last {
+            // One of this cycle's requests decides it (if any of them fails, the message being
+            // sent is skipped).
+            Some(i) if i >= current => Ahead::Known(candidates.pop().flatten()),
+            Some(_) => Ahead::Uncertain(candidates),
+            None => Ahead::Known(candidates.pop().flatten()),
+        }
+    }
+
+    /// The server confirmed the oldest request (ParseComplete, BindComplete, CloseComplete):
+    /// commit its effect. Returns whether it was injected by the proxy.
+    pub(crate) fn confirm(&mut self) -> bool {
+        match self.queue.pop_front() {
+            Some(Pending::Parse {
+                hidden,
+                name,
+                statement,
+            }) => {
+                match statement {
+                    Some(s) => self.statements.insert(name, s),
+                    None => self.statements.remove(&name),
+                };
+                hidden
+            }
+            Some(Pending::Bind {
+                hidden,
+                name,
+                portal,
+            }) => {
+                match portal {
+                    Some(p) => self.portals.insert(name, p),
+                    None => self.portals.remove(&name),
+                };
+                hidden
+            }
+            Some(Pending::Close {
+                hidden,
+                target,
+                name,
+            }) => {
+                match target {
+                    Target::Statement => {
+                        self.statements.remove(&name);
+                    }
+                    Target::Portal => {
+                        self.portals.remove(&name);
+                    }
+                }
+                hidden
+            }
+            _ => false,
+        }
+    }
+
+    /// An ErrorResponse answered the oldest request of an extended-protocol cycle: the server
+    /// skips the rest up to Sync, so their effects never happen. Returns how many cycle ends
+    /// (Query, FunctionCall sent meanwhile) the server skipped with them.
+    pub(crate) fn fail_extended(&mut self) -> usize {
+        match self.queue.front() {
+            // PostgreSQL drops the unnamed statement before parsing a new one, and may have
+            // replaced the unnamed portal before a Bind failed.
+            Some(Pending::Parse { name, .. }) if name.is_empty() => {
+                self.statements.remove(&b""[..]);
+            }
+            Some(Pending::Bind { name, .. }) if name.is_empty() => {
+                self.portals.remove(&b""[..]);
+            }
+            _ => {}
+        }
+        let mut skipped_cycles = 0;
+        while let Some(p) = self.queue.front() {
+            if matches!(p, Pending::Sync) {
+                return skipped_cycles;
+            }
+            if p.ends_cycle() {
+                skipped_cycles += 1;
+            }
+            self.queue.pop_front();
+        }
+        // No Sync forwarded yet: the server skips what the client sends next too.
+        self.skipping = true;
+        skipped_cycles
     }
 }
 
@@ -414,6 +608,67 @@ mod tests {
         ));
         assert!(!may_change_lexing(b"SELECT 1 FROM t"));
         assert!(!may_change_lexing(b"UPDATE t SET a = 1"));
+    }
+
+    fn parse(name: &[u8], s: &Arc<Statement>) -> Pending {
+        Pending::Parse {
+            hidden: false,
+            name: name.to_vec(),
+            statement: Some(Arc::clone(s)),
+        }
+    }
+
+    fn is(a: &Ahead<Statement>, s: &Arc<Statement>) -> bool {
+        matches!(a, Ahead::Known(Some(x)) if Arc::ptr_eq(x, s))
+    }
+
+    #[test]
+    fn statements_change_when_the_server_confirms() {
+        let mut session = Session::new("db".into(), None);
+        let (old, new) = (
+            Arc::new(Statement::default()),
+            Arc::new(Statement::default()),
+        );
+        session.queue.push_back(parse(b"s", &old));
+        assert!(is(&session.statement_ahead(b"s"), &old), "same cycle");
+        assert!(session.statements.is_empty());
+        session.confirm();
+        assert!(Arc::ptr_eq(&session.statements[&b"s"[..]], &old));
+
+        // A redefinition in an earlier, unanswered cycle: either may be in force.
+        session.queue.push_back(parse(b"s", &new));
+        session.queue.push_back(Pending::Sync);
+        match session.statement_ahead(b"s") {
+            Ahead::Uncertain(c) => assert_eq!(c.len(), 2),
+            Ahead::Known(_) => panic!("must be uncertain"),
+        }
+        // It fails (42P05): the server skips to Sync, the old statement stays.
+        assert_eq!(session.fail_extended(), 0);
+        assert!(!session.skipping, "the Sync was already forwarded");
+        assert!(is(&session.statement_ahead(b"s"), &old));
+        session.queue.pop_front(); // ReadyForQuery
+
+        // A Close skipped after an error is not honoured; a Query skipped with it is counted.
+        session.queue.push_back(Pending::Execute {
+            portal: None,
+            copy_out: None,
+        });
+        session.queue.push_back(Pending::Close {
+            hidden: false,
+            target: Target::Statement,
+            name: b"s".to_vec(),
+        });
+        session.queue.push_back(Pending::Query { copy_out: None });
+        assert!(matches!(session.statement_ahead(b"s"), Ahead::Uncertain(_)));
+        assert_eq!(session.fail_extended(), 1);
+        assert!(session.skipping, "no Sync yet: the server still skips");
+        assert!(is(&session.statement_ahead(b"s"), &old));
+
+        // A failed Parse of the unnamed statement drops it, as PostgreSQL does.
+        session.statements.insert(Vec::new(), Arc::clone(&old));
+        session.queue.push_back(parse(b"", &new));
+        session.fail_extended();
+        assert!(!session.statements.contains_key(&b""[..]));
     }
 
     fn org(s: &str) -> OrgId {

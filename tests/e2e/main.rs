@@ -19,6 +19,7 @@ mod keys_lifecycle;
 mod kms;
 mod lexing;
 mod passthrough;
+mod protocol_sync;
 mod raw;
 mod reencrypt;
 mod sessions;

@@ -1,0 +1,272 @@
+//! Protocol state the proxy must keep exactly as the server keeps it: prepared statements that
+//! the server refused or skipped, the skip-to-Sync state after an error, CancelRequest timing,
+//! and startup packets PostgreSQL drops without a word.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::encryption::Vault;
+use crate::harness::{main_pg, TestProxy};
+use crate::raw::{error_field, Msg, RawConn};
+
+fn raw(port: u16) -> RawConn {
+    RawConn::connect(port, &[("user", b"postgres"), ("database", b"test")])
+        .unwrap()
+        .0
+}
+
+fn cstr(b: &mut Vec<u8>, s: &[u8]) {
+    b.extend_from_slice(s);
+    b.push(0);
+}
+
+/// Where frontend messages go: straight to a connection, or into a buffer sent in one write.
+trait Out {
+    fn put(&mut self, tag: u8, body: &[u8]);
+}
+
+impl Out for RawConn {
+    fn put(&mut self, tag: u8, body: &[u8]) {
+        self.send(tag, body).unwrap();
+    }
+}
+
+impl Out for Vec<u8> {
+    fn put(&mut self, tag: u8, body: &[u8]) {
+        self.push(tag);
+        self.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        self.extend_from_slice(body);
+    }
+}
+
+fn parse(c: &mut impl Out, name: &str, sql: &str, types: &[u32]) {
+    let mut b = Vec::new();
+    cstr(&mut b, name.as_bytes());
+    cstr(&mut b, sql.as_bytes());
+    b.extend_from_slice(&(types.len() as i16).to_be_bytes());
+    for t in types {
+        b.extend_from_slice(&t.to_be_bytes());
+    }
+    c.put(b'P', &b);
+}
+
+fn bind(c: &mut impl Out, portal: &str, stmt: &str, params: &[&str]) {
+    let mut b = Vec::new();
+    cstr(&mut b, portal.as_bytes());
+    cstr(&mut b, stmt.as_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        b.extend_from_slice(p.as_bytes());
+    }
+    b.extend_from_slice(&0i16.to_be_bytes());
+    c.put(b'B', &b);
+}
+
+fn execute(c: &mut impl Out, portal: &str) {
+    let mut b = Vec::new();
+    cstr(&mut b, portal.as_bytes());
+    b.extend_from_slice(&0i32.to_be_bytes());
+    c.put(b'E', &b);
+}
+
+fn close_statement(c: &mut impl Out, name: &str) {
+    let mut b = vec![b'S'];
+    cstr(&mut b, name.as_bytes());
+    c.put(b'C', &b);
+}
+
+fn query(c: &mut impl Out, sql: &str) {
+    let mut b = Vec::new();
+    cstr(&mut b, sql.as_bytes());
+    c.put(b'Q', &b);
+}
+
+fn sync(c: &mut RawConn) -> Vec<Msg> {
+    c.send(b'S', &[]).unwrap();
+    c.read_until_ready().unwrap()
+}
+
+fn codes(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'E')
+        .filter_map(|(_, b)| error_field(b, b'C'))
+        .collect()
+}
+
+/// Prepare `s` as an insert whose second parameter is encrypted.
+fn prepare_insert(c: &mut RawConn, v: &Vault, name: &str) {
+    parse(
+        c,
+        name,
+        &format!("INSERT INTO {} (org_id, value) VALUES ($1, $2)", v.table),
+        &[],
+    );
+    let r = sync(c);
+    assert!(codes(&r).is_empty(), "{:?}", codes(&r));
+}
+
+/// Bind `s` with a secret, run it, and check that nothing reached the table in plaintext.
+async fn insert_and_check(c: &mut RawConn, v: &Vault, name: &str, secret: &str) {
+    bind(c, "", name, &["org1", secret]);
+    execute(c, "");
+    let _ = sync(c);
+    v.assert_encrypted_at_rest(&[secret]).await;
+}
+
+#[tokio::test]
+async fn parse_refused_by_server_keeps_the_old_statement() {
+    let v = Vault::new().await;
+    let mut c = raw(v.proxy.port());
+    prepare_insert(&mut c, &v, "s");
+    // The server refuses to redefine `s` (42P05) and keeps the insert.
+    parse(&mut c, "s", "SELECT $1::text, $2::text", &[]);
+    let r = sync(&mut c);
+    assert_eq!(codes(&r), ["42P05"]);
+    insert_and_check(&mut c, &v, "s", "secret-42p05").await;
+    assert_eq!(v.stored().await.len(), 1, "the insert ran");
+}
+
+#[tokio::test]
+async fn close_skipped_after_an_error_is_not_honoured() {
+    let v = Vault::new().await;
+    let mut c = raw(v.proxy.port());
+    prepare_insert(&mut c, &v, "s");
+    // The server skips the Close and the Parse after the failed Execute.
+    execute(&mut c, "no_such_portal");
+    close_statement(&mut c, "s");
+    parse(&mut c, "s", "SELECT $1::text, $2::text", &[]);
+    let r = sync(&mut c);
+    assert_eq!(codes(&r), ["34000"]);
+    insert_and_check(&mut c, &v, "s", "secret-skipped-close").await;
+    assert_eq!(v.stored().await.len(), 1, "the insert ran");
+}
+
+#[tokio::test]
+async fn query_during_skip_to_sync_is_skipped_as_by_the_server() {
+    let v = Vault::new().await;
+    let mut c = raw(v.proxy.port());
+    prepare_insert(&mut c, &v, "s");
+    // Refused by the proxy (an encrypted parameter typed int4); the server then skips up to
+    // Sync, the Query too, and so the Close and Parse after it.
+    parse(
+        &mut c,
+        "bad",
+        &format!("INSERT INTO {} (org_id, value) VALUES ($1, $2)", v.table),
+        &[25, 23],
+    );
+    query(&mut c, "SELECT 1");
+    close_statement(&mut c, "s");
+    parse(&mut c, "s", "SELECT $1::text, $2::text", &[]);
+    let r = sync(&mut c);
+    let tags: Vec<u8> = r.iter().map(|m| m.0).collect();
+    assert_eq!(
+        tags, b"EZ",
+        "as PostgreSQL: the Query during the skip gets no answer"
+    );
+    insert_and_check(&mut c, &v, "s", "secret-query-skip").await;
+    assert_eq!(v.stored().await.len(), 1, "the insert ran");
+
+    // The same bytes straight to PostgreSQL (a server-side error in place of the refusal).
+    let (_, port) = main_pg();
+    let mut d = raw(port);
+    parse(&mut d, "bad", "SELEC 1", &[]);
+    query(&mut d, "SELECT 1");
+    let r = sync(&mut d);
+    let direct: Vec<u8> = r.iter().map(|m| m.0).collect();
+    assert_eq!(direct, b"EZ");
+}
+
+#[tokio::test]
+async fn pipelined_bind_after_an_unanswered_redefinition_is_not_sent_in_plaintext() {
+    let v = Vault::new().await;
+    let mut c = raw(v.proxy.port());
+    prepare_insert(&mut c, &v, "s");
+    // Both cycles sent at once, before any answer: the proxy cannot know yet that the
+    // redefinition fails (42P05), so the Bind must not go out with the parameter in
+    // plaintext: it is refused (or, had the answer come first, bound to the insert).
+    let mut batch = Vec::new();
+    parse(&mut batch, "s", "SELECT $1::text, $2::text", &[]);
+    batch.put(b'S', &[]);
+    bind(&mut batch, "", "s", &["org1", "secret-pipelined"]);
+    execute(&mut batch, "");
+    batch.put(b'S', &[]);
+    c.raw_stream().write_all(&batch).unwrap();
+    let first = c.read_until_ready().unwrap();
+    assert_eq!(codes(&first), ["42P05"]);
+    let second = c.read_until_ready().unwrap();
+    let stored = v.stored().await.len();
+    match stored {
+        1 => assert!(codes(&second).is_empty()),
+        _ => assert_eq!(
+            codes(&second),
+            ["0A000"],
+            "refused: the statement is not settled"
+        ),
+    }
+    v.assert_encrypted_at_rest(&["secret-pipelined"]).await;
+    // The session is usable.
+    insert_and_check(&mut c, &v, "s", "secret-after").await;
+}
+
+/// Send a CancelRequest as libpq does: write it, then wait until the other end closes.
+fn cancel(port: u16, key: &[u8]) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut p = 16u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&80_877_102u32.to_be_bytes());
+    p.extend_from_slice(key);
+    s.write_all(&p).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+}
+
+/// Rounds of a short sleep cancelled at once, each followed by a statement that must run
+/// uncancelled; returns how many of those were cancelled.
+fn spurious_cancels(port: u16, rounds: usize) -> usize {
+    let mut c = raw(port);
+    let key = c.key.clone();
+    let mut spurious = 0;
+    for _ in 0..rounds {
+        query(&mut c, "SELECT pg_sleep(0.005)");
+        cancel(port, &key);
+        let _ = c.read_until_ready().unwrap();
+        let r = c.query(b"SELECT pg_sleep(0.02)").unwrap();
+        if codes(&r).iter().any(|c| c == "57014") {
+            spurious += 1;
+        }
+    }
+    spurious
+}
+
+#[tokio::test]
+async fn cancel_is_answered_only_after_the_server_acted_on_it() {
+    let (_, pg_port) = main_pg();
+    assert_eq!(spurious_cancels(pg_port, 100), 0, "directly");
+    let proxy = TestProxy::start();
+    assert_eq!(spurious_cancels(proxy.port(), 100), 0, "through the proxy");
+}
+
+/// What a server sends back for `bytes` sent before any startup packet, up to its close.
+fn answer_to(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[tokio::test]
+async fn bad_startup_length_closes_silently_as_postgresql_does() {
+    let (_, pg_port) = main_pg();
+    let proxy = TestProxy::start();
+    // A Terminate before the StartupMessage (length 0x58000000), and a length under 8.
+    for bytes in [&b"X\0\0\0\x04"[..], &b"\0\0\0\x04\0\0\0\0"[..]] {
+        let direct = answer_to(pg_port, bytes);
+        assert!(direct.is_empty(), "PostgreSQL 15 says nothing");
+        assert_eq!(answer_to(proxy.port(), bytes), direct);
+    }
+}
