@@ -6,11 +6,18 @@
 //! costs one catalog query; after that it is a hash lookup. The cache of a database is dropped
 //! when the proxy sees DDL on it (CREATE/ALTER/DROP of tables or schemas), so a re-created table
 //! or a dropped-and-added column is looked up again.
+//!
+//! Service connections are opened on demand and closed after [`IDLE_CLOSE`] without a
+//! look-up, so they do not hold a database open: `DROP DATABASE` and `CREATE DATABASE …
+//! TEMPLATE` (which wait up to 5 seconds for other sessions to leave) succeed shortly after the
+//! last client of that database is gone. A look-up that fails because its connection died
+//! (`pg_terminate_backend`, a server restart) is retried once on a fresh connection. The OID
+//! cache outlives the connection.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -33,10 +40,30 @@ pub(crate) struct CatalogError {
     message: String,
 }
 
+/// How long a service connection may stay unused before it is closed.
+pub(crate) const IDLE_CLOSE: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct DbState {
     client: Option<tokio_postgres::Client>,
+    /// Bumped per connection, so an idle check closes only the connection it watches.
+    generation: u64,
+    /// When the connection was last used.
+    last_used: Option<Instant>,
     tables: HashMap<u32, Option<Arc<TableMap>>>,
+}
+
+impl DbState {
+    /// After a failed look-up: whether it failed because its connection died (then the
+    /// look-up may be retried on a fresh one). The connection is dropped either way.
+    fn dead(&mut self) -> bool {
+        let dead = self
+            .client
+            .as_ref()
+            .is_some_and(tokio_postgres::Client::is_closed);
+        self.client = None;
+        dead
+    }
 }
 
 /// Per-database OID caches and service connections.
@@ -104,12 +131,15 @@ impl Catalog {
         oid: u32,
         rules: &RuleSet,
     ) -> Result<Option<Arc<TableMap>>, CatalogError> {
-        let state = self.db(db);
-        let mut state = state.lock().await;
+        let shared = self.db(db);
+        let mut state = shared.lock().await;
         if let Some(hit) = state.tables.get(&oid) {
             return Ok(hit.clone());
         }
-        let result = self.load(&mut state, db, oid, rules).await;
+        let mut result = self.load(&shared, &mut state, db, oid, rules).await;
+        if result.is_err() && state.dead() {
+            result = self.load(&shared, &mut state, db, oid, rules).await;
+        }
         match result {
             Ok(map) => {
                 state.tables.insert(oid, map.clone());
@@ -130,9 +160,34 @@ impl Catalog {
         schema: &str,
         table: &str,
     ) -> Result<Vec<String>, CatalogError> {
-        let state = self.db(db);
-        let mut state = state.lock().await;
-        let client = self.client(&mut state, db).await?;
+        let shared = self.db(db);
+        let mut state = shared.lock().await;
+        let mut rows = self
+            .column_names(&shared, &mut state, db, schema, table)
+            .await;
+        if rows.is_err() && state.dead() {
+            rows = self
+                .column_names(&shared, &mut state, db, schema, table)
+                .await;
+        }
+        match rows {
+            Ok(names) => Ok(names),
+            Err(e) => {
+                state.client = None;
+                Err(e)
+            }
+        }
+    }
+
+    async fn column_names(
+        &self,
+        shared: &Arc<AsyncMutex<DbState>>,
+        state: &mut DbState,
+        db: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<Vec<String>, CatalogError> {
+        let client = self.client(shared, state, db).await?;
         let rows = client
             .query(
                 "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
@@ -144,24 +199,19 @@ impl Catalog {
                 &[&schema, &table],
             )
             .await
-            .map_err(|e| self.err(db, &e));
-        match rows {
-            Ok(rows) => Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect()),
-            Err(e) => {
-                state.client = None;
-                Err(e)
-            }
-        }
+            .map_err(|e| self.err(db, &e))?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     }
 
     async fn load(
         &self,
+        shared: &Arc<AsyncMutex<DbState>>,
         state: &mut DbState,
         db: &str,
         oid: u32,
         rules: &RuleSet,
     ) -> Result<Option<Arc<TableMap>>, CatalogError> {
-        let client = self.client(state, db).await?;
+        let client = self.client(shared, state, db).await?;
         let rows = client
             .query(
                 "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
@@ -204,11 +254,14 @@ impl Catalog {
         })))
     }
 
+    /// The database's service connection, (re)connecting if there is none or it has closed.
     async fn client<'a>(
         &self,
+        shared: &Arc<AsyncMutex<DbState>>,
         state: &'a mut DbState,
         db: &str,
     ) -> Result<&'a tokio_postgres::Client, CatalogError> {
+        state.last_used = Some(Instant::now());
         let stale = state.client.as_ref().is_none_or(|c| c.is_closed());
         if stale {
             let mut config = self.service.clone();
@@ -230,6 +283,8 @@ impl Catalog {
                 let _ = conn.await;
             });
             state.client = Some(client);
+            state.generation += 1;
+            tokio::spawn(close_when_idle(Arc::downgrade(shared), state.generation));
         }
         state.client.as_ref().ok_or_else(|| CatalogError {
             db: db.to_owned(),
@@ -241,6 +296,26 @@ impl Catalog {
         CatalogError {
             db: db.to_owned(),
             message: e.to_string(),
+        }
+    }
+}
+
+/// Close connection `generation` of a database once unused for [`IDLE_CLOSE`] (dropping the
+/// client ends its session with a Terminate). Ends when the connection is replaced or closed,
+/// or the database's state is dropped (which closes the connection too).
+async fn close_when_idle(state: std::sync::Weak<AsyncMutex<DbState>>, generation: u64) {
+    loop {
+        tokio::time::sleep(IDLE_CLOSE).await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        let mut state = state.lock().await;
+        if state.generation != generation || state.client.is_none() {
+            return;
+        }
+        if state.last_used.is_none_or(|t| t.elapsed() >= IDLE_CLOSE) {
+            state.client = None;
+            return;
         }
     }
 }

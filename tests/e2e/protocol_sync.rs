@@ -270,3 +270,103 @@ async fn bad_startup_length_closes_silently_as_postgresql_does() {
         assert_eq!(answer_to(proxy.port(), bytes), direct);
     }
 }
+
+/// A database of its own for a test, dropped (forcibly) when done.
+struct Database(String);
+
+impl Database {
+    async fn new() -> Self {
+        let name = crate::harness::unique("psync_db");
+        crate::encryption::direct()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        Database(name)
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (host, port) = main_pg();
+        let _ = std::process::Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-h",
+                &host,
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", "test", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
+            .output();
+    }
+}
+
+/// Through `v`'s proxy, in `db`: create a table and read it, so the catalog looks it up.
+async fn read_through_proxy(v: &Vault, db: &str, table: &str) -> Result<(), tokio_postgres::Error> {
+    let c = crate::harness::connect(&v.proxy.pg_config("postgres", None, db))
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (a int, b text)"
+    ))
+    .await
+    .unwrap();
+    c.query(&format!("SELECT * FROM {table}"), &[])
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn catalog_connection_does_not_keep_a_dropped_database_open() {
+    let v = Vault::new().await;
+    let db = Database::new().await;
+    read_through_proxy(&v, &db.0, "t").await.unwrap();
+    let direct = crate::encryption::direct().await;
+    // CREATE DATABASE … TEMPLATE and DROP DATABASE wait (up to 5 s) for other sessions to go.
+    let copy = format!("{}_copy", db.0);
+    direct
+        .batch_execute(&format!("CREATE DATABASE {copy} TEMPLATE {}", db.0))
+        .await
+        .unwrap();
+    direct
+        .batch_execute(&format!("DROP DATABASE {copy}"))
+        .await
+        .unwrap();
+    direct
+        .batch_execute(&format!("DROP DATABASE {}", db.0))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn catalog_look_up_survives_a_terminated_service_connection() {
+    let v = Vault::new().await;
+    let db = Database::new().await;
+    let c = crate::harness::connect(&v.proxy.pg_config("postgres", None, &db.0))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        c.batch_execute(&format!("CREATE TABLE t{i} (a int, b text)"))
+            .await
+            .unwrap();
+    }
+    let direct = crate::encryption::direct().await;
+    c.query("SELECT * FROM t0", &[]).await.unwrap();
+    for i in 1..10 {
+        // Each round: the service connection is killed, then a new table is looked up at once.
+        direct
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'pgenvelope-catalog'",
+                &[&db.0],
+            )
+            .await
+            .unwrap();
+        c.query(&format!("SELECT * FROM t{i}"), &[]).await.unwrap();
+    }
+}
