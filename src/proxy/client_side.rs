@@ -106,10 +106,6 @@ impl Handler for ClientSide {
             fe::EXECUTE_TAG => self.on_execute(&frame, out).await,
             fe::CLOSE_TAG => self.on_close(&frame, out),
             fe::SYNC_TAG => {
-                // One lock: the server side sets `skipping` only while no Sync is queued.
-                let mut s = lock(&self.session);
-                s.skipping = false;
-                drop(s);
                 push_cycle(&self.session, Pending::Sync);
                 out.extend_from_slice(frame.raw());
                 Ok(())
@@ -117,8 +113,9 @@ impl Handler for ClientSide {
             fe::FUNCTION_CALL_TAG => {
                 // Any function may change a setting.
                 lock(&self.session).lexing.may_change();
-                push_cycle(&self.session, Pending::FunctionCall);
-                out.extend_from_slice(frame.raw());
+                if push_cycle(&self.session, Pending::FunctionCall) {
+                    out.extend_from_slice(frame.raw());
+                }
                 Ok(())
             }
             fe::COPY_DATA_TAG | fe::COPY_DONE_TAG | fe::COPY_FAIL_TAG => {
@@ -226,28 +223,22 @@ impl ClientSide {
         if may_change_lexing(sql) {
             lock(&self.session).lexing.may_change();
         }
+        let copy_out = prepared.as_ref().ok().and_then(|p| p.copy_out.clone());
+        if !push_cycle(&self.session, Pending::Query { copy_out }) {
+            // An error reported meanwhile put the server in its skip-to-Sync state: it will
+            // ignore this Query, so it is not sent.
+            self.copy_in = None;
+            return Ok(());
+        }
         match prepared {
+            Ok(Prepared { sql: None, .. }) => out.extend_from_slice(frame.raw()),
             Ok(Prepared {
-                sql: None,
-                copy_out,
-                ..
-            }) => {
-                push_cycle(&self.session, Pending::Query { copy_out });
-                out.extend_from_slice(frame.raw());
-            }
-            Ok(Prepared {
-                sql: Some(new_sql),
-                copy_out,
-                ..
-            }) => {
-                push_cycle(&self.session, Pending::Query { copy_out });
-                fe::put_query(out, &new_sql)?;
-            }
+                sql: Some(new_sql), ..
+            }) => fe::put_query(out, &new_sql)?,
             Err(e) => {
                 self.count_rejection(e.code);
                 self.copy_in = None;
                 tracing::debug!(code = e.code, "statement refused");
-                push_cycle(&self.session, Pending::Query { copy_out: None });
                 fe::put_query(out, e.raise_sql().as_bytes())?;
             }
         }
@@ -941,12 +932,21 @@ fn non_ascii_tenant_param(analysis: &Analysis, bind: &Bind<'_>) -> bool {
     })
 }
 
-/// Queue a request that ends a cycle (answered by ReadyForQuery).
-fn push_cycle(session: &SharedSession, pending: Pending) {
+/// Queue a request that ends a cycle (answered by ReadyForQuery). A Sync ends the server's
+/// skip-to-Sync state; a Query or FunctionCall while the server skips is not queued (returns
+/// false: it must not be sent). One lock, since the server side sets `skipping` on an error
+/// only while no Sync is queued.
+fn push_cycle(session: &SharedSession, pending: Pending) -> bool {
     let mut s = lock(session);
+    if matches!(pending, Pending::Sync) {
+        s.skipping = false;
+    } else if s.skipping {
+        return false;
+    }
     s.queue.push_back(pending);
     s.tenant.cycle_sent();
     s.lexing.cycle_sent();
+    true
 }
 
 /// Outcome of preparing a simple query.

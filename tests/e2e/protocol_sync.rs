@@ -370,3 +370,25 @@ async fn catalog_look_up_survives_a_terminated_service_connection() {
         c.query(&format!("SELECT * FROM t{i}"), &[]).await.unwrap();
     }
 }
+
+/// Tags of the answers to: a Parse that fails, Flush (its error read), a Query, then Sync, and
+/// then a Query on its own.
+fn query_after_reported_error(port: u16) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let mut c = raw(port);
+    parse(&mut c, "", "SELEC 1", &[]);
+    c.send(b'H', &[]).unwrap();
+    let error = c.read_msg().unwrap();
+    query(&mut c, "SELECT 1");
+    let skipped: Vec<u8> = sync(&mut c).iter().map(|m| m.0).collect();
+    let next: Vec<u8> = c.query(b"SELECT 1").unwrap().iter().map(|m| m.0).collect();
+    (vec![error.0], skipped, next)
+}
+
+#[tokio::test]
+async fn query_after_a_reported_extended_error_is_ignored_as_by_the_server() {
+    let v = Vault::new().await;
+    let (_, pg_port) = main_pg();
+    let direct = query_after_reported_error(pg_port);
+    assert_eq!(direct, (b"E".to_vec(), b"Z".to_vec(), b"TDCZ".to_vec()));
+    assert_eq!(query_after_reported_error(v.proxy.port()), direct);
+}
