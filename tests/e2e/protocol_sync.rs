@@ -392,3 +392,40 @@ async fn query_after_a_reported_extended_error_is_ignored_as_by_the_server() {
     assert_eq!(direct, (b"E".to_vec(), b"Z".to_vec(), b"TDCZ".to_vec()));
     assert_eq!(query_after_reported_error(v.proxy.port()), direct);
 }
+
+#[tokio::test]
+async fn skipped_query_does_not_shift_the_session_tenant_bookkeeping() {
+    let v = Vault::new().await;
+    let mut c = raw(v.proxy.port());
+    parse(&mut c, "", "SELEC 1", &[]);
+    c.send(b'H', &[]).unwrap();
+    let _error = c.read_msg().unwrap();
+    query(&mut c, "SELECT 1");
+    let _ = sync(&mut c);
+    let r = c
+        .query(
+            format!(
+                "INSERT INTO {} (org_id, value) VALUES ('org_b', 'secret-of-b')",
+                v.table
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    assert!(codes(&r).is_empty(), "{:?}", codes(&r));
+    let r = c.query(b"SET pgenvelope.tenant = 'org_a'").unwrap();
+    assert!(codes(&r).is_empty(), "{:?}", codes(&r));
+    let r = c.query(b"SELECT 1/0").unwrap();
+    assert_eq!(codes(&r), ["22012"]);
+    // The session tenant is org_a: org_b's value is not decrypted for it.
+    let r = c
+        .query(format!("SELECT value FROM {}", v.table).as_bytes())
+        .unwrap();
+    let rows: Vec<_> = r.iter().filter(|m| m.0 == b'D').collect();
+    assert!(
+        !rows
+            .iter()
+            .any(|m| String::from_utf8_lossy(&m.1).contains("secret-of-b")),
+        "another organisation's value decrypted"
+    );
+    assert!(!codes(&r).is_empty(), "refused under the session tenant");
+}
