@@ -46,6 +46,7 @@ use crate::proxy::server_side::ServerSide;
 use crate::proxy::session::Session;
 use crate::proxy::tls::{ClientTls, Negotiated};
 use crate::proxy::Shared;
+use crate::sql::TENANT_SETTING;
 use crate::wire::backend::{self, TransactionStatus};
 use crate::wire::header::scan_startup;
 use crate::wire::startup::{StartupPacket, StartupParams};
@@ -696,13 +697,20 @@ impl Handler for Encrypting {
 }
 
 /// The session tenant given at startup: `options=-c pgenvelope.tenant=acme` (or
-/// `--pgenvelope.tenant=acme`), or a `pgenvelope.tenant` startup parameter.
+/// `--pgenvelope.tenant=acme`), or a `pgenvelope.tenant` startup parameter. The setting name
+/// matches in any ASCII case, as PostgreSQL matches it.
 fn startup_tenant(params: &StartupParams<'_>) -> Option<OrgId> {
     startup_tenant_text(params).and_then(|t| OrgId::new(t).ok())
 }
 
 fn startup_tenant_text(params: &StartupParams<'_>) -> Option<String> {
-    if let Some(v) = params.get_str("pgenvelope.tenant") {
+    // Setting names are case-insensitive in PostgreSQL; the last one sent wins.
+    let param = params
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(TENANT_SETTING.as_bytes()))
+        .last()
+        .and_then(|(_, v)| std::str::from_utf8(v).ok());
+    if let Some(v) = param {
         return Some(v.to_owned());
     }
     let options = params.get_str("options")?;
@@ -716,8 +724,10 @@ fn startup_tenant_text(params: &StartupParams<'_>) -> Option<String> {
         } else {
             w.strip_prefix("--")
         };
-        if let Some(v) = setting.and_then(|s| s.strip_prefix("pgenvelope.tenant=")) {
-            found = Some(v.to_owned());
+        if let Some((name, v)) = setting.and_then(|s| s.split_once('=')) {
+            if name.eq_ignore_ascii_case(TENANT_SETTING) {
+                found = Some(v.to_owned());
+            }
         }
     }
     found

@@ -1073,8 +1073,11 @@ pub(crate) fn name_parts(name: &ObjectName) -> Option<Vec<String>> {
         .collect()
 }
 
+/// Whether `name` is the tenant setting. PostgreSQL compares setting names ignoring ASCII case,
+/// quoted or not (`SET "PGENVELOPE"."TENANT"` is the same setting).
 fn is_tenant_setting(name: &ObjectName) -> bool {
-    matches!(name_parts(name).as_deref(), Some([a, b]) if a == "pgenvelope" && b == "tenant")
+    matches!(name_parts(name).as_deref(), Some([a, b])
+        if a.eq_ignore_ascii_case("pgenvelope") && b.eq_ignore_ascii_case("tenant"))
 }
 
 fn mentions_tenant(text: &str) -> bool {

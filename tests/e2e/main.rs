@@ -24,5 +24,6 @@ mod raw;
 mod reencrypt;
 mod sessions;
 mod soak;
+mod tenancy;
 mod tls;
 mod writes;
