@@ -115,7 +115,14 @@ impl<'a> Analyzer<'a> {
                 self.push_cte(name, cols, complete(&items));
             }
         }
-        self.top_projection = top;
+        // A tenant `set_config` must run exactly once, as the proxy assumes: no clause that
+        // could skip or repeat it.
+        self.top_projection = top
+            && q.with.is_none()
+            && q.limit_clause.is_none()
+            && q.fetch.is_none()
+            && q.order_by.is_none()
+            && q.locks.is_empty();
         let result = self.setexpr(&q.body, q.order_by.as_ref());
         self.top_projection = false;
         let items = result?;
@@ -334,6 +341,22 @@ impl<'a> Analyzer<'a> {
         order_by: Option<&OrderBy>,
         top: bool,
     ) -> Res<Vec<OutItem>> {
+        // Only `SELECT set_config(…)` with no FROM, WHERE, GROUP BY, HAVING, DISTINCT, … runs
+        // its projection exactly once; elsewhere a tenant set_config is refused.
+        let no_groups = match &s.group_by {
+            sqlparser::ast::GroupByExpr::Expressions(e, m) => e.is_empty() && m.is_empty(),
+            sqlparser::ast::GroupByExpr::All(_) => false,
+        };
+        let top = top
+            && s.from.is_empty()
+            && s.selection.is_none()
+            && s.prewhere.is_none()
+            && s.having.is_none()
+            && s.qualify.is_none()
+            && s.distinct.is_none()
+            && s.top.is_none()
+            && s.named_window.is_empty()
+            && no_groups;
         for twj in &s.from {
             self.table_with_joins(twj)?;
         }
