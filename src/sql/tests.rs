@@ -561,6 +561,22 @@ fn tenant_set_in_odd_places_refused() {
     rejected("select set_config($1, $2, false)");
     rejected("select set_config('pgenvelope.tenant', upper('a'), false)");
     rejected("select set_config('pgenvelope.tenant', 'a', $2)");
+    // Clauses that could skip or repeat the call.
+    rejected("select set_config('pgenvelope.tenant', 'a', false) where false");
+    rejected("select set_config('pgenvelope.tenant', 'a', false) from generate_series(1, 2)");
+    rejected("select set_config('pgenvelope.tenant', 'a', false) limit 0");
+    rejected("with x as (select 1) select set_config('pgenvelope.tenant', 'a', false)");
+    rejected("select distinct set_config('pgenvelope.tenant', 'a', false)");
+    rejected("select set_config('pgenvelope.tenant', 'a', false) group by 1 having false");
+}
+
+#[test]
+fn tenant_casts_that_change_the_text_are_no_tenant() {
+    let a = ok("INSERT INTO secrets (org_id, value) VALUES ('7'::int, 'x'), ('acme'::text, 'y')");
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("7".into()));
+    assert_eq!(a.literals[1].tenant, TenantSource::Literal("acme".into()));
+    rejected("INSERT INTO secrets (org_id, value) VALUES ('acme'::varchar(2), 'x')");
+    rejected("INSERT INTO secrets (org_id, value) VALUES ('1'::numeric, 'x')");
 }
 
 #[test]

@@ -6,9 +6,9 @@
 //! refused, naming the column.
 
 use sqlparser::ast::{
-    Assignment, AssignmentTarget, BinaryOperator, Delete, Expr, FromTable, Insert, ObjectName,
-    OnConflictAction, OnInsert, SetExpr, TableFactor, TableObject, Update, UpdateTableFromKind,
-    Value,
+    Assignment, AssignmentTarget, BinaryOperator, DataType, Delete, Expr, FromTable, Insert,
+    ObjectName, OnConflictAction, OnInsert, SetExpr, TableFactor, TableObject, Update,
+    UpdateTableFromKind, Value,
 };
 
 use super::analyzer::{fold, name_parts, param_number, Analyzer, Res};
@@ -299,8 +299,11 @@ impl<'a> Analyzer<'a> {
     }
 
     /// A tenant given as literal, parameter, NULL or DEFAULT; `None` for anything else.
+    ///
+    /// Only casts that cannot change the stored text are looked through (unbounded text types
+    /// and integer types): `'acme'::varchar(2)` stores `ac`, so it is not a tenant literal.
     fn tenant_value(&self, e: &Expr) -> Option<TenantSource> {
-        let inner = strip_any_cast(e);
+        let inner = strip_tenant_casts(e)?;
         if is_null_or_default(inner) {
             return Some(TenantSource::Session);
         }
@@ -668,5 +671,34 @@ fn strip_any_cast(e: &Expr) -> &Expr {
         Expr::Nested(inner) => strip_any_cast(inner),
         Expr::Cast { expr, .. } => strip_any_cast(expr),
         other => other,
+    }
+}
+
+/// Removes parentheses and casts that keep a tenant's text as written; `None` for any other
+/// cast (a length, or a type whose text form may differ from the literal).
+fn strip_tenant_casts(e: &Expr) -> Option<&Expr> {
+    match e {
+        Expr::Nested(inner) => strip_tenant_casts(inner),
+        Expr::Cast {
+            expr, data_type, ..
+        } => {
+            let keeps = is_text_type(data_type)
+                || matches!(
+                    data_type,
+                    DataType::Int(None)
+                        | DataType::Integer(None)
+                        | DataType::BigInt(None)
+                        | DataType::SmallInt(None)
+                        | DataType::Int2(None)
+                        | DataType::Int4(None)
+                        | DataType::Int8(None)
+                );
+            if keeps {
+                strip_tenant_casts(expr)
+            } else {
+                None
+            }
+        }
+        other => Some(other),
     }
 }
