@@ -250,6 +250,19 @@ impl ClientSide {
         let Some((text, analysis)) = self.analyse(sql)? else {
             return Ok(Prepared::default());
         };
+        // Literals are sealed before the text runs: a tenant change in the same text would
+        // take effect only after they were sealed, so the two may not be mixed.
+        if !analysis.tenant_changes.is_empty()
+            && analysis
+                .literals
+                .iter()
+                .any(|l| l.tenant == TenantSource::Session)
+        {
+            return Err(ClientError::unsupported(
+                "pgenvelope: a change of pgenvelope.tenant and a write that uses the session \
+                 tenant must be sent as separate queries",
+            ));
+        }
         let new_sql = self.rewrite_literals(&text, &analysis, None).await?;
         let mut prepared = Prepared {
             sql: new_sql,
@@ -362,8 +375,17 @@ impl ClientSide {
                 column.qualified_name()
             ))
         };
+        let row_tenant = |v: String| {
+            if !stores_as_written(&v) {
+                return Err(ClientError::privilege(format!(
+                    "pgenvelope: the tenant given for {} may be stored differently from how it is                      written (surrounding spaces, or a number not in canonical form): write it as                      PostgreSQL stores it",
+                    column.qualified_name()
+                )));
+            }
+            OrgId::new(v).map_err(|_| invalid())
+        };
         match source {
-            TenantSource::Literal(v) => OrgId::new(v.clone()).map_err(|_| invalid()),
+            TenantSource::Literal(v) => row_tenant(v.clone()),
             TenantSource::Param(n) => {
                 let Some(bind) = bind else {
                     // A literal is encrypted when the statement is parsed, before any Bind
@@ -375,7 +397,7 @@ impl ClientSide {
                     )));
                 };
                 match bind.text(*n, &self.encoding())? {
-                    Some(v) => OrgId::new(v).map_err(|_| invalid()),
+                    Some(v) => row_tenant(v),
                     None => self.session_tenant(column),
                 }
             }
@@ -1015,4 +1037,47 @@ fn rule_for<'a>(
         .rules
         .column(&column.schema, &column.table, &column.column)
         .ok_or_else(|| ClientError::unsupported(format!("pgenvelope: no rule for {column}")))
+}
+
+/// Whether a row's tenant value is certainly stored as written, whatever the tenant column's
+/// type: no surrounding white space, and a number only in canonical form (an integer column
+/// stores `007`, `+7` or `7.0` as `7`, which would not be the organisation the value was sealed
+/// for).
+fn stores_as_written(v: &str) -> bool {
+    if v.trim() != v {
+        return false;
+    }
+    let digits = v.strip_prefix('-').unwrap_or(v);
+    let numeric_start = digits
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit() || c == '.' || c == '+');
+    if !numeric_start && !v.starts_with('+') {
+        return true;
+    }
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        // Canonical integer: no leading zero (except `0` itself), no `-0`.
+        return (digits == "0" && !v.starts_with('-')) || !digits.starts_with('0');
+    }
+    // Starts like a number but is not a canonical integer (`+7`, `7.0`, `1e3`, `0x1F`): an
+    // integer or numeric column could store it in another form.
+    // Text such as `7days` is no number in any form and stays as written.
+    v.parse::<f64>().is_err() && !v.starts_with('+') && !digits.starts_with('0')
+}
+
+#[cfg(test)]
+mod tenant_text_tests {
+    use super::stores_as_written;
+
+    #[test]
+    fn only_canonical_tenants_pass() {
+        for ok in ["acme", "42", "0", "-5", "org-7", "7days", "a b"] {
+            assert!(stores_as_written(ok), "{ok}");
+        }
+        for bad in [
+            "007", "+7", "7.0", "1e3", "-0", " acme", "acme ", "0x1F", ".5",
+        ] {
+            assert!(!stores_as_written(bad), "{bad}");
+        }
+    }
 }

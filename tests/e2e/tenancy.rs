@@ -108,3 +108,147 @@ async fn setting_names_match_in_any_case() {
         .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
 }
+
+/// Item 8: a tenant change and a write sealed under the session tenant in one query string
+/// would seal under the tenant before the change: refused, nothing written.
+#[tokio::test]
+async fn tenant_change_and_session_sealed_write_in_one_text_are_refused() {
+    let n = Notes::new().await;
+    let c = n.client_as("org_a").await;
+    let err = c
+        .batch_execute(&format!(
+            "SET pgenvelope.tenant = 'org_b'; INSERT INTO {} (id, body) VALUES (1, 'secret-b')",
+            n.table
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("0A000"), "{err}");
+    let err = c
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL pgenvelope.tenant = 'org_b'; INSERT INTO {} (id, body) VALUES (2, 'secret-b'); COMMIT",
+            n.table
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("0A000"), "{err}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let rows = direct()
+        .await
+        .query(&format!("SELECT count(*) FROM {}", n.table), &[])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 0);
+    // Sent separately, the change applies first and the row belongs to org_b.
+    c.batch_execute("SET pgenvelope.tenant = 'org_b'")
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO {} (id, body) VALUES (3, 'secret-b')",
+        n.table
+    ))
+    .await
+    .unwrap();
+    assert_eq!(n.read_as("org_b", 3).await.unwrap(), "secret-b");
+}
+
+/// Item 10: a tenant set_config that might not run (WHERE false) is refused instead of
+/// switching the proxy but not the server.
+#[tokio::test]
+async fn set_config_that_may_not_run_is_refused() {
+    let n = Notes::new().await;
+    let c = n.client_as("org_a").await;
+    for sql in [
+        "SELECT set_config('pgenvelope.tenant', 'org_b', false) WHERE false",
+        "SELECT set_config('pgenvelope.tenant', 'org_b', false) FROM generate_series(1, 0)",
+        "SELECT set_config('pgenvelope.tenant', 'org_b', false) LIMIT 0",
+    ] {
+        let err = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("0A000"), "{sql}: {err}");
+    }
+    // The proxy still seals for org_a, as the server's setting says.
+    c.batch_execute(&format!(
+        "INSERT INTO {} (id, body) VALUES (1, 'secret-a')",
+        n.table
+    ))
+    .await
+    .unwrap();
+    let server: String = c
+        .query_one("SELECT current_setting('pgenvelope.tenant')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(server, "org_a");
+    assert_eq!(n.read_as("org_a", 1).await.unwrap(), "secret-a");
+    // The plain form still works.
+    c.batch_execute("SELECT set_config('pgenvelope.tenant', 'org_b', false)")
+        .await
+        .unwrap();
+}
+
+/// Item 11: a row tenant that PostgreSQL stores in another form than written is refused.
+#[tokio::test]
+async fn row_tenants_stored_differently_from_how_they_are_written_are_refused() {
+    let table = unique("tint");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id serial primary key, org_id int not null, body text);\
+             CREATE TABLE {table}_t (id serial primary key, org_id text not null, body text)"
+        ))
+        .await
+        .unwrap();
+    let rules = format!(
+        "[[table]]\nname = \"{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"body\"]\n\
+         [[table]]\nname = \"{table}_t\"\ntenant_column = \"org_id\"\nencrypt = [\"body\"]\n"
+    );
+    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
+    let c = connect(&proxy.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    for sql in [
+        format!("INSERT INTO {table} (org_id, body) VALUES (007, 's')"),
+        format!("INSERT INTO {table} (org_id, body) VALUES ('+7', 's')"),
+        format!("INSERT INTO {table} (org_id, body) VALUES (7.0, 's')"),
+        format!("INSERT INTO {table}_t (org_id, body) VALUES ('acme'::varchar(2), 's')"),
+    ] {
+        let err = c.batch_execute(&sql).await.unwrap_err();
+        assert!(
+            matches!(code(&err).as_deref(), Some("0A000" | "42501")),
+            "{sql}: {err}"
+        );
+    }
+    let err = c
+        .execute(
+            &format!("INSERT INTO {table} (org_id, body) VALUES ($1::text::int, $2)"),
+            &[&"007", &"s"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
+    let n: i64 = direct()
+        .await
+        .query_one(
+            &format!("SELECT (SELECT count(*) FROM {table}) + (SELECT count(*) FROM {table}_t)"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "nothing written");
+    // Canonical forms work and read back.
+    c.batch_execute(&format!(
+        "INSERT INTO {table} (org_id, body) VALUES (7, 's7'), ('8'::int, 's8')"
+    ))
+    .await
+    .unwrap();
+    let rows = c
+        .query(&format!("SELECT body FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].get::<_, String>(0), "s7");
+    let _ = direct()
+        .await
+        .batch_execute(&format!("DROP TABLE {table}; DROP TABLE {table}_t"))
+        .await;
+}
