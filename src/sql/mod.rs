@@ -62,6 +62,17 @@
 //! or in UPDATE the new value assigned to it, else a top-level `tenant_column = literal | $n`
 //! conjunct of the WHERE clause, else [`TenantSource::Session`].
 //!
+//! Writes that could seal a value for another organisation than the row's own are refused:
+//! an UPDATE writing encrypted values of a table with a tenant column must pin the tenant in its
+//! WHERE clause; an UPDATE moving a row to another organisation must give every encrypted
+//! column a new value (or NULL); an ON CONFLICT DO UPDATE writing encrypted columns must have
+//! the tenant column in its conflict target or `WHERE target.tenant = EXCLUDED.tenant`, and may
+//! not reassign the tenant. Tenant literals are looked at only through casts that keep their
+//! text, and the proxy refuses tenant values stored in another form than written (surrounding
+//! spaces, non-canonical numbers). A tenant `set_config` is accepted only in a SELECT that runs
+//! it exactly once. A tenant change and a write sealed under the session tenant may not share
+//! one query string.
+//!
 //! # Read path
 //!
 //! SELECT, subqueries, CTEs, RETURNING, WHERE/HAVING/JOIN ON and `COPY (query)` are checked with
@@ -106,7 +117,10 @@
 //!   nor is dynamic SQL that builds a protected table's name from pieces.
 //! - Writes through views, partitions or inheritance children are protected only if those
 //!   relations are themselves listed as protected.
-//! - An ON CONFLICT DO UPDATE that reassigns the tenant column keeps the inserted row's tenant.
+//! - A tenant change pipelined in the extended protocol between the Parse of a statement with
+//!   literals (sealed at Parse) and its Execute is not re-checked; reads are checked against
+//!   the tenant in force when their rows arrive, not when they were sent.
+//! - `ROLLBACK TO SAVEPOINT` does not undo a tenant change made after the savepoint.
 //! - `SELECT * … ORDER BY n` is refused when `n` falls in the `*` (the analyser has no catalog).
 //! - `ALTER DOMAIN … SET DEFAULT` on a domain already used by an encrypted column is not seen.
 //! - Dynamic SQL in DO blocks that builds a protected table's name from pieces is not seen.

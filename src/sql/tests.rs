@@ -196,15 +196,22 @@ fn insert_tenant_expression_refused() {
 
 #[test]
 fn insert_on_conflict() {
-    let a = ok("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value");
+    // The existing row may be another organisation's: the tenant must be pinned.
+    rejected("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value");
+    rejected("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value, org_id = excluded.org_id");
+    rejected("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value where secrets.id = 1 or secrets.org_id = excluded.org_id");
+    ok("insert into secrets (org_id, value) values ($1, $2) on conflict (org_id, id) do update set value = excluded.value");
+    ok("insert into secrets as s (org_id, value) values ($1, $2) on conflict on constraint k do update set value = excluded.value where s.org_id = excluded.org_id");
+    ok("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set name = excluded.name");
+    let a = ok("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value where excluded.org_id = org_id");
     assert_eq!(a.params.len(), 1);
-    let a = ok("insert into secrets (org_id, value) values ('o', $1) on conflict (id) do update set value = $1");
+    let a = ok("insert into secrets (org_id, value) values ('o', $1) on conflict (org_id, id) do update set value = $1");
     assert_eq!(a.params.len(), 2);
     assert!(a
         .params
         .iter()
         .all(|p| p.tenant == TenantSource::Literal("o".into())));
-    let sql = "insert into secrets (org_id, value) values ('o', 'a') on conflict (id) do update set note = 'b'";
+    let sql = "insert into secrets (org_id, value) values ('o', 'a') on conflict (org_id, id) do update set note = 'b'";
     let a = ok(sql);
     assert_eq!(a.literals.len(), 2);
     assert_eq!(text_at(sql, &a.literals[1]), "'b'");
@@ -253,7 +260,7 @@ fn param_reuse_refused() {
         "public.secrets.value",
     );
     rejected_col(
-        "update secrets set value = $1 where id = $1",
+        "update secrets set value = $1 where id = $1 and org_id = 'a'",
         "public.secrets.value",
     );
     ok("insert into secrets (value, note) values ($1, $2)");
@@ -270,10 +277,13 @@ fn update_tenant_from_where() {
     assert_eq!(a.literals[0].tenant, TenantSource::Literal("acme".into()));
     let a = ok("update secrets s set value = $1 where s.org_id = $2");
     assert_eq!(a.params[0].tenant, TenantSource::Param(2));
-    let a = ok("update secrets set value = $1 where id = 1 or org_id = 'x'");
-    assert_eq!(a.params[0].tenant, TenantSource::Session);
+    // No tenant conjunct: the row's organisation is unknown, so sealing is refused.
+    rejected("update secrets set value = $1 where id = 1 or org_id = 'x'");
+    rejected("update secrets set value = 'x' where id = 1");
     ok("update secrets set value = DEFAULT, note = note where id = 1");
-    ok("update secrets set org_id = 5 where id = 1 returning value");
+    ok("update secrets set name = 'n' where id = 1");
+    // Moving a row without new values for its encrypted columns would leave it unreadable.
+    rejected("update secrets set org_id = 5 where id = 1 returning value");
 }
 
 #[test]
@@ -817,7 +827,7 @@ fn data_modifying_ctes() {
     assert_eq!(text_at(sql, &a.literals[0]), "'v'");
     assert_eq!(a.literals[0].tenant, TenantSource::Literal("o".into()));
     rejected_col(
-        "with u as (update secrets set note = 'n' returning value) select * from u order by value",
+        "with u as (update secrets set note = 'n' where org_id = 'a' returning value) select * from u order by value",
         "public.secrets.value",
     );
 }
@@ -964,12 +974,16 @@ fn wildcards_of_unknown_width_are_conservative() {
 
 #[test]
 fn update_moving_the_row_to_another_tenant() {
-    let a = ok("update secrets set org_id = 'b', value = 'x' where org_id = 'a'");
+    let a = ok("update secrets set org_id = 'b', value = 'x', note = NULL where org_id = 'a'");
     assert_eq!(a.literals[0].tenant, TenantSource::Literal("b".into()));
-    let a = ok("update secrets set value = $1, org_id = $2 where org_id = $3");
+    let a = ok("update secrets set value = $1, note = $4, org_id = $2 where org_id = $3");
     assert_eq!(a.params[0].tenant, TenantSource::Param(2));
+    // Every encrypted column needs a new value, sealed for the new organisation.
+    rejected("update secrets set org_id = 'b', value = 'x' where org_id = 'a'");
+    rejected("update secrets set org_id = 'b', value = 'x', note = note where org_id = 'a'");
     rejected("update secrets set org_id = other_col, value = 'x'");
-    ok("update secrets set org_id = other_col, value = NULL");
+    rejected("update secrets set org_id = other_col, value = NULL");
+    ok("update secrets set org_id = other_col, value = NULL, note = NULL");
 }
 
 #[test]
@@ -1099,7 +1113,7 @@ fn typed_literals_and_qualified_text_types_are_literals() {
         "INSERT INTO secrets (org_id, value) VALUES ('a', varchar 'x')",
         "INSERT INTO secrets (org_id, value) VALUES ('a', 'x'::pg_catalog.text)",
         "INSERT INTO secrets (org_id, value) VALUES ('a', CAST('x' AS pg_catalog.varchar))",
-        "UPDATE secrets SET value = text 'x'",
+        "UPDATE secrets SET value = text 'x' WHERE org_id = 'a'",
     ] {
         let a = ok(sql);
         assert_eq!(a.literals.len(), 1, "{sql}");

@@ -241,6 +241,9 @@ impl<'a> Analyzer<'a> {
                         &tenant,
                         &["excluded", visible.as_str()],
                     )?;
+                    if let Some(t) = table {
+                        same_tenant_on_conflict(t, oc.conflict_target.as_ref(), du, &visible)?;
+                    }
                     if let Some(sel) = &du.selection {
                         self.expr(sel)?;
                     }
@@ -525,6 +528,21 @@ impl<'a> Analyzer<'a> {
             }
         }
         self.assignments(&up.assignments, table, &tenant, &[visible.as_str()])?;
+        if let Some(t) = table {
+            // Sealing under the session tenant a row that may belong to another organisation
+            // would leave it unreadable: the WHERE clause must say whose row it is.
+            if let Some(tc) = &t.tenant_column {
+                if tenant == TenantSource::Session
+                    && writes_sealed_values(t, &up.assignments, false)
+                {
+                    return Err(Rejection::new(format!(
+                        "an UPDATE writing encrypted columns of {}.{} must name the row's \
+                         organisation: add `AND {tc} = …` to its WHERE clause",
+                        t.schema, t.name
+                    )));
+                }
+            }
+        }
         if let Some(sel) = &up.selection {
             self.expr(sel)?;
         }
@@ -567,6 +585,26 @@ impl<'a> Analyzer<'a> {
             }
         }
         let Some(value) = found else { return Ok(None) };
+        // Moving a row to another organisation: every encrypted value must be sealed again
+        // for it in the same statement, or the row becomes unreadable.
+        let resealed = |c: &String| {
+            assignments.iter().any(|a| match &a.target {
+                AssignmentTarget::ColumnName(n) => {
+                    last(n).as_ref() == Some(c) && is_new_value(&a.value)
+                }
+                AssignmentTarget::Tuple(_) => false,
+            })
+        };
+        if let Some(c) = table.encrypted.iter().find(|c| !resealed(c)) {
+            return Err(Rejection::column(
+                &ColumnRef {
+                    schema: table.schema.clone(),
+                    table: table.name.clone(),
+                    column: c.clone(),
+                },
+                "moving a row to another organisation without a new value for",
+            ));
+        }
         match self.tenant_value(value) {
             Some(t) => Ok(Some(t)),
             None if writes_encrypted => Err(Rejection::new(format!(
@@ -700,5 +738,112 @@ fn strip_tenant_casts(e: &Expr) -> Option<&Expr> {
             }
         }
         other => Some(other),
+    }
+}
+
+/// A value that replaces a column's old one outright: a literal, a parameter, NULL or DEFAULT
+/// (casts allowed). Not another column, not an expression over the old value.
+fn is_new_value(e: &Expr) -> bool {
+    match strip_any_cast(e) {
+        Expr::Value(_) | Expr::TypedString { .. } => true,
+        other => is_null_or_default(other),
+    }
+}
+
+/// Whether `assignments` write a value the proxy seals (a literal or parameter, not NULL or
+/// DEFAULT) to an encrypted column; with `refs`, any non-NULL value (`EXCLUDED.col` carries a
+/// value sealed for the inserted row).
+fn writes_sealed_values(table: &ProtectedTable, assignments: &[Assignment], refs: bool) -> bool {
+    assignments.iter().any(|a| match &a.target {
+        AssignmentTarget::ColumnName(n) => name_parts(n)
+            .and_then(|p| p.last().cloned())
+            .is_some_and(|c| {
+                table.encrypted.contains(&c)
+                    && !is_null_or_default(&a.value)
+                    && (refs || is_new_value(&a.value))
+            }),
+        AssignmentTarget::Tuple(_) => true,
+    })
+}
+
+/// ON CONFLICT DO UPDATE seals with the inserted row's tenant; the existing row it updates must
+/// belong to the same organisation. That is certain when the conflict target includes the
+/// tenant column, or when the DO UPDATE's WHERE has a top-level
+/// `target.tenant = EXCLUDED.tenant`. Otherwise, writing encrypted columns (or reassigning the
+/// tenant column) is refused.
+fn same_tenant_on_conflict(
+    table: &ProtectedTable,
+    target: Option<&sqlparser::ast::ConflictTarget>,
+    du: &sqlparser::ast::DoUpdate,
+    visible: &str,
+) -> Res<()> {
+    let Some(tc) = &table.tenant_column else {
+        return Ok(());
+    };
+    let assigns_tenant = du.assignments.iter().any(|a| match &a.target {
+        AssignmentTarget::ColumnName(n) => {
+            name_parts(n).and_then(|p| p.last().cloned()).as_ref() == Some(tc)
+        }
+        AssignmentTarget::Tuple(_) => true,
+    });
+    if !assigns_tenant && !writes_sealed_values(table, &du.assignments, true) {
+        return Ok(());
+    }
+    if let Some(sqlparser::ast::ConflictTarget::Columns { columns, .. }) = target {
+        if columns.iter().any(|c| &fold(c) == tc) && !assigns_tenant {
+            return Ok(());
+        }
+    }
+    let pins = du
+        .selection
+        .as_ref()
+        .is_some_and(|w| pins_excluded_tenant(w, tc, visible, &table.name));
+    if pins && !assigns_tenant {
+        return Ok(());
+    }
+    Err(Rejection::new(format!(
+        "ON CONFLICT DO UPDATE writing encrypted columns of {}.{} may update another \
+         organisation's row: include {tc} in the conflict target or add \
+         `WHERE {visible}.{tc} = EXCLUDED.{tc}`, and do not reassign {tc}",
+        table.schema, table.name
+    )))
+}
+
+/// A top-level `target.tc = EXCLUDED.tc` (either order) among the AND-ed conjuncts of `w`.
+fn pins_excluded_tenant(w: &Expr, tc: &str, visible: &str, table: &str) -> bool {
+    match w {
+        Expr::Nested(inner) => pins_excluded_tenant(inner, tc, visible, table),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            pins_excluded_tenant(left, tc, visible, table)
+                || pins_excluded_tenant(right, tc, visible, table)
+        }
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } => {
+            let parts = |e: &Expr| -> Option<Vec<String>> {
+                match strip_any_cast(e) {
+                    Expr::Identifier(id) => Some(vec![fold(id)]),
+                    Expr::CompoundIdentifier(ids) => Some(ids.iter().map(fold).collect()),
+                    _ => None,
+                }
+            };
+            let (Some(l), Some(r)) = (parts(left), parts(right)) else {
+                return false;
+            };
+            let is_excluded = |p: &[String]| matches!(p, [q, c] if q == "excluded" && c == tc);
+            let is_target = |p: &[String]| match p {
+                [c] => c == tc,
+                [q, c] => c == tc && (q == visible || q == table),
+                _ => false,
+            };
+            (is_excluded(&l) && is_target(&r)) || (is_excluded(&r) && is_target(&l))
+        }
+        _ => false,
     }
 }

@@ -252,3 +252,79 @@ async fn row_tenants_stored_differently_from_how_they_are_written_are_refused() 
         .batch_execute(&format!("DROP TABLE {table}; DROP TABLE {table}_t"))
         .await;
 }
+
+/// Item 12: writes that would seal a row for another organisation than its own (moving it,
+/// updating another organisation's row under the session tenant, ON CONFLICT against another
+/// organisation's row) are refused; the row stays readable by its owner.
+#[tokio::test]
+async fn writes_that_would_make_a_row_unreadable_are_refused() {
+    let v = crate::encryption::Vault::new().await;
+    let t = &v.table;
+    let c = v.client().await;
+    c.batch_execute(&format!(
+        "INSERT INTO {t} (id, org_id, value, note) VALUES (1, 'org_b', 'secret-b', 'note-b')"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("SET pgenvelope.tenant = 'org_a'")
+        .await
+        .unwrap();
+    for sql in [
+        // Moving the row without new values for its encrypted columns.
+        format!("UPDATE {t} SET org_id = 'org_a' WHERE id = 1"),
+        format!("UPDATE {t} SET org_id = 'org_a', value = 'v' WHERE id = 1"),
+        // By primary key under the session tenant: the row is org_b's.
+        format!("UPDATE {t} SET value = 'overwritten' WHERE id = 1"),
+        // Upsert against org_b's row from org_a.
+        format!(
+            "INSERT INTO {t} (id, org_id, value) VALUES (1, 'org_a', 'upserted') \
+             ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value"
+        ),
+    ] {
+        let err = c.batch_execute(&sql).await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("0A000"), "{sql}: {err}");
+    }
+    // Pinned forms are accepted and only ever touch the named organisation's row.
+    c.batch_execute(&format!(
+        "UPDATE {t} SET value = 'overwritten' WHERE id = 1 AND org_id = 'org_a'"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO {t} (id, org_id, value) VALUES (1, 'org_a', 'upserted') \
+         ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value WHERE {t}.org_id = EXCLUDED.org_id"
+    ))
+    .await
+    .unwrap();
+    // org_b's row is intact and readable by org_b.
+    let b = v.client().await;
+    b.batch_execute("SET pgenvelope.tenant = 'org_b'")
+        .await
+        .unwrap();
+    let row = b
+        .query_one(
+            &format!("SELECT org_id, value, note FROM {t} WHERE id = 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "org_b");
+    assert_eq!(row.get::<_, String>(1), "secret-b");
+    assert_eq!(row.get::<_, String>(2), "note-b");
+    // Moving with new values for every encrypted column works and reads back under the new
+    // organisation.
+    b.batch_execute(&format!(
+        "UPDATE {t} SET org_id = 'org_c', value = 'moved', note = NULL WHERE id = 1 AND org_id = 'org_b'"
+    ))
+    .await
+    .unwrap();
+    let cc = v.client().await;
+    cc.batch_execute("SET pgenvelope.tenant = 'org_c'")
+        .await
+        .unwrap();
+    let row = cc
+        .query_one(&format!("SELECT value FROM {t} WHERE id = 1"), &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "moved");
+}

@@ -75,7 +75,8 @@ async fn on_conflict_update_with_an_aliased_target_passes() {
     let client = v.client().await;
     let sql = format!(
         "INSERT INTO {t} AS v (id, org_id, value, note) VALUES (1, 'acme', 'first', 'first') \
-         ON CONFLICT (id) DO UPDATE SET value = v.value, note = EXCLUDED.note"
+         ON CONFLICT (id) DO UPDATE SET value = v.value, note = EXCLUDED.note \
+         WHERE v.org_id = EXCLUDED.org_id"
     );
     client.batch_execute(&sql).await.unwrap();
     client.batch_execute(&sql).await.unwrap();
