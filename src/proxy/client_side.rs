@@ -30,9 +30,11 @@ use crate::proxy::engine::{Cipher, ReadOutcome, RulesSnapshot};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
 use crate::proxy::session::may_change_lexing;
-use crate::proxy::session::{lock, Ahead, CopyJob, Pending, Portal, SharedSession, Statement};
+use crate::proxy::session::{
+    lock, Ahead, CopyJob, Pending, Portal, SharedSession, Statement, TenantChangeOp,
+};
 use crate::rules::ColumnRule;
-use crate::sql::{Analysis, ColumnRef, CopyDirection, TenantChange, TenantSource};
+use crate::sql::{Analysis, ColumnRef, CopyDirection, TenantChange, TenantSource, TxControl};
 use crate::wire::encoding::{ClientEncoding, EncodingError};
 use crate::wire::frontend::{self as fe, Bind, Parse, Target};
 use crate::wire::{Frame, WireError};
@@ -426,6 +428,30 @@ impl ClientSide {
         analysis: &Analysis,
         bind: Option<&BindValues<'_>>,
     ) -> Result<(), ClientError> {
+        let savepoints: Vec<TenantChangeOp> = analysis
+            .tx_controls
+            .iter()
+            .filter_map(|t| match t {
+                TxControl::Savepoint(n) => Some(TenantChangeOp::Savepoint(n.clone())),
+                TxControl::RollbackTo(n) => Some(TenantChangeOp::RollbackTo(n.clone())),
+                TxControl::Release(n) => Some(TenantChangeOp::Release(n.clone())),
+                _ => None,
+            })
+            .collect();
+        if !savepoints.is_empty() {
+            if !analysis.tenant_changes.is_empty() {
+                // Their relative order is not kept by the analysis.
+                return Err(ClientError::unsupported(
+                    "pgenvelope: a change of pgenvelope.tenant and a savepoint command must be \
+                     sent as separate queries",
+                ));
+            }
+            let mut session = lock(&self.session);
+            for op in savepoints {
+                session.tenant.savepoint_event(op);
+            }
+            return Ok(());
+        }
         if analysis.tenant_changes.is_empty() {
             return Ok(());
         }

@@ -232,7 +232,9 @@ impl<T> Ahead<T> {
 /// cycle ended outside a transaction without error or ROLLBACK, dropped if that transaction
 /// rolled back, and kept pending while a transaction is still open. Changes are numbered by
 /// cycle, so a change sent in a later, pipelined cycle is never undone by the rollback of an
-/// earlier one. `SET LOCAL` values end with their transaction.
+/// earlier one. `SET LOCAL` values end with their transaction. SAVEPOINT, ROLLBACK TO and
+/// RELEASE are recorded in the same order, so a rollback to a savepoint restores the tenant
+/// the savepoint saw.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct TenantState {
     /// Value from the startup packet (`options=-c pgenvelope.tenant=…`): what RESET returns to.
@@ -249,11 +251,61 @@ pub(crate) struct TenantState {
     answered_cycles: u64,
 }
 
-/// One tenant change: new value (`None` = RESET / DEFAULT) and whether it is `LOCAL`.
+/// One event of the tenant's history inside a transaction, in the order the server runs them.
 #[derive(Debug, Clone)]
-pub(crate) struct TenantChangeOp {
-    value: Option<OrgId>,
-    local: bool,
+pub(crate) enum TenantChangeOp {
+    /// A change: new value (`None` = RESET / DEFAULT) and whether it is `LOCAL`.
+    Change { value: Option<OrgId>, local: bool },
+    /// `SAVEPOINT name`: the tenant is saved.
+    Savepoint(String),
+    /// `ROLLBACK TO [SAVEPOINT] name`: the tenant returns to its value at the savepoint.
+    RollbackTo(String),
+    /// `RELEASE [SAVEPOINT] name`: the savepoint (and later ones) are forgotten.
+    Release(String),
+}
+
+/// A tenant: (session value, SET LOCAL value if one is in force).
+type TenantPair = (Option<OrgId>, Option<Option<OrgId>>);
+
+/// The tenant after `ops`, starting from the committed value.
+fn fold_ops<'a>(
+    confirmed: &Option<OrgId>,
+    startup: &Option<OrgId>,
+    ops: impl Iterator<Item = &'a TenantChangeOp>,
+) -> TenantPair {
+    let mut session = confirmed.clone();
+    let mut local: Option<Option<OrgId>> = None;
+    let mut saved: Vec<(&str, TenantPair)> = Vec::new();
+    for op in ops {
+        match op {
+            TenantChangeOp::Change { value, local: true } => {
+                local = Some(value.clone().or_else(|| session.clone()));
+            }
+            TenantChangeOp::Change {
+                value,
+                local: false,
+            } => {
+                session = value.clone().or_else(|| startup.clone());
+                local = None;
+            }
+            TenantChangeOp::Savepoint(name) => saved.push((name, (session.clone(), local.clone()))),
+            TenantChangeOp::RollbackTo(name) => {
+                if let Some(i) = saved.iter().rposition(|(n, ..)| n == name) {
+                    saved.truncate(i + 1);
+                    if let Some((_, (s, l))) = saved.last() {
+                        session = s.clone();
+                        local = l.clone();
+                    }
+                }
+            }
+            TenantChangeOp::Release(name) => {
+                if let Some(i) = saved.iter().rposition(|(n, ..)| n == name) {
+                    saved.truncate(i);
+                }
+            }
+        }
+    }
+    (session, local)
 }
 
 impl TenantState {
@@ -268,20 +320,13 @@ impl TenantState {
 
     /// The tenant in force for the next statement: SET LOCAL, else SET, else startup option.
     pub(crate) fn effective(&self) -> Option<OrgId> {
-        let mut session = self.confirmed.clone();
-        let mut local: Option<Option<OrgId>> = None;
-        for op in self
-            .in_tx
-            .iter()
-            .chain(self.pending.iter().map(|(_, op)| op))
-        {
-            if op.local {
-                local = Some(op.value.clone().or_else(|| session.clone()));
-            } else {
-                session = op.value.clone().or_else(|| self.startup.clone());
-                local = None;
-            }
-        }
+        let (session, local) = fold_ops(
+            &self.confirmed,
+            &self.startup,
+            self.in_tx
+                .iter()
+                .chain(self.pending.iter().map(|(_, op)| op)),
+        );
         match local {
             Some(l) => l,
             None => session,
@@ -291,7 +336,12 @@ impl TenantState {
     /// Record a change sent in the current cycle.
     pub(crate) fn set(&mut self, value: Option<OrgId>, local: bool) {
         self.pending
-            .push_back((self.sent_cycles, TenantChangeOp { value, local }));
+            .push_back((self.sent_cycles, TenantChangeOp::Change { value, local }));
+    }
+
+    /// Record a savepoint event sent in the current cycle.
+    pub(crate) fn savepoint_event(&mut self, op: TenantChangeOp) {
+        self.pending.push_back((self.sent_cycles, op));
     }
 
     /// The client side sent a cycle end (Query, Sync, FunctionCall).
@@ -319,9 +369,8 @@ impl TenantState {
         if rolled_back {
             return;
         }
-        for op in ops.into_iter().filter(|op| !op.local) {
-            self.confirmed = op.value.or_else(|| self.startup.clone());
-        }
+        let (session, _) = fold_ops(&self.confirmed, &self.startup, ops.iter());
+        self.confirmed = session;
     }
 }
 
@@ -725,5 +774,38 @@ mod tests {
             Some(org("boot")),
             "RESET returns to the startup value"
         );
+    }
+
+    #[test]
+    fn tenant_follows_savepoints() {
+        use TransactionStatus::{Idle, InTransaction};
+        let mut t = TenantState::new(Some(org("a")));
+        // SAVEPOINT s; SET b; ROLLBACK TO s; SET d; SAVEPOINT t; SET LOCAL c; RELEASE t;
+        // ROLLBACK TO s; SET e; COMMIT.
+        t.savepoint_event(TenantChangeOp::Savepoint("s".into()));
+        t.set(Some(org("b")), false);
+        assert_eq!(t.effective(), Some(org("b")));
+        t.savepoint_event(TenantChangeOp::RollbackTo("s".into()));
+        assert_eq!(t.effective(), Some(org("a")), "ROLLBACK TO undoes the SET");
+        t.set(Some(org("d")), false);
+        t.savepoint_event(TenantChangeOp::Savepoint("t".into()));
+        t.set(Some(org("c")), true);
+        t.savepoint_event(TenantChangeOp::Release("t".into()));
+        assert_eq!(t.effective(), Some(org("c")), "RELEASE keeps changes");
+        t.savepoint_event(TenantChangeOp::RollbackTo("s".into()));
+        assert_eq!(
+            t.effective(),
+            Some(org("a")),
+            "the savepoint survives ROLLBACK TO"
+        );
+        t.set(Some(org("e")), false);
+        t.cycle_sent();
+        t.cycle_answered(InTransaction, false);
+        t.cycle_sent();
+        t.cycle_answered(Idle, false);
+        assert_eq!(t.effective(), Some(org("e")), "committed");
+        // Unknown savepoint names change nothing.
+        t.savepoint_event(TenantChangeOp::RollbackTo("nope".into()));
+        assert_eq!(t.effective(), Some(org("e")));
     }
 }

@@ -120,7 +120,6 @@
 //! - A tenant change pipelined in the extended protocol between the Parse of a statement with
 //!   literals (sealed at Parse) and its Execute is not re-checked; reads are checked against
 //!   the tenant in force when their rows arrive, not when they were sent.
-//! - `ROLLBACK TO SAVEPOINT` does not undo a tenant change made after the savepoint.
 //! - `SELECT * … ORDER BY n` is refused when `n` falls in the `*` (the analyser has no catalog).
 //! - `ALTER DOMAIN … SET DEFAULT` on a domain already used by an encrypted column is not seen.
 //! - Dynamic SQL in DO blocks that builds a protected table's name from pieces is not seen.
@@ -562,13 +561,17 @@ pub fn worth_analysing(sql: &str, protected: &Protected) -> bool {
 }
 
 fn touches(lower: &str, protected: &Protected) -> bool {
-    const ALWAYS: [&str; 6] = [
+    const ALWAYS: [&str; 9] = [
         "pgenvelope",
         "set_config",
         "execute",
         "u&\"",
         "discard",
         "reset",
+        // Savepoint commands move the session tenant back and forth.
+        "savepoint",
+        "rollback",
+        "release",
     ];
     ALWAYS.iter().any(|n| lower.contains(n))
         || protected.needles.iter().any(|n| lower.contains(n.as_str()))

@@ -328,3 +328,57 @@ async fn writes_that_would_make_a_row_unreadable_are_refused() {
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "moved");
 }
+
+/// Item 13: `ROLLBACK TO SAVEPOINT` undoes a tenant change made after the savepoint, as in
+/// the server; a later write is sealed for the tenant the server has.
+#[tokio::test]
+async fn rollback_to_savepoint_undoes_a_tenant_change() {
+    let n = Notes::new().await;
+    let c = n.client_as("org_a").await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SAVEPOINT s").await.unwrap();
+    c.batch_execute("SET pgenvelope.tenant = 'org_b'")
+        .await
+        .unwrap();
+    c.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+    let server: String = c
+        .query_one("SELECT current_setting('pgenvelope.tenant')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(server, "org_a");
+    c.batch_execute(&format!(
+        "INSERT INTO {} (id, body) VALUES (1, 'secret-a')",
+        n.table
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    // Sealed for org_a, the server's tenant: org_a reads it, org_b is refused.
+    assert_eq!(n.read_as("org_a", 1).await.unwrap(), "secret-a");
+    assert_eq!(
+        n.read_as("org_b", 1).await.unwrap_err().as_deref(),
+        Some("42501")
+    );
+    // The same through the extended protocol, with RELEASE keeping a change.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("SAVEPOINT s2", &[]).await.unwrap();
+    c.execute("SET pgenvelope.tenant = 'org_b'", &[])
+        .await
+        .unwrap();
+    c.execute("RELEASE SAVEPOINT s2", &[]).await.unwrap();
+    c.execute(
+        &format!("INSERT INTO {} (id, body) VALUES (2, $1)", n.table),
+        &[&"secret-b"],
+    )
+    .await
+    .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(n.read_as("org_b", 2).await.unwrap(), "secret-b");
+    // Mixed in one query string: refused (their order is not tracked).
+    let err = c
+        .batch_execute("BEGIN; SAVEPOINT s3; SET pgenvelope.tenant = 'org_c'")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("0A000"), "{err}");
+}
