@@ -446,9 +446,16 @@ pub(crate) fn may_change_lexing(sql: &[u8]) -> bool {
         b"discard",
         b"u&",
     ];
-    NEEDLES
-        .iter()
-        .any(|n| sql.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)))
+    // One pass: only positions starting with a needle's first letter are compared.
+    sql.iter().enumerate().any(|(i, b)| {
+        matches!(
+            b.to_ascii_lowercase(),
+            b's' | b'c' | b'n' | b'r' | b'd' | b'u'
+        ) && NEEDLES.iter().any(|n| {
+            sql.get(i..i + n.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(n))
+        })
+    })
 }
 
 /// The shared session state.
