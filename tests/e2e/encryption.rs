@@ -88,23 +88,7 @@ impl Vault {
 
 impl Drop for Vault {
     fn drop(&mut self) {
-        let (host, port) = main_pg();
-        let _ = std::process::Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-h",
-                &host,
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "test",
-                "-c",
-            ])
-            .arg(format!("DROP TABLE IF EXISTS {}", self.table))
-            .output();
+        crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.table));
     }
 }
 

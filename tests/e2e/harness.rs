@@ -268,25 +268,22 @@ impl Drop for TestProxy {
             let _ = t.join();
         }
         if self.engine.is_some() {
-            let (host, port) = main_pg();
-            let _ = std::process::Command::new("psql")
-                .args([
-                    "-X",
-                    "-q",
-                    "-h",
-                    &host,
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "test",
-                    "-c",
-                ])
-                .arg(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.key_schema))
-                .output();
+            psql_on_main(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                self.key_schema
+            ));
         }
     }
+}
+
+/// Runs `sql` with psql on the main server's `test` database, ignoring the outcome. For clean-up
+/// in `Drop`, where no async runtime can be used.
+pub fn psql_on_main(sql: &str) {
+    let (host, port) = main_pg();
+    let _ = std::process::Command::new("psql")
+        .args(["-X", "-q", "-h", &host, "-p", &port.to_string()])
+        .args(["-U", "postgres", "-d", "test", "-c", sql])
+        .output();
 }
 
 /// Connect with tokio-postgres (NoTls) and drive the connection in the background.

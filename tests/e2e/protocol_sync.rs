@@ -288,21 +288,7 @@ impl Database {
 
 impl Drop for Database {
     fn drop(&mut self) {
-        let (host, port) = main_pg();
-        let _ = std::process::Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-h",
-                &host,
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-d", "test", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
-            .output();
+        crate::harness::psql_on_main(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
     }
 }
 

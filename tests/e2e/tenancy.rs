@@ -49,17 +49,7 @@ impl Notes {
 
 impl Drop for Notes {
     fn drop(&mut self) {
-        let table = self.table.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async {
-                let _ = direct()
-                    .await
-                    .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
-                    .await;
-            });
-        })
-        .join();
+        crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.table));
     }
 }
 

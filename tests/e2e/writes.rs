@@ -108,13 +108,7 @@ async fn copy_without_a_column_list_skips_generated_columns() {
         ))
         .await
         .unwrap();
-    let rules = format!(
-        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"
-    );
-    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-    let client = crate::harness::connect(&proxy.pg_config("postgres", None, "test"))
-        .await
-        .unwrap();
+    let (_proxy, client) = value_proxy(&table).await;
     let n = copy(
         &client,
         &format!("COPY {table} FROM STDIN"),
@@ -156,13 +150,7 @@ async fn identifiers_longer_than_63_bytes_are_truncated_like_postgres() {
         ))
         .await
         .unwrap();
-    let rules = format!(
-        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"
-    );
-    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-    let client = crate::harness::connect(&proxy.pg_config("postgres", None, "test"))
-        .await
-        .unwrap();
+    let (_proxy, client) = value_proxy(&table).await;
     client
         .batch_execute(&format!(
             "INSERT INTO {table}_and_more (org_id, value) VALUES ('acme', 'long-secret')"
@@ -471,13 +459,7 @@ async fn create_table_with_a_default_on_an_encrypted_column_is_refused() {
         ))
         .await
         .unwrap();
-    let rules = format!(
-        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"
-    );
-    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-    let client = crate::harness::connect(&proxy.pg_config("postgres", None, "test"))
-        .await
-        .unwrap();
+    let (_proxy, client) = value_proxy(&table).await;
     for sql in [
         format!("CREATE TABLE {table} (org_id text, value text DEFAULT 'plain')"),
         format!(
@@ -498,4 +480,16 @@ async fn create_table_with_a_default_on_an_encrypted_column_is_refused() {
         .batch_execute(&format!("DROP TABLE {table}; DROP DOMAIN {dom}"))
         .await
         .unwrap();
+}
+
+/// A proxy encrypting `value` of `public.{table}` (tenant column `org_id`), and a client of it.
+async fn value_proxy(table: &str) -> (TestProxy, tokio_postgres::Client) {
+    let rules = format!(
+        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"
+    );
+    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
+    let client = crate::harness::connect(&proxy.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    (proxy, client)
 }
