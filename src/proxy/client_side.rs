@@ -34,7 +34,9 @@ use crate::proxy::session::{
     lock, Ahead, CopyJob, Pending, Portal, SharedSession, Statement, TenantChangeOp,
 };
 use crate::rules::ColumnRule;
-use crate::sql::{Analysis, ColumnRef, CopyDirection, TenantChange, TenantSource, TxControl};
+use crate::sql::{
+    Analysis, ColumnRef, CopyDirection, LiteralSite, TenantChange, TenantSource, TxControl,
+};
 use crate::wire::encoding::{ClientEncoding, EncodingError};
 use crate::wire::frontend::{self as fe, Bind, Parse, Target};
 use crate::wire::{Frame, WireError};
@@ -48,6 +50,10 @@ const IN_FLIGHT: &str = "pgenvelope: a statement that may change client_encoding
 /// Refusal of a Bind or Execute whose statement or portal an earlier, still unanswered cycle
 /// redefines or closes: which one the server will use depends on whether that cycle succeeds.
 const UNSETTLED: &str = "pgenvelope: the prepared statement or portal is redefined or closed by an earlier request whose answer has not arrived yet; send this after its answer";
+
+/// Refusal of a Bind or Execute of values sealed for the session tenant after that tenant
+/// changed: the values belong to the organisation in force when they were sealed.
+const TENANT_CHANGED: &str = "pgenvelope: this statement holds values sealed for the session tenant in force when it was prepared or bound, and pgenvelope.tenant has changed since: prepare or bind it again";
 
 /// OIDs of parameter types an encrypted value may be bound as.
 const TEXT_OIDS: &[u32] = &[25, 1043, 1042, 705];
@@ -226,7 +232,11 @@ impl ClientSide {
             lock(&self.session).lexing.may_change();
         }
         let copy_out = prepared.as_ref().ok().and_then(|p| p.copy_out.clone());
-        if !push_cycle(&self.session, Pending::Query { copy_out }) {
+        let query = Pending::Query {
+            copy_out,
+            tenant: None,
+        };
+        if !push_cycle(&self.session, query) {
             // An error reported meanwhile put the server in its skip-to-Sync state: it will
             // ignore this Query, so it is not sent.
             self.copy_in = None;
@@ -254,15 +264,18 @@ impl ClientSide {
         };
         // Literals are sealed before the text runs: a tenant change in the same text would
         // take effect only after they were sealed, so the two may not be mixed.
-        if !analysis.tenant_changes.is_empty()
-            && analysis
-                .literals
-                .iter()
-                .any(|l| l.tenant == TenantSource::Session)
-        {
+        if !analysis.tenant_changes.is_empty() && seals_under_session(&analysis.literals) {
             return Err(ClientError::unsupported(
                 "pgenvelope: a change of pgenvelope.tenant and a write that uses the session \
                  tenant must be sent as separate queries",
+            ));
+        }
+        // Rows are read under the tenant in force once the text's changes are made; a
+        // statement before a change would be read under the wrong one.
+        if analysis.protected_before_tenant_change {
+            return Err(ClientError::unsupported(
+                "pgenvelope: a change of pgenvelope.tenant must come before any statement on an \
+                 encrypted table in one query string (or be sent as a separate query)",
             ));
         }
         let new_sql = self.rewrite_literals(&text, &analysis, None).await?;
@@ -407,6 +420,13 @@ impl ClientSide {
         }
     }
 
+    /// The organisation a write sealed under the session tenant is sealed for now: the session
+    /// tenant, else the default tenant.
+    fn session_org(&self) -> Option<OrgId> {
+        let tenant = lock(&self.session).tenant.effective();
+        tenant.or_else(|| self.cipher.engine().default_tenant.clone())
+    }
+
     fn session_tenant(&self, column: &ColumnRule) -> Result<OrgId, ClientError> {
         let session = lock(&self.session);
         if let Some(t) = session.tenant.effective() {
@@ -455,31 +475,10 @@ impl ClientSide {
         if analysis.tenant_changes.is_empty() {
             return Ok(());
         }
-        let invalid = || ClientError::privilege("pgenvelope: invalid pgenvelope.tenant value");
         let mut changes = Vec::new();
         for change in &analysis.tenant_changes {
-            match change {
-                TenantChange::Set { value, local } => {
-                    let org = if value.is_empty() {
-                        None
-                    } else {
-                        Some(OrgId::new(value.clone()).map_err(|_| invalid())?)
-                    };
-                    changes.push((org, *local));
-                }
-                TenantChange::SetParam { param, local } => {
-                    let Some(bind) = bind else {
-                        return Err(ClientError::unsupported(
-                            "pgenvelope: set_config with a parameter outside the extended protocol",
-                        ));
-                    };
-                    let org = match bind.text(*param, &self.encoding())? {
-                        Some(v) if !v.is_empty() => Some(OrgId::new(v).map_err(|_| invalid())?),
-                        _ => None,
-                    };
-                    changes.push((org, *local));
-                }
-                TenantChange::Reset { local } => changes.push((None, *local)),
+            if let Some(change) = self.tenant_change(change, bind)? {
+                changes.push(change);
             }
         }
         let mut session = lock(&self.session);
@@ -487,6 +486,51 @@ impl ClientSide {
             session.tenant.set(org, local);
         }
         Ok(())
+    }
+
+    /// The new tenant (`None`: reset) and whether it is `LOCAL`, or `None` when `change`
+    /// turns out not to change the tenant (a bound setting name that names another setting).
+    fn tenant_change(
+        &self,
+        change: &TenantChange,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<Option<(Option<OrgId>, bool)>, ClientError> {
+        let invalid = || ClientError::privilege("pgenvelope: invalid pgenvelope.tenant value");
+        let outside = || {
+            ClientError::unsupported(
+                "pgenvelope: set_config with a parameter outside the extended protocol",
+            )
+        };
+        Ok(match change {
+            TenantChange::Set { value, local } => {
+                let org = if value.is_empty() {
+                    None
+                } else {
+                    Some(OrgId::new(value.clone()).map_err(|_| invalid())?)
+                };
+                Some((org, *local))
+            }
+            TenantChange::SetParam { param, local } => {
+                let bind = bind.ok_or_else(outside)?;
+                let org = match bind.text(*param, &self.encoding())? {
+                    Some(v) if !v.is_empty() => Some(OrgId::new(v).map_err(|_| invalid())?),
+                    _ => None,
+                };
+                Some((org, *local))
+            }
+            TenantChange::Reset { local } => Some((None, *local)),
+            TenantChange::IfParamNamesTenant { name, change } => {
+                let bind = bind.ok_or_else(outside)?;
+                // set_config(NULL, …) is an error on the server: no change.
+                let names_tenant = bind
+                    .text(*name, &self.encoding())?
+                    .is_some_and(|n| n.eq_ignore_ascii_case(crate::sql::TENANT_SETTING));
+                if !names_tenant || matches!(**change, TenantChange::IfParamNamesTenant { .. }) {
+                    return Ok(None);
+                }
+                self.tenant_change(change, Some(bind))?
+            }
+        })
     }
 
     async fn on_parse(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
@@ -542,6 +586,11 @@ impl ClientSide {
             }
         }
         let new_sql = self.rewrite_literals(&text, &analysis, None).await?;
+        let sealed_for = if new_sql.is_some() && seals_under_session(&analysis.literals) {
+            self.session_org()
+        } else {
+            None
+        };
         let changed = new_sql.is_some() || types != parse.param_types;
         let rewritten = if changed {
             let mut buf = BytesMut::new();
@@ -561,6 +610,7 @@ impl ClientSide {
             Statement {
                 analysis: Some(analysis),
                 param_types: types,
+                sealed_for,
                 ..Statement::default()
             },
             rewritten,
@@ -581,12 +631,13 @@ impl ClientSide {
         let statement = ahead.latest().unwrap_or_default();
         let result = self.prepare_bind(&bind, &statement).await;
         match result {
-            Ok(rewritten) => {
+            Ok((rewritten, sealed_for)) => {
                 let portal = Arc::new(Portal {
                     statement,
                     result_formats: bind.result_formats.clone(),
                     described: AtomicBool::new(false),
                     shape: Default::default(),
+                    sealed_for,
                 });
                 // Takes effect when the server confirms it (BindComplete).
                 lock(&self.session).queue.push_back(Pending::Bind {
@@ -620,14 +671,19 @@ impl ClientSide {
         }
     }
 
+    /// Seal the parameters bound for encrypted columns: the sealed values (parameter index,
+    /// value), and the organisation sealed for under the session tenant, if any.
     async fn prepare_bind(
         &mut self,
         bind: &Bind<'_>,
         statement: &Statement,
-    ) -> Result<Option<Vec<(usize, Vec<u8>)>>, ClientError> {
+    ) -> Result<(Option<Vec<(usize, Vec<u8>)>>, Option<OrgId>), ClientError> {
         let Some(analysis) = statement.analysis.clone() else {
-            return Ok(None);
+            return Ok((None, None));
         };
+        if statement.sealed_for.is_some() && statement.sealed_for != self.session_org() {
+            return Err(ClientError::unsupported(TENANT_CHANGED));
+        }
         let described = statement
             .described_as
             .lock()
@@ -648,7 +704,7 @@ impl ClientSide {
         }
         self.apply_tenant_changes(&analysis, Some(&values))?;
         if analysis.params.is_empty() {
-            return Ok(None);
+            return Ok((None, statement.sealed_for.clone()));
         }
         // (parameter index, sealed value) of every parameter that changes.
         let mut sealed_params = Vec::with_capacity(analysis.params.len());
@@ -676,7 +732,15 @@ impl ClientSide {
                 sealed_params.push((site.index - 1, sealed.into_bytes()));
             }
         }
-        Ok((!sealed_params.is_empty()).then_some(sealed_params))
+        let sealed_for = if !sealed_params.is_empty() && seals_under_session_params(&analysis) {
+            self.session_org()
+        } else {
+            statement.sealed_for.clone()
+        };
+        Ok((
+            (!sealed_params.is_empty()).then_some(sealed_params),
+            sealed_for,
+        ))
     }
 
     fn on_describe(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
@@ -698,6 +762,7 @@ impl ClientSide {
                         result_formats: Vec::new(),
                         described: AtomicBool::new(true),
                         shape: Default::default(),
+                        sealed_for: None,
                     })
                 });
                 portal.described.store(true, Ordering::Relaxed);
@@ -725,6 +790,11 @@ impl ClientSide {
             }
         }
         let portal = ahead.latest();
+        if let Some(sealed_for) = portal.as_ref().and_then(|p| p.sealed_for.as_ref()) {
+            if Some(sealed_for) != self.session_org().as_ref() {
+                return self.reject_extended(&ClientError::unsupported(TENANT_CHANGED), out);
+            }
+        }
         let mut copy_out = None;
         // Only this Execute's own COPY may rewrite the data that follows it.
         self.copy_in = None;
@@ -767,9 +837,14 @@ impl ClientSide {
                     });
             }
         }
-        lock(&self.session)
-            .queue
-            .push_back(Pending::Execute { portal, copy_out });
+        let mut session = lock(&self.session);
+        let tenant = session.tenant.effective();
+        session.queue.push_back(Pending::Execute {
+            portal,
+            copy_out,
+            tenant,
+        });
+        drop(session);
         out.extend_from_slice(frame.raw());
         Ok(())
     }
@@ -837,6 +912,7 @@ impl ClientSide {
         session.queue.push_back(Pending::Execute {
             portal: None,
             copy_out: None,
+            tenant: None,
         });
         session.skipping = true;
         drop(session);
@@ -969,9 +1045,13 @@ fn non_ascii_tenant_param(analysis: &Analysis, bind: &Bind<'_>) -> bool {
             TenantSource::Param(n) => Some(*n),
             _ => None,
         });
-    let settings = analysis.tenant_changes.iter().filter_map(|c| match c {
-        TenantChange::SetParam { param, .. } => Some(*param),
-        _ => None,
+    let settings = analysis.tenant_changes.iter().flat_map(|c| match c {
+        TenantChange::SetParam { param, .. } => vec![*param],
+        TenantChange::IfParamNamesTenant { name, change } => match **change {
+            TenantChange::SetParam { param, .. } => vec![*name, param],
+            _ => vec![*name],
+        },
+        _ => Vec::new(),
     });
     rows.chain(settings).any(|n| {
         n.checked_sub(1)
@@ -980,16 +1060,33 @@ fn non_ascii_tenant_param(analysis: &Analysis, bind: &Bind<'_>) -> bool {
     })
 }
 
+/// Whether any of `literals` is sealed for the session (or default) tenant.
+fn seals_under_session(literals: &[LiteralSite]) -> bool {
+    literals.iter().any(|l| l.tenant == TenantSource::Session)
+}
+
+/// Whether a parameter of `analysis` is sealed for the session (or default) tenant.
+fn seals_under_session_params(analysis: &Analysis) -> bool {
+    analysis
+        .params
+        .iter()
+        .any(|p| p.tenant == TenantSource::Session)
+}
+
 /// Queue a request that ends a cycle (answered by ReadyForQuery). A Sync ends the server's
 /// skip-to-Sync state; a Query or FunctionCall while the server skips is not queued (returns
 /// false: it must not be sent). One lock, since the server side sets `skipping` on an error
 /// only while no Sync is queued.
-fn push_cycle(session: &SharedSession, pending: Pending) -> bool {
+fn push_cycle(session: &SharedSession, mut pending: Pending) -> bool {
     let mut s = lock(session);
     if matches!(pending, Pending::Sync) {
         s.skipping = false;
     } else if s.skipping {
         return false;
+    }
+    if let Pending::Query { tenant, .. } = &mut pending {
+        // After the query's own tenant changes (already applied): its reads follow them.
+        *tenant = s.tenant.effective();
     }
     s.queue.push_back(pending);
     s.tenant.cycle_sent();

@@ -330,7 +330,7 @@ impl ServerSide {
                 let job = {
                     let session = lock(&self.session);
                     match session.queue.front() {
-                        Some(Pending::Query { copy_out })
+                        Some(Pending::Query { copy_out, .. })
                         | Some(Pending::Execute { copy_out, .. }) => copy_out.clone(),
                         _ => None,
                     }
@@ -387,10 +387,18 @@ impl ServerSide {
         }
     }
 
-    /// Client encoding and session tenant (not the default tenant: it does not restrict reads).
+    /// Client encoding and session tenant (not the default tenant: it does not restrict
+    /// reads). The tenant is the one the request being answered was sent under, not the one
+    /// in force now: a change pipelined after it does not apply to its rows.
     fn read_context(&self) -> (ClientEncoding, Option<OrgId>) {
         let session = lock(&self.session);
-        (session.encoding.clone(), session.tenant.effective())
+        let tenant = match session.queue.front() {
+            Some(Pending::Query { tenant, .. }) | Some(Pending::Execute { tenant, .. }) => {
+                tenant.clone()
+            }
+            _ => session.tenant.effective(),
+        };
+        (session.encoding.clone(), tenant)
     }
 
     /// The shape of a RowDescription, computed once per distinct description per connection

@@ -80,6 +80,9 @@ pub(crate) struct Statement {
     pub(crate) described_as: Mutex<Described>,
     /// Executing it may change how the server reads later texts ([`may_change_lexing`]).
     pub(crate) changes_lexing: bool,
+    /// The organisation its literals were sealed for under the session (or default) tenant,
+    /// when it has such literals: it may only be bound while that organisation is in force.
+    pub(crate) sealed_for: Option<OrgId>,
 }
 
 /// What a Describe told us.
@@ -101,6 +104,10 @@ pub(crate) struct Portal {
     pub(crate) described: AtomicBool,
     /// Filled from a Describe Portal response.
     pub(crate) shape: Mutex<Option<Arc<Shape>>>,
+    /// The organisation its values (literals of the statement, parameters of the Bind) were
+    /// sealed for under the session (or default) tenant: it may only be executed while that
+    /// organisation is in force.
+    pub(crate) sealed_for: Option<OrgId>,
 }
 
 impl Portal {
@@ -154,8 +161,12 @@ pub(crate) struct CopyJob {
 #[derive(Debug)]
 pub(crate) enum Pending {
     /// Simple query: answered up to ReadyForQuery. `copy_out` is set for a COPY TO whose
-    /// rows must be decrypted.
-    Query { copy_out: Option<CopyJob> },
+    /// rows must be decrypted; `tenant` is the session tenant its rows are read under (the
+    /// one in force after its own tenant changes, which must come before its reads).
+    Query {
+        copy_out: Option<CopyJob>,
+        tenant: Option<OrgId>,
+    },
     /// FunctionCall: answered up to ReadyForQuery.
     FunctionCall,
     /// Parse → ParseComplete: `name` then denotes `statement` (`None`: one the proxy does not
@@ -179,9 +190,12 @@ pub(crate) enum Pending {
     /// Describe portal → RowDescription | NoData.
     DescribePortal { portal: Arc<Portal>, hidden: bool },
     /// Execute → DataRow*, CommandComplete | EmptyQueryResponse | PortalSuspended.
+    /// `tenant`: the session tenant when it was sent, which its rows are read under (a
+    /// tenant change pipelined after it does not apply to them).
     Execute {
         portal: Option<Arc<Portal>>,
         copy_out: Option<CopyJob>,
+        tenant: Option<OrgId>,
     },
     /// Close → CloseComplete: `name` then denotes nothing.
     Close {
@@ -708,13 +722,17 @@ mod tests {
         session.queue.push_back(Pending::Execute {
             portal: None,
             copy_out: None,
+            tenant: None,
         });
         session.queue.push_back(Pending::Close {
             hidden: false,
             target: Target::Statement,
             name: b"s".to_vec(),
         });
-        session.queue.push_back(Pending::Query { copy_out: None });
+        session.queue.push_back(Pending::Query {
+            copy_out: None,
+            tenant: None,
+        });
         assert!(matches!(session.statement_ahead(b"s"), Ahead::Uncertain(_)));
         assert_eq!(session.fail_extended(), 1);
         assert!(session.skipping, "no Sync yet: the server still skips");

@@ -104,10 +104,22 @@ impl<'a> Analyzer<'a> {
         };
         self.out.statement_count = statements.len();
         for stmt in &statements {
-            let kind = self.statement(stmt, true)?;
+            let kind = self.top_statement(stmt)?;
             self.out.kinds.push(kind);
         }
         self.finish()
+    }
+
+    /// One top-level statement of the text, noting a tenant change that follows a statement
+    /// on a protected table.
+    fn top_statement(&mut self, stmt: &Statement) -> Res<StatementKind> {
+        let touched_before = self.out.touches_protected;
+        let changes_before = self.out.tenant_changes.len();
+        let kind = self.statement(stmt, true)?;
+        if touched_before && self.out.tenant_changes.len() > changes_before {
+            self.out.protected_before_tenant_change = true;
+        }
+        Ok(kind)
     }
 
     /// Fallback when the whole text does not parse: each `;`-separated piece is parsed on its
@@ -185,7 +197,7 @@ impl<'a> Analyzer<'a> {
                 Ok(statements) => {
                     for stmt in &statements {
                         self.out.statement_count += 1;
-                        let kind = self.statement(stmt, true)?;
+                        let kind = self.top_statement(stmt)?;
                         self.out.kinds.push(kind);
                     }
                 }

@@ -70,8 +70,10 @@
 //! not reassign the tenant. Tenant literals are looked at only through casts that keep their
 //! text, and the proxy refuses tenant values stored in another form than written (surrounding
 //! spaces, non-canonical numbers). A tenant `set_config` is accepted only in a SELECT that runs
-//! it exactly once. A tenant change and a write sealed under the session tenant may not share
-//! one query string.
+//! it exactly once; with the setting name as a parameter the change is decided at Bind
+//! ([`TenantChange::IfParamNamesTenant`]). A tenant change and a write sealed under the session
+//! tenant may not share one query string, and in one query string no statement on a protected
+//! table may come before a tenant change ([`Analysis::protected_before_tenant_change`]).
 //!
 //! # Read path
 //!
@@ -365,6 +367,14 @@ pub enum TenantChange {
         /// Transaction-scoped.
         local: bool,
     },
+    /// `SELECT set_config($n, value, local)`: `change` if the bound parameter `$n` names
+    /// `pgenvelope.tenant` (in any case), no change otherwise.
+    IfParamNamesTenant {
+        /// 1-based parameter number holding the setting name.
+        name: usize,
+        /// The change made when it names the tenant (never another `IfParamNamesTenant`).
+        change: Box<TenantChange>,
+    },
     /// `RESET pgenvelope.tenant`, `RESET ALL`, `DISCARD ALL`, `SET pgenvelope.tenant TO DEFAULT`.
     Reset {
         /// Transaction-scoped (`SET LOCAL … TO DEFAULT`).
@@ -384,6 +394,11 @@ impl fmt::Debug for TenantChange {
                 .debug_struct("SetParam")
                 .field("param", param)
                 .field("local", local)
+                .finish(),
+            TenantChange::IfParamNamesTenant { name, change } => f
+                .debug_struct("IfParamNamesTenant")
+                .field("name", name)
+                .field("change", change)
                 .finish(),
             TenantChange::Reset { local } => f.debug_struct("Reset").field("local", local).finish(),
         }
@@ -531,6 +546,10 @@ pub struct Analysis {
     pub copy: Option<CopyPlan>,
     /// Whether any statement reads, writes or mentions a protected table.
     pub touches_protected: bool,
+    /// Whether a statement that touches a protected table comes before a tenant change in
+    /// the text: its rows would be read under the tenant before the change, which the proxy
+    /// does not track statement by statement (such texts are refused).
+    pub protected_before_tenant_change: bool,
     /// Number of statements parsed.
     pub statement_count: usize,
     /// Kind of each statement.

@@ -1151,11 +1151,21 @@ impl<'a> Analyzer<'a> {
         let [name, value, local] = args.as_slice() else {
             return Ok(None);
         };
-        let Some(setting) = self.literal_text(name) else {
-            return Ok(None);
+        // A parameter as the name may name the tenant: decided when it is bound.
+        let name_param = match strip_casts(name) {
+            Expr::Value(v) => match &v.value {
+                Value::Placeholder(p) => super::analyzer::param_number(p),
+                _ => None,
+            },
+            _ => None,
         };
-        if !setting.eq_ignore_ascii_case(TENANT_SETTING) {
-            return Ok(None);
+        if name_param.is_none() {
+            let Some(setting) = self.literal_text(name) else {
+                return Ok(None);
+            };
+            if !setting.eq_ignore_ascii_case(TENANT_SETTING) {
+                return Ok(None);
+            }
         }
         let bad = || {
             Rejection::new(format!(
@@ -1190,6 +1200,13 @@ impl<'a> Analyzer<'a> {
                 },
             },
             _ => return Err(bad()),
+        };
+        let change = match name_param {
+            Some(name) => TenantChange::IfParamNamesTenant {
+                name,
+                change: Box::new(change),
+            },
+            None => change,
         };
         self.out.tenant_changes.push(change);
         Ok(Some(()))

@@ -562,13 +562,25 @@ fn tenant_changes() {
     let a = ok("RESET ALL");
     assert_eq!(a.tenant_changes, vec![TenantChange::Reset { local: false }]);
     let a = ok("SET search_path = public; select set_config('search_path', 'x', false)");
-    assert!(a.tenant_changes.is_empty());
+    assert!(a.tenant_changes.is_empty()); // The setting name as a parameter: decided at Bind.
+    let a = ok("select set_config($1, $2, false)");
+    assert_eq!(
+        a.tenant_changes,
+        vec![TenantChange::IfParamNamesTenant {
+            name: 1,
+            change: Box::new(TenantChange::SetParam {
+                param: 2,
+                local: false
+            })
+        }]
+    );
+    rejected("select set_config($1, $2, false) where false");
+    rejected("select 1 where set_config($1, 'a', false) is not null");
 }
 
 #[test]
 fn tenant_set_in_odd_places_refused() {
     rejected("select 1 where set_config('pgenvelope.tenant', 'a', false) is not null");
-    rejected("select set_config($1, $2, false)");
     rejected("select set_config('pgenvelope.tenant', upper('a'), false)");
     rejected("select set_config('pgenvelope.tenant', 'a', $2)");
     // Clauses that could skip or repeat the call.

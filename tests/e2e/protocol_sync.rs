@@ -10,7 +10,7 @@ use crate::encryption::Vault;
 use crate::harness::{main_pg, TestProxy};
 use crate::raw::{error_field, Msg, RawConn};
 
-fn raw(port: u16) -> RawConn {
+pub(crate) fn raw(port: u16) -> RawConn {
     RawConn::connect(port, &[("user", b"postgres"), ("database", b"test")])
         .unwrap()
         .0
@@ -22,7 +22,7 @@ fn cstr(b: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// Where frontend messages go: straight to a connection, or into a buffer sent in one write.
-trait Out {
+pub(crate) trait Out {
     fn put(&mut self, tag: u8, body: &[u8]);
 }
 
@@ -40,7 +40,7 @@ impl Out for Vec<u8> {
     }
 }
 
-fn parse(c: &mut impl Out, name: &str, sql: &str, types: &[u32]) {
+pub(crate) fn parse(c: &mut impl Out, name: &str, sql: &str, types: &[u32]) {
     let mut b = Vec::new();
     cstr(&mut b, name.as_bytes());
     cstr(&mut b, sql.as_bytes());
@@ -51,7 +51,7 @@ fn parse(c: &mut impl Out, name: &str, sql: &str, types: &[u32]) {
     c.put(b'P', &b);
 }
 
-fn bind(c: &mut impl Out, portal: &str, stmt: &str, params: &[&str]) {
+pub(crate) fn bind(c: &mut impl Out, portal: &str, stmt: &str, params: &[&str]) {
     let mut b = Vec::new();
     cstr(&mut b, portal.as_bytes());
     cstr(&mut b, stmt.as_bytes());
@@ -65,7 +65,7 @@ fn bind(c: &mut impl Out, portal: &str, stmt: &str, params: &[&str]) {
     c.put(b'B', &b);
 }
 
-fn execute(c: &mut impl Out, portal: &str) {
+pub(crate) fn execute(c: &mut impl Out, portal: &str) {
     let mut b = Vec::new();
     cstr(&mut b, portal.as_bytes());
     b.extend_from_slice(&0i32.to_be_bytes());
@@ -78,18 +78,18 @@ fn close_statement(c: &mut impl Out, name: &str) {
     c.put(b'C', &b);
 }
 
-fn query(c: &mut impl Out, sql: &str) {
+pub(crate) fn query(c: &mut impl Out, sql: &str) {
     let mut b = Vec::new();
     cstr(&mut b, sql.as_bytes());
     c.put(b'Q', &b);
 }
 
-fn sync(c: &mut RawConn) -> Vec<Msg> {
+pub(crate) fn sync(c: &mut RawConn) -> Vec<Msg> {
     c.send(b'S', &[]).unwrap();
     c.read_until_ready().unwrap()
 }
 
-fn codes(msgs: &[Msg]) -> Vec<String> {
+pub(crate) fn codes(msgs: &[Msg]) -> Vec<String> {
     msgs.iter()
         .filter(|(t, _)| *t == b'E')
         .filter_map(|(_, b)| error_field(b, b'C'))

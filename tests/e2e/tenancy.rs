@@ -372,3 +372,166 @@ async fn rollback_to_savepoint_undoes_a_tenant_change() {
         .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("0A000"), "{err}");
 }
+
+/// Item 8, pipelines: rows are read under the tenant in force when their statement was sent,
+/// not under a change pipelined after it.
+#[tokio::test]
+async fn rows_are_read_under_the_tenant_their_statement_was_sent_under() {
+    use crate::protocol_sync::{bind, codes, execute, parse, query, raw};
+    use crate::raw::data_row;
+    use std::io::Write;
+
+    let n = Notes::new().await;
+    let t = &n.table;
+    n.client_as("org_a")
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO {t} (id, body) VALUES (1, 'secret-a')"
+        ))
+        .await
+        .unwrap();
+    let mut c = raw(n.proxy.port());
+    let r = c.query(b"SET pgenvelope.tenant = 'org_a'").unwrap();
+    assert!(codes(&r).is_empty(), "{:?}", codes(&r));
+    // SELECT (extended), Sync and a change of tenant in one write.
+    let mut buf = Vec::new();
+    parse(
+        &mut buf,
+        "",
+        &format!("SELECT body FROM {t} WHERE id = 1"),
+        &[],
+    );
+    bind(&mut buf, "", "", &[]);
+    execute(&mut buf, "");
+    buf.extend_from_slice(b"S\0\0\0\x04");
+    query(&mut buf, "SET pgenvelope.tenant = 'org_b'");
+    c.raw_stream().write_all(&buf).unwrap();
+    let mut msgs = c.read_until_ready().unwrap();
+    msgs.extend(c.read_until_ready().unwrap());
+    assert!(codes(&msgs).is_empty(), "{:?}", codes(&msgs));
+    let rows: Vec<_> = msgs
+        .iter()
+        .filter(|(tag, _)| *tag == b'D')
+        .map(|(_, b)| data_row(b))
+        .collect();
+    assert_eq!(rows, vec![vec![Some(b"secret-a".to_vec())]]);
+    // Now org_b is in force: org_a's row is refused.
+    let r = c
+        .query(format!("SELECT body FROM {t} WHERE id = 1").as_bytes())
+        .unwrap();
+    assert_eq!(codes(&r), vec!["42501".to_string()]);
+
+    // In one query string, a read before a change of tenant is refused (it would be read
+    // under the new tenant); after it, it is read under the new tenant.
+    let a = n.client_as("org_a").await;
+    let err = a
+        .batch_execute(&format!(
+            "SELECT body FROM {t}; SET pgenvelope.tenant = 'org_b'"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("0A000"), "{err}");
+    let rows = a
+        .simple_query(&format!(
+            "SET pgenvelope.tenant = 'org_a'; SELECT body FROM {t} WHERE id = 1"
+        ))
+        .await
+        .unwrap();
+    let bodies: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies, vec!["secret-a".to_string()]);
+}
+
+/// Item 8, prepared statements: values sealed for the session tenant when a statement was
+/// prepared (literals) or bound (parameters) are not written after the tenant changed.
+#[tokio::test]
+async fn values_sealed_before_a_tenant_change_are_not_written_after_it() {
+    let n = Notes::new().await;
+    let t = &n.table;
+    let c = n.client_as("org_a").await;
+    // A literal is sealed at Parse, for org_a.
+    let literal = c
+        .prepare(&format!(
+            "INSERT INTO {t} (id, body) VALUES (1, 'secret-a')"
+        ))
+        .await
+        .unwrap();
+    c.batch_execute("SET pgenvelope.tenant = 'org_b'")
+        .await
+        .unwrap();
+    let err = c.execute(&literal, &[]).await.unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("0A000"), "{err}");
+    // Prepared again under org_b, it is sealed for org_b.
+    let again = c
+        .prepare(&format!(
+            "INSERT INTO {t} (id, body) VALUES (1, 'secret-b')"
+        ))
+        .await
+        .unwrap();
+    c.execute(&again, &[]).await.unwrap();
+    assert_eq!(n.read_as("org_b", 1).await.unwrap(), "secret-b");
+    // Back under org_a, the first statement runs as prepared.
+    c.batch_execute("SET pgenvelope.tenant = 'org_a'")
+        .await
+        .unwrap();
+    c.execute(&format!("DELETE FROM {t}"), &[]).await.unwrap();
+    c.execute(&literal, &[]).await.unwrap();
+    assert_eq!(n.read_as("org_a", 1).await.unwrap(), "secret-a");
+
+    // A parameter is sealed at Bind: a portal bound under org_a is not run under org_b.
+    let mut c = n.client_as("org_a").await;
+    let insert = c
+        .prepare(&format!("INSERT INTO {t} (id, body) VALUES (2, $1)"))
+        .await
+        .unwrap();
+    let tx = c.transaction().await.unwrap();
+    let portal = tx.bind(&insert, &[&"secret-2"]).await.unwrap();
+    tx.batch_execute("SET LOCAL pgenvelope.tenant = 'org_b'")
+        .await
+        .unwrap();
+    let err = tx.query_portal(&portal, 0).await.unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("0A000"), "{err}");
+    drop(tx);
+    let count: i64 = direct()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {t} WHERE id = 2"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0);
+}
+
+/// `set_config($1, $2, false)`: the setting name is a parameter; it changes the tenant only
+/// when it names pgenvelope.tenant.
+#[tokio::test]
+async fn set_config_with_the_setting_name_as_a_parameter() {
+    let n = Notes::new().await;
+    let t = &n.table;
+    let c = n.client_as("org_a").await;
+    let sql = "SELECT set_config($1, $2, false)";
+    let got: String = c
+        .query_one(sql, &[&"application_name", &"pgenvelope-test"])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(got, "pgenvelope-test");
+    c.query_one(sql, &[&"PGENVELOPE.TENANT", &"org_b"])
+        .await
+        .unwrap();
+    c.execute(
+        &format!("INSERT INTO {t} (id, body) VALUES (1, $1)"),
+        &[&"secret-b"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(n.read_as("org_b", 1).await.unwrap(), "secret-b");
+    assert_eq!(
+        n.read_as("org_a", 1).await.unwrap_err().as_deref(),
+        Some("42501")
+    );
+}
