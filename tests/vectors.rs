@@ -23,6 +23,9 @@ struct Vector {
     nonce: String,
     plaintext: String,
     expected: String,
+    /// Row-bound values (algorithm `0x03`) only: the row key in the AAD.
+    #[serde(default)]
+    row_key: Option<String>,
 }
 
 fn load() -> File {
@@ -65,10 +68,14 @@ fn case(v: &Vector) -> Case {
 fn seal_matches_vectors() {
     for v in load().vectors {
         let c = case(&v);
-        let text = c
-            .key
-            .danger_seal_with_nonce(&c.org, &c.plaintext, c.nonce)
-            .unwrap();
+        let text = match &v.row_key {
+            None => c.key.danger_seal_with_nonce(&c.org, &c.plaintext, c.nonce),
+            Some(k) => {
+                c.key
+                    .danger_seal_for_row_with_nonce(&c.org, k.as_bytes(), &c.plaintext, c.nonce)
+            }
+        }
+        .unwrap();
         assert_eq!(text, v.expected, "{}", v.name);
     }
 }
@@ -82,6 +89,21 @@ fn open_matches_vectors() {
         assert_eq!(value.column_id(), c.key.column_id(), "{}", v.name);
         assert_eq!(value.nonce(), c.nonce, "{}", v.name);
         assert_eq!(value.to_text(), v.expected, "{}", v.name);
+        assert_eq!(value.is_row_bound(), v.row_key.is_some(), "{}", v.name);
+        if let Some(k) = &v.row_key {
+            let open = |row: &str| {
+                c.key
+                    .open_owned_in_row(&c.org, Some(row.as_bytes()), value.clone())
+            };
+            assert_eq!(open(k).unwrap(), c.plaintext, "{}", v.name);
+            assert_eq!(
+                open(&format!("{k}0")),
+                Err(OpenError::Authentication),
+                "{}",
+                v.name
+            );
+            continue;
+        }
         assert_eq!(
             c.key.open(&c.org, &value).unwrap(),
             c.plaintext,

@@ -5,7 +5,7 @@
 //!
 //! | offset | size   | field                                                                |
 //! |-------:|-------:|----------------------------------------------------------------------|
-//! | 0      | 1      | algorithm: `0x01` AES-256-GCM with a random 96-bit nonce ([`Algorithm`]); `0x02` is reserved for AES-256-GCM-SIV (deterministic) and rejected |
+//! | 0      | 1      | algorithm: `0x01` AES-256-GCM with a random 96-bit nonce ([`Algorithm`]); `0x02` is reserved for AES-256-GCM-SIV (deterministic) and rejected; `0x03` is `0x01` bound to its row |
 //! | 1      | 16     | DEK id: UUID of one organisation's DEK version ([`DekId`])             |
 //! | 17     | 4      | column id: first 4 bytes of SHA-256 of `schema.table.column` or of the rule's stable id ([`ColumnId`]) |
 //! | 21     | 12     | nonce                                                                |
@@ -15,6 +15,10 @@
 //!
 //! * AAD = `b"pgenvelope/v1"` ‖ bytes 0..21 of the binary value ‖ the organisation id's UTF-8
 //!   bytes. Changing the algorithm, DEK id, column id or organisation fails authentication.
+//! * Row binding (`0x03`, tables with a `row_key`): the AAD goes on with a zero byte and the
+//!   row key as PostgreSQL prints it (`‖ 0x00 ‖ key`; an organisation id holds no zero byte).
+//!   The value then opens only in the row it was written to: a copy in another row of the same
+//!   organisation and column fails authentication.
 //! * Key = per-column subkey `HKDF-SHA256(ikm = DEK, salt = DEK id bytes,
 //!   info = b"pgenvelope/v1/enc/" ‖ 4 column-id bytes)`, 32 bytes.
 //!
@@ -28,6 +32,8 @@
 //!   accessors [`EncV1::algorithm`], [`EncV1::dek_id`], [`EncV1::column_id`], [`EncV1::nonce`],
 //!   [`EncV1::ciphertext`]; [`looks_like_enc_v1`] is the cheap prefix check.
 //! * [`ColumnKey::open`]`(&self, &OrgId, &EncV1) -> Result<Vec<u8>, OpenError>`.
+//! * Row-bound: [`ColumnKey::seal_for_row_into`] and [`ColumnKey::open_owned_in_row`] take the
+//!   row key; [`EncV1::is_row_bound`] tells which kind a value is.
 //!
 //! Nonces come from a [`NonceSource`]; the per-key message limit and
 //! the rotation threshold are documented in [`crate::crypto::nonce`].
@@ -80,6 +86,8 @@ const MAX_AAD_LEN: usize = AAD_LABEL.len() + AAD_HEADER_LEN + MAX_ORG_LEN;
 pub enum Algorithm {
     /// `0x01`: AES-256-GCM with a random 96-bit nonce, per-column HKDF-SHA256 subkey.
     Aes256GcmRandomNonce,
+    /// `0x03`: as `0x01`, with the row key in the AAD (row binding).
+    Aes256GcmRandomNonceRowBound,
 }
 
 impl Algorithm {
@@ -87,17 +95,21 @@ impl Algorithm {
     pub const AES_256_GCM_BYTE: u8 = 0x01;
     /// Byte reserved for AES-256-GCM-SIV (deterministic mode); not supported yet.
     pub const RESERVED_GCM_SIV_BYTE: u8 = 0x02;
+    /// Byte for AES-256-GCM with a random nonce, bound to its row.
+    pub const AES_256_GCM_ROW_BYTE: u8 = 0x03;
 
     /// The algorithm's byte in the binary value.
     pub fn byte(self) -> u8 {
         match self {
             Self::Aes256GcmRandomNonce => Self::AES_256_GCM_BYTE,
+            Self::Aes256GcmRandomNonceRowBound => Self::AES_256_GCM_ROW_BYTE,
         }
     }
 
     fn from_byte(byte: u8) -> Result<Self, FormatError> {
         match byte {
             Self::AES_256_GCM_BYTE => Ok(Self::Aes256GcmRandomNonce),
+            Self::AES_256_GCM_ROW_BYTE => Ok(Self::Aes256GcmRandomNonceRowBound),
             Self::RESERVED_GCM_SIV_BYTE => Err(FormatError::ReservedAlgorithm { byte }),
             _ => Err(FormatError::UnknownAlgorithm { byte }),
         }
@@ -150,6 +162,11 @@ impl EncV1 {
     /// The algorithm byte, decoded.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// Whether the value is bound to its row (opens only with its row key).
+    pub fn is_row_bound(&self) -> bool {
+        self.algorithm == Algorithm::Aes256GcmRandomNonceRowBound
     }
 
     /// The DEK the value was sealed with.
@@ -272,7 +289,21 @@ impl ColumnKey {
         nonces: &mut NonceSource,
         out: &mut String,
     ) -> Result<(), SealError> {
-        self.seal_with_nonce_into(org, plaintext, nonces.next_nonce(), out)
+        self.seal_with_nonce_into(org, None, plaintext, nonces.next_nonce(), out)
+    }
+
+    /// Like [`seal_into`](Self::seal_into), bound to the row whose key is `row_key` (as
+    /// PostgreSQL prints it): algorithm `0x03`, opened only by
+    /// [`open_owned_in_row`](Self::open_owned_in_row) with the same key.
+    pub fn seal_for_row_into(
+        &self,
+        org: &OrgId,
+        row_key: &[u8],
+        plaintext: &[u8],
+        nonces: &mut NonceSource,
+        out: &mut String,
+    ) -> Result<(), SealError> {
+        self.seal_with_nonce_into(org, Some(row_key), plaintext, nonces.next_nonce(), out)
     }
 
     /// Seal with a caller-chosen nonce. Only for fixed test vectors: reusing a nonce under one
@@ -285,7 +316,21 @@ impl ColumnKey {
         nonce: [u8; NONCE_LEN],
     ) -> Result<String, SealError> {
         let mut out = String::new();
-        self.seal_with_nonce_into(org, plaintext, nonce, &mut out)?;
+        self.seal_with_nonce_into(org, None, plaintext, nonce, &mut out)?;
+        Ok(out)
+    }
+
+    /// Row-bound [`danger_seal_with_nonce`](Self::danger_seal_with_nonce): test vectors only.
+    #[doc(hidden)]
+    pub fn danger_seal_for_row_with_nonce(
+        &self,
+        org: &OrgId,
+        row_key: &[u8],
+        plaintext: &[u8],
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<String, SealError> {
+        let mut out = String::new();
+        self.seal_with_nonce_into(org, Some(row_key), plaintext, nonce, &mut out)?;
         Ok(out)
     }
 
@@ -295,6 +340,9 @@ impl ColumnKey {
     /// decryption so a mismatch is reported as such rather than as a tag failure.
     pub fn open(&self, org: &OrgId, value: &EncV1) -> Result<Vec<u8>, OpenError> {
         self.check_ids(value)?;
+        if value.is_row_bound() {
+            return Err(OpenError::RowKeyMissing);
+        }
         let binary = value.as_binary();
         let (header, rest) = binary.split_at(HEADER_LEN);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
@@ -314,7 +362,25 @@ impl ColumnKey {
     /// plaintext: no second allocation or copy (the read path's hot loop). On failure the
     /// buffer, still encrypted, is dropped.
     pub fn open_owned(&self, org: &OrgId, value: EncV1) -> Result<Vec<u8>, OpenError> {
+        self.open_owned_in_row(org, None, value)
+    }
+
+    /// Like [`open_owned`](Self::open_owned), for a value that may be bound to its row: a
+    /// row-bound value needs `row_key`, the key of the row it is read from (as PostgreSQL
+    /// prints it), and opens only if that is the row it was sealed for. An unbound value
+    /// ignores `row_key`.
+    pub fn open_owned_in_row(
+        &self,
+        org: &OrgId,
+        row_key: Option<&[u8]>,
+        value: EncV1,
+    ) -> Result<Vec<u8>, OpenError> {
         self.check_ids(&value)?;
+        let row_key = match (value.is_row_bound(), row_key) {
+            (true, None) => return Err(OpenError::RowKeyMissing),
+            (true, key) => key,
+            (false, _) => None,
+        };
         let nonce = value.nonce();
         let mut binary = value.binary;
         let tag_at = binary.len() - TAG_LEN;
@@ -322,7 +388,16 @@ impl ColumnKey {
         tag.copy_from_slice(&binary[tag_at..]);
         let (header, body) = binary.split_at_mut(HEADER_LEN);
         let mut aad_buf = [0u8; MAX_AAD_LEN];
-        let aad = build_aad(&mut aad_buf, header, org);
+        let mut bound_aad = Vec::new();
+        let aad = match row_key {
+            None => build_aad(&mut aad_buf, header, org),
+            Some(key) => {
+                bound_aad.extend_from_slice(build_aad(&mut aad_buf, header, org));
+                bound_aad.push(0);
+                bound_aad.extend_from_slice(key);
+                &bound_aad
+            }
+        };
         self.aead
             .open_in_place(&nonce, aad, &mut body[..tag_at - HEADER_LEN], &tag)
             .map_err(|_| OpenError::Authentication)?;
@@ -354,6 +429,7 @@ impl ColumnKey {
     fn seal_with_nonce_into(
         &self,
         org: &OrgId,
+        row_key: Option<&[u8]>,
         plaintext: &[u8],
         nonce: [u8; NONCE_LEN],
         out: &mut String,
@@ -365,7 +441,10 @@ impl ColumnKey {
             });
         }
         let mut binary = Vec::with_capacity(MIN_BINARY_LEN + plaintext.len());
-        binary.push(Algorithm::AES_256_GCM_BYTE);
+        binary.push(match row_key {
+            None => Algorithm::AES_256_GCM_BYTE,
+            Some(_) => Algorithm::AES_256_GCM_ROW_BYTE,
+        });
         binary.extend_from_slice(self.dek_id.as_bytes());
         binary.extend_from_slice(&self.column_id.0);
         binary.extend_from_slice(&nonce);
@@ -373,7 +452,16 @@ impl ColumnKey {
 
         let mut aad_buf = [0u8; MAX_AAD_LEN];
         let (header, body) = binary.split_at_mut(HEADER_LEN);
-        let aad = build_aad(&mut aad_buf, header, org);
+        let mut bound_aad = Vec::new();
+        let aad = match row_key {
+            None => build_aad(&mut aad_buf, header, org),
+            Some(key) => {
+                bound_aad.extend_from_slice(build_aad(&mut aad_buf, header, org));
+                bound_aad.push(0);
+                bound_aad.extend_from_slice(key);
+                &bound_aad
+            }
+        };
         let tag = self.aead.seal_in_place(&nonce, aad, body).map_err(|_| {
             SealError::PlaintextTooLong {
                 len: plaintext.len(),
@@ -469,6 +557,9 @@ pub enum OpenError {
     /// Deliberately carries no detail.
     #[error("enc:v1 value failed authentication")]
     Authentication,
+    /// The value is bound to its row and no row key was given.
+    #[error("enc:v1 value is bound to its row: its row key is needed to open it")]
+    RowKeyMissing,
 }
 
 /// Write `"pgenvelope/v1" ‖ header[0..21] ‖ org` into `buf` and return the used prefix.
@@ -533,6 +624,45 @@ mod tests {
         let mut out = String::from("x");
         k.seal_into(&org("a"), b"", &mut nonces, &mut out).unwrap();
         assert!(out.starts_with("xenc:v1:"));
+    }
+
+    #[test]
+    fn row_bound_values_open_only_in_their_row() {
+        let k = key("public.t.c");
+        let mut nonces = NonceSource::from_os_rng();
+        let mut text = String::new();
+        k.seal_for_row_into(&org("acme"), b"17", b"secret", &mut nonces, &mut text)
+            .unwrap();
+        let v = EncV1::parse(text.as_bytes()).unwrap();
+        assert!(v.is_row_bound());
+        assert_eq!(v.as_binary()[0], Algorithm::AES_256_GCM_ROW_BYTE);
+        let open = |row: Option<&[u8]>| k.open_owned_in_row(&org("acme"), row, v.clone());
+        assert_eq!(open(Some(b"17")).unwrap(), b"secret");
+        assert_eq!(open(Some(b"18")), Err(OpenError::Authentication));
+        assert_eq!(open(Some(b"")), Err(OpenError::Authentication));
+        assert_eq!(open(None), Err(OpenError::RowKeyMissing));
+        assert_eq!(k.open(&org("acme"), &v), Err(OpenError::RowKeyMissing));
+        assert_eq!(
+            k.open_owned_in_row(&org("other"), Some(b"17"), v.clone()),
+            Err(OpenError::Authentication)
+        );
+        // Claiming to be unbound (algorithm byte 0x01) fails authentication.
+        let mut binary = v.as_binary().to_vec();
+        binary[0] = Algorithm::AES_256_GCM_BYTE;
+        let unbound = EncV1::from_binary(binary).unwrap();
+        assert_eq!(
+            k.open_owned_in_row(&org("acme"), Some(b"17"), unbound),
+            Err(OpenError::Authentication)
+        );
+        // An unbound value ignores a row key.
+        let plain = k.seal(&org("acme"), b"x", &mut nonces).unwrap();
+        let plain = EncV1::parse(plain.as_bytes()).unwrap();
+        assert!(!plain.is_row_bound());
+        assert_eq!(
+            k.open_owned_in_row(&org("acme"), Some(b"17"), plain)
+                .unwrap(),
+            b"x"
+        );
     }
 
     #[test]
