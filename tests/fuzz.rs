@@ -612,6 +612,7 @@ fn protected() -> Protected {
         schema: "public".into(),
         name: "secrets".into(),
         tenant_column: Some("org_id".into()),
+        row_key: None,
         encrypted: vec!["value".into(), "note".into()],
     }])
 }
@@ -917,6 +918,7 @@ mod differential {
             schema: "public".into(),
             name: table.clone(),
             tenant_column: None,
+            row_key: None,
             encrypted: vec!["secret".into()],
         }]);
         let per_setting = (cases() / 4).max(100);

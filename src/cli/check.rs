@@ -343,6 +343,58 @@ async fn round_trip(kek: &dyn KekProvider) -> anyhow::Result<()> {
 /// Types whose values can hold `enc:v1:` text.
 const TEXT_LIKE: &[&str] = &["text", "character varying", "character", "citext", "name"];
 
+/// Types a row key may have: their text form is what the proxy binds values to, and what it
+/// reads back (also from binary results).
+const ROW_KEY_TYPES: &[&str] = &[
+    "smallint",
+    "integer",
+    "bigint",
+    "text",
+    "character varying",
+    "uuid",
+];
+
+/// A row key must exist, have a type whose printed form is stable, and be the table's
+/// single-column primary key (`reencrypt` walks and re-seals rows by it).
+async fn check_row_key(
+    client: &tokio_postgres::Client,
+    table: &crate::rules::TableRule,
+    key: &str,
+    ty: Option<String>,
+) -> anyhow::Result<Vec<String>> {
+    let at = format!("{}.{key} ({})", table.qualified_name(), table.location());
+    let Some(ty) = ty else {
+        return Ok(vec![format!("{at}: row key column does not exist")]);
+    };
+    let mut problems = Vec::new();
+    if !ROW_KEY_TYPES.contains(&ty.as_str()) {
+        problems.push(format!(
+            "{at}: row key type is {ty}; use an integer, text, varchar or uuid column"
+        ));
+    }
+    let pk: Vec<String> = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i              JOIN pg_class c ON c.oid = i.indrelid              JOIN pg_namespace n ON n.oid = c.relnamespace              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)              WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary",
+            &[&table.schema(), &table.name()],
+        )
+        .await
+        .context("reading the primary key")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if pk != [key] {
+        problems.push(format!(
+            "{at}: the row key must be the table's single-column primary key (it is {})",
+            if pk.is_empty() {
+                "none".to_owned()
+            } else {
+                pk.join(", ")
+            }
+        ));
+    }
+    Ok(problems)
+}
+
 async fn check_against_db(config: &Config, rules: &RuleSet) -> anyhow::Result<Vec<String>> {
     let client = crate::cli::common::connect_upstream(config).await?;
     let mut problems = Vec::new();
@@ -378,6 +430,9 @@ async fn check_against_db(config: &Config, rules: &RuleSet) -> anyhow::Result<Ve
                     table.location()
                 ));
             }
+        }
+        if let Some(key) = table.row_key() {
+            problems.extend(check_row_key(&client, table, key, find(key).map(|(ty, _)| ty)).await?);
         }
         for col in table.columns() {
             match find(col.column()) {

@@ -30,6 +30,8 @@ pub(crate) struct TableMap {
     pub(crate) encrypted: HashMap<i16, ColumnRule>,
     /// attnum of the table's tenant column, if the rule has one.
     pub(crate) tenant_attnum: Option<i16>,
+    /// attnum of the table's row key, if the rule has one (row binding).
+    pub(crate) key_attnum: Option<i16>,
 }
 
 /// A catalog query failed.
@@ -238,6 +240,7 @@ impl Catalog {
             .map_err(|e| self.err(db, &e))?;
         let mut encrypted = HashMap::new();
         let mut tenant_attnum = None;
+        let mut key_attnum = None;
         for a in &attrs {
             let attname: String = a.get(0);
             let attnum: i16 = a.get(1);
@@ -247,10 +250,14 @@ impl Catalog {
             if rule.tenant_column() == Some(attname.as_str()) {
                 tenant_attnum = Some(attnum);
             }
+            if rule.row_key() == Some(attname.as_str()) {
+                key_attnum = Some(attnum);
+            }
         }
         Ok(Some(Arc::new(TableMap {
             encrypted,
             tenant_attnum,
+            key_attnum,
         })))
     }
 

@@ -29,13 +29,14 @@ use crate::proxy::copy::CopyIn;
 use crate::proxy::engine::{Cipher, ReadOutcome, RulesSnapshot};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
-use crate::proxy::session::may_change_lexing;
+use crate::proxy::session::{binary_as_text, may_change_lexing};
 use crate::proxy::session::{
     lock, Ahead, CopyJob, Pending, Portal, SharedSession, Statement, TenantChangeOp,
 };
 use crate::rules::ColumnRule;
 use crate::sql::{
-    Analysis, ColumnRef, CopyDirection, LiteralSite, TenantChange, TenantSource, TxControl,
+    Analysis, ColumnRef, CopyDirection, LiteralSite, RowKeySource, TenantChange, TenantSource,
+    TxControl,
 };
 use crate::wire::encoding::{ClientEncoding, EncodingError};
 use crate::wire::frontend::{self as fe, Bind, Parse, Target};
@@ -321,7 +322,11 @@ impl ClientSide {
         for site in &analysis.literals {
             let column = rule_for(&rules, &site.column)?;
             let org = self.tenant_for(&site.tenant, column, bind)?;
-            let Some(sealed) = self.seal_value(column, &org, site.value.as_bytes()).await? else {
+            let key = self.row_key_for(site.row_key.as_ref(), column, bind)?;
+            let Some(sealed) = self
+                .seal_value(column, &org, key.as_deref(), site.value.as_bytes())
+                .await?
+            else {
                 continue;
             };
             replacements.push((site.range.clone(), format!("'{sealed}'")));
@@ -343,12 +348,18 @@ impl ClientSide {
         &mut self,
         column: &ColumnRule,
         org: &OrgId,
+        row_key: Option<&str>,
         plaintext: &[u8],
     ) -> Result<Option<String>, ClientError> {
+        let row_key = row_key.map(str::as_bytes);
         // Only a value shaped like an envelope of this column is checked; other text that
         // starts with `enc:v1:` is data and is encrypted like any other.
         if crate::proxy::copy::is_envelope_of(column, plaintext) {
-            match self.cipher.read(Some(column), plaintext, None).await {
+            match self
+                .cipher
+                .read(Some(column), plaintext, None, row_key)
+                .await
+            {
                 Ok(ReadOutcome::Decrypted(d)) if &d.org == org => return Ok(None),
                 Ok(ReadOutcome::Decrypted(_)) => {
                     return Err(ClientError::privilege(format!(
@@ -368,13 +379,61 @@ impl ClientSide {
                 Err(e) => return Err(e),
             }
         }
-        self.cipher.encrypt(column, org, plaintext).await.map(Some)
+        self.cipher
+            .encrypt(column, org, row_key, plaintext)
+            .await
+            .map(Some)
     }
 
     /// The rules in force for this statement (one snapshot, so a reload between two values of
     /// one statement cannot mix rule sets, and no rule is cloned per value).
     fn rules(&self) -> Arc<RulesSnapshot> {
         self.cipher.engine().rules()
+    }
+
+    /// The key of the row a value of `column` is written to (row binding), as PostgreSQL
+    /// will print it; `None` when the table does not bind values to their row.
+    fn row_key_for(
+        &self,
+        source: Option<&RowKeySource>,
+        column: &ColumnRule,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<Option<String>, ClientError> {
+        let Some(source) = source else {
+            return Ok(None);
+        };
+        let key = column.row_key().unwrap_or_default();
+        let value = match source {
+            RowKeySource::Literal(v) => v.clone(),
+            RowKeySource::Param(n) => {
+                let Some(bind) = bind else {
+                    return Err(ClientError::unsupported(format!(
+                        "pgenvelope: the value for {} is a literal but the row key {key} is the \
+                         parameter ${n}: pass the value as a parameter too",
+                        column.qualified_name()
+                    )));
+                };
+                match bind.text(*n, &self.encoding())? {
+                    Some(v) => v,
+                    None => {
+                        return Err(ClientError::unsupported(format!(
+                            "pgenvelope: values of {} are bound to their row: the row key {key} \
+                             may not be NULL",
+                            column.qualified_name()
+                        )))
+                    }
+                }
+            }
+        };
+        if !key_stores_as_written(&value) {
+            return Err(ClientError::unsupported(format!(
+                "pgenvelope: the row key {key} given for {} may be stored differently from how \
+                 it is written (surrounding spaces, a number or UUID not in canonical form): \
+                 write it as PostgreSQL prints it",
+                column.qualified_name()
+            )));
+        }
+        Ok(Some(value))
     }
 
     /// The organisation owning a value written to `column`.
@@ -418,13 +477,6 @@ impl ClientSide {
             }
             TenantSource::Session => self.session_tenant(column),
         }
-    }
-
-    /// The organisation a write sealed under the session tenant is sealed for now: the session
-    /// tenant, else the default tenant.
-    fn session_org(&self) -> Option<OrgId> {
-        let tenant = lock(&self.session).tenant.effective();
-        tenant.or_else(|| self.cipher.engine().default_tenant.clone())
     }
 
     fn session_tenant(&self, column: &ColumnRule) -> Result<OrgId, ClientError> {
@@ -587,7 +639,7 @@ impl ClientSide {
         }
         let new_sql = self.rewrite_literals(&text, &analysis, None).await?;
         let sealed_for = if new_sql.is_some() && seals_under_session(&analysis.literals) {
-            self.session_org()
+            self.session_or_default()
         } else {
             None
         };
@@ -681,7 +733,7 @@ impl ClientSide {
         let Some(analysis) = statement.analysis.clone() else {
             return Ok((None, None));
         };
-        if statement.sealed_for.is_some() && statement.sealed_for != self.session_org() {
+        if statement.sealed_for.is_some() && statement.sealed_for != self.session_or_default() {
             return Err(ClientError::unsupported(TENANT_CHANGED));
         }
         let described = statement
@@ -724,16 +776,20 @@ impl ClientSide {
                 return Err(ClientError::unsupported(IN_FLIGHT));
             }
             let org = self.tenant_for(&site.tenant, column, Some(&values))?;
+            let key = self.row_key_for(site.row_key.as_ref(), column, Some(&values))?;
             // Text and binary send of text types both carry the text in the client encoding.
             let plaintext = encoding
                 .decode(raw)
                 .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
-            if let Some(sealed) = self.seal_value(column, &org, plaintext.as_bytes()).await? {
+            if let Some(sealed) = self
+                .seal_value(column, &org, key.as_deref(), plaintext.as_bytes())
+                .await?
+            {
                 sealed_params.push((site.index - 1, sealed.into_bytes()));
             }
         }
         let sealed_for = if !sealed_params.is_empty() && seals_under_session_params(&analysis) {
-            self.session_org()
+            self.session_or_default()
         } else {
             statement.sealed_for.clone()
         };
@@ -791,7 +847,7 @@ impl ClientSide {
         }
         let portal = ahead.latest();
         if let Some(sealed_for) = portal.as_ref().and_then(|p| p.sealed_for.as_ref()) {
-            if Some(sealed_for) != self.session_org().as_ref() {
+            if Some(sealed_for) != self.session_or_default().as_ref() {
                 return self.reject_extended(&ClientError::unsupported(TENANT_CHANGED), out);
             }
         }
@@ -928,6 +984,7 @@ impl ClientSide {
                 plan: plan.clone(),
                 targets: Vec::new(),
                 tenant_index: None,
+                key_index: None,
             });
         };
         let rules = engine.rules();
@@ -960,10 +1017,29 @@ impl ClientSide {
         let tenant_index = rule
             .tenant_column()
             .and_then(|t| columns.iter().position(|c| c == t));
+        let key_index = match rule.row_key() {
+            None => None,
+            Some(k) => match columns.iter().position(|c| c == k) {
+                Some(i) => Some(i),
+                // Without the key no value can be sealed or opened for its row.
+                None if rule
+                    .columns()
+                    .any(|r| columns.contains(&r.column().to_owned())) =>
+                {
+                    return Err(ClientError::unsupported(format!(
+                        "pgenvelope: values of {}.{} are bound to their row: the COPY column \
+                         list must include the row key {k}",
+                        table.schema, table.name
+                    )))
+                }
+                None => None,
+            },
+        };
         Ok(CopyJob {
             plan: plan.clone(),
             targets,
             tenant_index,
+            key_index,
         })
     }
 
@@ -1128,20 +1204,10 @@ impl BindValues<'_> {
                 .map_err(|_| bad());
         }
         let ty = self.types.get(n - 1).copied().unwrap_or(0);
-        let text = match (ty, raw.len()) {
-            (21, 2) => i16::from_be_bytes([raw[0], raw[1]]).to_string(),
-            (23, 4) => i32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]).to_string(),
-            (20, 8) => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(raw);
-                i64::from_be_bytes(b).to_string()
-            }
-            (t, _) if TEXT_OIDS.contains(&t) || t == 19 => {
-                encoding.decode(raw).map_err(|_| bad())?.into_owned()
-            }
-            _ => return Err(bad()),
-        };
-        Ok(Some(text))
+        if TEXT_OIDS.contains(&ty) || ty == 19 {
+            return Ok(Some(encoding.decode(raw).map_err(|_| bad())?.into_owned()));
+        }
+        binary_as_text(ty, raw).map(Some).ok_or_else(bad)
     }
 }
 
@@ -1188,9 +1254,51 @@ fn stores_as_written(v: &str) -> bool {
     v.parse::<f64>().is_err() && !v.starts_with('+') && !digits.starts_with('0')
 }
 
+/// Whether a row key is certainly stored as written: [`stores_as_written`], and a UUID only
+/// in PostgreSQL's output form (lower-case hex in groups of 8-4-4-4-12; a `uuid` column
+/// stores `{A0EE…}` or hex without hyphens in that form).
+pub(crate) fn key_stores_as_written(v: &str) -> bool {
+    let hex: String = v
+        .chars()
+        .filter(|c| !matches!(c, '-' | '{' | '}'))
+        .collect();
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return stores_as_written(v);
+    }
+    let canonical = v.len() == 36
+        && v.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+        });
+    canonical
+}
+
 #[cfg(test)]
 mod tenant_text_tests {
-    use super::stores_as_written;
+    use super::{key_stores_as_written, stores_as_written};
+
+    #[test]
+    fn only_canonical_row_keys_pass() {
+        for ok in [
+            "17",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "user-42",
+            "deadbeef",
+            "0a1b2c3d-9c0b-4ef8-bb6d-6bb9bd380a11",
+        ] {
+            assert!(key_stores_as_written(ok), "{ok}");
+        }
+        for bad in [
+            "017",
+            " 17",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+            "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
+        ] {
+            assert!(!key_stores_as_written(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn only_canonical_tenants_pass() {

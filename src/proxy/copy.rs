@@ -308,6 +308,26 @@ impl RowsIn {
             needs.orgs.insert(org);
             return Ok(());
         };
+        let row_key = match job.key_index {
+            None => None,
+            Some(i) => {
+                let key = row_key(row, i, encoding)?;
+                if !key
+                    .as_deref()
+                    .is_some_and(crate::proxy::client_side::key_stores_as_written)
+                {
+                    return Err(ClientError::unsupported(format!(
+                        "pgenvelope: COPY row {}: values of {} are bound to their row, and its \
+                         row key is NULL or may be stored differently from how it is written \
+                         (surrounding spaces, a number or UUID not in canonical form)",
+                        row.line(),
+                        first.qualified_name()
+                    )));
+                }
+                key
+            }
+        };
+        let row_key = row_key.as_deref().map(str::as_bytes);
         for (i, column) in &job.targets {
             let Some(Some(value)) = row.get(*i) else {
                 continue;
@@ -344,15 +364,20 @@ impl RowsIn {
                     )));
                 }
                 let Some(existing) = keys.by_id.get(&parsed.dek_id()) else {
-                    needs.deks.insert(parsed.dek_id(), c);
+                    needs.deks.insert(parsed.dek_id(), *c);
                     continue;
                 };
-                let opened = match cipher.open_with(existing, parsed, &c, None) {
+                let opened = match cipher.open_with(existing, parsed, &c, None, row_key) {
                     Ok(opened) => opened,
                     // Fails authentication: not one of ours, just data.
                     Err(e) if e.code == crate::wire::sqlstate::DATA_CORRUPTED => {
-                        let sealed =
-                            cipher.encrypt_with(dek, column, &org, plaintext.as_bytes())?;
+                        let sealed = cipher.encrypt_with(
+                            dek,
+                            column,
+                            &org,
+                            row_key,
+                            plaintext.as_bytes(),
+                        )?;
                         row.set(*i, Some(sealed.into_bytes()));
                         continue;
                     }
@@ -367,10 +392,25 @@ impl RowsIn {
                 }
                 continue;
             }
-            let sealed = cipher.encrypt_with(dek, column, &org, plaintext.as_bytes())?;
+            let sealed = cipher.encrypt_with(dek, column, &org, row_key, plaintext.as_bytes())?;
             row.set(*i, Some(sealed.into_bytes()));
         }
         Ok(())
+    }
+}
+
+/// Field `i` of a COPY row as text (the row key of a row-bound table).
+fn row_key(
+    row: &CopyRow<'_>,
+    i: usize,
+    encoding: &ClientEncoding,
+) -> Result<Option<String>, ClientError> {
+    match row.get(i) {
+        Some(Some(v)) => encoding
+            .decode(&v)
+            .map(|t| Some(t.into_owned()))
+            .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}"))),
+        _ => Ok(None),
     }
 }
 
@@ -473,8 +513,13 @@ impl CopyOut {
         out: &mut BytesMut,
     ) -> Result<(), ClientError> {
         let (columns, encoding, tenant) = (&self.columns, &self.encoding, self.tenant.as_ref());
+        let key_index = self.job.key_index;
         self.codec
             .run(data, cipher, out, &self.job, |row, keys, cipher, needs| {
+                let key = match key_index {
+                    Some(k) => row_key(row, k, encoding)?,
+                    None => None,
+                };
                 for (i, expected) in columns {
                     let Some(Some(value)) = row.get(*i) else {
                         continue;
@@ -489,10 +534,16 @@ impl CopyOut {
                         continue;
                     }
                     let Some(dek) = keys.by_id.get(&parsed.dek_id()) else {
-                        needs.deks.insert(parsed.dek_id(), column);
+                        needs.deks.insert(parsed.dek_id(), *column);
                         continue;
                     };
-                    let opened = cipher.open_with(dek, parsed, &column, tenant)?;
+                    let opened = cipher.open_with(
+                        dek,
+                        parsed,
+                        &column,
+                        tenant,
+                        key.as_deref().map(str::as_bytes),
+                    )?;
                     let text = String::from_utf8(opened.plaintext).map_err(|_| {
                         ClientError::corrupted(format!(
                             "pgenvelope: value in {} is not text",

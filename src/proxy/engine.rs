@@ -363,6 +363,7 @@ pub(crate) fn protected_from_rules(rules: &RuleSet) -> Protected {
         schema: t.schema().to_owned(),
         name: t.name().to_owned(),
         tenant_column: t.tenant_column().map(str::to_owned),
+        row_key: t.row_key().map(str::to_owned),
         encrypted: t.columns().map(|c| c.column().to_owned()).collect(),
     }))
 }
@@ -415,15 +416,18 @@ impl Cipher {
         &self.engine
     }
 
-    /// Encrypt `plaintext` (UTF-8) for `column` under `org`'s active DEK.
+    /// Encrypt `plaintext` (UTF-8) for `column` under `org`'s active DEK. `row_key`: the key
+    /// of the row the value is written to, as PostgreSQL prints it; needed (and only used)
+    /// when the column's table binds values to their row.
     pub(crate) async fn encrypt(
         &mut self,
         column: &ColumnRule,
         org: &OrgId,
+        row_key: Option<&[u8]>,
         plaintext: &[u8],
     ) -> Result<String, ClientError> {
         let dek = self.active_key(column, org).await?;
-        self.encrypt_with(&dek, column, org, plaintext)
+        self.encrypt_with(&dek, column, org, row_key, plaintext)
     }
 
     /// The active DEK of `org` (for a write to `column`).
@@ -472,10 +476,25 @@ impl Cipher {
         dek: &Arc<CachedDek>,
         column: &ColumnRule,
         org: &OrgId,
+        row_key: Option<&[u8]>,
         plaintext: &[u8],
     ) -> Result<String, ClientError> {
-        let sealed =
-            subkey(&mut self.subkeys, dek, column.id()).seal(org, plaintext, &mut self.nonces);
+        let key = subkey(&mut self.subkeys, dek, column.id());
+        let sealed = match (column.row_key(), row_key) {
+            (None, _) => key.seal(org, plaintext, &mut self.nonces),
+            (Some(k), None) => {
+                return Err(ClientError::unsupported(format!(
+                    "pgenvelope: values of {} are bound to their row: the write must give the \
+                     row key {k}",
+                    column.qualified_name()
+                )))
+            }
+            (Some(_), Some(row)) => {
+                let mut out = String::new();
+                key.seal_for_row_into(org, row, plaintext, &mut self.nonces, &mut out)
+                    .map(|()| out)
+            }
+        };
         let sealed = sealed.map_err(|_| {
             ClientError::unsupported(format!(
                 "pgenvelope: value for {} is too large to encrypt",
@@ -494,17 +513,19 @@ impl Cipher {
     /// origin (`None`: only values that carry a header of a known rule column are decrypted).
     ///
     /// `tenant`: the session tenant; a value of another organisation is refused (42501).
+    /// `row_key`: the key of the row the value was read from, when known (row binding).
     pub(crate) async fn read(
         &mut self,
         expected: Option<&ColumnRule>,
         value: &[u8],
         tenant: Option<&OrgId>,
+        row_key: Option<&[u8]>,
     ) -> Result<ReadOutcome, ClientError> {
         let (parsed, looked_up) = match self.classify(expected, value)? {
             Classified::Plain => return Ok(ReadOutcome::Plain),
             Classified::Sealed { parsed, column } => (parsed, column),
         };
-        let Some(column) = looked_up.as_ref().or(expected) else {
+        let Some(column) = looked_up.as_deref().or(expected) else {
             return Ok(ReadOutcome::Plain);
         };
         let known = self
@@ -520,7 +541,7 @@ impl Cipher {
                 None => return Ok(ReadOutcome::Shredded),
             },
         };
-        self.open_with(&dek, parsed, column, tenant)
+        self.open_with(&dek, parsed, column, tenant, row_key)
             .map(ReadOutcome::Decrypted)
     }
 
@@ -532,10 +553,12 @@ impl Cipher {
     ) -> Result<Prepared, ClientError> {
         Ok(match self.classify(expected, value)? {
             Classified::Plain => Prepared::Plain,
-            Classified::Sealed { parsed, column } => match column.or_else(|| expected.cloned()) {
-                Some(column) => Prepared::Sealed { parsed, column },
-                None => Prepared::Plain,
-            },
+            Classified::Sealed { parsed, column } => {
+                match column.or_else(|| expected.map(|c| Box::new(c.clone()))) {
+                    Some(column) => Prepared::Sealed { parsed, column },
+                    None => Prepared::Plain,
+                }
+            }
         })
     }
 
@@ -585,7 +608,7 @@ impl Cipher {
             }
             Some(_) => None,
             None => match self.engine.rules().rules.by_column_id(parsed.column_id()) {
-                Some(col) => Some(col.clone()),
+                Some(col) => Some(Box::new(col.clone())),
                 None => return Ok(Classified::Plain),
             },
         };
@@ -593,14 +616,46 @@ impl Cipher {
     }
 
     /// Second, synchronous half of [`Cipher::read`]: open with the fetched DEK.
+    ///
+    /// Row binding: a value of a column whose table has a `row_key` must be bound to its row
+    /// and opens only with `row_key`, the key of the row it was read from; without one it is
+    /// refused (0A000: read the key column too). A bound value in a column without a row key,
+    /// or an unbound one in a column with one, is refused (XX001).
     pub(crate) fn open_with(
         &mut self,
         dek: &Arc<CachedDek>,
         parsed: EncV1,
         column: &ColumnRule,
         tenant: Option<&OrgId>,
+        row_key: Option<&[u8]>,
     ) -> Result<Decrypted, ClientError> {
         let stats = &self.engine.stats;
+        match (column.row_key(), parsed.is_row_bound(), row_key) {
+            (Some(_), true, Some(_)) | (None, false, _) => {}
+            (Some(k), true, None) => {
+                return Err(ClientError::unsupported(format!(
+                    "pgenvelope: values of {} are bound to their row: read the row key {k} in \
+                     the same result (a plain column reference)",
+                    column.qualified_name()
+                )))
+            }
+            (Some(_), false, _) => {
+                stats.decrypt_failures.inc("wrong_row");
+                return Err(ClientError::corrupted(format!(
+                    "pgenvelope: a value in {} is not bound to its row (written before row \
+                     binding was turned on: run `pgenvelope reencrypt`)",
+                    column.qualified_name()
+                )));
+            }
+            (None, true, _) => {
+                stats.decrypt_failures.inc("wrong_row");
+                return Err(ClientError::corrupted(format!(
+                    "pgenvelope: a value in {} is bound to a row, but the rules give its table \
+                     no row_key",
+                    column.qualified_name()
+                )));
+            }
+        }
         if let Some(t) = tenant {
             if dek.org() != t {
                 stats.decrypt_failures.inc("other_tenant");
@@ -611,7 +666,8 @@ impl Cipher {
             }
         }
         let org = dek.org().clone();
-        match subkey(&mut self.subkeys, dek, column.id()).open_owned(&org, parsed) {
+        let row_key = row_key.filter(|_| column.row_key().is_some());
+        match subkey(&mut self.subkeys, dek, column.id()).open_owned_in_row(&org, row_key, parsed) {
             Ok(plaintext) => {
                 stats.values_decrypted.fetch_add(1, Ordering::Relaxed);
                 Ok(Decrypted { plaintext, org })
@@ -635,8 +691,8 @@ pub(crate) enum Prepared {
     Sealed {
         /// The parsed value.
         parsed: EncV1,
-        /// Its column.
-        column: ColumnRule,
+        /// Its column (boxed: rules are large, and most values are [`Prepared::Plain`]).
+        column: Box<ColumnRule>,
     },
 }
 
@@ -649,7 +705,7 @@ enum Classified {
         /// The parsed value.
         parsed: EncV1,
         /// Its column, when it was found from the value's header.
-        column: Option<ColumnRule>,
+        column: Option<Box<ColumnRule>>,
     },
 }
 

@@ -19,7 +19,7 @@ use crate::proxy::copy::CopyOut;
 use crate::proxy::engine::{Cipher, ReadOutcome};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
-use crate::proxy::session::{lock, ColumnShape, Pending, Shape, SharedSession};
+use crate::proxy::session::{binary_as_text, lock, ColumnShape, Pending, Shape, SharedSession};
 use crate::wire::backend::{self as be, DataRow, FieldDescription, TransactionStatus};
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::{Frame, WireError};
@@ -428,6 +428,7 @@ impl ServerSide {
         for f in fields {
             let mut rule = None;
             let mut tenant_attnum = None;
+            let mut key_attnum = None;
             if f.table_oid != 0 && f.attnum > 0 {
                 let table = engine
                     .catalog
@@ -442,6 +443,7 @@ impl ServerSide {
                 if let Some(t) = table {
                     rule = t.encrypted.get(&f.attnum).cloned();
                     tenant_attnum = t.tenant_attnum;
+                    key_attnum = t.key_attnum;
                 }
             }
             let tenant_index = match (rule.is_some(), tenant_attnum) {
@@ -450,9 +452,27 @@ impl ServerSide {
                     .position(|g| g.table_oid == f.table_oid && g.attnum == att),
                 _ => None,
             };
+            // The row key of the same row: with the key twice in the result (a self-join),
+            // which one belongs to this value is unknown, and the read is refused.
+            let key_index = match (rule.is_some(), key_attnum) {
+                (true, Some(att)) => {
+                    let mut same = fields
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, g)| g.table_oid == f.table_oid && g.attnum == att)
+                        .map(|(i, _)| i);
+                    match (same.next(), same.next()) {
+                        (Some(i), None) => Some(i),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
             columns.push(ColumnShape {
                 rule,
                 tenant_index,
+                key_index,
+                type_oid: f.type_oid,
                 textlike: TEXTLIKE_OIDS.contains(&f.type_oid),
                 format: f.format,
             });
@@ -476,9 +496,18 @@ impl ServerSide {
             let Some(Some(value)) = row.get(i) else {
                 continue;
             };
+            let key = match col.key_index {
+                Some(j) => row_key_text(&shape.columns[j], row.get(j).flatten(), &encoding)?,
+                None => None,
+            };
             let d = match self
                 .cipher
-                .read(col.rule.as_ref(), value, tenant.as_ref())
+                .read(
+                    col.rule.as_ref(),
+                    value,
+                    tenant.as_ref(),
+                    key.as_deref().map(str::as_bytes),
+                )
                 .await?
             {
                 ReadOutcome::Decrypted(d) => d,
@@ -526,4 +555,31 @@ impl ServerSide {
         }
         Ok(())
     }
+}
+
+/// The row key of a result row as PostgreSQL prints it (row binding): the text of a text-format
+/// field; a binary field is rendered for integer, UUID and text types, and refused otherwise.
+pub(crate) fn row_key_text(
+    column: &ColumnShape,
+    value: Option<&[u8]>,
+    encoding: &ClientEncoding,
+) -> Result<Option<String>, ClientError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let bad = || {
+        ClientError::unsupported(
+            "pgenvelope: the row key of a row-bound table was sent in a binary format the \
+             proxy cannot read: request it in text format",
+        )
+    };
+    if column.format == 0 || column.textlike {
+        return encoding
+            .decode(value)
+            .map(|t| Some(t.into_owned()))
+            .map_err(|_| bad());
+    }
+    binary_as_text(column.type_oid, value)
+        .map(Some)
+        .ok_or_else(bad)
 }

@@ -35,6 +35,11 @@ pub(crate) struct ColumnShape {
     pub(crate) rule: Option<ColumnRule>,
     /// Index (in the same result) of that table's tenant column, if it is in the result.
     pub(crate) tenant_index: Option<usize>,
+    /// Index (in the same result) of that table's row key, if the table binds values to their
+    /// row and the key is in the result.
+    pub(crate) key_index: Option<usize>,
+    /// Type OID reported in the RowDescription.
+    pub(crate) type_oid: u32,
     /// Whether values may be text (so may hold enc:v1 values of unknown origin).
     pub(crate) textlike: bool,
     /// Format code reported in the RowDescription.
@@ -65,6 +70,19 @@ impl Shape {
     pub(crate) fn is_inert(&self) -> bool {
         self.inert
     }
+}
+
+/// The text PostgreSQL prints for a binary-format value of an integer or UUID type (`None`
+/// for other types or a malformed value): how parameters and result fields that name a
+/// tenant or a row key are read when a client sends or asks for them in binary.
+pub(crate) fn binary_as_text(type_oid: u32, raw: &[u8]) -> Option<String> {
+    Some(match type_oid {
+        21 => i16::from_be_bytes(raw.try_into().ok()?).to_string(),
+        23 => i32::from_be_bytes(raw.try_into().ok()?).to_string(),
+        20 => i64::from_be_bytes(raw.try_into().ok()?).to_string(),
+        2950 => uuid::Uuid::from_slice(raw).ok()?.hyphenated().to_string(),
+        _ => return None,
+    })
 }
 
 /// A prepared statement.
@@ -149,6 +167,8 @@ pub(crate) struct CopyJob {
     pub(crate) targets: Vec<(usize, ColumnRule)>,
     /// Index of the tenant column in the rows, if present.
     pub(crate) tenant_index: Option<usize>,
+    /// Index of the row key in the rows, if the table binds values to their row.
+    pub(crate) key_index: Option<usize>,
 }
 
 /// A request whose response is still expected.

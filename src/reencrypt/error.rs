@@ -45,6 +45,15 @@ pub enum ReencryptError {
         /// `schema.table`.
         table: String,
     },
+    /// The rule's `row_key` is not the table's primary key (a single column): rows are walked
+    /// and re-sealed by primary key, so the key bound into each value must be it.
+    #[error("the row_key {column} of {table} is not the table's single-column primary key")]
+    RowKeyNotPrimaryKey {
+        /// `schema.table`.
+        table: String,
+        /// The rule's row key.
+        column: String,
+    },
     /// `--table` names a table that no rule covers.
     #[error("no rule covers table {table}")]
     NotConfigured {

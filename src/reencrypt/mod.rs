@@ -665,8 +665,20 @@ impl Crypto {
         };
         for (i, column) in plan.columns.iter().enumerate() {
             let value: Option<String> = row.try_get(plan.value_offset() + i).map_err(get_err)?;
+            // Row binding: the row key is the (single-column) primary key, checked when the
+            // plan was built.
+            let row_key = column
+                .row_key()
+                .and_then(|_| work.key.first())
+                .map(String::as_str);
             let (outcome, new) = self
-                .value(&plan.name, column, row_org.as_ref(), value.as_deref())
+                .value(
+                    &plan.name,
+                    column,
+                    row_org.as_ref(),
+                    row_key,
+                    value.as_deref(),
+                )
                 .await?;
             work.old.push(if new.is_some() { value } else { None });
             work.new.push(new);
@@ -680,6 +692,7 @@ impl Crypto {
         table: &str,
         column: &ColumnRule,
         row_org: Option<&OrgId>,
+        row_key: Option<&str>,
         value: Option<&str>,
     ) -> Result<(Outcome, Option<String>), ReencryptError> {
         let Some(value) = value else {
@@ -697,7 +710,7 @@ impl Crypto {
                 return Ok((Outcome::OtherOrg, None));
             }
             let active = self.keys.active_key(org).await.map_err(keys_err)?;
-            let sealed = self.seal(column, &active, org, value.as_bytes())?;
+            let sealed = self.seal(column, &active, org, row_key, value.as_bytes())?;
             return Ok((Outcome::Encrypted, Some(sealed)));
         }
         let Ok(parsed) = EncV1::parse(value.as_bytes()) else {
@@ -725,15 +738,19 @@ impl Crypto {
             return Ok((Outcome::Untouched(Untouched::Authentication), None));
         }
         let active = self.keys.active_key(&org).await.map_err(keys_err)?;
-        if active.dek_id() == dek {
+        // A value not bound as the rules say (row binding turned on since it was written) is
+        // sealed again even under the active DEK.
+        let binding_as_ruled = parsed.is_row_bound() == row_key.is_some();
+        if active.dek_id() == dek && binding_as_ruled {
             return Ok((Outcome::Unchanged, None));
         }
-        let old_key = self.column_key(&cached, column.id());
-        let Ok(plaintext) = old_key.open(&org, &parsed) else {
+        let old_key = self.column_key(&cached, column.id()).clone();
+        let opened = old_key.open_owned_in_row(&org, row_key.map(str::as_bytes), parsed);
+        let Ok(plaintext) = opened else {
             return Ok((Outcome::Untouched(Untouched::Authentication), None));
         };
         let plaintext = Zeroizing::new(plaintext);
-        let sealed = self.seal(column, &active, &org, &plaintext)?;
+        let sealed = self.seal(column, &active, &org, row_key, &plaintext)?;
         Ok((Outcome::Moved, Some(sealed)))
     }
 
@@ -776,15 +793,21 @@ impl Crypto {
         column: &ColumnRule,
         active: &Arc<CachedDek>,
         org: &OrgId,
+        row_key: Option<&str>,
         plaintext: &[u8],
     ) -> Result<String, ReencryptError> {
         let key = self.column_key(active, column.id()).clone();
-        let sealed =
-            key.seal(org, plaintext, &mut self.nonces)
-                .map_err(|e| ReencryptError::Seal {
-                    column: column.qualified_name().to_owned(),
-                    reason: e.to_string(),
-                })?;
+        let mut sealed = String::new();
+        let result = match row_key {
+            Some(k) => {
+                key.seal_for_row_into(org, k.as_bytes(), plaintext, &mut self.nonces, &mut sealed)
+            }
+            None => key.seal_into(org, plaintext, &mut self.nonces, &mut sealed),
+        };
+        result.map_err(|e| ReencryptError::Seal {
+            column: column.qualified_name().to_owned(),
+            reason: e.to_string(),
+        })?;
         *self.sealed.entry(active.dek_id()).or_insert(0) += 1;
         Ok(sealed)
     }

@@ -98,6 +98,14 @@ impl TablePlan {
         if pk.is_empty() {
             return Err(ReencryptError::NoPrimaryKey { table: name });
         }
+        if let Some(k) = rule.row_key() {
+            if pk.len() != 1 || pk[0].name != k {
+                return Err(ReencryptError::RowKeyNotPrimaryKey {
+                    table: name,
+                    column: k.to_owned(),
+                });
+            }
+        }
         Ok(Self::with_key(
             name,
             &relation,

@@ -84,7 +84,8 @@ pub(crate) async fn census(client: &mut Client, rules: &RuleSet) -> Result<Censu
 fn dek_of_head(head: &str) -> Option<DekId> {
     let b64 = head.as_bytes().strip_prefix(ENC_V1_PREFIX)?;
     let bytes = STANDARD.decode(b64.get(..HEAD_B64)?).ok()?;
-    if bytes.first() != Some(&Algorithm::AES_256_GCM_BYTE) {
+    let algorithm = *bytes.first()?;
+    if algorithm != Algorithm::AES_256_GCM_BYTE && algorithm != Algorithm::AES_256_GCM_ROW_BYTE {
         return None;
     }
     let id: [u8; 16] = bytes.get(1..17)?.try_into().ok()?;

@@ -153,6 +153,16 @@ pub enum RulesError {
         /// Qualified column name.
         column: String,
     },
+    /// The row key is also listed for encryption; the proxy must read it in plaintext.
+    #[error("{at}: `{key}`: row key {column} cannot also be encrypted")]
+    RowKeyEncrypted {
+        /// Where the encrypted entry is.
+        at: Location,
+        /// The key, e.g. `table[0].encrypt[0]`.
+        key: String,
+        /// Qualified column name.
+        column: String,
+    },
     /// Two columns have the same [`ColumnId`] (a SHA-256 prefix collision, or the same stable
     /// id given twice); values of one would be accepted as the other's.
     #[error("{at}: `{key}`: column {column} has column id {id}, which {other} at {other_at} already has; give one of them a distinct stable `id`")]

@@ -4,6 +4,7 @@
 //! [[table]]
 //! name = "public.vault_secrets"   # schema-qualified; unqualified means `public`
 //! tenant_column = "org_id"        # optional: the column holding the row's organisation
+//! row_key = "id"                  # optional: bind each value to its row (key in the AAD)
 //! encrypt = ["value", { name = "email", id = "users-email", mode = "randomized" }]
 //! ```
 //!
@@ -11,8 +12,10 @@
 //!   `id` (the [`ColumnId`] is then derived from the id instead of `schema.table.column`, so the
 //!   column can be renamed without making its values undecryptable) and an optional `mode`:
 //!   `"randomized"` (the default) or `"deterministic"` (reserved, rejected as not supported yet).
-//! * Unknown keys, duplicate tables (also across files), duplicate columns, a tenant column that
-//!   is also encrypted, a table with no encrypted column, and two columns with the same
+//! * `row_key` names a column whose value identifies the row (its primary key, say): values are
+//!   then sealed with that key in their AAD and open only in the row they were written to.
+//! * Unknown keys, duplicate tables (also across files), duplicate columns, a tenant column or
+//!   row key that is also encrypted, a table with no encrypted column, and two columns with the same
 //!   [`ColumnId`] are errors. Every error names the file, the line and the key ([`RulesError`]).
 //! * Names are matched as PostgreSQL stores them in its catalog: unquoted parts are folded to
 //!   lower case, `"Quoted"` parts keep their case (details in [`ident`]). Lookups take names in
@@ -159,6 +162,7 @@ pub struct TableRule {
     schema: String,
     name: String,
     tenant_column: Option<String>,
+    row_key: Option<String>,
     columns: Vec<ColumnRule>,
     column_index: HashMap<String, usize>,
     location: Location,
@@ -187,6 +191,11 @@ impl TableRule {
     /// The column that holds each row's organisation, if the rule names one.
     pub fn tenant_column(&self) -> Option<&str> {
         self.tenant_column.as_deref()
+    }
+
+    /// The column whose value every encrypted value of the table is bound to, if any.
+    pub fn row_key(&self) -> Option<&str> {
+        self.row_key.as_deref()
     }
 
     /// The encrypted columns, in the order listed.
@@ -244,10 +253,19 @@ impl TableRule {
             })?),
         };
 
+        let row_key = match &raw.row_key {
+            None => None,
+            Some(rk) => Some(
+                ident::parse_single(rk.get_ref())
+                    .map_err(|e| invalid_name(loc(rk.span()), format!("{key}.row_key"), rk, e))?,
+            ),
+        };
+
         let mut table = Self {
             schema,
             name,
             tenant_column,
+            row_key,
             columns: Vec::new(),
             column_index: HashMap::new(),
             location,
@@ -267,6 +285,13 @@ impl TableRule {
             }
             if table.tenant_column.as_deref() == Some(column.column.as_str()) {
                 return Err(RulesError::TenantColumnEncrypted {
+                    at: column.location.clone(),
+                    key: column.key.clone(),
+                    column: column.qualified.clone(),
+                });
+            }
+            if table.row_key.as_deref() == Some(column.column.as_str()) {
+                return Err(RulesError::RowKeyEncrypted {
                     at: column.location.clone(),
                     key: column.key.clone(),
                     column: column.qualified.clone(),
@@ -354,6 +379,7 @@ impl TableRule {
             id,
             stable_id,
             mode,
+            row_key: self.row_key.clone(),
             location,
             key,
         })
@@ -370,6 +396,8 @@ pub struct ColumnRule {
     id: ColumnId,
     stable_id: Option<String>,
     mode: EncryptionMode,
+    /// The table's row key: values are bound to their row.
+    row_key: Option<String>,
     location: Location,
     /// Key path for error messages, e.g. `table[0].encrypt[1]`.
     key: String,
@@ -405,6 +433,11 @@ impl ColumnRule {
     /// The rule's stable `id`, if it has one.
     pub fn stable_id(&self) -> Option<&str> {
         self.stable_id.as_deref()
+    }
+
+    /// The table's row key, when values of this column are bound to their row.
+    pub fn row_key(&self) -> Option<&str> {
+        self.row_key.as_deref()
     }
 
     /// How values are encrypted.

@@ -24,6 +24,8 @@ pub(crate) struct RawTable {
     pub(crate) name: Spanned<String>,
     #[serde(default)]
     pub(crate) tenant_column: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) row_key: Option<Spanned<String>>,
     pub(crate) encrypt: Spanned<Vec<Spanned<RawColumn>>>,
 }
 

@@ -21,6 +21,25 @@ encrypt = ["value"]
 "#;
 
 #[test]
+fn row_key_is_given_to_every_column() {
+    let rules =
+        parse("[[table]]\nname = \"t\"\nrow_key = \"Id\"\nencrypt = [\"a\", \"b\"]\n").unwrap();
+    assert_eq!(rules.table("public", "t").unwrap().row_key(), Some("id"));
+    assert_eq!(
+        rules.column("public", "t", "b").unwrap().row_key(),
+        Some("id")
+    );
+    let rules = parse(VAULT).unwrap();
+    assert_eq!(
+        rules
+            .column("public", "vault_secrets", "value")
+            .unwrap()
+            .row_key(),
+        None
+    );
+}
+
+#[test]
 fn vault_example() {
     let rules = parse(VAULT).unwrap();
     assert!(!rules.is_empty());
@@ -181,6 +200,12 @@ fn duplicates_and_conflicts() {
     assert_eq!(
         e,
         "rules/test.toml:4: `table[0].encrypt[0]`: tenant column public.t.org_id cannot also be encrypted"
+    );
+
+    let e = err("[[table]]\nname = \"t\"\nrow_key = \"id\"\nencrypt = [\"id\"]\n");
+    assert_eq!(
+        e,
+        "rules/test.toml:4: `table[0].encrypt[0]`: row key public.t.id cannot also be encrypted"
     );
 
     let e = err("[[table]]\nname = \"t\"\nencrypt = []\n");

@@ -165,6 +165,8 @@ pub struct ProtectedTable {
     pub name: String,
     /// Column that holds the row's organisation, if any.
     pub tenant_column: Option<String>,
+    /// Column whose value every encrypted value is bound to (row binding), if any.
+    pub row_key: Option<String>,
     /// Columns whose values are stored as `enc:v1:` envelopes.
     pub encrypted: Vec<String>,
 }
@@ -197,6 +199,9 @@ impl Protected {
                 }
                 if existing.tenant_column.is_none() {
                     existing.tenant_column = t.tenant_column;
+                }
+                if existing.row_key.is_none() {
+                    existing.row_key = t.row_key;
                 }
                 continue;
             }
@@ -326,6 +331,26 @@ pub struct LiteralSite {
     pub column: ColumnRef,
     /// The tenant of the row.
     pub tenant: TenantSource,
+    /// The row key, when the table binds values to their row.
+    pub row_key: Option<RowKeySource>,
+}
+
+/// The key of a written row, for tables that bind values to their row (`row_key` rule).
+#[derive(Clone, PartialEq, Eq)]
+pub enum RowKeySource {
+    /// Given as this literal (numbers as their text).
+    Literal(String),
+    /// Given as parameter `$n` (1-based).
+    Param(usize),
+}
+
+impl fmt::Debug for RowKeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RowKeySource::Literal(_) => f.write_str("Literal(<redacted>)"),
+            RowKeySource::Param(n) => write!(f, "Param(${n})"),
+        }
+    }
 }
 
 impl fmt::Debug for LiteralSite {
@@ -335,6 +360,7 @@ impl fmt::Debug for LiteralSite {
             .field("value", &"<redacted>")
             .field("column", &self.column)
             .field("tenant", &self.tenant)
+            .field("row_key", &self.row_key)
             .finish()
     }
 }
@@ -348,6 +374,8 @@ pub struct ParamSite {
     pub column: ColumnRef,
     /// The tenant of the row.
     pub tenant: TenantSource,
+    /// The row key, when the table binds values to their row.
+    pub row_key: Option<RowKeySource>,
 }
 
 /// A change of the session tenant, in statement order.

@@ -10,24 +10,28 @@ fn prot() -> Protected {
             schema: "public".into(),
             name: "secrets".into(),
             tenant_column: Some("org_id".into()),
+            row_key: None,
             encrypted: vec!["value".into(), "note".into()],
         },
         ProtectedTable {
             schema: "app".into(),
             name: "Users".into(),
             tenant_column: None,
+            row_key: None,
             encrypted: vec!["email".into()],
         },
         ProtectedTable {
             schema: "a".into(),
             name: "dup".into(),
             tenant_column: None,
+            row_key: None,
             encrypted: vec!["x".into()],
         },
         ProtectedTable {
             schema: "b".into(),
             name: "dup".into(),
             tenant_column: None,
+            row_key: None,
             encrypted: vec!["x".into()],
         },
     ])
@@ -908,12 +912,14 @@ fn protected_lookups() {
             schema: "s".into(),
             name: "t".into(),
             tenant_column: None,
+            row_key: None,
             encrypted: vec!["a".into()],
         },
         ProtectedTable {
             schema: "s".into(),
             name: "t".into(),
             tenant_column: Some("o".into()),
+            row_key: None,
             encrypted: vec!["b".into(), "a".into()],
         },
     ]);
@@ -1149,6 +1155,7 @@ fn identifiers_are_truncated_to_63_bytes() {
         schema: "public".into(),
         name: long.clone(),
         tenant_column: None,
+        row_key: None,
         encrypted: vec![format!("{}é", "v".repeat(61))],
     }]);
     let a = analyze(&format!("INSERT INTO {long}extra (x) VALUES ('a')"), &p);
@@ -1331,4 +1338,79 @@ fn unterminated_dollar_quotes_in_unparsable_pieces_do_not_recurse() {
     // whole text and a string body that does not tokenize, without end.
     let a = analyze("SELECT 0, 'x'\n'\n'E'$q$' FROM secrets", &prot());
     assert!(a.rejection.is_some());
+}
+
+// ---- row binding ----
+
+fn bound() -> Protected {
+    Protected::new([ProtectedTable {
+        schema: "public".into(),
+        name: "vault".into(),
+        tenant_column: Some("org_id".into()),
+        row_key: Some("id".into()),
+        encrypted: vec!["value".into()],
+    }])
+}
+
+fn bound_ok(sql: &str) -> Analysis {
+    let a = analyze(sql, &bound());
+    assert!(a.rejection.is_none(), "{sql}: {:?}", a.rejection);
+    a
+}
+
+fn bound_rejected(sql: &str) -> String {
+    let a = analyze(sql, &bound());
+    a.rejection
+        .unwrap_or_else(|| panic!("not rejected: {sql}"))
+        .message
+}
+
+#[test]
+fn row_keys_of_written_values() {
+    let a =
+        bound_ok("INSERT INTO vault (id, org_id, value) VALUES (7, 'acme', 'x'), ($1, 'acme', $2)");
+    assert_eq!(
+        a.literals[0].row_key,
+        Some(RowKeySource::Literal("7".into()))
+    );
+    assert_eq!(a.params[0].row_key, Some(RowKeySource::Param(1)));
+    let a = bound_ok("UPDATE vault SET value = $1 WHERE id = $2 AND org_id = $3");
+    assert_eq!(a.params[0].row_key, Some(RowKeySource::Param(2)));
+    let a = bound_ok("UPDATE vault v SET value = 'y' WHERE v.id = '9'::text AND org_id = 'acme'");
+    assert_eq!(
+        a.literals[0].row_key,
+        Some(RowKeySource::Literal("9".into()))
+    );
+    // Conflict on the key: EXCLUDED carries values sealed for the same key.
+    bound_ok("INSERT INTO vault (id, org_id, value) VALUES ($1, $2, $3) ON CONFLICT (id, org_id) DO UPDATE SET value = EXCLUDED.value");
+    // NULL values need no key; unbound tables carry none.
+    bound_ok("INSERT INTO vault (org_id, value) VALUES ('acme', NULL)");
+    let a = ok("INSERT INTO secrets (org_id, value) VALUES ('acme', 'x')");
+    assert_eq!(a.literals[0].row_key, None);
+}
+
+#[test]
+fn writes_without_the_row_key_are_refused() {
+    for sql in [
+        "INSERT INTO vault (org_id, value) VALUES ('acme', 'x')",
+        "INSERT INTO vault (id, org_id, value) VALUES (nextval('s'), 'acme', 'x')",
+        "UPDATE vault SET value = $1 WHERE org_id = 'acme'",
+        "UPDATE vault SET value = $1 WHERE (id = 1 OR id = 2) AND org_id = 'acme'",
+    ] {
+        let m = bound_rejected(sql);
+        assert!(m.contains("bound to their row"), "{sql}: {m}");
+    }
+    for sql in [
+        "UPDATE vault SET id = 8 WHERE id = 7 AND org_id = 'acme'",
+        "UPDATE vault SET (id, n) = (8, 1) WHERE id = 7 AND org_id = 'acme'",
+        "INSERT INTO vault (id, org_id, value) VALUES (1, 'a', 'x') ON CONFLICT (id, org_id) DO UPDATE SET id = 2",
+    ] {
+        let m = bound_rejected(sql);
+        assert!(m.contains("row key id"), "{sql}: {m}");
+    }
+    let m = bound_rejected("INSERT INTO vault (id, org_id, value) VALUES (1, 'a', 'x') ON CONFLICT (org_id) DO UPDATE SET value = EXCLUDED.value");
+    assert!(m.contains("conflict target"), "{m}");
+    // Two rows: a literal in DO UPDATE cannot be sealed for both keys.
+    let m = bound_rejected("INSERT INTO vault (id, org_id, value) VALUES (1, 'a', 'x'), (2, 'a', 'y') ON CONFLICT (id) DO UPDATE SET value = 'z'");
+    assert!(m.contains("bound to their row"), "{m}");
 }

@@ -14,7 +14,9 @@ use sqlparser::ast::{
 use super::analyzer::{fold, name_parts, param_number, Analyzer, Res};
 use super::read::{is_text_type, OutItem, Rel, RelKind};
 use super::text::decode_literal;
-use super::{ColumnRef, LiteralSite, ParamSite, ProtectedTable, Rejection, TenantSource};
+use super::{
+    ColumnRef, LiteralSite, ParamSite, ProtectedTable, Rejection, RowKeySource, TenantSource,
+};
 
 /// What an expression writes into an encrypted column.
 enum WriteVal {
@@ -79,7 +81,7 @@ impl<'a> Analyzer<'a> {
             let r = self.base_table(name, None, &mut frame, false);
             self.frames.pop();
             r?;
-            return self.insert_tail(ins, frame, None, &[]);
+            return self.insert_tail(ins, frame, None, &[], &[]);
         };
         let (idx, table) = idx;
         let columns: Vec<String> = ins
@@ -97,6 +99,7 @@ impl<'a> Analyzer<'a> {
             column: c.to_owned(),
         };
         let mut row_tenants: Vec<TenantSource> = Vec::new();
+        let mut row_keys: Vec<RowKey> = Vec::new();
         match &ins.source {
             None => {
                 if !ins.assignments.is_empty() {
@@ -130,9 +133,11 @@ impl<'a> Analyzer<'a> {
                             }
                             let tenant = self.row_tenant(&table, &columns, row)?;
                             row_tenants.push(tenant.clone());
+                            let key = self.row_key_of(&table, &columns, row);
+                            row_keys.push(key.clone());
                             for (c, e) in columns.iter().zip(row) {
                                 if table.encrypted.contains(c) {
-                                    self.encrypted_value(e, &col_ref(c), &tenant, None)?;
+                                    self.encrypted_value(e, &col_ref(c), &tenant, &key, None)?;
                                 } else {
                                     self.frames.push(Vec::new());
                                     let r = self.expr(e);
@@ -159,7 +164,7 @@ impl<'a> Analyzer<'a> {
             schema: None,
             kind: RelKind::Protected(vec![idx]),
         }];
-        self.insert_tail(ins, frame, Some(&table), &row_tenants)
+        self.insert_tail(ins, frame, Some(&table), &row_tenants, &row_keys)
     }
 
     /// ON CONFLICT and RETURNING of an INSERT.
@@ -169,6 +174,7 @@ impl<'a> Analyzer<'a> {
         frame: Vec<Rel>,
         table: Option<&ProtectedTable>,
         row_tenants: &[TenantSource],
+        row_keys: &[RowKey],
     ) -> Res<Vec<OutItem>> {
         let mut frame = frame;
         if let Some(rel) = frame.first() {
@@ -177,7 +183,7 @@ impl<'a> Analyzer<'a> {
             frame.push(excluded);
         }
         self.frames.push(frame);
-        let r = self.insert_tail_inner(ins, table, row_tenants);
+        let r = self.insert_tail_inner(ins, table, row_tenants, row_keys);
         self.frames.pop();
         r
     }
@@ -187,6 +193,7 @@ impl<'a> Analyzer<'a> {
         ins: &Insert,
         table: Option<&ProtectedTable>,
         row_tenants: &[TenantSource],
+        row_keys: &[RowKey],
     ) -> Res<Vec<OutItem>> {
         match &ins.on {
             Some(OnInsert::OnConflict(oc)) => {
@@ -235,14 +242,22 @@ impl<'a> Analyzer<'a> {
                             _ => None,
                         })
                         .unwrap_or_default();
+                    // A value sealed for the inserted row's key lands in the conflicting row:
+                    // the same key only when the conflict is on the key itself.
+                    let key = match row_keys {
+                        [one] => one.clone(),
+                        _ => unknown_key(table),
+                    };
                     self.assignments(
                         &du.assignments,
                         table,
                         &tenant,
+                        &key,
                         &["excluded", visible.as_str()],
                     )?;
                     if let Some(t) = table {
                         same_tenant_on_conflict(t, oc.conflict_target.as_ref(), du, &visible)?;
+                        same_key_on_conflict(t, oc.conflict_target.as_ref(), du, &visible)?;
                     }
                     if let Some(sel) = &du.selection {
                         self.expr(sel)?;
@@ -301,6 +316,31 @@ impl<'a> Analyzer<'a> {
         }
     }
 
+    /// The row key of one VALUES row (row binding).
+    fn row_key_of(&self, table: &ProtectedTable, columns: &[String], row: &[Expr]) -> RowKey {
+        let Some(k) = &table.row_key else {
+            return RowKey::Unbound;
+        };
+        let given = columns
+            .iter()
+            .position(|c| c == k)
+            .and_then(|pos| row.get(pos))
+            .and_then(|e| self.key_value(e));
+        match given {
+            Some(key) => RowKey::Known(key),
+            None => RowKey::Unknown(k.clone()),
+        }
+    }
+
+    /// A row key given as a literal or a parameter (through casts that keep the text).
+    fn key_value(&self, e: &Expr) -> Option<RowKeySource> {
+        match self.tenant_value(e)? {
+            TenantSource::Literal(v) => Some(RowKeySource::Literal(v)),
+            TenantSource::Param(n) => Some(RowKeySource::Param(n)),
+            TenantSource::Session => None,
+        }
+    }
+
     /// A tenant given as literal, parameter, NULL or DEFAULT; `None` for anything else.
     ///
     /// Only casts that cannot change the stored text are looked through (unbounded text types
@@ -324,15 +364,32 @@ impl<'a> Analyzer<'a> {
         e: &Expr,
         col: &ColumnRef,
         tenant: &TenantSource,
+        key: &RowKey,
         same_quals: Option<&[&str]>,
     ) -> Res<()> {
-        match self.write_val(e, col, same_quals) {
+        let val = self.write_val(e, col, same_quals);
+        let row_key = match (&val, key) {
+            (WriteVal::Literal(..) | WriteVal::Param(_), RowKey::Unknown(k)) => {
+                return Err(Rejection {
+                    message: format!(
+                        "pgenvelope: values of {col} are bound to their row: the statement must \
+                         give the row key {k} (a literal or parameter in the INSERT, or \
+                         `AND {k} = …` in the WHERE clause of an UPDATE)"
+                    ),
+                    column: Some(col.clone()),
+                })
+            }
+            (_, RowKey::Known(k)) => Some(k.clone()),
+            _ => None,
+        };
+        match val {
             WriteVal::Literal(range, value) => {
                 self.out.literals.push(LiteralSite {
                     range,
                     value,
                     column: col.clone(),
                     tenant: tenant.clone(),
+                    row_key,
                 });
                 Ok(())
             }
@@ -341,6 +398,7 @@ impl<'a> Analyzer<'a> {
                     index,
                     column: col.clone(),
                     tenant: tenant.clone(),
+                    row_key,
                 });
                 Ok(())
             }
@@ -429,6 +487,7 @@ impl<'a> Analyzer<'a> {
         assignments: &[Assignment],
         table: Option<&ProtectedTable>,
         tenant: &TenantSource,
+        key: &RowKey,
         same_quals: &[&str],
     ) -> Res<()> {
         let same_quals = Some(same_quals);
@@ -457,7 +516,7 @@ impl<'a> Analyzer<'a> {
                 Some(col) if targets.len() > 1 => {
                     return Err(Rejection::column(&col, "multi-column SET (…) = (…) on"));
                 }
-                Some(col) => self.encrypted_value(&a.value, &col, tenant, same_quals)?,
+                Some(col) => self.encrypted_value(&a.value, &col, tenant, key, same_quals)?,
                 None => {
                     self.expr(&a.value)?;
                 }
@@ -527,7 +586,21 @@ impl<'a> Analyzer<'a> {
                 tenant = new_tenant;
             }
         }
-        self.assignments(&up.assignments, table, &tenant, &[visible.as_str()])?;
+        let key = match (table, &up.selection) {
+            (Some(t), _) if t.row_key.is_none() => RowKey::Unbound,
+            (Some(t), Some(sel)) => match self.where_column(t, &visible, sel, t.row_key.as_deref())
+            {
+                Some(TenantSource::Literal(v)) => RowKey::Known(RowKeySource::Literal(v)),
+                Some(TenantSource::Param(n)) => RowKey::Known(RowKeySource::Param(n)),
+                _ => unknown_key(table),
+            },
+            (Some(_), None) => unknown_key(table),
+            (None, _) => RowKey::Unbound,
+        };
+        if let Some(t) = table {
+            refuse_key_assignment(t, &up.assignments)?;
+        }
+        self.assignments(&up.assignments, table, &tenant, &key, &[visible.as_str()])?;
         if let Some(t) = table {
             // Sealing under the session tenant a row that may belong to another organisation
             // would leave it unreadable: the WHERE clause must say whose row it is.
@@ -617,9 +690,19 @@ impl<'a> Analyzer<'a> {
 
     /// `tenant_column = literal | $n` among the top-level AND-ed conjuncts of a WHERE.
     fn where_tenant(&self, table: &ProtectedTable, visible: &str, sel: &Expr) -> TenantSource {
-        let Some(tc) = &table.tenant_column else {
-            return TenantSource::Session;
-        };
+        self.where_column(table, visible, sel, table.tenant_column.as_deref())
+            .unwrap_or(TenantSource::Session)
+    }
+
+    /// `column = literal | $n` among the top-level AND-ed conjuncts of a WHERE.
+    fn where_column(
+        &self,
+        table: &ProtectedTable,
+        visible: &str,
+        sel: &Expr,
+        column: Option<&str>,
+    ) -> Option<TenantSource> {
+        let tc = column?;
         let mut stack = vec![sel];
         while let Some(e) = stack.pop() {
             match e {
@@ -639,7 +722,7 @@ impl<'a> Analyzer<'a> {
                 } => {
                     for (col, val) in [(left, right), (right, left)] {
                         let is_tc = match strip_any_cast(col) {
-                            Expr::Identifier(id) => &fold(id) == tc,
+                            Expr::Identifier(id) => fold(id) == tc,
                             Expr::CompoundIdentifier(ids) => {
                                 let p: Vec<String> = ids.iter().map(fold).collect();
                                 matches!(p.as_slice(), [.., q, c] if c == tc && (q == visible || q == &table.name))
@@ -649,7 +732,7 @@ impl<'a> Analyzer<'a> {
                         if is_tc {
                             if let Some(t) = self.tenant_value(val) {
                                 if t != TenantSource::Session {
-                                    return t;
+                                    return Some(t);
                                 }
                             }
                         }
@@ -658,7 +741,7 @@ impl<'a> Analyzer<'a> {
                 _ => {}
             }
         }
-        TenantSource::Session
+        None
     }
 
     pub(crate) fn delete(&mut self, del: &Delete) -> Res<Vec<OutItem>> {
@@ -748,6 +831,78 @@ fn is_new_value(e: &Expr) -> bool {
         Expr::Value(_) | Expr::TypedString { .. } => true,
         other => is_null_or_default(other),
     }
+}
+
+/// The row key of a written row, for row binding.
+#[derive(Clone, Debug)]
+pub(crate) enum RowKey {
+    /// The table does not bind values to their row.
+    Unbound,
+    /// Given in the statement.
+    Known(RowKeySource),
+    /// The table binds values to the row key (this column), which the statement does not give:
+    /// sealing a value is refused.
+    Unknown(String),
+}
+
+/// [`RowKey::Unknown`] for a table that binds values to their row, else [`RowKey::Unbound`].
+fn unknown_key(table: Option<&ProtectedTable>) -> RowKey {
+    match table.and_then(|t| t.row_key.clone()) {
+        Some(k) => RowKey::Unknown(k),
+        None => RowKey::Unbound,
+    }
+}
+
+/// A row-bound table's row key may not be changed: every value of the row was sealed for it.
+fn refuse_key_assignment(table: &ProtectedTable, assignments: &[Assignment]) -> Res<()> {
+    let Some(k) = &table.row_key else {
+        return Ok(());
+    };
+    let assigns_key = assignments.iter().any(|a| {
+        let targets: Vec<&ObjectName> = match &a.target {
+            AssignmentTarget::ColumnName(n) => vec![n],
+            AssignmentTarget::Tuple(ns) => ns.iter().collect(),
+        };
+        targets
+            .iter()
+            .any(|n| name_parts(n).and_then(|p| p.last().cloned()).as_ref() == Some(k))
+    });
+    if assigns_key {
+        return Err(Rejection::new(format!(
+            "changing the row key {k} of {}.{} would leave the row's encrypted values \
+             unreadable (they are bound to it): insert the row under the new key instead",
+            table.schema, table.name
+        )));
+    }
+    Ok(())
+}
+
+/// ON CONFLICT DO UPDATE of a row-bound table writes values sealed for the inserted row's key
+/// into the conflicting row: the conflict target must include the row key, so that both rows
+/// have the same key.
+fn same_key_on_conflict(
+    table: &ProtectedTable,
+    target: Option<&sqlparser::ast::ConflictTarget>,
+    du: &sqlparser::ast::DoUpdate,
+    visible: &str,
+) -> Res<()> {
+    let Some(k) = &table.row_key else {
+        return Ok(());
+    };
+    refuse_key_assignment(table, &du.assignments)?;
+    if !writes_sealed_values(table, &du.assignments, true) {
+        return Ok(());
+    }
+    if let Some(sqlparser::ast::ConflictTarget::Columns { columns, .. }) = target {
+        if columns.iter().any(|c| &fold(c) == k) {
+            return Ok(());
+        }
+    }
+    Err(Rejection::new(format!(
+        "ON CONFLICT DO UPDATE writing encrypted columns of {}.{} (bound to their row) needs \
+         the row key {k} in the conflict target: ON CONFLICT ({k}) … (target {visible})",
+        table.schema, table.name
+    )))
 }
 
 /// Whether `assignments` write a value the proxy seals (a literal or parameter, not NULL or

@@ -357,3 +357,55 @@ fn against_kms_round_trips_with_a_local_kek() {
     );
     assert!(!missing.exists());
 }
+
+/// `--against-db` checks a rule's `row_key`: it must be the single-column primary key, of a
+/// type whose printed form is stable.
+#[tokio::test]
+async fn against_db_checks_row_keys() {
+    let good = crate::harness::unique("rk_good");
+    let bad = crate::harness::unique("rk_bad");
+    crate::encryption::direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {good} (id bigint PRIMARY KEY, value text);\
+             CREATE TABLE {bad} (id serial PRIMARY KEY, made timestamptz, value text)"
+        ))
+        .await
+        .unwrap();
+    struct DropTables(String);
+    impl Drop for DropTables {
+        fn drop(&mut self) {
+            crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.0));
+        }
+    }
+    let _drop = DropTables(format!("{good}, {bad}"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    std::fs::write(
+        dir.path().join("rules/r.toml"),
+        format!(
+            "[[table]]\nname = \"{good}\"\nrow_key = \"id\"\nencrypt = [\"value\"]\n\
+             [[table]]\nname = \"{bad}\"\nrow_key = \"made\"\nencrypt = [\"value\"]\n"
+        ),
+    )
+    .unwrap();
+    let (host, port) = crate::harness::main_pg();
+    let out = check(
+        dir.path(),
+        &[
+            "--against-db".to_owned(),
+            "--upstream".to_owned(),
+            format!("postgres://postgres@{host}:{port}/test"),
+        ],
+    );
+    let (stdout, stderr) = texts(&out);
+    let all = format!("{stdout}\n{stderr}");
+    assert_ne!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains(&format!("public.{bad}.made"))
+            && all.contains("row key type is timestamp with time zone")
+            && all.contains("must be the table's single-column primary key (it is id)"),
+        "{all}"
+    );
+    assert!(!all.contains(&format!("public.{good}.id")), "{all}");
+}

@@ -22,6 +22,7 @@ mod passthrough;
 mod protocol_sync;
 mod raw;
 mod reencrypt;
+mod row_binding;
 mod sessions;
 mod soak;
 mod tenancy;

@@ -639,3 +639,89 @@ async fn destroy_retired_destroys_emptied_keys_and_keeps_used_ones() {
     let values: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
     assert_eq!(values, ["v1", "v2", "v3", "v4"]);
 }
+
+/// Row binding: `reencrypt` seals plaintext and moved values for their row, and binds values
+/// written before `row_key` was added to the rules.
+#[tokio::test]
+async fn reencrypt_binds_values_to_their_rows() {
+    let s = Setup::new(
+        &["CREATE TABLE {t} (id bigint PRIMARY KEY, org_id text NOT NULL, value text)"],
+        |t| {
+            format!(
+                "[[table]]\nname = \"{}\"\ntenant_column = \"org_id\"\nrow_key = \"id\"\nencrypt = [\"value\"]\n",
+                t[0]
+            )
+        },
+    )
+    .await;
+    let t = s.tables[0].clone();
+    direct()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO {t} VALUES (1, 'acme', 'one'), (2, 'acme', 'two'), (3, 'globex', 'three')"
+        ))
+        .await
+        .unwrap();
+    // Sealed without binding, as by rules without row_key.
+    let unbound = s._dir.path().join("unbound.toml");
+    std::fs::write(
+        &unbound,
+        format!("[[table]]\nname = \"{t}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"),
+    )
+    .unwrap();
+    let out = s
+        .command(&["reencrypt", "--rules", &unbound.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let bound = |rows: &[(i64, String, Option<String>)]| -> Vec<bool> {
+        rows.iter()
+            .map(|(_, _, v)| {
+                EncV1::parse(v.as_deref().unwrap().as_bytes())
+                    .unwrap()
+                    .is_row_bound()
+            })
+            .collect()
+    };
+    assert_eq!(bound(&stored(&t).await), [false, false, false]);
+    let client = s.client().await;
+    let err = client
+        .query(&format!("SELECT id, value FROM {t} ORDER BY id"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        crate::encryption::code(&err).as_deref(),
+        Some("XX001"),
+        "{err}"
+    );
+
+    // With the row key in the rules they are sealed again, bound to their rows.
+    let out = s.reencrypt(&[]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(bound(&stored(&t).await), [true, true, true]);
+    let values =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(1)).collect() };
+    let sql = format!("SELECT id, value FROM {t} ORDER BY id");
+    assert_eq!(
+        values(client.query(&sql, &[]).await.unwrap()),
+        ["one", "two", "three"]
+    );
+
+    // After a rotation they move to the new DEK and stay bound.
+    s.keys(&["rotate", "--org", "acme"]);
+    let out = s.reencrypt(&[]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let active = s.active_deks().await;
+    let rows = stored(&t).await;
+    assert_eq!(bound(&rows), [true, true, true]);
+    for (id, org, v) in &rows {
+        let dek = EncV1::parse(v.as_deref().unwrap().as_bytes())
+            .unwrap()
+            .dek_id();
+        assert_eq!(dek, active[org], "row {id}");
+    }
+    assert_eq!(
+        values(client.query(&sql, &[]).await.unwrap()),
+        ["one", "two", "three"]
+    );
+}
