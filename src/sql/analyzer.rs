@@ -14,7 +14,7 @@ use super::read::Frame;
 use super::text::Positions;
 use super::{
     might_touch, Analysis, CopyDirection, CopyFormat, CopyPlan, Protected, Rejection,
-    StatementKind, TableName, TenantChange, TxControl, TENANT_SETTING,
+    StatementKind, TableName, TenantChange, TenantSource, TxControl, TENANT_SETTING,
 };
 
 /// Result type of the analysis passes: the first rejection stops everything.
@@ -459,11 +459,23 @@ impl<'a> Analyzer<'a> {
             Statement::Explain { statement, .. } => self.statement(statement, false)?,
             Statement::Prepare { statement, .. } => {
                 let before = self.out.params.len();
+                let literals_before = self.out.literals.len();
                 self.statement(statement, false)?;
                 if let Some(p) = self.out.params.get(before) {
                     return Err(Rejection::column(
                         &p.column.clone(),
                         "SQL-level PREPARE with a parameter feeding",
+                    ));
+                }
+                // Its literals are sealed now, for the session tenant of now; EXECUTE may come
+                // under another one.
+                let session_sealed = self.out.literals[literals_before..]
+                    .iter()
+                    .find(|l| l.tenant == TenantSource::Session);
+                if let Some(l) = session_sealed {
+                    return Err(Rejection::column(
+                        &l.column.clone(),
+                        "SQL-level PREPARE of a value sealed for the session tenant, written to",
                     ));
                 }
                 StatementKind::Other

@@ -1410,7 +1410,34 @@ fn writes_without_the_row_key_are_refused() {
     }
     let m = bound_rejected("INSERT INTO vault (id, org_id, value) VALUES (1, 'a', 'x') ON CONFLICT (org_id) DO UPDATE SET value = EXCLUDED.value");
     assert!(m.contains("conflict target"), "{m}");
+    for sql in [
+        "INSERT INTO vault (id, org_id, value) VALUES (1, 'a', 'x') RETURNING value",
+        "UPDATE vault SET value = 'y' WHERE id = 1 AND org_id = 'a' RETURNING org_id, value",
+        "DELETE FROM vault WHERE id = 1 RETURNING value",
+    ] {
+        let m = bound_rejected(sql);
+        assert!(m.contains("RETURNING them"), "{sql}: {m}");
+    }
+    bound_ok("INSERT INTO vault (id, org_id, value) VALUES (1, 'a', 'x') RETURNING id, value");
+    bound_ok("DELETE FROM vault v WHERE id = 1 RETURNING v.id AS k, value");
+    bound_ok("DELETE FROM vault WHERE id = 1 RETURNING *");
     // Two rows: a literal in DO UPDATE cannot be sealed for both keys.
     let m = bound_rejected("INSERT INTO vault (id, org_id, value) VALUES (1, 'a', 'x'), (2, 'a', 'y') ON CONFLICT (id) DO UPDATE SET value = 'z'");
     assert!(m.contains("bound to their row"), "{m}");
+}
+
+#[test]
+fn sql_level_prepare_of_session_sealed_values_is_refused() {
+    let p = Protected::new([ProtectedTable {
+        schema: "public".into(),
+        name: "notes".into(),
+        tenant_column: None,
+        row_key: None,
+        encrypted: vec!["body".into()],
+    }]);
+    let a = analyze("PREPARE p AS INSERT INTO notes (body) VALUES ('x')", &p);
+    let r = a.rejection.expect("refused");
+    assert!(r.message.contains("SQL-level PREPARE"), "{}", r.message);
+    // The row's own tenant column seals it: fine.
+    ok("PREPARE p AS INSERT INTO secrets (org_id, value) VALUES ('acme', 'x')");
 }

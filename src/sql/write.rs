@@ -279,7 +279,50 @@ impl<'a> Analyzer<'a> {
         for item in items.unwrap_or_default() {
             out.push(self.select_item(item, false)?);
         }
+        self.returns_row_keys(items.unwrap_or_default(), &out)?;
         Ok(out)
+    }
+
+    /// A value of a row-bound table opens only with its row key in the same result. A read
+    /// without it is refused when its rows arrive; for RETURNING that would be after the
+    /// write is done, so it is refused before.
+    fn returns_row_keys(&self, items: &[sqlparser::ast::SelectItem], out: &[OutItem]) -> Res<()> {
+        use sqlparser::ast::SelectItem;
+        let encrypted = out.iter().flat_map(|item| match item {
+            OutItem::Col(c) => std::slice::from_ref(c),
+            OutItem::Wild(cs) | OutItem::Known(cs) => cs.as_slice(),
+        });
+        for col in encrypted.filter_map(|c| c.enc.as_ref()) {
+            let Some(key) = self
+                .protected
+                .get(&col.schema, &col.table)
+                .and_then(|t| t.row_key.as_ref())
+            else {
+                continue;
+            };
+            let names_key = |e: &Expr| match e {
+                Expr::Identifier(id) => &fold(id) == key,
+                Expr::CompoundIdentifier(ids) => ids.last().is_some_and(|id| &fold(id) == key),
+                _ => false,
+            };
+            let has_key = items.iter().any(|item| match item {
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => true,
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                    names_key(e)
+                }
+                _ => false,
+            });
+            if !has_key {
+                return Err(Rejection {
+                    message: format!(
+                        "pgenvelope: values of {col} are bound to their row: RETURNING them \
+                         needs the row key {key} in the same RETURNING list"
+                    ),
+                    column: Some(col.clone()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The tenant of one VALUES row.

@@ -144,6 +144,8 @@ async fn statements_on_a_row_bound_table() {
         format!("INSERT INTO {t} (org_id, value) VALUES ('acme', 'x')"),
         format!("UPDATE {t} SET value = 'x' WHERE org_id = 'acme'"),
         format!("UPDATE {t} SET id = 5 WHERE id = 1 AND org_id = 'acme'"),
+        // Refused before it runs: the rows would be gone and their values not returned.
+        format!("DELETE FROM {t} WHERE id = 1 RETURNING value"),
         format!("INSERT INTO {t} (id, org_id, value) VALUES (1, 'acme', 'x') ON CONFLICT (org_id) DO UPDATE SET value = EXCLUDED.value"),
         format!("INSERT INTO {t} (id, org_id, value) VALUES (3, 'acme', 'x'), (4, 'acme', 'y') ON CONFLICT (id) DO UPDATE SET value = 'z'"),
     ] {
