@@ -584,6 +584,9 @@ const SQL_VOCAB: &[&str] = &[
     "INSERT INTO secrets (org_id, value) VALUES ('a', 'b')",
     "INSERT INTO public.secrets (value, note) VALUES ($1, $2), ($3, $4)",
     "UPDATE secrets SET value = $1 WHERE org_id = 'x'",
+    "INSERT INTO secrets (id, org_id, value) VALUES (7, 'a', 'b') RETURNING id, value",
+    "UPDATE secrets s SET value = 'v' WHERE s.id = $2 AND org_id = $3",
+    "INSERT INTO secrets (id, org_id, value) VALUES ($1, 'a', $2) ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value WHERE secrets.org_id = EXCLUDED.org_id",
     "SELECT value FROM secrets WHERE id = 1",
     "COPY secrets (org_id, value) FROM STDIN WITH (FORMAT csv)",
     "INSERT INTO secrets (org_id, value) VALUES ($1, $2) ON CONFLICT (org_id) DO UPDATE SET value = EXCLUDED.value",
@@ -617,7 +620,22 @@ fn protected() -> Protected {
     }])
 }
 
+/// [`protected`] with row binding (`row_key = "id"`).
+fn bound() -> Protected {
+    Protected::new([ProtectedTable {
+        row_key: Some("id".into()),
+        ..protected().tables()[0].clone()
+    }])
+}
+
 fn check_sql(sql: &str, p: &Protected) -> Result<(), String> {
+    // Row binding: whatever the text, a value accepted for sealing carries its row key.
+    let b = analyze(sql, &bound());
+    let unkeyed = b.literals.iter().any(|l| l.row_key.is_none())
+        || b.params.iter().any(|p| p.row_key.is_none());
+    if b.rejection.is_none() && unkeyed {
+        return Err("a value of a row-bound table is sealed without its row key".into());
+    }
     let a = analyze(sql, p);
     if (a.touches_protected || !a.tenant_changes.is_empty()) && !might_touch(sql, p) {
         return Err("analysis touches protected data the pre-check missed".into());
