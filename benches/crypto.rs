@@ -49,6 +49,53 @@ fn bench(c: &mut Criterion) {
             b.iter(|| EncV1::parse(text.as_bytes()).unwrap())
         });
 
+        // Row binding (`row_key`): the same, with a row key in the AAD.
+        group.bench_with_input(
+            BenchmarkId::new("seal_into_unbound", size),
+            &plaintext,
+            |b, pt| {
+                b.iter(|| {
+                    out.clear();
+                    key.seal_into(&org, pt, &mut nonces, &mut out).unwrap();
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("seal_into_row_bound", size),
+            &plaintext,
+            |b, pt| {
+                b.iter(|| {
+                    out.clear();
+                    key.seal_for_row_into(&org, b"1234567", pt, &mut nonces, &mut out)
+                        .unwrap();
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("parse_open_owned_unbound", size),
+            &text,
+            |b, text| {
+                b.iter(|| {
+                    let value = EncV1::parse(text.as_bytes()).unwrap();
+                    key.open_owned(&org, value).unwrap()
+                })
+            },
+        );
+        let mut bound = String::new();
+        key.seal_for_row_into(&org, b"1234567", &plaintext, &mut nonces, &mut bound)
+            .unwrap();
+        group.bench_with_input(
+            BenchmarkId::new("parse_open_owned_row_bound", size),
+            &bound,
+            |b, text| {
+                b.iter(|| {
+                    let value = EncV1::parse(text.as_bytes()).unwrap();
+                    key.open_owned_in_row(&org, Some(b"1234567"), value)
+                        .unwrap()
+                })
+            },
+        );
+
         let value = EncV1::parse(text.as_bytes()).unwrap();
         group.bench_with_input(BenchmarkId::new("open", size), &value, |b, value| {
             b.iter(|| key.open(&org, value).unwrap())

@@ -521,11 +521,16 @@ impl ServerSide {
                 // The row names its organisation: the value must be that organisation's.
                 let tcol = &shape.columns[j];
                 if let Some(Some(t)) = row.get(j) {
-                    let comparable = tcol.format == 0 || tcol.textlike;
-                    let same = encoding
-                        .decode(t)
-                        .is_ok_and(|text| text.as_ref() == d.org.as_str());
-                    if comparable && !same {
+                    // Text as PostgreSQL prints it, also from a binary integer or UUID field;
+                    // another binary type cannot name an organisation as written.
+                    let other = if tcol.format == 0 || tcol.textlike {
+                        encoding
+                            .decode(t)
+                            .map_or(true, |text| text.as_ref() != d.org.as_str())
+                    } else {
+                        binary_as_text(tcol.type_oid, t).is_some_and(|org| org != d.org.as_str())
+                    };
+                    if other {
                         self.cipher.engine().stats.decrypt_failures.inc("wrong_row");
                         return Err(ClientError::corrupted(format!(
                             "pgenvelope: value in {} belongs to another organisation than its row",

@@ -535,3 +535,58 @@ async fn set_config_with_the_setting_name_as_a_parameter() {
         Some("42501")
     );
 }
+
+/// A value moved in the database into a row of another organisation is refused when the row
+/// names its organisation, also when the client reads the tenant column in binary (an integer
+/// tenant through tokio-postgres, JDBC or asyncpg).
+#[tokio::test]
+async fn value_of_another_organisation_is_refused_with_a_binary_tenant_column() {
+    let table = unique("tbin");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int primary key, org_id int not null, body text)"
+        ))
+        .await
+        .unwrap();
+    let rules = format!(
+        "[[table]]\nname = \"{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"body\"]\n"
+    );
+    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
+    struct DropTable(String);
+    impl Drop for DropTable {
+        fn drop(&mut self) {
+            crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.0));
+        }
+    }
+    let _drop = DropTable(table.clone());
+    let c = connect(&proxy.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO {table} (id, org_id, body) VALUES (1, 7, 'secret-7'), (2, 8, 'secret-8')"
+    ))
+    .await
+    .unwrap();
+    let sql = format!("SELECT org_id, body FROM {table} WHERE id = $1");
+    let body = c
+        .query_one(&sql, &[&1i32])
+        .await
+        .unwrap()
+        .get::<_, String>(1);
+    assert_eq!(body, "secret-7");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "UPDATE {table} SET body = (SELECT body FROM {table} WHERE id = 2) WHERE id = 1"
+        ))
+        .await
+        .unwrap();
+    let err = c.query_one(&sql, &[&1i32]).await.unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+    let err = c
+        .simple_query(&format!("SELECT org_id, body FROM {table} WHERE id = 1"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+}
