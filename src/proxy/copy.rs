@@ -399,7 +399,7 @@ impl RowsIn {
     }
 }
 
-/// Field `i` of a COPY row as text (the row key of a row-bound table).
+/// Field `i` of a COPY row as text (the row key of a row-bound table, or the row's tenant).
 fn row_key(
     row: &CopyRow<'_>,
     i: usize,
@@ -513,11 +513,16 @@ impl CopyOut {
         out: &mut BytesMut,
     ) -> Result<(), ClientError> {
         let (columns, encoding, tenant) = (&self.columns, &self.encoding, self.tenant.as_ref());
-        let key_index = self.job.key_index;
+        let (key_index, tenant_index) = (self.job.key_index, self.job.tenant_index);
         self.codec
             .run(data, cipher, out, &self.job, |row, keys, cipher, needs| {
                 let key = match key_index {
                     Some(k) => row_key(row, k, encoding)?,
+                    None => None,
+                };
+                // The row names its organisation: its values must be that organisation's.
+                let row_org = match tenant_index {
+                    Some(t) => row_key(row, t, encoding)?,
                     None => None,
                 };
                 for (i, expected) in columns {
@@ -544,6 +549,16 @@ impl CopyOut {
                         tenant,
                         key.as_deref().map(str::as_bytes),
                     )?;
+                    if row_org
+                        .as_deref()
+                        .is_some_and(|org| org != opened.org.as_str())
+                    {
+                        cipher.engine().stats.decrypt_failures.inc("wrong_row");
+                        return Err(ClientError::corrupted(format!(
+                            "pgenvelope: value in {} belongs to another organisation than its row",
+                            column.qualified_name()
+                        )));
+                    }
                     let text = String::from_utf8(opened.plaintext).map_err(|_| {
                         ClientError::corrupted(format!(
                             "pgenvelope: value in {} is not text",

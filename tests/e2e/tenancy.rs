@@ -589,4 +589,13 @@ async fn value_of_another_organisation_is_refused_with_a_binary_tenant_column() 
         .await
         .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+    // COPY TO checks it too.
+    let copied = c
+        .copy_out(&format!("COPY {table} (org_id, body) TO STDOUT"))
+        .await
+        .unwrap();
+    let err = futures_util::TryStreamExt::try_collect::<Vec<bytes::Bytes>>(copied)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
 }
