@@ -387,20 +387,11 @@ impl ColumnKey {
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&binary[tag_at..]);
         let (header, body) = binary.split_at_mut(HEADER_LEN);
-        let mut aad_buf = [0u8; MAX_AAD_LEN];
-        let mut bound_aad = Vec::new();
-        let aad = match row_key {
-            None => build_aad(&mut aad_buf, header, org),
-            Some(key) => {
-                bound_aad.extend_from_slice(build_aad(&mut aad_buf, header, org));
-                bound_aad.push(0);
-                bound_aad.extend_from_slice(key);
-                &bound_aad
-            }
-        };
-        self.aead
-            .open_in_place(&nonce, aad, &mut body[..tag_at - HEADER_LEN], &tag)
-            .map_err(|_| OpenError::Authentication)?;
+        with_aad(header, org, row_key, |aad| {
+            self.aead
+                .open_in_place(&nonce, aad, &mut body[..tag_at - HEADER_LEN], &tag)
+        })
+        .map_err(|_| OpenError::Authentication)?;
         binary.truncate(tag_at);
         binary.drain(..HEADER_LEN);
         Ok(binary)
@@ -450,23 +441,13 @@ impl ColumnKey {
         binary.extend_from_slice(&nonce);
         binary.extend_from_slice(plaintext);
 
-        let mut aad_buf = [0u8; MAX_AAD_LEN];
         let (header, body) = binary.split_at_mut(HEADER_LEN);
-        let mut bound_aad = Vec::new();
-        let aad = match row_key {
-            None => build_aad(&mut aad_buf, header, org),
-            Some(key) => {
-                bound_aad.extend_from_slice(build_aad(&mut aad_buf, header, org));
-                bound_aad.push(0);
-                bound_aad.extend_from_slice(key);
-                &bound_aad
-            }
-        };
-        let tag = self.aead.seal_in_place(&nonce, aad, body).map_err(|_| {
-            SealError::PlaintextTooLong {
-                len: plaintext.len(),
-                max: MAX_PLAINTEXT_LEN,
-            }
+        let sealed = with_aad(header, org, row_key, |aad| {
+            self.aead.seal_in_place(&nonce, aad, body)
+        });
+        let tag = sealed.map_err(|_| SealError::PlaintextTooLong {
+            len: plaintext.len(),
+            max: MAX_PLAINTEXT_LEN,
         })?;
         binary.extend_from_slice(&tag);
 
@@ -574,6 +555,36 @@ fn build_aad<'a>(buf: &'a mut [u8; MAX_AAD_LEN], header: &[u8], org: &OrgId) -> 
     &buf[..end]
 }
 
+/// Row keys up to this length build their AAD on the stack.
+const INLINE_ROW_KEY_LEN: usize = 128;
+
+/// Run `f` with the AAD of a value: [`build_aad`], then for a row-bound value a zero byte and
+/// the row key. Built on the stack unless the row key is long.
+fn with_aad<R>(
+    header: &[u8],
+    org: &OrgId,
+    row_key: Option<&[u8]>,
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    let mut base = [0u8; MAX_AAD_LEN];
+    let aad = build_aad(&mut base, header, org);
+    let Some(key) = row_key else {
+        return f(aad);
+    };
+    let len = aad.len() + 1 + key.len();
+    if key.len() <= INLINE_ROW_KEY_LEN {
+        let mut buf = [0u8; MAX_AAD_LEN + 1 + INLINE_ROW_KEY_LEN];
+        buf[..aad.len()].copy_from_slice(aad);
+        buf[aad.len() + 1..len].copy_from_slice(key);
+        return f(&buf[..len]);
+    }
+    let mut buf = Vec::with_capacity(len);
+    buf.extend_from_slice(aad);
+    buf.push(0);
+    buf.extend_from_slice(key);
+    f(&buf)
+}
+
 /// Length of the `enc:v1:` text for a binary value of `binary_len` bytes.
 fn encoded_len(binary_len: usize) -> usize {
     ENC_V1_PREFIX.len() + binary_len.div_ceil(3) * 4
@@ -652,6 +663,21 @@ mod tests {
         let unbound = EncV1::from_binary(binary).unwrap();
         assert_eq!(
             k.open_owned_in_row(&org("acme"), Some(b"17"), unbound),
+            Err(OpenError::Authentication)
+        );
+        // Long keys (AAD built on the heap) as well as short ones.
+        let long = vec![b'k'; INLINE_ROW_KEY_LEN + 1];
+        let mut text = String::new();
+        k.seal_for_row_into(&org("acme"), &long, b"long", &mut nonces, &mut text)
+            .unwrap();
+        let v = EncV1::parse(text.as_bytes()).unwrap();
+        assert_eq!(
+            k.open_owned_in_row(&org("acme"), Some(&long), v.clone())
+                .unwrap(),
+            b"long"
+        );
+        assert_eq!(
+            k.open_owned_in_row(&org("acme"), Some(&long[1..]), v),
             Err(OpenError::Authentication)
         );
         // An unbound value ignores a row key.
