@@ -302,7 +302,8 @@ impl ClientSide {
             }
             None => {}
         }
-        self.apply_tenant_changes(&analysis, None)?;
+        let ops = self.tenant_ops(&analysis, None)?;
+        self.apply_tenant_ops(&ops);
         Ok(prepared)
     }
 
@@ -495,11 +496,30 @@ impl ClientSide {
         )))
     }
 
-    fn apply_tenant_changes(
+    /// Record tenant changes and savepoint events in the session's tenant history, in order.
+    fn apply_tenant_ops(&self, ops: &[TenantChangeOp]) {
+        if ops.is_empty() {
+            return;
+        }
+        let mut session = lock(&self.session);
+        for op in ops {
+            match op {
+                TenantChangeOp::Change { value, local } => {
+                    session.tenant.set(value.clone(), *local);
+                }
+                other => session.tenant.savepoint_event(other.clone()),
+            }
+        }
+    }
+
+    /// The tenant changes and savepoint events a statement makes, with their values read
+    /// (from the text, or from `bind`) and checked. Recorded by [`Self::apply_tenant_ops`]
+    /// when the statement runs: a simple query at once, a portal at its Execute.
+    fn tenant_ops(
         &self,
         analysis: &Analysis,
         bind: Option<&BindValues<'_>>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Vec<TenantChangeOp>, ClientError> {
         let savepoints: Vec<TenantChangeOp> = analysis
             .tx_controls
             .iter()
@@ -518,26 +538,15 @@ impl ClientSide {
                      sent as separate queries",
                 ));
             }
-            let mut session = lock(&self.session);
-            for op in savepoints {
-                session.tenant.savepoint_event(op);
-            }
-            return Ok(());
+            return Ok(savepoints);
         }
-        if analysis.tenant_changes.is_empty() {
-            return Ok(());
-        }
-        let mut changes = Vec::new();
+        let mut ops = Vec::new();
         for change in &analysis.tenant_changes {
-            if let Some(change) = self.tenant_change(change, bind)? {
-                changes.push(change);
+            if let Some((value, local)) = self.tenant_change(change, bind)? {
+                ops.push(TenantChangeOp::Change { value, local });
             }
         }
-        let mut session = lock(&self.session);
-        for (org, local) in changes {
-            session.tenant.set(org, local);
-        }
-        Ok(())
+        Ok(ops)
     }
 
     /// The new tenant (`None`: reset) and whether it is `LOCAL`, or `None` when `change`
@@ -683,13 +692,18 @@ impl ClientSide {
         let statement = ahead.latest().unwrap_or_default();
         let result = self.prepare_bind(&bind, &statement).await;
         match result {
-            Ok((rewritten, sealed_for)) => {
+            Ok(BoundValues {
+                sealed: rewritten,
+                sealed_for,
+                tenant_ops,
+            }) => {
                 let portal = Arc::new(Portal {
                     statement,
                     result_formats: bind.result_formats.clone(),
                     described: AtomicBool::new(false),
                     shape: Default::default(),
                     sealed_for,
+                    tenant_ops: std::sync::Mutex::new(tenant_ops),
                 });
                 // Takes effect when the server confirms it (BindComplete).
                 lock(&self.session).queue.push_back(Pending::Bind {
@@ -723,15 +737,15 @@ impl ClientSide {
         }
     }
 
-    /// Seal the parameters bound for encrypted columns: the sealed values (parameter index,
-    /// value), and the organisation sealed for under the session tenant, if any.
+    /// Seal the parameters bound for encrypted columns, and read the tenant changes the
+    /// statement makes with these parameters.
     async fn prepare_bind(
         &mut self,
         bind: &Bind<'_>,
         statement: &Statement,
-    ) -> Result<(Option<Vec<(usize, Vec<u8>)>>, Option<OrgId>), ClientError> {
+    ) -> Result<BoundValues, ClientError> {
         let Some(analysis) = statement.analysis.clone() else {
-            return Ok((None, None));
+            return Ok(BoundValues::default());
         };
         if statement.sealed_for.is_some() && statement.sealed_for != self.session_or_default() {
             return Err(ClientError::unsupported(TENANT_CHANGED));
@@ -754,9 +768,13 @@ impl ClientSide {
             // Read in the wrong encoding, a tenant would name another organisation.
             return Err(ClientError::unsupported(IN_FLIGHT));
         }
-        self.apply_tenant_changes(&analysis, Some(&values))?;
+        let tenant_ops = self.tenant_ops(&analysis, Some(&values))?;
         if analysis.params.is_empty() {
-            return Ok((None, statement.sealed_for.clone()));
+            return Ok(BoundValues {
+                sealed: None,
+                sealed_for: statement.sealed_for.clone(),
+                tenant_ops,
+            });
         }
         // (parameter index, sealed value) of every parameter that changes.
         let mut sealed_params = Vec::with_capacity(analysis.params.len());
@@ -793,10 +811,11 @@ impl ClientSide {
         } else {
             statement.sealed_for.clone()
         };
-        Ok((
-            (!sealed_params.is_empty()).then_some(sealed_params),
+        Ok(BoundValues {
+            sealed: (!sealed_params.is_empty()).then_some(sealed_params),
             sealed_for,
-        ))
+            tenant_ops,
+        })
     }
 
     fn on_describe(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), PumpError> {
@@ -819,6 +838,7 @@ impl ClientSide {
                         described: AtomicBool::new(true),
                         shape: Default::default(),
                         sealed_for: None,
+                        tenant_ops: Default::default(),
                     })
                 });
                 portal.described.store(true, Ordering::Relaxed);
@@ -892,6 +912,17 @@ impl ClientSide {
                         hidden: true,
                     });
             }
+        }
+        // The portal's tenant changes take effect when it runs (once, even if it is executed
+        // again after PortalSuspended), and apply to its own rows.
+        if let Some(p) = &portal {
+            let ops = std::mem::take(
+                &mut *p
+                    .tenant_ops
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            self.apply_tenant_ops(&ops);
         }
         let mut session = lock(&self.session);
         let tenant = session.tenant.effective();
@@ -1134,6 +1165,17 @@ fn non_ascii_tenant_param(analysis: &Analysis, bind: &Bind<'_>) -> bool {
             .and_then(|i| bind.params.get(i).copied().flatten())
             .is_some_and(|v| !v.is_ascii())
     })
+}
+
+/// What a Bind carries besides the client's bytes.
+#[derive(Default)]
+struct BoundValues {
+    /// (parameter index, sealed value) of every parameter that changes.
+    sealed: Option<Vec<(usize, Vec<u8>)>>,
+    /// The organisation values were sealed for under the session tenant, if any.
+    sealed_for: Option<OrgId>,
+    /// Tenant changes and savepoint events, made when the portal runs.
+    tenant_ops: Vec<TenantChangeOp>,
 }
 
 /// Whether any of `literals` is sealed for the session (or default) tenant.

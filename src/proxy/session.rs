@@ -126,6 +126,8 @@ pub(crate) struct Portal {
     /// sealed for under the session (or default) tenant: it may only be executed while that
     /// organisation is in force.
     pub(crate) sealed_for: Option<OrgId>,
+    /// Tenant changes and savepoint events its statement makes, recorded when it runs.
+    pub(crate) tenant_ops: Mutex<Vec<TenantChangeOp>>,
 }
 
 impl Portal {

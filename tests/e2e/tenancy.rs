@@ -421,6 +421,49 @@ async fn rows_are_read_under_the_tenant_their_statement_was_sent_under() {
         .unwrap();
     assert_eq!(codes(&r), vec!["42501".to_string()]);
 
+    // A tenant change takes effect when its portal runs, not when it is bound: bound first,
+    // executed after a SELECT, it does not apply to the SELECT's rows.
+    let r = c.query(b"SET pgenvelope.tenant = 'org_a'").unwrap();
+    assert!(codes(&r).is_empty(), "{:?}", codes(&r));
+    let mut buf = Vec::new();
+    parse(
+        &mut buf,
+        "change",
+        "SELECT set_config('pgenvelope.tenant', 'org_b', false)",
+        &[],
+    );
+    parse(
+        &mut buf,
+        "read",
+        &format!("SELECT body FROM {t} WHERE id = 1"),
+        &[],
+    );
+    bind(&mut buf, "p_change", "change", &[]);
+    bind(&mut buf, "p_read", "read", &[]);
+    execute(&mut buf, "p_read");
+    execute(&mut buf, "p_change");
+    buf.extend_from_slice(b"S\0\0\0\x04");
+    c.raw_stream().write_all(&buf).unwrap();
+    let msgs = c.read_until_ready().unwrap();
+    assert!(codes(&msgs).is_empty(), "{:?}", codes(&msgs));
+    let rows: Vec<_> = msgs
+        .iter()
+        .filter(|(tag, _)| *tag == b'D')
+        .map(|(_, b)| data_row(b))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            vec![Some(b"secret-a".to_vec())],
+            vec![Some(b"org_b".to_vec())]
+        ]
+    );
+    // And after it, org_b is in force.
+    let r = c
+        .query(format!("SELECT body FROM {t} WHERE id = 1").as_bytes())
+        .unwrap();
+    assert_eq!(codes(&r), vec!["42501".to_string()]);
+
     // In one query string, a read before a change of tenant is refused (it would be read
     // under the new tenant); after it, it is read under the new tenant.
     let a = n.client_as("org_a").await;
