@@ -374,7 +374,11 @@ async fn check_row_key(
     }
     let pk: Vec<String> = client
         .query(
-            "SELECT a.attname::text FROM pg_index i              JOIN pg_class c ON c.oid = i.indrelid              JOIN pg_namespace n ON n.oid = c.relnamespace              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)              WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary",
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+             WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary",
             &[&table.schema(), &table.name()],
         )
         .await

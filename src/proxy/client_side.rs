@@ -453,7 +453,9 @@ impl ClientSide {
         let row_tenant = |v: String| {
             if !stores_as_written(&v) {
                 return Err(ClientError::privilege(format!(
-                    "pgenvelope: the tenant given for {} may be stored differently from how it is                      written (surrounding spaces, or a number not in canonical form): write it as                      PostgreSQL stores it",
+                    "pgenvelope: the tenant given for {} may be stored differently from how it is \
+                     written (surrounding spaces, or a number not in canonical form): write it \
+                     as PostgreSQL stores it",
                     column.qualified_name()
                 )));
             }

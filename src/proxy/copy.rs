@@ -282,19 +282,14 @@ impl RowsIn {
         };
         let org = match job.tenant_index {
             None => session_org.clone(),
-            Some(i) => match row.get(i) {
-                Some(Some(v)) => {
-                    let text = encoding
-                        .decode(&v)
-                        .map_err(|e| ClientError::unsupported(format!("pgenvelope: {e}")))?;
-                    Some(OrgId::new(text.into_owned()).map_err(|_| {
-                        ClientError::privilege(format!(
-                            "pgenvelope: COPY row {} has an invalid tenant for {}",
-                            row.line(),
-                            first.qualified_name()
-                        ))
-                    })?)
-                }
+            Some(i) => match field_text(row, i, encoding)? {
+                Some(text) => Some(OrgId::new(text).map_err(|_| {
+                    ClientError::privilege(format!(
+                        "pgenvelope: COPY row {} has an invalid tenant for {}",
+                        row.line(),
+                        first.qualified_name()
+                    ))
+                })?),
                 _ => fallback_org.clone(),
             },
         };
@@ -311,7 +306,7 @@ impl RowsIn {
         let row_key = match job.key_index {
             None => None,
             Some(i) => {
-                let key = row_key(row, i, encoding)?;
+                let key = field_text(row, i, encoding)?;
                 if !key
                     .as_deref()
                     .is_some_and(crate::proxy::client_side::key_stores_as_written)
@@ -399,8 +394,9 @@ impl RowsIn {
     }
 }
 
-/// Field `i` of a COPY row as text (the row key of a row-bound table, or the row's tenant).
-fn row_key(
+/// Field `i` of a COPY row as text (the row key of a row-bound table, or the row's tenant);
+/// `None` for NULL.
+fn field_text(
     row: &CopyRow<'_>,
     i: usize,
     encoding: &ClientEncoding,
@@ -517,12 +513,12 @@ impl CopyOut {
         self.codec
             .run(data, cipher, out, &self.job, |row, keys, cipher, needs| {
                 let key = match key_index {
-                    Some(k) => row_key(row, k, encoding)?,
+                    Some(k) => field_text(row, k, encoding)?,
                     None => None,
                 };
                 // The row names its organisation: its values must be that organisation's.
                 let row_org = match tenant_index {
-                    Some(t) => row_key(row, t, encoding)?,
+                    Some(t) => field_text(row, t, encoding)?,
                     None => None,
                 };
                 for (i, expected) in columns {

@@ -666,7 +666,6 @@ impl Cipher {
             }
         }
         let org = dek.org().clone();
-        let row_key = row_key.filter(|_| column.row_key().is_some());
         match subkey(&mut self.subkeys, dek, column.id()).open_owned_in_row(&org, row_key, parsed) {
             Ok(plaintext) => {
                 stats.values_decrypted.fetch_add(1, Ordering::Relaxed);

@@ -497,7 +497,7 @@ impl ServerSide {
                 continue;
             };
             let key = match col.key_index {
-                Some(j) => row_key_text(&shape.columns[j], row.get(j).flatten(), &encoding)?,
+                Some(j) => field_text(&shape.columns[j], row.get(j).flatten(), &encoding)?,
                 None => None,
             };
             let d = match self
@@ -520,24 +520,19 @@ impl ServerSide {
             if let (Some(rule), Some(j)) = (&col.rule, col.tenant_index) {
                 // The row names its organisation: the value must be that organisation's.
                 let tcol = &shape.columns[j];
-                if let Some(Some(t)) = row.get(j) {
-                    // Text as PostgreSQL prints it, also from a binary integer or UUID field;
-                    // another binary type cannot name an organisation as written.
-                    let other = if tcol.format == 0 || tcol.textlike {
-                        encoding
-                            .decode(t)
-                            .map_or(true, |text| text.as_ref() != d.org.as_str())
-                    } else {
-                        binary_as_text(tcol.type_oid, t).is_some_and(|org| org != d.org.as_str())
-                    };
-                    if other {
-                        self.cipher.engine().stats.decrypt_failures.inc("wrong_row");
-                        return Err(ClientError::corrupted(format!(
-                            "pgenvelope: value in {} belongs to another organisation than its row",
-                            rule.qualified_name()
-                        ))
-                        .into());
-                    }
+                // A tenant that cannot be read as text: an undecodable text field is another
+                // organisation; a binary field of another type cannot name one as written.
+                let other = match field_text(tcol, row.get(j).flatten(), &encoding) {
+                    Ok(org) => org.is_some_and(|org| org != d.org.as_str()),
+                    Err(_) => tcol.format == 0 || tcol.textlike,
+                };
+                if other {
+                    self.cipher.engine().stats.decrypt_failures.inc("wrong_row");
+                    return Err(ClientError::corrupted(format!(
+                        "pgenvelope: value in {} belongs to another organisation than its row",
+                        rule.qualified_name()
+                    ))
+                    .into());
                 }
             }
             let text = String::from_utf8(d.plaintext)
@@ -562,9 +557,10 @@ impl ServerSide {
     }
 }
 
-/// The row key of a result row as PostgreSQL prints it (row binding): the text of a text-format
-/// field; a binary field is rendered for integer, UUID and text types, and refused otherwise.
-pub(crate) fn row_key_text(
+/// A result field as PostgreSQL prints it (a row key, a row's tenant): the text of a
+/// text-format field; a binary field is rendered for integer, UUID and text types, and
+/// refused otherwise. `None` for NULL.
+pub(crate) fn field_text(
     column: &ColumnShape,
     value: Option<&[u8]>,
     encoding: &ClientEncoding,
@@ -574,8 +570,8 @@ pub(crate) fn row_key_text(
     };
     let bad = || {
         ClientError::unsupported(
-            "pgenvelope: the row key of a row-bound table was sent in a binary format the \
-             proxy cannot read: request it in text format",
+            "pgenvelope: a row key or tenant column was sent in a binary format the proxy \
+             cannot read: request it in text format",
         )
     };
     if column.format == 0 || column.textlike {

@@ -744,8 +744,11 @@ impl Crypto {
         if active.dek_id() == dek && binding_as_ruled {
             return Ok((Outcome::Unchanged, None));
         }
-        let old_key = self.column_key(&cached, column.id()).clone();
-        let opened = old_key.open_owned_in_row(&org, row_key.map(str::as_bytes), parsed);
+        let opened = self.column_key(&cached, column.id()).open_owned_in_row(
+            &org,
+            row_key.map(str::as_bytes),
+            parsed,
+        );
         let Ok(plaintext) = opened else {
             return Ok((Outcome::Untouched(Untouched::Authentication), None));
         };

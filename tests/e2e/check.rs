@@ -372,13 +372,7 @@ async fn against_db_checks_row_keys() {
         ))
         .await
         .unwrap();
-    struct DropTables(String);
-    impl Drop for DropTables {
-        fn drop(&mut self) {
-            crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.0));
-        }
-    }
-    let _drop = DropTables(format!("{good}, {bad}"));
+    let _drop = crate::harness::DropTables(format!("{good}, {bad}"));
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("rules")).unwrap();
     std::fs::write(

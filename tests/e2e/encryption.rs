@@ -872,14 +872,10 @@ async fn views_ctes_unions_cursors_and_portals_decrypt() {
     .await
     .unwrap();
     let msgs = tx.simple_query("FETCH 2 FROM cur").await.unwrap();
-    let fetched: Vec<String> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(fetched, vec!["secret-0".to_owned(), "secret-1".to_owned()]);
+    assert_eq!(
+        crate::harness::simple_column(&msgs, 0),
+        ["secret-0", "secret-1"]
+    );
     // Portal with a row limit.
     let stmt = tx
         .prepare(&format!("SELECT value FROM {t} ORDER BY id"))

@@ -286,6 +286,25 @@ pub fn psql_on_main(sql: &str) {
         .output();
 }
 
+/// Drops the tables it names (comma-separated) on the main server when it goes out of scope.
+pub struct DropTables(pub String);
+
+impl Drop for DropTables {
+    fn drop(&mut self) {
+        psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.0));
+    }
+}
+
+/// Column `i` of every row a `simple_query` returned (NULLs skipped).
+pub fn simple_column(msgs: &[tokio_postgres::SimpleQueryMessage], i: usize) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(i).map(str::to_owned),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Connect with tokio-postgres (NoTls) and drive the connection in the background.
 pub async fn connect(config: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(config, tokio_postgres::NoTls).await?;

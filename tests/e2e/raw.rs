@@ -116,6 +116,14 @@ pub fn data_row(body: &[u8]) -> Vec<Option<Vec<u8>>> {
     out
 }
 
+/// The DataRows among `msgs`, each as its column values.
+pub fn data_rows(msgs: &[Msg]) -> Vec<Vec<Option<Vec<u8>>>> {
+    msgs.iter()
+        .filter(|(tag, _)| *tag == b'D')
+        .map(|(_, b)| data_row(b))
+        .collect()
+}
+
 /// The value of one field of an ErrorResponse/NoticeResponse body.
 pub fn error_field(body: &[u8], field: u8) -> Option<String> {
     let mut pos = 0;

@@ -5,13 +5,14 @@
 use futures_util::{SinkExt, TryStreamExt};
 
 use crate::encryption::{code, direct};
-use crate::harness::{connect, unique, ProxyOptions, TestProxy};
+use crate::harness::{connect, simple_column, unique, DropTables, ProxyOptions, TestProxy};
 
 /// A table `(id bigint primary key, org_id, value)` and a proxy encrypting `value`; `bound`
 /// sets `row_key = "id"`.
 struct Vault {
     proxy: TestProxy,
     table: String,
+    _drop: DropTables,
 }
 
 impl Vault {
@@ -29,7 +30,11 @@ impl Vault {
             "[[table]]\nname = \"{table}\"\ntenant_column = \"org_id\"\n{key}encrypt = [\"value\"]\n"
         );
         let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-        Vault { proxy, table }
+        Vault {
+            proxy,
+            _drop: DropTables(table.clone()),
+            table,
+        }
     }
 
     async fn client(&self) -> tokio_postgres::Client {
@@ -64,12 +69,6 @@ impl Vault {
             )
             .await
             .unwrap();
-    }
-}
-
-impl Drop for Vault {
-    fn drop(&mut self) {
-        crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.table));
     }
 }
 
@@ -130,14 +129,7 @@ async fn statements_on_a_row_bound_table() {
         .simple_query(&format!("SELECT id, value FROM {t} WHERE id = 1"))
         .await
         .unwrap();
-    let values: Vec<String> = rows
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(1).map(str::to_owned),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(values, ["one"]);
+    assert_eq!(simple_column(&rows, 1), ["one"]);
 
     // Writes must give the key; it may not change.
     for sql in [
@@ -244,13 +236,7 @@ async fn uuid_row_keys_in_binary_results() {
         ))
         .await
         .unwrap();
-    struct DropTable(String);
-    impl Drop for DropTable {
-        fn drop(&mut self) {
-            crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.0));
-        }
-    }
-    let _drop = DropTable(table.clone());
+    let _drop = DropTables(table.clone());
     let rules = format!("[[table]]\nname = \"{table}\"\nrow_key = \"id\"\nencrypt = [\"value\"]\n");
     let mut opts = ProxyOptions::encrypting(&rules);
     opts.default_tenant = Some("acme".to_owned());

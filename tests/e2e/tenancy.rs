@@ -1,7 +1,7 @@
 //! The session tenant as PostgreSQL sees it: setting names match in any case.
 
 use crate::encryption::{code, direct};
-use crate::harness::{connect, unique, ProxyOptions, TestProxy};
+use crate::harness::{connect, simple_column, unique, DropTables, ProxyOptions, TestProxy};
 
 /// A table whose rows carry no tenant column (the session tenant seals), and a proxy for it.
 struct Notes {
@@ -378,7 +378,7 @@ async fn rollback_to_savepoint_undoes_a_tenant_change() {
 #[tokio::test]
 async fn rows_are_read_under_the_tenant_their_statement_was_sent_under() {
     use crate::protocol_sync::{bind, codes, execute, parse, query, raw};
-    use crate::raw::data_row;
+    use crate::raw::data_rows;
     use std::io::Write;
 
     let n = Notes::new().await;
@@ -409,11 +409,7 @@ async fn rows_are_read_under_the_tenant_their_statement_was_sent_under() {
     let mut msgs = c.read_until_ready().unwrap();
     msgs.extend(c.read_until_ready().unwrap());
     assert!(codes(&msgs).is_empty(), "{:?}", codes(&msgs));
-    let rows: Vec<_> = msgs
-        .iter()
-        .filter(|(tag, _)| *tag == b'D')
-        .map(|(_, b)| data_row(b))
-        .collect();
+    let rows = data_rows(&msgs);
     assert_eq!(rows, vec![vec![Some(b"secret-a".to_vec())]]);
     // Now org_b is in force: org_a's row is refused.
     let r = c
@@ -446,11 +442,7 @@ async fn rows_are_read_under_the_tenant_their_statement_was_sent_under() {
     c.raw_stream().write_all(&buf).unwrap();
     let msgs = c.read_until_ready().unwrap();
     assert!(codes(&msgs).is_empty(), "{:?}", codes(&msgs));
-    let rows: Vec<_> = msgs
-        .iter()
-        .filter(|(tag, _)| *tag == b'D')
-        .map(|(_, b)| data_row(b))
-        .collect();
+    let rows = data_rows(&msgs);
     assert_eq!(
         rows,
         vec![
@@ -480,14 +472,7 @@ async fn rows_are_read_under_the_tenant_their_statement_was_sent_under() {
         ))
         .await
         .unwrap();
-    let bodies: Vec<String> = rows
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(bodies, vec!["secret-a".to_string()]);
+    assert_eq!(simple_column(&rows, 0), ["secret-a"]);
 }
 
 /// Item 8, prepared statements: values sealed for the session tenant when a statement was
@@ -596,13 +581,7 @@ async fn value_of_another_organisation_is_refused_with_a_binary_tenant_column() 
         "[[table]]\nname = \"{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"body\"]\n"
     );
     let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-    struct DropTable(String);
-    impl Drop for DropTable {
-        fn drop(&mut self) {
-            crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.0));
-        }
-    }
-    let _drop = DropTable(table.clone());
+    let _drop = DropTables(table.clone());
     let c = connect(&proxy.pg_config("postgres", None, "test"))
         .await
         .unwrap();
