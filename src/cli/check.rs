@@ -88,7 +88,8 @@ pub struct CheckArgs {
     #[arg(long)]
     pub against_kms: bool,
 
-    /// Also check every rule against the upstream database's catalog
+    /// Also check every rule against the upstream database's catalog (tables, column types,
+    /// defaults, row keys)
     #[arg(long)]
     pub against_db: bool,
 }
