@@ -26,7 +26,7 @@ use bytes::BytesMut;
 
 use crate::crypto::OrgId;
 use crate::proxy::copy::CopyIn;
-use crate::proxy::engine::{Cipher, ReadOutcome, RulesSnapshot};
+use crate::proxy::engine::{Cipher, Restored, RulesSnapshot};
 use crate::proxy::error::ClientError;
 use crate::proxy::pump::{Handler, PumpError};
 use crate::proxy::session::{binary_as_text, may_change_lexing};
@@ -344,7 +344,9 @@ impl ClientSide {
     }
 
     /// Encrypt a value for `column`, or `None` if it already is a valid enc:v1 value of this
-    /// column and organisation (restores, re-runs): such values are stored unchanged.
+    /// column and organisation (restores, re-runs): such values are stored unchanged, except
+    /// that one sealed before its table's values were bound to their rows is sealed again,
+    /// bound to the row written.
     async fn seal_value(
         &mut self,
         column: &ColumnRule,
@@ -358,26 +360,25 @@ impl ClientSide {
         if crate::proxy::copy::is_envelope_of(column, plaintext) {
             match self
                 .cipher
-                .read(Some(column), plaintext, None, row_key)
-                .await
+                .read_restored(column, plaintext, row_key)
+                .await?
             {
-                Ok(ReadOutcome::Decrypted(d)) if &d.org == org => return Ok(None),
-                Ok(ReadOutcome::Decrypted(_)) => {
+                Some(Restored::AsIs(d)) if &d.org == org => return Ok(None),
+                Some(Restored::Rebind(d)) if &d.org == org => {
+                    return self
+                        .cipher
+                        .encrypt(column, org, row_key, &d.plaintext)
+                        .await
+                        .map(Some)
+                }
+                Some(Restored::AsIs(_) | Restored::Rebind(_)) => {
                     return Err(ClientError::privilege(format!(
                         "pgenvelope: the encrypted value for {} belongs to another organisation",
                         column.qualified_name()
                     )))
                 }
-                Ok(ReadOutcome::Plain) => {}
-                Ok(ReadOutcome::Shredded) => {
-                    return Err(ClientError::corrupted(format!(
-                        "pgenvelope: the encrypted value for {} uses a destroyed data key",
-                        column.qualified_name()
-                    )))
-                }
                 // Fails authentication: not a value of ours, just data.
-                Err(e) if e.code == crate::wire::sqlstate::DATA_CORRUPTED => {}
-                Err(e) => return Err(e),
+                None => {}
             }
         }
         self.cipher
@@ -1136,6 +1137,7 @@ impl ClientSide {
             tracing::debug!(code = e.code, "COPY refused");
             self.copy_in = None;
             self.copy_failed = tag == fe::COPY_DATA_TAG;
+            lock(&self.session).copy_refusal = Some(e.code);
             fe::put_copy_fail(out, &e.message)?;
         }
         Ok(())

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 
 use crate::crypto::{looks_like_enc_v1, DekId, OrgId};
 use crate::keys::CachedDek;
-use crate::proxy::engine::{Cipher, Prepared};
+use crate::proxy::engine::{Cipher, Prepared, Restored};
 use crate::proxy::error::ClientError;
 use crate::proxy::session::CopyJob;
 use crate::rules::ColumnRule;
@@ -362,10 +362,12 @@ impl RowsIn {
                     needs.deks.insert(parsed.dek_id(), *c);
                     continue;
                 };
-                let opened = match cipher.open_with(existing, parsed, &c, None, row_key) {
-                    Ok(opened) => opened,
+                let (opened, rebind) = match cipher.open_restored(existing, parsed, &c, row_key)? {
+                    Some(Restored::AsIs(opened)) => (opened, false),
+                    // Sealed before the table's rows were bound: sealed again for this row.
+                    Some(Restored::Rebind(opened)) => (opened, true),
                     // Fails authentication: not one of ours, just data.
-                    Err(e) if e.code == crate::wire::sqlstate::DATA_CORRUPTED => {
+                    None => {
                         let sealed = cipher.encrypt_with(
                             dek,
                             column,
@@ -376,7 +378,6 @@ impl RowsIn {
                         row.set(*i, Some(sealed.into_bytes()));
                         continue;
                     }
-                    Err(e) => return Err(e),
                 };
                 if opened.org != org {
                     return Err(ClientError::privilege(format!(
@@ -384,6 +385,11 @@ impl RowsIn {
                     row.line(),
                     column.qualified_name()
                 )));
+                }
+                if rebind {
+                    let sealed =
+                        cipher.encrypt_with(dek, column, &org, row_key, &opened.plaintext)?;
+                    row.set(*i, Some(sealed.into_bytes()));
                 }
                 continue;
             }

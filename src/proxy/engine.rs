@@ -386,6 +386,16 @@ pub(crate) enum ReadOutcome {
     Shredded,
 }
 
+/// What a write found in a value it gives for an encrypted column that already is an enc:v1
+/// value of that column (a restore of an encrypted dump, a re-run): see [`Cipher::read_restored`].
+pub(crate) enum Restored {
+    /// Valid for the row it is written to: stored unchanged.
+    AsIs(Decrypted),
+    /// Valid, but sealed before its table's values were bound to their rows (the table's
+    /// `row_key` was added since): its plaintext is sealed again, bound to the row written.
+    Rebind(Decrypted),
+}
+
 /// Encrypts and decrypts single values for one direction of one connection: holds the nonce
 /// generator and derived per-column keys.
 pub(crate) struct Cipher {
@@ -528,21 +538,93 @@ impl Cipher {
         let Some(column) = looked_up.as_deref().or(expected) else {
             return Ok(ReadOutcome::Plain);
         };
+        let Some(dek) = self.dek_for(&parsed, column).await? else {
+            return Ok(ReadOutcome::Shredded);
+        };
+        self.open_with(&dek, parsed, column, tenant, row_key)
+            .map(ReadOutcome::Decrypted)
+    }
+
+    /// The DEK a sealed value of `column` names (from this connection's subkeys while fresh,
+    /// else from the key store); `None` when destroyed under the `null` shredded-reads policy.
+    async fn dek_for(
+        &mut self,
+        parsed: &EncV1,
+        column: &ColumnRule,
+    ) -> Result<Option<Arc<CachedDek>>, ClientError> {
         let known = self
             .subkeys
             .get(&(parsed.dek_id(), column.id()))
             .map(|(d, _)| d)
             .filter(|d| self.engine.keys.still_fresh(d))
             .cloned();
-        let dek = match known {
-            Some(d) => d,
-            None => match self.key_for_read(parsed.dek_id(), column).await? {
-                Some(d) => d,
-                None => return Ok(ReadOutcome::Shredded),
-            },
+        match known {
+            Some(d) => Ok(Some(d)),
+            None => self.key_for_read(parsed.dek_id(), column).await,
+        }
+    }
+
+    /// Open `parsed`, an enc:v1 value of `column` that a write gives for the row with key
+    /// `row_key` (a restore of an encrypted dump, a re-run); `Ok(None)` when it fails
+    /// authentication (not a value of ours: data like any other, to be encrypted). The binding
+    /// is checked as by [`Cipher::open_with`], except that an unbound value written before the
+    /// table's `row_key` was added opens without a row key and comes back as
+    /// [`Restored::Rebind`], to be sealed again for its new row as `reencrypt` would: a dump
+    /// taken directly from the database before row binding was turned on restores as bound
+    /// values, not as the encryption of their envelope text. The caller checks the
+    /// organisation.
+    pub(crate) fn open_restored(
+        &mut self,
+        dek: &Arc<CachedDek>,
+        parsed: EncV1,
+        column: &ColumnRule,
+        row_key: Option<&[u8]>,
+    ) -> Result<Option<Restored>, ClientError> {
+        let rebind = column.row_key().is_some() && !parsed.is_row_bound();
+        let row_key = if rebind {
+            None
+        } else {
+            self.check_binding(&parsed, column, row_key)?;
+            row_key
         };
-        self.open_with(&dek, parsed, column, tenant, row_key)
-            .map(ReadOutcome::Decrypted)
+        let org = dek.org().clone();
+        let opened =
+            subkey(&mut self.subkeys, dek, column.id()).open_owned_in_row(&org, row_key, parsed);
+        let Ok(plaintext) = opened else {
+            return Ok(None);
+        };
+        self.engine
+            .stats
+            .values_decrypted
+            .fetch_add(1, Ordering::Relaxed);
+        let d = Decrypted { plaintext, org };
+        Ok(Some(if rebind {
+            Restored::Rebind(d)
+        } else {
+            Restored::AsIs(d)
+        }))
+    }
+
+    /// [`Cipher::open_restored`] for a value given as text: fetches the DEK it names.
+    /// `Ok(None)`: not an enc:v1 value of `column` after all (data, to be encrypted). A value
+    /// under a destroyed DEK is refused (XX001) whatever the shredded-reads policy.
+    pub(crate) async fn read_restored(
+        &mut self,
+        column: &ColumnRule,
+        value: &[u8],
+        row_key: Option<&[u8]>,
+    ) -> Result<Option<Restored>, ClientError> {
+        let parsed = match self.classify(Some(column), value)? {
+            Classified::Plain => return Ok(None),
+            Classified::Sealed { parsed, .. } => parsed,
+        };
+        let Some(dek) = self.dek_for(&parsed, column).await? else {
+            return Err(ClientError::corrupted(format!(
+                "pgenvelope: the encrypted value for {} uses a destroyed data key",
+                column.qualified_name()
+            )));
+        };
+        self.open_restored(&dek, parsed, column, row_key)
     }
 
     /// First, synchronous half of [`Cipher::read`]: classify the value and check its header.
@@ -629,33 +711,8 @@ impl Cipher {
         tenant: Option<&OrgId>,
         row_key: Option<&[u8]>,
     ) -> Result<Decrypted, ClientError> {
+        self.check_binding(&parsed, column, row_key)?;
         let stats = &self.engine.stats;
-        match (column.row_key(), parsed.is_row_bound(), row_key) {
-            (Some(_), true, Some(_)) | (None, false, _) => {}
-            (Some(k), true, None) => {
-                return Err(ClientError::unsupported(format!(
-                    "pgenvelope: values of {} are bound to their row: read the row key {k} in \
-                     the same result (a plain column reference)",
-                    column.qualified_name()
-                )))
-            }
-            (Some(_), false, _) => {
-                stats.decrypt_failures.inc("wrong_row");
-                return Err(ClientError::corrupted(format!(
-                    "pgenvelope: a value in {} is not bound to its row (written before row \
-                     binding was turned on: run `pgenvelope reencrypt`)",
-                    column.qualified_name()
-                )));
-            }
-            (None, true, _) => {
-                stats.decrypt_failures.inc("wrong_row");
-                return Err(ClientError::corrupted(format!(
-                    "pgenvelope: a value in {} is bound to a row, but the rules give its table \
-                     no row_key",
-                    column.qualified_name()
-                )));
-            }
-        }
         if let Some(t) = tenant {
             if dek.org() != t {
                 stats.decrypt_failures.inc("other_tenant");
@@ -666,19 +723,59 @@ impl Cipher {
             }
         }
         let org = dek.org().clone();
-        match subkey(&mut self.subkeys, dek, column.id()).open_owned_in_row(&org, row_key, parsed) {
+        let opened =
+            subkey(&mut self.subkeys, dek, column.id()).open_owned_in_row(&org, row_key, parsed);
+        match opened {
             Ok(plaintext) => {
                 stats.values_decrypted.fetch_add(1, Ordering::Relaxed);
                 Ok(Decrypted { plaintext, org })
             }
-            Err(_) => {
-                stats.decrypt_failures.inc("authentication");
+            Err(_) => Err(self.authentication_failed(column)),
+        }
+    }
+
+    /// Whether `parsed` is bound as its column's rules say: bound to a row (and then opened
+    /// with the key of the row it was read from) exactly when the table has a `row_key`.
+    fn check_binding(
+        &self,
+        parsed: &EncV1,
+        column: &ColumnRule,
+        row_key: Option<&[u8]>,
+    ) -> Result<(), ClientError> {
+        let stats = &self.engine.stats;
+        match (column.row_key(), parsed.is_row_bound(), row_key) {
+            (Some(_), true, Some(_)) | (None, false, _) => Ok(()),
+            (Some(k), true, None) => Err(ClientError::unsupported(format!(
+                "pgenvelope: values of {} are bound to their row: read the row key {k} in \
+                     the same result (a plain column reference)",
+                column.qualified_name()
+            ))),
+            (Some(_), false, _) => {
+                stats.decrypt_failures.inc("wrong_row");
                 Err(ClientError::corrupted(format!(
-                    "pgenvelope: value in {} fails authentication",
+                    "pgenvelope: a value in {} is not bound to its row (written before row \
+                     binding was turned on: run `pgenvelope reencrypt`)",
+                    column.qualified_name()
+                )))
+            }
+            (None, true, _) => {
+                stats.decrypt_failures.inc("wrong_row");
+                Err(ClientError::corrupted(format!(
+                    "pgenvelope: a value in {} is bound to a row, but the rules give its table \
+                     no row_key",
                     column.qualified_name()
                 )))
             }
         }
+    }
+
+    /// A value of `column` failed authentication (counted).
+    fn authentication_failed(&self, column: &ColumnRule) -> ClientError {
+        self.engine.stats.decrypt_failures.inc("authentication");
+        ClientError::corrupted(format!(
+            "pgenvelope: value in {} fails authentication",
+            column.qualified_name()
+        ))
     }
 }
 

@@ -182,9 +182,29 @@ impl ServerSide {
                     // the skipped requests never happen.
                     self.skipped_cycles += session.fail_extended();
                 }
+                let copy_refusal = session.copy_refusal.take();
                 drop(session);
                 if self.suppress {
                     return Ok(());
+                }
+                // The server's answer to our CopyFail: our SQLSTATE instead of its 57014, and
+                // without its source location.
+                if let Some(code) = copy_refusal {
+                    let answers_ours = be::ErrorFields::find(frame.body(), b'C')
+                        == Some(b"57014".as_slice())
+                        && be::ErrorFields::find(frame.body(), b'M')
+                            .is_some_and(|m| m.windows(12).any(|x| x == b"pgenvelope: "));
+                    if answers_ours
+                        && be::put_fields_replacing(
+                            out,
+                            be::ERROR_RESPONSE_TAG,
+                            frame.body(),
+                            Some((b'C', code.as_bytes())),
+                            b"FLR",
+                        )
+                    {
+                        return Ok(());
+                    }
                 }
                 // Our own refusals are raised by a DO block on the server: drop the PL/pgSQL
                 // context and source location it adds (Where, File, Line, Routine), so the

@@ -518,6 +518,10 @@ pub(crate) struct Session {
     pub(crate) status: TransactionStatus,
     /// How the server reads SQL text.
     pub(crate) lexing: LexState,
+    /// The SQLSTATE of a COPY FROM STDIN the proxy refused by sending CopyFail: the server
+    /// answers any CopyFail with 57014 ("COPY from stdin failed: …"), and the server side puts
+    /// this code back in that answer so the client sees why (XX001, 0A000, 42501, …).
+    pub(crate) copy_refusal: Option<&'static str>,
 }
 
 impl Session {
@@ -532,6 +536,7 @@ impl Session {
             tenant: TenantState::new(startup_tenant),
             status: TransactionStatus::Idle,
             lexing: LexState::default(),
+            copy_refusal: None,
         }
     }
 }

@@ -161,6 +161,18 @@ impl fmt::Debug for ErrorFields<'_> {
 /// Append an ErrorResponse/NoticeResponse (`tag`) with the fields of `body` except those of
 /// the types in `drop`. Returns `false` (appending nothing) if `body` is malformed.
 pub fn put_fields_without(out: &mut BytesMut, tag: u8, body: &[u8], drop: &[u8]) -> bool {
+    put_fields_replacing(out, tag, body, None, drop)
+}
+
+/// Like [`put_fields_without`], and with the value of the field of type `replace.0` (if
+/// `body` has one) replaced by `replace.1`.
+pub fn put_fields_replacing(
+    out: &mut BytesMut,
+    tag: u8,
+    body: &[u8],
+    replace: Option<(u8, &[u8])>,
+    drop: &[u8],
+) -> bool {
     let fields: Result<Vec<(u8, &[u8])>, WireError> = ErrorFields::new(body).collect();
     let Ok(fields) = fields else {
         return false;
@@ -168,7 +180,10 @@ pub fn put_fields_without(out: &mut BytesMut, tag: u8, body: &[u8], drop: &[u8])
     put_message(out, tag, |out| {
         for (f, v) in fields.iter().filter(|(f, _)| !drop.contains(f)) {
             out.extend_from_slice(&[*f]);
-            put_cstr(out, v);
+            match replace {
+                Some((r, with)) if r == *f => put_cstr(out, with),
+                _ => put_cstr(out, v),
+            }
         }
         out.extend_from_slice(&[0]);
     })
@@ -239,6 +254,35 @@ mod tests {
         assert_eq!(ErrorFields::find(body, b'S'), Some(&b"ERROR"[..]));
         let len = u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
         assert_eq!(len + 1, out.len());
+    }
+
+    #[test]
+    fn fields_replaced_and_dropped() {
+        let body = b"SERROR\0C57014\0MCOPY from stdin failed: x\0Fcopyfromparse.c\0L315\0\0";
+        let mut out = BytesMut::new();
+        assert!(put_fields_replacing(
+            &mut out,
+            ERROR_RESPONSE_TAG,
+            body,
+            Some((b'C', b"XX001")),
+            b"FL"
+        ));
+        let fields: Vec<(u8, &[u8])> = ErrorFields::new(&out[5..]).map(Result::unwrap).collect();
+        let expected: [(u8, &[u8]); 3] = [
+            (b'S', b"ERROR"),
+            (b'C', b"XX001"),
+            (b'M', b"COPY from stdin failed: x"),
+        ];
+        assert_eq!(fields, expected);
+        // A malformed body appends nothing.
+        let mut out = BytesMut::new();
+        assert!(!put_fields_without(
+            &mut out,
+            ERROR_RESPONSE_TAG,
+            b"C57014",
+            b""
+        ));
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct TestProxy {
     pub engine: Option<std::sync::Arc<pgenvelope::proxy::Engine>>,
     pub handle: pgenvelope::proxy::ServerHandle,
     pub key_schema: String,
+    /// The local KEK file (unused when the options gave another KEK provider).
+    pub kek_path: std::path::PathBuf,
     _dir: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -119,6 +121,7 @@ impl TestProxy {
             .kek_path
             .clone()
             .unwrap_or_else(|| dir.path().join("kek"));
+        let kek_path_copy = kek_path.clone();
         let (addr_tx, addr_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -224,6 +227,7 @@ impl TestProxy {
             engine,
             handle,
             key_schema,
+            kek_path: kek_path_copy,
             _dir: Some(dir),
             stop: Some(stop_tx),
             thread: Some(thread),

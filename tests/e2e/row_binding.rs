@@ -264,3 +264,165 @@ async fn uuid_row_keys_in_binary_results() {
     let values: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
     assert_eq!(values, ["u-one"]);
 }
+
+/// A dump taken directly from the database before `row_key` was added (unbound values) and
+/// restored through a proxy with row binding: each value is sealed again, bound to the row it
+/// is restored into, by INSERT literals, parameters and COPY alike; a bound value restored into
+/// its own row is stored unchanged; a value of another organisation is still refused, and so
+/// is a bound value given where the rules bind nothing.
+#[tokio::test]
+async fn a_dump_from_before_row_binding_restores_bound() {
+    let before = Vault::new(false).await;
+    let t = before.table.clone();
+    let c = before.client().await;
+    c.batch_execute(&format!(
+        "INSERT INTO {t} (id, org_id, value) VALUES (1, 'acme', 'one'), (2, 'acme', 'two'), \
+         (3, 'globex', 'three')"
+    ))
+    .await
+    .unwrap();
+    let stored = || async {
+        direct()
+            .await
+            .query(
+                &format!("SELECT id, org_id, value FROM {t} ORDER BY id"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let is_bound = |v: &str| {
+        pgenvelope::crypto::EncV1::parse(v.as_bytes())
+            .unwrap()
+            .is_row_bound()
+    };
+    let dump = stored().await;
+    assert!(dump.iter().all(|(_, _, v)| !is_bound(v)));
+    direct()
+        .await
+        .batch_execute(&format!("TRUNCATE {t}"))
+        .await
+        .unwrap();
+
+    // The same table, key store and KEK, now with `row_key = "id"`.
+    let rules = format!(
+        "[[table]]\nname = \"{t}\"\ntenant_column = \"org_id\"\nrow_key = \"id\"\nencrypt = [\"value\"]\n"
+    );
+    let mut opts = ProxyOptions::encrypting(&rules);
+    opts.key_schema = before.proxy.key_schema.clone();
+    opts.kek_path = Some(before.proxy.kek_path.clone());
+    let after = TestProxy::with(opts);
+    let c = connect(&after.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    // Row 1 as a literal, row 2 as a parameter, row 3 by COPY.
+    c.batch_execute(&format!(
+        "INSERT INTO {t} (id, org_id, value) VALUES (1, 'acme', '{}')",
+        dump[0].2
+    ))
+    .await
+    .unwrap();
+    c.execute(
+        &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
+        &[&2i64, &"acme", &dump[1].2],
+    )
+    .await
+    .unwrap();
+    let sink = c
+        .copy_in::<_, bytes::Bytes>(&format!("COPY {t} (id, org_id, value) FROM STDIN"))
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(format!("3\tglobex\t{}\n", dump[2].2)))
+        .await
+        .unwrap();
+    sink.close().await.unwrap();
+
+    let restored = stored().await;
+    assert!(restored.iter().all(|(_, _, v)| is_bound(v)), "{restored:?}");
+    let values: Vec<String> = c
+        .query(&format!("SELECT id, value FROM {t} ORDER BY id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(1))
+        .collect();
+    assert_eq!(values, ["one", "two", "three"]);
+
+    // A bound value restored into its own row is stored as it is.
+    c.batch_execute(&format!("DELETE FROM {t} WHERE id = 1 AND org_id = 'acme'"))
+        .await
+        .unwrap();
+    c.execute(
+        &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
+        &[&1i64, &"acme", &restored[0].2],
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored().await[0].2, restored[0].2);
+
+    // An unbound value of acme restored into a row of globex is refused.
+    let err = c
+        .execute(
+            &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
+            &[&4i64, &"globex", &dump[0].2],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
+
+    // A bound value given to a proxy whose rules bind nothing cannot be opened there: refused,
+    // not stored as the encryption of its envelope text.
+    let err = before
+        .client()
+        .await
+        .execute(
+            &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
+            &[&5i64, &"acme", &restored[1].2],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+
+    // An envelope of this column under a data key the key store does not know (another
+    // deployment's dump) is refused too, by INSERT and by COPY.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut raw = b64.decode(&dump[0].2["enc:v1:".len()..]).unwrap();
+    raw[1..17].copy_from_slice(&[0x5a; 16]);
+    let foreign = format!("enc:v1:{}", b64.encode(raw));
+    let err = c
+        .execute(
+            &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
+            &[&6i64, &"acme", &foreign],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+    let c = connect(&after.pg_config("postgres", None, "test"))
+        .await
+        .unwrap();
+    let sink = c
+        .copy_in::<_, bytes::Bytes>(&format!("COPY {t} (id, org_id, value) FROM STDIN"))
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    let sent = sink
+        .send(bytes::Bytes::from(format!("6\tacme\t{foreign}\n")))
+        .await;
+    let err = match sent {
+        Err(e) => e,
+        Ok(()) => sink.finish().await.unwrap_err(),
+    };
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err:?}");
+    assert_eq!(stored().await.len(), 3);
+}
