@@ -331,21 +331,10 @@ async fn a_dump_from_before_row_binding_restores_bound() {
     ))
     .await
     .unwrap();
-    c.execute(
-        &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
-        &[&2i64, &"acme", &dump[1].2],
-    )
-    .await
-    .unwrap();
-    let sink = c
-        .copy_in::<_, bytes::Bytes>(&format!("COPY {t} (id, org_id, value) FROM STDIN"))
+    insert(&c, &t, 2, "acme", &dump[1].2).await.unwrap();
+    copy_row(&c, &t, format!("3\tglobex\t{}\n", dump[2].2))
         .await
         .unwrap();
-    futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from(format!("3\tglobex\t{}\n", dump[2].2)))
-        .await
-        .unwrap();
-    sink.close().await.unwrap();
 
     let restored = stored().await;
     assert!(restored.iter().all(|(_, _, v)| is_bound(v)), "{restored:?}");
@@ -362,33 +351,16 @@ async fn a_dump_from_before_row_binding_restores_bound() {
     c.batch_execute(&format!("DELETE FROM {t} WHERE id = 1 AND org_id = 'acme'"))
         .await
         .unwrap();
-    c.execute(
-        &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
-        &[&1i64, &"acme", &restored[0].2],
-    )
-    .await
-    .unwrap();
+    insert(&c, &t, 1, "acme", &restored[0].2).await.unwrap();
     assert_eq!(stored().await[0].2, restored[0].2);
 
     // An unbound value of acme restored into a row of globex is refused.
-    let err = c
-        .execute(
-            &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
-            &[&4i64, &"globex", &dump[0].2],
-        )
-        .await
-        .unwrap_err();
+    let err = insert(&c, &t, 4, "globex", &dump[0].2).await.unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
 
     // A bound value given to a proxy whose rules bind nothing cannot be opened there: refused,
     // not stored as the encryption of its envelope text.
-    let err = before
-        .client()
-        .await
-        .execute(
-            &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
-            &[&5i64, &"acme", &restored[1].2],
-        )
+    let err = insert(&before.client().await, &t, 5, "acme", &restored[1].2)
         .await
         .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
@@ -400,29 +372,40 @@ async fn a_dump_from_before_row_binding_restores_bound() {
     let mut raw = b64.decode(&dump[0].2["enc:v1:".len()..]).unwrap();
     raw[1..17].copy_from_slice(&[0x5a; 16]);
     let foreign = format!("enc:v1:{}", b64.encode(raw));
-    let err = c
-        .execute(
-            &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
-            &[&6i64, &"acme", &foreign],
-        )
+    let err = insert(&c, &t, 6, "acme", &foreign).await.unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+    let err = copy_row(&c, &t, format!("6\tacme\t{foreign}\n"))
         .await
         .unwrap_err();
-    assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
-    let c = connect(&after.pg_config("postgres", None, "test"))
-        .await
-        .unwrap();
-    let sink = c
-        .copy_in::<_, bytes::Bytes>(&format!("COPY {t} (id, org_id, value) FROM STDIN"))
-        .await
-        .unwrap();
-    futures_util::pin_mut!(sink);
-    let sent = sink
-        .send(bytes::Bytes::from(format!("6\tacme\t{foreign}\n")))
-        .await;
-    let err = match sent {
-        Err(e) => e,
-        Ok(()) => sink.finish().await.unwrap_err(),
-    };
     assert_eq!(code(&err).as_deref(), Some("XX001"), "{err:?}");
     assert_eq!(stored().await.len(), 3);
+}
+
+/// `INSERT INTO t (id, org_id, value)` with the values as parameters.
+async fn insert(
+    c: &tokio_postgres::Client,
+    t: &str,
+    id: i64,
+    org: &str,
+    value: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
+        &[&id, &org, &value],
+    )
+    .await
+}
+
+/// `COPY t (id, org_id, value) FROM STDIN` of one text-format line.
+async fn copy_row(
+    c: &tokio_postgres::Client,
+    t: &str,
+    line: String,
+) -> Result<u64, tokio_postgres::Error> {
+    let sink = c
+        .copy_in::<_, bytes::Bytes>(&format!("COPY {t} (id, org_id, value) FROM STDIN"))
+        .await?;
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(line)).await?;
+    sink.finish().await
 }
