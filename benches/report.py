@@ -112,7 +112,7 @@ def main():
         md += ["### Encrypted workload: two encrypted columns (64 B + 1 KiB), prepared", "",
                "| workload | clients | target | TPS | mean ms | p99 ms | proxy CPU ms / 1k stmts | vs pgenvelope-plain | vs direct |",
                "|---|---|---|---|---|---|---|---|---|"]
-        tord = ["direct", "pgenvelope-plain", "pgenvelope-encrypted"]
+        tord = ["direct", "pgenvelope-plain", "pgenvelope-encrypted", "pgenvelope-bound"]
         for k in sorted(enc, key=lambda k: (k[0], int(k[3]), tord.index(k[1]))):
             rs = runs.by[k]
             s = dict(scenario=k[0], target=k[1], mode=k[2], clients=k[3],
@@ -227,6 +227,7 @@ def main():
 def chart(folder, summary, machine, plt):
     colors = {"direct": "#9e9e9e", "pgbouncer": "#4c72b0", "pgenvelope": "#dd8452",
               "pgenvelope-plain": "#dd8452", "pgenvelope-encrypted": "#c44e52",
+              "pgenvelope-bound": "#8172b3",
               "pgenvelope-rules": "#55a868"}
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
 
@@ -263,7 +264,7 @@ def chart(folder, summary, machine, plt):
     if enc:
         eg = sorted({(s["scenario"].split("-", 1)[1], int(s["clients"])) for s in enc})
         el = [f"{w}\n{c} cl" for w, c in eg]
-        grouped(axes[0][2], el, ["direct", "pgenvelope-plain", "pgenvelope-encrypted"],
+        grouped(axes[0][2], el, ["direct", "pgenvelope-plain", "pgenvelope-encrypted", "pgenvelope-bound"],
                 lambda g, t: (pick("encrypted-" + eg[el.index(g)][0], t, None, eg[el.index(g)][1]) or {}).get("tps"),
                 "Encrypted columns (64 B + 1 KiB), prepared: TPS", "transactions/s")
     bulk = [s for s in summary if s["scenario"].startswith("bulk")]

@@ -13,7 +13,8 @@
 #                mode), pgenvelope with no rules
 #   encrypted    insert and point select of rows with two encrypted text columns (64 B and
 #                1 KiB values), prepared: through pgenvelope, vs the same statements on a table
-#                without rules through pgenvelope and directly
+#                without rules through pgenvelope and directly; `pgenvelope-bound` is the same
+#                with row binding (`row_key = "id"`: client-given keys, the key in every read)
 #   bulk         SELECT of BULK_ROWS rows with one encrypted column of BULK_VALUES bytes, vs
 #                the same rows unencrypted through pgenvelope and directly: plaintext MB per
 #                second of wall time and per second of proxy CPU
@@ -165,6 +166,7 @@ log "postgres pid $PG_PID port $PG_PORT; pgbench -i -s $SCALE"
 "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "
   CREATE TABLE bench_enc (id bigserial primary key, org_id text not null, a text, b text);
   CREATE TABLE bench_plain (id bigserial primary key, org_id text not null, a text, b text);
+  CREATE TABLE bench_bound (id bigint primary key, org_id text not null, a text, b text);
 "
 for v in $BULK_VALUES; do
     "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "
@@ -206,6 +208,12 @@ cat >"$WORK/rules-bench/bench.toml" <<'EOF'
 [[table]]
 name = "public.bench_enc"
 tenant_column = "org_id"
+encrypt = ["a", "b"]
+
+[[table]]
+name = "public.bench_bound"
+tenant_column = "org_id"
+row_key = "id"
 encrypt = ["a", "b"]
 EOF
 for v in $BULK_VALUES; do
@@ -325,20 +333,34 @@ scenario_encrypted() {
     "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "INSERT INTO bench_plain (org_id, a, b)
         SELECT (g % 10)::text, repeat('x', 64), repeat('y', 1024) FROM generate_series(1, 20000) g" \
         -c "VACUUM ANALYZE bench_enc" -c "VACUUM ANALYZE bench_plain"
+    # Row-bound rows carry client-given keys: 1..20000 loaded by COPY through the proxy, and
+    # inserts draw keys from a range far above them.
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "COPY (SELECT g, (g % 10)::text, repeat('x', 64),
+        repeat('y', 1024) FROM generate_series(1, 20000) g) TO STDOUT" \
+        | "${PSQL[@]}" -p "$RULES_PORT" -d "$DB" -c "COPY bench_bound (id, org_id, a, b) FROM STDIN" \
+        || die "COPY into bench_bound through the proxy failed"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE bench_bound"
     for t in enc plain; do
         printf '%s\n' '\set org random(0, 9)' \
             "INSERT INTO bench_$t (org_id, a, b) VALUES (:org, :v64, :v1k);" >"$WORK/insert_$t.sql"
         printf '%s\n' '\set id random(1, 20000)' \
             "SELECT a, b FROM bench_$t WHERE id = :id;" >"$WORK/select_$t.sql"
     done
+    printf '%s\n' '\set org random(0, 9)' '\set id random(1000000, 9000000000000000000)' \
+        "INSERT INTO bench_bound (id, org_id, a, b) VALUES (:id, :org, :v64, :v1k);" \
+        >"$WORK/insert_bound.sql"
+    # The key is read with the values: a row-bound value opens only with its row's key.
+    printf '%s\n' '\set id random(1, 20000)' \
+        "SELECT id, a, b FROM bench_bound WHERE id = :id;" >"$WORK/select_bound.sql"
     for round in $(seq 1 "$ROUNDS"); do
         for w in select insert; do
             for c in $ENC_CLIENTS; do
-                for target in direct pgenvelope-plain pgenvelope-encrypted; do
+                for target in direct pgenvelope-plain pgenvelope-encrypted pgenvelope-bound; do
                     case $target in
                         direct) port=$PG_PORT; pid=-; table=plain ;;
                         pgenvelope-plain) port=$RULES_PORT; pid=$RULES_PID; table=plain ;;
                         pgenvelope-encrypted) port=$RULES_PORT; pid=$RULES_PID; table=enc ;;
+                        pgenvelope-bound) port=$RULES_PORT; pid=$RULES_PID; table=bound ;;
                     esac
                     pgbench_run "$port" "$pid" -M prepared -T "$DURATION" -c "$c" \
                         -j "$(jobs_for "$c")" -D v64="$v64" -D v1k="$v1k" \
