@@ -1304,19 +1304,23 @@ fn stores_as_written(v: &str) -> bool {
 /// in PostgreSQL's output form (lower-case hex in groups of 8-4-4-4-12; a `uuid` column
 /// stores `{A0EE…}` or hex without hyphens in that form).
 pub(crate) fn key_stores_as_written(v: &str) -> bool {
-    let hex: String = v
-        .chars()
-        .filter(|c| !matches!(c, '-' | '{' | '}'))
-        .collect();
-    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    // A uuid column reads 32 hex digits with any hyphens and braces around them as a UUID.
+    let mut hex_digits = 0;
+    for c in v.chars() {
+        match c {
+            '-' | '{' | '}' => {}
+            c if c.is_ascii_hexdigit() => hex_digits += 1,
+            _ => return stores_as_written(v),
+        }
+    }
+    if hex_digits != 32 {
         return stores_as_written(v);
     }
-    let canonical = v.len() == 36
+    v.len() == 36
         && v.char_indices().all(|(i, c)| match i {
             8 | 13 | 18 | 23 => c == '-',
             _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
-        });
-    canonical
+        })
 }
 
 #[cfg(test)]

@@ -578,13 +578,13 @@ impl ServerSide {
 }
 
 /// A result field as PostgreSQL prints it (a row key, a row's tenant): the text of a
-/// text-format field; a binary field is rendered for integer, UUID and text types, and
-/// refused otherwise. `None` for NULL.
-pub(crate) fn field_text(
+/// text-format field (borrowed from the row when it is UTF-8); a binary field is rendered for
+/// integer, UUID and text types, and refused otherwise. `None` for NULL.
+pub(crate) fn field_text<'a>(
     column: &ColumnShape,
-    value: Option<&[u8]>,
+    value: Option<&'a [u8]>,
     encoding: &ClientEncoding,
-) -> Result<Option<String>, ClientError> {
+) -> Result<Option<Cow<'a, str>>, ClientError> {
     let Some(value) = value else {
         return Ok(None);
     };
@@ -595,12 +595,9 @@ pub(crate) fn field_text(
         )
     };
     if column.format == 0 || column.textlike {
-        return encoding
-            .decode(value)
-            .map(|t| Some(t.into_owned()))
-            .map_err(|_| bad());
+        return encoding.decode(value).map(Some).map_err(|_| bad());
     }
     binary_as_text(column.type_oid, value)
-        .map(Some)
+        .map(|t| Some(Cow::Owned(t)))
         .ok_or_else(bad)
 }

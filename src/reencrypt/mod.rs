@@ -630,6 +630,16 @@ struct Unusable {
     org: Option<OrgId>,
 }
 
+/// The subkey of `column` under `dek`, derived once and kept in `keys`.
+fn derived<'a>(
+    keys: &'a mut HashMap<(DekId, ColumnId), ColumnKey>,
+    dek: &Arc<CachedDek>,
+    column: ColumnId,
+) -> &'a ColumnKey {
+    keys.entry((dek.dek_id(), column))
+        .or_insert_with(|| ColumnKey::derive(dek.key(), dek.dek_id(), column))
+}
+
 /// Keys, nonces and the per-value decisions.
 struct Crypto {
     keys: Arc<KeyManager>,
@@ -786,9 +796,7 @@ impl Crypto {
     }
 
     fn column_key(&mut self, dek: &Arc<CachedDek>, column: ColumnId) -> &ColumnKey {
-        self.column_keys
-            .entry((dek.dek_id(), column))
-            .or_insert_with(|| ColumnKey::derive(dek.key(), dek.dek_id(), column))
+        derived(&mut self.column_keys, dek, column)
     }
 
     fn seal(
@@ -799,7 +807,8 @@ impl Crypto {
         row_key: Option<&str>,
         plaintext: &[u8],
     ) -> Result<String, ReencryptError> {
-        let key = self.column_key(active, column.id()).clone();
+        // The key and the nonce source are separate fields: no copy of the key is needed.
+        let key = derived(&mut self.column_keys, active, column.id());
         let mut sealed = String::new();
         let result = match row_key {
             Some(k) => {

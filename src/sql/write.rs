@@ -377,11 +377,7 @@ impl<'a> Analyzer<'a> {
 
     /// A row key given as a literal or a parameter (through casts that keep the text).
     fn key_value(&self, e: &Expr) -> Option<RowKeySource> {
-        match self.tenant_value(e)? {
-            TenantSource::Literal(v) => Some(RowKeySource::Literal(v)),
-            TenantSource::Param(n) => Some(RowKeySource::Param(n)),
-            TenantSource::Session => None,
-        }
+        self.tenant_value(e).and_then(key_source)
     }
 
     /// A tenant given as literal, parameter, NULL or DEFAULT; `None` for anything else.
@@ -631,12 +627,10 @@ impl<'a> Analyzer<'a> {
         }
         let key = match (table, &up.selection) {
             (Some(t), _) if t.row_key.is_none() => RowKey::Unbound,
-            (Some(t), Some(sel)) => match self.where_column(t, &visible, sel, t.row_key.as_deref())
-            {
-                Some(TenantSource::Literal(v)) => RowKey::Known(RowKeySource::Literal(v)),
-                Some(TenantSource::Param(n)) => RowKey::Known(RowKeySource::Param(n)),
-                _ => unknown_key(table),
-            },
+            (Some(t), Some(sel)) => self
+                .where_column(t, &visible, sel, t.row_key.as_deref())
+                .and_then(key_source)
+                .map_or_else(|| unknown_key(table), RowKey::Known),
             (Some(_), None) => unknown_key(table),
             (None, _) => RowKey::Unbound,
         };
@@ -886,6 +880,16 @@ pub(crate) enum RowKey {
     /// The table binds values to the row key (this column), which the statement does not give:
     /// sealing a value is refused.
     Unknown(String),
+}
+
+/// A value found where a row key is given (read like a tenant value), as a row key: only a
+/// literal or a parameter.
+fn key_source(value: TenantSource) -> Option<RowKeySource> {
+    match value {
+        TenantSource::Literal(v) => Some(RowKeySource::Literal(v)),
+        TenantSource::Param(n) => Some(RowKeySource::Param(n)),
+        TenantSource::Session => None,
+    }
 }
 
 /// [`RowKey::Unknown`] for a table that binds values to their row, else [`RowKey::Unbound`].
