@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::crypto::OrgId;
+use crate::proxy::auth::{self, Legs};
 use crate::proxy::cancel::{CancelGuard, CancelRegistry};
 use crate::proxy::client_side::ClientSide;
 use crate::proxy::drain::{session_must_end, Activity};
@@ -166,7 +167,7 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
             if shared.config.require_client_tls {
                 return fail(&mut client, ConnError::ClientTlsRequired).await;
             }
-            session(client, packet, buf, shared).await
+            session(client, false, packet, buf, shared).await
         }
         Startup::Tls(acceptor) => {
             client.write_all(b"S").await.map_err(ConnError::ClientIo)?;
@@ -177,7 +178,7 @@ async fn serve_inner(mut client: TcpStream, shared: &Arc<Shared>) -> Result<(), 
                 Err(_) => return Err(ConnError::StartupTimeout),
             };
             match startup(&mut tls, &mut buf, shared, None, true).await? {
-                Startup::Packet(packet) => session(tls, packet, buf, shared).await,
+                Startup::Packet(packet) => session(tls, true, packet, buf, shared).await,
                 Startup::Done | Startup::Tls(_) => Ok(()),
             }
         }
@@ -239,9 +240,11 @@ async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Check the StartupMessage, connect and negotiate the upstream, then relay.
+/// Check the StartupMessage, connect and negotiate the upstream, then relay. `client_tls`:
+/// the client's leg is TLS.
 async fn session<C: Split>(
     mut client: C,
+    client_tls: bool,
     packet: Bytes,
     buf: BytesMut,
     shared: &Arc<Shared>,
@@ -313,17 +316,31 @@ async fn session<C: Split>(
         }
     };
     match negotiated {
-        Negotiated::Plain(server) => relay(client, server, server_addr, start, buf, shared).await,
-        Negotiated::Tls(server) => relay(client, server, server_addr, start, buf, shared).await,
+        Negotiated::Plain(server) => {
+            let legs = Legs {
+                client_tls,
+                upstream_tls: false,
+            };
+            relay(client, server, server_addr, start, legs, buf, shared).await
+        }
+        Negotiated::Tls(server) => {
+            let legs = Legs {
+                client_tls,
+                upstream_tls: true,
+            };
+            relay(client, server, server_addr, start, legs, buf, shared).await
+        }
     }
 }
 
-/// Forward the StartupMessage and run the two pumps until either side closes.
+/// Forward the StartupMessage, relay the authentication exchange, then run the two pumps
+/// until either side closes.
 async fn relay<C: Split, U: Split>(
     mut client: C,
     mut server: U,
     server_addr: SocketAddr,
     start: Start,
+    legs: Legs,
     buf: BytesMut,
     shared: &Arc<Shared>,
 ) -> Result<(), ConnError> {
@@ -339,6 +356,17 @@ async fn relay<C: Split, U: Split>(
                 .fetch_add(1, Ordering::Relaxed);
             return fail(&mut client, e).await;
         }
+    };
+    let limit = shared.config.max_message_size;
+    let authenticated = auth::relay(&mut client, &mut server, buf, server_buf, legs, limit).await;
+    let (buf, server_buf) = match authenticated {
+        Ok(Some(bufs)) => bufs,
+        // A side closed: a failed login (its error relayed) or a client that gave up.
+        Ok(None) => {
+            let _ = client.shutdown().await;
+            return Ok(());
+        }
+        Err(e) => return fail(&mut client, e).await,
     };
 
     if start.replication {
@@ -359,7 +387,6 @@ async fn relay<C: Split, U: Split>(
     let state = Arc::new(Mutex::new(SessionState::default()));
     let (mut client_r, mut client_w) = client.into_halves();
     let (mut server_r, mut server_w) = server.into_halves();
-    let limit = shared.config.max_message_size;
     let activity = Arc::new(Activity::new(Arc::clone(&shared.statements)));
     let tracker = Tracker {
         state: Arc::clone(&state),

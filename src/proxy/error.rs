@@ -63,6 +63,12 @@ pub enum ConnError {
         #[source]
         source: std::io::Error,
     },
+    /// SCRAM channel binding cannot hold across the proxy: the client chose
+    /// `SCRAM-SHA-256-PLUS`, which binds to the proxy's TLS certificate, not the server's; or
+    /// it sent the GS2 flag `y`, which a server on TLS refuses; or the server offered nothing
+    /// but `-PLUS` to a plaintext client.
+    #[error("SCRAM channel binding requested through the proxy")]
+    ChannelBindingUnavailable,
     /// The startup packet names a tenant that is not a valid organisation id.
     #[error("invalid pgenvelope.tenant in the startup packet")]
     InvalidStartupTenant,
@@ -131,6 +137,13 @@ impl ConnError {
             Self::UpstreamTls { .. } => Some((
                 sqlstate::CONNECTION_FAILURE,
                 "pgenvelope: could not establish TLS with the upstream server".to_owned(),
+            )),
+            Self::ChannelBindingUnavailable => Some((
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "pgenvelope: SCRAM channel binding cannot pass through the proxy (TLS to the \
+                 proxy ends at the proxy, not at PostgreSQL): connect with \
+                 channel_binding=disable (libpq), or without enableChannelBinding (node-postgres)"
+                    .to_owned(),
             )),
             Self::InvalidStartupTenant => Some((
                 sqlstate::INSUFFICIENT_PRIVILEGE,

@@ -12,6 +12,7 @@
 //!                                     server ─▶ pump ─▶ client   (raw frames; S/K/Z observed)
 //! ```
 
+mod auth;
 mod cancel;
 mod catalog;
 mod client_side;

@@ -23,6 +23,7 @@ mod protocol_sync;
 mod raw;
 mod reencrypt;
 mod row_binding;
+mod scram_tls;
 mod sessions;
 mod soak;
 mod tenancy;

@@ -68,7 +68,7 @@ impl Ca {
     }
 }
 
-fn psql_conninfo(conninfo: &str, sql: &str) -> Output {
+pub(crate) fn psql_conninfo(conninfo: &str, sql: &str) -> Output {
     Command::new("psql")
         .args([
             "-X",
@@ -319,7 +319,12 @@ fn tls_cluster(ca: &Ca) -> PrivateCluster {
 }
 
 fn tls_cluster_for(ca: &Ca, names: &[&str]) -> PrivateCluster {
-    let cluster = PrivateCluster::start(ClusterOptions::default()).unwrap();
+    tls_cluster_with(ca, names, ClusterOptions::default())
+}
+
+/// A private cluster started with `opts`, serving TLS with a certificate from `ca` for `names`.
+pub(crate) fn tls_cluster_with(ca: &Ca, names: &[&str], opts: ClusterOptions) -> PrivateCluster {
+    let cluster = PrivateCluster::start(opts).unwrap();
     let data = cluster.data_dir();
     let meta = std::fs::metadata(&data).unwrap();
     let files = ca.server_for(&data, "server", names);
