@@ -18,9 +18,11 @@
 //! [`tls`] (TLS client settings toward PostgreSQL).
 
 pub mod admin;
+pub mod cipher;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod fault;
 pub mod keys;
 pub mod proxy;
 pub mod reencrypt;

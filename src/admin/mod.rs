@@ -10,10 +10,6 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -158,7 +154,7 @@ pub async fn readiness(proxy: &ServerHandle) -> (bool, String) {
         Ok(Err(e)) => return (false, format!("upstream {upstream} unreachable: {e}")),
         Err(_) => return (false, format!("upstream {upstream} did not answer in time")),
     }
-    if let Some(engine) = proxy.engine() {
+    if let Some(engine) = proxy.encryption() {
         match tokio::time::timeout(CHECK_TIMEOUT, engine.keys().store().ping()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return (false, format!("key store not ready: {e}")),
@@ -172,130 +168,10 @@ pub async fn readiness(proxy: &ServerHandle) -> (bool, String) {
     (true, "ready (no rules: relaying only)".to_owned())
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabel {
-    kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    reason: &'static str,
-}
-
 /// The Prometheus text exposition of everything the proxy counts.
 pub fn metrics(proxy: &ServerHandle) -> String {
     let mut registry = Registry::with_prefix("pgenvelope");
-    let gauge = |v: u64| {
-        let g = Gauge::<i64>::default();
-        g.set(i64::try_from(v).unwrap_or(i64::MAX));
-        g
-    };
-    let counter = |v: u64| {
-        let c = Counter::<u64>::default();
-        c.inc_by(v);
-        c
-    };
-    registry.register(
-        "connections_active",
-        "Client sessions holding a connection slot",
-        gauge(proxy.active_connections() as u64),
-    );
-    registry.register(
-        "sessions",
-        "Client sessions started",
-        counter(proxy.sessions_total()),
-    );
-    let (simple, extended, function_call) = proxy.statements();
-    let kinds = Family::<KindLabel, Counter>::default();
-    for (kind, n) in [
-        ("simple", simple),
-        ("extended", extended),
-        ("function_call", function_call),
-    ] {
-        kinds.get_or_create(&KindLabel { kind }).inc_by(n);
-    }
-    registry.register(
-        "statements",
-        "Statements from clients by protocol kind (Query, Execute, FunctionCall)",
-        kinds,
-    );
-    registry.register(
-        "upstream_connect_errors",
-        "Failed connection attempts to the upstream server",
-        counter(proxy.upstream_connect_errors()),
-    );
-    if let Some(engine) = proxy.engine() {
-        let stats = &engine.stats;
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        registry.register(
-            "values_encrypted",
-            "Values encrypted on the way to the server",
-            counter(load(&stats.values_encrypted)),
-        );
-        registry.register(
-            "values_decrypted",
-            "Values decrypted on the way to the client",
-            counter(load(&stats.values_decrypted)),
-        );
-        registry.register(
-            "plaintext_reads",
-            "Plaintext values found in encrypted columns and passed through",
-            counter(load(&stats.plaintext_reads)),
-        );
-        let family = |snapshot: Vec<(&'static str, u64)>| {
-            let f = Family::<ReasonLabel, Counter>::default();
-            for (reason, n) in snapshot {
-                f.get_or_create(&ReasonLabel { reason }).inc_by(n);
-            }
-            f
-        };
-        registry.register(
-            "statements_rejected",
-            "Statements refused, by reason",
-            family(stats.statements_rejected.snapshot()),
-        );
-        registry.register(
-            "decrypt_failures",
-            "Values that failed to decrypt, by reason",
-            family(stats.decrypt_failures.snapshot()),
-        );
-        let keys = engine.keys().stats();
-        registry.register(
-            "dek_cache_hits",
-            "Data-key look-ups served from memory",
-            counter(keys.cache_hits),
-        );
-        registry.register(
-            "dek_cache_misses",
-            "Data-key look-ups that had to load",
-            counter(keys.cache_misses),
-        );
-        registry.register(
-            "plan_cache_bytes",
-            "Weight of cached statement analyses (SQL text and analysis), bounded by a fixed cap",
-            gauge(engine.plan_cache_bytes()),
-        );
-        registry.register(
-            "dek_auto_rotations",
-            "Data keys this proxy rotated by the rotation policy (count or age)",
-            counter(keys.auto_rotations),
-        );
-        registry.register(
-            "key_listener_up",
-            "1 while the key change listener (LISTEN pgenvelope_keys) is connected",
-            gauge(u64::from(engine.key_listener_ready().unwrap_or(false))),
-        );
-        let changes = Family::<KindLabel, Counter>::default();
-        for (kind, n) in engine.key_changes() {
-            changes.get_or_create(&KindLabel { kind }).inc_by(n);
-        }
-        registry.register(
-            "key_changes",
-            "Key change notifications applied (cached keys evicted), by kind",
-            changes,
-        );
-        engine.kek_metrics.register(&mut registry);
-    }
+    proxy.register_metrics(&mut registry);
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         out.clear();

@@ -33,6 +33,7 @@ use anyhow::Context;
 use crate::config::{Config, Overrides, SslMode};
 use crate::crypto::{DataKey, DekId, OrgId};
 use crate::keys::{KekProvider, KeyContext, KmsUri, LocalKek, Pkcs11Uri};
+use crate::proxy::ValidateTlsFiles;
 use crate::rules::{load_path, RuleSet};
 use crate::tls::{validate_ca, ServiceTls, TlsError};
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, LogFormat};
 use crate::keys::KmsUri;
-use crate::proxy::{Engine, EngineSettings, Server, ServerHandle};
+use crate::proxy::{Encryption, EncryptionSettings, Server, ServerHandle};
 use crate::rules::load_path;
 
 /// Install logging, bind the listener and serve until SIGINT/SIGTERM.
@@ -75,7 +75,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
         handle.close_all();
         handle.wait_idle(std::time::Duration::from_secs(2)).await;
         if let Some(engine) = engine {
-            if let Err(e) = engine.keys.flush_counters().await {
+            if let Err(e) = engine.keys().flush_counters().await {
                 tracing::warn!(error = %e, "could not save encryption counters");
             }
         }
@@ -84,7 +84,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
 }
 
 /// Load rules and keys. `None` when no rules are configured: the proxy then only relays.
-async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
+async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Encryption>>> {
     let rules = load_path(&config.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
     if rules.is_empty() {
         tracing::warn!(rules = %config.rules.display(), "no encrypted columns configured: relaying only");
@@ -112,7 +112,7 @@ async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Engine>>> {
         tracing::info!(kek = %also.kek_id(), "unwrap-only KEK loaded");
         kek_also.push(also);
     }
-    let engine = Engine::start(EngineSettings {
+    let engine = Encryption::start(EncryptionSettings {
         rules,
         kek,
         kek_also,
@@ -185,7 +185,7 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
 /// Reload the rules (when encrypting) and the client TLS certificate (when configured) on
 /// SIGHUP. A rule set that fails to load (or is empty), or certificate files that fail to
 /// load, are logged and what is in force is kept.
-fn spawn_reload(engine: Option<Arc<Engine>>, path: std::path::PathBuf, handle: ServerHandle) {
+fn spawn_reload(engine: Option<Arc<Encryption>>, path: std::path::PathBuf, handle: ServerHandle) {
     #[cfg(unix)]
     tokio::spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::crypto::OrgId;
 use crate::keys::KmsUri;
-use crate::proxy::TlsFiles;
+pub use crate::tls::{SslMode, TlsFiles};
 
 pub use units::{parse_duration, parse_size};
 
@@ -375,7 +375,7 @@ pub struct Config {
     /// Schema of the key store (`data_keys`, `key_events`) in the upstream database.
     pub key_schema: String,
     /// What a value under a destroyed (shredded) DEK reads as.
-    pub shredded_reads: crate::proxy::ShreddedReads,
+    pub shredded_reads: crate::cipher::ShreddedReads,
     /// A DEK is rotated automatically once it has encrypted this many values.
     pub rotate_after_encryptions: u64,
     /// A DEK is rotated automatically once it is this old (`None`: never by age).
@@ -396,50 +396,39 @@ pub struct Config {
     pub upstream_ca: Option<PathBuf>,
 }
 
-/// TLS toward the upstream server, as libpq's `sslmode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    /// Never ask for TLS.
-    Disable,
-    /// Ask for TLS, fall back to plaintext if the server refuses; the certificate is not
-    /// verified.
-    Prefer,
-    /// TLS or fail (08006); the certificate is not verified.
-    Require,
-    /// TLS or fail; the certificate chain must lead to the CA (host name not checked).
-    VerifyCa,
-    /// TLS or fail; chain and host name are checked.
-    VerifyFull,
+/// Settings of the proxy's listener and connections.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Upstream host (name or address) that client connections go to.
+    pub upstream_host: String,
+    /// Upstream port.
+    pub upstream_port: u16,
+    /// Maximum concurrent client sessions.
+    pub max_connections: usize,
+    /// Largest message body accepted from either side, in bytes.
+    pub max_message_size: usize,
+    /// Timeout for connecting to the upstream.
+    pub connect_timeout: Duration,
+    /// Certificate and key for TLS toward clients; `None`: SSLRequest is answered `N`.
+    pub tls: Option<TlsFiles>,
+    /// Refuse a StartupMessage that did not come over TLS (28000).
+    pub require_client_tls: bool,
+    /// TLS toward the upstream server.
+    pub upstream_sslmode: SslMode,
+    /// CA file for verifying the upstream server (needed by verify-ca and verify-full).
+    pub upstream_ca: Option<std::path::PathBuf>,
 }
 
-impl FromStr for SslMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "disable" => Self::Disable,
-            "prefer" => Self::Prefer,
-            "require" => Self::Require,
-            "verify-ca" => Self::VerifyCa,
-            "verify-full" => Self::VerifyFull,
-            other => {
-                return Err(format!(
-                    "`{other}` is not disable, prefer, require, verify-ca or verify-full"
-                ))
-            }
-        })
-    }
-}
-
-impl std::fmt::Display for SslMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Disable => "disable",
-            Self::Prefer => "prefer",
-            Self::Require => "require",
-            Self::VerifyCa => "verify-ca",
-            Self::VerifyFull => "verify-full",
-        })
+impl ProxyConfig {
+    /// `host:port` of the upstream, for connecting.
+    pub fn upstream_addr(&self) -> String {
+        if self.upstream_host.contains(':') && !self.upstream_host.starts_with('[') {
+            format!("[{}]:{}", self.upstream_host, self.upstream_port)
+        } else {
+            format!("{}:{}", self.upstream_host, self.upstream_port)
+        }
     }
 }
 
@@ -613,8 +602,8 @@ impl Config {
         }
         let (shredded, src) = pick(over.shredded_reads, raw.shredded_reads, "error");
         let shredded_reads = match shredded.as_str() {
-            "error" => crate::proxy::ShreddedReads::Error,
-            "null" => crate::proxy::ShreddedReads::Null,
+            "error" => crate::cipher::ShreddedReads::Error,
+            "null" => crate::cipher::ShreddedReads::Null,
             other => {
                 return Err(err(
                     "shredded_reads",
@@ -787,8 +776,8 @@ impl Config {
     }
 
     /// The proxy's listener and connection settings.
-    pub fn proxy(&self) -> crate::proxy::ProxyConfig {
-        crate::proxy::ProxyConfig {
+    pub fn proxy(&self) -> ProxyConfig {
+        ProxyConfig {
             listen: self.listen,
             upstream_host: self.upstream.host.clone(),
             upstream_port: self.upstream.port,

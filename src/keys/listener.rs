@@ -49,6 +49,35 @@ impl ListenerState {
             .map(|(k, n)| (*k, n.load(Ordering::Relaxed)))
             .collect()
     }
+
+    /// Register the listener's metrics (called at each scrape).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        #[derive(
+            Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet,
+        )]
+        struct KindLabel {
+            kind: &'static str,
+        }
+        let up = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        up.set(i64::from(self.is_listening()));
+        registry.register(
+            "key_listener_up",
+            "1 while the key change listener (LISTEN pgenvelope_keys) is connected",
+            up,
+        );
+        let changes = prometheus_client::metrics::family::Family::<
+            KindLabel,
+            prometheus_client::metrics::counter::Counter,
+        >::default();
+        for (kind, n) in self.changes() {
+            changes.get_or_create(&KindLabel { kind }).inc_by(n);
+        }
+        registry.register(
+            "key_changes",
+            "Key change notifications applied (cached keys evicted), by kind",
+            changes,
+        );
+    }
 }
 
 /// Spawn the listener for `manager`'s key store. Runs until the runtime shuts down.

@@ -546,7 +546,9 @@ impl KeyManager {
             .await;
     }
 
-    fn is_stale(&self, dek: &CachedDek) -> bool {
+    /// Whether a DEK handed out earlier must be looked up again (past its TTL, or revoked
+    /// since); [`KeyManager::still_fresh`] without counting a cache hit.
+    pub fn is_stale(&self, dek: &CachedDek) -> bool {
         if dek.loaded_at.elapsed() >= self.ttl {
             return true;
         }
@@ -571,6 +573,33 @@ where
         .max_capacity(config.capacity)
         .time_to_live(config.ttl)
         .build()
+}
+
+impl KeyManager {
+    /// Register the cache's metrics (called at each scrape).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let counter = |v: u64| {
+            let c = prometheus_client::metrics::counter::Counter::<u64>::default();
+            c.inc_by(v);
+            c
+        };
+        let stats = self.stats();
+        registry.register(
+            "dek_cache_hits",
+            "Data-key look-ups served from memory",
+            counter(stats.cache_hits),
+        );
+        registry.register(
+            "dek_cache_misses",
+            "Data-key look-ups that had to load",
+            counter(stats.cache_misses),
+        );
+        registry.register(
+            "dek_auto_rotations",
+            "Data keys this proxy rotated by the rotation policy (count or age)",
+            counter(stats.auto_rotations),
+        );
+    }
 }
 
 impl std::fmt::Debug for KeyManager {

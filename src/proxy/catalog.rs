@@ -52,8 +52,10 @@ struct DbState {
     generation: u64,
     /// When the connection was last used.
     last_used: Option<Instant>,
-    tables: HashMap<u32, Option<Arc<TableMap>>>,
 }
+
+/// Encrypted columns by database and table OID (`None`: a table without rules).
+type TableCache = HashMap<String, HashMap<u32, Option<Arc<TableMap>>>>;
 
 impl DbState {
     /// After a failed look-up: whether it failed because its connection died (then the
@@ -74,6 +76,8 @@ pub(crate) struct Catalog {
     tls: crate::tls::ServiceTls,
     connect_timeout: Duration,
     dbs: Mutex<HashMap<String, Arc<AsyncMutex<DbState>>>>,
+    /// What look-ups found; read without waiting by [`Catalog::peek`].
+    tables: Mutex<TableCache>,
     /// Bumped whenever a cache is dropped, so derived caches know to drop theirs.
     epoch: AtomicU64,
 }
@@ -96,6 +100,7 @@ impl Catalog {
             service,
             connect_timeout,
             dbs: Mutex::new(HashMap::new()),
+            tables: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
         }
     }
@@ -111,6 +116,9 @@ impl Catalog {
         // and the next one starts afresh.
         let mut dbs = self.dbs.lock().unwrap_or_else(PoisonError::into_inner);
         dbs.remove(db);
+        // Under the tables lock, so a look-up finishing now sees the new epoch.
+        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        tables.remove(db);
         self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -118,12 +126,25 @@ impl Catalog {
     pub(crate) fn invalidate_all(&self) {
         let mut dbs = self.dbs.lock().unwrap_or_else(PoisonError::into_inner);
         dbs.clear();
+        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        tables.clear();
         self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Changes whenever cached catalog knowledge was dropped.
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// What an earlier look-up found for table `oid` in `db`: `Some(None)` for a table
+    /// without rules, `None` when it was not looked up yet (or was forgotten after DDL).
+    pub(crate) fn peek(&self, db: &str, oid: u32) -> Option<Option<Arc<TableMap>>> {
+        self.tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(db)?
+            .get(&oid)
+            .cloned()
     }
 
     /// The encrypted columns of table `oid` in `db`, or `None` if it has none.
@@ -133,10 +154,14 @@ impl Catalog {
         oid: u32,
         rules: &RuleSet,
     ) -> Result<Option<Arc<TableMap>>, CatalogError> {
+        if let Some(hit) = self.peek(db, oid) {
+            return Ok(hit);
+        }
+        let epoch = self.epoch();
         let shared = self.db(db);
         let mut state = shared.lock().await;
-        if let Some(hit) = state.tables.get(&oid) {
-            return Ok(hit.clone());
+        if let Some(hit) = self.peek(db, oid) {
+            return Ok(hit);
         }
         let mut result = self.load(&shared, &mut state, db, oid, rules).await;
         if result.is_err() && state.dead() {
@@ -144,7 +169,14 @@ impl Catalog {
         }
         match result {
             Ok(map) => {
-                state.tables.insert(oid, map.clone());
+                // A look-up that started before DDL dropped the cache is not kept.
+                let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+                if self.epoch() == epoch {
+                    tables
+                        .entry(db.to_owned())
+                        .or_default()
+                        .insert(oid, map.clone());
+                }
                 Ok(map)
             }
             Err(e) => {

@@ -25,7 +25,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -36,39 +36,22 @@ use tracing::Instrument;
 
 use crate::crypto::OrgId;
 use crate::proxy::auth::{self, Legs};
-use crate::proxy::cancel::{CancelGuard, CancelRegistry};
-use crate::proxy::client_side::ClientSide;
-use crate::proxy::drain::{session_must_end, Activity};
-use crate::proxy::engine::Cipher;
+use crate::proxy::cancel::CancelGuard;
+use crate::proxy::drain::DrainState;
 use crate::proxy::error::ConnError;
-use crate::proxy::fault;
-use crate::proxy::pump::{self, Handler, PumpError};
-use crate::proxy::server_side::ServerSide;
-use crate::proxy::session::Session;
+use crate::proxy::pump::{Dir, Halt, Inbound, FLUSH_AT, SHRINK_ABOVE};
 use crate::proxy::tls::{ClientTls, Negotiated};
+use crate::proxy::transform::{Need, Out, Transform};
 use crate::proxy::Shared;
 use crate::sql::TENANT_SETTING;
-use crate::wire::backend::{self, TransactionStatus};
 use crate::wire::header::scan_startup;
 use crate::wire::startup::{StartupPacket, StartupParams};
-use crate::wire::{Frame, WireError};
 
 /// How long a client may take to send its startup packet (PostgreSQL's
 /// `authentication_timeout` default).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
-
-/// What the proxy knows about a session, shared by its two pumps.
-#[derive(Debug, Default)]
-pub struct SessionState {
-    /// The session's `client_encoding` as last reported by the server.
-    pub client_encoding: Option<String>,
-    /// Transaction status from the last ReadyForQuery.
-    pub transaction: Option<TransactionStatus>,
-    /// The server's process id from BackendKeyData.
-    pub backend_pid: Option<i32>,
-}
 
 /// Serve one accepted client connection to completion.
 pub(crate) async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
@@ -84,7 +67,7 @@ pub(crate) async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Share
         tracing::trace!("accepted");
         match catch_panic(Box::pin(serve_inner(client, &shared))).await {
             Ok(()) => tracing::debug!("closed"),
-            Err(e @ (ConnError::ClientIo(_) | ConnError::ServerIo(_))) => {
+            Err(e @ (ConnError::ClientIo(_) | ConnError::ServerIo(_) | ConnError::ClientGone)) => {
                 tracing::debug!(error = %e, "closed")
             }
             Err(e @ ConnError::Internal) => tracing::error!(error = %e, "connection closed"),
@@ -255,7 +238,7 @@ async fn session<C: Split>(
         return Ok(());
     };
     record_params(&params);
-    if shared.engine.is_some() {
+    if shared.encryption.is_some() {
         if let Some(bad) = invalid_startup_tenant(&params) {
             return fail(&mut client, bad).await;
         }
@@ -275,13 +258,14 @@ async fn session<C: Split>(
         return fail(&mut client, ConnError::TooManyConnections).await;
     };
 
-    shared.sessions_total.fetch_add(1, Ordering::Relaxed);
+    shared.connections.sessions.fetch_add(1, Ordering::Relaxed);
     let upstream_addr = shared.config.upstream_addr();
     let timeout = shared.config.connect_timeout;
     let server = match connect_upstream(&upstream_addr, timeout).await {
         Ok(s) => s,
         Err(e) => {
             shared
+                .connections
                 .upstream_connect_errors
                 .fetch_add(1, Ordering::Relaxed);
             return fail(&mut client, e).await;
@@ -296,6 +280,7 @@ async fn session<C: Split>(
         Ok(Err(source)) => {
             tracing::warn!(error = %source, sslmode = %shared.upstream_tls.mode(), "upstream TLS failed");
             shared
+                .connections
                 .upstream_connect_errors
                 .fetch_add(1, Ordering::Relaxed);
             let e = ConnError::UpstreamTls {
@@ -306,6 +291,7 @@ async fn session<C: Split>(
         }
         Err(_) => {
             shared
+                .connections
                 .upstream_connect_errors
                 .fetch_add(1, Ordering::Relaxed);
             let e = ConnError::UpstreamConnect {
@@ -352,6 +338,7 @@ async fn relay<C: Split, U: Split>(
         Ok(b) => b,
         Err(e) => {
             shared
+                .connections
                 .upstream_connect_errors
                 .fetch_add(1, Ordering::Relaxed);
             return fail(&mut client, e).await;
@@ -384,112 +371,278 @@ async fn relay<C: Split, U: Split>(
             .map_err(ConnError::ClientIo);
     }
 
-    let state = Arc::new(Mutex::new(SessionState::default()));
     let (mut client_r, mut client_w) = client.into_halves();
     let (mut server_r, mut server_w) = server.into_halves();
-    let activity = Arc::new(Activity::new(Arc::clone(&shared.statements)));
-    let tracker = Tracker {
-        state: Arc::clone(&state),
-        activity: Arc::clone(&activity),
-        cancels: Arc::clone(&shared.cancels),
-        server_addr,
-        cancel_guard: None,
+    let mut transform = Transform::new(
+        start.db,
+        start.tenant,
+        shared.encryption.clone(),
+        limit,
+        Arc::clone(&shared.statements),
+    );
+    let mut io = Io {
+        client_r: &mut client_r,
+        client_w: &mut client_w,
+        server_r: &mut server_r,
+        server_w: &mut server_w,
     };
-
-    // Set when the client's direction ended first: the client closed or vanished.
-    let mut client_gone = false;
-    let result = match &shared.engine {
-        None => {
-            let mut to_server = ClientToServer {
-                activity: Arc::clone(&activity),
-            };
-            let mut to_client = ServerToClient { tracker };
-            // Boxed: the pump futures are large, and the panic guard below moves its future.
-            let c2s = Box::pin(pump::run(
-                &mut client_r,
-                &mut server_w,
-                &mut to_server,
-                buf,
-                limit,
-            ));
-            let s2c = Box::pin(pump::run(
-                &mut server_r,
-                &mut client_w,
-                &mut to_client,
-                server_buf,
-                limit,
-            ));
-            let result = catch_panic(Box::pin(async {
-                tokio::select! {
-                    r = c2s => {
-                        client_gone = true;
-                        r.map_err(ConnError::from_client_pump)
-                    }
-                    r = s2c => r.map_err(ConnError::from_server_pump),
-                    () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
+    let mut session = Relay {
+        client_in: Inbound::new(Dir::FromClient, buf, limit),
+        server_in: Inbound::new(Dir::FromServer, server_buf, limit),
+        out: Out::default(),
+        cancel_guard: None,
+        server_addr,
+    };
+    let drain = shared.drain.subscribe();
+    // Boxed: the relay future is large, and the panic guard moves its future.
+    let result = catch_panic(Box::pin(session.run(
+        &mut io,
+        &mut transform,
+        shared,
+        drain,
+    )))
+    .await;
+    let result = match result {
+        Err(ConnError::ClientGone) => {
+            // The client closed or vanished: a statement may still run for it.
+            if !transform.is_idle() {
+                if let Some(guard) = &session.cancel_guard {
+                    tracing::debug!("client vanished during a statement: cancelling it");
+                    shared
+                        .cancels
+                        .forward(guard.key(), shared.config.connect_timeout)
+                        .await;
                 }
-            }))
-            .await;
-            if client_gone {
-                cancel_if_busy(&to_client.tracker, shared).await;
             }
-            result
+            Ok(())
         }
-        Some(engine) => {
-            let session = Arc::new(Mutex::new(Session::new(start.db, start.tenant)));
-            let mut to_server = ClientSide {
-                session: Arc::clone(&session),
-                cipher: Cipher::new(Arc::clone(engine)),
-                copy_in: None,
-                copy_failed: false,
-                max_row: limit,
-                activity: Arc::clone(&activity),
-            };
-            let mut to_client = Encrypting {
-                tracker,
-                inner: ServerSide::new(session, Cipher::new(Arc::clone(engine)), limit),
-            };
-            // Boxed: the pump futures are large, and the panic guard below moves its future.
-            let c2s = Box::pin(pump::run(
-                &mut client_r,
-                &mut server_w,
-                &mut to_server,
-                buf,
-                limit,
-            ));
-            let s2c = Box::pin(pump::run(
-                &mut server_r,
-                &mut client_w,
-                &mut to_client,
-                server_buf,
-                limit,
-            ));
-            let result = catch_panic(Box::pin(async {
-                tokio::select! {
-                    r = c2s => {
-                        client_gone = true;
-                        r.map_err(ConnError::from_client_pump)
-                    }
-                    r = s2c => r.map_err(ConnError::from_server_pump),
-                    () = session_must_end(shared.drain.subscribe(), &activity) => Err(ConnError::Shutdown),
-                }
-            }))
-            .await;
-            if client_gone {
-                cancel_if_busy(&to_client.tracker, shared).await;
-            }
-            result
-        }
+        other => other,
     };
     if let Err(e) = &result {
         let mut out = BytesMut::new();
         e.write_fatal(&mut out);
         if !out.is_empty() {
-            let _ = client_w.write_all(&out).await;
+            let _ = io.client_w.write_all(&out).await;
         }
     }
-    let _ = client_w.shutdown().await;
+    let _ = io.client_w.shutdown().await;
     result
+}
+
+/// The four halves of a session's two connections.
+struct Io<'a, CR, CW, SR, SW> {
+    client_r: &'a mut CR,
+    client_w: &'a mut CW,
+    server_r: &'a mut SR,
+    server_w: &'a mut SW,
+}
+
+/// One session's relay: both directions in one loop, so the protocol core is owned here and
+/// never shared. Neither direction blocks the other: reads and writes of both sides are
+/// awaited together, and a side's input is no longer read only while the output it produced
+/// for the other side waits to be written (past [`FLUSH_AT`]).
+struct Relay {
+    client_in: Inbound,
+    server_in: Inbound,
+    out: Out,
+    /// Registered once the server sent its BackendKeyData.
+    cancel_guard: Option<CancelGuard>,
+    server_addr: SocketAddr,
+}
+
+/// How many times one message may ask for something before it is refused instead (keys that
+/// go stale as fast as they are fetched).
+const MAX_NEED_ROUNDS: u32 = 16;
+
+impl Relay {
+    async fn run<CR, CW, SR, SW>(
+        &mut self,
+        io: &mut Io<'_, CR, CW, SR, SW>,
+        transform: &mut Transform,
+        shared: &Shared,
+        mut drain: tokio::sync::watch::Receiver<DrainState>,
+    ) -> Result<(), ConnError>
+    where
+        CR: AsyncRead + Unpin,
+        CW: AsyncWrite + Unpin,
+        SR: AsyncRead + Unpin,
+        SW: AsyncWrite + Unpin,
+    {
+        let mut draining = false;
+        let (mut client_dirty, mut server_dirty) = (false, false);
+        loop {
+            self.process(transform, shared).await?;
+            let state = *drain.borrow_and_update();
+            match state {
+                DrainState::Running => {}
+                DrainState::Draining => draining = true,
+                DrainState::Closing => return self.finish(io, ConnError::Shutdown).await,
+            }
+            if draining && transform.is_idle() {
+                return self.finish(io, ConnError::Shutdown).await;
+            }
+            let read_client = self.out.to_server.len() < FLUSH_AT && !self.client_in.is_parked();
+            let read_server = self.out.to_client.len() < FLUSH_AT && !self.server_in.is_parked();
+            if read_client {
+                self.client_in.ready_to_read();
+            }
+            if read_server {
+                self.server_in.ready_to_read();
+            }
+            let (to_server, to_client) = (&mut self.out.to_server, &mut self.out.to_client);
+            tokio::select! {
+                biased;
+                changed = drain.changed() => {
+                    if changed.is_err() {
+                        // The server is gone: nothing will ever ask this session to end.
+                        drain = tokio::sync::watch::channel(DrainState::Running).1;
+                    }
+                }
+                n = io.client_r.read_buf(&mut self.client_in.buf), if read_client => {
+                    if n.map_err(ConnError::ClientIo)? == 0 {
+                        // What the client sent before it left still goes to the server.
+                        write_all(io.server_w, &mut self.out.to_server).await.map_err(ConnError::ServerIo)?;
+                        return Err(ConnError::ClientGone);
+                    }
+                }
+                n = io.server_r.read_buf(&mut self.server_in.buf), if read_server => {
+                    if n.map_err(ConnError::ServerIo)? == 0 {
+                        // The server ended the session (FATAL, terminate, restart): its last
+                        // messages still reach the client.
+                        write_all(io.client_w, &mut self.out.to_client).await.map_err(ConnError::ClientIo)?;
+                        return Ok(());
+                    }
+                }
+                r = write_or_flush(io.server_w, to_server), if !to_server.is_empty() || server_dirty => {
+                    server_dirty = r.map_err(ConnError::ServerIo)?;
+                }
+                r = write_or_flush(io.client_w, to_client), if !to_client.is_empty() || client_dirty => {
+                    client_dirty = r.map_err(ConnError::ClientIo)?;
+                }
+            }
+        }
+    }
+
+    /// Handle what was read, each direction until its input runs out (fetching what the
+    /// core asks for on the way).
+    async fn process(
+        &mut self,
+        transform: &mut Transform,
+        shared: &Shared,
+    ) -> Result<(), ConnError> {
+        let mut rounds = 0;
+        loop {
+            match self.client_in.process(transform, &mut self.out) {
+                Ok(()) => break,
+                Err(Halt::Malformed(e)) => return Err(ConnError::ClientProtocol(e)),
+                Err(Halt::Need(need)) => {
+                    rounds += 1;
+                    fulfil(transform, need, rounds).await;
+                }
+            }
+        }
+        let mut rounds = 0;
+        loop {
+            match self.server_in.process(transform, &mut self.out) {
+                Ok(()) => break,
+                Err(Halt::Malformed(e)) => return Err(ConnError::ServerProtocol(e)),
+                Err(Halt::Need(need)) => {
+                    rounds += 1;
+                    fulfil(transform, need, rounds).await;
+                }
+            }
+        }
+        if let Some(key) = transform.take_backend_key() {
+            self.cancel_guard = Some(shared.cancels.register(&key, self.server_addr));
+        }
+        Ok(())
+    }
+
+    /// End the session with `e`, after the output already produced for the client.
+    async fn finish<CR, CW, SR, SW>(
+        &mut self,
+        io: &mut Io<'_, CR, CW, SR, SW>,
+        e: ConnError,
+    ) -> Result<(), ConnError>
+    where
+        CW: AsyncWrite + Unpin,
+    {
+        let _ = write_all(io.client_w, &mut self.out.to_client).await;
+        Err(e)
+    }
+}
+
+/// Fetch what the core asked for; a failure is handed to the core, which refuses the message
+/// with it when it is handled again. After [`MAX_NEED_ROUNDS`] for one message, the core gives
+/// up on it.
+async fn fulfil(transform: &mut Transform, need: Need, rounds: u32) {
+    if rounds > MAX_NEED_ROUNDS {
+        transform.give_up();
+        return;
+    }
+    match need {
+        Need::Keys(keys) => {
+            if let Some(cipher) = transform.cipher_mut() {
+                for key in &keys {
+                    cipher.fetch(key).await;
+                }
+            }
+        }
+        Need::Table(oid) => {
+            let Some(enc) = transform.encryption().cloned() else {
+                return;
+            };
+            let rules = enc.rules.snapshot();
+            // Boxed: the catalog look-up's future is large and rarely needed.
+            let found = Box::pin(enc.catalog.table(transform.db(), oid, &rules.rules)).await;
+            if let Err(e) = found {
+                tracing::warn!(error = %e, "catalog unavailable");
+                transform.table_failed(oid);
+            }
+        }
+        Need::Columns { schema, table } => {
+            let Some(enc) = transform.encryption().cloned() else {
+                return;
+            };
+            let found = Box::pin(enc.catalog.columns(transform.db(), &schema, &table)).await;
+            let columns = found.map_err(|e| {
+                tracing::warn!(error = %e, "catalog unavailable");
+            });
+            transform.provide_columns(schema, table, columns);
+        }
+    }
+}
+
+/// One step of writing out `buf`: a write while it holds bytes (then it is released if it
+/// grew large), else a flush. Returns whether a flush is still due. One operation per call, so
+/// it can be dropped unfinished in a `select!` without losing anything.
+async fn write_or_flush<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+) -> std::io::Result<bool> {
+    if buf.is_empty() {
+        w.flush().await?;
+        return Ok(false);
+    }
+    w.write_buf(buf).await?;
+    shrink(buf);
+    Ok(true)
+}
+
+/// Write and clear `buf`, then flush.
+async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
+    if !buf.is_empty() {
+        w.write_all(buf).await?;
+        buf.clear();
+    }
+    w.flush().await
+}
+
+/// Release an output buffer that grew large once it is written out.
+fn shrink(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
+        *buf = BytesMut::new();
+    }
 }
 
 /// Read until `buf` holds a whole startup-phase packet; `Ok(None)` on a clean EOF before any
@@ -531,21 +684,6 @@ async fn first_answer<U: AsyncRead + Unpin>(
         Ok(Ok(_)) => Ok(buf),
         Ok(Err(e)) => Err(failed(e)),
         Err(_) => Err(failed(std::io::ErrorKind::TimedOut.into())),
-    }
-}
-
-/// The client is gone: if a statement may still be running for it, ask the server to cancel
-/// it, so the backend does not work on until it next writes to the closed socket.
-async fn cancel_if_busy(tracker: &Tracker, shared: &Shared) {
-    if tracker.activity.is_idle() {
-        return;
-    }
-    if let Some(guard) = &tracker.cancel_guard {
-        tracing::debug!("client vanished during a statement: cancelling it");
-        shared
-            .cancels
-            .forward(guard.key(), shared.config.connect_timeout)
-            .await;
     }
 }
 
@@ -605,121 +743,6 @@ fn record_params(params: &StartupParams<'_>) {
     }
     if let Some(db) = params.get_str("database").or(params.get_str("user")) {
         span.record("db.name", db);
-    }
-}
-
-/// Client → server: nothing needs decoding for pass-through.
-struct ClientToServer {
-    activity: Arc<Activity>,
-}
-
-impl Handler for ClientToServer {
-    type Error = PumpError;
-
-    fn inspects(&self, tag: u8) -> bool {
-        fault::INSPECTS_QUERIES && tag == crate::wire::frontend::QUERY_TAG
-    }
-
-    fn on_tag(&mut self, tag: u8) {
-        self.activity.client_message(tag);
-    }
-
-    async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
-        fault::check(&frame);
-        out.extend_from_slice(frame.raw());
-        Ok(())
-    }
-}
-
-/// Observes the server's session-level messages: ParameterStatus, BackendKeyData (registers
-/// the cancel key), ReadyForQuery.
-pub(crate) struct Tracker {
-    pub(crate) state: Arc<Mutex<SessionState>>,
-    pub(crate) activity: Arc<Activity>,
-    pub(crate) cancels: Arc<CancelRegistry>,
-    pub(crate) server_addr: SocketAddr,
-    pub(crate) cancel_guard: Option<CancelGuard>,
-}
-
-impl Tracker {
-    /// Whether `tag` is one the tracker looks at.
-    pub(crate) fn observes(tag: u8) -> bool {
-        matches!(
-            tag,
-            backend::PARAMETER_STATUS_TAG
-                | backend::BACKEND_KEY_DATA_TAG
-                | backend::READY_FOR_QUERY_TAG
-        )
-    }
-
-    /// Look at one server message.
-    pub(crate) fn observe(&mut self, frame: &Frame) -> Result<(), WireError> {
-        match frame.tag() {
-            backend::PARAMETER_STATUS_TAG => {
-                let (name, value) = backend::parse_parameter_status(frame.body())?;
-                if name == b"client_encoding" {
-                    let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    state.client_encoding = Some(String::from_utf8_lossy(value).into_owned());
-                }
-            }
-            backend::BACKEND_KEY_DATA_TAG => {
-                let (pid, key) = backend::parse_backend_key_data(frame.body())?;
-                self.cancel_guard = Some(self.cancels.register(key, self.server_addr));
-                self.state
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .backend_pid = Some(pid);
-            }
-            backend::READY_FOR_QUERY_TAG => {
-                let status = backend::parse_ready_for_query(frame.body())?;
-                self.activity
-                    .ready_for_query(status != backend::TransactionStatus::Idle);
-                self.state
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .transaction = Some(status);
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-}
-
-/// Server → client pass-through: every message is forwarded unchanged.
-struct ServerToClient {
-    tracker: Tracker,
-}
-
-impl Handler for ServerToClient {
-    type Error = PumpError;
-
-    fn inspects(&self, tag: u8) -> bool {
-        Tracker::observes(tag)
-    }
-
-    async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
-        self.tracker.observe(&frame)?;
-        out.extend_from_slice(frame.raw());
-        Ok(())
-    }
-}
-
-/// The encrypting server → client handler plus the session tracker.
-struct Encrypting {
-    tracker: Tracker,
-    inner: ServerSide,
-}
-
-impl Handler for Encrypting {
-    type Error = PumpError;
-
-    fn inspects(&self, tag: u8) -> bool {
-        Tracker::observes(tag) || self.inner.inspects(tag)
-    }
-
-    async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
-        self.tracker.observe(&frame)?;
-        self.inner.on_message(frame, out).await
     }
 }
 

@@ -1,13 +1,15 @@
 //! Errors of a proxied connection and the ErrorResponses clients see for them.
 //!
 //! Every error a client sees from the proxy itself is built here, with the `pgenvelope:`
-//! prefix and a SQLSTATE (DESIGN §8). Errors from the server are relayed unchanged and never
+//! prefix and a SQLSTATE (docs/design.md, errors). Errors from the server are relayed unchanged and never
 //! pass through this module.
 
 use bytes::BytesMut;
 
-use crate::proxy::pump::PumpError;
+use crate::cipher::CipherError;
+use crate::sql::ColumnRef;
 use crate::wire::backend::{put_error_response, Severity};
+use crate::wire::encoding::EncodingError;
 use crate::wire::{sqlstate, WireError};
 
 /// Why a client connection ended abnormally.
@@ -78,6 +80,9 @@ pub enum ConnError {
     /// A bug: the connection's task panicked. The details are in the log.
     #[error("internal error: the connection task panicked")]
     Internal,
+    /// The client closed its connection (or vanished).
+    #[error("client closed the connection")]
+    ClientGone,
     /// Reading from or writing to the client failed.
     #[error("client i/o: {0}")]
     ClientIo(#[source] std::io::Error),
@@ -87,24 +92,6 @@ pub enum ConnError {
 }
 
 impl ConnError {
-    /// Classify an error of the client → server pump.
-    pub(crate) fn from_client_pump(e: PumpError) -> Self {
-        match e {
-            PumpError::Read(e) => Self::ClientIo(e),
-            PumpError::Write(e) => Self::ServerIo(e),
-            PumpError::Wire(e) => Self::ClientProtocol(e),
-        }
-    }
-
-    /// Classify an error of the server → client pump.
-    pub(crate) fn from_server_pump(e: PumpError) -> Self {
-        match e {
-            PumpError::Read(e) => Self::ServerIo(e),
-            PumpError::Write(e) => Self::ClientIo(e),
-            PumpError::Wire(e) => Self::ServerProtocol(e),
-        }
-    }
-
     /// The FATAL ErrorResponse to send the client before closing, if one should be sent.
     pub fn client_response(&self) -> Option<(&'static str, String)> {
         match self {
@@ -165,7 +152,7 @@ impl ConnError {
                 sqlstate::INTERNAL_ERROR,
                 "pgenvelope: internal error".to_owned(),
             )),
-            Self::ClientIo(_) | Self::ServerIo(_) => None,
+            Self::ClientIo(_) | Self::ServerIo(_) | Self::ClientGone => None,
         }
     }
 
@@ -180,60 +167,474 @@ impl ConnError {
 
 /// A statement-level error the proxy reports to the client; the session goes on.
 ///
-/// Messages start with `pgenvelope:`, name columns where there are any, and never contain
-/// data values.
+/// One variant per thing that can happen, with typed context. [`ClientError::sqlstate`],
+/// [`ClientError::metric_reason`] and the message (`Display`) are exhaustive matches, so a new
+/// variant forces a decision on each. [`ClientError::text`] adds the `pgenvelope: ` prefix, in
+/// this one place. Messages name columns, parameters and row numbers, never data values.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The analyser refused the statement (0A000).
+    #[error("{}", rejection_message(.0))]
+    Statement(crate::sql::Rejection),
+    /// Sealing or opening a value failed (its code says why).
+    #[error("{0}")]
+    Cipher(CipherError),
+    /// A statement that may change how the server reads text is still unanswered (0A000).
+    #[error(
+        "a statement that may change client_encoding or standard_conforming_strings is still \
+         in flight; send this statement after its answer (or with ASCII-only text)"
+    )]
+    LexingInFlight,
+    /// A Bind or Execute whose statement or portal an earlier, unanswered cycle redefines
+    /// or closes (0A000).
+    #[error(
+        "the prepared statement or portal is redefined or closed by an earlier request whose \
+         answer has not arrived yet; send this after its answer"
+    )]
+    Unsettled,
+    /// A Bind or Execute of values sealed for a session tenant that changed since (0A000).
+    #[error(
+        "this statement holds values sealed for the session tenant in force when it was \
+         prepared or bound, and pgenvelope.tenant has changed since: prepare or bind it again"
+    )]
+    TenantChanged,
+    /// Text or a value cannot be read or written in the client encoding (0A000).
+    #[error("{0}")]
+    Encoding(EncodingError),
+    /// A tenant change and a write sealed for the session tenant in one query string (0A000).
+    #[error(
+        "a change of pgenvelope.tenant and a write that uses the session tenant must be sent \
+         as separate queries"
+    )]
+    TenantChangeWithSessionWrite,
+    /// A tenant change after a statement on an encrypted table in one query string (0A000).
+    #[error(
+        "a change of pgenvelope.tenant must come before any statement on an encrypted table in \
+         one query string (or be sent as a separate query)"
+    )]
+    TenantChangeAfterProtected,
+    /// A tenant change and a savepoint command in one statement text (0A000).
+    #[error(
+        "a change of pgenvelope.tenant and a savepoint command must be sent as separate queries"
+    )]
+    TenantChangeWithSavepoint,
+    /// A COPY on an encrypted table among other statements (0A000).
+    #[error("COPY on an encrypted table must be sent as a statement of its own")]
+    CopyNotAlone,
+    /// The analysis names a table or column the rules in force no longer have (0A000).
+    #[error("no rule for {name}")]
+    NoRule {
+        /// The table or column.
+        name: String,
+    },
+    /// A rewritten message could not be built (0A000).
+    #[error("{0} could not be encoded")]
+    Encode(Encoded),
+    /// The statement's literals could not be replaced (0A000).
+    #[error("statement could not be rewritten")]
+    Rewrite,
+    /// A parameter bound for an encrypted column is declared with a non-text type (0A000).
+    #[error("parameter ${param} for encrypted column {column} must be text")]
+    ParamNotText {
+        /// 1-based parameter number.
+        param: usize,
+        /// The column.
+        column: ColumnRef,
+    },
+    /// A parameter that names a tenant or row key cannot be read as text (0A000).
+    #[error("parameter ${param} cannot be read as text")]
+    ParamUnreadable {
+        /// 1-based parameter number.
+        param: usize,
+    },
+    /// A value for an encrypted column holds a NUL byte (22021).
+    #[error("{}", nul_message(*site, column))]
+    Nul {
+        /// Where the value was.
+        site: ValueSite,
+        /// The column.
+        column: String,
+    },
+    /// A literal value whose row tenant is a parameter (0A000).
+    #[error(
+        "the value for {column} is a literal but the row's tenant is the parameter ${param}: \
+         pass the value as a parameter too"
+    )]
+    LiteralWithTenantParam {
+        /// The column.
+        column: String,
+        /// 1-based parameter number.
+        param: usize,
+    },
+    /// A literal value whose row key is a parameter (0A000).
+    #[error(
+        "the value for {column} is a literal but the row key {key} is the parameter ${param}: \
+         pass the value as a parameter too"
+    )]
+    LiteralWithKeyParam {
+        /// The column.
+        column: String,
+        /// The row key column.
+        key: String,
+        /// 1-based parameter number.
+        param: usize,
+    },
+    /// A row's tenant is not a valid organisation id (42501).
+    #[error("the tenant given for {column} is not a valid organisation id")]
+    InvalidRowTenant {
+        /// The column.
+        column: String,
+    },
+    /// A row's tenant may be stored in another form than written (42501).
+    #[error(
+        "the tenant given for {column} may be stored differently from how it is written \
+         (surrounding spaces, or a number not in canonical form): write it as PostgreSQL \
+         stores it"
+    )]
+    NonCanonicalTenant {
+        /// The column.
+        column: String,
+    },
+    /// A row-bound write whose row key is NULL (0A000).
+    #[error("values of {column} are bound to their row: the row key {key} may not be NULL")]
+    NullRowKey {
+        /// The column.
+        column: String,
+        /// The row key column.
+        key: String,
+    },
+    /// A row key that may be stored in another form than written (0A000).
+    #[error(
+        "the row key {key} given for {column} may be stored differently from how it is \
+         written (surrounding spaces, a number or UUID not in canonical form): write it as \
+         PostgreSQL prints it"
+    )]
+    NonCanonicalRowKey {
+        /// The column.
+        column: String,
+        /// The row key column.
+        key: String,
+    },
+    /// A write with no tenant from the row, the session or the default (42501).
+    #[error(
+        "no tenant for a write to {column}: set the table's tenant column, \
+         SET pgenvelope.tenant, or start the proxy with --default-tenant"
+    )]
+    NoTenant {
+        /// The column.
+        column: String,
+    },
+    /// A `pgenvelope.tenant` setting that is not a valid organisation id (42501).
+    #[error("invalid pgenvelope.tenant value")]
+    InvalidTenantSetting,
+    /// `set_config` with a parameter, sent as a simple query (0A000).
+    #[error("set_config with a parameter outside the extended protocol")]
+    SetConfigParamOutsideExtended,
+    /// A write gives an enc:v1 value of another organisation (42501).
+    #[error("{site}the encrypted value for {column} belongs to another organisation")]
+    RestoredOtherOrg {
+        /// Where the value was.
+        site: ValueSite,
+        /// The column.
+        column: String,
+    },
+    /// A write gives an enc:v1 value under a destroyed key (XX001).
+    #[error("{site}the encrypted value for {column} uses a destroyed data key")]
+    RestoredDestroyed {
+        /// Where the value was.
+        site: ValueSite,
+        /// The column.
+        column: String,
+    },
+    /// A value read from a row of another organisation than the value's (XX001).
+    #[error("value in {column} belongs to another organisation than its row")]
+    OtherOrgThanRow {
+        /// The column.
+        column: String,
+    },
+    /// A row key or tenant field in a binary format the proxy cannot read (0A000).
+    #[error(
+        "a row key or tenant column was sent in a binary format the proxy cannot read: request \
+         it in text format"
+    )]
+    BinaryKeyField,
+    /// A decrypted value is not UTF-8 text (XX001).
+    #[error("{}", not_text(column.as_deref()))]
+    NotText {
+        /// The column, when known.
+        column: Option<String>,
+    },
+    /// The catalog could not be asked which columns are encrypted (58000).
+    #[error("catalog look-up failed; cannot tell encrypted columns")]
+    CatalogUnavailable,
+    /// The catalog could not be asked for a table's columns (58000).
+    #[error("catalog look-up failed")]
+    CopyColumnsUnavailable,
+    /// Keys kept going stale while a message was handled (58000).
+    #[error("keys could not be loaded")]
+    KeysUnavailable,
+    /// A COPY option the row codec cannot handle on an encrypted table (0A000).
+    #[error("COPY {0} is not supported on encrypted tables")]
+    CopyFormat(CopyFormatProblem),
+    /// A COPY ENCODING the proxy cannot convert (0A000).
+    #[error(
+        "COPY with this ENCODING is not supported on encrypted tables (use UTF8, SQL_ASCII or \
+         LATIN1)"
+    )]
+    CopyEncoding,
+    /// A COPY of a row-bound table without the row key in its column list (0A000).
+    #[error(
+        "values of {table} are bound to their row: the COPY column list must include the row \
+         key {key}"
+    )]
+    CopyWithoutRowKey {
+        /// The table.
+        table: String,
+        /// The row key column.
+        key: String,
+    },
+    /// A COPY row of a row-bound table whose key is NULL or not canonical (0A000).
+    #[error(
+        "COPY row {line}: values of {column} are bound to their row, and its row key is NULL or \
+         may be stored differently from how it is written (surrounding spaces, a number or \
+         UUID not in canonical form)"
+    )]
+    CopyRowKey {
+        /// Row number.
+        line: u64,
+        /// The column.
+        column: String,
+    },
+    /// A COPY row whose tenant is not a valid organisation id (42501).
+    #[error("COPY row {line} has an invalid tenant for {column}")]
+    CopyInvalidTenant {
+        /// Row number.
+        line: u64,
+        /// The column.
+        column: String,
+    },
+    /// A COPY with no tenant column and no session or default tenant (42501).
+    #[error(
+        "no tenant for COPY into {column}: include the tenant column or SET pgenvelope.tenant"
+    )]
+    CopyNoTenant {
+        /// The column.
+        column: String,
+    },
+    /// A COPY row the codec cannot read or write (0A000).
+    #[error("COPY {table} row {line} {problem}")]
+    CopyRow {
+        /// The table (or `query`).
+        table: String,
+        /// Row number.
+        line: u64,
+        /// What is wrong with it.
+        problem: CopyRowProblem,
+    },
+}
+
+/// What could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoded {
+    /// A rewritten Parse.
+    Statement,
+    /// A rewritten Bind.
+    Parameters,
+    /// Any other message.
+    Message,
+}
+
+impl std::fmt::Display for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Encoded::Statement => "statement",
+            Encoded::Parameters => "parameters",
+            Encoded::Message => "message",
+        })
+    }
+}
+
+/// Where a value was written (for messages that say so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueSite {
+    /// A literal of the statement text.
+    Literal,
+    /// Parameter `$n` (1-based).
+    Param(usize),
+    /// Row `n` of a COPY.
+    CopyRow(u64),
+}
+
+impl std::fmt::Display for ValueSite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ValueSite::Literal => Ok(()),
+            ValueSite::Param(n) => write!(f, "parameter ${n}: "),
+            ValueSite::CopyRow(n) => write!(f, "COPY row {n}: "),
+        }
+    }
+}
+
+/// A COPY option refused on encrypted tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFormatProblem {
+    /// `FORMAT binary`.
+    Binary,
+    /// A delimiter outside ASCII.
+    NonAsciiDelimiter,
+    /// A quote character outside ASCII.
+    NonAsciiQuote,
+    /// An escape character outside ASCII.
+    NonAsciiEscape,
+    /// Options the row codec refuses (e.g. a delimiter equal to the quote).
+    Invalid,
+}
+
+impl std::fmt::Display for CopyFormatProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CopyFormatProblem::Binary => "in binary format",
+            CopyFormatProblem::NonAsciiDelimiter => "with a non-ASCII delimiter",
+            CopyFormatProblem::NonAsciiQuote => "with a non-ASCII quote",
+            CopyFormatProblem::NonAsciiEscape => "with a non-ASCII escape",
+            CopyFormatProblem::Invalid => "with these options",
+        })
+    }
+}
+
+/// What is wrong with a COPY row.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientError {
-    /// SQLSTATE.
-    pub code: &'static str,
-    /// Message text.
-    pub message: String,
+pub enum CopyRowProblem {
+    /// Longer than the message size limit.
+    TooLong,
+    /// Not valid in the COPY format.
+    Malformed(&'static str),
+    /// A field cannot be written back in the COPY's encoding and format.
+    Unrepresentable {
+        /// 0-based field index.
+        column: usize,
+    },
+}
+
+impl std::fmt::Display for CopyRowProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CopyRowProblem::TooLong => f.write_str("is too long"),
+            CopyRowProblem::Malformed(what) => write!(f, "is malformed: {what}"),
+            CopyRowProblem::Unrepresentable { column } => {
+                write!(f, "column {column} cannot be represented")
+            }
+        }
+    }
+}
+
+fn rejection_message(r: &crate::sql::Rejection) -> String {
+    let text = r.to_string();
+    match text.strip_prefix(PREFIX) {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    }
+}
+
+fn nul_message(site: ValueSite, column: &str) -> String {
+    match site {
+        ValueSite::Param(n) => format!(
+            "parameter ${n} for encrypted column {column} holds a NUL byte, which text cannot hold"
+        ),
+        site => format!("{site}the value for {column} holds a NUL byte, which text cannot hold"),
+    }
+}
+
+fn not_text(column: Option<&str>) -> String {
+    match column {
+        Some(c) => format!("value in {c} is not text"),
+        None => "a decrypted value is not text".to_owned(),
+    }
+}
+
+/// The prefix of every message the proxy itself sends.
+pub(crate) const PREFIX: &str = "pgenvelope: ";
+
+impl From<CipherError> for ClientError {
+    fn from(e: CipherError) -> Self {
+        ClientError::Cipher(e)
+    }
+}
+
+impl From<EncodingError> for ClientError {
+    fn from(e: EncodingError) -> Self {
+        ClientError::Encoding(e)
+    }
 }
 
 impl ClientError {
-    /// 0A000: a statement that cannot be encrypted safely.
-    pub fn unsupported(message: impl Into<String>) -> Self {
-        Self {
-            code: sqlstate::FEATURE_NOT_SUPPORTED,
-            message: message.into(),
+    /// The SQLSTATE the client sees.
+    pub fn sqlstate(&self) -> &'static str {
+        use sqlstate::*;
+        match self {
+            ClientError::Cipher(e) => e.sqlstate(),
+            ClientError::Statement(_)
+            | ClientError::LexingInFlight
+            | ClientError::Unsettled
+            | ClientError::TenantChanged
+            | ClientError::Encoding(_)
+            | ClientError::TenantChangeWithSessionWrite
+            | ClientError::TenantChangeAfterProtected
+            | ClientError::TenantChangeWithSavepoint
+            | ClientError::CopyNotAlone
+            | ClientError::NoRule { .. }
+            | ClientError::Encode(_)
+            | ClientError::Rewrite
+            | ClientError::ParamNotText { .. }
+            | ClientError::ParamUnreadable { .. }
+            | ClientError::LiteralWithTenantParam { .. }
+            | ClientError::LiteralWithKeyParam { .. }
+            | ClientError::NullRowKey { .. }
+            | ClientError::NonCanonicalRowKey { .. }
+            | ClientError::SetConfigParamOutsideExtended
+            | ClientError::BinaryKeyField
+            | ClientError::CopyFormat(_)
+            | ClientError::CopyEncoding
+            | ClientError::CopyWithoutRowKey { .. }
+            | ClientError::CopyRowKey { .. }
+            | ClientError::CopyRow { .. } => FEATURE_NOT_SUPPORTED,
+            ClientError::Nul { .. } => CHARACTER_NOT_IN_REPERTOIRE,
+            ClientError::InvalidRowTenant { .. }
+            | ClientError::NonCanonicalTenant { .. }
+            | ClientError::NoTenant { .. }
+            | ClientError::InvalidTenantSetting
+            | ClientError::RestoredOtherOrg { .. }
+            | ClientError::CopyInvalidTenant { .. }
+            | ClientError::CopyNoTenant { .. } => INSUFFICIENT_PRIVILEGE,
+            ClientError::RestoredDestroyed { .. }
+            | ClientError::OtherOrgThanRow { .. }
+            | ClientError::NotText { .. } => DATA_CORRUPTED,
+            ClientError::CatalogUnavailable
+            | ClientError::CopyColumnsUnavailable
+            | ClientError::KeysUnavailable => SYSTEM_ERROR,
         }
     }
 
-    /// 22021: a value PostgreSQL text cannot hold (a NUL byte).
-    pub fn invalid_text(message: impl Into<String>) -> Self {
-        Self {
-            code: sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
-            message: message.into(),
+    /// The `statements_rejected` metric reason (one of [`REJECT_REASONS`]).
+    pub fn metric_reason(&self) -> &'static str {
+        match self.sqlstate() {
+            sqlstate::FEATURE_NOT_SUPPORTED => "unsafe_statement",
+            sqlstate::INSUFFICIENT_PRIVILEGE => "tenant",
+            sqlstate::SYSTEM_ERROR => "key_unavailable",
+            sqlstate::DATA_CORRUPTED => "corrupted",
+            _ => "other",
         }
     }
 
-    /// 42501: no tenant for a write, or another tenant's value.
-    pub fn privilege(message: impl Into<String>) -> Self {
-        Self {
-            code: sqlstate::INSUFFICIENT_PRIVILEGE,
-            message: message.into(),
-        }
-    }
-
-    /// XX001: ciphertext fails authentication or is malformed.
-    pub fn corrupted(message: impl Into<String>) -> Self {
-        Self {
-            code: sqlstate::DATA_CORRUPTED,
-            message: message.into(),
-        }
-    }
-
-    /// 58000: KMS, HSM or key store unavailable.
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self {
-            code: sqlstate::SYSTEM_ERROR,
-            message: message.into(),
-        }
+    /// The message the client sees: `pgenvelope: ` and what happened.
+    pub fn text(&self) -> String {
+        format!("{PREFIX}{self}")
     }
 
     /// Append this error as an ErrorResponse (severity ERROR).
     pub(crate) fn write(&self, out: &mut BytesMut) {
-        let _ = put_error_response(out, Severity::Error, self.code, &self.message);
+        let _ = put_error_response(out, Severity::Error, self.sqlstate(), &self.text());
     }
 
     /// A statement that makes the server raise exactly this error, so that it takes the place
@@ -242,17 +643,20 @@ impl ClientError {
     pub fn raise_sql(&self) -> String {
         format!(
             "DO $pgenvelope$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}; END $pgenvelope$",
-            self.code,
-            quote_literal(&self.message)
+            self.sqlstate(),
+            quote_literal(&self.text())
         )
     }
 }
 
-impl std::fmt::Display for ClientError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.code)
-    }
-}
+/// Reasons a statement is refused (metric label values).
+pub const REJECT_REASONS: &[&str] = &[
+    "unsafe_statement",
+    "tenant",
+    "key_unavailable",
+    "corrupted",
+    "other",
+];
 
 /// A SQL expression for the text `s` that is pure ASCII and reads the same under either
 /// `standard_conforming_strings` and in every client encoding (the server may read our bytes in
@@ -309,7 +713,9 @@ mod tests {
 
     #[test]
     fn raise_sql_is_ascii_without_backslashes() {
-        let e = ClientError::unsupported("pgenvelope: it's $pgenvelope$ \\ bad wërt\n中");
+        let e = ClientError::NoRule {
+            name: "it's $pgenvelope$ \\ bad wërt\n中".to_owned(),
+        };
         let sql = e.raise_sql();
         assert!(sql.is_ascii(), "{sql}");
         assert!(!sql.contains('\\'), "{sql}");
@@ -320,7 +726,7 @@ mod tests {
         );
         assert!(
             sql.contains(
-                "'pgenvelope: it''s ' || chr(36) || 'pgenvelope' || chr(36) || ' ' || chr(92) || ' bad w' || convert_from(decode('c3ab', 'hex'), 'UTF8') || 'rt ' || convert_from(decode('e4b8ad', 'hex'), 'UTF8')"
+                "'pgenvelope: no rule for it''s ' || chr(36) || 'pgenvelope' || chr(36) || ' ' || chr(92) || ' bad w' || convert_from(decode('c3ab', 'hex'), 'UTF8') || 'rt ' || convert_from(decode('e4b8ad', 'hex'), 'UTF8')"
             ),
             "{sql}"
         );

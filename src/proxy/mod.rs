@@ -1,4 +1,5 @@
-//! All network I/O: the listener, per-connection tasks, TLS on both legs, cancel routing.
+//! All network I/O, and the protocol core it drives: the listener, per-connection tasks, TLS
+//! on both legs, authentication, cancel routing.
 //!
 //! ```text
 //!  client ──▶ listener ──spawn──▶ connection task (one per client, one tracing span)
@@ -7,80 +8,46 @@
 //!                                            CancelRequest → cancel registry → upstream
 //!                                   StartupMessage → connect upstream, SSLRequest per
 //!                                     sslmode (+ TLS), forward the StartupMessage as is
-//!                                   then two pumps in one task:
-//!                                     client ─▶ pump ─▶ server   (raw frames)
-//!                                     server ─▶ pump ─▶ client   (raw frames; S/K/Z observed)
+//!                                   auth: relayed until AuthenticationOk (auth.rs)
+//!                                   then one loop over both directions:
+//!                                     bytes ─▶ pump (framing) ─▶ transform (sync core) ─▶ bytes
+//!                                     transform needs keys / catalog facts ─▶ fetched, retried
 //! ```
+//!
+//! [`transform`] is the only place that decides anything about a statement or a result; it
+//! is synchronous and owned by its connection task. [`encryption`] holds what encrypting
+//! connections share (rules and plan cache, keys, catalog, metrics).
 
 mod auth;
 mod cancel;
 mod catalog;
-mod client_side;
 mod connection;
-mod copy;
 mod drain;
-pub mod engine;
+mod encryption;
 pub mod error;
-pub mod fault;
 mod listener;
+mod metrics;
 mod plans;
 mod pump;
-mod server_side;
-mod session;
+mod rules;
 mod tls;
+mod transform;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+pub use crate::cipher::ShreddedReads;
+pub use crate::config::ProxyConfig;
 pub use crate::tls::TlsError;
 pub use cancel::CancelRegistry;
-pub use connection::SessionState;
 pub use drain::DrainState;
-pub use engine::{Engine, EngineSettings, ShreddedReads};
-pub use error::ConnError;
-pub use tls::TlsFiles;
-
-use crate::config::SslMode;
-
-/// Settings of the proxy's listener and connections.
-#[derive(Debug, Clone)]
-pub struct ProxyConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// Upstream host (name or address) that client connections go to.
-    pub upstream_host: String,
-    /// Upstream port.
-    pub upstream_port: u16,
-    /// Maximum concurrent client sessions.
-    pub max_connections: usize,
-    /// Largest message body accepted from either side, in bytes.
-    pub max_message_size: usize,
-    /// Timeout for connecting to the upstream.
-    pub connect_timeout: Duration,
-    /// Certificate and key for TLS toward clients; `None`: SSLRequest is answered `N`.
-    pub tls: Option<TlsFiles>,
-    /// Refuse a StartupMessage that did not come over TLS (28000).
-    pub require_client_tls: bool,
-    /// TLS toward the upstream server.
-    pub upstream_sslmode: SslMode,
-    /// CA file for verifying the upstream server (needed by verify-ca and verify-full).
-    pub upstream_ca: Option<std::path::PathBuf>,
-}
-
-impl ProxyConfig {
-    /// `host:port` of the upstream, for connecting.
-    pub fn upstream_addr(&self) -> String {
-        if self.upstream_host.contains(':') && !self.upstream_host.starts_with('[') {
-            format!("[{}]:{}", self.upstream_host, self.upstream_port)
-        } else {
-            format!("{}:{}", self.upstream_host, self.upstream_port)
-        }
-    }
-}
+pub use encryption::{Encryption, EncryptionSettings};
+pub use error::{ClientError, ConnError};
+pub use rules::Rules;
+pub use tls::{TlsFiles, ValidateTlsFiles};
 
 /// State shared by all connections of one proxy instance.
 #[derive(Debug)]
@@ -89,15 +56,13 @@ pub(crate) struct Shared {
     pub(crate) cancels: Arc<CancelRegistry>,
     pub(crate) permits: Arc<Semaphore>,
     /// The encrypting layer; `None` when no rules are configured (pure pass-through).
-    pub(crate) engine: Option<Arc<Engine>>,
+    pub(crate) encryption: Option<Arc<Encryption>>,
     /// Shutdown state, watched by the listeners and every session.
     pub(crate) drain: tokio::sync::watch::Sender<DrainState>,
-    /// Sessions started (past the startup packet).
-    pub(crate) sessions_total: std::sync::atomic::AtomicU64,
-    /// Failed connection attempts to the upstream.
-    pub(crate) upstream_connect_errors: std::sync::atomic::AtomicU64,
+    /// Sessions started and failed upstream connections.
+    pub(crate) connections: metrics::ConnectionCounts,
     /// Statements by protocol kind.
-    pub(crate) statements: Arc<drain::StatementCounts>,
+    pub(crate) statements: Arc<metrics::StatementCounts>,
     /// TLS toward clients, when configured.
     pub(crate) client_tls: Option<tls::ClientTls>,
     /// TLS toward the upstream.
@@ -141,22 +106,35 @@ impl ServerHandle {
     /// Sessions started since the proxy started.
     pub fn sessions_total(&self) -> u64 {
         self.shared
-            .sessions_total
+            .connections
+            .sessions
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Failed connection attempts to the upstream since the proxy started.
     pub fn upstream_connect_errors(&self) -> u64 {
         self.shared
+            .connections
             .upstream_connect_errors
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Statements seen so far: (simple Query, extended Execute, FunctionCall).
     pub fn statements(&self) -> (u64, u64, u64) {
-        let s = &self.shared.statements;
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        (load(&s.simple), load(&s.extended), load(&s.function_call))
+        self.shared.statements.snapshot()
+    }
+
+    /// Register the proxy's metrics, each by its owner (called at each scrape).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        metrics::register(
+            registry,
+            self.active_connections() as u64,
+            &self.shared.connections,
+            &self.shared.statements,
+        );
+        if let Some(e) = &self.shared.encryption {
+            e.register(registry);
+        }
     }
 
     /// The upstream `host:port`.
@@ -173,9 +151,9 @@ impl ServerHandle {
         }
     }
 
-    /// The engine, when rules are configured.
-    pub fn engine(&self) -> Option<&Arc<Engine>> {
-        self.shared.engine.as_ref()
+    /// The encrypting layer, when rules are configured.
+    pub fn encryption(&self) -> Option<&Arc<Encryption>> {
+        self.shared.encryption.as_ref()
     }
 
     /// Current shutdown state.
@@ -209,11 +187,11 @@ impl Server {
         Self::bind_with(config, None).await
     }
 
-    /// Bind the listening socket, with the encrypting layer when `engine` is given. TLS files
-    /// that fail to load are an `InvalidInput` error naming the file.
+    /// Bind the listening socket, with the encrypting layer when `encryption` is given. TLS
+    /// files that fail to load are an `InvalidInput` error naming the file.
     pub async fn bind_with(
         config: ProxyConfig,
-        engine: Option<Arc<Engine>>,
+        encryption: Option<Arc<Encryption>>,
     ) -> std::io::Result<Server> {
         let invalid = |e: TlsError| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
         let client_tls = match &config.tls {
@@ -228,10 +206,9 @@ impl Server {
             permits: Arc::new(Semaphore::new(config.max_connections)),
             cancels: Arc::new(CancelRegistry::default()),
             config,
-            engine,
+            encryption,
             drain: tokio::sync::watch::channel(DrainState::Running).0,
-            sessions_total: std::sync::atomic::AtomicU64::new(0),
-            upstream_connect_errors: std::sync::atomic::AtomicU64::new(0),
+            connections: metrics::ConnectionCounts::default(),
             statements: Arc::default(),
             client_tls,
             upstream_tls,

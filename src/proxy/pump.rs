@@ -1,225 +1,268 @@
-//! One direction of a proxied connection: read, frame, hand inspected messages to a handler,
-//! forward everything else as raw bytes, and batch writes.
+//! Framing of one direction of a proxied connection: split what was read into messages, hand
+//! the inspected ones to the protocol core, forward everything else as raw bytes.
 //!
-//! Batching rule: everything that arrives back to back is collected into one write; the output
-//! is flushed as soon as the input pauses (the next read would wait), or when it passes
-//! [`FLUSH_AT`] bytes. A peer that waits for an answer — at ReadyForQuery, Flush,
-//! CopyInResponse, or an authentication request — has necessarily stopped sending, so its
-//! input pauses and the output goes out at once. No message is held back waiting for more.
-//!
-//! Messages the handler does not inspect and that are larger than [`STREAM_AT`] are streamed
+//! Messages the core does not inspect and that are larger than [`STREAM_AT`] are streamed
 //! through as they arrive instead of being buffered whole, so very large pass-through messages
-//! cost no more memory than small ones.
-
-use std::future::{poll_fn, Future};
-use std::pin::pin;
-use std::task::Poll;
+//! cost no more memory than small ones. A message's declared length is checked against the
+//! size limit before any memory is reserved for it.
+//!
+//! Batching (in [`crate::proxy::connection`]): everything that arrives back to back is collected
+//! into one write; the output goes out as soon as the input pauses, or when it passes
+//! [`FLUSH_AT`] bytes.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::proxy::transform::{Need, Out, Stop, Transform};
 use crate::wire::{Frame, Header, WireError};
 
-/// Output size at which we write even if more input is waiting.
+/// Output size at which the peer's input is no longer read until the output is written.
 pub(crate) const FLUSH_AT: usize = 64 * 1024;
 /// Pass-through messages larger than this are streamed instead of buffered.
 pub(crate) const STREAM_AT: usize = 256 * 1024;
-/// Initial read buffer size; it grows for large inspected messages and shrinks back when idle.
-const READ_CHUNK: usize = 8 * 1024;
-/// A read buffer that grew past this is released once it is empty.
-const SHRINK_ABOVE: usize = 1024 * 1024;
+/// Read buffer size; it grows for large inspected messages and shrinks back when idle.
+pub(crate) const READ_CHUNK: usize = 8 * 1024;
+/// A buffer that grew past this is released once it is empty.
+pub(crate) const SHRINK_ABOVE: usize = 1024 * 1024;
 
-/// Decides which messages of one direction are looked at, and what is forwarded for them.
-pub(crate) trait Handler {
-    /// The error a handler can raise; ends the pump.
-    type Error: From<PumpError>;
-
-    /// Whether messages with this tag must be buffered whole and passed to [`Handler::on_message`].
-    fn inspects(&self, tag: u8) -> bool;
-
-    /// A message with this tag is being forwarded or handled (called exactly once per
-    /// message, inspected or not, before it goes out).
-    fn on_tag(&mut self, _tag: u8) {}
-
-    /// Handle one whole inspected message: append whatever should be forwarded to `out`.
-    fn on_message(
-        &mut self,
-        frame: Frame,
-        out: &mut BytesMut,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+/// Which way messages travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    /// Client to server.
+    FromClient,
+    /// Server to client.
+    FromServer,
 }
 
-/// Why a pump stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum PumpError {
-    /// Reading from the source failed.
-    #[error("read failed: {0}")]
-    Read(#[source] std::io::Error),
-    /// Writing to the destination failed.
-    #[error("write failed: {0}")]
-    Write(#[source] std::io::Error),
-    /// The source sent a malformed or oversize message.
-    #[error(transparent)]
-    Wire(#[from] WireError),
+/// The protocol core as the framing sees it (the [`Transform`], or a test double).
+pub(crate) trait Protocol {
+    /// Whether messages with this tag must be handed to [`Protocol::handle`] whole.
+    fn inspects(&self, dir: Dir, tag: u8) -> bool;
+    /// A message with this tag is being handled or forwarded (once per message).
+    fn on_tag(&mut self, dir: Dir, tag: u8);
+    /// Handle one whole inspected message.
+    fn handle(&mut self, dir: Dir, frame: &Frame, out: &mut Out) -> Result<(), Stop>;
 }
 
-/// Run one direction until the source closes (returns `Ok(())` after flushing) or an error.
-///
-/// `rbuf` may already hold bytes read during startup; they are processed first.
-pub(crate) async fn run<R, W, H>(
-    reader: &mut R,
-    writer: &mut W,
-    handler: &mut H,
-    mut rbuf: BytesMut,
+impl Protocol for Transform {
+    fn inspects(&self, dir: Dir, tag: u8) -> bool {
+        match dir {
+            Dir::FromClient => self.inspects_client(tag),
+            Dir::FromServer => self.inspects_server(tag),
+        }
+    }
+
+    fn on_tag(&mut self, dir: Dir, tag: u8) {
+        if dir == Dir::FromClient {
+            self.client_tag(tag);
+        }
+    }
+
+    fn handle(&mut self, dir: Dir, frame: &Frame, out: &mut Out) -> Result<(), Stop> {
+        match dir {
+            Dir::FromClient => self.on_client(frame, out),
+            Dir::FromServer => self.on_server(frame, out),
+        }
+    }
+}
+
+/// What stopped [`Inbound::process`] before the input ran out.
+#[derive(Debug)]
+pub(crate) enum Halt {
+    /// The core needs this; the message waits (parked) until it is fetched.
+    Need(Need),
+    /// Malformed or oversize input: the session ends.
+    Malformed(WireError),
+}
+
+/// The input of one direction: bytes read and not yet handled.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    pub(crate) buf: BytesMut,
+    dir: Dir,
     limit: usize,
-) -> Result<(), H::Error>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-    H: Handler,
-{
-    let mut out = BytesMut::with_capacity(READ_CHUNK);
-    // Invariant: while `stream_left > 0`, the next `stream_left` input bytes belong to a
-    // pass-through message whose start was already forwarded.
-    let mut stream_left: usize = 0;
-    loop {
-        loop {
-            if stream_left > 0 {
-                let n = stream_left.min(rbuf.len());
-                if n == 0 {
-                    break;
-                }
-                out.extend_from_slice(&rbuf[..n]);
-                rbuf.advance(n);
-                stream_left -= n;
-            } else {
-                let Some(header) = Header::scan(&rbuf, limit).map_err(PumpError::from)? else {
-                    break;
-                };
-                let len = header.frame_len();
-                let inspect = handler.inspects(header.tag());
-                if rbuf.len() >= len {
-                    handler.on_tag(header.tag());
-                    if inspect {
-                        let raw = rbuf.split_to(len).freeze();
-                        let frame =
-                            Frame::from_raw(raw).ok_or(PumpError::Wire(WireError::Malformed {
-                                tag: header.tag(),
-                                what: "frame",
-                            }))?;
-                        handler.on_message(frame, &mut out).await?;
-                    } else {
-                        out.extend_from_slice(&rbuf[..len]);
-                        rbuf.advance(len);
-                    }
-                } else if !inspect && len > STREAM_AT {
-                    handler.on_tag(header.tag());
-                    stream_left = len - rbuf.len();
-                    out.extend_from_slice(&rbuf);
-                    rbuf.clear();
-                } else {
-                    rbuf.reserve(len - rbuf.len());
-                    break;
-                }
-            }
-            if out.len() >= FLUSH_AT {
-                write_out(writer, &mut out).await?;
-            }
-        }
+    /// Invariant: while `stream_left > 0`, the next `stream_left` input bytes belong to a
+    /// pass-through message whose start was already forwarded.
+    stream_left: usize,
+    /// A message whose handler needs something fetched first; handled again before anything
+    /// after it.
+    parked: Option<Frame>,
+}
 
-        if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE {
-            rbuf = BytesMut::with_capacity(READ_CHUNK);
+impl Inbound {
+    /// Input travelling `dir`, starting with bytes already read; messages over `limit` bytes
+    /// end the session.
+    pub(crate) fn new(dir: Dir, buf: BytesMut, limit: usize) -> Self {
+        Self {
+            buf,
+            dir,
+            limit,
+            stream_left: 0,
+            parked: None,
         }
-        if rbuf.capacity() - rbuf.len() < 512 {
-            rbuf.reserve(READ_CHUNK);
-        }
-        let n = {
-            let mut read = pin!(reader.read_buf(&mut rbuf));
-            match poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
-                Poll::Ready(r) => r,
-                Poll::Pending => {
-                    write_out(writer, &mut out).await?;
-                    read.await
-                }
+    }
+
+    /// Whether a message waits for something to be fetched.
+    pub(crate) fn is_parked(&self) -> bool {
+        self.parked.is_some()
+    }
+
+    /// Handle every whole message in the buffer (and stream the start of a large pass-through
+    /// one), appending what goes out to `out`. Returns when the input runs out, when the
+    /// output for the other side passes [`FLUSH_AT`], or when a handler needs something.
+    pub(crate) fn process<P: Protocol>(
+        &mut self,
+        proto: &mut P,
+        out: &mut Out,
+    ) -> Result<(), Halt> {
+        if let Some(frame) = self.parked.take() {
+            if let Err(stop) = proto.handle(self.dir, &frame, out) {
+                return Err(self.stopped(stop, frame));
             }
         }
-        .map_err(PumpError::Read)?;
-        if n == 0 {
-            write_out(writer, &mut out).await?;
-            return Ok(());
+        loop {
+            if self.forward_len(out) >= FLUSH_AT {
+                return Ok(());
+            }
+            if self.stream_left > 0 {
+                let n = self.stream_left.min(self.buf.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                let dir = self.dir;
+                forward(out, dir).extend_from_slice(&self.buf[..n]);
+                self.buf.advance(n);
+                self.stream_left -= n;
+                continue;
+            }
+            let Some(header) = Header::scan(&self.buf, self.limit).map_err(Halt::Malformed)? else {
+                return Ok(());
+            };
+            let len = header.frame_len();
+            let tag = header.tag();
+            let inspect = proto.inspects(self.dir, tag);
+            if self.buf.len() >= len {
+                proto.on_tag(self.dir, tag);
+                if inspect {
+                    let raw = self.buf.split_to(len).freeze();
+                    let frame = Frame::from_raw(raw)
+                        .ok_or(Halt::Malformed(WireError::Malformed { tag, what: "frame" }))?;
+                    if let Err(stop) = proto.handle(self.dir, &frame, out) {
+                        return Err(self.stopped(stop, frame));
+                    }
+                } else {
+                    forward(out, self.dir).extend_from_slice(&self.buf[..len]);
+                    self.buf.advance(len);
+                }
+            } else if !inspect && len > STREAM_AT {
+                proto.on_tag(self.dir, tag);
+                self.stream_left = len - self.buf.len();
+                forward(out, self.dir).extend_from_slice(&self.buf);
+                self.buf.clear();
+            } else {
+                self.buf.reserve(len - self.buf.len());
+                return Ok(());
+            }
+        }
+    }
+
+    /// Make room to read into (and release a buffer that grew large, once it is empty).
+    pub(crate) fn ready_to_read(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+            self.buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        if self.buf.capacity() - self.buf.len() < 512 {
+            self.buf.reserve(READ_CHUNK);
+        }
+    }
+
+    fn stopped(&mut self, stop: Stop, frame: Frame) -> Halt {
+        match stop {
+            Stop::Need(need) => {
+                self.parked = Some(frame);
+                Halt::Need(need)
+            }
+            Stop::Malformed(e) => Halt::Malformed(e),
+        }
+    }
+
+    fn forward_len(&self, out: &Out) -> usize {
+        match self.dir {
+            Dir::FromClient => out.to_server.len(),
+            Dir::FromServer => out.to_client.len(),
         }
     }
 }
 
-/// Write and clear the pending output, if any.
-async fn write_out<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    out: &mut BytesMut,
-) -> Result<(), PumpError> {
-    if out.is_empty() {
-        return Ok(());
+/// Where messages travelling `dir` go.
+fn forward(out: &mut Out, dir: Dir) -> &mut BytesMut {
+    match dir {
+        Dir::FromClient => &mut out.to_server,
+        Dir::FromServer => &mut out.to_client,
     }
-    writer.write_all(out).await.map_err(PumpError::Write)?;
-    writer.flush().await.map_err(PumpError::Write)?;
-    out.clear();
-    if out.capacity() > SHRINK_ABOVE {
-        *out = BytesMut::with_capacity(READ_CHUNK);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use tokio::io::AsyncWriteExt;
 
     use super::*;
+    use crate::proxy::transform::Need;
 
-    /// Forwards everything, inspecting a configurable set of tags.
-    struct Inspecting(Vec<u8>);
+    /// Forwards everything, inspecting a configurable set of tags; with `need_once`, the first
+    /// inspected message needs something before it is handled.
+    struct Inspecting {
+        tags: Vec<u8>,
+        need_once: bool,
+    }
 
-    impl Handler for Inspecting {
-        type Error = PumpError;
-        fn inspects(&self, tag: u8) -> bool {
-            self.0.contains(&tag)
+    impl Protocol for Inspecting {
+        fn inspects(&self, _dir: Dir, tag: u8) -> bool {
+            self.tags.contains(&tag)
         }
-        async fn on_message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), PumpError> {
-            out.extend_from_slice(frame.raw());
+        fn on_tag(&mut self, _dir: Dir, _tag: u8) {}
+        fn handle(&mut self, _dir: Dir, frame: &Frame, out: &mut Out) -> Result<(), Stop> {
+            if std::mem::take(&mut self.need_once) {
+                return Err(Stop::Need(Need::Table(7)));
+            }
+            out.to_server.extend_from_slice(frame.raw());
             Ok(())
         }
     }
 
-    /// Feed `chunks` into a pump and collect what comes out.
+    /// Feed `chunks` one at a time and collect what goes out.
     fn relay(
         chunks: Vec<Vec<u8>>,
-        inspect: Vec<u8>,
+        tags: Vec<u8>,
         limit: usize,
-    ) -> (Result<(), PumpError>, Vec<u8>) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let (mut feed, mut src) = tokio::io::duplex(1 << 16);
-            let (mut dst, mut sink) = tokio::io::duplex(1 << 16);
-            let writer = tokio::spawn(async move {
-                for c in chunks {
-                    if feed.write_all(&c).await.is_err() {
-                        break;
-                    }
+    ) -> (Result<(), WireError>, Vec<u8>) {
+        let mut proto = Inspecting {
+            tags,
+            need_once: false,
+        };
+        let mut inbound = Inbound::new(Dir::FromClient, BytesMut::new(), limit);
+        let mut out = Out::default();
+        let mut sent = Vec::new();
+        for c in chunks {
+            inbound.buf.extend_from_slice(&c);
+            loop {
+                let r = inbound.process(&mut proto, &mut out);
+                sent.extend_from_slice(&out.to_server);
+                out.to_server.clear();
+                match r {
+                    Ok(()) if inbound.forward_len(&out) == 0 && !can_continue(&inbound) => break,
+                    Ok(()) => continue,
+                    Err(Halt::Malformed(e)) => return (Err(e), sent),
+                    Err(Halt::Need(_)) => continue,
                 }
-            });
-            let reader = tokio::spawn(async move {
-                let mut got = Vec::new();
-                let _ = sink.read_to_end(&mut got).await;
-                got
-            });
-            let mut handler = Inspecting(inspect);
-            let r = run(&mut src, &mut dst, &mut handler, BytesMut::new(), limit).await;
-            drop(dst);
-            let _ = writer.await;
-            (r, reader.await.unwrap())
-        })
+            }
+        }
+        (Ok(()), sent)
+    }
+
+    /// Whether the buffer still holds a whole message (processing stopped at FLUSH_AT).
+    fn can_continue(inbound: &Inbound) -> bool {
+        matches!(Header::scan(&inbound.buf, usize::MAX), Ok(Some(h)) if inbound.buf.len() >= h.frame_len())
+            || (inbound.stream_left > 0 && !inbound.buf.is_empty())
     }
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -252,16 +295,32 @@ mod tests {
     }
 
     #[test]
+    fn a_message_that_needs_something_waits_and_keeps_its_place() {
+        let input: Vec<u8> = [frame(b'Q', b"a\0"), frame(b'x', b"y"), frame(b'Q', b"b\0")].concat();
+        let mut proto = Inspecting {
+            tags: vec![b'Q'],
+            need_once: true,
+        };
+        let mut inbound = Inbound::new(Dir::FromClient, BytesMut::from(&input[..]), 1 << 20);
+        let mut out = Out::default();
+        assert!(matches!(
+            inbound.process(&mut proto, &mut out),
+            Err(Halt::Need(Need::Table(7)))
+        ));
+        assert!(inbound.is_parked());
+        assert!(out.to_server.is_empty(), "nothing passes a parked message");
+        inbound.process(&mut proto, &mut out).unwrap();
+        assert_eq!(&out.to_server[..], &input[..]);
+    }
+
+    #[test]
     fn refuses_oversize_inspected_message_before_reading_it() {
         let mut input = frame(b'Q', b"select 1\0");
         input.extend_from_slice(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
         let (r, out) = relay(vec![input.clone()], vec![b'Q'], 1 << 20);
-        assert!(matches!(
-            r,
-            Err(PumpError::Wire(WireError::TooLarge { .. }))
-        ));
-        // Nothing of the failed batch is forwarded: the session ends with an error.
-        assert!(out.is_empty());
+        assert!(matches!(r, Err(WireError::TooLarge { .. })));
+        // The message before it went out; the session ends at the oversize one.
+        assert_eq!(out, frame(b'Q', b"select 1\0"));
     }
 
     /// Peak virtual memory size of this process (`VmPeak`), in KiB.
@@ -292,12 +351,8 @@ mod tests {
         };
         // The proxy's default limit (1 GiB - 1) and a header claiming a 1 GiB body.
         let before = vm_peak_kib();
-        let (r, out) = relay(input(), vec![b'Q'], GIB - 1);
-        assert!(matches!(
-            r,
-            Err(PumpError::Wire(WireError::TooLarge { .. }))
-        ));
-        assert!(out.is_empty());
+        let (r, _) = relay(input(), vec![b'Q'], GIB - 1);
+        assert!(matches!(r, Err(WireError::TooLarge { .. })));
         let after = vm_peak_kib();
         // Unrelated threads may map a few arenas meanwhile; a reservation would be 1 GiB.
         assert!(
@@ -305,10 +360,10 @@ mod tests {
             "peak virtual memory grew by {} KiB",
             after - before
         );
-        // Control: where the limit allows the claim, the pump reserves the whole body up
-        // front (an inspected message is buffered whole), and the measurement sees it. The
-        // peak is compared with the current size, not the earlier peak: tests running
-        // alongside may have raised the peak and freed their memory since.
+        // Control: where the limit allows the claim, the whole body is reserved up front (an
+        // inspected message is buffered whole), and the measurement sees it. The peak is
+        // compared with the current size, not the earlier peak: tests running alongside may
+        // have raised the peak and freed their memory since.
         let size = vm_kib("VmSize:");
         let (r, _) = relay(input(), vec![b'Q'], 2 * GIB);
         assert!(r.is_ok());
@@ -339,13 +394,9 @@ mod tests {
             data in proptest::collection::vec(any::<u8>(), 0..4096),
             cuts in proptest::collection::vec(1usize..512, 0..10),
         ) {
-            let (r, out) = relay(chunked(&data, &cuts), vec![b'Q', b'Z', b'S'], 1 << 16);
+            let (_, out) = relay(chunked(&data, &cuts), vec![b'Q', b'Z', b'S'], 1 << 16);
             // Whatever was forwarded is a prefix of the input: nothing invented, nothing reordered.
             prop_assert!(data.starts_with(&out));
-            if r.is_ok() {
-                // A clean end forwards everything that formed complete messages.
-                prop_assert!(out.len() <= data.len());
-            }
         }
     }
 }

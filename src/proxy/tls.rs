@@ -12,7 +12,7 @@
 //!
 //! Never logs certificate contents or key material; errors name the file only.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -22,26 +22,22 @@ use rustls_pki_types::{PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::SslMode;
-use crate::tls::{client_config, read_certs, TlsError};
+pub use crate::tls::TlsFiles;
+use crate::tls::{client_config, read_certs, SslMode, TlsError};
 
 /// PostgreSQL's SSLRequest: length 8, code 1234.5679.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-/// Certificate and key files of the client-facing TLS listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-}
-
-impl TlsFiles {
+/// Validation of the client-facing certificate and key, as the listener loads them.
+pub trait ValidateTlsFiles {
     /// Load the files exactly as the listener does (and as a SIGHUP reload does): the chain
     /// and the key must parse and the key must belong to the leaf certificate. For
     /// `pgenvelope check`; the configuration built is dropped.
-    pub fn validate(&self) -> Result<(), TlsError> {
+    fn validate(&self) -> Result<(), TlsError>;
+}
+
+impl ValidateTlsFiles for TlsFiles {
+    fn validate(&self) -> Result<(), TlsError> {
         server_config(self).map(|_| ())
     }
 }

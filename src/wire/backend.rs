@@ -449,9 +449,9 @@ impl<'a> DataRow<'a> {
 
     /// Append a DataRow where the columns in `replace` (index, new value) are swapped and every
     /// other column is copied byte for byte.
-    pub fn encode_with(
+    pub fn encode_with<V: AsRef<[u8]>>(
         &self,
-        replace: &[(usize, Option<Vec<u8>>)],
+        replace: &[(usize, Option<V>)],
         out: &mut BytesMut,
     ) -> Result<(), WireError> {
         let n = i16::try_from(self.ranges.len()).map_err(|_| WireError::Malformed {
@@ -462,9 +462,9 @@ impl<'a> DataRow<'a> {
         for (_, v) in replace {
             lens.push(match v {
                 None => -1,
-                Some(v) => i32::try_from(v.len()).map_err(|_| WireError::TooLarge {
+                Some(v) => i32::try_from(v.as_ref().len()).map_err(|_| WireError::TooLarge {
                     tag: DATA_ROW_TAG,
-                    len: v.len() as u64,
+                    len: v.as_ref().len() as u64,
                     limit: i32::MAX as u64,
                 })?,
             });
@@ -475,7 +475,7 @@ impl<'a> DataRow<'a> {
                 if let Some(pos) = replace.iter().position(|(j, _)| *j == i) {
                     out.extend_from_slice(&lens[pos].to_be_bytes());
                     if let Some(v) = &replace[pos].1 {
-                        out.extend_from_slice(v);
+                        out.extend_from_slice(v.as_ref());
                     }
                     continue;
                 }
@@ -541,7 +541,7 @@ mod row_tests {
             expected[i] = new;
             prop_assert_eq!(&out[5..], &data_row(&expected)[..]);
             let mut same = BytesMut::new();
-            row.encode_with(&[], &mut same).unwrap();
+            row.encode_with::<Vec<u8>>(&[], &mut same).unwrap();
             prop_assert_eq!(&same[5..], &body[..]);
         }
     }

@@ -611,7 +611,7 @@ async fn tampering_swaps_and_copies_are_detected_on_read() {
     let engine = v.proxy.engine.as_ref().unwrap();
     assert!(
         engine
-            .stats
+            .cipher_metrics()
             .plaintext_reads
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
@@ -652,7 +652,7 @@ async fn strict_reads_refuse_plaintext() {
     let engine = v.proxy.engine.as_ref().unwrap();
     assert_eq!(
         engine
-            .stats
+            .cipher_metrics()
             .plaintext_reads
             .load(std::sync::atomic::Ordering::Relaxed),
         0,
@@ -1165,7 +1165,10 @@ async fn set_config_tenant_and_warm_path_makes_no_key_calls() {
         .unwrap();
 }
 
-async fn engine_org(engine: &pgenvelope::proxy::Engine, dek: pgenvelope::crypto::DekId) -> String {
+async fn engine_org(
+    engine: &pgenvelope::proxy::Encryption,
+    dek: pgenvelope::crypto::DekId,
+) -> String {
     engine
         .keys()
         .key_by_id(dek)

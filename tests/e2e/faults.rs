@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::SinkExt;
 use pgenvelope::config::SslMode;
-use pgenvelope::proxy::fault::PANIC_QUERY;
+use pgenvelope::fault::PANIC_QUERY;
 
 use crate::encryption::{direct, Vault};
 use crate::harness::{connect, unique, ProxyOptions, TestProxy};

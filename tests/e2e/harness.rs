@@ -23,7 +23,7 @@ pub fn main_pg() -> (String, u16) {
 /// A running proxy.
 pub struct TestProxy {
     addr: SocketAddr,
-    pub engine: Option<std::sync::Arc<pgenvelope::proxy::Engine>>,
+    pub engine: Option<std::sync::Arc<pgenvelope::proxy::Encryption>>,
     pub handle: pgenvelope::proxy::ServerHandle,
     pub key_schema: String,
     /// The local KEK file (unused when the options gave another KEK provider).
@@ -153,8 +153,8 @@ impl TestProxy {
                             .port(opts.upstream_port)
                             .user("postgres")
                             .dbname(&opts.key_db);
-                        let engine =
-                            pgenvelope::proxy::Engine::start(pgenvelope::proxy::EngineSettings {
+                        let engine = pgenvelope::proxy::Encryption::start(
+                            pgenvelope::proxy::EncryptionSettings {
                                 rules,
                                 kek,
                                 kek_also: opts.kek_also.clone(),
@@ -175,9 +175,10 @@ impl TestProxy {
                                     opts.upstream_ca.as_deref(),
                                 )
                                 .expect("service TLS settings"),
-                            })
-                            .await
-                            .expect("engine");
+                            },
+                        )
+                        .await
+                        .expect("engine");
                         Some(engine)
                     }
                 };

@@ -303,7 +303,7 @@ impl Pkcs11Kek {
         let operation = async move {
             match in_flight.acquire_owned().await {
                 Ok(permit) => tokio::task::spawn_blocking(move || {
-                    let result = match crate::proxy::fault::hsm_fault() {
+                    let result = match crate::fault::hsm_fault() {
                         Some(e) => Err(Outcome::Failed(e)),
                         None => inner.with_session(op),
                     };

@@ -1,17 +1,17 @@
-//! What an encrypting session knows, shared by its two directions: prepared statements and
-//! portals, the queue of requests whose responses are still expected, the session tenant and
-//! the client encoding.
+//! What the core knows about a session: prepared statements and portals, the queue of
+//! requests whose responses are still expected, the session tenant, how the server reads SQL
+//! text, and the transaction status. One place for each fact.
 //!
-//! The client → server side pushes one [`Pending`] per request it forwards (or injects); the
-//! server → client side pops them as the responses arrive, in order, exactly as the server
-//! answers them. Entries marked `hidden` were injected by the proxy: their responses are
-//! swallowed.
+//! The client side pushes one [`Pending`] per request it forwards (or injects); the server side
+//! pops them as the responses arrive, in order, exactly as the server answers them. Entries
+//! marked `hidden` were injected by the proxy: their responses are swallowed.
 //!
-//! Invariant: the lock is never held across an `.await`.
+//! Statements and portals are shared (`Arc`) between the maps and the queue; what the server
+//! tells about them later (descriptions) goes into write-once cells, never behind a lock.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::crypto::OrgId;
 use crate::rules::ColumnRule;
@@ -20,70 +20,7 @@ use crate::wire::backend::TransactionStatus;
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::frontend::Target;
 
-/// Shared handle.
-pub(crate) type SharedSession = Arc<Mutex<Session>>;
-
-/// Lock a session, ignoring poisoning (a panicked holder left plain data behind).
-pub(crate) fn lock(s: &SharedSession) -> std::sync::MutexGuard<'_, Session> {
-    s.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// One result column as the proxy sees it.
-#[derive(Debug, Clone)]
-pub(crate) struct ColumnShape {
-    /// The rule of the table column this result column comes from, if any.
-    pub(crate) rule: Option<ColumnRule>,
-    /// Index (in the same result) of that table's tenant column, if it is in the result.
-    pub(crate) tenant_index: Option<usize>,
-    /// Index (in the same result) of that table's row key, if the table binds values to their
-    /// row and the key is in the result.
-    pub(crate) key_index: Option<usize>,
-    /// Type OID reported in the RowDescription.
-    pub(crate) type_oid: u32,
-    /// Whether values may be text (so may hold enc:v1 values of unknown origin).
-    pub(crate) textlike: bool,
-    /// Format code reported in the RowDescription.
-    pub(crate) format: i16,
-}
-
-/// The columns of a result set.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Shape {
-    pub(crate) columns: Vec<ColumnShape>,
-    /// Invariant: true iff no column has a rule or may hold text.
-    inert: bool,
-}
-
-impl Shape {
-    /// A shape from its columns.
-    pub(crate) fn new(columns: Vec<ColumnShape>) -> Self {
-        let inert = columns.iter().all(|c| c.rule.is_none() && !c.textlike);
-        Self { columns, inert }
-    }
-
-    /// A result with no columns (NoData).
-    pub(crate) fn empty() -> Self {
-        Self::new(Vec::new())
-    }
-
-    /// Whether no column needs looking at: rows pass through untouched.
-    pub(crate) fn is_inert(&self) -> bool {
-        self.inert
-    }
-}
-
-/// The text PostgreSQL prints for a binary-format value of an integer or UUID type (`None`
-/// for other types or a malformed value): how parameters and result fields that name a
-/// tenant or a row key are read when a client sends or asks for them in binary.
-pub(crate) fn binary_as_text(type_oid: u32, raw: &[u8]) -> Option<String> {
-    Some(match type_oid {
-        21 => i16::from_be_bytes(raw.try_into().ok()?).to_string(),
-        23 => i32::from_be_bytes(raw.try_into().ok()?).to_string(),
-        20 => i64::from_be_bytes(raw.try_into().ok()?).to_string(),
-        2950 => uuid::Uuid::from_slice(raw).ok()?.hyphenated().to_string(),
-        _ => return None,
-    })
-}
+use super::shape::Shape;
 
 /// A prepared statement.
 #[derive(Debug, Default)]
@@ -94,22 +31,15 @@ pub(crate) struct Statement {
     pub(crate) param_types: Vec<u32>,
     /// Whether the client itself sent Describe for this statement.
     pub(crate) described: AtomicBool,
-    /// Filled by the server side from Describe responses.
-    pub(crate) described_as: Mutex<Described>,
+    /// Result columns, from the first Describe answered (empty for NoData).
+    pub(crate) shape: OnceLock<Arc<Shape>>,
+    /// Parameter types from the first ParameterDescription answered.
+    pub(crate) described_params: OnceLock<Vec<u32>>,
     /// Executing it may change how the server reads later texts ([`may_change_lexing`]).
     pub(crate) changes_lexing: bool,
     /// The organisation its literals were sealed for under the session (or default) tenant,
     /// when it has such literals: it may only be bound while that organisation is in force.
     pub(crate) sealed_for: Option<OrgId>,
-}
-
-/// What a Describe told us.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Described {
-    /// Result columns (None until described; empty for NoData).
-    pub(crate) shape: Option<Arc<Shape>>,
-    /// Parameter types from ParameterDescription.
-    pub(crate) param_types: Option<Vec<u32>>,
 }
 
 /// A portal (a bound statement).
@@ -120,35 +50,27 @@ pub(crate) struct Portal {
     pub(crate) result_formats: Vec<i16>,
     /// Whether Describe was sent for this portal (by the client, or injected).
     pub(crate) described: AtomicBool,
-    /// Filled from a Describe Portal response.
-    pub(crate) shape: Mutex<Option<Arc<Shape>>>,
+    /// From the first Describe Portal answered.
+    pub(crate) shape: OnceLock<Arc<Shape>>,
     /// The organisation its values (literals of the statement, parameters of the Bind) were
     /// sealed for under the session (or default) tenant: it may only be executed while that
     /// organisation is in force.
     pub(crate) sealed_for: Option<OrgId>,
-    /// Tenant changes and savepoint events its statement makes, recorded when it runs.
-    pub(crate) tenant_ops: Mutex<Vec<TenantChangeOp>>,
+    /// Tenant changes and savepoint events its statement makes, recorded when it first runs.
+    pub(crate) tenant_ops: Vec<TenantChangeOp>,
+    /// Whether `tenant_ops` were recorded (a portal suspended and executed again makes its
+    /// changes once).
+    pub(crate) ran: AtomicBool,
 }
 
 impl Portal {
     /// The result shape: the portal's own description, else the statement's (with this
     /// portal's result formats).
     pub(crate) fn shape(&self) -> Option<Arc<Shape>> {
-        if let Some(s) = self
-            .shape
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        {
-            return Some(s);
+        if let Some(s) = self.shape.get() {
+            return Some(Arc::clone(s));
         }
-        let described = self
-            .statement
-            .described_as
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .shape
-            .clone()?;
+        let described = Arc::clone(self.statement.shape.get()?);
         if self.result_formats.is_empty() {
             return Some(described);
         }
@@ -157,6 +79,28 @@ impl Portal {
             c.format = crate::wire::frontend::format_at(&self.result_formats, i);
         }
         Some(Arc::new(Shape::new(columns)))
+    }
+
+    /// The tenant changes to record now: its statement's, the first time it runs.
+    pub(crate) fn take_tenant_ops(&self) -> &[TenantChangeOp] {
+        if self.ran.swap(true, Ordering::Relaxed) {
+            &[]
+        } else {
+            &self.tenant_ops
+        }
+    }
+
+    /// A placeholder for a portal the proxy does not know (described, with no statement).
+    pub(crate) fn unknown() -> Self {
+        Self {
+            statement: Arc::default(),
+            result_formats: Vec::new(),
+            described: AtomicBool::new(true),
+            shape: OnceLock::new(),
+            sealed_for: None,
+            tenant_ops: Vec::new(),
+            ran: AtomicBool::new(false),
+        }
     }
 }
 
@@ -260,7 +204,7 @@ impl<T> Ahead<T> {
     }
 }
 
-/// The session tenant, tracked with transaction semantics (DESIGN §5).
+/// The session tenant, tracked with transaction semantics (docs/design.md, tenancy).
 ///
 /// A change (`SET [LOCAL] pgenvelope.tenant`, RESET, set_config) takes effect for later
 /// statements as soon as it is forwarded, but it is only *settled* when the server answers
@@ -366,6 +310,16 @@ impl TenantState {
         match local {
             Some(l) => l,
             None => session,
+        }
+    }
+
+    /// Record tenant changes and savepoint events in order, as the statement making them runs.
+    pub(crate) fn apply(&mut self, ops: &[TenantChangeOp]) {
+        for op in ops {
+            match op {
+                TenantChangeOp::Change { value, local } => self.set(value.clone(), *local),
+                other => self.savepoint_event(other.clone()),
+            }
         }
     }
 
@@ -494,7 +448,7 @@ pub(crate) fn may_change_lexing(sql: &[u8]) -> bool {
     })
 }
 
-/// The shared session state.
+/// The session's protocol state.
 #[derive(Debug)]
 pub(crate) struct Session {
     /// Database name (catalog look-ups are per database).
@@ -507,8 +461,8 @@ pub(crate) struct Session {
     pub(crate) portals: HashMap<Vec<u8>, Arc<Portal>>,
     /// The server skips messages up to Sync (after an error in the extended protocol, ours or
     /// its own): the client side drops them, a Query included, as the server ignores them.
-    /// Set by the client side when it refuses an extended-protocol message and by the server
-    /// side on an error when no Sync has been forwarded yet; cleared when a Sync is forwarded.
+    /// Set when the proxy refuses an extended-protocol message and on a server error while no
+    /// Sync has been forwarded yet; cleared when a Sync is forwarded.
     pub(crate) skipping: bool,
     /// Requests in flight.
     pub(crate) queue: VecDeque<Pending>,

@@ -1,0 +1,1 @@
+//! Unit tests of the protocol core from byte fixtures.

@@ -1,0 +1,487 @@
+//! Values bound for encrypted columns: literals of a statement text and parameters of a Bind.
+//! For each: the column's rule, the organisation that owns it (row tenant, session tenant,
+//! default tenant), the row it is bound to (row binding), and the sealed value; also the tenant
+//! changes a statement makes.
+
+use std::sync::Arc;
+
+use crate::cipher::{is_envelope_of, Classified, Restored};
+use crate::crypto::OrgId;
+use crate::proxy::error::{ClientError, ValueSite};
+use crate::proxy::rules::RulesSnapshot;
+use crate::rules::ColumnRule;
+use crate::sql::{
+    Analysis, ColumnRef, LiteralSite, RowKeySource, TenantChange, TenantSource, TxControl,
+};
+use crate::wire::encoding::ClientEncoding;
+use crate::wire::frontend::{self as fe, Bind};
+
+use super::session::TenantChangeOp;
+use super::shape::binary_as_text;
+use super::{Ctx, Fail};
+
+/// OIDs of parameter types an encrypted value may be bound as.
+pub(super) const TEXT_OIDS: &[u32] = &[25, 1043, 1042, 705];
+
+impl Ctx<'_> {
+    /// Encrypt the literals of `analysis` and return the rewritten SQL in the client's
+    /// encoding (`None` when nothing changed).
+    pub(super) fn rewrite_literals(
+        &mut self,
+        text: &str,
+        analysis: &Analysis,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<Option<Vec<u8>>, Fail> {
+        if analysis.literals.is_empty() {
+            return Ok(None);
+        }
+        let mut replacements = Vec::with_capacity(analysis.literals.len());
+        let rules = self.e.handles.rules.snapshot();
+        for site in &analysis.literals {
+            let column = rule_for(&rules, &site.column)?;
+            let org = self.tenant_for(&site.tenant, column, bind)?;
+            let key = self.row_key_for(site.row_key.as_ref(), column, bind)?;
+            let sealed =
+                self.seal_value(&rules, column, &org, key.as_deref(), site.value.as_bytes())?;
+            let Some(sealed) = sealed else {
+                continue;
+            };
+            replacements.push((site.range.clone(), format!("'{sealed}'")));
+        }
+        let new =
+            crate::sql::rewrite_literals(text, &replacements).map_err(|_| ClientError::Rewrite)?;
+        let bytes = self.s.encoding.encode(&new)?.into_owned();
+        Ok(Some(bytes))
+    }
+
+    /// Seal the parameters of a Bind bound for encrypted columns: (parameter index, sealed
+    /// value) of every one that changes.
+    pub(super) fn seal_params(
+        &mut self,
+        analysis: &Analysis,
+        values: &BindValues<'_>,
+    ) -> Result<Vec<(usize, Vec<u8>)>, Fail> {
+        let mut sealed_params = Vec::with_capacity(analysis.params.len());
+        let rules = self.e.handles.rules.snapshot();
+        let uncertain = self.s.lexing.uncertain();
+        for site in &analysis.params {
+            let Some(Some(raw)) = values.bind.params.get(site.index - 1).copied() else {
+                continue;
+            };
+            let column = rule_for(&rules, &site.column)?;
+            if raw.contains(&0) {
+                return Err(ClientError::Nul {
+                    site: ValueSite::Param(site.index),
+                    column: site.column.to_string(),
+                }
+                .into());
+            }
+            if uncertain && !raw.is_ascii() {
+                return Err(ClientError::LexingInFlight.into());
+            }
+            let org = self.tenant_for(&site.tenant, column, Some(values))?;
+            let key = self.row_key_for(site.row_key.as_ref(), column, Some(values))?;
+            // Text and binary send of text types both carry the text in the client encoding.
+            let plaintext = self.s.encoding.decode(raw)?;
+            let sealed =
+                self.seal_value(&rules, column, &org, key.as_deref(), plaintext.as_bytes())?;
+            if let Some(sealed) = sealed {
+                sealed_params.push((site.index - 1, sealed.into_bytes()));
+            }
+        }
+        Ok(sealed_params)
+    }
+
+    /// Encrypt a value for `column`, or `None` if it already is a valid enc:v1 value of this
+    /// column and organisation (restores, re-runs): such values are stored unchanged, except
+    /// that one sealed before its table's values were bound to their rows is sealed again,
+    /// bound to the row written.
+    fn seal_value(
+        &mut self,
+        rules: &RulesSnapshot,
+        column: &ColumnRule,
+        org: &OrgId,
+        row_key: Option<&str>,
+        plaintext: &[u8],
+    ) -> Result<Option<String>, Fail> {
+        let row_key = row_key.map(str::as_bytes);
+        let cipher = &mut self.e.cipher;
+        // Only a value shaped like an envelope of this column is checked; other text that
+        // starts with `enc:v1:` is data and is encrypted like any other.
+        if is_envelope_of(column, plaintext) {
+            let restored = match cipher.classify(&rules.rules, Some(column), plaintext)? {
+                Classified::Plain => None,
+                Classified::Sealed { parsed, .. } => match cipher.by_id(parsed.dek_id(), column)? {
+                    crate::cipher::ById::Key(dek) => {
+                        cipher.open_restored(&dek, parsed, column, row_key)?
+                    }
+                    crate::cipher::ById::Shredded => {
+                        return Err(ClientError::RestoredDestroyed {
+                            site: ValueSite::Literal,
+                            column: column.qualified_name().to_owned(),
+                        }
+                        .into())
+                    }
+                },
+            };
+            match restored {
+                Some(Restored::AsIs(d)) if &d.org == org => return Ok(None),
+                Some(Restored::Rebind(d)) if &d.org == org => {
+                    return Ok(Some(cipher.seal(column, org, row_key, &d.plaintext)?));
+                }
+                Some(Restored::AsIs(_) | Restored::Rebind(_)) => {
+                    return Err(ClientError::RestoredOtherOrg {
+                        site: ValueSite::Literal,
+                        column: column.qualified_name().to_owned(),
+                    }
+                    .into())
+                }
+                // Fails authentication: not a value of ours, just data.
+                None => {}
+            }
+        }
+        Ok(Some(cipher.seal(column, org, row_key, plaintext)?))
+    }
+
+    /// The key of the row a value of `column` is written to (row binding), as PostgreSQL
+    /// will print it; `None` when the table does not bind values to their row.
+    fn row_key_for(
+        &self,
+        source: Option<&RowKeySource>,
+        column: &ColumnRule,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<Option<String>, ClientError> {
+        let Some(source) = source else {
+            return Ok(None);
+        };
+        let key = column.row_key().unwrap_or_default();
+        let value = match source {
+            RowKeySource::Literal(v) => v.clone(),
+            RowKeySource::Param(n) => {
+                let Some(bind) = bind else {
+                    return Err(ClientError::LiteralWithKeyParam {
+                        column: column.qualified_name().to_owned(),
+                        key: key.to_owned(),
+                        param: *n,
+                    });
+                };
+                match bind.text(*n, &self.s.encoding)? {
+                    Some(v) => v,
+                    None => {
+                        return Err(ClientError::NullRowKey {
+                            column: column.qualified_name().to_owned(),
+                            key: key.to_owned(),
+                        })
+                    }
+                }
+            }
+        };
+        if !key_stores_as_written(&value) {
+            return Err(ClientError::NonCanonicalRowKey {
+                column: column.qualified_name().to_owned(),
+                key: key.to_owned(),
+            });
+        }
+        Ok(Some(value))
+    }
+
+    /// The organisation owning a value written to `column`.
+    fn tenant_for(
+        &self,
+        source: &TenantSource,
+        column: &ColumnRule,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<OrgId, ClientError> {
+        let name = || column.qualified_name().to_owned();
+        let row_tenant = |v: String| {
+            if !stores_as_written(&v) {
+                return Err(ClientError::NonCanonicalTenant { column: name() });
+            }
+            OrgId::new(v).map_err(|_| ClientError::InvalidRowTenant { column: name() })
+        };
+        match source {
+            TenantSource::Literal(v) => row_tenant(v.clone()),
+            TenantSource::Param(n) => {
+                let Some(bind) = bind else {
+                    // A literal is encrypted when the statement is parsed, before any Bind
+                    // says which organisation the row belongs to.
+                    return Err(ClientError::LiteralWithTenantParam {
+                        column: name(),
+                        param: *n,
+                    });
+                };
+                match bind.text(*n, &self.s.encoding)? {
+                    Some(v) => row_tenant(v),
+                    None => self.session_tenant(column),
+                }
+            }
+            TenantSource::Session => self.session_tenant(column),
+        }
+    }
+
+    /// The session (or default) tenant, for a write to `column` that names none.
+    pub(super) fn session_tenant(&self, column: &ColumnRule) -> Result<OrgId, ClientError> {
+        self.session_or_default()
+            .ok_or_else(|| ClientError::NoTenant {
+                column: column.qualified_name().to_owned(),
+            })
+    }
+
+    /// The session tenant, else the default tenant.
+    pub(super) fn session_or_default(&self) -> Option<OrgId> {
+        self.s
+            .tenant
+            .effective()
+            .or_else(|| self.e.handles.default_tenant().cloned())
+    }
+
+    /// The tenant changes and savepoint events a statement makes, with their values read
+    /// (from the text, or from `bind`) and checked. Recorded in the tenant history when the
+    /// statement runs: a simple query at once, a portal at its Execute.
+    pub(super) fn tenant_ops(
+        &self,
+        analysis: &Analysis,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<Vec<TenantChangeOp>, ClientError> {
+        let savepoints: Vec<TenantChangeOp> = analysis
+            .tx_controls
+            .iter()
+            .filter_map(|t| match t {
+                TxControl::Savepoint(n) => Some(TenantChangeOp::Savepoint(n.clone())),
+                TxControl::RollbackTo(n) => Some(TenantChangeOp::RollbackTo(n.clone())),
+                TxControl::Release(n) => Some(TenantChangeOp::Release(n.clone())),
+                _ => None,
+            })
+            .collect();
+        if !savepoints.is_empty() {
+            if !analysis.tenant_changes.is_empty() {
+                // Their relative order is not kept by the analysis.
+                return Err(ClientError::TenantChangeWithSavepoint);
+            }
+            return Ok(savepoints);
+        }
+        let mut ops = Vec::new();
+        for change in &analysis.tenant_changes {
+            if let Some((value, local)) = self.tenant_change(change, bind)? {
+                ops.push(TenantChangeOp::Change { value, local });
+            }
+        }
+        Ok(ops)
+    }
+
+    /// The new tenant (`None`: reset) and whether it is `LOCAL`, or `None` when `change`
+    /// turns out not to change the tenant (a bound setting name that names another setting).
+    fn tenant_change(
+        &self,
+        change: &TenantChange,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<Option<(Option<OrgId>, bool)>, ClientError> {
+        let invalid = |_| ClientError::InvalidTenantSetting;
+        Ok(match change {
+            TenantChange::Set { value, local } => {
+                let org = if value.is_empty() {
+                    None
+                } else {
+                    Some(OrgId::new(value.clone()).map_err(invalid)?)
+                };
+                Some((org, *local))
+            }
+            TenantChange::SetParam { param, local } => {
+                let bind = bind.ok_or(ClientError::SetConfigParamOutsideExtended)?;
+                let org = match bind.text(*param, &self.s.encoding)? {
+                    Some(v) if !v.is_empty() => Some(OrgId::new(v).map_err(invalid)?),
+                    _ => None,
+                };
+                Some((org, *local))
+            }
+            TenantChange::Reset { local } => Some((None, *local)),
+            TenantChange::IfParamNamesTenant { name, change } => {
+                let bind = bind.ok_or(ClientError::SetConfigParamOutsideExtended)?;
+                // set_config(NULL, …) is an error on the server: no change.
+                let names_tenant = bind
+                    .text(*name, &self.s.encoding)?
+                    .is_some_and(|n| n.eq_ignore_ascii_case(crate::sql::TENANT_SETTING));
+                if !names_tenant || matches!(**change, TenantChange::IfParamNamesTenant { .. }) {
+                    return Ok(None);
+                }
+                self.tenant_change(change, Some(bind))?
+            }
+        })
+    }
+}
+
+/// Whether any of `literals` is sealed for the session (or default) tenant.
+pub(super) fn seals_under_session(literals: &[LiteralSite]) -> bool {
+    literals.iter().any(|l| l.tenant == TenantSource::Session)
+}
+
+/// Whether a parameter of `analysis` is sealed for the session (or default) tenant.
+pub(super) fn seals_under_session_params(analysis: &Analysis) -> bool {
+    analysis
+        .params
+        .iter()
+        .any(|p| p.tenant == TenantSource::Session)
+}
+
+/// Parameter values of a Bind, with the statement's parameter types.
+pub(super) struct BindValues<'a> {
+    pub(super) bind: &'a Bind<'a>,
+    pub(super) types: Vec<u32>,
+}
+
+impl BindValues<'_> {
+    /// Parameter `n` (1-based) as text: `None` for NULL.
+    pub(super) fn text(
+        &self,
+        n: usize,
+        encoding: &ClientEncoding,
+    ) -> Result<Option<String>, ClientError> {
+        let bad = || ClientError::ParamUnreadable { param: n };
+        let Some(value) = n.checked_sub(1).and_then(|i| self.bind.params.get(i)) else {
+            return Err(bad());
+        };
+        let Some(raw) = value else {
+            return Ok(None);
+        };
+        if self.bind.param_format(n - 1) == fe::FORMAT_TEXT {
+            return encoding
+                .decode(raw)
+                .map(|t| Some(t.into_owned()))
+                .map_err(|_| bad());
+        }
+        let ty = self.types.get(n - 1).copied().unwrap_or(0);
+        if TEXT_OIDS.contains(&ty) || ty == 19 {
+            return Ok(Some(encoding.decode(raw).map_err(|_| bad())?.into_owned()));
+        }
+        binary_as_text(ty, raw).map(Some).ok_or_else(bad)
+    }
+
+    /// Whether a parameter that names a tenant (of a written row, or of `set_config`) holds
+    /// non-ASCII bytes.
+    pub(super) fn non_ascii_tenant_param(&self, analysis: &Analysis) -> bool {
+        let rows = analysis
+            .params
+            .iter()
+            .map(|p| &p.tenant)
+            .chain(analysis.literals.iter().map(|l| &l.tenant))
+            .filter_map(|t| match t {
+                TenantSource::Param(n) => Some(*n),
+                _ => None,
+            });
+        let settings = analysis.tenant_changes.iter().flat_map(|c| match c {
+            TenantChange::SetParam { param, .. } => vec![*param],
+            TenantChange::IfParamNamesTenant { name, change } => match **change {
+                TenantChange::SetParam { param, .. } => vec![*name, param],
+                _ => vec![*name],
+            },
+            _ => Vec::new(),
+        });
+        rows.chain(settings).any(|n| {
+            n.checked_sub(1)
+                .and_then(|i| self.bind.params.get(i).copied().flatten())
+                .is_some_and(|v| !v.is_ascii())
+        })
+    }
+}
+
+/// The rule of a column the analyser found a value for.
+fn rule_for<'a>(
+    rules: &'a Arc<RulesSnapshot>,
+    column: &ColumnRef,
+) -> Result<&'a ColumnRule, ClientError> {
+    rules
+        .rules
+        .column(&column.schema, &column.table, &column.column)
+        .ok_or_else(|| ClientError::NoRule {
+            name: column.to_string(),
+        })
+}
+
+/// Whether a row's tenant value is certainly stored as written, whatever the tenant column's
+/// type: no surrounding white space, and a number only in canonical form (an integer column
+/// stores `007`, `+7` or `7.0` as `7`, which would not be the organisation the value was sealed
+/// for).
+pub(super) fn stores_as_written(v: &str) -> bool {
+    if v.trim() != v {
+        return false;
+    }
+    let digits = v.strip_prefix('-').unwrap_or(v);
+    let numeric_start = digits
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit() || c == '.' || c == '+');
+    if !numeric_start && !v.starts_with('+') {
+        return true;
+    }
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        // Canonical integer: no leading zero (except `0` itself), no `-0`.
+        return (digits == "0" && !v.starts_with('-')) || !digits.starts_with('0');
+    }
+    // Starts like a number but is not a canonical integer (`+7`, `7.0`, `1e3`, `0x1F`): an
+    // integer or numeric column could store it in another form.
+    // Text such as `7days` is no number in any form and stays as written.
+    v.parse::<f64>().is_err() && !v.starts_with('+') && !digits.starts_with('0')
+}
+
+/// Whether a row key is certainly stored as written: [`stores_as_written`], and a UUID only
+/// in PostgreSQL's output form (lower-case hex in groups of 8-4-4-4-12; a `uuid` column
+/// stores `{A0EE…}` or hex without hyphens in that form).
+pub(super) fn key_stores_as_written(v: &str) -> bool {
+    // A uuid column reads 32 hex digits with any hyphens and braces around them as a UUID.
+    let mut hex_digits = 0;
+    for c in v.chars() {
+        match c {
+            '-' | '{' | '}' => {}
+            c if c.is_ascii_hexdigit() => hex_digits += 1,
+            _ => return stores_as_written(v),
+        }
+    }
+    if hex_digits != 32 {
+        return stores_as_written(v);
+    }
+    v.len() == 36
+        && v.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{key_stores_as_written, stores_as_written};
+
+    #[test]
+    fn only_canonical_row_keys_pass() {
+        for ok in [
+            "17",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "user-42",
+            "deadbeef",
+            "0a1b2c3d-9c0b-4ef8-bb6d-6bb9bd380a11",
+        ] {
+            assert!(key_stores_as_written(ok), "{ok}");
+        }
+        for bad in [
+            "017",
+            " 17",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+            "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
+        ] {
+            assert!(!key_stores_as_written(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_canonical_tenants_pass() {
+        for ok in ["acme", "42", "0", "-5", "org-7", "7days", "a b"] {
+            assert!(stores_as_written(ok), "{ok}");
+        }
+        for bad in [
+            "007", "+7", "7.0", "1e3", "-0", " acme", "acme ", "0x1F", ".5",
+        ] {
+            assert!(!stores_as_written(bad), "{bad}");
+        }
+    }
+}
