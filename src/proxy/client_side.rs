@@ -200,10 +200,10 @@ impl ClientSide {
         }
         let analysis = engine.analyze(&text);
         if let Some(rej) = &analysis.rejection {
-            return Err(ClientError::unsupported(rej.message.clone()));
+            return Err(ClientError::unsupported(rej.message()));
         }
         if let Some(refusal) = crate::sql::lexing_refusal(&analysis, standard_strings, uncertain) {
-            return Err(ClientError::unsupported(refusal));
+            return Err(ClientError::unsupported(refusal.message()));
         }
         if !exact && (!analysis.literals.is_empty() || !analysis.tenant_changes.is_empty()) {
             return Err(ClientError::unsupported(format!(
