@@ -176,7 +176,7 @@ impl ConnError {
 pub enum ClientError {
     /// The analyser refused the statement (0A000).
     #[error("{}", rejection_message(.0))]
-    Statement(crate::sql::Rejection),
+    Statement(Box<crate::sql::Rejection>),
     /// Sealing or opening a value failed (its code says why).
     #[error("{0}")]
     Cipher(CipherError),
@@ -530,11 +530,7 @@ impl std::fmt::Display for CopyRowProblem {
 }
 
 fn rejection_message(r: &crate::sql::Rejection) -> String {
-    let text = r.to_string();
-    match text.strip_prefix(PREFIX) {
-        Some(rest) => rest.to_owned(),
-        None => text,
-    }
+    r.reason()
 }
 
 fn nul_message(site: ValueSite, column: &str) -> String {

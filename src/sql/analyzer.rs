@@ -13,12 +13,14 @@ use sqlparser::tokenizer::{Token, Tokenizer};
 use super::read::Frame;
 use super::text::Positions;
 use super::{
-    might_touch, Analysis, CopyDirection, CopyFormat, CopyPlan, Protected, Rejection,
-    StatementKind, TableName, TenantChange, TenantSource, TxControl, TENANT_SETTING,
+    might_touch, Analysis, ColumnDdlOp, Construct, CopyDirection, CopyFormat, CopyPlan,
+    CopyRefusal, Protected, RejectionKind, StatementKind, TableDdlOp, TableName, TenantChange,
+    TenantSettingUse, TenantSource, TxControl,
 };
 
-/// Result type of the analysis passes: the first rejection stops everything.
-pub(crate) type Res<T> = Result<T, Rejection>;
+/// Result type of the analysis passes: the first refusal stops everything. Its
+/// [`super::Rejection`] is built once, at the end.
+pub(crate) type Res<T> = Result<T, RejectionKind>;
 
 /// State of one [`super::analyze`] call.
 pub(crate) struct Analyzer<'a> {
@@ -56,14 +58,12 @@ pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
     };
     if continued.is_err() {
         if might_touch(sql, protected) {
-            a.out.rejection = Some(Rejection::new(
-                "a string literal continued over several lines could not be analysed (a continuation of E'' holding an escaped quote); write it as one literal",
-            ));
+            a.out.rejection = Some(RejectionKind::UnjoinableContinuation.into());
         }
         return a.out;
     }
     if let Err(r) = a.run(parsed) {
-        a.out.rejection = Some(r);
+        a.out.rejection = Some(r.into());
     }
     a.out
 }
@@ -72,14 +72,9 @@ impl<'a> Analyzer<'a> {
     fn run(&mut self, sql: &str) -> Res<()> {
         let dialect = PostgreSqlDialect {};
         let touch = might_touch(sql, self.protected);
-        let parse_error = || {
-            Rejection::new(
-                "statement could not be parsed; statements that may touch encrypted columns must be analysable",
-            )
-        };
         let tokens = match Tokenizer::new(&dialect, sql).tokenize() {
             Ok(t) => t,
-            Err(_) if touch => return Err(parse_error()),
+            Err(_) if touch => return Err(RejectionKind::Unparsable),
             Err(_) => return Ok(()),
         };
         // Up to the first plain '…' literal holding a backslash, PostgreSQL splits the text
@@ -129,14 +124,9 @@ impl<'a> Analyzer<'a> {
     fn run_pieces(&mut self, sql: &str) -> Res<()> {
         const MAX_PIECES: usize = 1000;
         let dialect = PostgreSqlDialect {};
-        let parse_error = || {
-            Rejection::new(
-                "statement could not be parsed; statements that may touch encrypted columns must be analysable",
-            )
-        };
         let tokens = Tokenizer::new(&dialect, sql)
             .tokenize_with_location()
-            .map_err(|_| parse_error())?;
+            .map_err(|_| RejectionKind::Unparsable)?;
         // Offsets in `sql` itself (the parsed text, which `self.pos` maps to the original).
         let local = Positions::new(sql);
         let mut pieces = Vec::new();
@@ -151,7 +141,7 @@ impl<'a> Analyzer<'a> {
                 Token::RParen => depth = depth.saturating_sub(1),
                 Token::Word(w) if w.quote_style.is_none() => {
                     if previous_begin && w.value.eq_ignore_ascii_case("atomic") {
-                        return Err(parse_error());
+                        return Err(RejectionKind::Unparsable);
                     }
                     previous_begin = w.value.eq_ignore_ascii_case("begin");
                     continue;
@@ -162,20 +152,22 @@ impl<'a> Analyzer<'a> {
             previous_begin = false;
             if t.token == Token::SemiColon {
                 if depth > 0 {
-                    return Err(parse_error());
+                    return Err(RejectionKind::Unparsable);
                 }
-                let end = local.offset(t.span.start).ok_or_else(parse_error)?;
+                let end = local
+                    .offset(t.span.start)
+                    .ok_or(RejectionKind::Unparsable)?;
                 pieces.push(start..end);
                 start = end + 1;
             }
         }
         pieces.push(start..sql.len());
         if pieces.len() > MAX_PIECES {
-            return Err(parse_error());
+            return Err(RejectionKind::Unparsable);
         }
         for range in pieces {
             let Some(piece) = sql.get(range.clone()) else {
-                return Err(parse_error());
+                return Err(RejectionKind::Unparsable);
             };
             if piece.trim().is_empty() {
                 continue;
@@ -203,7 +195,7 @@ impl<'a> Analyzer<'a> {
                 }
                 Err(_) => {
                     self.out.statement_count += 1;
-                    let kind = self.unparsed(piece).ok_or_else(parse_error)??;
+                    let kind = self.unparsed(piece).ok_or(RejectionKind::Unparsable)??;
                     self.out.kinds.push(kind);
                 }
             }
@@ -343,19 +335,18 @@ impl<'a> Analyzer<'a> {
                     && self.out.params[i].tenant == first.tenant
             });
             if !consistent || uses != sites.len() {
-                return Err(Rejection {
-                    message: format!(
-                        "pgenvelope: parameter ${n} feeds encrypted column {} and is also used elsewhere; bind a separate parameter",
-                        first.column
-                    ),
-                    column: Some(first.column.clone()),
+                return Err(RejectionKind::ParamReusedElsewhere {
+                    param: n,
+                    column: first.column.clone(),
                 });
             }
         }
         self.out.literals.sort_by_key(|l| l.range.start);
         for w in self.out.literals.windows(2) {
             if w[0].range.end > w[1].range.start {
-                return Err(Rejection::column(&w[1].column, "overlapping literal for"));
+                return Err(RejectionKind::OverlappingLiteral {
+                    column: w[1].column.clone(),
+                });
             }
         }
         Ok(())
@@ -410,7 +401,7 @@ impl<'a> Analyzer<'a> {
             }
             Statement::StartTransaction { statements, .. } => {
                 if !statements.is_empty() {
-                    return Err(Rejection::new("BEGIN … END blocks are not supported"));
+                    return Err(RejectionKind::Unanalysable(Construct::BeginEndBlock));
                 }
                 self.out.tx_controls.push(TxControl::Begin);
                 StatementKind::Transaction
@@ -450,9 +441,7 @@ impl<'a> Analyzer<'a> {
             } => {
                 self.copy(source, *to, target, options, legacy_options)?;
                 if payload.as_ref().is_some_and(|p| !p.data.trim().is_empty()) {
-                    return Err(Rejection::new(
-                        "statements after COPY … FROM STDIN in the same query are not supported",
-                    ));
+                    return Err(RejectionKind::Copy(CopyRefusal::StatementsAfterData));
                 }
                 StatementKind::Copy
             }
@@ -462,10 +451,9 @@ impl<'a> Analyzer<'a> {
                 let literals_before = self.out.literals.len();
                 self.statement(statement, false)?;
                 if let Some(p) = self.out.params.get(before) {
-                    return Err(Rejection::column(
-                        &p.column.clone(),
-                        "SQL-level PREPARE with a parameter feeding",
-                    ));
+                    return Err(RejectionKind::SqlPrepareParam {
+                        column: p.column.clone(),
+                    });
                 }
                 // Its literals are sealed now, for the session tenant of now; EXECUTE may come
                 // under another one.
@@ -473,18 +461,15 @@ impl<'a> Analyzer<'a> {
                     .iter()
                     .find(|l| l.tenant == TenantSource::Session);
                 if let Some(l) = session_sealed {
-                    return Err(Rejection::column(
-                        &l.column.clone(),
-                        "SQL-level PREPARE of a value sealed for the session tenant, written to",
-                    ));
+                    return Err(RejectionKind::SqlPrepareSessionSealed {
+                        column: l.column.clone(),
+                    });
                 }
                 StatementKind::Other
             }
             Statement::Execute { parameters, .. } => {
                 if !parameters.is_empty() {
-                    return Err(Rejection::new(
-                        "EXECUTE with arguments is not supported: its parameters may feed encrypted columns; use the extended protocol",
-                    ));
+                    return Err(RejectionKind::ExecuteWithArguments);
                 }
                 StatementKind::Other
             }
@@ -497,9 +482,7 @@ impl<'a> Analyzer<'a> {
                         .trim()
                         .is_empty();
                 if has_args && self.mentions_protected(&stmt.to_string()) {
-                    return Err(Rejection::new(
-                        "CALL with arguments that mentions a protected table is not supported",
-                    ));
+                    return Err(RejectionKind::Unanalysable(Construct::CallWithArguments));
                 }
                 StatementKind::Other
             }
@@ -521,9 +504,7 @@ impl<'a> Analyzer<'a> {
                         .is_empty()
                     {
                         self.out.touches_protected = true;
-                        return Err(Rejection::new(
-                            "a table inheriting from, or a partition of, a protected table is not protected itself; run such DDL directly against PostgreSQL and list the new table in the rules",
-                        ));
+                        return Err(RejectionKind::TableDdl(TableDdlOp::InheritsProtected));
                     }
                 }
                 if let Some(q) = &ct.query {
@@ -563,14 +544,12 @@ impl<'a> Analyzer<'a> {
                 let text = other.to_string();
                 if self.mentions_protected(&text) {
                     self.out.touches_protected = true;
-                    return Err(Rejection::new(
-                        "this statement mentions a protected table and cannot be analysed (functions, procedures, triggers, rules, views, MERGE, DO blocks); run such DDL directly against PostgreSQL",
-                    ));
+                    return Err(RejectionKind::Unanalysable(Construct::Statement));
                 }
                 if mentions_tenant(&text) {
-                    return Err(Rejection::new(format!(
-                        "{TENANT_SETTING} can only be changed with SET, RESET or SELECT set_config(…)"
-                    )));
+                    return Err(RejectionKind::TenantSetting(
+                        TenantSettingUse::OtherStatement,
+                    ));
                 }
                 StatementKind::Other
             }
@@ -649,11 +628,6 @@ impl<'a> Analyzer<'a> {
         use sqlparser::ast::{AlterColumnOperation as Col, AlterTableOperation as Op};
         let parts = name_parts(&at.name).unwrap_or_default();
         let idxs = self.resolve_table(&parts);
-        let refuse = |what: &str| {
-            Rejection::new(format!(
-                "{what} is not supported through the proxy; run such DDL directly against PostgreSQL, then run `pgenvelope reencrypt`"
-            ))
-        };
         let names_protected = |a: &Self, n: &ObjectName| {
             !a.resolve_table(&name_parts(n).unwrap_or_default())
                 .is_empty()
@@ -670,9 +644,7 @@ impl<'a> Analyzer<'a> {
             };
             if !idxs.is_empty() || names_protected(self, other) {
                 self.out.touches_protected = true;
-                return Err(refuse(
-                    "renaming, INHERIT or ATTACH PARTITION involving a protected table",
-                ));
+                return Err(RejectionKind::TableDdl(TableDdlOp::RenameOrAttach));
             }
         }
         if idxs.is_empty() {
@@ -689,24 +661,18 @@ impl<'a> Analyzer<'a> {
             })
         };
         let is_guard = |n: &Ident| fold(n).starts_with("pgenvelope_enc_");
-        let column_refusal = |c: super::ColumnRef, what: &str| {
-            Rejection {
-            message: format!(
-                "pgenvelope: {what} encrypted column {c} is not supported through the proxy; run such DDL directly against PostgreSQL, then run `pgenvelope reencrypt`"
-            ),
-            column: Some(c),
-        }
-        };
+        let column_refusal =
+            |column: super::ColumnRef, op: ColumnDdlOp| RejectionKind::ColumnDdl { column, op };
         for op in &at.operations {
             match op {
                 Op::AddColumn { column_def, .. } => {
                     if let Some(c) = enc(self, &column_def.name) {
-                        return Err(column_refusal(c, "adding a column named like"));
+                        return Err(column_refusal(c, ColumnDdlOp::AddNamedLike));
                     }
                 }
                 Op::DropColumn { column_names, .. } => {
                     if let Some(c) = column_names.iter().find_map(|n| enc(self, n)) {
-                        return Err(column_refusal(c, "dropping"));
+                        return Err(column_refusal(c, ColumnDdlOp::Drop));
                     }
                 }
                 Op::RenameColumn {
@@ -716,10 +682,10 @@ impl<'a> Analyzer<'a> {
                     if let Some(c) =
                         enc(self, old_column_name).or_else(|| enc(self, new_column_name))
                     {
-                        return Err(column_refusal(c, "renaming to or from"));
+                        return Err(column_refusal(c, ColumnDdlOp::Rename));
                     }
                     if is_tenant(self, old_column_name) {
-                        return Err(refuse("renaming the tenant column of a protected table"));
+                        return Err(RejectionKind::TableDdl(TableDdlOp::RenameTenantColumn));
                     }
                 }
                 Op::AlterColumn { column_name, op } => {
@@ -727,30 +693,25 @@ impl<'a> Analyzer<'a> {
                         match op {
                             Col::SetNotNull | Col::DropNotNull | Col::DropDefault => {}
                             Col::SetDefault { .. } => {
-                                return Err(Rejection {
-                                    message: format!(
-                                        "pgenvelope: a column default on encrypted column {c} would be stored as plaintext; run such DDL directly against PostgreSQL"
-                                    ),
-                                    column: Some(c),
-                                })
+                                return Err(column_refusal(c, ColumnDdlOp::SetDefault))
                             }
-                            _ => return Err(column_refusal(c, "changing the type of")),
+                            _ => return Err(column_refusal(c, ColumnDdlOp::ChangeType)),
                         }
                     }
                 }
                 Op::ChangeColumn { old_name: n, .. } | Op::ModifyColumn { col_name: n, .. } => {
                     if let Some(c) = enc(self, n) {
-                        return Err(column_refusal(c, "changing"));
+                        return Err(column_refusal(c, ColumnDdlOp::Change));
                     }
                 }
                 Op::DropConstraint { name, .. } => {
                     if is_guard(name) {
-                        return Err(refuse("dropping a pgenvelope_enc_* guard constraint"));
+                        return Err(RejectionKind::TableDdl(TableDdlOp::DropGuard));
                     }
                 }
                 Op::RenameConstraint { old_name, new_name } => {
                     if is_guard(old_name) || is_guard(new_name) {
-                        return Err(refuse("renaming a pgenvelope_enc_* guard constraint"));
+                        return Err(RejectionKind::TableDdl(TableDdlOp::RenameGuard));
                     }
                 }
                 Op::AddConstraint { .. }
@@ -775,7 +736,7 @@ impl<'a> Analyzer<'a> {
                 | Op::ResetOptions { .. }
                 | Op::DetachPartitionOf { .. }
                 | Op::NoInherit { .. } => {}
-                _ => return Err(refuse("this ALTER TABLE operation on a protected table")),
+                _ => return Err(RejectionKind::TableDdl(TableDdlOp::UnknownAlterTable)),
             }
         }
         Ok(())
@@ -813,11 +774,9 @@ impl<'a> Analyzer<'a> {
             let builtin = !matches!(col.data_type, DataType::Custom(..))
                 || super::read::is_text_type(&col.data_type);
             if !plain_options || !builtin {
-                return Err(Rejection {
-                    message: format!(
-                        "pgenvelope: a default, generation expression or domain type on encrypted column {c} is not supported through the proxy; run such DDL directly against PostgreSQL, then run `pgenvelope reencrypt`"
-                    ),
-                    column: Some(c),
+                return Err(RejectionKind::ColumnDdl {
+                    column: c,
+                    op: ColumnDdlOp::DefaultOrDomain,
                 });
             }
         }
@@ -847,9 +806,9 @@ impl<'a> Analyzer<'a> {
                 }
                 let local = matches!(scope, Some(sqlparser::ast::ContextModifier::Local));
                 let [value] = values.as_slice() else {
-                    return Err(Rejection::new(format!(
-                        "SET {TENANT_SETTING} takes exactly one value"
-                    )));
+                    return Err(RejectionKind::TenantSetting(
+                        TenantSettingUse::SetValueCount,
+                    ));
                 };
                 let change = match value {
                     Expr::Identifier(id)
@@ -864,9 +823,9 @@ impl<'a> Analyzer<'a> {
                     other => match self.literal_text(other) {
                         Some(value) => TenantChange::Set { value, local },
                         None => {
-                            return Err(Rejection::new(format!(
-                                "SET {TENANT_SETTING} needs a literal value"
-                            )))
+                            return Err(RejectionKind::TenantSetting(
+                                TenantSettingUse::SetNotLiteral,
+                            ))
                         }
                     },
                 };
@@ -875,9 +834,7 @@ impl<'a> Analyzer<'a> {
             }
             other => {
                 if mentions_tenant(&other.to_string()) {
-                    return Err(Rejection::new(format!(
-                        "set {TENANT_SETTING} with a single SET statement"
-                    )));
+                    return Err(RejectionKind::TenantSetting(TenantSettingUse::OtherSetForm));
                 }
                 Ok(())
             }
@@ -948,7 +905,7 @@ impl<'a> Analyzer<'a> {
                         "text" => CopyFormat::Text,
                         "csv" => CopyFormat::Csv,
                         "binary" => CopyFormat::Binary,
-                        _ => return Err(Rejection::new("unknown COPY format")),
+                        _ => return Err(RejectionKind::Copy(CopyRefusal::UnknownFormat)),
                     }
                 }
                 CopyOption::Delimiter(c) => plan.delimiter = Some(*c),
@@ -979,7 +936,7 @@ impl<'a> Analyzer<'a> {
                         }
                     }
                 }
-                _ => return Err(Rejection::new("unsupported COPY option")),
+                _ => return Err(RejectionKind::Copy(CopyRefusal::UnsupportedOption)),
             }
         }
         match source {
@@ -994,31 +951,27 @@ impl<'a> Analyzer<'a> {
                 let Some(t) = self.protected.table(idx) else {
                     return Ok(());
                 };
-                let name = format!("{}.{}", t.schema, t.name);
+                let table = TableName {
+                    schema: t.schema.clone(),
+                    name: t.name.clone(),
+                };
                 if !to && !matches!(target, CopyTarget::Stdin) {
-                    return Err(Rejection::new(format!(
-                        "COPY FROM a file or program into protected table {name} is not supported; use COPY FROM STDIN"
-                    )));
+                    return Err(RejectionKind::Copy(CopyRefusal::FromFileOrProgram {
+                        table,
+                    }));
                 }
                 if plan.format == CopyFormat::Binary
                     && (matches!(target, CopyTarget::Stdin | CopyTarget::Stdout))
                 {
-                    return Err(Rejection::new(format!(
-                        "COPY in BINARY format of protected table {name} is not supported; use text or csv"
-                    )));
+                    return Err(RejectionKind::Copy(CopyRefusal::Binary { table }));
                 }
                 if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
                     return Ok(());
                 }
                 if forces_nulls {
-                    return Err(Rejection::new(format!(
-                        "COPY with FORCE_NULL or FORCE_NOT_NULL on protected table {name} is not supported"
-                    )));
+                    return Err(RejectionKind::Copy(CopyRefusal::ForceNull { table }));
                 }
-                plan.table = Some(TableName {
-                    schema: t.schema.clone(),
-                    name: t.name.clone(),
-                });
+                plan.table = Some(table);
                 plan.columns = columns.iter().map(fold).collect();
                 self.out.copy = Some(plan);
                 Ok(())
@@ -1039,9 +992,7 @@ impl<'a> Analyzer<'a> {
                     return Ok(());
                 }
                 if plan.format == CopyFormat::Binary {
-                    return Err(Rejection::new(
-                        "COPY … TO STDOUT in BINARY format of a query over a protected table is not supported; use text or csv",
-                    ));
+                    return Err(RejectionKind::Copy(CopyRefusal::QueryBinary));
                 }
                 if matches!(target, CopyTarget::Stdout) {
                     self.out.copy = Some(plan);

@@ -147,8 +147,14 @@ use std::ops::Range;
 
 mod analyzer;
 mod read;
+mod rejection;
 mod text;
 mod write;
+
+pub use rejection::{
+    ColumnDdlOp, Construct, CopyRefusal, InvalidStatement, ReadOp, Rejection, RejectionKind,
+    TableDdlOp, TenantColumnUse, TenantSettingUse, WriteOp,
+};
 
 #[cfg(test)]
 mod tests;
@@ -480,6 +486,12 @@ pub struct TableName {
     pub name: String,
 }
 
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
 /// What the proxy needs to transform the data of a COPY that touches a protected table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CopyPlan {
@@ -526,37 +538,6 @@ pub enum StatementKind {
     Ddl,
     /// Anything else.
     Other,
-}
-
-/// Why a SQL text is refused. Sent to the client with SQLSTATE 0A000.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rejection {
-    /// The encrypted column concerned, when there is one.
-    pub column: Option<ColumnRef>,
-    /// Message starting with `pgenvelope: `; names the column, never contains data values.
-    pub message: String,
-}
-
-impl Rejection {
-    pub(crate) fn new(message: impl fmt::Display) -> Self {
-        Rejection {
-            column: None,
-            message: format!("pgenvelope: {message}"),
-        }
-    }
-
-    pub(crate) fn column(column: &ColumnRef, what: impl fmt::Display) -> Self {
-        Rejection {
-            message: format!("pgenvelope: {what} encrypted column {column} is not supported"),
-            column: Some(column.clone()),
-        }
-    }
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
 }
 
 /// The result of analysing one SQL text.
@@ -631,10 +612,9 @@ pub fn lexing_refusal(
     analysis: &Analysis,
     standard_strings: bool,
     uncertain: bool,
-) -> Option<&'static str> {
-    (analysis.plain_backslash && (!standard_strings || uncertain)).then_some(
-        "pgenvelope: a '...' string literal holds a backslash while standard_conforming_strings is off or may be changing, so PostgreSQL may read the statement differently; use E'...' strings or parameters",
-    )
+) -> Option<Rejection> {
+    (analysis.plain_backslash && (!standard_strings || uncertain))
+        .then(|| RejectionKind::LexingUncertain.into())
 }
 
 /// Analyses one SQL text (possibly several `;`-separated statements).

@@ -13,7 +13,9 @@ use sqlparser::ast::{
 };
 
 use super::analyzer::{fold, name_parts, Analyzer, Res};
-use super::{ColumnRef, Rejection, TenantChange, TENANT_SETTING};
+use super::{
+    ColumnRef, Construct, ReadOp, RejectionKind, TenantChange, TenantSettingUse, TENANT_SETTING,
+};
 
 /// One relation visible in a scope.
 #[derive(Clone, Debug)]
@@ -202,10 +204,7 @@ impl<'a> Analyzer<'a> {
                 ) || !matches!(op, SetOperator::Union);
                 if dedup {
                     if let Some(c) = cols.iter().find_map(|c| c.enc.clone()) {
-                        return Err(Rejection::column(
-                            &c,
-                            format!("{op} without ALL (compares rows) over"),
-                        ));
+                        return Err(read_refusal(c, ReadOp::SetOperation(*op)));
                     }
                 }
                 // With `*` in a branch the positions are unknown too.
@@ -248,9 +247,7 @@ impl<'a> Analyzer<'a> {
             other => {
                 if self.mentions_sensitive(&other.to_string()) {
                     self.out.touches_protected = true;
-                    return Err(Rejection::new(
-                        "this statement form cannot be analysed on a protected table",
-                    ));
+                    return Err(RejectionKind::Unanalysable(Construct::QueryForm));
                 }
                 Ok(Vec::new())
             }
@@ -263,19 +260,19 @@ impl<'a> Analyzer<'a> {
         match &ob.kind {
             OrderByKind::All(_) => {
                 if let Some(c) = first_encrypted(items) {
-                    return Err(Rejection::column(&c, "ORDER BY ALL over"));
+                    return Err(read_refusal(c, ReadOp::OrderByAll));
                 }
             }
             OrderByKind::Expressions(exprs) => {
                 for o in exprs {
                     if let Some(c) = self.output_reference(&o.expr, items)? {
-                        return Err(Rejection::column(&c, "ORDER BY on"));
+                        return Err(read_refusal(c, ReadOp::OrderBy));
                     }
                     self.frames.push(Vec::new());
                     let r = self.expr(&o.expr);
                     self.frames.pop();
                     if let Some(c) = r? {
-                        return Err(Rejection::column(&c, "ORDER BY on"));
+                        return Err(read_refusal(c, ReadOp::OrderBy));
                     }
                 }
             }
@@ -373,16 +370,16 @@ impl<'a> Analyzer<'a> {
         match &s.group_by {
             GroupByExpr::All(_) => {
                 if let Some(c) = first_encrypted(&items) {
-                    return Err(Rejection::column(&c, "GROUP BY ALL over"));
+                    return Err(read_refusal(c, ReadOp::GroupByAll));
                 }
             }
             GroupByExpr::Expressions(exprs, _) => {
                 for e in exprs {
                     if let Some(c) = self.output_reference(e, &items)? {
-                        return Err(Rejection::column(&c, "GROUP BY on"));
+                        return Err(read_refusal(c, ReadOp::GroupBy));
                     }
                     if let Some(c) = self.expr(e)? {
-                        return Err(Rejection::column(&c, "GROUP BY on"));
+                        return Err(read_refusal(c, ReadOp::GroupBy));
                     }
                 }
             }
@@ -401,16 +398,16 @@ impl<'a> Analyzer<'a> {
         match &s.distinct {
             Some(Distinct::Distinct) => {
                 if let Some(c) = first_encrypted(&items) {
-                    return Err(Rejection::column(&c, "SELECT DISTINCT over"));
+                    return Err(read_refusal(c, ReadOp::SelectDistinct));
                 }
             }
             Some(Distinct::On(exprs)) => {
                 for e in exprs {
                     if let Some(c) = self.output_reference(e, &items)? {
-                        return Err(Rejection::column(&c, "DISTINCT ON"));
+                        return Err(read_refusal(c, ReadOp::DistinctOn));
                     }
                     if let Some(c) = self.expr(e)? {
-                        return Err(Rejection::column(&c, "DISTINCT ON"));
+                        return Err(read_refusal(c, ReadOp::DistinctOn));
                     }
                 }
             }
@@ -420,24 +417,24 @@ impl<'a> Analyzer<'a> {
             match &ob.kind {
                 OrderByKind::All(_) => {
                     if let Some(c) = first_encrypted(&items) {
-                        return Err(Rejection::column(&c, "ORDER BY ALL over"));
+                        return Err(read_refusal(c, ReadOp::OrderByAll));
                     }
                 }
                 OrderByKind::Expressions(exprs) => {
-                    self.order_exprs(exprs, &items, "ORDER BY on")?
+                    self.order_exprs(exprs, &items, ReadOp::OrderBy)?
                 }
             }
         }
         Ok(items)
     }
 
-    fn order_exprs(&mut self, exprs: &[OrderByExpr], items: &[OutItem], what: &str) -> Res<()> {
+    fn order_exprs(&mut self, exprs: &[OrderByExpr], items: &[OutItem], op: ReadOp) -> Res<()> {
         for o in exprs {
             if let Some(c) = self.output_reference(&o.expr, items)? {
-                return Err(Rejection::column(&c, what));
+                return Err(read_refusal(c, op));
             }
             if let Some(c) = self.expr(&o.expr)? {
-                return Err(Rejection::column(&c, what));
+                return Err(read_refusal(c, op));
             }
         }
         Ok(())
@@ -478,7 +475,7 @@ impl<'a> Analyzer<'a> {
             }
             SelectItem::ExprWithAliases { expr, .. } => {
                 if let Some(c) = self.expr(expr)? {
-                    return Err(Rejection::column(&c, "multi-alias projection of"));
+                    return Err(read_refusal(c, ReadOp::MultiAliasProjection));
                 }
                 OutItem::Col(OutCol {
                     name: None,
@@ -497,7 +494,7 @@ impl<'a> Analyzer<'a> {
                 }
                 SelectItemQualifiedWildcardKind::Expr(e) => {
                     if let Some(c) = self.expr(e)? {
-                        return Err(Rejection::column(&c, "field access on"));
+                        return Err(read_refusal(c, ReadOp::FieldAccess));
                     }
                     OutItem::Wild(Vec::new())
                 }
@@ -575,9 +572,7 @@ impl<'a> Analyzer<'a> {
                 | JoinOperator::StraightJoin(c) => c,
                 _ => {
                     if self.out.touches_protected {
-                        return Err(Rejection::new(
-                            "this join form cannot be analysed on a protected table",
-                        ));
+                        return Err(RejectionKind::Unanalysable(Construct::JoinForm));
                     }
                     continue;
                 }
@@ -591,7 +586,7 @@ impl<'a> Analyzer<'a> {
                         let Some(parts) = name_parts(c) else { continue };
                         if let Some(last) = parts.last() {
                             if let Some(col) = self.resolve(std::slice::from_ref(last)) {
-                                return Err(Rejection::column(&col, "JOIN … USING on"));
+                                return Err(read_refusal(col, ReadOp::JoinUsing));
                             }
                         }
                     }
@@ -600,7 +595,7 @@ impl<'a> Analyzer<'a> {
                     let frame = self.frames.last().cloned().unwrap_or_default();
                     if let OutItem::Wild(cs) | OutItem::Known(cs) = self.wildcard(&frame, None) {
                         if let Some(c) = cs.into_iter().find_map(|c| c.enc) {
-                            return Err(Rejection::column(&c, "NATURAL JOIN over"));
+                            return Err(read_refusal(c, ReadOp::NaturalJoin));
                         }
                     }
                 }
@@ -731,9 +726,7 @@ impl<'a> Analyzer<'a> {
             self.out.touches_protected = true;
             if let Some(a) = alias {
                 if !a.columns.is_empty() {
-                    return Err(Rejection::new(
-                        "column aliases on a protected table are not supported",
-                    ));
+                    return Err(RejectionKind::Unanalysable(Construct::ColumnAliases));
                 }
             }
             RelKind::Protected(idxs)
@@ -814,7 +807,7 @@ impl<'a> Analyzer<'a> {
 
     /// Checks an expression; returns the encrypted column it evaluates to, if any.
     pub(crate) fn expr(&mut self, e: &Expr) -> Res<Option<ColumnRef>> {
-        let refuse = |c: ColumnRef, what: &str| Err(Rejection::column(&c, what));
+        let refuse = |c: ColumnRef, op: ReadOp| Err(read_refusal(c, op));
         match e {
             Expr::Identifier(id) => Ok(self.resolve(&[fold(id)])),
             Expr::CompoundIdentifier(ids) => {
@@ -831,11 +824,11 @@ impl<'a> Analyzer<'a> {
                 expr, data_type, ..
             } => match self.expr(expr)? {
                 Some(c) if is_text_type(data_type) => Ok(Some(c)),
-                Some(c) => refuse(c, "cast to a non-text type of"),
+                Some(c) => refuse(c, ReadOp::NonTextCast),
                 None => Ok(None),
             },
             Expr::Collate { expr, .. } => match self.expr(expr)? {
-                Some(c) => refuse(c, "COLLATE on"),
+                Some(c) => refuse(c, ReadOp::Collate),
                 None => Ok(None),
             },
             Expr::Function(f) => self.function(f),
@@ -849,20 +842,20 @@ impl<'a> Analyzer<'a> {
             }
             Expr::In { expr, target, .. } => {
                 if let Some(c) = self.expr(expr)? {
-                    return refuse(c, "IN on");
+                    return refuse(c, ReadOp::In);
                 }
                 match target {
                     sqlparser::ast::InTarget::List(list) => {
                         for x in list {
                             if let Some(c) = self.expr(x)? {
-                                return refuse(c, "IN on");
+                                return refuse(c, ReadOp::In);
                             }
                         }
                     }
                     sqlparser::ast::InTarget::Subquery(q) => {
                         let items = self.query(q)?;
                         if let Some(c) = first_encrypted(&items) {
-                            return refuse(c, "IN (subquery) over");
+                            return refuse(c, ReadOp::InSubquery);
                         }
                     }
                     other => {
@@ -874,7 +867,7 @@ impl<'a> Analyzer<'a> {
             Expr::BinaryOp { left, right, op } => {
                 for x in [left, right] {
                     if let Some(c) = self.expr(x)? {
-                        return refuse(c, &format!("operator {op} on"));
+                        return refuse(c, ReadOp::BinaryOperator(op.clone()));
                     }
                 }
                 Ok(None)
@@ -882,7 +875,7 @@ impl<'a> Analyzer<'a> {
             Expr::IsDistinctFrom(a, b) | Expr::IsNotDistinctFrom(a, b) => {
                 for x in [a, b] {
                     if let Some(c) = self.expr(x)? {
-                        return refuse(c, "IS DISTINCT FROM on");
+                        return refuse(c, ReadOp::IsDistinctFrom);
                     }
                 }
                 Ok(None)
@@ -910,7 +903,7 @@ impl<'a> Analyzer<'a> {
                     .flatten()
                 {
                     if let Some(c) = self.expr(x)? {
-                        return refuse(c, "pattern matching on");
+                        return refuse(c, ReadOp::PatternMatching);
                     }
                 }
                 Ok(None)
@@ -918,7 +911,7 @@ impl<'a> Analyzer<'a> {
             Expr::AnyOp { left, right, .. } | Expr::AllOp { left, right, .. } => {
                 for x in [left, right] {
                     if let Some(c) = self.expr(x)? {
-                        return refuse(c, "ANY/ALL comparison on");
+                        return refuse(c, ReadOp::AnyAll);
                     }
                 }
                 Ok(None)
@@ -928,13 +921,13 @@ impl<'a> Analyzer<'a> {
             } => {
                 for x in [expr, low, high] {
                     if let Some(c) = self.expr(x)? {
-                        return refuse(c, "BETWEEN on");
+                        return refuse(c, ReadOp::Between);
                     }
                 }
                 Ok(None)
             }
             Expr::UnaryOp { expr, op } => match self.expr(expr)? {
-                Some(c) => refuse(c, &format!("operator {op} on")),
+                Some(c) => refuse(c, ReadOp::UnaryOperator(*op)),
                 None => Ok(None),
             },
             Expr::IsTrue(x)
@@ -943,7 +936,7 @@ impl<'a> Analyzer<'a> {
             | Expr::IsNotFalse(x)
             | Expr::IsUnknown(x)
             | Expr::IsNotUnknown(x) => match self.expr(x)? {
-                Some(c) => refuse(c, "boolean test on"),
+                Some(c) => refuse(c, ReadOp::BooleanTest),
                 None => Ok(None),
             },
             Expr::Case {
@@ -959,7 +952,7 @@ impl<'a> Analyzer<'a> {
                     .chain(else_result.iter().map(|b| b.as_ref()));
                 for x in all {
                     if let Some(c) = self.expr(x)? {
-                        return refuse(c, "CASE over");
+                        return refuse(c, ReadOp::Case);
                     }
                 }
                 Ok(None)
@@ -967,7 +960,7 @@ impl<'a> Analyzer<'a> {
             Expr::Tuple(xs) | Expr::Array(sqlparser::ast::Array { elem: xs, .. }) => {
                 for x in xs {
                     if let Some(c) = self.expr(x)? {
-                        return refuse(c, "row or array constructor over");
+                        return refuse(c, ReadOp::RowOrArray);
                     }
                 }
                 Ok(None)
@@ -980,13 +973,11 @@ impl<'a> Analyzer<'a> {
     /// Expressions this module does not model: refuse if they mention anything protected.
     pub(crate) fn fallback_expr(&mut self, text: &str) -> Res<Option<ColumnRef>> {
         if let Some(c) = self.mentioned_encrypted(text) {
-            return Err(Rejection::column(&c, "this expression over"));
+            return Err(read_refusal(c, ReadOp::UnmodelledExpression));
         }
         if self.mentions_sensitive(text) {
             self.out.touches_protected = true;
-            return Err(Rejection::new(
-                "expression over a protected table or encrypted column cannot be analysed",
-            ));
+            return Err(RejectionKind::Unanalysable(Construct::Expression));
         }
         Ok(None)
     }
@@ -1007,9 +998,9 @@ impl<'a> Analyzer<'a> {
             match setting {
                 Some(s) if !s.eq_ignore_ascii_case(TENANT_SETTING) => {}
                 _ => {
-                    return Err(Rejection::new(format!(
-                        "set_config({TENANT_SETTING}, …) is only supported as a top-level SELECT item with a literal setting name"
-                    )))
+                    return Err(RejectionKind::TenantSetting(
+                        TenantSettingUse::SetConfigPlacement,
+                    ))
                 }
             }
         }
@@ -1021,10 +1012,10 @@ impl<'a> Analyzer<'a> {
                 WindowType::WindowSpec(spec) => {
                     for p in &spec.partition_by {
                         if let Some(c) = self.expr(p)? {
-                            return Err(Rejection::column(&c, "window PARTITION BY on"));
+                            return Err(read_refusal(c, ReadOp::WindowPartitionBy));
                         }
                     }
-                    self.order_exprs(&spec.order_by, &[], "window ORDER BY on")?;
+                    self.order_exprs(&spec.order_by, &[], ReadOp::WindowOrderBy)?;
                 }
                 WindowType::NamedWindow(_) => {}
             }
@@ -1032,13 +1023,13 @@ impl<'a> Analyzer<'a> {
         if let Some(filter) = &f.filter {
             self.expr(filter)?;
         }
-        self.order_exprs(&f.within_group, &[], "WITHIN GROUP ordering on")?;
+        self.order_exprs(&f.within_group, &[], ReadOp::WithinGroup)?;
         match &f.args {
             FunctionArguments::None => {}
             FunctionArguments::Subquery(q) => {
                 let items = self.query(q)?;
                 if let Some(c) = first_encrypted(&items) {
-                    return Err(Rejection::column(&c, format!("function {fname} over")));
+                    return Err(read_refusal(c, ReadOp::Function { name: fname }));
                 }
             }
             FunctionArguments::List(list) => {
@@ -1065,12 +1056,12 @@ impl<'a> Analyzer<'a> {
                     };
                     if let Some(c) = self.expr(e)? {
                         if !count {
-                            let what = if distinct {
-                                format!("{fname}(DISTINCT …) over")
+                            let op = if distinct {
+                                ReadOp::DistinctAggregate { name: fname }
                             } else {
-                                format!("function {fname} over")
+                                ReadOp::Function { name: fname }
                             };
-                            return Err(Rejection::column(&c, what));
+                            return Err(read_refusal(c, op));
                         }
                     }
                 }
@@ -1167,11 +1158,7 @@ impl<'a> Analyzer<'a> {
                 return Ok(None);
             }
         }
-        let bad = || {
-            Rejection::new(format!(
-                "set_config('{TENANT_SETTING}', …) needs a literal or parameter value and a literal is_local"
-            ))
-        };
+        let bad = || RejectionKind::TenantSetting(TenantSettingUse::SetConfigArguments);
         let local = match strip_casts(local) {
             Expr::Value(v) => match &v.value {
                 Value::Boolean(b) => *b,
@@ -1211,6 +1198,11 @@ impl<'a> Analyzer<'a> {
         self.out.tenant_changes.push(change);
         Ok(Some(()))
     }
+}
+
+/// The refusal of `op` over encrypted column `column`.
+fn read_refusal(column: ColumnRef, op: ReadOp) -> RejectionKind {
+    RejectionKind::Read { column, op }
 }
 
 /// Removes casts to text types and parentheses.
@@ -1276,7 +1268,7 @@ pub(crate) fn rename(items: &[OutItem], alias: &TableAlias) -> Res<Vec<OutCol>> 
             }
             OutItem::Wild(cs) => {
                 if let Some(c) = cs.iter().find_map(|c| c.enc.clone()) {
-                    return Err(Rejection::column(&c, "column aliases over * including"));
+                    return Err(read_refusal(c, ReadOp::ColumnAliasesOverWildcard));
                 }
                 // Unknown width: the remaining names cannot be matched to columns.
                 positions_known = false;

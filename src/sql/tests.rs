@@ -46,15 +46,15 @@ fn ok(sql: &str) -> Analysis {
 fn rejected(sql: &str) -> Rejection {
     let a = analyze(sql, &prot());
     let r = a.rejection.unwrap_or_else(|| panic!("not rejected: {sql}"));
-    assert!(r.message.starts_with("pgenvelope: "), "{}", r.message);
+    assert!(r.message().starts_with("pgenvelope: "), "{}", r.message());
     r
 }
 
 fn rejected_col(sql: &str, col: &str) {
     let r = rejected(sql);
     let c = r.column.as_ref().map(ToString::to_string);
-    assert_eq!(c.as_deref(), Some(col), "{sql}: {}", r.message);
-    assert!(r.message.contains(col), "{}", r.message);
+    assert_eq!(c.as_deref(), Some(col), "{sql}: {}", r.message());
+    assert!(r.message().contains(col), "{}", r.message());
 }
 
 fn value_col() -> ColumnRef {
@@ -173,7 +173,7 @@ fn insert_refused_values() {
 #[test]
 fn insert_without_column_list_refused() {
     let r = rejected("insert into secrets values (1, 'a', 'b')");
-    assert!(r.message.contains("name the columns"), "{}", r.message);
+    assert!(r.message().contains("name the columns"), "{}", r.message());
     ok("insert into secrets default values");
     ok("insert into other values (1, 'x')");
 }
@@ -246,7 +246,7 @@ fn insert_returning_is_a_read() {
 #[test]
 fn ambiguous_unqualified_write_refused() {
     let r = rejected("insert into dup (x) values ('a')");
-    assert!(r.message.contains("qualify"), "{}", r.message);
+    assert!(r.message().contains("qualify"), "{}", r.message());
     let a = ok("insert into b.dup (x) values ('a')");
     assert_eq!(a.literals[0].column.schema, "b");
 }
@@ -733,7 +733,7 @@ fn debug_redacts_values() {
         assert!(!d.contains(v), "{d}");
     }
     let r = rejected("select * from secrets where value = 'sekrit-xyz'");
-    assert!(!r.message.contains("sekrit"));
+    assert!(!r.message().contains("sekrit"));
 }
 
 // ---- rewrite_literals ----
@@ -895,7 +895,7 @@ fn rejections_are_clone_and_analysis_is_clone() {
     let b = a.clone();
     assert_eq!(a.rejection, b.rejection);
     assert_eq!(
-        b.rejection.unwrap().message,
+        b.rejection.unwrap().message(),
         "pgenvelope: function upper over encrypted column public.secrets.value is not supported"
     );
 }
@@ -1056,7 +1056,7 @@ fn copy_force_null_options_are_refused_on_protected_tables() {
         "COPY secrets (org_id, value) FROM STDIN WITH (FORMAT csv, FORCE_NOT_NULL (value))",
     ] {
         let r = rejected(sql);
-        assert!(r.message.contains("FORCE_NULL"), "{sql}: {}", r.message);
+        assert!(r.message().contains("FORCE_NULL"), "{sql}: {}", r.message());
     }
     ok("COPY unrelated (a) FROM STDIN WITH (FORMAT csv, FORCE_NULL (a))");
 }
@@ -1204,7 +1204,7 @@ fn alter_table_refuses_ddl_that_rewrites_encrypted_columns() {
         "CREATE TABLE part PARTITION OF secrets DEFAULT",
     ] {
         let r = rejected(sql);
-        assert!(r.message.contains("directly"), "{sql}: {}", r.message);
+        assert!(r.message().contains("directly"), "{sql}: {}", r.message());
     }
     // Not understood by the parser: refused as unanalysable.
     rejected("ALTER TABLE secrets SET SCHEMA other");
@@ -1308,7 +1308,7 @@ fn create_protected_table_refuses_defaults_on_encrypted_columns() {
         "CREATE TABLE secrets (org_id text, note my_domain)",
     ] {
         let r = rejected(sql);
-        assert!(r.message.contains("directly"), "{sql}: {}", r.message);
+        assert!(r.message().contains("directly"), "{sql}: {}", r.message());
         assert!(r.column.is_some(), "{sql}");
     }
 }
@@ -1362,7 +1362,7 @@ fn bound_rejected(sql: &str) -> String {
     let a = analyze(sql, &bound());
     a.rejection
         .unwrap_or_else(|| panic!("not rejected: {sql}"))
-        .message
+        .message()
 }
 
 #[test]
@@ -1437,7 +1437,7 @@ fn sql_level_prepare_of_session_sealed_values_is_refused() {
     }]);
     let a = analyze("PREPARE p AS INSERT INTO notes (body) VALUES ('x')", &p);
     let r = a.rejection.expect("refused");
-    assert!(r.message.contains("SQL-level PREPARE"), "{}", r.message);
+    assert!(r.message().contains("SQL-level PREPARE"), "{}", r.message());
     // The row's own tenant column seals it: fine.
     ok("PREPARE p AS INSERT INTO secrets (org_id, value) VALUES ('acme', 'x')");
 }

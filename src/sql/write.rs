@@ -15,7 +15,8 @@ use super::analyzer::{fold, name_parts, param_number, Analyzer, Res};
 use super::read::{is_text_type, OutItem, Rel, RelKind};
 use super::text::decode_literal;
 use super::{
-    ColumnRef, LiteralSite, ParamSite, ProtectedTable, Rejection, RowKeySource, TenantSource,
+    ColumnRef, Construct, InvalidStatement, LiteralSite, ParamSite, ProtectedTable, RejectionKind,
+    RowKeySource, TenantColumnUse, TenantSource, WriteOp,
 };
 
 /// What an expression writes into an encrypted column.
@@ -43,10 +44,9 @@ impl<'a> Analyzer<'a> {
             }
             _ => {
                 self.out.touches_protected = true;
-                Err(Rejection::new(format!(
-                    "several protected tables are named {}; qualify the table name with its schema",
-                    parts.last().cloned().unwrap_or_default()
-                )))
+                Err(RejectionKind::AmbiguousTable {
+                    name: parts.last().cloned().unwrap_or_default(),
+                })
             }
         }
     }
@@ -58,8 +58,8 @@ impl<'a> Analyzer<'a> {
     pub(crate) fn insert(&mut self, ins: &Insert) -> Res<Vec<OutItem>> {
         let TableObject::TableName(name) = &ins.table else {
             if self.mentions_protected(&ins.to_string()) {
-                return Err(Rejection::new(
-                    "INSERT into a table function is not supported",
+                return Err(RejectionKind::Unanalysable(
+                    Construct::InsertIntoTableFunction,
                 ));
             }
             return Ok(Vec::new());
@@ -103,14 +103,14 @@ impl<'a> Analyzer<'a> {
         match &ins.source {
             None => {
                 if !ins.assignments.is_empty() {
-                    return Err(Rejection::new("INSERT … SET is not PostgreSQL syntax"));
+                    return Err(RejectionKind::Invalid(InvalidStatement::InsertSet));
                 }
             }
             Some(src) => {
                 if columns.is_empty() && !table.encrypted.is_empty() {
-                    return Err(Rejection::column(
-                        &col_ref(&table.encrypted[0]),
-                        "INSERT without a column list (name the columns) into a table with",
+                    return Err(write_refusal(
+                        col_ref(&table.encrypted[0]),
+                        WriteOp::InsertWithoutColumnList,
                     ));
                 }
                 let values = match (
@@ -127,8 +127,8 @@ impl<'a> Analyzer<'a> {
                         for row in &v.rows {
                             let row = &row.content;
                             if row.len() != columns.len() {
-                                return Err(Rejection::new(
-                                    "INSERT has a different number of values and columns",
+                                return Err(RejectionKind::Invalid(
+                                    InvalidStatement::InsertValueCount,
                                 ));
                             }
                             let tenant = self.row_tenant(&table, &columns, row)?;
@@ -149,10 +149,7 @@ impl<'a> Analyzer<'a> {
                     }
                     None => {
                         if let Some(c) = columns.iter().find(|c| table.encrypted.contains(c)) {
-                            return Err(Rejection::column(
-                                &col_ref(c),
-                                "INSERT … SELECT (or a query other than VALUES) into",
-                            ));
+                            return Err(write_refusal(col_ref(c), WriteOp::InsertFromQuery));
                         }
                         self.query(src)?;
                     }
@@ -206,13 +203,13 @@ impl<'a> Analyzer<'a> {
                                 .iter()
                                 .find(|c| text.to_lowercase().contains(c.to_lowercase().as_str()))
                             {
-                                return Err(Rejection::column(
-                                    &ColumnRef {
+                                return Err(write_refusal(
+                                    ColumnRef {
                                         schema: t.schema.clone(),
                                         table: t.name.clone(),
                                         column: c.clone(),
                                     },
-                                    "ON CONFLICT target on",
+                                    WriteOp::OnConflictTarget,
                                 ));
                             }
                         }
@@ -223,9 +220,7 @@ impl<'a> Analyzer<'a> {
                         Some((first, rest)) if rest.iter().all(|t| t == first) => first.clone(),
                         Some(_) => {
                             if table.is_some_and(|t| !t.encrypted.is_empty()) {
-                                return Err(Rejection::new(
-                                    "ON CONFLICT DO UPDATE writing encrypted columns needs all rows to have the same tenant",
-                                ));
+                                return Err(RejectionKind::OnConflictMixedTenants);
                             }
                             TenantSource::Session
                         }
@@ -265,8 +260,8 @@ impl<'a> Analyzer<'a> {
                 }
             }
             Some(OnInsert::DuplicateKeyUpdate(_)) => {
-                return Err(Rejection::new(
-                    "ON DUPLICATE KEY UPDATE is not PostgreSQL syntax",
+                return Err(RejectionKind::Invalid(
+                    InvalidStatement::OnDuplicateKeyUpdate,
                 ));
             }
             Some(_) | None => {}
@@ -313,12 +308,9 @@ impl<'a> Analyzer<'a> {
                 _ => false,
             });
             if !has_key {
-                return Err(Rejection {
-                    message: format!(
-                        "pgenvelope: values of {col} are bound to their row: RETURNING them \
-                         needs the row key {key} in the same RETURNING list"
-                    ),
-                    column: Some(col.clone()),
+                return Err(RejectionKind::RowKeyNotReturned {
+                    column: col.clone(),
+                    row_key: key.clone(),
                 });
             }
         }
@@ -349,10 +341,11 @@ impl<'a> Analyzer<'a> {
                     .zip(row)
                     .any(|(c, e)| table.encrypted.contains(c) && !is_null_or_default(e));
                 if writes_encrypted {
-                    return Err(Rejection::new(format!(
-                        "the tenant column {}.{}.{tc} must be a literal or a parameter when encrypted columns are written",
-                        table.schema, table.name
-                    )));
+                    return Err(tenant_refusal(
+                        table,
+                        tc,
+                        TenantColumnUse::InsertedExpression,
+                    ));
                 }
                 Ok(TenantSource::Session)
             }
@@ -409,13 +402,9 @@ impl<'a> Analyzer<'a> {
         let val = self.write_val(e, col, same_quals);
         let row_key = match (&val, key) {
             (WriteVal::Literal(..) | WriteVal::Param(_), RowKey::Unknown(k)) => {
-                return Err(Rejection {
-                    message: format!(
-                        "pgenvelope: values of {col} are bound to their row: the statement must \
-                         give the row key {k} (a literal or parameter in the INSERT, or \
-                         `AND {k} = …` in the WHERE clause of an UPDATE)"
-                    ),
-                    column: Some(col.clone()),
+                return Err(RejectionKind::RowKeyMissing {
+                    column: col.clone(),
+                    row_key: k.clone(),
                 })
             }
             (_, RowKey::Known(k)) => Some(k.clone()),
@@ -442,11 +431,8 @@ impl<'a> Analyzer<'a> {
                 Ok(())
             }
             WriteVal::Nothing | WriteVal::Same => Ok(()),
-            WriteVal::Refused => Err(Rejection {
-                message: format!(
-                    "pgenvelope: only a string literal, a parameter, NULL or DEFAULT can be written to encrypted column {col}"
-                ),
-                column: Some(col.clone()),
+            WriteVal::Refused => Err(RejectionKind::UnsupportedValue {
+                column: col.clone(),
             }),
         }
     }
@@ -553,7 +539,7 @@ impl<'a> Analyzer<'a> {
             }
             match enc {
                 Some(col) if targets.len() > 1 => {
-                    return Err(Rejection::column(&col, "multi-column SET (…) = (…) on"));
+                    return Err(write_refusal(col, WriteOp::MultiColumnSet));
                 }
                 Some(col) => self.encrypted_value(&a.value, &col, tenant, key, same_quals)?,
                 None => {
@@ -575,9 +561,7 @@ impl<'a> Analyzer<'a> {
             _ => {
                 if self.mentions_sensitive(&up.to_string()) {
                     self.out.touches_protected = true;
-                    return Err(Rejection::new(
-                        "this UPDATE form cannot be analysed on a protected table",
-                    ));
+                    return Err(RejectionKind::Unanalysable(Construct::UpdateForm));
                 }
                 return Ok(Vec::new());
             }
@@ -606,9 +590,7 @@ impl<'a> Analyzer<'a> {
             .or_else(|| name_parts(name).and_then(|p| p.last().cloned()))
             .unwrap_or_default();
         if !up.table.joins.is_empty() {
-            return Err(Rejection::new(
-                "UPDATE with JOIN is not PostgreSQL syntax; use FROM",
-            ));
+            return Err(RejectionKind::Invalid(InvalidStatement::UpdateJoin));
         }
         if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) = &up.from
         {
@@ -645,11 +627,7 @@ impl<'a> Analyzer<'a> {
                 if tenant == TenantSource::Session
                     && writes_sealed_values(t, &up.assignments, false)
                 {
-                    return Err(Rejection::new(format!(
-                        "an UPDATE writing encrypted columns of {}.{} must name the row's \
-                         organisation: add `AND {tc} = …` to its WHERE clause",
-                        t.schema, t.name
-                    )));
+                    return Err(tenant_refusal(t, tc, TenantColumnUse::NotPinned));
                 }
             }
         }
@@ -686,10 +664,7 @@ impl<'a> Analyzer<'a> {
                     if !table.encrypted.is_empty()
                         && ns.iter().any(|n| last(n).as_ref() == Some(tc))
                     {
-                        return Err(Rejection::new(format!(
-                            "multi-column SET of the tenant column {}.{}.{tc} is not supported",
-                            table.schema, table.name
-                        )));
+                        return Err(tenant_refusal(table, tc, TenantColumnUse::MultiColumnSet));
                     }
                 }
             }
@@ -706,21 +681,18 @@ impl<'a> Analyzer<'a> {
             })
         };
         if let Some(c) = table.encrypted.iter().find(|c| !resealed(c)) {
-            return Err(Rejection::column(
-                &ColumnRef {
-                    schema: table.schema.clone(),
-                    table: table.name.clone(),
-                    column: c.clone(),
-                },
-                "moving a row to another organisation without a new value for",
+            return Err(write_refusal(
+                table_column(table, c),
+                WriteOp::MoveWithoutNewValue,
             ));
         }
         match self.tenant_value(value) {
             Some(t) => Ok(Some(t)),
-            None if writes_encrypted => Err(Rejection::new(format!(
-                "the tenant column {}.{}.{tc} must be set to a literal or a parameter when encrypted columns are written",
-                table.schema, table.name
-            ))),
+            None if writes_encrypted => Err(tenant_refusal(
+                table,
+                tc,
+                TenantColumnUse::AssignedExpression,
+            )),
             None => Ok(None),
         }
     }
@@ -882,6 +854,28 @@ pub(crate) enum RowKey {
     Unknown(String),
 }
 
+/// Column `column` of `table`.
+fn table_column(table: &ProtectedTable, column: &str) -> ColumnRef {
+    ColumnRef {
+        schema: table.schema.clone(),
+        table: table.name.clone(),
+        column: column.to_owned(),
+    }
+}
+
+/// The refusal of `op` writing encrypted column `column`.
+fn write_refusal(column: ColumnRef, op: WriteOp) -> RejectionKind {
+    RejectionKind::Write { column, op }
+}
+
+/// The refusal of the tenant column `tc` of `table` given as `problem`.
+fn tenant_refusal(table: &ProtectedTable, tc: &str, problem: TenantColumnUse) -> RejectionKind {
+    RejectionKind::TenantColumn {
+        column: table_column(table, tc),
+        problem,
+    }
+}
+
 /// A value found where a row key is given (read like a tenant value), as a row key: only a
 /// literal or a parameter.
 fn key_source(value: TenantSource) -> Option<RowKeySource> {
@@ -915,11 +909,9 @@ fn refuse_key_assignment(table: &ProtectedTable, assignments: &[Assignment]) -> 
             .any(|n| name_parts(n).and_then(|p| p.last().cloned()).as_ref() == Some(k))
     });
     if assigns_key {
-        return Err(Rejection::new(format!(
-            "changing the row key {k} of {}.{} would leave the row's encrypted values \
-             unreadable (they are bound to it): insert the row under the new key instead",
-            table.schema, table.name
-        )));
+        return Err(RejectionKind::RowKeyChanged {
+            row_key: table_column(table, k),
+        });
     }
     Ok(())
 }
@@ -945,11 +937,10 @@ fn same_key_on_conflict(
             return Ok(());
         }
     }
-    Err(Rejection::new(format!(
-        "ON CONFLICT DO UPDATE writing encrypted columns of {}.{} (bound to their row) needs \
-         the row key {k} in the conflict target: ON CONFLICT ({k}) … (target {visible})",
-        table.schema, table.name
-    )))
+    Err(RejectionKind::OnConflictOtherRowKey {
+        row_key: table_column(table, k),
+        target: visible.to_owned(),
+    })
 }
 
 /// Whether `assignments` write a value the proxy seals (a literal or parameter, not NULL or
@@ -1003,12 +994,10 @@ fn same_tenant_on_conflict(
     if pins && !assigns_tenant {
         return Ok(());
     }
-    Err(Rejection::new(format!(
-        "ON CONFLICT DO UPDATE writing encrypted columns of {}.{} may update another \
-         organisation's row: include {tc} in the conflict target or add \
-         `WHERE {visible}.{tc} = EXCLUDED.{tc}`, and do not reassign {tc}",
-        table.schema, table.name
-    )))
+    Err(RejectionKind::OnConflictOtherTenant {
+        tenant_column: table_column(table, tc),
+        target: visible.to_owned(),
+    })
 }
 
 /// A top-level `target.tc = EXCLUDED.tc` (either order) among the AND-ed conjuncts of `w`.

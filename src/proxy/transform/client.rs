@@ -136,12 +136,10 @@ impl Ctx<'_> {
         }
         let analysis = rules.analyze(&text);
         if let Some(rej) = &analysis.rejection {
-            return Err(ClientError::Statement(rej.clone()));
+            return Err(ClientError::Statement(Box::new(rej.clone())));
         }
         if let Some(refusal) = crate::sql::lexing_refusal(&analysis, standard_strings, uncertain) {
-            return Err(ClientError::Statement(crate::sql::Rejection::new(
-                refusal.strip_prefix("pgenvelope: ").unwrap_or(refusal),
-            )));
+            return Err(ClientError::Statement(Box::new(refusal)));
         }
         if !exact && (!analysis.literals.is_empty() || !analysis.tenant_changes.is_empty()) {
             return Err(ClientError::Encoding(EncodingError::Unsupported(
