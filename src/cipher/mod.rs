@@ -240,6 +240,22 @@ impl Cipher {
         }
     }
 
+    /// Put a key at hand as a fetch would (unit tests without a key store): as `org`'s active
+    /// key when `active`, and by its id.
+    #[cfg(test)]
+    pub(crate) fn insert_for_tests(&mut self, dek: Arc<CachedDek>, active: bool) {
+        if active {
+            self.ring.active.insert(dek.org().clone(), Arc::clone(&dek));
+        }
+        self.ring.by_id.insert(dek.dek_id(), dek);
+    }
+
+    /// Record a failed fetch as [`Cipher::fetch`] would (unit tests without a key store).
+    #[cfg(test)]
+    pub(crate) fn fail_for_tests(&mut self, need: KeyNeed, error: KeyError) {
+        self.ring.failed.insert(need, error);
+    }
+
     /// Run `op` until it no longer reports a missing key, fetching each one it names (at most
     /// a few rounds: an operation needs a handful of keys).
     pub async fn with_keys<T>(

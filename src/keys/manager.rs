@@ -602,6 +602,23 @@ impl KeyManager {
     }
 }
 
+#[cfg(test)]
+impl KeyManager {
+    /// A fresh active DEK of `org`, as if just loaded: for unit tests of the layers above,
+    /// which hand it to a cipher themselves instead of going to a key store.
+    pub(crate) fn dek_for_tests(&self, org: &OrgId) -> Arc<CachedDek> {
+        Arc::new(CachedDek {
+            dek_id: DekId::new_random(),
+            org: org.clone(),
+            version: 1,
+            state: DekState::Active,
+            key: DataKey::generate(),
+            loaded_at: Instant::now(),
+            generation: self.generation.load(Ordering::Acquire),
+        })
+    }
+}
+
 impl std::fmt::Debug for KeyManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyManager")

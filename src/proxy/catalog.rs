@@ -147,6 +147,13 @@ impl Catalog {
             .cloned()
     }
 
+    /// Record what a look-up of table `oid` in `db` would find (unit tests without a server).
+    #[cfg(test)]
+    pub(crate) fn insert_for_tests(&self, db: &str, oid: u32, table: Option<Arc<TableMap>>) {
+        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        tables.entry(db.to_owned()).or_default().insert(oid, table);
+    }
+
     /// The encrypted columns of table `oid` in `db`, or `None` if it has none.
     pub(crate) async fn table(
         &self,

@@ -138,6 +138,34 @@ impl Encryption {
         }))
     }
 
+    /// The layer for unit tests: no key store, catalog or listener is ever reached (keys and
+    /// catalog facts are handed in by the test).
+    #[cfg(test)]
+    pub(crate) fn offline(rules: RuleSet, default_tenant: Option<OrgId>) -> Arc<Encryption> {
+        let service = tokio_postgres::Config::new();
+        let store = Arc::new(
+            KeyStore::new(service.clone(), crate::keys::DEFAULT_SCHEMA)
+                .expect("a plain schema name"),
+        );
+        let kek: Arc<dyn KekProvider> = Arc::new(OfflineKek);
+        let keys = Arc::new(KeyManager::new(store, kek, KeyManagerConfig::default()));
+        Arc::new(Encryption {
+            rules: Arc::new(Rules::new(Arc::new(rules))),
+            keys,
+            catalog: Arc::new(Catalog::new(
+                service,
+                std::time::Duration::from_secs(1),
+                crate::tls::ServiceTls::default(),
+            )),
+            default_tenant,
+            policy: CipherPolicy::default(),
+            cipher_metrics: Arc::default(),
+            refusals: ReasonCounts::new(REJECT_REASONS),
+            kek_metrics: KekMetrics::default(),
+            key_listener: Arc::default(),
+        })
+    }
+
     /// A cipher for one connection.
     pub(crate) fn cipher(&self) -> Cipher {
         Cipher::new(
@@ -218,5 +246,34 @@ impl Encryption {
         );
         self.key_listener.register(registry);
         self.kek_metrics.register(registry);
+    }
+}
+
+/// A KEK that is never asked for anything (the offline layer of unit tests).
+#[cfg(test)]
+#[derive(Debug)]
+struct OfflineKek;
+
+#[cfg(test)]
+#[async_trait::async_trait]
+impl KekProvider for OfflineKek {
+    fn kek_id(&self) -> String {
+        "offline".to_owned()
+    }
+
+    async fn wrap(
+        &self,
+        _ctx: &crate::keys::KeyContext,
+        _key: &crate::crypto::DataKey,
+    ) -> Result<Vec<u8>, crate::keys::KekError> {
+        Err(crate::keys::KekError::NotSupported { scheme: "offline" })
+    }
+
+    async fn unwrap(
+        &self,
+        _ctx: &crate::keys::KeyContext,
+        _wrapped: &[u8],
+    ) -> Result<crate::crypto::DataKey, crate::keys::KekError> {
+        Err(crate::keys::KekError::NotSupported { scheme: "offline" })
     }
 }
