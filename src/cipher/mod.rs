@@ -499,6 +499,33 @@ impl Cipher {
         }
     }
 
+    /// Open `parsed` with its DEK as it is stored: bound to `row_key` if the value is bound,
+    /// without any check of the rules' binding or a session tenant (for `reencrypt`, which
+    /// decides itself what to do with a value not bound as the rules say).
+    pub fn open_as_stored(
+        &mut self,
+        dek: &Arc<CachedDek>,
+        parsed: EncV1,
+        column: &ColumnRule,
+        row_key: Option<&[u8]>,
+    ) -> Result<Opened, CipherError> {
+        let org = dek.org().clone();
+        let opened = subkey(&mut self.ring.subkeys, dek, column.id())
+            .open_owned_in_row(&org, row_key, parsed);
+        match opened {
+            Ok(plaintext) => {
+                self.tally.decrypted += 1;
+                Ok(Opened {
+                    plaintext: Zeroizing::new(plaintext),
+                    org,
+                })
+            }
+            Err(_) => Err(CipherError::Authentication {
+                column: column.qualified_name().to_owned(),
+            }),
+        }
+    }
+
     /// Open `parsed`, an enc:v1 value of `column` that a write gives for the row with key
     /// `row_key` (a restore of an encrypted dump, a re-run); `Ok(None)` when it fails
     /// authentication (not a value of ours: data like any other, to be encrypted). The binding

@@ -48,9 +48,9 @@ use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row};
-use zeroize::Zeroizing;
 
-use crate::crypto::{looks_like_enc_v1, ColumnId, ColumnKey, DekId, EncV1, NonceSource, OrgId};
+use crate::cipher::{ById, Cipher, CipherError, CipherPolicy};
+use crate::crypto::{looks_like_enc_v1, DekId, EncV1, OrgId};
 use crate::keys::{CachedDek, KeyError, KeyManager};
 use crate::rules::{ColumnRule, RuleSet, TableRule};
 use crate::tls::ServiceTls;
@@ -287,13 +287,11 @@ impl Reencryptor {
             schema: schema.to_owned(),
             checkpoints,
             crypto: Crypto {
-                keys,
-                nonces: NonceSource::from_os_rng(),
-                column_keys: HashMap::new(),
+                // Reads of values under destroyed keys are reported per value, never as NULL.
+                cipher: Cipher::new(keys, CipherPolicy::default(), Arc::default()),
                 unusable: HashMap::new(),
                 org_filter: options.org.clone(),
                 default_tenant: options.default_tenant.clone(),
-                sealed: HashMap::new(),
             },
             options,
         })
@@ -324,7 +322,7 @@ impl Reencryptor {
             let table = rule.qualified_name();
             let result = self.table(&rule, progress).await;
             progress.table_finished(&table);
-            if let Err(e) = self.crypto.keys.flush_counters().await {
+            if let Err(e) = self.crypto.cipher.keys().flush_counters().await {
                 progress.notice(&table, &format!("could not save encryption counts: {e}"));
             }
             let fatal = matches!(
@@ -567,9 +565,6 @@ impl Reencryptor {
         tx.commit()
             .await
             .map_err(|e| ReencryptError::db("commit", Some(name), e))?;
-        for (dek, n) in std::mem::take(&mut self.crypto.sealed) {
-            self.crypto.keys.note_encryptions(dek, n);
-        }
         Ok((rows.len(), stats, Some(last_key)))
     }
 }
@@ -630,30 +625,14 @@ struct Unusable {
     org: Option<OrgId>,
 }
 
-/// The subkey of `column` under `dek`, derived once and kept in `keys`.
-fn derived<'a>(
-    keys: &'a mut HashMap<(DekId, ColumnId), ColumnKey>,
-    dek: &Arc<CachedDek>,
-    column: ColumnId,
-) -> &'a ColumnKey {
-    keys.entry((dek.dek_id(), column))
-        .or_insert_with(|| ColumnKey::derive(dek.key(), dek.dek_id(), column))
-}
-
-/// Keys, nonces and the per-value decisions.
+/// Keys and the per-value decisions, over the crate's one [`Cipher`].
 struct Crypto {
-    keys: Arc<KeyManager>,
-    nonces: NonceSource,
-    /// Derived subkeys; only used after the DEK was fetched again from `keys`, so a DEK
-    /// destroyed meanwhile is not used from here.
-    column_keys: HashMap<(DekId, ColumnId), ColumnKey>,
+    cipher: Cipher,
     /// DEKs that cannot decrypt (destroyed, unknown, unwrappable): remembered so each costs
     /// one key-store look-up, not one per value.
     unusable: HashMap<DekId, Unusable>,
     org_filter: Option<OrgId>,
     default_tenant: Option<OrgId>,
-    /// Seals per DEK in the current batch, noted once the batch commits.
-    sealed: HashMap<DekId, u64>,
 }
 
 impl Crypto {
@@ -708,10 +687,6 @@ impl Crypto {
         let Some(value) = value else {
             return Ok((Outcome::Null, None));
         };
-        let keys_err = |source| ReencryptError::Keys {
-            table: table.to_owned(),
-            source,
-        };
         if !looks_like_enc_v1(value.as_bytes()) {
             let Some(org) = row_org else {
                 return Ok((Outcome::Untouched(Untouched::NoOrganisation), None));
@@ -719,7 +694,7 @@ impl Crypto {
             if self.org_filter.as_ref().is_some_and(|f| f != org) {
                 return Ok((Outcome::OtherOrg, None));
             }
-            let active = self.keys.active_key(org).await.map_err(keys_err)?;
+            let active = self.active(table, column, org).await?;
             let sealed = self.seal(column, &active, org, row_key, value.as_bytes())?;
             return Ok((Outcome::Encrypted, Some(sealed)));
         }
@@ -727,7 +702,7 @@ impl Crypto {
             return Ok((Outcome::Untouched(Untouched::Malformed), None));
         };
         let dek = parsed.dek_id();
-        let cached = match self.dek(dek).await.map_err(keys_err)? {
+        let cached = match self.dek(table, column, dek).await? {
             Ok(cached) => cached,
             Err(unusable) => {
                 let other = match (&self.org_filter, &unusable.org) {
@@ -747,56 +722,81 @@ impl Crypto {
         if parsed.column_id() != column.id() {
             return Ok((Outcome::Untouched(Untouched::Authentication), None));
         }
-        let active = self.keys.active_key(&org).await.map_err(keys_err)?;
+        let active = self.active(table, column, &org).await?;
         // A value not bound as the rules say (row binding turned on since it was written) is
         // sealed again even under the active DEK.
         let binding_as_ruled = parsed.is_row_bound() == row_key.is_some();
         if active.dek_id() == dek && binding_as_ruled {
             return Ok((Outcome::Unchanged, None));
         }
-        let opened = self.column_key(&cached, column.id()).open_owned_in_row(
-            &org,
-            row_key.map(str::as_bytes),
-            parsed,
-        );
-        let Ok(plaintext) = opened else {
+        let opened =
+            self.cipher
+                .open_as_stored(&cached, parsed, column, row_key.map(str::as_bytes));
+        let Ok(opened) = opened else {
             return Ok((Outcome::Untouched(Untouched::Authentication), None));
         };
-        let plaintext = Zeroizing::new(plaintext);
-        let sealed = self.seal(column, &active, &org, row_key, &plaintext)?;
+        let sealed = self.seal(column, &active, &org, row_key, &opened.plaintext)?;
         Ok((Outcome::Moved, Some(sealed)))
+    }
+
+    /// The organisation's active DEK; a failure stops the run.
+    async fn active(
+        &mut self,
+        table: &str,
+        column: &ColumnRule,
+        org: &OrgId,
+    ) -> Result<Arc<CachedDek>, ReencryptError> {
+        self.cipher
+            .with_keys(|c| c.active(org, column))
+            .await
+            .map_err(|e| keys_error(table, column, e))
     }
 
     /// The DEK for decrypting, or why it cannot be used. Errors that stop the run (key store
     /// or KEK unreachable) are `Err`.
-    async fn dek(&mut self, dek: DekId) -> Result<Result<Arc<CachedDek>, Unusable>, KeyError> {
+    async fn dek(
+        &mut self,
+        table: &str,
+        column: &ColumnRule,
+        dek: DekId,
+    ) -> Result<Result<Arc<CachedDek>, Unusable>, ReencryptError> {
         if let Some(unusable) = self.unusable.get(&dek) {
             return Ok(Err(unusable.clone()));
         }
-        let why = match self.keys.key_by_id(dek).await {
-            Ok(cached) => return Ok(Ok(cached)),
-            Err(KeyError::DestroyedDek(_)) => Untouched::DestroyedDek,
-            Err(KeyError::UnknownDek(_)) => Untouched::UnknownDek,
-            Err(
+        let found = self.cipher.with_keys(|c| c.by_id(dek, column)).await;
+        let why = match found {
+            Ok(ById::Key(cached)) => return Ok(Ok(cached)),
+            // The cipher's policy reads destroyed keys as errors; kept for completeness.
+            Ok(ById::Shredded) => Untouched::DestroyedDek,
+            Err(CipherError::Key { error, .. }) => match error {
+                KeyError::DestroyedDek(_) => Untouched::DestroyedDek,
+                KeyError::UnknownDek(_) => Untouched::UnknownDek,
                 KeyError::UnwrapRejected { .. }
                 | KeyError::KekMismatch { .. }
                 | KeyError::KekUnusable { .. }
-                | KeyError::CorruptRecord { .. },
-            ) => Untouched::KeyUnavailable,
-            Err(e) => return Err(e),
+                | KeyError::CorruptRecord { .. } => Untouched::KeyUnavailable,
+                e => {
+                    return Err(ReencryptError::Keys {
+                        table: table.to_owned(),
+                        source: e,
+                    })
+                }
+            },
+            Err(e) => return Err(keys_error(table, column, e)),
         };
-        let org = match self.keys.store().lookup(dek).await {
+        let org = match self.cipher.keys().store().lookup(dek).await {
             Ok(record) => record.map(|r| r.org_id),
             Err(KeyError::CorruptRecord { .. }) => None,
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(ReencryptError::Keys {
+                    table: table.to_owned(),
+                    source: e,
+                })
+            }
         };
         let unusable = Unusable { why, org };
         self.unusable.insert(dek, unusable.clone());
         Ok(Err(unusable))
-    }
-
-    fn column_key(&mut self, dek: &Arc<CachedDek>, column: ColumnId) -> &ColumnKey {
-        derived(&mut self.column_keys, dek, column)
     }
 
     fn seal(
@@ -807,21 +807,26 @@ impl Crypto {
         row_key: Option<&str>,
         plaintext: &[u8],
     ) -> Result<String, ReencryptError> {
-        // The key and the nonce source are separate fields: no copy of the key is needed.
-        let key = derived(&mut self.column_keys, active, column.id());
-        let mut sealed = String::new();
-        let result = match row_key {
-            Some(k) => {
-                key.seal_for_row_into(org, k.as_bytes(), plaintext, &mut self.nonces, &mut sealed)
-            }
-            None => key.seal_into(org, plaintext, &mut self.nonces, &mut sealed),
-        };
-        result.map_err(|e| ReencryptError::Seal {
+        self.cipher
+            .seal_with(active, column, org, row_key.map(str::as_bytes), plaintext)
+            .map_err(|e| ReencryptError::Seal {
+                column: column.qualified_name().to_owned(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// A cipher error where a key was needed: the key error stops the run.
+fn keys_error(table: &str, column: &ColumnRule, e: CipherError) -> ReencryptError {
+    match e {
+        CipherError::Key { error, .. } => ReencryptError::Keys {
+            table: table.to_owned(),
+            source: error,
+        },
+        other => ReencryptError::Seal {
             column: column.qualified_name().to_owned(),
-            reason: e.to_string(),
-        })?;
-        *self.sealed.entry(active.dek_id()).or_insert(0) += 1;
-        Ok(sealed)
+            reason: other.to_string(),
+        },
     }
 }
 
