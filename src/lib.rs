@@ -30,3 +30,6 @@ pub mod rules;
 pub mod sql;
 pub mod tls;
 pub mod wire;
+
+#[cfg(test)]
+mod redaction_tests;
