@@ -1,5 +1,5 @@
 //! Fixed `enc:v1` vectors (`tests/vectors/enc_v1.json`, produced by an independent Python
-//! implementation of DESIGN.md §6): the format must not change by accident.
+//! implementation of docs/design.md §1): the format must not change by accident.
 
 #![allow(clippy::unwrap_used)]
 

@@ -41,5 +41,7 @@ pub use lifecycle::{KeyChange, KeyEvent, RewrapReport, Rotation, NOTIFY_CHANNEL}
 pub use listener::{spawn_key_listener, ListenerState, CHANGE_KINDS};
 pub use local::LocalKek;
 pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats, RotationPolicy};
+#[cfg(feature = "fault-injection")]
+pub use pkcs11::fault::{set_hsm_down, set_hsm_stall};
 pub use pkcs11::{PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PATH, MAX_SESSIONS};
 pub use store::{is_plain_identifier, DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};

@@ -1,4 +1,4 @@
-//! Rule files: which columns of which tables hold `enc:v1` values (DESIGN.md §4).
+//! Rule files: which columns of which tables hold `enc:v1` values (docs/configuration.md, rule files).
 //!
 //! ```toml
 //! [[table]]

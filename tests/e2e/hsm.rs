@@ -298,7 +298,7 @@ mod scenarios {
     async fn down_or_hanging() {
         use std::time::{Duration, Instant};
 
-        use pgenvelope::fault::{set_hsm_down, set_hsm_stall};
+        use pgenvelope::keys::{set_hsm_down, set_hsm_stall};
 
         let Some(token) = token() else { return };
         generate_key(&token, KEY_LABEL, false);

@@ -1,4 +1,4 @@
-"""Regenerate enc_v1.json from DESIGN.md section 6, independently of the Rust code.
+"""Regenerate enc_v1.json from docs/design.md section 1 (ciphertext format), independently of the Rust code.
 
 Uses the Python `cryptography` package. Run from the repository root:
     python3 tests/vectors/make_enc_v1.py > tests/vectors/enc_v1.json

@@ -36,6 +36,7 @@
 //! [`KekProvider::kek_id`] is `pkcs11:token=<label>;object=<label>` (or `;id=<id>` when
 //! the URI names the key by id only), percent-encoded: no PIN, no module path.
 
+pub(crate) mod fault;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -303,7 +304,7 @@ impl Pkcs11Kek {
         let operation = async move {
             match in_flight.acquire_owned().await {
                 Ok(permit) => tokio::task::spawn_blocking(move || {
-                    let result = match crate::fault::hsm_fault() {
+                    let result = match fault::hsm_fault() {
                         Some(e) => Err(Outcome::Failed(e)),
                         None => inner.with_session(op),
                     };
