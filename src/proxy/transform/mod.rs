@@ -31,10 +31,12 @@
 
 mod client;
 mod copy;
+mod lexing;
 mod refuse;
 mod server;
 mod session;
 mod shape;
+mod tenant;
 mod values;
 
 #[cfg(test)]
