@@ -1,21 +1,27 @@
 //! pgenvelope: a transparent encrypting PostgreSQL proxy.
 //!
 //! Applications point their `DATABASE_URL` at pgenvelope instead of PostgreSQL. It speaks the
-//! PostgreSQL v3 wire protocol to both sides and relays everything byte for byte, looking only
-//! at the few messages it must track.
+//! PostgreSQL v3 wire protocol to both sides, seals values bound for the encrypted columns the
+//! rules name, opens them on the way back, and relays everything else byte for byte.
 //!
 //! ```text
-//! app ──(PG v3 wire)──▶ proxy::listener ──▶ proxy::connection (one task per client)
-//!                                              │ startup: wire::startup
-//!                                              │ frames:  wire::header (tag + length scan)
+//! app ──▶ proxy::listener ──▶ proxy::connection (one task per client: startup, TLS, auth,
+//!                              │                  then one relay loop over both directions)
+//!                              ▼
+//!                 proxy::pump (framing) ──▶ proxy::transform (the protocol core, synchronous)
+//!                                              │ sql (analysis)   cipher (seal / open)
 //!                                              ▼
-//!                                 client ⇄ proxy::pump ⇄ server   (raw bytes, batched writes)
+//!                         needs: keys (KeyManager), catalog facts ──▶ fetched, handed in again
 //! ```
 //!
-//! Modules: [`wire`] (pure codec), [`proxy`] (all network I/O), [`config`] (file + env + flags
-//! → validated config), [`cli`] (commands), [`admin`] (metrics and health over HTTP), [`crypto`] (key material and the `enc:v1` format),
-//! [`sql`] (pure statement analysis: which literals and parameters feed encrypted columns),
-//! [`tls`] (TLS client settings toward PostgreSQL).
+//! Modules, by floor (each imports only from floors below; see `docs/architecture.md`):
+//! - pure: [`wire`] (codec), [`crypto`] (`enc:v1`, AEAD, key types), [`sql`] (statement
+//!   analysis and typed refusals), [`rules`] (rule files), [`tls`] (TLS settings);
+//! - [`keys`] (KEK providers, key store, DEK cache, lifecycle), [`cipher`] (one value sealed
+//!   or opened with the keys at hand), [`config`] (flags, environment and file → `Config`);
+//! - [`proxy`] (all network I/O and the protocol core), [`reencrypt`] (online re-encryption);
+//! - [`app`] (one assembly of a running proxy from a `Config`), [`admin`] (metrics, health);
+//! - [`cli`] (the commands); [`fault`] (test-only fault injection).
 
 pub mod admin;
 pub mod cipher;
