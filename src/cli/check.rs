@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::{Config, Overrides, SslMode};
+use crate::config::{Config, RawConfig, SslMode};
 use crate::crypto::{DataKey, DekId, OrgId};
 use crate::keys::{KekProvider, KeyContext, KmsUri, LocalKek, Pkcs11Uri};
 use crate::proxy::ValidateTlsFiles;
@@ -96,8 +96,9 @@ pub struct CheckArgs {
 }
 
 impl CheckArgs {
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             rules: self.rules.clone(),
             kms: self.kms.clone(),
             kms_also: self.kms_also.clone(),
@@ -106,7 +107,7 @@ impl CheckArgs {
             tls_key: self.tls_key.clone(),
             upstream_sslmode: self.upstream_sslmode.clone(),
             upstream_ca: self.upstream_ca.clone(),
-            ..Overrides::default()
+            ..RawConfig::default()
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::keys::{KekProvider, KeyStore};
 
 /// Where the key store is and which KEKs may be used.
@@ -40,14 +40,14 @@ pub(crate) struct StoreArgs {
 }
 
 impl StoreArgs {
-    /// The configuration layer these flags override.
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             upstream: self.upstream.clone(),
             key_schema: self.key_schema.clone(),
             kms: self.kms.clone(),
             kms_also: self.kms_also.clone(),
-            ..Overrides::default()
+            ..RawConfig::default()
         }
     }
 }

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::rules::{load_path, ColumnRule};
 
 /// Flags of `pgenvelope guard`.
@@ -50,11 +50,12 @@ pub struct GuardArgs {
 }
 
 impl GuardArgs {
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             rules: self.rules.clone(),
             upstream: self.upstream.clone(),
-            ..Overrides::default()
+            ..RawConfig::default()
         }
     }
 }

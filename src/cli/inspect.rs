@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::crypto::EncV1;
 use crate::keys::KeyStore;
 use crate::rules::load_path;
@@ -36,12 +36,13 @@ pub struct InspectArgs {
 }
 
 impl InspectArgs {
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             rules: self.rules.clone(),
             upstream: self.upstream.clone(),
             key_schema: self.key_schema.clone(),
-            ..Overrides::default()
+            ..RawConfig::default()
         }
     }
 }

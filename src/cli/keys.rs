@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::common::{open_keks, open_store, runtime, StoreArgs};
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::crypto::OrgId;
 use crate::keys::{DekRecord, KekProvider, KeyEvent, KeyStore, KmsUri, RewrapReport};
 
@@ -123,21 +123,22 @@ pub struct ListArgs {
 }
 
 impl KeysCommand {
-    pub(crate) fn overrides(&self) -> Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
         match self {
-            Self::List(a) => Overrides {
+            Self::List(a) => RawConfig {
                 upstream: a.upstream.clone(),
                 key_schema: a.key_schema.clone(),
-                ..Overrides::default()
+                ..RawConfig::default()
             },
-            Self::Events(a) => Overrides {
+            Self::Events(a) => RawConfig {
                 upstream: a.upstream.clone(),
                 key_schema: a.key_schema.clone(),
-                ..Overrides::default()
+                ..RawConfig::default()
             },
-            Self::Rotate(a) => a.store.overrides(),
-            Self::Rewrap(a) => a.store.overrides(),
-            Self::Shred(a) => a.store.overrides(),
+            Self::Rotate(a) => a.store.overlay(),
+            Self::Rewrap(a) => a.store.overlay(),
+            Self::Shred(a) => a.store.overlay(),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::common::{self, StoreArgs};
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::crypto::OrgId;
 use crate::keys::{KeyManager, KeyManagerConfig};
 use crate::reencrypt::{Options, Progress, Reencryptor, TableReport, DEFAULT_BATCH};
@@ -71,12 +71,13 @@ pub struct ReencryptArgs {
 }
 
 impl ReencryptArgs {
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             rules: self.rules.clone(),
             default_tenant: self.default_tenant.clone(),
             key_cache_ttl: self.key_cache_ttl.clone(),
-            ..self.store.overrides()
+            ..self.store.overlay()
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Configuration: TOML file + environment + flags → validated [`Config`].
 //!
-//! Precedence is flag > environment (`PGENVELOPE_<FLAG>`) > file (`--config`) > default. The
-//! command-line layer (clap, in `cli`) resolves flag and environment; this module merges the
-//! result over the file and the defaults. [`RawConfig`] mirrors the file exactly
-//! (`deny_unknown_fields`); [`Config::resolve`] is the only place that reports configuration
-//! errors, and it names the file and the key. No sockets here.
+//! Precedence is flag > environment (`PGENVELOPE_<FLAG>`) > file (`--config`) > default.
+//! [`RawConfig`] is the one overlay type: clap fills it from flag and environment, serde from
+//! the file (`deny_unknown_fields`), each setting declared once as a field. [`Config::resolve`]
+//! lays the command line over the file over the defaults; it is the only place that reports
+//! configuration errors, and it names the file and the key. No sockets here.
 
 mod units;
 
@@ -44,72 +44,165 @@ pub const MAX_ROTATE_AFTER_ENCRYPTIONS: u64 = (1 << 32) - (1 << 24);
 /// Default KEK provider: a local key file, for development only.
 pub const DEFAULT_KMS: &str = "local:.pgenvelope/kek";
 
-/// The configuration file as written (every key optional).
-#[derive(Debug, Default, Clone, Deserialize)]
+/// One layer of settings, every one optional: the command line with the environment (clap), or
+/// the configuration file (serde, `deny_unknown_fields`). [`Config::resolve`] lays the command
+/// line over the file over the defaults.
+///
+/// Each field is a setting: its name is the file key, `--name-with-dashes` the flag and
+/// `PGENVELOPE_NAME` the environment variable; its doc comment is the flag's `--help` text.
+/// `pgenvelope serve` takes every field as a flag; the other commands fill in the fields they
+/// have flags for and leave the rest `None` (`..RawConfig::default()`).
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct RawConfig {
-    /// `listen = "127.0.0.1:6432"`
+    /// Address to accept client connections on [default: 127.0.0.1:6432]
+    #[arg(long, env = "PGENVELOPE_LISTEN", value_name = "HOST:PORT")]
     pub listen: Option<String>,
-    /// `upstream = "postgres://user:pass@host:5432/db"`
+
+    /// Upstream PostgreSQL server. Its host and port are where client connections go; its
+    /// user and password are the proxy's own service credentials (never used for clients,
+    /// which authenticate with their own) [default: postgres://postgres@127.0.0.1:5432/postgres]
+    #[arg(long, env = "PGENVELOPE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
-    /// `max_connections = 10000`
+
+    /// Maximum concurrent client sessions; further clients get SQLSTATE 53300 [default: 10000]
+    #[arg(long, env = "PGENVELOPE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
-    /// `max_message_size = "1GiB"` (or a number of bytes)
-    pub max_message_size: Option<SizeValue>,
-    /// `connect_timeout = "10s"`
+
+    /// Largest message accepted from either side, e.g. 64MiB; larger ones end the session
+    /// with SQLSTATE 54000 [default: 1GiB, PostgreSQL's own limit]
+    #[arg(long, env = "PGENVELOPE_MAX_MESSAGE_SIZE", value_name = "SIZE")]
+    #[serde(default, deserialize_with = "size_text")]
+    pub max_message_size: Option<String>,
+
+    /// Timeout for connecting to the upstream, e.g. 10s or 500ms [default: 10s]
+    #[arg(long, env = "PGENVELOPE_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub connect_timeout: Option<String>,
-    /// `log_format = "text" | "json"`
+
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "PGENVELOPE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// `log = "info,pgenvelope=debug"` (a tracing filter)
+
+    /// Log filter in RUST_LOG syntax, e.g. `info,pgenvelope=debug` [default: RUST_LOG, else info]
+    #[arg(long, env = "PGENVELOPE_LOG", value_name = "FILTER")]
     pub log: Option<String>,
-    /// `rules = "rules/"` (a rule file or a directory of them)
+
+    /// Rule file, or directory of *.toml rule files, naming the encrypted columns
+    /// [default: rules]
+    #[arg(long, env = "PGENVELOPE_RULES", value_name = "PATH")]
     pub rules: Option<PathBuf>,
-    /// `kms = "local:.pgenvelope/kek"` (KEK provider URI)
+
+    /// Key-encryption key provider: local:PATH (development only), aws-kms:KEY, pkcs11:URI
+    /// [default: local:.pgenvelope/kek]
+    #[arg(long, env = "PGENVELOPE_KMS", value_name = "URI")]
     pub kms: Option<String>,
-    /// `kms_also = ["aws-kms:alias/old"]`: further KEKs used only to unwrap existing DEKs
-    pub kms_also: Option<Vec<String>>,
-    /// `default_tenant = "acme"`
+
+    /// A further KEK provider used only to unwrap data keys it wrapped earlier (during a KEK
+    /// migration); repeatable, or comma-separated in the environment. New keys always use --kms
+    #[arg(
+        long,
+        env = "PGENVELOPE_KMS_ALSO",
+        value_name = "URI",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub kms_also: Vec<String>,
+
+    /// Organisation that owns written values when neither the row's tenant column nor the
+    /// session (SET pgenvelope.tenant) names one; without it such writes are refused (42501)
+    #[arg(long, env = "PGENVELOPE_DEFAULT_TENANT", value_name = "ORG")]
     pub default_tenant: Option<String>,
-    /// `strict_reads = true`: plaintext found in an encrypted column is an error (XX001)
+
+    /// Refuse (XX001) plaintext found in an encrypted column instead of passing it through
+    /// [default: false]
+    #[arg(long, env = "PGENVELOPE_STRICT_READS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub strict_reads: Option<bool>,
-    /// `key_cache_ttl = "300s"`
+
+    /// How long an unwrapped data key stays cached, e.g. 300s [default: 300s]
+    #[arg(long, env = "PGENVELOPE_KEY_CACHE_TTL", value_name = "DURATION")]
     pub key_cache_ttl: Option<String>,
-    /// `key_cache_capacity = 10000`
+
+    /// Maximum number of unwrapped data keys cached [default: 10000]
+    #[arg(long, env = "PGENVELOPE_KEY_CACHE_CAPACITY", value_name = "N")]
     pub key_cache_capacity: Option<u64>,
-    /// `shredded_reads = "error" | "null"`: what a value under a destroyed DEK reads as
+
+    /// What a value whose data key was destroyed (keys shred) reads as: error (SQLSTATE
+    /// XX001) or null [default: error]
+    #[arg(long, env = "PGENVELOPE_SHREDDED_READS", value_name = "POLICY")]
     pub shredded_reads: Option<String>,
-    /// `key_schema = "pgenvelope"`: schema of the key store in the upstream database
+
+    /// Schema of the key store (data_keys, key_events) in the upstream database
+    /// [default: pgenvelope]
+    #[arg(long, env = "PGENVELOPE_KEY_SCHEMA", value_name = "NAME")]
     pub key_schema: Option<String>,
-    /// `rotate_after_encryptions = 2147483648`: rotate a DEK once it encrypted this many values
+
+    /// Rotate an organisation's data key automatically once it has encrypted this many values
+    /// [default: 2147483648 = 2^31, half the limit of random nonces under one key]
+    #[arg(long, env = "PGENVELOPE_ROTATE_AFTER_ENCRYPTIONS", value_name = "N")]
     pub rotate_after_encryptions: Option<u64>,
-    /// `rotate_after_age = "90d"`: rotate a DEK once it is this old (`off` by default)
+
+    /// Rotate an organisation's data key automatically once it is this old, e.g. 90d or
+    /// 2160h [default: off]
+    #[arg(long, env = "PGENVELOPE_ROTATE_AFTER_AGE", value_name = "DURATION")]
     pub rotate_after_age: Option<String>,
-    /// `workers = 2` (0 = one per CPU)
+
+    /// Threads serving client connections; each connection stays on one thread
+    /// [default: 0 = one per CPU]
+    #[arg(long, env = "PGENVELOPE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
-    /// `shutdown_grace = "30s"`
+
+    /// On SIGTERM, how long to let sessions finish to their next idle point before closing
+    /// them with 57P01 (SIGINT closes them at once) [default: 30s]
+    #[arg(long, env = "PGENVELOPE_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
-    /// `admin = "127.0.0.1:9187"`
+
+    /// Admin HTTP address serving /metrics (Prometheus), /healthz and /readyz, e.g.
+    /// 127.0.0.1:9187 [default: off]
+    #[arg(long, env = "PGENVELOPE_ADMIN", value_name = "HOST:PORT")]
     pub admin: Option<String>,
-    /// `tls_cert = "/etc/pgenvelope/server.crt"` (PEM chain for client-facing TLS)
+
+    /// PEM certificate chain for TLS toward clients (with --tls-key); reloaded on SIGHUP.
+    /// Without it SSLRequest is answered `N` [default: off]
+    #[arg(long, env = "PGENVELOPE_TLS_CERT", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
-    /// `tls_key = "/etc/pgenvelope/server.key"` (PEM private key for client-facing TLS)
+
+    /// PEM private key for TLS toward clients (with --tls-cert)
+    #[arg(long, env = "PGENVELOPE_TLS_KEY", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
-    /// `require_client_tls = true`: plaintext clients are refused
+
+    /// Refuse clients that do not negotiate TLS (SQLSTATE 28000) [default: false]
+    #[arg(long, env = "PGENVELOPE_REQUIRE_CLIENT_TLS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub require_client_tls: Option<bool>,
-    /// `upstream_sslmode = "verify-full"`
+
+    /// TLS toward PostgreSQL: disable, prefer, require, verify-ca or verify-full
+    /// [default: the --upstream URL's sslmode, else verify-full with --upstream-ca, else prefer]
+    #[arg(long, env = "PGENVELOPE_UPSTREAM_SSLMODE", value_name = "MODE")]
     pub upstream_sslmode: Option<String>,
-    /// `upstream_ca = "/etc/pgenvelope/pg-ca.crt"`
+
+    /// PEM CA certificate(s) for verifying PostgreSQL's certificate
+    #[arg(long, env = "PGENVELOPE_UPSTREAM_CA", value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
 }
 
-/// A size given as a number of bytes or as text with a unit.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum SizeValue {
-    /// Bytes.
-    Bytes(u64),
-    /// Text such as `"64MiB"`.
-    Text(String),
+/// `max_message_size` in the file: a number of bytes or text with a unit, kept as text (the
+/// command line gives text too) and parsed by [`Config::resolve`].
+fn size_text<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    /// A size as written in the file.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeValue {
+        Bytes(u64),
+        Text(String),
+    }
+    Ok(
+        Option::<SizeValue>::deserialize(deserializer)?.map(|size| match size {
+            SizeValue::Bytes(bytes) => bytes.to_string(),
+            SizeValue::Text(text) => text,
+        }),
+    )
 }
 
 impl RawConfig {
@@ -284,63 +377,6 @@ fn take_sslmode(url: &str) -> Result<(String, Option<SslMode>), String> {
     Ok((rest, mode))
 }
 
-/// Values given on the command line or in the environment (already merged by clap).
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    /// `--listen`
-    pub listen: Option<String>,
-    /// `--upstream`
-    pub upstream: Option<String>,
-    /// `--max-connections`
-    pub max_connections: Option<usize>,
-    /// `--max-message-size`
-    pub max_message_size: Option<String>,
-    /// `--connect-timeout`
-    pub connect_timeout: Option<String>,
-    /// `--log-format`
-    pub log_format: Option<String>,
-    /// `--log`
-    pub log: Option<String>,
-    /// `--rules`
-    pub rules: Option<PathBuf>,
-    /// `--kms`
-    pub kms: Option<String>,
-    /// `--kms-also` (empty: not given)
-    pub kms_also: Vec<String>,
-    /// `--default-tenant`
-    pub default_tenant: Option<String>,
-    /// `--strict-reads`
-    pub strict_reads: Option<bool>,
-    /// `--key-cache-ttl`
-    pub key_cache_ttl: Option<String>,
-    /// `--key-cache-capacity`
-    pub key_cache_capacity: Option<u64>,
-    /// `--key-schema`
-    pub key_schema: Option<String>,
-    /// `--shredded-reads`
-    pub shredded_reads: Option<String>,
-    /// `--rotate-after-encryptions`
-    pub rotate_after_encryptions: Option<u64>,
-    /// `--rotate-after-age`
-    pub rotate_after_age: Option<String>,
-    /// `--workers`
-    pub workers: Option<usize>,
-    /// `--shutdown-grace`
-    pub shutdown_grace: Option<String>,
-    /// `--admin`
-    pub admin: Option<String>,
-    /// `--tls-cert`
-    pub tls_cert: Option<PathBuf>,
-    /// `--tls-key`
-    pub tls_key: Option<PathBuf>,
-    /// `--require-client-tls`
-    pub require_client_tls: Option<bool>,
-    /// `--upstream-sslmode`
-    pub upstream_sslmode: Option<String>,
-    /// `--upstream-ca`
-    pub upstream_ca: Option<PathBuf>,
-}
-
 /// Validated configuration of `pgenvelope serve`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -457,9 +493,10 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Merge overrides (flags/env) over the file over defaults, and validate.
+    /// Lay `top` (the command line and environment) over the file over the defaults, and
+    /// validate. An error names the key and where its value came from.
     pub fn resolve(
-        over: Overrides,
+        top: RawConfig,
         file: Option<(&Path, RawConfig)>,
     ) -> Result<Config, ConfigError> {
         let (file_name, raw) = match file {
@@ -480,7 +517,7 @@ impl Config {
             message,
         };
 
-        let (listen, src) = pick(over.listen, raw.listen, DEFAULT_LISTEN);
+        let (listen, src) = pick(top.listen, raw.listen, DEFAULT_LISTEN);
         let listen = listen.parse::<SocketAddr>().map_err(|e| {
             err(
                 "listen",
@@ -489,10 +526,10 @@ impl Config {
             )
         })?;
 
-        let (upstream, src) = pick(over.upstream, raw.upstream, DEFAULT_UPSTREAM);
+        let (upstream, src) = pick(top.upstream, raw.upstream, DEFAULT_UPSTREAM);
         let upstream = Upstream::parse(&upstream).map_err(|m| err("upstream", src, m))?;
 
-        let max_connections = over
+        let max_connections = top
             .max_connections
             .or(raw.max_connections)
             .unwrap_or(DEFAULT_MAX_CONNECTIONS);
@@ -504,11 +541,10 @@ impl Config {
             ));
         }
 
-        let max_message_size = match (over.max_message_size, raw.max_message_size) {
+        let max_message_size = match (top.max_message_size, raw.max_message_size) {
             (Some(v), _) => parse_size(&v)
                 .map_err(|m| err("max_message_size", "command line or environment".into(), m))?,
-            (None, Some(SizeValue::Bytes(b))) => b,
-            (None, Some(SizeValue::Text(v))) => {
+            (None, Some(v)) => {
                 parse_size(&v).map_err(|m| err("max_message_size", file_name.clone(), m))?
             }
             (None, None) => DEFAULT_MAX_MESSAGE_SIZE as u64,
@@ -521,11 +557,11 @@ impl Config {
             ));
         }
 
-        let (timeout, src) = pick(over.connect_timeout, raw.connect_timeout, "10s");
+        let (timeout, src) = pick(top.connect_timeout, raw.connect_timeout, "10s");
         let connect_timeout =
             parse_duration(&timeout).map_err(|m| err("connect_timeout", src, m))?;
 
-        let (format, src) = pick(over.log_format, raw.log_format, "text");
+        let (format, src) = pick(top.log_format, raw.log_format, "text");
         let log_format = match format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -538,7 +574,7 @@ impl Config {
             }
         };
 
-        let (rules, src) = match (over.rules, raw.rules) {
+        let (rules, src) = match (top.rules, raw.rules) {
             (Some(v), _) => (v, "command line or environment".to_owned()),
             (None, Some(v)) => (v, file_name.clone()),
             (None, None) => (PathBuf::from(DEFAULT_RULES), "default".to_owned()),
@@ -547,14 +583,13 @@ impl Config {
             return Err(err("rules", src, "must not be empty".into()));
         }
 
-        let (kms, src) = pick(over.kms, raw.kms, DEFAULT_KMS);
+        let (kms, src) = pick(top.kms, raw.kms, DEFAULT_KMS);
         let kms = kms
             .parse::<KmsUri>()
             .map_err(|e| err("kms", src, e.to_string()))?;
-        let (also, src) = match (over.kms_also, raw.kms_also) {
+        let (also, src) = match (top.kms_also, raw.kms_also) {
             (flag, _) if !flag.is_empty() => (flag, "command line or environment".to_owned()),
-            (_, Some(v)) => (v, file_name.clone()),
-            _ => (Vec::new(), "default".to_owned()),
+            (_, file) => (file, file_name.clone()),
         };
         let kms_also = also
             .iter()
@@ -566,7 +601,7 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let default_tenant = match (over.default_tenant, raw.default_tenant) {
+        let default_tenant = match (top.default_tenant, raw.default_tenant) {
             (Some(v), _) => Some((v, "command line or environment".to_owned())),
             (None, Some(v)) => Some((v, file_name.clone())),
             (None, None) => None,
@@ -578,9 +613,9 @@ impl Config {
             None => None,
         };
 
-        let (ttl, src) = pick(over.key_cache_ttl, raw.key_cache_ttl, "300s");
+        let (ttl, src) = pick(top.key_cache_ttl, raw.key_cache_ttl, "300s");
         let key_cache_ttl = parse_duration(&ttl).map_err(|m| err("key_cache_ttl", src, m))?;
-        let key_cache_capacity = over
+        let key_cache_capacity = top
             .key_cache_capacity
             .or(raw.key_cache_capacity)
             .unwrap_or(10_000);
@@ -592,7 +627,7 @@ impl Config {
             ));
         }
 
-        let (key_schema, src) = pick(over.key_schema, raw.key_schema, DEFAULT_KEY_SCHEMA);
+        let (key_schema, src) = pick(top.key_schema, raw.key_schema, DEFAULT_KEY_SCHEMA);
         if !crate::keys::is_plain_identifier(&key_schema) {
             return Err(err(
                 "key_schema",
@@ -600,7 +635,7 @@ impl Config {
                 format!("`{key_schema}` is not 1-63 characters of a-z, 0-9 and _ (not starting with a digit)"),
             ));
         }
-        let (shredded, src) = pick(over.shredded_reads, raw.shredded_reads, "error");
+        let (shredded, src) = pick(top.shredded_reads, raw.shredded_reads, "error");
         let shredded_reads = match shredded.as_str() {
             "error" => crate::cipher::ShreddedReads::Error,
             "null" => crate::cipher::ShreddedReads::Null,
@@ -612,7 +647,7 @@ impl Config {
                 ))
             }
         };
-        let rotate_after_encryptions = over
+        let rotate_after_encryptions = top
             .rotate_after_encryptions
             .or(raw.rotate_after_encryptions)
             .unwrap_or(DEFAULT_ROTATE_AFTER_ENCRYPTIONS);
@@ -624,7 +659,7 @@ impl Config {
                 format!("must be between 1 and {MAX_ROTATE_AFTER_ENCRYPTIONS} (2^32 random nonces per key is the hard limit)"),
             ));
         }
-        let (age, src) = pick(over.rotate_after_age, raw.rotate_after_age, "off");
+        let (age, src) = pick(top.rotate_after_age, raw.rotate_after_age, "off");
         let rotate_after_age = match age.as_str() {
             "off" | "" => None,
             text => {
@@ -641,15 +676,15 @@ impl Config {
             }
         };
 
-        let workers = match over.workers.or(raw.workers).unwrap_or(0) {
+        let workers = match top.workers.or(raw.workers).unwrap_or(0) {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             n => n,
         };
 
-        let (grace, src) = pick(over.shutdown_grace, raw.shutdown_grace, "30s");
+        let (grace, src) = pick(top.shutdown_grace, raw.shutdown_grace, "30s");
         let shutdown_grace = parse_duration(&grace).map_err(|m| err("shutdown_grace", src, m))?;
 
-        let admin = match (over.admin, raw.admin) {
+        let admin = match (top.admin, raw.admin) {
             (Some(v), _) => Some((v, "command line or environment".to_owned())),
             (None, Some(v)) => Some((v, file_name.clone())),
             (None, None) => None,
@@ -672,8 +707,8 @@ impl Config {
             (None, None) => None,
         };
         let tls = match (
-            path_pick(over.tls_cert, raw.tls_cert),
-            path_pick(over.tls_key, raw.tls_key),
+            path_pick(top.tls_cert, raw.tls_cert),
+            path_pick(top.tls_key, raw.tls_key),
         ) {
             (Some((cert, _)), Some((key, _))) => Some(TlsFiles { cert, key }),
             (None, None) => None,
@@ -698,7 +733,7 @@ impl Config {
                 ))
             }
         };
-        let require_client_tls = over
+        let require_client_tls = top
             .require_client_tls
             .or(raw.require_client_tls)
             .unwrap_or(false);
@@ -709,9 +744,9 @@ impl Config {
                 "needs tls_cert and tls_key".into(),
             ));
         }
-        let upstream_ca = path_pick(over.upstream_ca, raw.upstream_ca).map(|(p, _)| p);
+        let upstream_ca = path_pick(top.upstream_ca, raw.upstream_ca).map(|(p, _)| p);
         let upstream_sslmode = match path_pick(
-            over.upstream_sslmode.map(PathBuf::from),
+            top.upstream_sslmode.map(PathBuf::from),
             raw.upstream_sslmode.map(PathBuf::from),
         ) {
             Some((mode, src)) => {
@@ -758,7 +793,7 @@ impl Config {
             kms,
             kms_also,
             default_tenant,
-            strict_reads: over.strict_reads.or(raw.strict_reads).unwrap_or(false),
+            strict_reads: top.strict_reads.or(raw.strict_reads).unwrap_or(false),
             key_cache_ttl,
             key_cache_capacity,
             key_schema,
@@ -771,7 +806,7 @@ impl Config {
             max_message_size: usize::try_from(max_message_size).unwrap_or(usize::MAX),
             connect_timeout,
             log_format,
-            log: over.log.or(raw.log),
+            log: top.log.or(raw.log),
         })
     }
 
@@ -798,7 +833,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = Config::resolve(Overrides::default(), None).unwrap();
+        let c = Config::resolve(RawConfig::default(), None).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.upstream.host, "127.0.0.1");
         assert_eq!(c.upstream.port, 5432);
@@ -813,11 +848,11 @@ mod tests {
             "listen = \"127.0.0.1:7000\"\nupstream = \"postgres://u@db:6000/x\"\n",
         )
         .unwrap();
-        let over = Overrides {
+        let top = RawConfig {
             listen: Some("127.0.0.1:7001".into()),
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let c = Config::resolve(over, Some((Path::new("p.toml"), raw))).unwrap();
+        let c = Config::resolve(top, Some((Path::new("p.toml"), raw))).unwrap();
         assert_eq!(c.listen.port(), 7001);
         assert_eq!(c.upstream.host, "db");
         assert_eq!(c.upstream.port, 6000);
@@ -827,11 +862,11 @@ mod tests {
     fn sslmode_in_the_upstream_url_is_honoured() {
         let with = |upstream: &str, flag: Option<&str>| {
             Config::resolve(
-                Overrides {
+                RawConfig {
                     upstream: Some(upstream.into()),
                     upstream_sslmode: flag.map(Into::into),
                     upstream_ca: Some("ca.crt".into()),
-                    ..Overrides::default()
+                    ..RawConfig::default()
                 },
                 None,
             )
@@ -899,10 +934,36 @@ mod tests {
     }
 
     #[test]
+    fn max_message_size_number_or_text() {
+        let size = |file: &str| {
+            let raw = RawConfig::parse(Path::new("p.toml"), file).unwrap();
+            Config::resolve(RawConfig::default(), Some((Path::new("p.toml"), raw)))
+        };
+        assert_eq!(
+            size("max_message_size = 65536\n").unwrap().max_message_size,
+            65_536
+        );
+        assert_eq!(
+            size("max_message_size = \"64KiB\"\n")
+                .unwrap()
+                .max_message_size,
+            65_536
+        );
+        let msg = size("max_message_size = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("max_message_size") && msg.contains("p.toml"),
+            "{msg}"
+        );
+        assert!(RawConfig::parse(Path::new("p.toml"), "max_message_size = true\n").is_err());
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let raw = RawConfig::parse(Path::new("p.toml"), "connect_timeout = \"soon\"\n").unwrap();
         let e =
-            Config::resolve(Overrides::default(), Some((Path::new("p.toml"), raw))).unwrap_err();
+            Config::resolve(RawConfig::default(), Some((Path::new("p.toml"), raw))).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("connect_timeout") && msg.contains("p.toml"),
@@ -912,31 +973,31 @@ mod tests {
 
     #[test]
     fn tls_files_both_or_neither() {
-        let over = Overrides {
+        let top = RawConfig {
             tls_cert: Some("server.crt".into()),
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        let msg = Config::resolve(top, None).unwrap_err().to_string();
         assert!(
             msg.contains("tls_key") && msg.contains("server.crt"),
             "{msg}"
         );
-        let c = Config::resolve(Overrides::default(), None).unwrap();
+        let c = Config::resolve(RawConfig::default(), None).unwrap();
         assert!(c.tls.is_none());
         assert_eq!(c.upstream_sslmode, SslMode::Prefer);
-        let over = Overrides {
+        let top = RawConfig {
             upstream_ca: Some("ca.crt".into()),
-            ..Overrides::default()
+            ..RawConfig::default()
         };
         assert_eq!(
-            Config::resolve(over, None).unwrap().upstream_sslmode,
+            Config::resolve(top, None).unwrap().upstream_sslmode,
             SslMode::VerifyFull
         );
-        let over = Overrides {
+        let top = RawConfig {
             upstream_sslmode: Some("verify-ca".into()),
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        let msg = Config::resolve(top, None).unwrap_err().to_string();
         assert!(msg.contains("upstream_ca"), "{msg}");
     }
 
@@ -948,7 +1009,7 @@ mod tests {
         )
         .unwrap();
         let c = Config::resolve(
-            Overrides::default(),
+            RawConfig::default(),
             Some((Path::new("p.toml"), raw.clone())),
         )
         .unwrap();
@@ -956,22 +1017,22 @@ mod tests {
         assert_eq!(c.kms_also.len(), 1);
         assert_eq!(c.kms_also[0].to_string(), "local:old-kek");
 
-        let over = Overrides {
+        let top = RawConfig {
             kms_also: vec!["aws-kms:alias/a".into(), "aws-kms:alias/b".into()],
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let c = Config::resolve(over, Some((Path::new("p.toml"), raw))).unwrap();
+        let c = Config::resolve(top, Some((Path::new("p.toml"), raw))).unwrap();
         assert_eq!(c.kms_also.len(), 2);
-        assert!(Config::resolve(Overrides::default(), None)
+        assert!(Config::resolve(RawConfig::default(), None)
             .unwrap()
             .kms_also
             .is_empty());
 
-        let over = Overrides {
+        let top = RawConfig {
             kms_also: vec!["vault:x".into()],
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        let msg = Config::resolve(top, None).unwrap_err().to_string();
         assert!(msg.contains("kms_also"), "{msg}");
     }
 }
