@@ -59,7 +59,7 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
     println!("format:     enc:v1");
     println!("algorithm:  {:?}", value.algorithm());
     println!("dek:        {}", value.dek_id());
-    let column = match load_path(&config.rules) {
+    let column = match load_path(&config.encryption.rules) {
         Ok(rules) => rules
             .by_column_id(value.column_id())
             .map(|c| c.qualified_name().to_owned())
@@ -76,10 +76,12 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
         .build()
         .context("starting the async runtime")?;
     let org = runtime.block_on(async {
-        let tls =
-            crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
-                .map_err(|e| e.to_string())?;
-        let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
+        let tls = crate::tls::ServiceTls::new(
+            config.proxy.upstream_sslmode,
+            config.proxy.upstream_ca.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
             .map_err(|e| e.to_string())?
             .with_tls(tls);
         match tokio::time::timeout(Duration::from_secs(5), store.lookup(value.dek_id())).await {

@@ -255,10 +255,10 @@ async fn shred(config: &Config, args: &ShredArgs) -> anyhow::Result<i32> {
 
 async fn events(config: &Config, args: &EventsArgs) -> anyhow::Result<i32> {
     let org = args.org.as_deref().map(org_flag).transpose()?;
-    let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
+    let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let events = tokio::time::timeout(
-        config.connect_timeout,
+        config.proxy.connect_timeout,
         store.events(org.as_ref(), args.limit.max(1)),
     )
     .await
@@ -338,9 +338,9 @@ async fn list(config: &Config, args: &ListArgs) -> anyhow::Result<i32> {
         Some(o) => Some(OrgId::new(o.clone()).map_err(|e| anyhow::anyhow!("--org: {e}"))?),
         None => None,
     };
-    let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
+    let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let records = tokio::time::timeout(config.connect_timeout, store.list(org.as_ref()))
+    let records = tokio::time::timeout(config.proxy.connect_timeout, store.list(org.as_ref()))
         .await
         .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
