@@ -13,11 +13,13 @@
 //! ```
 //!
 //! Modules: [`wire`] (pure codec), [`proxy`] (all network I/O), [`config`] (file + env + flags
-//! → validated config), [`cli`] (commands), [`admin`] (metrics and health over HTTP), [`crypto`] (key material and the `enc:v1` format),
+//! → validated config), [`app`] (builds the running proxy from a config), [`cli`] (commands),
+//! [`admin`] (metrics and health over HTTP), [`crypto`] (key material and the `enc:v1` format),
 //! [`sql`] (pure statement analysis: which literals and parameters feed encrypted columns),
 //! [`tls`] (TLS client settings toward PostgreSQL).
 
 pub mod admin;
+pub mod app;
 pub mod cipher;
 pub mod cli;
 pub mod config;

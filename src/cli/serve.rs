@@ -1,13 +1,14 @@
-//! `pgenvelope serve`: load and validate everything, then bind, then run until a signal.
+//! `pgenvelope serve`: install logging, build the proxy ([`crate::app::build`]: rules, keys,
+//! listener), then serve until a signal; reloads on SIGHUP and serves the admin endpoint.
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
-use std::sync::Arc;
-
+use crate::app::{self, App, Parts};
 use crate::config::{Config, LogFormat};
-use crate::keys::KmsUri;
-use crate::proxy::{Encryption, EncryptionSettings, Server, ServerHandle};
+use crate::proxy::{Encryption, ServerHandle};
 use crate::rules::load_path;
 
 /// Install logging, bind the listener and serve until SIGINT/SIGTERM.
@@ -21,10 +22,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
         .context("starting the async runtime")?;
     let workers = config.ops.workers;
     runtime.block_on(async move {
-        let engine = build_engine(&config).await?;
-        let server = Server::bind_with(config.proxy.clone(), engine.clone())
-            .await
-            .with_context(|| format!("binding {}", config.proxy.listen))?;
+        let App { server, encryption } = app::build(&config, Parts::default()).await?;
         let addr = server.local_addr().context("reading the bound address")?;
         tracing::info!(
             listen = %addr,
@@ -33,7 +31,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
         );
         let handle = server.handle();
         spawn_reload(
-            engine.clone(),
+            encryption.clone(),
             config.encryption.rules.clone(),
             handle.clone(),
         );
@@ -78,68 +76,13 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
         }
         handle.close_all();
         handle.wait_idle(std::time::Duration::from_secs(2)).await;
-        if let Some(engine) = engine {
-            if let Err(e) = engine.keys().flush_counters().await {
+        if let Some(encryption) = encryption {
+            if let Err(e) = encryption.keys().flush_counters().await {
                 tracing::warn!(error = %e, "could not save encryption counters");
             }
         }
         Ok(0)
     })
-}
-
-/// Load rules and keys. `None` when no rules are configured: the proxy then only relays.
-async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Encryption>>> {
-    let rules = load_path(&config.encryption.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if rules.is_empty() {
-        tracing::warn!(rules = %config.encryption.rules.display(), "no encrypted columns configured: relaying only");
-        return Ok(None);
-    }
-    let columns: usize = rules.tables().map(|t| t.columns().len()).sum();
-    tracing::info!(tables = rules.len(), columns, "rules loaded");
-    if let KmsUri::Local { path } = &config.keys.kms {
-        tracing::warn!(
-            path = %path.display(),
-            "using a LOCAL key-encryption key file: for development only, use a KMS or HSM in production"
-        );
-    }
-    let kek = config
-        .keys
-        .kms
-        .open()
-        .await
-        .with_context(|| format!("opening the KEK provider {}", config.keys.kms))?;
-    let mut kek_also = Vec::with_capacity(config.keys.kms_also.len());
-    for uri in &config.keys.kms_also {
-        let also = uri
-            .open()
-            .await
-            .with_context(|| format!("opening the unwrap-only KEK provider {uri}"))?;
-        tracing::info!(kek = %also.kek_id(), "unwrap-only KEK loaded");
-        kek_also.push(also);
-    }
-    let engine = Encryption::start(EncryptionSettings {
-        rules,
-        kek,
-        kek_also,
-        service: config.upstream.service.clone(),
-        key_schema: config.keys.key_schema.clone(),
-        key_cache_ttl: config.keys.key_cache_ttl,
-        key_cache_capacity: config.keys.key_cache_capacity,
-        rotation: config.keys.rotation,
-        counter_flush_interval: config.keys.counter_flush_interval,
-        default_tenant: config.encryption.default_tenant.clone(),
-        strict_reads: config.encryption.strict_reads,
-        shredded_reads: config.encryption.shredded_reads,
-        connect_timeout: config.proxy.connect_timeout,
-        service_tls: crate::tls::ServiceTls::new(
-            config.proxy.upstream_sslmode,
-            config.proxy.upstream_ca.as_deref(),
-        )
-        .context("TLS settings for the service connections")?,
-    })
-    .await
-    .context("starting the key manager")?;
-    Ok(Some(engine))
 }
 
 /// Log directives that always apply (see `init_tracing`).
