@@ -24,6 +24,7 @@
 //! - [`cli`] (the commands); [`fault`] (test-only fault injection).
 
 pub mod admin;
+pub mod app;
 pub mod cipher;
 pub mod cli;
 pub mod config;

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::{Config, Overrides, SslMode};
+use crate::config::{Config, RawConfig, SslMode};
 use crate::crypto::{DataKey, DekId, OrgId};
 use crate::keys::{KekProvider, KeyContext, KmsUri, LocalKek, Pkcs11Uri};
 use crate::proxy::ValidateTlsFiles;
@@ -96,8 +96,9 @@ pub struct CheckArgs {
 }
 
 impl CheckArgs {
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             rules: self.rules.clone(),
             kms: self.kms.clone(),
             kms_also: self.kms_also.clone(),
@@ -106,20 +107,20 @@ impl CheckArgs {
             tls_key: self.tls_key.clone(),
             upstream_sslmode: self.upstream_sslmode.clone(),
             upstream_ca: self.upstream_ca.clone(),
-            ..Overrides::default()
+            ..RawConfig::default()
         }
     }
 }
 
 /// Run the check; prints a summary and returns the exit code.
 pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
-    let rules = load_path(&config.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rules = load_path(&config.encryption.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
     let columns: usize = rules.tables().map(|t| t.columns().len()).sum();
     println!(
         "rules: {} table(s), {} encrypted column(s) from {}",
         rules.len(),
         columns,
-        config.rules.display()
+        config.encryption.rules.display()
     );
     let mut problems = Vec::new();
     check_client_tls(config, &mut problems);
@@ -130,8 +131,13 @@ pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let keks = std::iter::once((&config.kms, Role::Primary))
-            .chain(config.kms_also.iter().map(|uri| (uri, Role::UnwrapOnly)));
+        let keks = std::iter::once((&config.keys.kms, Role::Primary)).chain(
+            config
+                .keys
+                .kms_also
+                .iter()
+                .map(|uri| (uri, Role::UnwrapOnly)),
+        );
         for (uri, role) in keks {
             if let Err(e) = check_kek(uri, role, args.against_kms).await {
                 problems.push(format!("{} ({}): {uri}: {e:#}", role.label(), role.flag()));
@@ -163,7 +169,7 @@ pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
 
 /// Load the client-facing certificate and key with the listener's code.
 fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
-    let Some(files) = &config.tls else {
+    let Some(files) = &config.proxy.tls else {
         println!("tls (clients): off (SSLRequest is answered N)");
         return;
     };
@@ -172,7 +178,7 @@ fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
             "tls (clients): certificate {} and key {} ok{}",
             files.cert.display(),
             files.key.display(),
-            if config.require_client_tls {
+            if config.proxy.require_client_tls {
                 ", TLS required"
             } else {
                 ""
@@ -194,8 +200,8 @@ fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
 /// Check the CA file (if any) and build the upstream client configuration for the `sslmode`.
 /// Returns whether the settings are usable.
 fn check_upstream_tls(config: &Config, problems: &mut Vec<String>) -> bool {
-    let mode = config.upstream_sslmode;
-    let ca = config.upstream_ca.as_deref();
+    let mode = config.proxy.upstream_sslmode;
+    let ca = config.proxy.upstream_ca.as_deref();
     let ca_note = match ca.map(|ca| (ca, validate_ca(ca))) {
         None => None,
         Some((ca, Ok(n))) => Some(format!(

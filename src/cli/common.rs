@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::keys::{KekProvider, KeyStore};
 
 /// Where the key store is and which KEKs may be used.
@@ -40,14 +40,14 @@ pub(crate) struct StoreArgs {
 }
 
 impl StoreArgs {
-    /// The configuration layer these flags override.
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             upstream: self.upstream.clone(),
             key_schema: self.key_schema.clone(),
             kms: self.kms.clone(),
             kms_also: self.kms_also.clone(),
-            ..Overrides::default()
+            ..RawConfig::default()
         }
     }
 }
@@ -63,13 +63,16 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The key store named by the configuration, with its schema ensured, recording `actor` in
 /// the events it writes.
 pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<KeyStore>> {
-    let tls = crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
-        .context("TLS settings for the key store connection")?;
-    let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
+    let tls = crate::tls::ServiceTls::new(
+        config.proxy.upstream_sslmode,
+        config.proxy.upstream_ca.as_deref(),
+    )
+    .context("TLS settings for the key store connection")?;
+    let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_tls(tls)
         .with_actor(actor());
-    tokio::time::timeout(config.connect_timeout, store.ensure_schema())
+    tokio::time::timeout(config.proxy.connect_timeout, store.ensure_schema())
         .await
         .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -79,11 +82,14 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<KeyStore>>
 /// A connection to the upstream database with the proxy's service credentials, TLS settings
 /// and connect timeout (for `check --against-db` and `guard`).
 pub(crate) async fn connect_upstream(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    let tls = crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
-        .context("TLS settings for the upstream")?;
+    let tls = crate::tls::ServiceTls::new(
+        config.proxy.upstream_sslmode,
+        config.proxy.upstream_ca.as_deref(),
+    )
+    .context("TLS settings for the upstream")?;
     let mut service = config.upstream.service.clone();
     tls.apply(&mut service);
-    let (client, conn) = tokio::time::timeout(config.connect_timeout, service.connect(tls))
+    let (client, conn) = tokio::time::timeout(config.proxy.connect_timeout, service.connect(tls))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to the upstream timed out"))?
         .context("connecting to the upstream")?;
@@ -98,12 +104,13 @@ pub(crate) async fn open_keks(
     config: &Config,
 ) -> anyhow::Result<(Arc<dyn KekProvider>, Vec<Arc<dyn KekProvider>>)> {
     let kek = config
+        .keys
         .kms
         .open()
         .await
-        .with_context(|| format!("opening the KEK provider {}", config.kms))?;
-    let mut also = Vec::with_capacity(config.kms_also.len());
-    for uri in &config.kms_also {
+        .with_context(|| format!("opening the KEK provider {}", config.keys.kms))?;
+    let mut also = Vec::with_capacity(config.keys.kms_also.len());
+    for uri in &config.keys.kms_also {
         also.push(
             uri.open()
                 .await

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::rules::{load_path, ColumnRule};
 
 /// Flags of `pgenvelope guard`.
@@ -50,11 +50,12 @@ pub struct GuardArgs {
 }
 
 impl GuardArgs {
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             rules: self.rules.clone(),
             upstream: self.upstream.clone(),
-            ..Overrides::default()
+            ..RawConfig::default()
         }
     }
 }
@@ -87,10 +88,13 @@ fn table_sql(column: &ColumnRule) -> String {
 
 /// Run the command; prints one line per column and returns the exit code.
 pub(crate) fn run(config: &Config, args: &GuardArgs) -> anyhow::Result<i32> {
-    let rules = load_path(&config.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rules = load_path(&config.encryption.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
     let columns: Vec<ColumnRule> = rules.tables().flat_map(|t| t.columns().cloned()).collect();
     if columns.is_empty() {
-        println!("no encrypted columns in {}", config.rules.display());
+        println!(
+            "no encrypted columns in {}",
+            config.encryption.rules.display()
+        );
         return Ok(0);
     }
     let runtime = crate::cli::common::runtime()?;

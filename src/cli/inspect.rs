@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::crypto::EncV1;
 use crate::keys::KeyStore;
 use crate::rules::load_path;
@@ -36,12 +36,13 @@ pub struct InspectArgs {
 }
 
 impl InspectArgs {
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             rules: self.rules.clone(),
             upstream: self.upstream.clone(),
             key_schema: self.key_schema.clone(),
-            ..Overrides::default()
+            ..RawConfig::default()
         }
     }
 }
@@ -58,7 +59,7 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
     println!("format:     enc:v1");
     println!("algorithm:  {:?}", value.algorithm());
     println!("dek:        {}", value.dek_id());
-    let column = match load_path(&config.rules) {
+    let column = match load_path(&config.encryption.rules) {
         Ok(rules) => rules
             .by_column_id(value.column_id())
             .map(|c| c.qualified_name().to_owned())
@@ -75,10 +76,12 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
         .build()
         .context("starting the async runtime")?;
     let org = runtime.block_on(async {
-        let tls =
-            crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
-                .map_err(|e| e.to_string())?;
-        let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
+        let tls = crate::tls::ServiceTls::new(
+            config.proxy.upstream_sslmode,
+            config.proxy.upstream_ca.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
             .map_err(|e| e.to_string())?
             .with_tls(tls);
         match tokio::time::timeout(Duration::from_secs(5), store.lookup(value.dek_id())).await {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::common::{open_keks, open_store, runtime, StoreArgs};
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::crypto::OrgId;
 use crate::keys::{DekRecord, KekProvider, KeyEvent, KeyStore, KmsUri, RewrapReport};
 
@@ -123,21 +123,22 @@ pub struct ListArgs {
 }
 
 impl KeysCommand {
-    pub(crate) fn overrides(&self) -> Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
         match self {
-            Self::List(a) => Overrides {
+            Self::List(a) => RawConfig {
                 upstream: a.upstream.clone(),
                 key_schema: a.key_schema.clone(),
-                ..Overrides::default()
+                ..RawConfig::default()
             },
-            Self::Events(a) => Overrides {
+            Self::Events(a) => RawConfig {
                 upstream: a.upstream.clone(),
                 key_schema: a.key_schema.clone(),
-                ..Overrides::default()
+                ..RawConfig::default()
             },
-            Self::Rotate(a) => a.store.overrides(),
-            Self::Rewrap(a) => a.store.overrides(),
-            Self::Shred(a) => a.store.overrides(),
+            Self::Rotate(a) => a.store.overlay(),
+            Self::Rewrap(a) => a.store.overlay(),
+            Self::Shred(a) => a.store.overlay(),
         }
     }
 }
@@ -254,10 +255,10 @@ async fn shred(config: &Config, args: &ShredArgs) -> anyhow::Result<i32> {
 
 async fn events(config: &Config, args: &EventsArgs) -> anyhow::Result<i32> {
     let org = args.org.as_deref().map(org_flag).transpose()?;
-    let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
+    let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let events = tokio::time::timeout(
-        config.connect_timeout,
+        config.proxy.connect_timeout,
         store.events(org.as_ref(), args.limit.max(1)),
     )
     .await
@@ -337,9 +338,9 @@ async fn list(config: &Config, args: &ListArgs) -> anyhow::Result<i32> {
         Some(o) => Some(OrgId::new(o.clone()).map_err(|e| anyhow::anyhow!("--org: {e}"))?),
         None => None,
     };
-    let store = KeyStore::new(config.upstream.service.clone(), &config.key_schema)
+    let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let records = tokio::time::timeout(config.connect_timeout, store.list(org.as_ref()))
+    let records = tokio::time::timeout(config.proxy.connect_timeout, store.list(org.as_ref()))
         .await
         .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::common::{self, StoreArgs};
-use crate::config::{Config, Overrides};
+use crate::config::{Config, RawConfig};
 use crate::crypto::OrgId;
 use crate::keys::{KeyManager, KeyManagerConfig};
 use crate::reencrypt::{Options, Progress, Reencryptor, TableReport, DEFAULT_BATCH};
@@ -71,21 +71,25 @@ pub struct ReencryptArgs {
 }
 
 impl ReencryptArgs {
-    pub(crate) fn overrides(&self) -> Overrides {
-        Overrides {
+    /// The settings these flags give (the rest come from the file and the defaults).
+    pub(crate) fn overlay(&self) -> RawConfig {
+        RawConfig {
             rules: self.rules.clone(),
             default_tenant: self.default_tenant.clone(),
             key_cache_ttl: self.key_cache_ttl.clone(),
-            ..self.store.overrides()
+            ..self.store.overlay()
         }
     }
 }
 
 /// Run the command; returns the exit code (1 when a table could not be processed).
 pub(crate) fn run(config: &Config, args: &ReencryptArgs) -> anyhow::Result<i32> {
-    let rules = load_path(&config.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rules = load_path(&config.encryption.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
     if rules.is_empty() {
-        anyhow::bail!("no encrypted columns in {}", config.rules.display());
+        anyhow::bail!(
+            "no encrypted columns in {}",
+            config.encryption.rules.display()
+        );
     }
     let table = match &args.table {
         None => None,
@@ -99,7 +103,7 @@ pub(crate) fn run(config: &Config, args: &ReencryptArgs) -> anyhow::Result<i32> 
         rules,
         table,
         org,
-        default_tenant: config.default_tenant.clone(),
+        default_tenant: config.encryption.default_tenant.clone(),
         batch: args.batch as usize,
         restart: args.restart,
     };
@@ -115,21 +119,24 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
             kek,
             KeyManagerConfig {
                 ttl: OWN_KEY_CACHE_TTL,
-                capacity: config.key_cache_capacity,
+                capacity: config.keys.key_cache_capacity,
                 ..KeyManagerConfig::default()
             },
         )
         .with_unwrap_only(also),
     );
-    let tls = crate::tls::ServiceTls::new(config.upstream_sslmode, config.upstream_ca.as_deref())
-        .context("TLS settings for the service connection")?;
+    let tls = crate::tls::ServiceTls::new(
+        config.proxy.upstream_sslmode,
+        config.proxy.upstream_ca.as_deref(),
+    )
+    .context("TLS settings for the service connection")?;
     let filtered = options.table.is_some() || options.org.is_some();
     let mut job = tokio::time::timeout(
-        config.connect_timeout,
+        config.proxy.connect_timeout,
         Reencryptor::connect(
             config.upstream.service.clone(),
             tls,
-            &config.key_schema,
+            &config.keys.key_schema,
             Arc::clone(&keys),
             options,
         ),
@@ -152,7 +159,7 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
     }
     // Settledness first: a key settled before the census began cannot gain values from a
     // proxy's stale cache during it.
-    let mut retired = job.retired_keys(config.key_cache_ttl).await?;
+    let mut retired = job.retired_keys(config.keys.key_cache_ttl).await?;
     if retired.is_empty() {
         println!("no retired DEKs");
         return Ok(i32::from(failed));
@@ -182,7 +189,7 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
             println!(
                 "kept {label}: retired less than --key-cache-ttl ({}s) ago, so a proxy may still \
                  encrypt with it; run again later",
-                config.key_cache_ttl.as_secs()
+                config.keys.key_cache_ttl.as_secs()
             );
             continue;
         }

@@ -1,13 +1,14 @@
-//! `pgenvelope serve`: load and validate everything, then bind, then run until a signal.
+//! `pgenvelope serve`: install logging, build the proxy ([`crate::app::build`]: rules, keys,
+//! listener), then serve until a signal; reloads on SIGHUP and serves the admin endpoint.
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
-use std::sync::Arc;
-
+use crate::app::{self, App, Parts};
 use crate::config::{Config, LogFormat};
-use crate::keys::KmsUri;
-use crate::proxy::{Encryption, EncryptionSettings, Server, ServerHandle};
+use crate::proxy::{Encryption, ServerHandle};
 use crate::rules::load_path;
 
 /// Install logging, bind the listener and serve until SIGINT/SIGTERM.
@@ -19,12 +20,9 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let workers = config.workers;
+    let workers = config.ops.workers;
     runtime.block_on(async move {
-        let engine = build_engine(&config).await?;
-        let server = Server::bind_with(config.proxy(), engine.clone())
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let App { server, encryption } = app::build(&config, Parts::default()).await?;
         let addr = server.local_addr().context("reading the bound address")?;
         tracing::info!(
             listen = %addr,
@@ -32,8 +30,12 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
             "listening on {addr}"
         );
         let handle = server.handle();
-        spawn_reload(engine.clone(), config.rules.clone(), handle.clone());
-        if let Some(admin) = config.admin {
+        spawn_reload(
+            encryption.clone(),
+            config.encryption.rules.clone(),
+            handle.clone(),
+        );
+        if let Some(admin) = config.ops.admin {
             let listener = tokio::net::TcpListener::bind(admin)
                 .await
                 .with_context(|| format!("binding the admin address {admin}"))?;
@@ -55,12 +57,12 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
             Stop::Graceful => {
                 tracing::info!(
                     sessions = handle.active_connections(),
-                    grace = ?config.shutdown_grace,
+                    grace = ?config.ops.shutdown_grace,
                     "draining: sessions close at their next idle point"
                 );
                 handle.drain();
                 let drained = tokio::select! {
-                    done = handle.wait_idle(config.shutdown_grace) => done,
+                    done = handle.wait_idle(config.ops.shutdown_grace) => done,
                     _ = tokio::signal::ctrl_c() => false,
                 };
                 if !drained {
@@ -74,70 +76,13 @@ pub(crate) fn run(config: Config) -> anyhow::Result<i32> {
         }
         handle.close_all();
         handle.wait_idle(std::time::Duration::from_secs(2)).await;
-        if let Some(engine) = engine {
-            if let Err(e) = engine.keys().flush_counters().await {
+        if let Some(encryption) = encryption {
+            if let Err(e) = encryption.keys().flush_counters().await {
                 tracing::warn!(error = %e, "could not save encryption counters");
             }
         }
         Ok(0)
     })
-}
-
-/// Load rules and keys. `None` when no rules are configured: the proxy then only relays.
-async fn build_engine(config: &Config) -> anyhow::Result<Option<Arc<Encryption>>> {
-    let rules = load_path(&config.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if rules.is_empty() {
-        tracing::warn!(rules = %config.rules.display(), "no encrypted columns configured: relaying only");
-        return Ok(None);
-    }
-    let columns: usize = rules.tables().map(|t| t.columns().len()).sum();
-    tracing::info!(tables = rules.len(), columns, "rules loaded");
-    if let KmsUri::Local { path } = &config.kms {
-        tracing::warn!(
-            path = %path.display(),
-            "using a LOCAL key-encryption key file: for development only, use a KMS or HSM in production"
-        );
-    }
-    let kek = config
-        .kms
-        .open()
-        .await
-        .with_context(|| format!("opening the KEK provider {}", config.kms))?;
-    let mut kek_also = Vec::with_capacity(config.kms_also.len());
-    for uri in &config.kms_also {
-        let also = uri
-            .open()
-            .await
-            .with_context(|| format!("opening the unwrap-only KEK provider {uri}"))?;
-        tracing::info!(kek = %also.kek_id(), "unwrap-only KEK loaded");
-        kek_also.push(also);
-    }
-    let engine = Encryption::start(EncryptionSettings {
-        rules,
-        kek,
-        kek_also,
-        service: config.upstream.service.clone(),
-        key_schema: config.key_schema.clone(),
-        key_cache_ttl: config.key_cache_ttl,
-        key_cache_capacity: config.key_cache_capacity,
-        rotation: crate::keys::RotationPolicy {
-            max_encryptions: config.rotate_after_encryptions,
-            max_age: config.rotate_after_age,
-        },
-        counter_flush_interval: std::time::Duration::from_secs(5),
-        default_tenant: config.default_tenant.clone(),
-        strict_reads: config.strict_reads,
-        shredded_reads: config.shredded_reads,
-        connect_timeout: config.connect_timeout,
-        service_tls: crate::tls::ServiceTls::new(
-            config.upstream_sslmode,
-            config.upstream_ca.as_deref(),
-        )
-        .context("TLS settings for the service connections")?,
-    })
-    .await
-    .context("starting the key manager")?;
-    Ok(Some(engine))
 }
 
 /// Log directives that always apply (see `init_tracing`).
@@ -159,7 +104,7 @@ const QUIET_LIBRARIES: &[&str] = &[
 ];
 
 fn init_tracing(config: &Config) -> anyhow::Result<()> {
-    let mut filter = match &config.log {
+    let mut filter = match &config.ops.log {
         Some(f) => EnvFilter::try_new(f).with_context(|| format!("invalid log filter `{f}`"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
@@ -175,7 +120,7 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let result = match config.log_format {
+    let result = match config.ops.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };

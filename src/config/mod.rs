@@ -1,10 +1,10 @@
 //! Configuration: TOML file + environment + flags → validated [`Config`].
 //!
-//! Precedence is flag > environment (`PGENVELOPE_<FLAG>`) > file (`--config`) > default. The
-//! command-line layer (clap, in `cli`) resolves flag and environment; this module merges the
-//! result over the file and the defaults. [`RawConfig`] mirrors the file exactly
-//! (`deny_unknown_fields`); [`Config::resolve`] is the only place that reports configuration
-//! errors, and it names the file and the key. No sockets here.
+//! Precedence is flag > environment (`PGENVELOPE_<FLAG>`) > file (`--config`) > default.
+//! [`RawConfig`] is the one overlay type: clap fills it from flag and environment, serde from
+//! the file (`deny_unknown_fields`), each setting declared once as a field. [`Config::resolve`]
+//! lays the command line over the file over the defaults; it is the only place that reports
+//! configuration errors, and it names the file and the key. No sockets here.
 
 mod units;
 
@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cipher::ShreddedReads;
 use crate::crypto::OrgId;
-use crate::keys::KmsUri;
+use crate::keys::{KmsUri, RotationPolicy};
 pub use crate::tls::{SslMode, TlsFiles};
 
 pub use units::{parse_duration, parse_size};
@@ -43,73 +44,178 @@ pub const DEFAULT_ROTATE_AFTER_ENCRYPTIONS: u64 = crate::crypto::ROTATE_DEK_AFTE
 pub const MAX_ROTATE_AFTER_ENCRYPTIONS: u64 = (1 << 32) - (1 << 24);
 /// Default KEK provider: a local key file, for development only.
 pub const DEFAULT_KMS: &str = "local:.pgenvelope/kek";
+/// Default interval of saving encryption counts to the key store (and checking rotation).
+pub const DEFAULT_COUNTER_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Shortest accepted counter flush interval.
+pub const MIN_COUNTER_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest accepted counter flush interval: [`MAX_ROTATE_AFTER_ENCRYPTIONS`] leaves a margin of
+/// 2^24 encryptions per key for what is encrypted between two flushes.
+pub const MAX_COUNTER_FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The configuration file as written (every key optional).
-#[derive(Debug, Default, Clone, Deserialize)]
+/// One layer of settings, every one optional: the command line with the environment (clap), or
+/// the configuration file (serde, `deny_unknown_fields`). [`Config::resolve`] lays the command
+/// line over the file over the defaults.
+///
+/// Each field is a setting: its name is the file key, `--name-with-dashes` the flag and
+/// `PGENVELOPE_NAME` the environment variable; its doc comment is the flag's `--help` text.
+/// `pgenvelope serve` takes every field as a flag; the other commands fill in the fields they
+/// have flags for and leave the rest `None` (`..RawConfig::default()`).
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct RawConfig {
-    /// `listen = "127.0.0.1:6432"`
+    /// Address to accept client connections on [default: 127.0.0.1:6432]
+    #[arg(long, env = "PGENVELOPE_LISTEN", value_name = "HOST:PORT")]
     pub listen: Option<String>,
-    /// `upstream = "postgres://user:pass@host:5432/db"`
+
+    /// Upstream PostgreSQL server. Its host and port are where client connections go; its
+    /// user and password are the proxy's own service credentials (never used for clients,
+    /// which authenticate with their own) [default: postgres://postgres@127.0.0.1:5432/postgres]
+    #[arg(long, env = "PGENVELOPE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
-    /// `max_connections = 10000`
+
+    /// Maximum concurrent client sessions; further clients get SQLSTATE 53300 [default: 10000]
+    #[arg(long, env = "PGENVELOPE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
-    /// `max_message_size = "1GiB"` (or a number of bytes)
-    pub max_message_size: Option<SizeValue>,
-    /// `connect_timeout = "10s"`
+
+    /// Largest message accepted from either side, e.g. 64MiB; larger ones end the session
+    /// with SQLSTATE 54000 [default: 1GiB, PostgreSQL's own limit]
+    #[arg(long, env = "PGENVELOPE_MAX_MESSAGE_SIZE", value_name = "SIZE")]
+    #[serde(default, deserialize_with = "size_text")]
+    pub max_message_size: Option<String>,
+
+    /// Timeout for connecting to the upstream, e.g. 10s or 500ms [default: 10s]
+    #[arg(long, env = "PGENVELOPE_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub connect_timeout: Option<String>,
-    /// `log_format = "text" | "json"`
+
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "PGENVELOPE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// `log = "info,pgenvelope=debug"` (a tracing filter)
+
+    /// Log filter in RUST_LOG syntax, e.g. `info,pgenvelope=debug` [default: RUST_LOG, else info]
+    #[arg(long, env = "PGENVELOPE_LOG", value_name = "FILTER")]
     pub log: Option<String>,
-    /// `rules = "rules/"` (a rule file or a directory of them)
+
+    /// Rule file, or directory of *.toml rule files, naming the encrypted columns
+    /// [default: rules]
+    #[arg(long, env = "PGENVELOPE_RULES", value_name = "PATH")]
     pub rules: Option<PathBuf>,
-    /// `kms = "local:.pgenvelope/kek"` (KEK provider URI)
+
+    /// Key-encryption key provider: local:PATH (development only), aws-kms:KEY, pkcs11:URI
+    /// [default: local:.pgenvelope/kek]
+    #[arg(long, env = "PGENVELOPE_KMS", value_name = "URI")]
     pub kms: Option<String>,
-    /// `kms_also = ["aws-kms:alias/old"]`: further KEKs used only to unwrap existing DEKs
-    pub kms_also: Option<Vec<String>>,
-    /// `default_tenant = "acme"`
+
+    /// A further KEK provider used only to unwrap data keys it wrapped earlier (during a KEK
+    /// migration); repeatable, or comma-separated in the environment. New keys always use --kms
+    #[arg(
+        long,
+        env = "PGENVELOPE_KMS_ALSO",
+        value_name = "URI",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub kms_also: Vec<String>,
+
+    /// Organisation that owns written values when neither the row's tenant column nor the
+    /// session (SET pgenvelope.tenant) names one; without it such writes are refused (42501)
+    #[arg(long, env = "PGENVELOPE_DEFAULT_TENANT", value_name = "ORG")]
     pub default_tenant: Option<String>,
-    /// `strict_reads = true`: plaintext found in an encrypted column is an error (XX001)
+
+    /// Refuse (XX001) plaintext found in an encrypted column instead of passing it through
+    /// [default: false]
+    #[arg(long, env = "PGENVELOPE_STRICT_READS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub strict_reads: Option<bool>,
-    /// `key_cache_ttl = "300s"`
+
+    /// How long an unwrapped data key stays cached, e.g. 300s [default: 300s]
+    #[arg(long, env = "PGENVELOPE_KEY_CACHE_TTL", value_name = "DURATION")]
     pub key_cache_ttl: Option<String>,
-    /// `key_cache_capacity = 10000`
+
+    /// Maximum number of unwrapped data keys cached [default: 10000]
+    #[arg(long, env = "PGENVELOPE_KEY_CACHE_CAPACITY", value_name = "N")]
     pub key_cache_capacity: Option<u64>,
-    /// `shredded_reads = "error" | "null"`: what a value under a destroyed DEK reads as
+
+    /// What a value whose data key was destroyed (keys shred) reads as: error (SQLSTATE
+    /// XX001) or null [default: error]
+    #[arg(long, env = "PGENVELOPE_SHREDDED_READS", value_name = "POLICY")]
     pub shredded_reads: Option<String>,
-    /// `key_schema = "pgenvelope"`: schema of the key store in the upstream database
+
+    /// Schema of the key store (data_keys, key_events) in the upstream database
+    /// [default: pgenvelope]
+    #[arg(long, env = "PGENVELOPE_KEY_SCHEMA", value_name = "NAME")]
     pub key_schema: Option<String>,
-    /// `rotate_after_encryptions = 2147483648`: rotate a DEK once it encrypted this many values
+
+    /// Rotate an organisation's data key automatically once it has encrypted this many values
+    /// [default: 2147483648 = 2^31, half the limit of random nonces under one key]
+    #[arg(long, env = "PGENVELOPE_ROTATE_AFTER_ENCRYPTIONS", value_name = "N")]
     pub rotate_after_encryptions: Option<u64>,
-    /// `rotate_after_age = "90d"`: rotate a DEK once it is this old (`off` by default)
+
+    /// Rotate an organisation's data key automatically once it is this old, e.g. 90d or
+    /// 2160h [default: off]
+    #[arg(long, env = "PGENVELOPE_ROTATE_AFTER_AGE", value_name = "DURATION")]
     pub rotate_after_age: Option<String>,
-    /// `workers = 2` (0 = one per CPU)
+
+    /// How often encryption counts are saved to the key store and automatic rotation is
+    /// checked, e.g. 5s or 500ms (10ms to 60s) [default: 5s]
+    #[arg(long, env = "PGENVELOPE_COUNTER_FLUSH_INTERVAL", value_name = "TIME")]
+    pub counter_flush_interval: Option<String>,
+
+    /// Threads serving client connections; each connection stays on one thread
+    /// [default: 0 = one per CPU]
+    #[arg(long, env = "PGENVELOPE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
-    /// `shutdown_grace = "30s"`
+
+    /// On SIGTERM, how long to let sessions finish to their next idle point before closing
+    /// them with 57P01 (SIGINT closes them at once) [default: 30s]
+    #[arg(long, env = "PGENVELOPE_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
-    /// `admin = "127.0.0.1:9187"`
+
+    /// Admin HTTP address serving /metrics (Prometheus), /healthz and /readyz, e.g.
+    /// 127.0.0.1:9187 [default: off]
+    #[arg(long, env = "PGENVELOPE_ADMIN", value_name = "HOST:PORT")]
     pub admin: Option<String>,
-    /// `tls_cert = "/etc/pgenvelope/server.crt"` (PEM chain for client-facing TLS)
+
+    /// PEM certificate chain for TLS toward clients (with --tls-key); reloaded on SIGHUP.
+    /// Without it SSLRequest is answered `N` [default: off]
+    #[arg(long, env = "PGENVELOPE_TLS_CERT", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
-    /// `tls_key = "/etc/pgenvelope/server.key"` (PEM private key for client-facing TLS)
+
+    /// PEM private key for TLS toward clients (with --tls-cert)
+    #[arg(long, env = "PGENVELOPE_TLS_KEY", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
-    /// `require_client_tls = true`: plaintext clients are refused
+
+    /// Refuse clients that do not negotiate TLS (SQLSTATE 28000) [default: false]
+    #[arg(long, env = "PGENVELOPE_REQUIRE_CLIENT_TLS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub require_client_tls: Option<bool>,
-    /// `upstream_sslmode = "verify-full"`
+
+    /// TLS toward PostgreSQL: disable, prefer, require, verify-ca or verify-full
+    /// [default: the --upstream URL's sslmode, else verify-full with --upstream-ca, else prefer]
+    #[arg(long, env = "PGENVELOPE_UPSTREAM_SSLMODE", value_name = "MODE")]
     pub upstream_sslmode: Option<String>,
-    /// `upstream_ca = "/etc/pgenvelope/pg-ca.crt"`
+
+    /// PEM CA certificate(s) for verifying PostgreSQL's certificate
+    #[arg(long, env = "PGENVELOPE_UPSTREAM_CA", value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
 }
 
-/// A size given as a number of bytes or as text with a unit.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum SizeValue {
-    /// Bytes.
-    Bytes(u64),
-    /// Text such as `"64MiB"`.
-    Text(String),
+/// `max_message_size` in the file: a number of bytes or text with a unit, kept as text (the
+/// command line gives text too) and parsed by [`Config::resolve`].
+fn size_text<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    /// A size as written in the file.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeValue {
+        Bytes(u64),
+        Text(String),
+    }
+    Ok(
+        Option::<SizeValue>::deserialize(deserializer)?.map(|size| match size {
+            SizeValue::Bytes(bytes) => bytes.to_string(),
+            SizeValue::Text(text) => text,
+        }),
+    )
 }
 
 impl RawConfig {
@@ -284,116 +390,44 @@ fn take_sslmode(url: &str) -> Result<(String, Option<SslMode>), String> {
     Ok((rest, mode))
 }
 
-/// Values given on the command line or in the environment (already merged by clap).
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    /// `--listen`
-    pub listen: Option<String>,
-    /// `--upstream`
-    pub upstream: Option<String>,
-    /// `--max-connections`
-    pub max_connections: Option<usize>,
-    /// `--max-message-size`
-    pub max_message_size: Option<String>,
-    /// `--connect-timeout`
-    pub connect_timeout: Option<String>,
-    /// `--log-format`
-    pub log_format: Option<String>,
-    /// `--log`
-    pub log: Option<String>,
-    /// `--rules`
-    pub rules: Option<PathBuf>,
-    /// `--kms`
-    pub kms: Option<String>,
-    /// `--kms-also` (empty: not given)
-    pub kms_also: Vec<String>,
-    /// `--default-tenant`
-    pub default_tenant: Option<String>,
-    /// `--strict-reads`
-    pub strict_reads: Option<bool>,
-    /// `--key-cache-ttl`
-    pub key_cache_ttl: Option<String>,
-    /// `--key-cache-capacity`
-    pub key_cache_capacity: Option<u64>,
-    /// `--key-schema`
-    pub key_schema: Option<String>,
-    /// `--shredded-reads`
-    pub shredded_reads: Option<String>,
-    /// `--rotate-after-encryptions`
-    pub rotate_after_encryptions: Option<u64>,
-    /// `--rotate-after-age`
-    pub rotate_after_age: Option<String>,
-    /// `--workers`
-    pub workers: Option<usize>,
-    /// `--shutdown-grace`
-    pub shutdown_grace: Option<String>,
-    /// `--admin`
-    pub admin: Option<String>,
-    /// `--tls-cert`
-    pub tls_cert: Option<PathBuf>,
-    /// `--tls-key`
-    pub tls_key: Option<PathBuf>,
-    /// `--require-client-tls`
-    pub require_client_tls: Option<bool>,
-    /// `--upstream-sslmode`
-    pub upstream_sslmode: Option<String>,
-    /// `--upstream-ca`
-    pub upstream_ca: Option<PathBuf>,
-}
-
-/// Validated configuration of `pgenvelope serve`.
+/// Validated configuration of `pgenvelope serve`, one struct per component (the other
+/// commands use the parts they need).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Listen address.
-    pub listen: SocketAddr,
-    /// Upstream server.
+    /// The listener and the client connections it relays.
+    pub proxy: ProxyConfig,
+    /// The upstream server and the proxy's own service credentials.
     pub upstream: Upstream,
-    /// Connection limit.
-    pub max_connections: usize,
-    /// Message size limit in bytes.
-    pub max_message_size: usize,
-    /// Upstream connect timeout.
-    pub connect_timeout: Duration,
-    /// Log format.
-    pub log_format: LogFormat,
-    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` applies when unset.
-    pub log: Option<String>,
-    /// Rule file or directory.
-    pub rules: PathBuf,
-    /// KEK provider: wraps new DEKs and unwraps the DEKs it wrapped.
-    pub kms: KmsUri,
-    /// Further KEK providers, used only to unwrap DEKs they wrapped (during a migration).
-    pub kms_also: Vec<KmsUri>,
-    /// Organisation for writes when neither the row nor the session names one.
-    pub default_tenant: Option<OrgId>,
-    /// Plaintext found in an encrypted column is an error instead of being passed through.
-    pub strict_reads: bool,
-    /// How long an unwrapped DEK stays cached.
-    pub key_cache_ttl: Duration,
-    /// How many unwrapped DEKs are cached at most.
-    pub key_cache_capacity: u64,
-    /// Schema of the key store (`data_keys`, `key_events`) in the upstream database.
-    pub key_schema: String,
-    /// What a value under a destroyed (shredded) DEK reads as.
-    pub shredded_reads: crate::cipher::ShreddedReads,
-    /// A DEK is rotated automatically once it has encrypted this many values.
-    pub rotate_after_encryptions: u64,
-    /// A DEK is rotated automatically once it is this old (`None`: never by age).
-    pub rotate_after_age: Option<Duration>,
-    /// Threads serving connections.
-    pub workers: usize,
-    /// How long SIGTERM waits for sessions to reach an idle point.
-    pub shutdown_grace: Duration,
-    /// Admin HTTP address (`/metrics`, `/healthz`, `/readyz`), if enabled.
-    pub admin: Option<SocketAddr>,
-    /// Certificate and key for TLS toward clients; `None`: SSLRequest is answered `N`.
-    pub tls: Option<TlsFiles>,
-    /// Refuse clients that do not negotiate TLS.
-    pub require_client_tls: bool,
-    /// TLS toward the upstream server.
-    pub upstream_sslmode: SslMode,
-    /// CA file for verifying the upstream server's certificate.
-    pub upstream_ca: Option<PathBuf>,
+    /// KEK providers, the key store, the DEK cache and automatic rotation.
+    pub keys: KeysConfig,
+    /// The rules and how encrypted columns are written and read.
+    pub encryption: EncryptionConfig,
+    /// Logging, worker threads, shutdown and the admin endpoint.
+    pub ops: OpsConfig,
+}
+
+impl Config {
+    /// Lay `top` (the command line and environment) over the file over the defaults, and
+    /// validate. An error names the key and where its value came from.
+    pub fn resolve(
+        top: RawConfig,
+        file: Option<(&Path, RawConfig)>,
+    ) -> Result<Config, ConfigError> {
+        let mut layers = Layers::new(top, file);
+        let (upstream, src) = layers.take_or(|r| &mut r.upstream, DEFAULT_UPSTREAM.to_owned());
+        let upstream = Upstream::parse(&upstream).map_err(|m| invalid("upstream", src, m))?;
+        let proxy = ProxyConfig::resolve(&mut layers, &upstream)?;
+        let ops = OpsConfig::resolve(&mut layers)?;
+        let encryption = EncryptionConfig::resolve(&mut layers)?;
+        let keys = KeysConfig::resolve(&mut layers)?;
+        Ok(Config {
+            proxy,
+            upstream,
+            keys,
+            encryption,
+            ops,
+        })
+    }
 }
 
 /// Settings of the proxy's listener and connections.
@@ -409,16 +443,17 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Largest message body accepted from either side, in bytes.
     pub max_message_size: usize,
-    /// Timeout for connecting to the upstream.
+    /// Timeout for connecting to the upstream (client connections and the service
+    /// connections to the key store and catalog).
     pub connect_timeout: Duration,
     /// Certificate and key for TLS toward clients; `None`: SSLRequest is answered `N`.
     pub tls: Option<TlsFiles>,
     /// Refuse a StartupMessage that did not come over TLS (28000).
     pub require_client_tls: bool,
-    /// TLS toward the upstream server.
+    /// TLS toward the upstream server (client and service connections).
     pub upstream_sslmode: SslMode,
     /// CA file for verifying the upstream server (needed by verify-ca and verify-full).
-    pub upstream_ca: Option<std::path::PathBuf>,
+    pub upstream_ca: Option<PathBuf>,
 }
 
 impl ProxyConfig {
@@ -429,6 +464,354 @@ impl ProxyConfig {
         } else {
             format!("{}:{}", self.upstream_host, self.upstream_port)
         }
+    }
+
+    /// The proxy's settings; the upstream URL gives the host and port and the default of
+    /// `upstream_sslmode`.
+    fn resolve(layers: &mut Layers, upstream: &Upstream) -> Result<Self, ConfigError> {
+        let (listen, src) = layers.take_or(|r| &mut r.listen, DEFAULT_LISTEN.to_owned());
+        let listen = listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "listen",
+                src,
+                format!("{e} (expected HOST:PORT with an IP address)"),
+            )
+        })?;
+
+        let max_connections = layers.value_or(|r| &mut r.max_connections, DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(invalid(
+                "max_connections",
+                CONFIGURATION.into(),
+                "must be at least 1".into(),
+            ));
+        }
+
+        let max_message_size = match layers.take(|r| &mut r.max_message_size) {
+            Some((v, src)) => parse_size(&v).map_err(|m| invalid("max_message_size", src, m))?,
+            None => DEFAULT_MAX_MESSAGE_SIZE as u64,
+        };
+        if max_message_size < 1024 || max_message_size > DEFAULT_MAX_MESSAGE_SIZE as u64 {
+            return Err(invalid(
+                "max_message_size",
+                CONFIGURATION.into(),
+                format!("must be between 1KiB and {DEFAULT_MAX_MESSAGE_SIZE} bytes"),
+            ));
+        }
+
+        let (timeout, src) = layers.take_or(|r| &mut r.connect_timeout, "10s".to_owned());
+        let connect_timeout =
+            parse_duration(&timeout).map_err(|m| invalid("connect_timeout", src, m))?;
+
+        let tls = match (
+            layers.take(|r| &mut r.tls_cert),
+            layers.take(|r| &mut r.tls_key),
+        ) {
+            (Some((cert, _)), Some((key, _))) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some((cert, src)), None) => {
+                return Err(invalid(
+                    "tls_key",
+                    src,
+                    format!(
+                        "tls_cert {} is set but tls_key is not: give both or neither",
+                        cert.display()
+                    ),
+                ))
+            }
+            (None, Some((key, src))) => {
+                return Err(invalid(
+                    "tls_cert",
+                    src,
+                    format!(
+                        "tls_key {} is set but tls_cert is not: give both or neither",
+                        key.display()
+                    ),
+                ))
+            }
+        };
+        let require_client_tls = layers.value_or(|r| &mut r.require_client_tls, false);
+        if require_client_tls && tls.is_none() {
+            return Err(invalid(
+                "require_client_tls",
+                CONFIGURATION.into(),
+                "needs tls_cert and tls_key".into(),
+            ));
+        }
+        let upstream_ca = layers.take(|r| &mut r.upstream_ca).map(|(p, _)| p);
+        let upstream_sslmode = match layers.take(|r| &mut r.upstream_sslmode) {
+            Some((mode, src)) => {
+                let mode = mode
+                    .parse::<SslMode>()
+                    .map_err(|m| invalid("upstream_sslmode", src.clone(), m))?;
+                match upstream.sslmode {
+                    Some(in_url) if in_url != mode => {
+                        return Err(invalid(
+                            "upstream_sslmode",
+                            src,
+                            format!("{mode} contradicts sslmode={in_url} in the upstream URL"),
+                        ))
+                    }
+                    _ => mode,
+                }
+            }
+            None => match upstream.sslmode {
+                Some(in_url) => in_url,
+                None if upstream_ca.is_some() => SslMode::VerifyFull,
+                None => SslMode::Prefer,
+            },
+        };
+        if matches!(upstream_sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
+            && upstream_ca.is_none()
+        {
+            return Err(invalid(
+                "upstream_ca",
+                CONFIGURATION.into(),
+                format!("upstream_sslmode {upstream_sslmode} needs a CA file"),
+            ));
+        }
+
+        Ok(ProxyConfig {
+            listen,
+            upstream_host: upstream.host.clone(),
+            upstream_port: upstream.port,
+            max_connections,
+            max_message_size: usize::try_from(max_message_size).unwrap_or(usize::MAX),
+            connect_timeout,
+            tls,
+            require_client_tls,
+            upstream_sslmode,
+            upstream_ca,
+        })
+    }
+}
+
+/// Settings of the keys: which KEKs wrap and unwrap DEKs, where the key store is, how DEKs are
+/// cached and when they are rotated.
+#[derive(Debug, Clone)]
+pub struct KeysConfig {
+    /// KEK provider: wraps new DEKs and unwraps the DEKs it wrapped.
+    pub kms: KmsUri,
+    /// Further KEK providers, used only to unwrap DEKs they wrapped (during a migration).
+    pub kms_also: Vec<KmsUri>,
+    /// Schema of the key store (`data_keys`, `key_events`) in the upstream database.
+    pub key_schema: String,
+    /// How long an unwrapped DEK stays cached.
+    pub key_cache_ttl: Duration,
+    /// How many unwrapped DEKs are cached at most.
+    pub key_cache_capacity: u64,
+    /// When a DEK is rotated automatically: after this many encryptions, or at this age.
+    pub rotation: RotationPolicy,
+    /// How often encryption counts are saved to the key store and automatic rotation is
+    /// checked.
+    pub counter_flush_interval: Duration,
+}
+
+impl KeysConfig {
+    fn resolve(layers: &mut Layers) -> Result<Self, ConfigError> {
+        let (kms, src) = layers.take_or(|r| &mut r.kms, DEFAULT_KMS.to_owned());
+        let kms = kms
+            .parse::<KmsUri>()
+            .map_err(|e| invalid("kms", src, e.to_string()))?;
+        let (also, src) = layers.take_list(|r| &mut r.kms_also);
+        let kms_also = also
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<KmsUri>()
+                    .map_err(|e| invalid("kms_also", src.clone(), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let (ttl, src) = layers.take_or(|r| &mut r.key_cache_ttl, "300s".to_owned());
+        let key_cache_ttl = parse_duration(&ttl).map_err(|m| invalid("key_cache_ttl", src, m))?;
+        let key_cache_capacity = layers.value_or(|r| &mut r.key_cache_capacity, 10_000);
+        if key_cache_capacity == 0 {
+            return Err(invalid(
+                "key_cache_capacity",
+                CONFIGURATION.into(),
+                "must be at least 1".into(),
+            ));
+        }
+
+        let (key_schema, src) =
+            layers.take_or(|r| &mut r.key_schema, DEFAULT_KEY_SCHEMA.to_owned());
+        if !crate::keys::is_plain_identifier(&key_schema) {
+            return Err(invalid(
+                "key_schema",
+                src,
+                format!("`{key_schema}` is not 1-63 characters of a-z, 0-9 and _ (not starting with a digit)"),
+            ));
+        }
+
+        let max_encryptions = layers.value_or(
+            |r| &mut r.rotate_after_encryptions,
+            DEFAULT_ROTATE_AFTER_ENCRYPTIONS,
+        );
+        if max_encryptions == 0 || max_encryptions > MAX_ROTATE_AFTER_ENCRYPTIONS {
+            return Err(invalid(
+                "rotate_after_encryptions",
+                CONFIGURATION.into(),
+                format!("must be between 1 and {MAX_ROTATE_AFTER_ENCRYPTIONS} (2^32 random nonces per key is the hard limit)"),
+            ));
+        }
+        let (age, src) = layers.take_or(|r| &mut r.rotate_after_age, "off".to_owned());
+        let max_age = match age.as_str() {
+            "off" | "" => None,
+            text => {
+                let age = parse_duration(text)
+                    .map_err(|m| invalid("rotate_after_age", src.clone(), m))?;
+                if age < Duration::from_secs(1) {
+                    return Err(invalid(
+                        "rotate_after_age",
+                        src,
+                        "must be at least 1s (or off)".into(),
+                    ));
+                }
+                Some(age)
+            }
+        };
+
+        let counter_flush_interval = match layers.take(|r| &mut r.counter_flush_interval) {
+            Some((text, src)) => {
+                let every = parse_duration(&text)
+                    .map_err(|m| invalid("counter_flush_interval", src.clone(), m))?;
+                if !(MIN_COUNTER_FLUSH_INTERVAL..=MAX_COUNTER_FLUSH_INTERVAL).contains(&every) {
+                    return Err(invalid(
+                        "counter_flush_interval",
+                        src,
+                        format!(
+                            "must be between {MIN_COUNTER_FLUSH_INTERVAL:?} and \
+                             {MAX_COUNTER_FLUSH_INTERVAL:?} (the encryptions of one interval \
+                             are the margin below the nonce limit)"
+                        ),
+                    ));
+                }
+                every
+            }
+            None => DEFAULT_COUNTER_FLUSH_INTERVAL,
+        };
+
+        Ok(KeysConfig {
+            kms,
+            kms_also,
+            key_schema,
+            key_cache_ttl,
+            key_cache_capacity,
+            rotation: RotationPolicy {
+                max_encryptions,
+                max_age,
+            },
+            counter_flush_interval,
+        })
+    }
+}
+
+/// Settings of encryption: which columns are encrypted, who owns a written value, and what
+/// reading an encrypted column may return.
+#[derive(Debug, Clone)]
+pub struct EncryptionConfig {
+    /// Rule file or directory.
+    pub rules: PathBuf,
+    /// Organisation for writes when neither the row nor the session names one.
+    pub default_tenant: Option<OrgId>,
+    /// Plaintext found in an encrypted column is an error instead of being passed through.
+    pub strict_reads: bool,
+    /// What a value under a destroyed (shredded) DEK reads as.
+    pub shredded_reads: ShreddedReads,
+}
+
+impl EncryptionConfig {
+    fn resolve(layers: &mut Layers) -> Result<Self, ConfigError> {
+        let (rules, src) = layers.take_or(|r| &mut r.rules, PathBuf::from(DEFAULT_RULES));
+        if rules.as_os_str().is_empty() {
+            return Err(invalid("rules", src, "must not be empty".into()));
+        }
+        let default_tenant = match layers.take(|r| &mut r.default_tenant) {
+            Some((v, src)) => {
+                Some(OrgId::new(v).map_err(|e| invalid("default_tenant", src, e.to_string()))?)
+            }
+            None => None,
+        };
+        let strict_reads = layers.value_or(|r| &mut r.strict_reads, false);
+        let (shredded, src) = layers.take_or(|r| &mut r.shredded_reads, "error".to_owned());
+        let shredded_reads = match shredded.as_str() {
+            "error" => ShreddedReads::Error,
+            "null" => ShreddedReads::Null,
+            other => {
+                return Err(invalid(
+                    "shredded_reads",
+                    src,
+                    format!("`{other}` is not error or null"),
+                ))
+            }
+        };
+        Ok(EncryptionConfig {
+            rules,
+            default_tenant,
+            strict_reads,
+            shredded_reads,
+        })
+    }
+}
+
+/// Settings of how the process runs: logging, worker threads, shutdown and the admin
+/// endpoint.
+#[derive(Debug, Clone)]
+pub struct OpsConfig {
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` applies when unset.
+    pub log: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Threads serving connections.
+    pub workers: usize,
+    /// How long SIGTERM waits for sessions to reach an idle point.
+    pub shutdown_grace: Duration,
+    /// Admin HTTP address (`/metrics`, `/healthz`, `/readyz`), if enabled.
+    pub admin: Option<SocketAddr>,
+}
+
+impl OpsConfig {
+    fn resolve(layers: &mut Layers) -> Result<Self, ConfigError> {
+        let (format, src) = layers.take_or(|r| &mut r.log_format, "text".to_owned());
+        let log_format = match format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    src,
+                    format!("`{other}` is not text or json"),
+                ))
+            }
+        };
+        let log = layers.take(|r| &mut r.log).map(|(v, _)| v);
+        let workers = match layers.value_or(|r| &mut r.workers, 0) {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        };
+        let (grace, src) = layers.take_or(|r| &mut r.shutdown_grace, "30s".to_owned());
+        let shutdown_grace =
+            parse_duration(&grace).map_err(|m| invalid("shutdown_grace", src, m))?;
+        let admin = match layers.take(|r| &mut r.admin) {
+            Some((v, _)) if v.is_empty() || v == "off" => None,
+            Some((v, src)) => Some(v.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "admin",
+                    src,
+                    format!("{e} (expected HOST:PORT with an IP address)"),
+                )
+            })?),
+            None => None,
+        };
+        Ok(OpsConfig {
+            log,
+            log_format,
+            workers,
+            shutdown_grace,
+            admin,
+        })
     }
 }
 
@@ -456,339 +839,81 @@ pub enum ConfigError {
     },
 }
 
-impl Config {
-    /// Merge overrides (flags/env) over the file over defaults, and validate.
-    pub fn resolve(
-        over: Overrides,
-        file: Option<(&Path, RawConfig)>,
-    ) -> Result<Config, ConfigError> {
-        let (file_name, raw) = match file {
-            Some((path, raw)) => (format!("{}", path.display()), raw),
+/// Source name of a value from the command line or the environment.
+const FROM_TOP: &str = "command line or environment";
+/// Source name of a default value.
+const FROM_DEFAULT: &str = "default";
+/// Source name of an error about a value's range (wherever the value came from).
+const CONFIGURATION: &str = "configuration";
+
+/// The two layers [`Config::resolve`] merges. Each setting is taken out once, with the name
+/// of the layer it came from.
+struct Layers {
+    top: RawConfig,
+    file: RawConfig,
+    /// The file's path as shown in errors.
+    file_name: String,
+}
+
+impl Layers {
+    fn new(top: RawConfig, file: Option<(&Path, RawConfig)>) -> Self {
+        let (file_name, file) = match file {
+            Some((path, raw)) => (path.display().to_string(), raw),
             None => (String::new(), RawConfig::default()),
         };
-        let pick =
-            |flag: Option<String>, file: Option<String>, default: &str| -> (String, String) {
-                match (flag, file) {
-                    (Some(v), _) => (v, "command line or environment".to_owned()),
-                    (None, Some(v)) => (v, file_name.clone()),
-                    (None, None) => (default.to_owned(), "default".to_owned()),
-                }
-            };
-        let err = |key: &'static str, source_name: String, message: String| ConfigError::Value {
-            key,
-            source_name,
-            message,
-        };
-
-        let (listen, src) = pick(over.listen, raw.listen, DEFAULT_LISTEN);
-        let listen = listen.parse::<SocketAddr>().map_err(|e| {
-            err(
-                "listen",
-                src,
-                format!("{e} (expected HOST:PORT with an IP address)"),
-            )
-        })?;
-
-        let (upstream, src) = pick(over.upstream, raw.upstream, DEFAULT_UPSTREAM);
-        let upstream = Upstream::parse(&upstream).map_err(|m| err("upstream", src, m))?;
-
-        let max_connections = over
-            .max_connections
-            .or(raw.max_connections)
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
-        if max_connections == 0 {
-            return Err(err(
-                "max_connections",
-                "configuration".into(),
-                "must be at least 1".into(),
-            ));
+        Layers {
+            top,
+            file,
+            file_name,
         }
-
-        let max_message_size = match (over.max_message_size, raw.max_message_size) {
-            (Some(v), _) => parse_size(&v)
-                .map_err(|m| err("max_message_size", "command line or environment".into(), m))?,
-            (None, Some(SizeValue::Bytes(b))) => b,
-            (None, Some(SizeValue::Text(v))) => {
-                parse_size(&v).map_err(|m| err("max_message_size", file_name.clone(), m))?
-            }
-            (None, None) => DEFAULT_MAX_MESSAGE_SIZE as u64,
-        };
-        if max_message_size < 1024 || max_message_size > DEFAULT_MAX_MESSAGE_SIZE as u64 {
-            return Err(err(
-                "max_message_size",
-                "configuration".into(),
-                format!("must be between 1KiB and {DEFAULT_MAX_MESSAGE_SIZE} bytes"),
-            ));
-        }
-
-        let (timeout, src) = pick(over.connect_timeout, raw.connect_timeout, "10s");
-        let connect_timeout =
-            parse_duration(&timeout).map_err(|m| err("connect_timeout", src, m))?;
-
-        let (format, src) = pick(over.log_format, raw.log_format, "text");
-        let log_format = match format.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(err(
-                    "log_format",
-                    src,
-                    format!("`{other}` is not text or json"),
-                ))
-            }
-        };
-
-        let (rules, src) = match (over.rules, raw.rules) {
-            (Some(v), _) => (v, "command line or environment".to_owned()),
-            (None, Some(v)) => (v, file_name.clone()),
-            (None, None) => (PathBuf::from(DEFAULT_RULES), "default".to_owned()),
-        };
-        if rules.as_os_str().is_empty() {
-            return Err(err("rules", src, "must not be empty".into()));
-        }
-
-        let (kms, src) = pick(over.kms, raw.kms, DEFAULT_KMS);
-        let kms = kms
-            .parse::<KmsUri>()
-            .map_err(|e| err("kms", src, e.to_string()))?;
-        let (also, src) = match (over.kms_also, raw.kms_also) {
-            (flag, _) if !flag.is_empty() => (flag, "command line or environment".to_owned()),
-            (_, Some(v)) => (v, file_name.clone()),
-            _ => (Vec::new(), "default".to_owned()),
-        };
-        let kms_also = also
-            .iter()
-            .map(|u| u.trim())
-            .filter(|u| !u.is_empty())
-            .map(|u| {
-                u.parse::<KmsUri>()
-                    .map_err(|e| err("kms_also", src.clone(), e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let default_tenant = match (over.default_tenant, raw.default_tenant) {
-            (Some(v), _) => Some((v, "command line or environment".to_owned())),
-            (None, Some(v)) => Some((v, file_name.clone())),
-            (None, None) => None,
-        };
-        let default_tenant = match default_tenant {
-            Some((v, src)) => {
-                Some(OrgId::new(v).map_err(|e| err("default_tenant", src, e.to_string()))?)
-            }
-            None => None,
-        };
-
-        let (ttl, src) = pick(over.key_cache_ttl, raw.key_cache_ttl, "300s");
-        let key_cache_ttl = parse_duration(&ttl).map_err(|m| err("key_cache_ttl", src, m))?;
-        let key_cache_capacity = over
-            .key_cache_capacity
-            .or(raw.key_cache_capacity)
-            .unwrap_or(10_000);
-        if key_cache_capacity == 0 {
-            return Err(err(
-                "key_cache_capacity",
-                "configuration".into(),
-                "must be at least 1".into(),
-            ));
-        }
-
-        let (key_schema, src) = pick(over.key_schema, raw.key_schema, DEFAULT_KEY_SCHEMA);
-        if !crate::keys::is_plain_identifier(&key_schema) {
-            return Err(err(
-                "key_schema",
-                src,
-                format!("`{key_schema}` is not 1-63 characters of a-z, 0-9 and _ (not starting with a digit)"),
-            ));
-        }
-        let (shredded, src) = pick(over.shredded_reads, raw.shredded_reads, "error");
-        let shredded_reads = match shredded.as_str() {
-            "error" => crate::cipher::ShreddedReads::Error,
-            "null" => crate::cipher::ShreddedReads::Null,
-            other => {
-                return Err(err(
-                    "shredded_reads",
-                    src,
-                    format!("`{other}` is not error or null"),
-                ))
-            }
-        };
-        let rotate_after_encryptions = over
-            .rotate_after_encryptions
-            .or(raw.rotate_after_encryptions)
-            .unwrap_or(DEFAULT_ROTATE_AFTER_ENCRYPTIONS);
-        if rotate_after_encryptions == 0 || rotate_after_encryptions > MAX_ROTATE_AFTER_ENCRYPTIONS
-        {
-            return Err(err(
-                "rotate_after_encryptions",
-                "configuration".into(),
-                format!("must be between 1 and {MAX_ROTATE_AFTER_ENCRYPTIONS} (2^32 random nonces per key is the hard limit)"),
-            ));
-        }
-        let (age, src) = pick(over.rotate_after_age, raw.rotate_after_age, "off");
-        let rotate_after_age = match age.as_str() {
-            "off" | "" => None,
-            text => {
-                let age =
-                    parse_duration(text).map_err(|m| err("rotate_after_age", src.clone(), m))?;
-                if age < Duration::from_secs(1) {
-                    return Err(err(
-                        "rotate_after_age",
-                        src,
-                        "must be at least 1s (or off)".into(),
-                    ));
-                }
-                Some(age)
-            }
-        };
-
-        let workers = match over.workers.or(raw.workers).unwrap_or(0) {
-            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-            n => n,
-        };
-
-        let (grace, src) = pick(over.shutdown_grace, raw.shutdown_grace, "30s");
-        let shutdown_grace = parse_duration(&grace).map_err(|m| err("shutdown_grace", src, m))?;
-
-        let admin = match (over.admin, raw.admin) {
-            (Some(v), _) => Some((v, "command line or environment".to_owned())),
-            (None, Some(v)) => Some((v, file_name.clone())),
-            (None, None) => None,
-        };
-        let admin = match admin {
-            Some((v, _)) if v.is_empty() || v == "off" => None,
-            Some((v, src)) => Some(v.parse::<SocketAddr>().map_err(|e| {
-                err(
-                    "admin",
-                    src,
-                    format!("{e} (expected HOST:PORT with an IP address)"),
-                )
-            })?),
-            None => None,
-        };
-
-        let path_pick = |flag: Option<PathBuf>, file: Option<PathBuf>| match (flag, file) {
-            (Some(v), _) => Some((v, "command line or environment".to_owned())),
-            (None, Some(v)) => Some((v, file_name.clone())),
-            (None, None) => None,
-        };
-        let tls = match (
-            path_pick(over.tls_cert, raw.tls_cert),
-            path_pick(over.tls_key, raw.tls_key),
-        ) {
-            (Some((cert, _)), Some((key, _))) => Some(TlsFiles { cert, key }),
-            (None, None) => None,
-            (Some((cert, src)), None) => {
-                return Err(err(
-                    "tls_key",
-                    src,
-                    format!(
-                        "tls_cert {} is set but tls_key is not: give both or neither",
-                        cert.display()
-                    ),
-                ))
-            }
-            (None, Some((key, src))) => {
-                return Err(err(
-                    "tls_cert",
-                    src,
-                    format!(
-                        "tls_key {} is set but tls_cert is not: give both or neither",
-                        key.display()
-                    ),
-                ))
-            }
-        };
-        let require_client_tls = over
-            .require_client_tls
-            .or(raw.require_client_tls)
-            .unwrap_or(false);
-        if require_client_tls && tls.is_none() {
-            return Err(err(
-                "require_client_tls",
-                "configuration".into(),
-                "needs tls_cert and tls_key".into(),
-            ));
-        }
-        let upstream_ca = path_pick(over.upstream_ca, raw.upstream_ca).map(|(p, _)| p);
-        let upstream_sslmode = match path_pick(
-            over.upstream_sslmode.map(PathBuf::from),
-            raw.upstream_sslmode.map(PathBuf::from),
-        ) {
-            Some((mode, src)) => {
-                let mode = mode
-                    .to_string_lossy()
-                    .parse::<SslMode>()
-                    .map_err(|m| err("upstream_sslmode", src.clone(), m))?;
-                match upstream.sslmode {
-                    Some(in_url) if in_url != mode => {
-                        return Err(err(
-                            "upstream_sslmode",
-                            src,
-                            format!("{mode} contradicts sslmode={in_url} in the upstream URL"),
-                        ))
-                    }
-                    _ => mode,
-                }
-            }
-            None => match upstream.sslmode {
-                Some(in_url) => in_url,
-                None if upstream_ca.is_some() => SslMode::VerifyFull,
-                None => SslMode::Prefer,
-            },
-        };
-        if matches!(upstream_sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
-            && upstream_ca.is_none()
-        {
-            return Err(err(
-                "upstream_ca",
-                "configuration".into(),
-                format!("upstream_sslmode {upstream_sslmode} needs a CA file"),
-            ));
-        }
-
-        Ok(Config {
-            tls,
-            require_client_tls,
-            upstream_sslmode,
-            upstream_ca,
-            admin,
-            shutdown_grace,
-            workers,
-            rules,
-            kms,
-            kms_also,
-            default_tenant,
-            strict_reads: over.strict_reads.or(raw.strict_reads).unwrap_or(false),
-            key_cache_ttl,
-            key_cache_capacity,
-            key_schema,
-            shredded_reads,
-            rotate_after_encryptions,
-            rotate_after_age,
-            listen,
-            upstream,
-            max_connections,
-            max_message_size: usize::try_from(max_message_size).unwrap_or(usize::MAX),
-            connect_timeout,
-            log_format,
-            log: over.log.or(raw.log),
-        })
     }
 
-    /// The proxy's listener and connection settings.
-    pub fn proxy(&self) -> ProxyConfig {
-        ProxyConfig {
-            listen: self.listen,
-            upstream_host: self.upstream.host.clone(),
-            upstream_port: self.upstream.port,
-            max_connections: self.max_connections,
-            max_message_size: self.max_message_size,
-            connect_timeout: self.connect_timeout,
-            tls: self.tls.clone(),
-            require_client_tls: self.require_client_tls,
-            upstream_sslmode: self.upstream_sslmode,
-            upstream_ca: self.upstream_ca.clone(),
+    /// The setting `field` from the command line, else from the file, with its source name.
+    fn take<T>(&mut self, field: impl Fn(&mut RawConfig) -> &mut Option<T>) -> Option<(T, String)> {
+        if let Some(v) = field(&mut self.top).take() {
+            return Some((v, FROM_TOP.to_owned()));
         }
+        field(&mut self.file)
+            .take()
+            .map(|v| (v, self.file_name.clone()))
+    }
+
+    /// [`Layers::take`], else `default`.
+    fn take_or<T>(
+        &mut self,
+        field: impl Fn(&mut RawConfig) -> &mut Option<T>,
+        default: T,
+    ) -> (T, String) {
+        self.take(field)
+            .unwrap_or_else(|| (default, FROM_DEFAULT.to_owned()))
+    }
+
+    /// The value of [`Layers::take`] without its source, else `default` (for settings whose
+    /// errors do not name a source).
+    fn value_or<T>(&mut self, field: impl Fn(&mut RawConfig) -> &mut Option<T>, default: T) -> T {
+        self.take(field).map_or(default, |(v, _)| v)
+    }
+
+    /// A list setting: the command line's if it gave any item, else the file's (maybe
+    /// empty).
+    fn take_list<T>(&mut self, field: impl Fn(&mut RawConfig) -> &mut Vec<T>) -> (Vec<T>, String) {
+        let top = std::mem::take(field(&mut self.top));
+        if !top.is_empty() {
+            return (top, FROM_TOP.to_owned());
+        }
+        (
+            std::mem::take(field(&mut self.file)),
+            self.file_name.clone(),
+        )
+    }
+}
+
+/// A [`ConfigError::Value`].
+fn invalid(key: &'static str, source_name: String, message: String) -> ConfigError {
+    ConfigError::Value {
+        key,
+        source_name,
+        message,
     }
 }
 
@@ -798,12 +923,12 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = Config::resolve(Overrides::default(), None).unwrap();
-        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        let c = Config::resolve(RawConfig::default(), None).unwrap();
+        assert_eq!(c.proxy.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.upstream.host, "127.0.0.1");
         assert_eq!(c.upstream.port, 5432);
         assert_eq!(c.upstream.service.get_user(), Some("postgres"));
-        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.proxy.connect_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -813,12 +938,12 @@ mod tests {
             "listen = \"127.0.0.1:7000\"\nupstream = \"postgres://u@db:6000/x\"\n",
         )
         .unwrap();
-        let over = Overrides {
+        let top = RawConfig {
             listen: Some("127.0.0.1:7001".into()),
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let c = Config::resolve(over, Some((Path::new("p.toml"), raw))).unwrap();
-        assert_eq!(c.listen.port(), 7001);
+        let c = Config::resolve(top, Some((Path::new("p.toml"), raw))).unwrap();
+        assert_eq!(c.proxy.listen.port(), 7001);
         assert_eq!(c.upstream.host, "db");
         assert_eq!(c.upstream.port, 6000);
     }
@@ -827,11 +952,11 @@ mod tests {
     fn sslmode_in_the_upstream_url_is_honoured() {
         let with = |upstream: &str, flag: Option<&str>| {
             Config::resolve(
-                Overrides {
+                RawConfig {
                     upstream: Some(upstream.into()),
                     upstream_sslmode: flag.map(Into::into),
                     upstream_ca: Some("ca.crt".into()),
-                    ..Overrides::default()
+                    ..RawConfig::default()
                 },
                 None,
             )
@@ -841,13 +966,13 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(c.upstream_sslmode, SslMode::Require);
+        assert_eq!(c.proxy.upstream_sslmode, SslMode::Require);
         assert_eq!(c.upstream.service.get_application_name(), Some("a"));
         assert_eq!(c.upstream.port, 6000);
         let c = with("postgresql://u@db/x?sslmode=verify-full", None).unwrap();
-        assert_eq!(c.upstream_sslmode, SslMode::VerifyFull);
+        assert_eq!(c.proxy.upstream_sslmode, SslMode::VerifyFull);
         let c = with("host=db port=6001 sslmode=disable user=u", None).unwrap();
-        assert_eq!(c.upstream_sslmode, SslMode::Disable);
+        assert_eq!(c.proxy.upstream_sslmode, SslMode::Disable);
         assert_eq!(c.upstream.service.get_user(), Some("u"));
         assert_eq!(c.upstream.port, 6001);
         // Spaced and quoted forms; the other values, quoted spaces included, stay as given.
@@ -856,7 +981,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(c.upstream_sslmode, SslMode::VerifyCa);
+        assert_eq!(c.proxy.upstream_sslmode, SslMode::VerifyCa);
         assert_eq!(c.upstream.service.get_password(), Some(&b"two  spaces"[..]));
         assert_eq!(c.upstream.service.get_user(), Some("u"));
         let (rest, mode) = take_sslmode("host=db password='a b' sslmode=require").unwrap();
@@ -864,7 +989,7 @@ mod tests {
         assert_eq!(mode, Some(SslMode::Require));
         // Same value twice is fine; a contradiction is an error, never a silent downgrade.
         let c = with("postgres://u@db/x?sslmode=require", Some("require")).unwrap();
-        assert_eq!(c.upstream_sslmode, SslMode::Require);
+        assert_eq!(c.proxy.upstream_sslmode, SslMode::Require);
         let msg = with("postgres://u@db/x?sslmode=require", Some("prefer"))
             .unwrap_err()
             .to_string();
@@ -899,10 +1024,66 @@ mod tests {
     }
 
     #[test]
+    fn max_message_size_number_or_text() {
+        let size = |file: &str| {
+            let raw = RawConfig::parse(Path::new("p.toml"), file).unwrap();
+            Config::resolve(RawConfig::default(), Some((Path::new("p.toml"), raw)))
+        };
+        assert_eq!(
+            size("max_message_size = 65536\n")
+                .unwrap()
+                .proxy
+                .max_message_size,
+            65_536
+        );
+        assert_eq!(
+            size("max_message_size = \"64KiB\"\n")
+                .unwrap()
+                .proxy
+                .max_message_size,
+            65_536
+        );
+        let msg = size("max_message_size = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("max_message_size") && msg.contains("p.toml"),
+            "{msg}"
+        );
+        assert!(RawConfig::parse(Path::new("p.toml"), "max_message_size = true\n").is_err());
+    }
+
+    #[test]
+    fn counter_flush_interval_default_and_bounds() {
+        let every = |v: &str| {
+            Config::resolve(
+                RawConfig {
+                    counter_flush_interval: Some(v.into()),
+                    ..RawConfig::default()
+                },
+                None,
+            )
+        };
+        let c = Config::resolve(RawConfig::default(), None).unwrap();
+        assert_eq!(c.keys.counter_flush_interval, Duration::from_secs(5));
+        assert_eq!(
+            every("200ms").unwrap().keys.counter_flush_interval,
+            Duration::from_millis(200)
+        );
+        for bad in ["0", "2m", "soon"] {
+            let msg = every(bad).unwrap_err().to_string();
+            assert!(
+                msg.contains("counter_flush_interval") && msg.contains("command line"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let raw = RawConfig::parse(Path::new("p.toml"), "connect_timeout = \"soon\"\n").unwrap();
         let e =
-            Config::resolve(Overrides::default(), Some((Path::new("p.toml"), raw))).unwrap_err();
+            Config::resolve(RawConfig::default(), Some((Path::new("p.toml"), raw))).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("connect_timeout") && msg.contains("p.toml"),
@@ -912,31 +1093,31 @@ mod tests {
 
     #[test]
     fn tls_files_both_or_neither() {
-        let over = Overrides {
+        let top = RawConfig {
             tls_cert: Some("server.crt".into()),
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        let msg = Config::resolve(top, None).unwrap_err().to_string();
         assert!(
             msg.contains("tls_key") && msg.contains("server.crt"),
             "{msg}"
         );
-        let c = Config::resolve(Overrides::default(), None).unwrap();
-        assert!(c.tls.is_none());
-        assert_eq!(c.upstream_sslmode, SslMode::Prefer);
-        let over = Overrides {
+        let c = Config::resolve(RawConfig::default(), None).unwrap();
+        assert!(c.proxy.tls.is_none());
+        assert_eq!(c.proxy.upstream_sslmode, SslMode::Prefer);
+        let top = RawConfig {
             upstream_ca: Some("ca.crt".into()),
-            ..Overrides::default()
+            ..RawConfig::default()
         };
         assert_eq!(
-            Config::resolve(over, None).unwrap().upstream_sslmode,
+            Config::resolve(top, None).unwrap().proxy.upstream_sslmode,
             SslMode::VerifyFull
         );
-        let over = Overrides {
+        let top = RawConfig {
             upstream_sslmode: Some("verify-ca".into()),
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        let msg = Config::resolve(top, None).unwrap_err().to_string();
         assert!(msg.contains("upstream_ca"), "{msg}");
     }
 
@@ -948,30 +1129,31 @@ mod tests {
         )
         .unwrap();
         let c = Config::resolve(
-            Overrides::default(),
+            RawConfig::default(),
             Some((Path::new("p.toml"), raw.clone())),
         )
         .unwrap();
-        assert_eq!(c.kms.to_string(), "aws-kms:alias/new");
-        assert_eq!(c.kms_also.len(), 1);
-        assert_eq!(c.kms_also[0].to_string(), "local:old-kek");
+        assert_eq!(c.keys.kms.to_string(), "aws-kms:alias/new");
+        assert_eq!(c.keys.kms_also.len(), 1);
+        assert_eq!(c.keys.kms_also[0].to_string(), "local:old-kek");
 
-        let over = Overrides {
+        let top = RawConfig {
             kms_also: vec!["aws-kms:alias/a".into(), "aws-kms:alias/b".into()],
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let c = Config::resolve(over, Some((Path::new("p.toml"), raw))).unwrap();
-        assert_eq!(c.kms_also.len(), 2);
-        assert!(Config::resolve(Overrides::default(), None)
+        let c = Config::resolve(top, Some((Path::new("p.toml"), raw))).unwrap();
+        assert_eq!(c.keys.kms_also.len(), 2);
+        assert!(Config::resolve(RawConfig::default(), None)
             .unwrap()
+            .keys
             .kms_also
             .is_empty());
 
-        let over = Overrides {
+        let top = RawConfig {
             kms_also: vec!["vault:x".into()],
-            ..Overrides::default()
+            ..RawConfig::default()
         };
-        let msg = Config::resolve(over, None).unwrap_err().to_string();
+        let msg = Config::resolve(top, None).unwrap_err().to_string();
         assert!(msg.contains("kms_also"), "{msg}");
     }
 }

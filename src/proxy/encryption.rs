@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
 
-use crate::cipher::{Cipher, CipherMetrics, CipherPolicy, ReasonCounts, ShreddedReads};
+use crate::cipher::{Cipher, CipherMetrics, CipherPolicy, ReasonCounts};
+use crate::config::{EncryptionConfig, KeysConfig};
 use crate::crypto::OrgId;
 use crate::keys::{
     spawn_key_listener, InstrumentedKek, KekMetrics, KekProvider, KeyError, KeyManager,
-    KeyManagerConfig, KeyStore, ListenerState, RotationPolicy,
+    KeyManagerConfig, KeyStore, ListenerState,
 };
 use crate::proxy::catalog::Catalog;
 use crate::proxy::error::{ClientError, REJECT_REASONS};
@@ -39,7 +40,8 @@ impl std::fmt::Debug for Encryption {
     }
 }
 
-/// Everything the encrypting layer is built from.
+/// Everything the encrypting layer is built from: the loaded rules and opened KEK providers,
+/// the keys' and the encryption's configuration, and the service connection to the upstream.
 pub struct EncryptionSettings {
     /// The rules (must not be empty: without rules the proxy is a plain pass-through).
     pub rules: RuleSet,
@@ -47,24 +49,13 @@ pub struct EncryptionSettings {
     pub kek: Arc<dyn KekProvider>,
     /// Further KEK providers, used only to unwrap DEKs whose recorded KEK id is theirs.
     pub kek_also: Vec<Arc<dyn KekProvider>>,
+    /// Key store schema, DEK cache, rotation and counter flushing. Its KEK URIs are not opened
+    /// here: `kek` and `kek_also` are the providers.
+    pub keys: KeysConfig,
+    /// Default tenant and read policies. Its rules path is not read here: `rules` is the set.
+    pub encryption: EncryptionConfig,
     /// Service connection settings (key store, catalog); the database holds the key store.
     pub service: tokio_postgres::Config,
-    /// Key store schema name.
-    pub key_schema: String,
-    /// DEK cache TTL.
-    pub key_cache_ttl: std::time::Duration,
-    /// DEK cache capacity.
-    pub key_cache_capacity: u64,
-    /// Automatic rotation limits.
-    pub rotation: RotationPolicy,
-    /// How often encryption counts are written to the key store (and rotation is checked).
-    pub counter_flush_interval: std::time::Duration,
-    /// Default tenant for writes.
-    pub default_tenant: Option<OrgId>,
-    /// Refuse plaintext in encrypted columns on read.
-    pub strict_reads: bool,
-    /// What reading a value under a destroyed (shredded) DEK gives.
-    pub shredded_reads: ShreddedReads,
     /// Timeout for service connections.
     pub connect_timeout: std::time::Duration,
     /// TLS for the service connections.
@@ -77,7 +68,7 @@ impl Encryption {
     /// listener.
     pub async fn start(settings: EncryptionSettings) -> Result<Arc<Encryption>, KeyError> {
         let store = Arc::new(
-            KeyStore::new(settings.service.clone(), &settings.key_schema)?
+            KeyStore::new(settings.service.clone(), &settings.keys.key_schema)?
                 .with_tls(settings.service_tls.clone()),
         );
         match tokio::time::timeout(settings.connect_timeout, store.ensure_schema()).await {
@@ -109,14 +100,14 @@ impl Encryption {
                 store,
                 instrument(settings.kek),
                 KeyManagerConfig {
-                    ttl: settings.key_cache_ttl,
-                    capacity: settings.key_cache_capacity,
-                    rotation: settings.rotation,
+                    ttl: settings.keys.key_cache_ttl,
+                    capacity: settings.keys.key_cache_capacity,
+                    rotation: settings.keys.rotation,
                 },
             )
             .with_unwrap_only(settings.kek_also.into_iter().map(instrument).collect()),
         );
-        keys.spawn_counter_flusher(settings.counter_flush_interval, std::future::pending());
+        keys.spawn_counter_flusher(settings.keys.counter_flush_interval, std::future::pending());
         let (_, key_listener) = spawn_key_listener(Arc::clone(&keys));
         Ok(Arc::new(Encryption {
             rules: Arc::new(Rules::new(Arc::new(settings.rules))),
@@ -126,10 +117,10 @@ impl Encryption {
                 settings.connect_timeout,
                 settings.service_tls,
             )),
-            default_tenant: settings.default_tenant,
+            default_tenant: settings.encryption.default_tenant,
             policy: CipherPolicy {
-                strict_reads: settings.strict_reads,
-                shredded_reads: settings.shredded_reads,
+                strict_reads: settings.encryption.strict_reads,
+                shredded_reads: settings.encryption.shredded_reads,
             },
             cipher_metrics: Arc::default(),
             refusals: ReasonCounts::new(REJECT_REASONS),

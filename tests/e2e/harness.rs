@@ -3,11 +3,15 @@
 //! use it. Dropping it stops the proxy.
 
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use pgenvelope::proxy::{ProxyConfig, Server};
+use pgenvelope::app::{App, Parts};
+use pgenvelope::config::{Config, RawConfig, SslMode};
+use pgenvelope::keys::{KekProvider, RotationPolicy};
+use pgenvelope::proxy::ShreddedReads;
 
 /// Host and port of the shared test PostgreSQL (trust auth), overridable with
 /// `PGENVELOPE_TEST_PGHOST` / `PGENVELOPE_TEST_PGPORT`.
@@ -23,17 +27,19 @@ pub fn main_pg() -> (String, u16) {
 /// A running proxy.
 pub struct TestProxy {
     addr: SocketAddr,
-    pub engine: Option<std::sync::Arc<pgenvelope::proxy::Encryption>>,
+    pub engine: Option<Arc<pgenvelope::proxy::Encryption>>,
     pub handle: pgenvelope::proxy::ServerHandle,
     pub key_schema: String,
     /// The local KEK file (unused when the options gave another KEK provider).
-    pub kek_path: std::path::PathBuf,
+    pub kek_path: PathBuf,
     _dir: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// Options for [`TestProxy`].
+/// Options for [`TestProxy`]: the settings of `pgenvelope serve`, as typed values.
+/// [`ProxyOptions::to`] states the harness's own defaults; every other value is the product's
+/// default.
 #[derive(Clone)]
 pub struct ProxyOptions {
     pub upstream_host: String,
@@ -48,11 +54,11 @@ pub struct ProxyOptions {
     /// Key store schema (unique per proxy unless shared on purpose).
     pub key_schema: String,
     /// KEK file (a fresh one in a temp dir unless shared on purpose).
-    pub kek_path: Option<std::path::PathBuf>,
+    pub kek_path: Option<PathBuf>,
     /// A KEK provider to use instead of a local key file.
-    pub kek: Option<std::sync::Arc<dyn pgenvelope::keys::KekProvider>>,
+    pub kek: Option<Arc<dyn KekProvider>>,
     /// Unwrap-only KEK providers.
-    pub kek_also: Vec<std::sync::Arc<dyn pgenvelope::keys::KekProvider>>,
+    pub kek_also: Vec<Arc<dyn KekProvider>>,
     /// Database holding the key store.
     pub key_db: String,
     /// Client-facing TLS certificate and key.
@@ -60,40 +66,44 @@ pub struct ProxyOptions {
     /// Refuse plaintext clients.
     pub require_client_tls: bool,
     /// TLS toward the upstream.
-    pub upstream_sslmode: pgenvelope::config::SslMode,
+    pub upstream_sslmode: SslMode,
     /// CA for verifying the upstream.
-    pub upstream_ca: Option<std::path::PathBuf>,
+    pub upstream_ca: Option<PathBuf>,
     /// Automatic rotation limits.
-    pub rotation: pgenvelope::keys::RotationPolicy,
+    pub rotation: RotationPolicy,
     /// What values under destroyed DEKs read as.
-    pub shredded_reads: pgenvelope::proxy::ShreddedReads,
+    pub shredded_reads: ShreddedReads,
     /// How often encryption counts are flushed (and rotation checked).
     pub counter_flush_interval: Duration,
 }
 
 impl ProxyOptions {
+    /// A relaying proxy in front of `host:port`. What differs from `pgenvelope serve`'s
+    /// defaults: a connection limit and connect timeout sized for tests, a key store schema of
+    /// its own, and the key store in the `test` database.
     pub fn to(host: &str, port: u16) -> Self {
+        let defaults = Config::resolve(RawConfig::default(), None).expect("the defaults are valid");
         Self {
             upstream_host: host.to_owned(),
             upstream_port: port,
             max_connections: 1000,
-            max_message_size: (1 << 30) - 1,
+            max_message_size: defaults.proxy.max_message_size,
             connect_timeout: Duration::from_secs(5),
             rules: None,
             default_tenant: None,
-            strict_reads: false,
+            strict_reads: defaults.encryption.strict_reads,
             key_schema: unique("pgenvelope_t"),
             kek_path: None,
             kek: None,
             kek_also: Vec::new(),
             key_db: "test".to_owned(),
             tls: None,
-            require_client_tls: false,
-            upstream_sslmode: pgenvelope::config::SslMode::Prefer,
+            require_client_tls: defaults.proxy.require_client_tls,
+            upstream_sslmode: defaults.proxy.upstream_sslmode,
             upstream_ca: None,
-            rotation: pgenvelope::keys::RotationPolicy::default(),
-            shredded_reads: pgenvelope::proxy::ShreddedReads::Error,
-            counter_flush_interval: Duration::from_secs(5),
+            rotation: defaults.keys.rotation,
+            shredded_reads: defaults.encryption.shredded_reads,
+            counter_flush_interval: defaults.keys.counter_flush_interval,
         }
     }
 
@@ -104,6 +114,63 @@ impl ProxyOptions {
         o.rules = Some(rules.to_owned());
         o
     }
+
+    /// These options as the settings `pgenvelope serve` would be given, with the rules written
+    /// to `dir` (an empty rule directory when there are none) and the local KEK at `kek_path`.
+    fn overlay(&self, dir: &Path, kek_path: &Path) -> RawConfig {
+        let rules = match &self.rules {
+            Some(text) => {
+                let file = dir.join("test-rules.toml");
+                std::fs::write(&file, text).expect("write the test rules");
+                file
+            }
+            None => {
+                let empty = dir.join("rules");
+                std::fs::create_dir(&empty).expect("create an empty rule directory");
+                empty
+            }
+        };
+        let host = if self.upstream_host.contains(':') {
+            format!("[{}]", self.upstream_host)
+        } else {
+            self.upstream_host.clone()
+        };
+        let duration = |d: Duration| format!("{}ms", d.as_millis());
+        RawConfig {
+            listen: Some("127.0.0.1:0".to_owned()),
+            upstream: Some(format!(
+                "postgres://postgres@{host}:{}/{}",
+                self.upstream_port, self.key_db
+            )),
+            max_connections: Some(self.max_connections),
+            max_message_size: Some(self.max_message_size.to_string()),
+            connect_timeout: Some(duration(self.connect_timeout)),
+            rules: Some(rules),
+            kms: self
+                .kek
+                .is_none()
+                .then(|| format!("local:{}", kek_path.display())),
+            default_tenant: self.default_tenant.clone(),
+            strict_reads: Some(self.strict_reads),
+            shredded_reads: Some(
+                match self.shredded_reads {
+                    ShreddedReads::Error => "error",
+                    ShreddedReads::Null => "null",
+                }
+                .to_owned(),
+            ),
+            key_schema: Some(self.key_schema.clone()),
+            rotate_after_encryptions: Some(self.rotation.max_encryptions),
+            rotate_after_age: Some(self.rotation.max_age.map_or("off".to_owned(), duration)),
+            counter_flush_interval: Some(duration(self.counter_flush_interval)),
+            tls_cert: self.tls.as_ref().map(|t| t.cert.clone()),
+            tls_key: self.tls.as_ref().map(|t| t.key.clone()),
+            require_client_tls: Some(self.require_client_tls),
+            upstream_sslmode: Some(self.upstream_sslmode.to_string()),
+            upstream_ca: self.upstream_ca.clone(),
+            ..RawConfig::default()
+        }
+    }
 }
 
 impl TestProxy {
@@ -113,15 +180,21 @@ impl TestProxy {
         Self::with(ProxyOptions::to(&host, port))
     }
 
-    /// A proxy with explicit options.
+    /// A proxy with explicit options, built as `pgenvelope serve` builds it
+    /// ([`pgenvelope::app::build`]); only KEK provider objects are handed in directly.
     pub fn with(opts: ProxyOptions) -> Self {
-        let key_schema = opts.key_schema.clone();
         let dir = tempfile::tempdir().expect("temp dir");
         let kek_path = opts
             .kek_path
             .clone()
             .unwrap_or_else(|| dir.path().join("kek"));
-        let kek_path_copy = kek_path.clone();
+        let config = Config::resolve(opts.overlay(dir.path(), &kek_path), None)
+            .expect("valid test proxy options");
+        let parts = Parts {
+            rules: None,
+            kek: opts.kek.clone(),
+            kek_also: (!opts.kek_also.is_empty()).then(|| opts.kek_also.clone()),
+        };
         let (addr_tx, addr_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -131,78 +204,13 @@ impl TestProxy {
                 .build()
                 .expect("test runtime");
             rt.block_on(async move {
-                let engine = match &opts.rules {
-                    None => None,
-                    Some(text) => {
-                        let rules = pgenvelope::rules::RuleSet::from_sources(&[(
-                            "test-rules.toml",
-                            text.as_str(),
-                        )])
-                        .expect("valid test rules");
-                        let kek: std::sync::Arc<dyn pgenvelope::keys::KekProvider> =
-                            match opts.kek.clone() {
-                                Some(k) => k,
-                                None => std::sync::Arc::new(
-                                    pgenvelope::keys::LocalKek::open_or_create(&kek_path)
-                                        .expect("kek"),
-                                ),
-                            };
-                        let mut service = tokio_postgres::Config::new();
-                        service
-                            .host(&opts.upstream_host)
-                            .port(opts.upstream_port)
-                            .user("postgres")
-                            .dbname(&opts.key_db);
-                        let engine = pgenvelope::proxy::Encryption::start(
-                            pgenvelope::proxy::EncryptionSettings {
-                                rules,
-                                kek,
-                                kek_also: opts.kek_also.clone(),
-                                service,
-                                key_schema: opts.key_schema.clone(),
-                                key_cache_ttl: Duration::from_secs(300),
-                                key_cache_capacity: 10_000,
-                                rotation: opts.rotation,
-                                counter_flush_interval: opts.counter_flush_interval,
-                                default_tenant: opts.default_tenant.as_ref().map(|t| {
-                                    pgenvelope::crypto::OrgId::new(t.clone()).expect("org")
-                                }),
-                                strict_reads: opts.strict_reads,
-                                shredded_reads: opts.shredded_reads,
-                                connect_timeout: opts.connect_timeout,
-                                service_tls: pgenvelope::tls::ServiceTls::new(
-                                    opts.upstream_sslmode,
-                                    opts.upstream_ca.as_deref(),
-                                )
-                                .expect("service TLS settings"),
-                            },
-                        )
-                        .await
-                        .expect("engine");
-                        Some(engine)
-                    }
-                };
-                let server = Server::bind_with(
-                    ProxyConfig {
-                        listen: "127.0.0.1:0".parse().expect("literal address"),
-                        upstream_host: opts.upstream_host,
-                        upstream_port: opts.upstream_port,
-                        max_connections: opts.max_connections,
-                        max_message_size: opts.max_message_size,
-                        connect_timeout: opts.connect_timeout,
-                        tls: opts.tls.clone(),
-                        require_client_tls: opts.require_client_tls,
-                        upstream_sslmode: opts.upstream_sslmode,
-                        upstream_ca: opts.upstream_ca.clone(),
-                    },
-                    engine.clone(),
-                )
-                .await
-                .expect("bind proxy");
+                let App { server, encryption } = pgenvelope::app::build(&config, parts)
+                    .await
+                    .expect("build the proxy");
                 addr_tx
                     .send((
                         server.local_addr().expect("local addr"),
-                        engine,
+                        encryption,
                         server.handle(),
                     ))
                     .expect("send addr");
@@ -227,8 +235,8 @@ impl TestProxy {
             addr,
             engine,
             handle,
-            key_schema,
-            kek_path: kek_path_copy,
+            key_schema: opts.key_schema,
+            kek_path,
             _dir: Some(dir),
             stop: Some(stop_tx),
             thread: Some(thread),
