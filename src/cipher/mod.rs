@@ -592,6 +592,38 @@ impl Cipher {
     }
 }
 
+/// What an enc:v1 value says about itself, without any key.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// The algorithm byte.
+    pub algorithm: crate::crypto::Algorithm,
+    /// The DEK that sealed it.
+    pub dek_id: DekId,
+    /// The column it was sealed for.
+    pub column_id: ColumnId,
+    /// That column's name in `rules`, when a rule has this column id.
+    pub column: Option<String>,
+    /// Length of the plaintext, in bytes.
+    pub plaintext_len: usize,
+}
+
+/// Read the header of an enc:v1 value (for `pgenvelope inspect`); never decrypts.
+pub fn inspect(
+    value: &[u8],
+    rules: Option<&RuleSet>,
+) -> Result<Header, crate::crypto::FormatError> {
+    let parsed = EncV1::parse(value)?;
+    Ok(Header {
+        algorithm: parsed.algorithm(),
+        dek_id: parsed.dek_id(),
+        column_id: parsed.column_id(),
+        column: rules
+            .and_then(|r| r.by_column_id(parsed.column_id()))
+            .map(|c| c.qualified_name().to_owned()),
+        plaintext_len: parsed.plaintext_len(),
+    })
+}
+
 /// Whether `value` is shaped like an enc:v1 value of `column` (it parses and carries the
 /// column's id). Anything else that merely starts with `enc:v1:` is plaintext to encrypt.
 pub fn is_envelope_of(column: &ColumnRule, value: &[u8]) -> bool {

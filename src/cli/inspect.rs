@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{Config, RawConfig};
-use crate::crypto::EncV1;
 use crate::keys::KeyStore;
 use crate::rules::load_path;
 
@@ -49,7 +48,8 @@ impl InspectArgs {
 
 /// Print the header; exit 1 if the value is not a well-formed enc:v1 value.
 pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
-    let value = match EncV1::parse(args.value.trim().as_bytes()) {
+    let rules = load_path(&config.encryption.rules).ok();
+    let value = match crate::cipher::inspect(args.value.trim().as_bytes(), rules.as_ref()) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("pgenvelope: not a valid enc:v1 value: {e}");
@@ -57,17 +57,15 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
         }
     };
     println!("format:     enc:v1");
-    println!("algorithm:  {:?}", value.algorithm());
-    println!("dek:        {}", value.dek_id());
-    let column = match load_path(&config.encryption.rules) {
-        Ok(rules) => rules
-            .by_column_id(value.column_id())
-            .map(|c| c.qualified_name().to_owned())
-            .unwrap_or_else(|| "(no rule has this column id)".to_owned()),
-        Err(_) => "(rules not loaded)".to_owned(),
+    println!("algorithm:  {:?}", value.algorithm);
+    println!("dek:        {}", value.dek_id);
+    let column = match (&rules, &value.column) {
+        (Some(_), Some(name)) => name.clone(),
+        (Some(_), None) => "(no rule has this column id)".to_owned(),
+        (None, _) => "(rules not loaded)".to_owned(),
     };
-    println!("column id:  {} {}", value.column_id(), column);
-    println!("plaintext:  {} bytes", value.plaintext_len());
+    println!("column id:  {} {}", value.column_id, column);
+    println!("plaintext:  {} bytes", value.plaintext_len);
     if args.offline {
         return Ok(0);
     }
@@ -84,7 +82,7 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
         let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
             .map_err(|e| e.to_string())?
             .with_tls(tls);
-        match tokio::time::timeout(Duration::from_secs(5), store.lookup(value.dek_id())).await {
+        match tokio::time::timeout(Duration::from_secs(5), store.lookup(value.dek_id)).await {
             Ok(Ok(Some(rec))) => Ok(format!(
                 "{} (version {}, {}, kek {})",
                 rec.org_id, rec.version, rec.state, rec.kek
