@@ -242,6 +242,16 @@ pub enum ClientError {
         /// The column.
         column: ColumnRef,
     },
+    /// A Bind gives another number of parameters than its statement takes (08P01).
+    #[error(
+        "bind message supplies {got} parameters, but the prepared statement requires {expected}"
+    )]
+    BindParamCount {
+        /// What the statement takes.
+        expected: usize,
+        /// What the Bind gave.
+        got: usize,
+    },
     /// A parameter that names a tenant or row key cannot be read as text (0A000).
     #[error("parameter ${param} cannot be read as text")]
     ParamUnreadable {
@@ -315,6 +325,15 @@ pub enum ClientError {
         column: String,
         /// The row key column.
         key: String,
+    },
+    /// A row of another organisation than the session tenant (42501).
+    #[error(
+        "the row written to {column} belongs to another organisation than the session tenant \
+         (pgenvelope.tenant)"
+    )]
+    OtherTenantsRow {
+        /// The column.
+        column: String,
     },
     /// A write with no tenant from the row, the session or the default (42501).
     #[error(
@@ -409,6 +428,17 @@ pub enum ClientError {
     /// A COPY row whose tenant is not a valid organisation id (42501).
     #[error("COPY row {line} has an invalid tenant for {column}")]
     CopyInvalidTenant {
+        /// Row number.
+        line: u64,
+        /// The column.
+        column: String,
+    },
+    /// A COPY row of another organisation than the session tenant (42501).
+    #[error(
+        "COPY row {line}: the row written to {column} belongs to another organisation than the \
+         session tenant (pgenvelope.tenant)"
+    )]
+    CopyOtherTenantsRow {
         /// Row number.
         line: u64,
         /// The column.
@@ -596,12 +626,15 @@ impl ClientError {
             | ClientError::CopyRowKey { .. }
             | ClientError::CopyRow { .. } => FEATURE_NOT_SUPPORTED,
             ClientError::Nul { .. } => CHARACTER_NOT_IN_REPERTOIRE,
+            ClientError::BindParamCount { .. } => PROTOCOL_VIOLATION,
             ClientError::InvalidRowTenant { .. }
             | ClientError::NonCanonicalTenant { .. }
+            | ClientError::OtherTenantsRow { .. }
             | ClientError::NoTenant { .. }
             | ClientError::InvalidTenantSetting
             | ClientError::RestoredOtherOrg { .. }
             | ClientError::CopyInvalidTenant { .. }
+            | ClientError::CopyOtherTenantsRow { .. }
             | ClientError::CopyNoTenant { .. } => INSUFFICIENT_PRIVILEGE,
             ClientError::RestoredDestroyed { .. }
             | ClientError::OtherOrgThanRow { .. }

@@ -36,6 +36,12 @@ pub(crate) struct Analyzer<'a> {
     /// Whether the current expression is the top-level projection of a top-level SELECT (where
     /// `set_config('pgenvelope.tenant', …)` is understood).
     pub(crate) top_projection: bool,
+    /// The text the parser reads, and the byte range of each top-level statement in it (empty
+    /// when they could not be told apart: then no tenant pin can be placed).
+    pub(crate) parsed: &'a str,
+    pub(crate) pieces: Vec<std::ops::Range<usize>>,
+    /// Index of the top-level statement being analysed.
+    pub(crate) piece: usize,
 }
 
 pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
@@ -55,6 +61,9 @@ pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
         frames: Vec::new(),
         ctes: Vec::new(),
         top_projection: false,
+        parsed,
+        pieces: Vec::new(),
+        piece: 0,
     };
     if continued.is_err() {
         if might_touch(sql, protected) {
@@ -86,6 +95,7 @@ impl<'a> Analyzer<'a> {
             if let Token::Placeholder(p) = t {
                 if let Some(n) = param_number(p) {
                     *self.param_uses.entry(n).or_default() += 1;
+                    self.out.max_param = self.out.max_param.max(n);
                 }
             }
         }
@@ -98,7 +108,12 @@ impl<'a> Analyzer<'a> {
             Err(_) => return Ok(()),
         };
         self.out.statement_count = statements.len();
-        for stmt in &statements {
+        self.pieces = super::pins::statement_pieces(sql).unwrap_or_default();
+        if self.pieces.len() != statements.len() {
+            self.pieces.clear();
+        }
+        for (i, stmt) in statements.iter().enumerate() {
+            self.piece = i;
             let kind = self.top_statement(stmt)?;
             self.out.kinds.push(kind);
         }
@@ -187,7 +202,13 @@ impl<'a> Analyzer<'a> {
                 .and_then(|mut p| p.parse_statements())
             {
                 Ok(statements) => {
+                    self.pieces = if statements.len() == 1 {
+                        vec![range.clone()]
+                    } else {
+                        Vec::new()
+                    };
                     for stmt in &statements {
+                        self.piece = 0;
                         self.out.statement_count += 1;
                         let kind = self.top_statement(stmt)?;
                         self.out.kinds.push(kind);

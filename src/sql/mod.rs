@@ -146,6 +146,7 @@ use std::fmt;
 use std::ops::Range;
 
 mod analyzer;
+mod pins;
 mod read;
 mod rejection;
 mod text;
@@ -540,6 +541,38 @@ pub enum StatementKind {
     Other,
 }
 
+/// A condition the proxy adds to a write so that it touches only rows of the organisation its
+/// values are sealed for (an UPDATE by primary key alone, an upsert's DO UPDATE), as row-level
+/// security would: another organisation's row is simply not written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantPin {
+    /// Where the condition goes.
+    pub place: PinPlace,
+    /// The tenant column as the statement sees it, quoted (`"c"."org_id"`).
+    pub column: String,
+    /// What it must equal.
+    pub value: PinValue,
+}
+
+/// Where a [`TenantPin`] goes in the text (byte offsets of the client's text).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinPlace {
+    /// The condition of an existing WHERE clause: it becomes `(` condition `) AND` pin.
+    Wrap(Range<usize>),
+    /// No WHERE clause: ` WHERE` pin is inserted at this offset.
+    Add(usize),
+}
+
+/// What a pinned tenant column must equal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinValue {
+    /// The organisation the statement's values are sealed for under the session (or default)
+    /// tenant, supplied by the proxy.
+    SessionTenant,
+    /// The inserted row's own tenant (`EXCLUDED."org_id"`, quoted), for ON CONFLICT DO UPDATE.
+    Excluded(String),
+}
+
 /// The result of analysing one SQL text.
 #[derive(Clone, Debug, Default)]
 pub struct Analysis {
@@ -553,6 +586,10 @@ pub struct Analysis {
     pub tx_controls: Vec<TxControl>,
     /// The COPY plan, for a COPY that touches a protected table.
     pub copy: Option<CopyPlan>,
+    /// Conditions to add so that writes touch only their organisation's rows.
+    pub pins: Vec<TenantPin>,
+    /// The highest `$n` the text uses (0: none).
+    pub max_param: usize,
     /// Whether any statement reads, writes or mentions a protected table.
     pub touches_protected: bool,
     /// Whether a statement that touches a protected table comes before a tenant change in

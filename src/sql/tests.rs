@@ -200,10 +200,19 @@ fn insert_tenant_expression_refused() {
 
 #[test]
 fn insert_on_conflict() {
-    // The existing row may be another organisation's: the tenant must be pinned.
-    rejected("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value");
-    rejected("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value, org_id = excluded.org_id");
-    rejected("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value where secrets.id = 1 or secrets.org_id = excluded.org_id");
+    // The existing row may be another organisation's: the proxy pins it to the inserted
+    // row's organisation (`existing.org_id = EXCLUDED.org_id`).
+    for sql in [
+        "insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value",
+        "insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value, org_id = excluded.org_id",
+        "insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value where secrets.id = 1 or secrets.org_id = excluded.org_id",
+    ] {
+        let a = ok(sql);
+        assert_eq!(a.pins.len(), 1, "{sql}");
+        assert_eq!(a.pins[0].value, PinValue::Excluded("excluded.\"org_id\"".into()));
+    }
+    // Moving the conflicting row to another organisation is still refused.
+    rejected("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set value = excluded.value, org_id = 'x'");
     ok("insert into secrets (org_id, value) values ($1, $2) on conflict (org_id, id) do update set value = excluded.value");
     ok("insert into secrets as s (org_id, value) values ($1, $2) on conflict on constraint k do update set value = excluded.value where s.org_id = excluded.org_id");
     ok("insert into secrets (org_id, value) values ($1, $2) on conflict (id) do update set name = excluded.name");
@@ -281,10 +290,15 @@ fn update_tenant_from_where() {
     assert_eq!(a.literals[0].tenant, TenantSource::Literal("acme".into()));
     let a = ok("update secrets s set value = $1 where s.org_id = $2");
     assert_eq!(a.params[0].tenant, TenantSource::Param(2));
-    // No tenant conjunct: the row's organisation is unknown, so sealing is refused.
-    rejected("update secrets set value = $1 where id = 1 or org_id = 'x'");
-    rejected("update secrets set value = 'x' where id = 1");
-    ok("update secrets set value = DEFAULT, note = note where id = 1");
+    // No tenant conjunct: the values are sealed for the session tenant, and the statement is
+    // pinned to it (see `update_by_primary_key_is_pinned_to_the_session_tenant`).
+    let a = ok("update secrets set value = $1 where id = 1 or org_id = 'x'");
+    assert_eq!(a.pins.len(), 1);
+    assert_eq!(a.params[0].tenant, TenantSource::Session);
+    let a = ok("update secrets set value = 'x' where id = 1");
+    assert_eq!(a.pins.len(), 1);
+    let a = ok("update secrets set value = DEFAULT, note = note where id = 1");
+    assert!(a.pins.is_empty(), "nothing sealed, nothing pinned");
     ok("update secrets set name = 'n' where id = 1");
     // Moving a row without new values for its encrypted columns would leave it unreadable.
     rejected("update secrets set org_id = 5 where id = 1 returning value");
@@ -1440,4 +1454,85 @@ fn sql_level_prepare_of_session_sealed_values_is_refused() {
     assert!(r.message().contains("SQL-level PREPARE"), "{}", r.message());
     // The row's own tenant column seals it: fine.
     ok("PREPARE p AS INSERT INTO secrets (org_id, value) VALUES ('acme', 'x')");
+}
+
+/// The text `sql` becomes with its pins, the session tenant written as `'T'`.
+fn pinned(sql: &str) -> String {
+    let a = ok(sql);
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    for p in &a.pins {
+        let value = match &p.value {
+            PinValue::SessionTenant => "'T'".to_owned(),
+            PinValue::Excluded(e) => e.clone(),
+        };
+        match &p.place {
+            PinPlace::Wrap(r) => {
+                edits.push((r.start..r.start, "(".into()));
+                edits.push((r.end..r.end, format!(") AND {} = {value}", p.column)));
+            }
+            PinPlace::Add(at) => edits.push((*at..*at, format!(" WHERE {} = {value}", p.column))),
+        }
+    }
+    edits.sort_by_key(|(r, _)| (r.start, r.end));
+    rewrite_literals(sql, &edits).unwrap()
+}
+
+#[test]
+fn update_by_primary_key_is_pinned_to_the_session_tenant() {
+    // Django and SQLAlchemy unit-of-work shapes.
+    assert_eq!(
+        pinned(r#"UPDATE "secrets" SET "value" = 'vip' WHERE "secrets"."id" = 1"#),
+        r#"UPDATE "secrets" SET "value" = 'vip' WHERE ("secrets"."id" = 1) AND "secrets"."org_id" = 'T'"#
+    );
+    assert_eq!(
+        pinned("UPDATE secrets SET value=$1::VARCHAR WHERE secrets.id = $2::BIGINT"),
+        "UPDATE secrets SET value=$1::VARCHAR WHERE (secrets.id = $2::BIGINT) AND \"secrets\".\"org_id\" = 'T'"
+    );
+    // The whole condition is wrapped: `AND` must not bind to the last disjunct only.
+    assert_eq!(
+        pinned("update secrets s set value = $1 where s.id = 1 or s.id = 2 returning id"),
+        "update secrets s set value = $1 where (s.id = 1 or s.id = 2) AND \"s\".\"org_id\" = 'T' returning id"
+    );
+    // No WHERE clause; a trailing comment stays after the condition.
+    assert_eq!(
+        pinned("update secrets set value = 'x' -- all rows\n"),
+        "update secrets set value = 'x' WHERE \"secrets\".\"org_id\" = 'T' -- all rows\n"
+    );
+    // Subqueries and CTEs keep their own WHERE clauses.
+    assert_eq!(
+        pinned("with c as (select 1 where true) update secrets set value = 'x', name = (select 'n' where true) from c where id in (select 1 where false)"),
+        "with c as (select 1 where true) update secrets set value = 'x', name = (select 'n' where true) from c where (id in (select 1 where false)) AND \"secrets\".\"org_id\" = 'T'"
+    );
+    // Several statements: each is pinned in its own text.
+    assert_eq!(
+        pinned("update secrets set value = 'a' where id = 1; update secrets set note = 'b' where id = 2"),
+        "update secrets set value = 'a' where (id = 1) AND \"secrets\".\"org_id\" = 'T'; update secrets set note = 'b' where (id = 2) AND \"secrets\".\"org_id\" = 'T'"
+    );
+    // WHERE CURRENT OF takes no other condition: refused as before.
+    rejected("update secrets set value = 'x' where current of c");
+}
+
+#[test]
+fn upserts_are_pinned_to_the_inserted_rows_organisation() {
+    // SQLAlchemy's on_conflict_do_update and Sequelize's upsert.
+    assert_eq!(
+        pinned("INSERT INTO secrets (id, org_id, value) VALUES ($1::BIGINT, $2::BIGINT, $3::VARCHAR) ON CONFLICT (id) DO UPDATE SET value = excluded.value"),
+        "INSERT INTO secrets (id, org_id, value) VALUES ($1::BIGINT, $2::BIGINT, $3::VARCHAR) ON CONFLICT (id) DO UPDATE SET value = excluded.value WHERE \"secrets\".\"org_id\" = excluded.\"org_id\""
+    );
+    assert_eq!(
+        pinned(
+            r#"INSERT INTO "secrets" ("id","value","org_id") VALUES ($1,$2,$3) ON CONFLICT ("id") DO UPDATE SET "id"=EXCLUDED."id","value"=EXCLUDED."value","org_id"=EXCLUDED."org_id" RETURNING "id","value","org_id";"#
+        ),
+        r#"INSERT INTO "secrets" ("id","value","org_id") VALUES ($1,$2,$3) ON CONFLICT ("id") DO UPDATE SET "id"=EXCLUDED."id","value"=EXCLUDED."value","org_id"=EXCLUDED."org_id" WHERE "secrets"."org_id" = excluded."org_id" RETURNING "id","value","org_id";"#
+    );
+    // The inserted row names no tenant: the session tenant.
+    assert_eq!(
+        pinned("insert into secrets as s (id, value) values (1, 'a') on conflict (id) do update set value = excluded.value where s.value is not null"),
+        "insert into secrets as s (id, value) values (1, 'a') on conflict (id) do update set value = excluded.value where (s.value is not null) AND \"s\".\"org_id\" = 'T'"
+    );
+    // Rows of several organisations: each conflict compares with its own inserted row.
+    let a = ok("insert into secrets (id, org_id, value) values (1, 'a', 'x'), (2, 'b', 'y') on conflict (id) do update set value = excluded.value");
+    assert_eq!(a.pins.len(), 1);
+    // ... but a new value in the DO UPDATE could only be sealed for one of them.
+    rejected("insert into secrets (id, org_id, value) values (1, 'a', 'x'), (2, 'b', 'y') on conflict (id) do update set value = 'z'");
 }

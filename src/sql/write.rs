@@ -12,11 +12,12 @@ use sqlparser::ast::{
 };
 
 use super::analyzer::{fold, name_parts, param_number, Analyzer, Res};
+use super::pins::{quote_ident, PinScope};
 use super::read::{is_text_type, OutItem, Rel, RelKind};
 use super::text::decode_literal;
 use super::{
-    ColumnRef, Construct, InvalidStatement, LiteralSite, ParamSite, ProtectedTable, RejectionKind,
-    RowKeySource, TenantColumnUse, TenantSource, WriteOp,
+    ColumnRef, Construct, InvalidStatement, LiteralSite, ParamSite, PinValue, ProtectedTable,
+    RejectionKind, RowKeySource, TenantColumnUse, TenantPin, TenantSource, WriteOp,
 };
 
 /// What an expression writes into an encrypted column.
@@ -216,10 +217,16 @@ impl<'a> Analyzer<'a> {
                     }
                 }
                 if let OnConflictAction::DoUpdate(du) = &oc.action {
+                    // New values in the DO UPDATE are sealed for one tenant; `EXCLUDED.col`
+                    // carries each inserted row's own value.
                     let tenant = match row_tenants.split_first() {
                         Some((first, rest)) if rest.iter().all(|t| t == first) => first.clone(),
                         Some(_) => {
-                            if table.is_some_and(|t| !t.encrypted.is_empty()) {
+                            let mixed_with_session = row_tenants.contains(&TenantSource::Session);
+                            if table.is_some_and(|t| {
+                                mixed_with_session
+                                    || writes_sealed_values(t, &du.assignments, false)
+                            }) {
                                 return Err(RejectionKind::OnConflictMixedTenants);
                             }
                             TenantSource::Session
@@ -251,7 +258,31 @@ impl<'a> Analyzer<'a> {
                         &["excluded", visible.as_str()],
                     )?;
                     if let Some(t) = table {
-                        same_tenant_on_conflict(t, oc.conflict_target.as_ref(), du, &visible)?;
+                        let given = !row_tenants.is_empty()
+                            && row_tenants.iter().all(|r| *r != TenantSource::Session);
+                        let pin = same_tenant_on_conflict(
+                            t,
+                            oc.conflict_target.as_ref(),
+                            du,
+                            &visible,
+                            given,
+                        )?;
+                        if let Some(value) = pin {
+                            let refused = || RejectionKind::OnConflictOtherTenant {
+                                tenant_column: table_column(
+                                    t,
+                                    t.tenant_column.as_deref().unwrap_or_default(),
+                                ),
+                                target: visible.clone(),
+                            };
+                            let place = self.pin_place(PinScope::DoUpdate).ok_or_else(refused)?;
+                            let tc = t.tenant_column.as_deref().unwrap_or_default();
+                            self.out.pins.push(TenantPin {
+                                place,
+                                column: format!("{}.{}", quote_ident(&visible), quote_ident(tc)),
+                                value,
+                            });
+                        }
                         same_key_on_conflict(t, oc.conflict_target.as_ref(), du, &visible)?;
                     }
                     if let Some(sel) = &du.selection {
@@ -622,12 +653,21 @@ impl<'a> Analyzer<'a> {
         self.assignments(&up.assignments, table, &tenant, &key, &[visible.as_str()])?;
         if let Some(t) = table {
             // Sealing under the session tenant a row that may belong to another organisation
-            // would leave it unreadable: the WHERE clause must say whose row it is.
+            // would leave it unreadable: the row must be the session tenant's. The proxy adds
+            // that condition (`AND t.org_id = <tenant>`), so another organisation's row is
+            // simply not updated.
             if let Some(tc) = &t.tenant_column {
                 if tenant == TenantSource::Session
                     && writes_sealed_values(t, &up.assignments, false)
                 {
-                    return Err(tenant_refusal(t, tc, TenantColumnUse::NotPinned));
+                    let place = self
+                        .pin_place(PinScope::Update)
+                        .ok_or_else(|| tenant_refusal(t, tc, TenantColumnUse::NotPinned))?;
+                    self.out.pins.push(TenantPin {
+                        place,
+                        column: format!("{}.{}", quote_ident(&visible), quote_ident(tc)),
+                        value: PinValue::SessionTenant,
+                    });
                 }
             }
         }
@@ -804,8 +844,28 @@ fn strip_any_cast(e: &Expr) -> &Expr {
     }
 }
 
+/// Whether `t` is `uuid` (a tenant or row key cast to it is stored in its canonical text
+/// form, which the proxy requires the value to be written in).
+fn is_uuid_type(t: &DataType) -> bool {
+    match t {
+        DataType::Uuid => true,
+        DataType::Custom(name, mods) if mods.is_empty() => {
+            matches!(
+                name_parts(name).as_deref(),
+                Some([n]) if n == "uuid"
+            ) || matches!(
+                name_parts(name).as_deref(),
+                Some([schema, n]) if schema == "pg_catalog" && n == "uuid"
+            )
+        }
+        _ => false,
+    }
+}
+
 /// Removes parentheses and casts that keep a tenant's text as written; `None` for any other
-/// cast (a length, or a type whose text form may differ from the literal).
+/// cast (a length, or a type whose text form may differ from the literal). A cast to an
+/// integer type or to `uuid` is looked through: the value must then be written as PostgreSQL
+/// prints it (checked where it is sealed), or it would be stored in another form.
 fn strip_tenant_casts(e: &Expr) -> Option<&Expr> {
     match e {
         Expr::Nested(inner) => strip_tenant_casts(inner),
@@ -813,6 +873,7 @@ fn strip_tenant_casts(e: &Expr) -> Option<&Expr> {
             expr, data_type, ..
         } => {
             let keeps = is_text_type(data_type)
+                || is_uuid_type(data_type)
                 || matches!(
                     data_type,
                     DataType::Int(None)
@@ -962,42 +1023,72 @@ fn writes_sealed_values(table: &ProtectedTable, assignments: &[Assignment], refs
 /// ON CONFLICT DO UPDATE seals with the inserted row's tenant; the existing row it updates must
 /// belong to the same organisation. That is certain when the conflict target includes the
 /// tenant column, or when the DO UPDATE's WHERE has a top-level
-/// `target.tenant = EXCLUDED.tenant`. Otherwise, writing encrypted columns (or reassigning the
-/// tenant column) is refused.
+/// `target.tenant = EXCLUDED.tenant`. Otherwise the proxy pins it: `Some(value)` is what the
+/// existing row's tenant must equal (the inserted row's, when every row gives its tenant, `given`;
+/// else the session tenant). Assigning the tenant column anything but `EXCLUDED.tenant` (which
+/// the condition makes a no-op) while writing encrypted columns is refused.
 fn same_tenant_on_conflict(
     table: &ProtectedTable,
     target: Option<&sqlparser::ast::ConflictTarget>,
     du: &sqlparser::ast::DoUpdate,
     visible: &str,
-) -> Res<()> {
+    given: bool,
+) -> Res<Option<PinValue>> {
     let Some(tc) = &table.tenant_column else {
-        return Ok(());
+        return Ok(None);
     };
-    let assigns_tenant = du.assignments.iter().any(|a| match &a.target {
-        AssignmentTarget::ColumnName(n) => {
-            name_parts(n).and_then(|p| p.last().cloned()).as_ref() == Some(tc)
+    let is_excluded_tenant = |e: &Expr| match strip_any_cast(e) {
+        Expr::CompoundIdentifier(ids) => {
+            let p: Vec<String> = ids.iter().map(fold).collect();
+            matches!(p.as_slice(), [q, c] if q == "excluded" && c == tc)
         }
-        AssignmentTarget::Tuple(_) => true,
-    });
+        _ => false,
+    };
+    let mut assigns_tenant = false;
+    let mut assigns_other_tenant = false;
+    for a in &du.assignments {
+        match &a.target {
+            AssignmentTarget::ColumnName(n) => {
+                if name_parts(n).and_then(|p| p.last().cloned()).as_ref() == Some(tc) {
+                    assigns_tenant = true;
+                    if !is_excluded_tenant(&a.value) {
+                        assigns_other_tenant = true;
+                    }
+                }
+            }
+            AssignmentTarget::Tuple(_) => {
+                assigns_tenant = true;
+                assigns_other_tenant = true;
+            }
+        }
+    }
     if !assigns_tenant && !writes_sealed_values(table, &du.assignments, true) {
-        return Ok(());
+        return Ok(None);
+    }
+    let refused = || RejectionKind::OnConflictOtherTenant {
+        tenant_column: table_column(table, tc),
+        target: visible.to_owned(),
+    };
+    if assigns_other_tenant {
+        return Err(refused());
     }
     if let Some(sqlparser::ast::ConflictTarget::Columns { columns, .. }) = target {
-        if columns.iter().any(|c| &fold(c) == tc) && !assigns_tenant {
-            return Ok(());
+        if columns.iter().any(|c| &fold(c) == tc) {
+            return Ok(None);
         }
     }
-    let pins = du
+    let pinned = du
         .selection
         .as_ref()
         .is_some_and(|w| pins_excluded_tenant(w, tc, visible, &table.name));
-    if pins && !assigns_tenant {
-        return Ok(());
+    if pinned {
+        return Ok(None);
     }
-    Err(RejectionKind::OnConflictOtherTenant {
-        tenant_column: table_column(table, tc),
-        target: visible.to_owned(),
-    })
+    Ok(Some(if given {
+        PinValue::Excluded(format!("excluded.{}", quote_ident(tc)))
+    } else {
+        PinValue::SessionTenant
+    }))
 }
 
 /// A top-level `target.tc = EXCLUDED.tc` (either order) among the AND-ed conjuncts of `w`.

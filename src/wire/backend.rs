@@ -228,6 +228,20 @@ pub fn put_error_response(
     })
 }
 
+/// Append a ParameterDescription.
+pub fn put_parameter_description(out: &mut BytesMut, types: &[u32]) -> Result<(), WireError> {
+    let n = i16::try_from(types.len()).map_err(|_| WireError::Malformed {
+        tag: PARAMETER_DESCRIPTION_TAG,
+        what: "too many parameters",
+    })?;
+    put_message(out, PARAMETER_DESCRIPTION_TAG, |out| {
+        out.extend_from_slice(&n.to_be_bytes());
+        for t in types {
+            out.extend_from_slice(&t.to_be_bytes());
+        }
+    })
+}
+
 /// Append a ReadyForQuery.
 pub fn put_ready_for_query(out: &mut BytesMut, status: TransactionStatus) -> Result<(), WireError> {
     let byte = match status {

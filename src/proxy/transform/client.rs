@@ -19,14 +19,16 @@ use std::sync::{Arc, OnceLock};
 use bytes::BytesMut;
 
 use crate::proxy::error::{ClientError, Encoded};
-use crate::sql::{Analysis, CopyDirection, CopyPlan};
+use crate::sql::{Analysis, CopyDirection, CopyPlan, PinValue};
 use crate::wire::encoding::EncodingError;
 use crate::wire::frontend::{self as fe, Bind, Parse, Target};
 use crate::wire::Frame;
 
-use super::copy::CopyIn;
+use super::copy::{CopyIn, CopyOrgs};
 use super::session::{may_change_lexing, Ahead, CopyJob, Pending, Portal, Statement};
-use super::values::{seals_under_session, seals_under_session_params, BindValues, TEXT_OIDS};
+use super::values::{
+    seals_under_session, seals_under_session_params, BindValues, PinRender, TEXT_OIDS,
+};
 use super::{Ctx, Fail, Need, Out, Stop};
 
 impl Ctx<'_> {
@@ -233,7 +235,7 @@ impl Ctx<'_> {
             }
             None => {}
         }
-        prepared.sql = self.rewrite_literals(&text, &analysis, None)?;
+        prepared.sql = self.rewrite_text(&text, &analysis, PinRender::Literal)?;
         prepared.tenant_ops = self.tenant_ops(&analysis, None)?;
         Ok(prepared)
     }
@@ -288,7 +290,15 @@ impl Ctx<'_> {
                 }
             }
         }
-        let new_sql = self.rewrite_literals(&text, &analysis, None)?;
+        // A pin on the session tenant is a parameter of its own, after the client's, filled in
+        // at each Bind: the statement may be bound again under another tenant.
+        let tenant_param = analysis
+            .pins
+            .iter()
+            .any(|p| p.value == PinValue::SessionTenant)
+            .then(|| analysis.max_param.max(parse.param_types.len()) + 1);
+        let pin = PinRender::Param(tenant_param.unwrap_or(0));
+        let new_sql = self.rewrite_text(&text, &analysis, pin)?;
         let sealed_for = if new_sql.is_some() && seals_under_session(&analysis.literals) {
             self.session_or_default()
         } else {
@@ -314,6 +324,7 @@ impl Ctx<'_> {
                 analysis: Some(analysis),
                 param_types: types,
                 sealed_for,
+                tenant_param,
                 ..Statement::default()
             },
             rewritten,
@@ -336,14 +347,36 @@ impl Ctx<'_> {
             Ok(b) => b,
             Err(f) => return self.refuse_extended(f, out),
         };
-        if let Some(sealed) = &bound.sealed {
+        if bound.sealed.is_some() || bound.pin_tenant.is_some() {
             // Straight into the output: the other parameters are copied once.
             let mut refs = bind.params.clone();
-            for (i, value) in sealed {
+            for (i, value) in bound.sealed.iter().flatten() {
                 refs[*i] = Some(value.as_slice());
             }
+            let mut with_pin = None;
+            if let Some(tenant) = &bound.pin_tenant {
+                refs.push(Some(tenant.as_slice()));
+                // The added parameter is text, whatever format the client's are in.
+                let mut formats = match bind.param_formats.as_slice() {
+                    [] => Vec::new(),
+                    [one] => vec![*one; bind.params.len()],
+                    many => many.to_vec(),
+                };
+                if !formats.is_empty() {
+                    formats.push(fe::FORMAT_TEXT);
+                }
+                with_pin = Some(Bind {
+                    param_formats: formats,
+                    ..bind.clone()
+                });
+            }
             let start = out.len();
-            if bind.encode_with(&refs, out).is_err() {
+            if with_pin
+                .as_ref()
+                .unwrap_or(&bind)
+                .encode_with(&refs, out)
+                .is_err()
+            {
                 out.truncate(start);
                 return self.refuse_extended(ClientError::Encode(Encoded::Parameters).into(), out);
             }
@@ -395,11 +428,34 @@ impl Ctx<'_> {
             return Err(ClientError::LexingInFlight.into());
         }
         let tenant_ops = self.tenant_ops(&analysis, Some(&values))?;
+        // The tenant pin: the session (or default) tenant in force now, in the client's encoding.
+        let pin_tenant = match statement.tenant_param {
+            None => None,
+            Some(n) => {
+                if bind.params.len() + 1 != n {
+                    return Err(ClientError::BindParamCount {
+                        expected: n - 1,
+                        got: bind.params.len(),
+                    }
+                    .into());
+                }
+                let column = analysis
+                    .pins
+                    .first()
+                    .map(|p| p.column.clone())
+                    .unwrap_or_default();
+                let tenant = self
+                    .session_or_default()
+                    .ok_or(ClientError::NoTenant { column })?;
+                Some(self.s.encoding.encode(tenant.as_str())?.into_owned())
+            }
+        };
         if analysis.params.is_empty() {
             return Ok(BoundValues {
                 sealed: None,
                 sealed_for: statement.sealed_for.clone(),
                 tenant_ops,
+                pin_tenant,
             });
         }
         let sealed = self.seal_params(&analysis, &values)?;
@@ -412,6 +468,7 @@ impl Ctx<'_> {
             sealed: (!sealed.is_empty()).then_some(sealed),
             sealed_for,
             tenant_ops,
+            pin_tenant,
         })
     }
 
@@ -611,11 +668,14 @@ impl Ctx<'_> {
                 None => None,
             },
         };
-        let fallback = self.session_or_default();
+        let orgs = CopyOrgs {
+            every_row: session_org,
+            null_tenant: self.session_or_default(),
+            session: self.s.tenant.effective(),
+        };
         Ok(CopyIn::new(
             job,
-            session_org,
-            fallback,
+            orgs,
             self.s.encoding.clone(),
             self.e.max_row,
         )?)
@@ -693,4 +753,6 @@ struct BoundValues {
     sealed_for: Option<crate::crypto::OrgId>,
     /// Tenant changes and savepoint events, made when the portal runs.
     tenant_ops: Vec<super::session::TenantChangeOp>,
+    /// The value of the statement's tenant pin parameter, when it has one.
+    pin_tenant: Option<Vec<u8>>,
 }

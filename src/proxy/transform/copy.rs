@@ -122,14 +122,15 @@ pub(super) struct CopyIn {
     session_org: Option<OrgId>,
     /// Organisation of rows whose tenant column is NULL.
     fallback_org: Option<OrgId>,
+    /// The session tenant: every row must be its organisation's.
+    session_tenant: Option<OrgId>,
     encoding: ClientEncoding,
 }
 
 impl CopyIn {
     pub(super) fn new(
         job: CopyJob,
-        session_org: Option<OrgId>,
-        fallback_org: Option<OrgId>,
+        orgs: CopyOrgs,
         encoding: ClientEncoding,
         max_row: usize,
     ) -> Result<Self, ClientError> {
@@ -141,8 +142,9 @@ impl CopyIn {
         Ok(Self {
             rewriter,
             job,
-            session_org,
-            fallback_org,
+            session_org: orgs.every_row,
+            fallback_org: orgs.null_tenant,
+            session_tenant: orgs.session,
             encoding,
         })
     }
@@ -160,6 +162,7 @@ impl CopyIn {
             job: &self.job,
             session_org: &self.session_org,
             fallback_org: &self.fallback_org,
+            session_tenant: self.session_tenant.as_ref(),
             encoding: &self.encoding,
         };
         rewrite(&mut self.rewriter, data, out, &self.job, |row, needs| {
@@ -168,11 +171,22 @@ impl CopyIn {
     }
 }
 
+/// The organisations of the rows of a COPY FROM.
+pub(super) struct CopyOrgs {
+    /// Of every row, when the tenant column is not in the COPY.
+    pub(super) every_row: Option<OrgId>,
+    /// Of rows whose tenant column is NULL.
+    pub(super) null_tenant: Option<OrgId>,
+    /// The session tenant: every row must be its organisation's.
+    pub(super) session: Option<OrgId>,
+}
+
 /// What the COPY FROM row callback needs besides the keys.
 struct RowsIn<'a> {
     job: &'a CopyJob,
     session_org: &'a Option<OrgId>,
     fallback_org: &'a Option<OrgId>,
+    session_tenant: Option<&'a OrgId>,
     encoding: &'a ClientEncoding,
 }
 
@@ -207,6 +221,12 @@ impl RowsIn<'_> {
                 column: first.qualified_name().to_owned(),
             });
         };
+        if self.session_tenant.is_some_and(|s| *s != org) {
+            return Err(ClientError::CopyOtherTenantsRow {
+                line: row.line(),
+                column: first.qualified_name().to_owned(),
+            });
+        }
         let dek = match cipher.active(&org, first) {
             Ok(dek) => dek,
             Err(crate::cipher::CipherError::Missing(need)) => {

@@ -96,17 +96,28 @@ impl Ctx<'_> {
             }
             be::PARAMETER_DESCRIPTION_TAG => {
                 let mut hidden = false;
+                let mut client_view = None;
                 if let Some(Pending::DescribeStatement {
                     statement,
                     hidden: h,
                 }) = self.s.queue.front()
                 {
                     hidden = *h;
-                    if let Ok(types) = be::parse_parameter_description(frame.body()) {
+                    if let Ok(mut types) = be::parse_parameter_description(frame.body()) {
+                        // The proxy's own tenant parameter is not the client's to see.
+                        if let Some(n) = statement.tenant_param {
+                            types.truncate(n - 1);
+                            client_view = Some(types.clone());
+                        }
                         let _ = statement.described_params.set(types);
                     }
                 }
-                self.emit(frame, hidden, out);
+                match client_view {
+                    Some(types) if !hidden && !self.e.suppress => {
+                        be::put_parameter_description(out, &types)?;
+                    }
+                    _ => self.emit(frame, hidden, out),
+                }
             }
             be::ROW_DESCRIPTION_TAG => {
                 let shape = match self.cached_shape(frame.body())? {

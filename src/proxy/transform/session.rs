@@ -42,6 +42,9 @@ pub(crate) struct Statement {
     /// The organisation its literals were sealed for under the session (or default) tenant,
     /// when it has such literals: it may only be bound while that organisation is in force.
     pub(crate) sealed_for: Option<OrgId>,
+    /// The parameter the proxy added for a tenant pin (1-based, after the client's): each Bind
+    /// gets the session (or default) tenant in force then, and the client never sees it.
+    pub(crate) tenant_param: Option<usize>,
 }
 
 /// A portal (a bound statement).

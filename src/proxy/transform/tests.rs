@@ -849,3 +849,107 @@ fn decoded_messages_are_checked() {
         Err(Halt::Malformed(_))
     ));
 }
+
+#[test]
+fn an_update_by_primary_key_is_pinned_to_the_session_tenant() {
+    let mut core = Core::with(Some("acme"), None);
+    let sent = core.server_gets(&[query(
+        "UPDATE secrets SET value = 'vip' WHERE secrets.id = 1",
+    )]);
+    let text = sent[0].text();
+    assert!(
+        text.contains(
+            r#"WHERE (secrets.id = 1) AND "secrets"."org_id" = $pgenvelope$acme$pgenvelope$"#
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("vip"), "{text}");
+    core.client_gets(&[command_complete("UPDATE 1"), ready(b'I')]);
+
+    // Prepared: the tenant is a parameter of the proxy's own, filled in at each Bind with the
+    // tenant in force then, and hidden from the client's view of the statement.
+    let sent = core.server_gets(&[
+        parse("u", "UPDATE secrets SET value = $1 WHERE secrets.id = $2"),
+        message(fe::DESCRIBE_TAG, |b| {
+            b.put_u8(b'S');
+            cstr(b, "u");
+        }),
+        sync(),
+    ]);
+    assert!(
+        sent[0].text().contains(r#"AND "secrets"."org_id" = $3"#),
+        "{}",
+        sent[0].text()
+    );
+    let got = core.client_gets(&[
+        parse_complete(),
+        message(b't', |b| {
+            b.put_i16(3);
+            for t in [TEXT, INT8, TEXT] {
+                b.put_u32(t);
+            }
+        }),
+        message(b'n', |_| {}),
+        ready(b'I'),
+    ]);
+    assert_eq!(tags(&got), "1tnZ");
+    assert_eq!(
+        &got[1].body[..2],
+        &2_i16.to_be_bytes(),
+        "two parameters, as the client wrote"
+    );
+    let bound = |core: &mut Core| {
+        let sent = core.server_gets(&[
+            bind("", "u", &[Some("hunter2"), Some("1")]),
+            execute(""),
+            sync(),
+        ]);
+        let b = crate::wire::frontend::Bind::decode(&sent[0].body).unwrap();
+        assert_eq!(b.params.len(), 3);
+        assert!(String::from_utf8_lossy(b.params[0].unwrap()).starts_with("enc:v1:"));
+        core.client_gets(&[bind_complete(), command_complete("UPDATE 1"), ready(b'I')]);
+        String::from_utf8_lossy(b.params[2].unwrap()).into_owned()
+    };
+    assert_eq!(bound(&mut core), "acme");
+    core.server_gets(&[query("SET pgenvelope.tenant = 'globex'")]);
+    core.client_gets(&[command_complete("SET"), ready(b'I')]);
+    assert_eq!(
+        bound(&mut core),
+        "globex",
+        "the same statement, bound under another tenant"
+    );
+    // A Bind with another number of parameters than the statement takes is refused.
+    let sent = core.server_gets(&[bind("", "u", &[Some("x")])]);
+    assert_eq!(tags(&sent), "CPBE");
+    assert!(sent[1].text().contains("08P01"));
+}
+
+#[test]
+fn without_any_tenant_an_update_by_primary_key_is_refused() {
+    let mut core = Core::new();
+    let sent = core.server_gets(&[query("UPDATE secrets SET value = 'vip' WHERE id = 1")]);
+    assert!(sent[0].text().contains("'42501'"), "{}", sent[0].text());
+}
+
+#[test]
+fn under_a_session_tenant_rows_of_other_organisations_are_not_written() {
+    let mut core = Core::with(Some("acme"), None);
+    let sent = core.server_gets(&[query(
+        "INSERT INTO secrets (org_id, name, value) VALUES ('globex', 'k', 'v')",
+    )]);
+    assert!(sent[0].text().contains("'42501'"), "{}", sent[0].text());
+    core.client_gets(&[error("42501", "pgenvelope: x", &[]), ready(b'I')]);
+    core.server_gets(&[query("COPY secrets (org_id, name, value) FROM STDIN")]);
+    core.client_gets(&[copy_response(b'G', 3)]);
+    let sent = core.server_gets(&[copy_data("acme\tk\tv\nglobex\tk\tv\n")]);
+    assert_eq!(tags(&sent), "f", "the whole COPY fails");
+    // Its own rows are written.
+    core.client_gets(&[
+        error("57014", "COPY from stdin failed: pgenvelope: x", &[]),
+        ready(b'I'),
+    ]);
+    let sent = core.server_gets(&[query(
+        "INSERT INTO secrets (org_id, name, value) VALUES ('acme', 'k', 'v')",
+    )]);
+    assert!(sent[0].text().contains("enc:v1:"));
+}

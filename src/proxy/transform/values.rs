@@ -11,7 +11,8 @@ use crate::proxy::error::{ClientError, ValueSite};
 use crate::proxy::rules::RulesSnapshot;
 use crate::rules::ColumnRule;
 use crate::sql::{
-    Analysis, ColumnRef, LiteralSite, RowKeySource, TenantChange, TenantSource, TxControl,
+    Analysis, ColumnRef, LiteralSite, PinPlace, PinValue, RowKeySource, TenantChange, TenantSource,
+    TxControl,
 };
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::frontend::{self as fe, Bind};
@@ -24,23 +25,25 @@ use super::{Ctx, Fail};
 pub(super) const TEXT_OIDS: &[u32] = &[25, 1043, 1042, 705];
 
 impl Ctx<'_> {
-    /// Encrypt the literals of `analysis` and return the rewritten SQL in the client's
-    /// encoding (`None` when nothing changed).
-    pub(super) fn rewrite_literals(
+    /// Encrypt the literals of `analysis`, add its tenant pins (with the session tenant as
+    /// `pin`), and return the rewritten SQL in the client's encoding (`None` when nothing
+    /// changed).
+    pub(super) fn rewrite_text(
         &mut self,
         text: &str,
         analysis: &Analysis,
-        bind: Option<&BindValues<'_>>,
+        pin: PinRender,
     ) -> Result<Option<Vec<u8>>, Fail> {
-        if analysis.literals.is_empty() {
+        if analysis.literals.is_empty() && analysis.pins.is_empty() {
             return Ok(None);
         }
-        let mut replacements = Vec::with_capacity(analysis.literals.len());
+        let mut replacements =
+            Vec::with_capacity(analysis.literals.len() + 2 * analysis.pins.len());
         let rules = self.e.handles.rules.snapshot();
         for site in &analysis.literals {
             let column = rule_for(&rules, &site.column)?;
-            let org = self.tenant_for(&site.tenant, column, bind)?;
-            let key = self.row_key_for(site.row_key.as_ref(), column, bind)?;
+            let org = self.tenant_for(&site.tenant, column, None)?;
+            let key = self.row_key_for(site.row_key.as_ref(), column, None)?;
             let sealed =
                 self.seal_value(&rules, column, &org, key.as_deref(), site.value.as_bytes())?;
             let Some(sealed) = sealed else {
@@ -48,6 +51,35 @@ impl Ctx<'_> {
             };
             replacements.push((site.range.clone(), format!("'{sealed}'")));
         }
+        for p in &analysis.pins {
+            let value = match &p.value {
+                PinValue::Excluded(e) => e.clone(),
+                PinValue::SessionTenant => match &pin {
+                    PinRender::Param(n) => format!("${n}"),
+                    PinRender::Literal => {
+                        let tenant =
+                            self.session_or_default()
+                                .ok_or_else(|| ClientError::NoTenant {
+                                    column: p.column.clone(),
+                                })?;
+                        dollar_quoted(tenant.as_str())
+                    }
+                },
+            };
+            let condition = format!("{} = {value}", p.column);
+            match &p.place {
+                PinPlace::Wrap(r) => {
+                    replacements.push((r.start..r.start, "(".to_owned()));
+                    replacements.push((r.end..r.end, format!(") AND {condition}")));
+                }
+                PinPlace::Add(at) => replacements.push((*at..*at, format!(" WHERE {condition}"))),
+            }
+        }
+        if replacements.is_empty() {
+            return Ok(None);
+        }
+        // Insertions before a replacement at the same offset (a zero-length range sorts first).
+        replacements.sort_by_key(|(r, _)| (r.start, r.end));
         let new =
             crate::sql::rewrite_literals(text, &replacements).map_err(|_| ClientError::Rewrite)?;
         let bytes = self.s.encoding.encode(&new)?.into_owned();
@@ -193,11 +225,19 @@ impl Ctx<'_> {
         bind: Option<&BindValues<'_>>,
     ) -> Result<OrgId, ClientError> {
         let name = || column.qualified_name().to_owned();
+        let session = self.s.tenant.effective();
         let row_tenant = |v: String| {
             if !stores_as_written(&v) {
                 return Err(ClientError::NonCanonicalTenant { column: name() });
             }
-            OrgId::new(v).map_err(|_| ClientError::InvalidRowTenant { column: name() })
+            let org =
+                OrgId::new(v).map_err(|_| ClientError::InvalidRowTenant { column: name() })?;
+            // Under a session tenant, a connection writes only its own organisation's rows, as
+            // it reads only its own organisation's values.
+            match &session {
+                Some(s) if *s != org => Err(ClientError::OtherTenantsRow { column: name() }),
+                _ => Ok(org),
+            }
         };
         match source {
             TenantSource::Literal(v) => row_tenant(v.clone()),
@@ -310,6 +350,27 @@ impl Ctx<'_> {
     }
 }
 
+/// How a tenant pin's session tenant is written into the text.
+pub(super) enum PinRender {
+    /// As a literal (a simple query: the tenant in force now).
+    Literal,
+    /// As parameter `$n`, filled in at each Bind with the tenant in force then (a prepared
+    /// statement outlives tenant changes).
+    Param(usize),
+}
+
+/// `s` as a dollar-quoted literal: no escapes, whatever standard_conforming_strings says, and of
+/// unknown type, so it compares with a text, integer or uuid tenant column alike.
+pub(super) fn dollar_quoted(s: &str) -> String {
+    let mut tag = "pgenvelope".to_owned();
+    let mut n = 0;
+    while s.contains(&format!("${tag}$")) {
+        n += 1;
+        tag = format!("pgenvelope{n}");
+    }
+    format!("${tag}${s}${tag}$")
+}
+
 /// Whether any of `literals` is sealed for the session (or default) tenant.
 pub(super) fn seals_under_session(literals: &[LiteralSite]) -> bool {
     literals.iter().any(|l| l.tenant == TenantSource::Session)
@@ -405,6 +466,11 @@ pub(super) fn stores_as_written(v: &str) -> bool {
     if v.trim() != v {
         return false;
     }
+    // A UUID (a `uuid` tenant column) is stored as PostgreSQL prints it: lower-case hex in
+    // groups of 8-4-4-4-12. Written so, it is the same text in a text column too.
+    if let Some(canonical) = uuid_like(v) {
+        return canonical;
+    }
     let digits = v.strip_prefix('-').unwrap_or(v);
     let numeric_start = digits
         .chars()
@@ -423,27 +489,34 @@ pub(super) fn stores_as_written(v: &str) -> bool {
     v.parse::<f64>().is_err() && !v.starts_with('+') && !digits.starts_with('0')
 }
 
-/// Whether a row key is certainly stored as written: [`stores_as_written`], and a UUID only
-/// in PostgreSQL's output form (lower-case hex in groups of 8-4-4-4-12; a `uuid` column
-/// stores `{A0EE…}` or hex without hyphens in that form).
+/// Whether a row key is certainly stored as written: the same rules as a tenant (a UUID only
+/// in PostgreSQL's output form).
 pub(super) fn key_stores_as_written(v: &str) -> bool {
-    // A uuid column reads 32 hex digits with any hyphens and braces around them as a UUID.
+    stores_as_written(v)
+}
+
+/// `Some(canonical)` when `v` is something a `uuid` column reads as a UUID (32 hex digits with
+/// any hyphens and braces around them), telling whether it is in PostgreSQL's output form
+/// (lower-case hex in groups of 8-4-4-4-12); `None` for anything else.
+fn uuid_like(v: &str) -> Option<bool> {
     let mut hex_digits = 0;
     for c in v.chars() {
         match c {
             '-' | '{' | '}' => {}
             c if c.is_ascii_hexdigit() => hex_digits += 1,
-            _ => return stores_as_written(v),
+            _ => return None,
         }
     }
     if hex_digits != 32 {
-        return stores_as_written(v);
+        return None;
     }
-    v.len() == 36
-        && v.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
-        })
+    Some(
+        v.len() == 36
+            && v.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+            }),
+    )
 }
 
 #[cfg(test)]
@@ -475,11 +548,33 @@ mod tests {
 
     #[test]
     fn only_canonical_tenants_pass() {
-        for ok in ["acme", "42", "0", "-5", "org-7", "7days", "a b"] {
+        for ok in [
+            "acme",
+            "42",
+            "0",
+            "-5",
+            "org-7",
+            "7days",
+            "a b",
+            // One organisation in sixteen has a UUID starting with 0.
+            "0ed04a9b-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "d08f1c2e-9c0b-4ef8-bb6d-6bb9bd380a11",
+        ] {
             assert!(stores_as_written(ok), "{ok}");
         }
         for bad in [
-            "007", "+7", "7.0", "1e3", "-0", " acme", "acme ", "0x1F", ".5",
+            "007",
+            "+7",
+            "7.0",
+            "1e3",
+            "-0",
+            " acme",
+            "acme ",
+            "0x1F",
+            ".5",
+            "0ED04A9B-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "0ed04a9b9c0b4ef8bb6d6bb9bd380a11",
+            "{0ed04a9b-9c0b-4ef8-bb6d-6bb9bd380a11}",
         ] {
             assert!(!stores_as_written(bad), "{bad}");
         }
