@@ -1536,3 +1536,49 @@ fn upserts_are_pinned_to_the_inserted_rows_organisation() {
     // ... but a new value in the DO UPDATE could only be sealed for one of them.
     rejected("insert into secrets (id, org_id, value) values (1, 'a', 'x'), (2, 'b', 'y') on conflict (id) do update set value = 'z'");
 }
+
+#[test]
+fn sqlalchemy_insertmanyvalues_rows_are_values_rows() {
+    let sql = "INSERT INTO secrets (org_id, name, value) SELECT p0::BIGINT, p1::VARCHAR, p2::VARCHAR FROM (VALUES ($1::BIGINT, $2::VARCHAR, $3::VARCHAR, 0), ($4::BIGINT, $5::VARCHAR, $6::VARCHAR, 1)) AS imp_sen(p0, p1, p2, sen_counter) ORDER BY sen_counter RETURNING secrets.id, secrets.id AS id__1";
+    let a = ok(sql);
+    let sites: Vec<(usize, TenantSource)> = a
+        .params
+        .iter()
+        .map(|p| (p.index, p.tenant.clone()))
+        .collect();
+    assert_eq!(
+        sites,
+        [(3, TenantSource::Param(1)), (6, TenantSource::Param(4))],
+        "each row's value, with its own row's tenant"
+    );
+    let sql = "INSERT INTO secrets (org_id, value) SELECT p0, p1 FROM (VALUES ('a', 'x', 0), ('b', 'y', 1)) AS imp_sen(p0, p1, sen_counter) ORDER BY sen_counter";
+    let a = ok(sql);
+    assert_eq!(a.literals.len(), 2);
+    assert_eq!(a.literals[1].tenant, TenantSource::Literal("b".into()));
+    assert_eq!(text_at(sql, &a.literals[1]), "'y'");
+    // Any other source query is still a query: values computed by it are refused.
+    rejected("INSERT INTO secrets (org_id, value) SELECT p0, upper(p1) FROM (VALUES ('a', 'x')) AS v(p0, p1)");
+    rejected("INSERT INTO secrets (org_id, value) SELECT p0, p1 FROM (VALUES ('a', 'x')) AS v(p0, p1) WHERE p0 = 'a'");
+    rejected("INSERT INTO secrets (org_id, value) SELECT p0, p1 FROM (VALUES ('a', 'x')) AS v(p0, p1) ORDER BY p1");
+    rejected("INSERT INTO secrets (org_id, value) SELECT p0, p1::varchar(5) FROM (VALUES ('a', 'x')) AS v(p0, p1)");
+}
+
+#[test]
+fn django_bulk_update_writes_each_then_value_to_its_row() {
+    let sql = r#"UPDATE "secrets" SET "note" = (CASE WHEN ("secrets"."id" = $1) THEN $2 WHEN ("secrets"."id" = $3) THEN $4 ELSE NULL END)::text, "value" = (CASE WHEN ("secrets"."id" = $5) THEN $6 WHEN ("secrets"."id" = $7) THEN $8 ELSE NULL END)::text WHERE "secrets"."id" IN ($9, $10)"#;
+    let a = ok(sql);
+    let params: Vec<usize> = a.params.iter().map(|p| p.index).collect();
+    assert_eq!(params, [2, 4, 6, 8]);
+    assert!(a.params.iter().all(|p| p.tenant == TenantSource::Session));
+    assert_eq!(a.pins.len(), 1, "pinned to the session tenant");
+    let sql = r#"UPDATE "secrets" SET "value" = (CASE WHEN ("secrets"."id" = 2) THEN 'a' WHEN ("secrets"."id" = 3) THEN 'b' ELSE NULL END)::text WHERE "secrets"."id" IN (2, 3) AND org_id = 'o'"#;
+    let a = ok(sql);
+    assert_eq!(a.literals.len(), 2);
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("o".into()));
+    assert!(a.pins.is_empty());
+    // Only values and NULL: anything else computes the stored value.
+    rejected("update secrets set value = (case when id = 1 then upper($1) end) where org_id = 'o'");
+    rejected(
+        "update secrets set value = (case when id = 1 then $1 else value end) where org_id = 'o'",
+    );
+}

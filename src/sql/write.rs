@@ -114,19 +114,20 @@ impl<'a> Analyzer<'a> {
                         WriteOp::InsertWithoutColumnList,
                     ));
                 }
-                let values = match (
+                let values: Option<Vec<Vec<Expr>>> = match (
                     src.body.as_ref(),
                     &src.with,
                     &src.order_by,
                     &src.limit_clause,
                 ) {
-                    (SetExpr::Values(v), None, None, None) => Some(v),
-                    _ => None,
+                    (SetExpr::Values(v), None, None, None) => {
+                        Some(v.rows.iter().map(|r| r.content.clone()).collect())
+                    }
+                    _ => rows_of_select_over_values(src, columns.len()),
                 };
                 match values {
-                    Some(v) => {
-                        for row in &v.rows {
-                            let row = &row.content;
+                    Some(rows) => {
+                        for row in &rows {
                             if row.len() != columns.len() {
                                 return Err(RejectionKind::Invalid(
                                     InvalidStatement::InsertValueCount,
@@ -422,6 +423,10 @@ impl<'a> Analyzer<'a> {
     }
 
     /// Records a value written to encrypted column `col`, or refuses it.
+    ///
+    /// A `CASE WHEN key = x THEN value … [ELSE NULL] END` (Django's `bulk_update`) writes each
+    /// THEN value to the row its WHEN names: each is a value of its own, bound to that row's
+    /// key when the table binds values to their row.
     fn encrypted_value(
         &mut self,
         e: &Expr,
@@ -430,6 +435,25 @@ impl<'a> Analyzer<'a> {
         key: &RowKey,
         same_quals: Option<&[&str]>,
     ) -> Res<()> {
+        if let Some((conditions, else_result)) = case_of(e) {
+            for when in conditions {
+                let row_key = match (key, self.row_key_in_condition(col, &when.condition)) {
+                    (RowKey::Unbound, _) => RowKey::Unbound,
+                    (_, Some(k)) => RowKey::Known(k),
+                    (other, None) => other.clone(),
+                };
+                self.expr(&when.condition)?;
+                self.encrypted_value(&when.result, col, tenant, &row_key, same_quals)?;
+            }
+            if let Some(other) = else_result {
+                if !is_null_or_default(other) {
+                    return Err(RejectionKind::UnsupportedValue {
+                        column: col.clone(),
+                    });
+                }
+            }
+            return Ok(());
+        }
         let val = self.write_val(e, col, same_quals);
         let row_key = match (&val, key) {
             (WriteVal::Literal(..) | WriteVal::Param(_), RowKey::Unknown(k)) => {
@@ -466,6 +490,32 @@ impl<'a> Analyzer<'a> {
                 column: col.clone(),
             }),
         }
+    }
+
+    /// The row key a `CASE WHEN` condition names: `key = literal | $n` (either side, through
+    /// casts), for `col`'s table.
+    fn row_key_in_condition(&self, col: &ColumnRef, cond: &Expr) -> Option<RowKeySource> {
+        let table = self.protected.get(&col.schema, &col.table)?;
+        let key = table.row_key.as_deref()?;
+        let Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } = strip_nested(cond)
+        else {
+            return None;
+        };
+        for (c, v) in [(left, right), (right, left)] {
+            let names_key = match strip_any_cast(c) {
+                Expr::Identifier(id) => fold(id) == key,
+                Expr::CompoundIdentifier(ids) => ids.last().is_some_and(|id| fold(id) == key),
+                _ => false,
+            };
+            if names_key {
+                return self.key_value(v);
+            }
+        }
+        None
     }
 
     fn write_val(&self, e: &Expr, col: &ColumnRef, same_quals: Option<&[&str]>) -> WriteVal {
@@ -836,6 +886,148 @@ fn is_null_or_default(e: &Expr) -> bool {
     }
 }
 
+fn strip_nested(e: &Expr) -> &Expr {
+    match e {
+        Expr::Nested(inner) => strip_nested(inner),
+        other => other,
+    }
+}
+
+/// The WHEN branches and ELSE of a searched `CASE` (through parentheses and text casts).
+fn case_of(e: &Expr) -> Option<(&[sqlparser::ast::CaseWhen], Option<&Expr>)> {
+    match e {
+        Expr::Nested(inner) => case_of(inner),
+        Expr::Cast {
+            expr,
+            data_type,
+            format: None,
+            ..
+        } if is_text_type(data_type) => case_of(expr),
+        Expr::Case {
+            operand: None,
+            conditions,
+            else_result,
+            ..
+        } => Some((conditions.as_slice(), else_result.as_deref())),
+        _ => None,
+    }
+}
+
+/// SQLAlchemy's "insertmanyvalues" source: `SELECT p0::T, p1::T … FROM (VALUES (…), (…)) AS
+/// a(p0, p1, …, sen_counter) [ORDER BY sen_counter]`. Each VALUES row is one inserted row;
+/// returned as the values the SELECT list picks from it, in the INSERT's column order (with
+/// the SELECT list's casts), or `None` when the source has any other shape.
+fn rows_of_select_over_values(q: &sqlparser::ast::Query, ncols: usize) -> Option<Vec<Vec<Expr>>> {
+    use sqlparser::ast::{GroupByExpr, OrderByKind, SelectItem};
+    if q.with.is_some() || q.limit_clause.is_some() || q.fetch.is_some() {
+        return None;
+    }
+    let SetExpr::Select(s) = q.body.as_ref() else {
+        return None;
+    };
+    let plain = s.distinct.is_none()
+        && s.top.is_none()
+        && s.into.is_none()
+        && s.lateral_views.is_empty()
+        && s.prewhere.is_none()
+        && s.selection.is_none()
+        && s.connect_by.is_empty()
+        && matches!(&s.group_by, GroupByExpr::Expressions(g, m) if g.is_empty() && m.is_empty())
+        && s.cluster_by.is_empty()
+        && s.distribute_by.is_empty()
+        && s.sort_by.is_empty()
+        && s.having.is_none()
+        && s.named_window.is_empty()
+        && s.qualify.is_none()
+        && s.from.len() == 1
+        && s.from[0].joins.is_empty();
+    if !plain || s.projection.len() != ncols {
+        return None;
+    }
+    let TableFactor::Derived {
+        lateral: false,
+        subquery,
+        alias: Some(alias),
+        sample: None,
+    } = &s.from[0].relation
+    else {
+        return None;
+    };
+    if subquery.with.is_some() || subquery.order_by.is_some() || subquery.limit_clause.is_some() {
+        return None;
+    }
+    let SetExpr::Values(values) = subquery.body.as_ref() else {
+        return None;
+    };
+    let names: Vec<String> = alias.columns.iter().map(|c| fold(&c.name)).collect();
+    let alias_name = fold(&alias.name);
+    // Which VALUES column each SELECT item picks, and the cast around it.
+    let mut picks = Vec::with_capacity(ncols);
+    for item in &s.projection {
+        let e = match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+            _ => return None,
+        };
+        let (inner, cast) = match strip_nested(e) {
+            Expr::Cast {
+                expr,
+                data_type,
+                format: None,
+                kind,
+            } => (strip_nested(expr), Some((data_type.clone(), kind.clone()))),
+            other => (other, None),
+        };
+        let name = match inner {
+            Expr::Identifier(id) => fold(id),
+            Expr::CompoundIdentifier(ids) => match ids.as_slice() {
+                [q, c] if fold(q) == alias_name => fold(c),
+                _ => return None,
+            },
+            _ => return None,
+        };
+        picks.push((names.iter().position(|n| *n == name)?, cast));
+    }
+    // Ordering by a column no value is taken from (the row counter) is all it may do.
+    if let Some(order) = &q.order_by {
+        let OrderByKind::Expressions(exprs) = &order.kind else {
+            return None;
+        };
+        for o in exprs {
+            let Expr::Identifier(id) = strip_nested(&o.expr) else {
+                return None;
+            };
+            let k = names.iter().position(|n| *n == fold(id))?;
+            if picks.iter().any(|(p, _)| *p == k) {
+                return None;
+            }
+        }
+    }
+    values
+        .rows
+        .iter()
+        .map(|row| {
+            let row = &row.content;
+            if row.len() != names.len() {
+                return None;
+            }
+            Some(
+                picks
+                    .iter()
+                    .map(|(k, cast)| match cast {
+                        None => row[*k].clone(),
+                        Some((data_type, kind)) => Expr::Cast {
+                            kind: kind.clone(),
+                            expr: Box::new(row[*k].clone()),
+                            data_type: data_type.clone(),
+                            format: None,
+                        },
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
 fn strip_any_cast(e: &Expr) -> &Expr {
     match e {
         Expr::Nested(inner) => strip_any_cast(inner),
@@ -897,6 +1089,9 @@ fn strip_tenant_casts(e: &Expr) -> Option<&Expr> {
 /// A value that replaces a column's old one outright: a literal, a parameter, NULL or DEFAULT
 /// (casts allowed). Not another column, not an expression over the old value.
 fn is_new_value(e: &Expr) -> bool {
+    if let Some((conditions, _)) = case_of(e) {
+        return conditions.iter().any(|w| is_new_value(&w.result));
+    }
     match strip_any_cast(e) {
         Expr::Value(_) | Expr::TypedString { .. } => true,
         other => is_null_or_default(other),
