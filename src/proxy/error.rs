@@ -290,6 +290,21 @@ pub enum ClientError {
         /// 1-based parameter number.
         param: usize,
     },
+    /// Arrays of the values, tenants and row keys of one write have different lengths (0A000).
+    #[error(
+        "the arrays of values for {column}, of their tenants and of their row keys have \
+         different lengths"
+    )]
+    ArrayLengths {
+        /// The column.
+        column: String,
+    },
+    /// An array of values for an encrypted column cannot be read (0A000).
+    #[error("the array of values for {column} cannot be read (one dimension, text elements only)")]
+    ArrayUnreadable {
+        /// The column.
+        column: String,
+    },
     /// A row's tenant is not a valid organisation id (42501).
     #[error("the tenant given for {column} is not a valid organisation id")]
     InvalidRowTenant {
@@ -614,6 +629,8 @@ impl ClientError {
             | ClientError::Rewrite
             | ClientError::ParamNotText { .. }
             | ClientError::ParamUnreadable { .. }
+            | ClientError::ArrayLengths { .. }
+            | ClientError::ArrayUnreadable { .. }
             | ClientError::LiteralWithTenantParam { .. }
             | ClientError::LiteralWithKeyParam { .. }
             | ClientError::NullRowKey { .. }

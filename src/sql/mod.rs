@@ -541,6 +541,44 @@ pub enum StatementKind {
     Other,
 }
 
+/// Where an array of values comes from: a literal of the text (its byte range and the array's
+/// text form) or a parameter.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ArraySource {
+    /// A string literal holding the array's text form.
+    Literal {
+        /// Byte range of the literal token, quotes included.
+        range: Range<usize>,
+        /// The literal's value: the array's text form.
+        text: String,
+    },
+    /// Parameter `$n` (1-based).
+    Param(usize),
+}
+
+impl fmt::Debug for ArraySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArraySource::Literal { range, .. } => write!(f, "Literal({range:?}, <redacted>)"),
+            ArraySource::Param(n) => write!(f, "Param(${n})"),
+        }
+    }
+}
+
+/// An array whose elements are values for an encrypted column, element `i` belonging to row
+/// `i` (Django's `bulk_create`: `INSERT … SELECT * FROM UNNEST($1::text[], …)`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArraySite {
+    /// The values.
+    pub value: ArraySource,
+    /// The column they are written to.
+    pub column: ColumnRef,
+    /// The tenant of each row, an array given the same way; `None`: the session tenant.
+    pub tenant: Option<ArraySource>,
+    /// The row key of each row, when the table binds values to their row.
+    pub row_key: Option<ArraySource>,
+}
+
 /// A condition the proxy adds to a write so that it touches only rows of the organisation its
 /// values are sealed for (an UPDATE by primary key alone, an upsert's DO UPDATE), as row-level
 /// security would: another organisation's row is simply not written.
@@ -580,6 +618,8 @@ pub struct Analysis {
     pub literals: Vec<LiteralSite>,
     /// Parameters to encrypt.
     pub params: Vec<ParamSite>,
+    /// Arrays whose elements to encrypt (literals or parameters).
+    pub arrays: Vec<ArraySite>,
     /// Tenant changes, in statement order.
     pub tenant_changes: Vec<TenantChange>,
     /// Transaction controls, in statement order.

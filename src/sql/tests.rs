@@ -1582,3 +1582,33 @@ fn django_bulk_update_writes_each_then_value_to_its_row() {
         "update secrets set value = (case when id = 1 then $1 else value end) where org_id = 'o'",
     );
 }
+
+#[test]
+fn django_bulk_create_arrays_are_sealed_element_by_element() {
+    let sql = r#"INSERT INTO "secrets" ("org_id", "name", "value", "note") SELECT * FROM UNNEST(('{1001,1001}'::int8[])::bigint[], ('{b0,b1}')::text[], ('{b0@acme.example,b1@acme.example}')::text[], ('{NULL,NULL}')::text[]) RETURNING "secrets"."id""#;
+    let a = ok(sql);
+    assert_eq!(a.arrays.len(), 2);
+    let ArraySource::Literal { text, range } = &a.arrays[0].value else {
+        panic!("a literal");
+    };
+    assert_eq!(text, "{b0@acme.example,b1@acme.example}");
+    assert_eq!(&sql[range.clone()], "'{b0@acme.example,b1@acme.example}'");
+    assert!(
+        matches!(&a.arrays[0].tenant, Some(ArraySource::Literal { text, .. }) if text == "{1001,1001}")
+    );
+    // Server-side binding: parameters.
+    let a = ok(
+        r#"INSERT INTO "secrets" ("org_id", "name", "value") SELECT * FROM UNNEST(($1)::bigint[], ($2)::text[], ($3)::text[]) RETURNING "secrets"."id""#,
+    );
+    assert_eq!(a.arrays[0].value, ArraySource::Param(3));
+    assert_eq!(a.arrays[0].tenant, Some(ArraySource::Param(1)));
+    // No tenant column: the session tenant.
+    let a = ok("insert into secrets (name, value) select * from unnest($1::text[], $2::text[])");
+    assert_eq!(a.arrays[0].tenant, None);
+    // Bounded element types could not hold the ciphertext; computed arrays are refused.
+    rejected(
+        "insert into secrets (name, value) select * from unnest($1::text[], $2::varchar(254)[])",
+    );
+    rejected("insert into secrets (name, value) select * from unnest($1::text[], array[$2])");
+    rejected("insert into secrets (org_id, value) select * from unnest(array[$1], $2::text[])");
+}

@@ -16,8 +16,9 @@ use super::pins::{quote_ident, PinScope};
 use super::read::{is_text_type, OutItem, Rel, RelKind};
 use super::text::decode_literal;
 use super::{
-    ColumnRef, Construct, InvalidStatement, LiteralSite, ParamSite, PinValue, ProtectedTable,
-    RejectionKind, RowKeySource, TenantColumnUse, TenantPin, TenantSource, WriteOp,
+    ArraySite, ArraySource, ColumnRef, Construct, InvalidStatement, LiteralSite, ParamSite,
+    PinValue, ProtectedTable, RejectionKind, RowKeySource, TenantColumnUse, TenantPin,
+    TenantSource, WriteOp,
 };
 
 /// What an expression writes into an encrypted column.
@@ -101,6 +102,32 @@ impl<'a> Analyzer<'a> {
         };
         let mut row_tenants: Vec<TenantSource> = Vec::new();
         let mut row_keys: Vec<RowKey> = Vec::new();
+        if let Some(arrays) = ins
+            .source
+            .as_deref()
+            .and_then(|q| unnest_arrays(q, columns.len()))
+        {
+            let per_row = self.unnest_insert(&table, &columns, &arrays)?;
+            // Rows whose tenants the arrays give: an upsert is pinned to each inserted row's
+            // own tenant. `$0` names no parameter, so a new value in the DO UPDATE (which
+            // would need one tenant for all rows) is refused when it is bound.
+            row_tenants.push(if per_row {
+                TenantSource::Param(0)
+            } else {
+                TenantSource::Session
+            });
+            let frame = vec![Rel {
+                name: visible,
+                schema: None,
+                kind: RelKind::Protected(vec![idx]),
+            }];
+            let key = if table.row_key.is_some() {
+                unknown_key(Some(&table))
+            } else {
+                RowKey::Unbound
+            };
+            return self.insert_tail(ins, frame, Some(&table), &row_tenants, &[key]);
+        }
         match &ins.source {
             None => {
                 if !ins.assignments.is_empty() {
@@ -164,6 +191,124 @@ impl<'a> Analyzer<'a> {
             kind: RelKind::Protected(vec![idx]),
         }];
         self.insert_tail(ins, frame, Some(&table), &row_tenants, &row_keys)
+    }
+
+    /// `INSERT INTO t (c…) SELECT * FROM UNNEST(a1, a2, …)`: array `i` holds column `i` of
+    /// every row. Arrays for encrypted columns must be given as a literal or a parameter cast
+    /// to an unbounded text array, and so must the tenant's and the row key's arrays (cast to
+    /// their own types); their elements are sealed one by one.
+    fn unnest_insert(
+        &mut self,
+        table: &ProtectedTable,
+        columns: &[String],
+        arrays: &[&Expr],
+    ) -> Res<bool> {
+        let col_ref = |c: &str| table_column(table, c);
+        let writes_encrypted = columns.iter().any(|c| table.encrypted.contains(c));
+        let given = |name: Option<&String>, refuse: RejectionKind| -> Res<Option<ArraySource>> {
+            let Some(name) = name else { return Ok(None) };
+            let Some(pos) = columns.iter().position(|c| c == name) else {
+                return Ok(None);
+            };
+            match self.array_source(arrays[pos], false) {
+                Some(a) => Ok(Some(a)),
+                None if writes_encrypted => Err(refuse),
+                None => Ok(None),
+            }
+        };
+        let tenant = given(
+            table.tenant_column.as_ref(),
+            tenant_refusal(
+                table,
+                table.tenant_column.as_deref().unwrap_or_default(),
+                TenantColumnUse::InsertedExpression,
+            ),
+        )?;
+        let first = table.encrypted.first().map(|c| col_ref(c));
+        let row_key = match &table.row_key {
+            None => None,
+            Some(k) => {
+                let missing = RejectionKind::RowKeyMissing {
+                    column: first.clone().unwrap_or_else(|| col_ref(k)),
+                    row_key: k.clone(),
+                };
+                match given(Some(k), missing.clone())? {
+                    Some(a) => Some(a),
+                    None if writes_encrypted => return Err(missing),
+                    None => None,
+                }
+            }
+        };
+        for (c, e) in columns.iter().zip(arrays) {
+            if table.encrypted.contains(c) {
+                let Some(value) = self.array_source(e, true) else {
+                    if is_null_or_default(e) {
+                        continue;
+                    }
+                    return Err(RejectionKind::UnsupportedValue { column: col_ref(c) });
+                };
+                self.out.arrays.push(ArraySite {
+                    value,
+                    column: col_ref(c),
+                    tenant: tenant.clone(),
+                    row_key: row_key.clone(),
+                });
+            } else {
+                self.frames.push(Vec::new());
+                let r = self.expr(e);
+                self.frames.pop();
+                r?;
+            }
+        }
+        Ok(tenant.is_some())
+    }
+
+    /// An array given as a literal or a parameter through array casts: to unbounded text
+    /// arrays only (`text_only`, for values of encrypted columns), or to text, integer or
+    /// uuid arrays (tenants and row keys).
+    fn array_source(&self, e: &Expr, text_only: bool) -> Option<ArraySource> {
+        match e {
+            Expr::Nested(inner) => self.array_source(inner, text_only),
+            Expr::Cast {
+                expr,
+                data_type: DataType::Array(def),
+                format: None,
+                ..
+            } => {
+                let element = match def {
+                    sqlparser::ast::ArrayElemTypeDef::SquareBracket(t, None) => t.as_ref(),
+                    _ => return None,
+                };
+                let keeps = is_text_type(element)
+                    || (!text_only
+                        && (is_uuid_type(element)
+                            || matches!(
+                                element,
+                                DataType::Int(None)
+                                    | DataType::Integer(None)
+                                    | DataType::BigInt(None)
+                                    | DataType::SmallInt(None)
+                                    | DataType::Int2(None)
+                                    | DataType::Int4(None)
+                                    | DataType::Int8(None)
+                            )));
+                if !keeps {
+                    return None;
+                }
+                self.array_source(expr, text_only)
+            }
+            Expr::Value(v) => match &v.value {
+                Value::Placeholder(p) => param_number(p).map(ArraySource::Param),
+                Value::SingleQuotedString(_) | Value::EscapedStringLiteral(_) => {
+                    let range = self.pos.range(v.span)?;
+                    let raw = self.pos.slice(range.clone())?;
+                    let text = decode_literal(raw)?;
+                    Some(ArraySource::Literal { range, text })
+                }
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// ON CONFLICT and RETURNING of an INSERT.
@@ -1026,6 +1171,42 @@ fn rows_of_select_over_values(q: &sqlparser::ast::Query, ncols: usize) -> Option
             )
         })
         .collect()
+}
+
+/// The arrays of `SELECT * FROM UNNEST(a1, …, an)` with one array per inserted column, or
+/// `None` for any other source.
+fn unnest_arrays(q: &sqlparser::ast::Query, ncols: usize) -> Option<Vec<&Expr>> {
+    use sqlparser::ast::{GroupByExpr, SelectItem};
+    if q.with.is_some() || q.limit_clause.is_some() || q.fetch.is_some() || q.order_by.is_some() {
+        return None;
+    }
+    let SetExpr::Select(s) = q.body.as_ref() else {
+        return None;
+    };
+    let plain = s.distinct.is_none()
+        && s.top.is_none()
+        && s.into.is_none()
+        && s.selection.is_none()
+        && matches!(&s.group_by, GroupByExpr::Expressions(g, m) if g.is_empty() && m.is_empty())
+        && s.having.is_none()
+        && s.qualify.is_none()
+        && s.from.len() == 1
+        && s.from[0].joins.is_empty()
+        && matches!(s.projection.as_slice(), [SelectItem::Wildcard(_)]);
+    if !plain {
+        return None;
+    }
+    let TableFactor::UNNEST {
+        alias: None,
+        array_exprs,
+        with_offset: false,
+        with_offset_alias: None,
+        with_ordinality: false,
+    } = &s.from[0].relation
+    else {
+        return None;
+    };
+    (array_exprs.len() == ncols).then(|| array_exprs.iter().collect())
 }
 
 fn strip_any_cast(e: &Expr) -> &Expr {

@@ -14,6 +14,7 @@
 //! client may send (it answers an unknown frontend tag with 08P01 itself), and a backend tag
 //! we do not know is relayed so that newer servers keep working through the proxy.
 
+pub mod array;
 pub mod auth;
 pub mod backend;
 pub mod copy;

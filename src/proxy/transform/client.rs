@@ -210,7 +210,7 @@ impl Ctx<'_> {
         };
         // Literals are sealed before the text runs: a tenant change in the same text would
         // take effect only after they were sealed, so the two may not be mixed.
-        if !analysis.tenant_changes.is_empty() && seals_under_session(&analysis.literals) {
+        if !analysis.tenant_changes.is_empty() && seals_under_session(&analysis) {
             return Err(ClientError::TenantChangeWithSessionWrite.into());
         }
         // Rows are read under the tenant in force once the text's changes are made; a
@@ -299,7 +299,7 @@ impl Ctx<'_> {
             .then(|| analysis.max_param.max(parse.param_types.len()) + 1);
         let pin = PinRender::Param(tenant_param.unwrap_or(0));
         let new_sql = self.rewrite_text(&text, &analysis, pin)?;
-        let sealed_for = if new_sql.is_some() && seals_under_session(&analysis.literals) {
+        let sealed_for = if new_sql.is_some() && seals_under_session(&analysis) {
             self.session_or_default()
         } else {
             None
@@ -450,7 +450,7 @@ impl Ctx<'_> {
                 Some(self.s.encoding.encode(tenant.as_str())?.into_owned())
             }
         };
-        if analysis.params.is_empty() {
+        if analysis.params.is_empty() && analysis.arrays.is_empty() {
             return Ok(BoundValues {
                 sealed: None,
                 sealed_for: statement.sealed_for.clone(),

@@ -953,3 +953,52 @@ fn under_a_session_tenant_rows_of_other_organisations_are_not_written() {
     )]);
     assert!(sent[0].text().contains("enc:v1:"));
 }
+
+#[test]
+fn bulk_create_arrays_are_sealed_element_by_element() {
+    // Client-side binding: literals.
+    let mut core = Core::new();
+    let sent = core.server_gets(&[query(
+        r#"INSERT INTO "secrets" ("org_id", "name", "value") SELECT * FROM UNNEST(('{acme,globex,acme}')::text[], ('{a,b,c}')::text[], ('{hunter2,NULL,"swordfish pw"}')::text[])"#,
+    )]);
+    let text = sent[0].text();
+    assert!(
+        !text.contains("hunter2") && !text.contains("swordfish"),
+        "{text}"
+    );
+    let start = text.find("('{enc:v1:").unwrap() + 2;
+    let end = start + text[start..].find('\'').unwrap();
+    let sealed = crate::wire::array::parse_text(&text[start..end]).unwrap();
+    assert_eq!(sealed.len(), 3);
+    assert!(sealed[1].is_none());
+    // Each element is its own row's: read back with its row's tenant.
+    core.client_gets(&[command_complete("INSERT 0 3"), ready(b'I')]);
+    core.server_gets(&[query("SELECT org_id, value FROM secrets")]);
+    let got = core.client_gets(&[
+        secrets_columns(),
+        data_row(&[Some("acme"), sealed[0].as_deref()]),
+        data_row(&[Some("acme"), sealed[2].as_deref()]),
+        command_complete("SELECT 2"),
+        ready(b'I'),
+    ]);
+    assert_eq!(got[1].values()[1].as_deref(), Some("hunter2"));
+    assert_eq!(got[2].values()[1].as_deref(), Some("swordfish pw"));
+
+    // Server-side binding: text and binary array parameters.
+    let sent = core.server_gets(&[
+        parse("", r#"INSERT INTO "secrets" ("org_id", "value") SELECT * FROM UNNEST(($1)::text[], ($2)::text[])"#),
+        bind("", "", &[Some("{acme,globex}"), Some("{hunter2,swordfish}")]),
+    ]);
+    let b = crate::wire::frontend::Bind::decode(&sent[1].body).unwrap();
+    let values = String::from_utf8_lossy(b.params[1].unwrap()).into_owned();
+    assert!(!values.contains("hunter2"), "{values}");
+    assert_eq!(crate::wire::array::parse_text(&values).unwrap().len(), 2);
+    // Rows of the arrays must pair up.
+    let sent = core.server_gets(&[
+        sync(),
+        parse("", r#"INSERT INTO "secrets" ("org_id", "value") SELECT * FROM UNNEST(($1)::text[], ($2)::text[])"#),
+        bind("", "", &[Some("{acme}"), Some("{hunter2,swordfish}")]),
+    ]);
+    assert_eq!(tags(&sent), "SPCPBE");
+    assert!(sent[3].text().contains("different lengths"));
+}

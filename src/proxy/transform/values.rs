@@ -3,16 +3,14 @@
 //! default tenant), the row it is bound to (row binding), and the sealed value; also the tenant
 //! changes a statement makes.
 
-use std::sync::Arc;
-
 use crate::cipher::{is_envelope_of, Classified, Restored};
 use crate::crypto::OrgId;
 use crate::proxy::error::{ClientError, ValueSite};
 use crate::proxy::rules::RulesSnapshot;
 use crate::rules::ColumnRule;
 use crate::sql::{
-    Analysis, ColumnRef, LiteralSite, PinPlace, PinValue, RowKeySource, TenantChange, TenantSource,
-    TxControl,
+    Analysis, ArraySite, ArraySource, ColumnRef, PinPlace, PinValue, RowKeySource, TenantChange,
+    TenantSource, TxControl,
 };
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::frontend::{self as fe, Bind};
@@ -34,7 +32,7 @@ impl Ctx<'_> {
         analysis: &Analysis,
         pin: PinRender,
     ) -> Result<Option<Vec<u8>>, Fail> {
-        if analysis.literals.is_empty() && analysis.pins.is_empty() {
+        if analysis.literals.is_empty() && analysis.pins.is_empty() && analysis.arrays.is_empty() {
             return Ok(None);
         }
         let mut replacements =
@@ -50,6 +48,20 @@ impl Ctx<'_> {
                 continue;
             };
             replacements.push((site.range.clone(), format!("'{sealed}'")));
+        }
+        for site in &analysis.arrays {
+            let ArraySource::Literal { range, .. } = &site.value else {
+                continue;
+            };
+            let Some(sealed) = self.seal_array(&rules, site, None)? else {
+                continue;
+            };
+            // Sealed elements and NULL need no quoting or escapes: a plain literal is safe
+            // whatever standard_conforming_strings says.
+            replacements.push((
+                range.clone(),
+                format!("'{}'", crate::wire::array::encode_text(&sealed)),
+            ));
         }
         for p in &analysis.pins {
             let value = match &p.value {
@@ -120,6 +132,35 @@ impl Ctx<'_> {
             if let Some(sealed) = sealed {
                 sealed_params.push((site.index - 1, sealed.into_bytes()));
             }
+        }
+        for site in &analysis.arrays {
+            let ArraySource::Param(n) = &site.value else {
+                continue;
+            };
+            let Some(sealed) = self.seal_array(&rules, site, Some(values))? else {
+                continue;
+            };
+            let i = n - 1;
+            let bytes = if values.bind.param_format(i) == fe::FORMAT_TEXT {
+                crate::wire::array::encode_text(&sealed).into_bytes()
+            } else {
+                let raw = values
+                    .bind
+                    .params
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .unwrap_or_default();
+                let element_type = crate::wire::array::BinaryArray::decode(raw)
+                    .map(|a| a.element_type)
+                    .unwrap_or(25);
+                crate::wire::array::encode_binary(element_type, &sealed).map_err(|_| {
+                    ClientError::ArrayUnreadable {
+                        column: site.column.to_string(),
+                    }
+                })?
+            };
+            sealed_params.push((i, bytes));
         }
         Ok(sealed_params)
     }
@@ -225,20 +266,7 @@ impl Ctx<'_> {
         bind: Option<&BindValues<'_>>,
     ) -> Result<OrgId, ClientError> {
         let name = || column.qualified_name().to_owned();
-        let session = self.s.tenant.effective();
-        let row_tenant = |v: String| {
-            if !stores_as_written(&v) {
-                return Err(ClientError::NonCanonicalTenant { column: name() });
-            }
-            let org =
-                OrgId::new(v).map_err(|_| ClientError::InvalidRowTenant { column: name() })?;
-            // Under a session tenant, a connection writes only its own organisation's rows, as
-            // it reads only its own organisation's values.
-            match &session {
-                Some(s) if *s != org => Err(ClientError::OtherTenantsRow { column: name() }),
-                _ => Ok(org),
-            }
-        };
+        let row_tenant = |v: String| self.row_tenant(v, column);
         match source {
             TenantSource::Literal(v) => row_tenant(v.clone()),
             TenantSource::Param(n) => {
@@ -257,6 +285,165 @@ impl Ctx<'_> {
             }
             TenantSource::Session => self.session_tenant(column),
         }
+    }
+
+    /// A row's tenant as written in the statement (a literal, a parameter, an array element):
+    /// it must be stored as written, name a valid organisation, and, under a session tenant,
+    /// be the session tenant (a connection writes only its own organisation's rows, as it
+    /// reads only its own organisation's values).
+    fn row_tenant(&self, v: String, column: &ColumnRule) -> Result<OrgId, ClientError> {
+        let name = || column.qualified_name().to_owned();
+        if !stores_as_written(&v) {
+            return Err(ClientError::NonCanonicalTenant { column: name() });
+        }
+        let org = OrgId::new(v).map_err(|_| ClientError::InvalidRowTenant { column: name() })?;
+        match self.s.tenant.effective() {
+            Some(s) if s != org => Err(ClientError::OtherTenantsRow { column: name() }),
+            _ => Ok(org),
+        }
+    }
+
+    /// Seal the elements of an array site: `value`, `tenants` and `keys` are the arrays read
+    /// (element `i` of each is row `i`'s). Returns the sealed elements, in order.
+    fn seal_elements(
+        &mut self,
+        rules: &RulesSnapshot,
+        column: &ColumnRule,
+        value: Vec<Option<String>>,
+        tenants: Option<Vec<Option<String>>>,
+        keys: Option<Vec<Option<String>>>,
+    ) -> Result<Vec<Option<String>>, Fail> {
+        let n = value.len();
+        if tenants.as_ref().is_some_and(|t| t.len() != n)
+            || keys.as_ref().is_some_and(|k| k.len() != n)
+        {
+            return Err(ClientError::ArrayLengths {
+                column: column.qualified_name().to_owned(),
+            }
+            .into());
+        }
+        let mut out = Vec::with_capacity(n);
+        for (i, v) in value.into_iter().enumerate() {
+            let Some(v) = v else {
+                out.push(None);
+                continue;
+            };
+            if v.contains('\0') {
+                return Err(ClientError::Nul {
+                    site: ValueSite::Literal,
+                    column: column.qualified_name().to_owned(),
+                }
+                .into());
+            }
+            let org = match tenants.as_ref().and_then(|t| t[i].clone()) {
+                Some(t) => self.row_tenant(t, column)?,
+                None => self.session_tenant(column)?,
+            };
+            let key = match &keys {
+                None => None,
+                Some(k) => {
+                    let key = k[i].clone().ok_or_else(|| ClientError::NullRowKey {
+                        column: column.qualified_name().to_owned(),
+                        key: column.row_key().unwrap_or_default().to_owned(),
+                    })?;
+                    if !key_stores_as_written(&key) {
+                        return Err(ClientError::NonCanonicalRowKey {
+                            column: column.qualified_name().to_owned(),
+                            key: column.row_key().unwrap_or_default().to_owned(),
+                        }
+                        .into());
+                    }
+                    Some(key)
+                }
+            };
+            let sealed = self.seal_value(rules, column, &org, key.as_deref(), v.as_bytes())?;
+            out.push(Some(sealed.unwrap_or(v)));
+        }
+        Ok(out)
+    }
+
+    /// An array given as a literal, or as a parameter of `bind` (text or binary format), as
+    /// its elements' text.
+    fn array_elements(
+        &self,
+        source: &ArraySource,
+        bind: Option<&BindValues<'_>>,
+        column: &ColumnRule,
+    ) -> Result<Option<Vec<Option<String>>>, ClientError> {
+        let bad = || ClientError::ArrayUnreadable {
+            column: column.qualified_name().to_owned(),
+        };
+        match source {
+            ArraySource::Literal { text, .. } => crate::wire::array::parse_text(text)
+                .map(Some)
+                .map_err(|_| bad()),
+            ArraySource::Param(n) => {
+                let Some(bind) = bind else {
+                    return Err(ClientError::LiteralWithTenantParam {
+                        column: column.qualified_name().to_owned(),
+                        param: *n,
+                    });
+                };
+                let Some(Some(raw)) = n
+                    .checked_sub(1)
+                    .and_then(|i| bind.bind.params.get(i))
+                    .copied()
+                else {
+                    return Ok(None);
+                };
+                if bind.bind.param_format(n - 1) == fe::FORMAT_TEXT {
+                    let text = self.s.encoding.decode(raw).map_err(|_| bad())?;
+                    return crate::wire::array::parse_text(&text)
+                        .map(Some)
+                        .map_err(|_| bad());
+                }
+                let array = crate::wire::array::BinaryArray::decode(raw).map_err(|_| bad())?;
+                let ty = array.element_type;
+                array
+                    .elements
+                    .iter()
+                    .map(|e| match e {
+                        None => Ok(None),
+                        Some(b) if TEXT_OIDS.contains(&ty) || ty == 19 => self
+                            .s
+                            .encoding
+                            .decode(b)
+                            .map(|t| Some(t.into_owned()))
+                            .map_err(|_| bad()),
+                        Some(b) => binary_as_text(ty, b).map(Some).ok_or_else(bad),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some)
+            }
+        }
+    }
+
+    /// Seal one array site; `Ok(None)` when its array is NULL.
+    fn seal_array(
+        &mut self,
+        rules: &RulesSnapshot,
+        site: &ArraySite,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<Option<Vec<Option<String>>>, Fail> {
+        let column = rule_for(rules, &site.column)?;
+        let Some(value) = self.array_elements(&site.value, bind, column)? else {
+            return Ok(None);
+        };
+        let tenants = match &site.tenant {
+            None => None,
+            Some(t) => self.array_elements(t, bind, column)?,
+        };
+        let keys = match &site.row_key {
+            None => None,
+            Some(k) => Some(self.array_elements(k, bind, column)?.ok_or_else(|| {
+                ClientError::NullRowKey {
+                    column: column.qualified_name().to_owned(),
+                    key: column.row_key().unwrap_or_default().to_owned(),
+                }
+            })?),
+        };
+        self.seal_elements(rules, column, value, tenants, keys)
+            .map(Some)
     }
 
     /// The session (or default) tenant, for a write to `column` that names none.
@@ -371,17 +558,30 @@ pub(super) fn dollar_quoted(s: &str) -> String {
     format!("${tag}${s}${tag}$")
 }
 
-/// Whether any of `literals` is sealed for the session (or default) tenant.
-pub(super) fn seals_under_session(literals: &[LiteralSite]) -> bool {
-    literals.iter().any(|l| l.tenant == TenantSource::Session)
+/// Whether a literal of `analysis` (or an array given as a literal) is sealed for the session
+/// (or default) tenant.
+pub(super) fn seals_under_session(analysis: &Analysis) -> bool {
+    analysis
+        .literals
+        .iter()
+        .any(|l| l.tenant == TenantSource::Session)
+        || analysis
+            .arrays
+            .iter()
+            .any(|a| a.tenant.is_none() && matches!(a.value, ArraySource::Literal { .. }))
 }
 
-/// Whether a parameter of `analysis` is sealed for the session (or default) tenant.
+/// Whether a parameter of `analysis` (or an array given as one) is sealed for the session (or
+/// default) tenant.
 pub(super) fn seals_under_session_params(analysis: &Analysis) -> bool {
     analysis
         .params
         .iter()
         .any(|p| p.tenant == TenantSource::Session)
+        || analysis
+            .arrays
+            .iter()
+            .any(|a| a.tenant.is_none() && matches!(a.value, ArraySource::Param(_)))
 }
 
 /// Parameter values of a Bind, with the statement's parameter types.
@@ -447,7 +647,7 @@ impl BindValues<'_> {
 
 /// The rule of a column the analyser found a value for.
 fn rule_for<'a>(
-    rules: &'a Arc<RulesSnapshot>,
+    rules: &'a RulesSnapshot,
     column: &ColumnRef,
 ) -> Result<&'a ColumnRule, ClientError> {
     rules
