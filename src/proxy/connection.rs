@@ -530,32 +530,43 @@ impl Relay {
         transform: &mut Transform,
         shared: &Shared,
     ) -> Result<(), ConnError> {
-        let mut rounds = 0;
         loop {
-            match self.client_in.process(transform, &mut self.out) {
-                Ok(()) => break,
-                Err(Halt::Malformed(e)) => return Err(ConnError::ClientProtocol(e)),
-                Err(Halt::Need(need)) => {
-                    rounds += 1;
-                    fulfil(transform, need, rounds).await;
+            // Set when a client message waits for the answer to a look-up the core sent.
+            let mut waits_for_server = false;
+            let mut rounds = 0;
+            loop {
+                match self.client_in.process(transform, &mut self.out) {
+                    Ok(()) => break,
+                    Err(Halt::Malformed(e)) => return Err(ConnError::ClientProtocol(e)),
+                    Err(Halt::Need(Need::ServerAnswer)) => {
+                        waits_for_server = true;
+                        break;
+                    }
+                    Err(Halt::Need(need)) => {
+                        rounds += 1;
+                        fulfil(transform, need, rounds).await;
+                    }
                 }
             }
-        }
-        let mut rounds = 0;
-        loop {
-            match self.server_in.process(transform, &mut self.out) {
-                Ok(()) => break,
-                Err(Halt::Malformed(e)) => return Err(ConnError::ServerProtocol(e)),
-                Err(Halt::Need(need)) => {
-                    rounds += 1;
-                    fulfil(transform, need, rounds).await;
+            let mut rounds = 0;
+            loop {
+                match self.server_in.process(transform, &mut self.out) {
+                    Ok(()) => break,
+                    Err(Halt::Malformed(e)) => return Err(ConnError::ServerProtocol(e)),
+                    Err(Halt::Need(need)) => {
+                        rounds += 1;
+                        fulfil(transform, need, rounds).await;
+                    }
                 }
             }
+            if let Some(key) = transform.take_backend_key() {
+                self.cancel_guard = Some(shared.cancels.register(&key, self.server_addr));
+            }
+            // The answer came in with what was just read: hand the waiting message in again.
+            if !(waits_for_server && transform.lookup_answered()) {
+                return Ok(());
+            }
         }
-        if let Some(key) = transform.take_backend_key() {
-            self.cancel_guard = Some(shared.cancels.register(&key, self.server_addr));
-        }
-        Ok(())
     }
 
     /// End the session with `e`, after the output already produced for the client.
@@ -581,6 +592,8 @@ async fn fulfil(transform: &mut Transform, need: Need, rounds: u32) {
         return;
     }
     match need {
+        // Comes from the server's messages, which the relay keeps reading.
+        Need::ServerAnswer => {}
         Need::Keys(keys) => {
             if let Some(cipher) = transform.cipher_mut() {
                 for key in &keys {

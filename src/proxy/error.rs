@@ -359,6 +359,15 @@ pub enum ClientError {
         /// The column.
         column: String,
     },
+    /// An UPDATE with no tenant writes rows of several organisations (42501).
+    #[error(
+        "the rows this statement writes belong to several organisations: name one ({column} \
+         in its WHERE clause) or SET pgenvelope.tenant"
+    )]
+    SeveralOrganisations {
+        /// The tenant column, as the statement sees it.
+        column: String,
+    },
     /// A `pgenvelope.tenant` setting that is not a valid organisation id (42501).
     #[error("invalid pgenvelope.tenant value")]
     InvalidTenantSetting,
@@ -649,6 +658,7 @@ impl ClientError {
             | ClientError::OtherTenantsRow { .. }
             | ClientError::NoTenant { .. }
             | ClientError::InvalidTenantSetting
+            | ClientError::SeveralOrganisations { .. }
             | ClientError::RestoredOtherOrg { .. }
             | ClientError::CopyInvalidTenant { .. }
             | ClientError::CopyOtherTenantsRow { .. }

@@ -152,6 +152,8 @@ mod rejection;
 mod text;
 mod write;
 
+pub(crate) use text::Positions as Offsets;
+
 pub use rejection::{
     ColumnDdlOp, Construct, CopyRefusal, InvalidStatement, ReadOp, Rejection, RejectionKind,
     TableDdlOp, TenantColumnUse, TenantSettingUse, WriteOp,
@@ -590,6 +592,21 @@ pub struct TenantPin {
     pub column: String,
     /// What it must equal.
     pub value: PinValue,
+    /// For an UPDATE: the parts of its text that find its rows, so that their organisation
+    /// can be looked up when no tenant is known.
+    pub lookup: Option<PinLookup>,
+}
+
+/// The parts of an UPDATE that say which rows it writes (byte ranges of the client's text):
+/// `SELECT … FROM target[, from] [WHERE cond]` finds the same rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinLookup {
+    /// The target table, with its alias (`customer c`).
+    pub target: Range<usize>,
+    /// The FROM list after SET, if any.
+    pub from: Option<Range<usize>>,
+    /// The WHERE condition, if any.
+    pub cond: Option<Range<usize>>,
 }
 
 /// Where a [`TenantPin`] goes in the text (byte offsets of the client's text).

@@ -13,7 +13,7 @@ use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use super::analyzer::Analyzer;
 use super::text::Positions;
-use super::PinPlace;
+use super::{PinLookup, PinPlace};
 
 /// Which clause a pin belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +76,14 @@ impl Analyzer<'_> {
     /// Where a pin goes in the current top-level statement, or `None` when that cannot be told
     /// for certain (the caller then refuses as without pins).
     pub(crate) fn pin_place(&self, scope: PinScope) -> Option<PinPlace> {
+        self.pin_place_and_lookup(scope).map(|(p, _)| p)
+    }
+
+    /// [`Analyzer::pin_place`], and for an UPDATE the parts of its text that find its rows.
+    pub(crate) fn pin_place_and_lookup(
+        &self,
+        scope: PinScope,
+    ) -> Option<(PinPlace, Option<PinLookup>)> {
         let piece = self.pieces.get(self.piece)?.clone();
         let text = self.parsed.get(piece.clone())?;
         let tokens = Tokenizer::new(&PostgreSqlDialect {}, text)
@@ -105,18 +113,40 @@ impl Analyzer<'_> {
             .unwrap_or(rest.len());
         let clause = &rest[..end];
         let last = clause.last()?;
-        match clause.iter().position(|t| t.is("where")) {
+        let where_at = clause.iter().position(|t| t.is("where"));
+        let (place, cond) = match where_at {
             Some(w) => {
                 let cond = &clause[w + 1..];
                 // `WHERE CURRENT OF cursor` takes no other condition.
                 if cond.first().is_some_and(|t| t.is("current")) {
                     return None;
                 }
-                let first = cond.first()?;
-                Some(PinPlace::Wrap(first.range.start..last.range.end))
+                let range = cond.first()?.range.start..last.range.end;
+                (PinPlace::Wrap(range.clone()), Some(range))
             }
-            None => Some(PinPlace::Add(last.range.end)),
-        }
+            None => (PinPlace::Add(last.range.end), None),
+        };
+        let lookup = match scope {
+            PinScope::DoUpdate => None,
+            PinScope::Update => {
+                let before_where = &clause[..where_at.unwrap_or(clause.len())];
+                let set = before_where.iter().position(|t| t.is("set"))?;
+                let target = &before_where[..set];
+                let from = before_where[set..]
+                    .iter()
+                    .position(|t| t.is("from"))
+                    .map(|f| &before_where[set + f + 1..]);
+                Some(PinLookup {
+                    target: target.first()?.range.start..target.last()?.range.end,
+                    from: match from {
+                        Some(f) => Some(f.first()?.range.start..f.last()?.range.end),
+                        None => None,
+                    },
+                    cond,
+                })
+            }
+        };
+        Some((place, lookup))
     }
 }
 

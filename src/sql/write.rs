@@ -427,6 +427,7 @@ impl<'a> Analyzer<'a> {
                                 place,
                                 column: format!("{}.{}", quote_ident(&visible), quote_ident(tc)),
                                 value,
+                                lookup: None,
                             });
                         }
                         same_key_on_conflict(t, oc.conflict_target.as_ref(), du, &visible)?;
@@ -855,13 +856,14 @@ impl<'a> Analyzer<'a> {
                 if tenant == TenantSource::Session
                     && writes_sealed_values(t, &up.assignments, false)
                 {
-                    let place = self
-                        .pin_place(PinScope::Update)
+                    let (place, lookup) = self
+                        .pin_place_and_lookup(PinScope::Update)
                         .ok_or_else(|| tenant_refusal(t, tc, TenantColumnUse::NotPinned))?;
                     self.out.pins.push(TenantPin {
                         place,
                         column: format!("{}.{}", quote_ident(&visible), quote_ident(tc)),
                         value: PinValue::SessionTenant,
+                        lookup,
                     });
                 }
             }

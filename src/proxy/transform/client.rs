@@ -165,6 +165,9 @@ impl Ctx<'_> {
             Ok(p) => Ok(p),
             Err(f) => match self.checked(f) {
                 Fail::Need(n) => return Err(Stop::Need(n)),
+                Fail::Lookup(req) => return Err(self.start_simple_lookup(req, out)?),
+                // The look-up's error answered this query: nothing more to send.
+                Fail::Answered => return Ok(()),
                 Fail::Refuse(e) => Err(e),
             },
         };
@@ -319,12 +322,14 @@ impl Ctx<'_> {
         } else {
             None
         };
+        let keeps_text = analysis.pins.iter().any(|p| p.lookup.is_some());
         Ok((
             Statement {
                 analysis: Some(analysis),
                 param_types: types,
                 sealed_for,
                 tenant_param,
+                text: keeps_text.then(|| Arc::from(text.as_str())),
                 ..Statement::default()
             },
             rewritten,
@@ -351,11 +356,11 @@ impl Ctx<'_> {
             // Straight into the output: the other parameters are copied once.
             let mut refs = bind.params.clone();
             for (i, value) in bound.sealed.iter().flatten() {
-                refs[*i] = Some(value.as_slice());
+                refs[*i] = value.as_deref();
             }
             let mut with_pin = None;
             if let Some(tenant) = &bound.pin_tenant {
-                refs.push(Some(tenant.as_slice()));
+                refs.push(tenant.as_deref());
                 // The added parameter is text, whatever format the client's are in.
                 let mut formats = match bind.param_formats.as_slice() {
                     [] => Vec::new(),
@@ -444,10 +449,19 @@ impl Ctx<'_> {
                     .first()
                     .map(|p| p.column.clone())
                     .unwrap_or_default();
-                let tenant = self
-                    .session_or_default()
-                    .ok_or(ClientError::NoTenant { column })?;
-                Some(self.s.encoding.encode(tenant.as_str())?.into_owned())
+                let tenant = match self.session_or_default() {
+                    Some(t) => Some(t),
+                    // No tenant known: the rows' organisation is looked up (None: no row).
+                    None => {
+                        let text = statement.text.as_deref().unwrap_or_default();
+                        self.looked_up_tenant(&analysis, text, Some(&values))?
+                            .ok_or(ClientError::NoTenant { column })?
+                    }
+                };
+                Some(match tenant {
+                    Some(t) => Some(self.s.encoding.encode(t.as_str())?.into_owned()),
+                    None => None,
+                })
             }
         };
         if analysis.params.is_empty() && analysis.arrays.is_empty() {
@@ -715,6 +729,8 @@ impl Ctx<'_> {
             }
             Err(Fail::Need(n)) => return Err(Stop::Need(n)),
             Err(Fail::Refuse(e)) => e,
+            // COPY data never asks for a look-up.
+            Err(Fail::Lookup(_) | Fail::Answered) => ClientError::Rewrite,
         };
         self.count_refusal(&e);
         self.e.copy_in = None;
@@ -747,12 +763,13 @@ enum PreparedCopy {
 /// What a Bind carries besides the client's bytes.
 #[derive(Default)]
 struct BoundValues {
-    /// (parameter index, sealed value) of every parameter that changes.
-    sealed: Option<Vec<(usize, Vec<u8>)>>,
+    /// (parameter index, sealed value or NULL) of every parameter that changes.
+    sealed: Option<Vec<super::values::SealedParam>>,
     /// The organisation values were sealed for under the session tenant, if any.
     sealed_for: Option<crate::crypto::OrgId>,
     /// Tenant changes and savepoint events, made when the portal runs.
     tenant_ops: Vec<super::session::TenantChangeOp>,
-    /// The value of the statement's tenant pin parameter, when it has one.
-    pin_tenant: Option<Vec<u8>>,
+    /// The value of the statement's tenant pin parameter (`Some(None)`: NULL, no row is
+    /// written), when it has one.
+    pin_tenant: Option<Option<Vec<u8>>>,
 }

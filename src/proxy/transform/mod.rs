@@ -32,6 +32,7 @@
 mod client;
 mod copy;
 mod lexing;
+mod lookup;
 mod refuse;
 mod server;
 mod session;
@@ -67,6 +68,9 @@ pub(crate) enum Need {
     Keys(Vec<KeyNeed>),
     /// Which columns of table `oid` (in the session's database) are encrypted.
     Table(u32),
+    /// The answer to a look-up the core sent on the server session (nothing to fetch: the
+    /// message waits while the server's messages are handled).
+    ServerAnswer,
     /// The column names of a table, in order (a COPY without a column list).
     Columns {
         /// Schema.
@@ -107,6 +111,10 @@ enum Fail {
     Refuse(ClientError),
     /// Fetch this and handle the message again.
     Need(Need),
+    /// Send this look-up on the server session, then handle the message again with its answer.
+    Lookup(lookup::LookupRequest),
+    /// The message was answered already (by the server's error to its look-up): drop it.
+    Answered,
 }
 
 impl From<ClientError> for Fail {
@@ -172,6 +180,8 @@ struct Encrypting {
     tables_failed: Vec<u32>,
     /// Set by the shell when needs keep coming back: the next need is refused instead.
     gave_up: bool,
+    /// The look-up of the organisation of the rows the parked client message writes.
+    lookup: lookup::Lookup,
     /// Server side: shape of the result set being streamed (simple query).
     current: Option<Arc<Shape>>,
     /// COPY TO being decrypted.
@@ -210,6 +220,7 @@ impl Transform {
                 columns: None,
                 tables_failed: Vec::new(),
                 gave_up: false,
+                lookup: lookup::Lookup::Idle,
                 current: None,
                 copy_out: None,
                 suppress: false,
@@ -286,7 +297,7 @@ impl Transform {
     pub(crate) fn on_client(&mut self, frame: &Frame, out: &mut Out) -> Result<(), Stop> {
         crate::fault::check(frame);
         let result = self.client_message(frame, out);
-        self.settle(&result);
+        self.settle_client(&result);
         result
     }
 
@@ -324,6 +335,13 @@ impl Transform {
         self.enc.as_mut().map(|e| &mut e.cipher)
     }
 
+    /// Whether the client message waiting for a look-up's answer can be handled again.
+    pub(crate) fn lookup_answered(&self) -> bool {
+        self.enc
+            .as_ref()
+            .is_some_and(|e| !matches!(e.lookup, lookup::Lookup::Waiting(_)))
+    }
+
     /// The catalog look-up of table `oid` failed: the next attempt refuses (58000).
     pub(crate) fn table_failed(&mut self, oid: u32) {
         if let Some(e) = &mut self.enc {
@@ -349,6 +367,14 @@ impl Transform {
     pub(crate) fn give_up(&mut self) {
         if let Some(e) = &mut self.enc {
             e.gave_up = true;
+        }
+    }
+
+    /// After a client message: as [`Transform::settle`], and a look-up's answer is used up.
+    fn settle_client(&mut self, result: &Result<(), Stop>) {
+        self.settle(result);
+        if let (Some(enc), false) = (&mut self.enc, matches!(result, Err(Stop::Need(_)))) {
+            enc.lookup = lookup::Lookup::Idle;
         }
     }
 
@@ -443,6 +469,7 @@ impl Ctx<'_> {
             Need::Keys(_) => ClientError::KeysUnavailable,
             Need::Table(_) => ClientError::CatalogUnavailable,
             Need::Columns { .. } => ClientError::CopyColumnsUnavailable,
+            Need::ServerAnswer => return Fail::Need(need),
         })
     }
 

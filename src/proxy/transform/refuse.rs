@@ -22,6 +22,12 @@ impl Ctx<'_> {
     pub(super) fn refuse_extended(&mut self, f: Fail, out: &mut BytesMut) -> Result<(), Stop> {
         let e = match self.checked(f) {
             Fail::Need(n) => return Err(Stop::Need(n)),
+            Fail::Lookup(req) => return Err(self.start_extended_lookup(req, out)?),
+            // The look-up's error answered this message; the server skips to Sync.
+            Fail::Answered => {
+                self.s.skipping = true;
+                return Ok(());
+            }
             Fail::Refuse(e) => e,
         };
         self.count_refusal(&e);

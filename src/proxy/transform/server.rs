@@ -37,6 +37,8 @@ impl Ctx<'_> {
             Ok(Ok(())) => Ok(()),
             Ok(Err(f)) => match self.checked(f) {
                 Fail::Need(n) => Err(Stop::Need(n)),
+                // Server messages never ask for a look-up.
+                Fail::Lookup(_) | Fail::Answered => Ok(()),
                 Fail::Refuse(e) => {
                     tracing::debug!(code = e.sqlstate(), "result refused");
                     if !self.e.suppress {
@@ -68,6 +70,30 @@ impl Ctx<'_> {
         out: &mut BytesMut,
     ) -> Result<Handled, crate::wire::WireError> {
         let tag = frame.tag();
+        if let Some(Pending::Lookup { simple }) = self.s.queue.front() {
+            let simple = *simple;
+            match tag {
+                // The look-up's own answer: the proxy's, never the client's.
+                be::ROW_DESCRIPTION_TAG => return Ok(Ok(())),
+                be::DATA_ROW_TAG => {
+                    let row = DataRow::parse(frame.body())?;
+                    let tenant = row
+                        .get(0)
+                        .flatten()
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                    self.lookup_row(tenant);
+                    return Ok(Ok(()));
+                }
+                be::COMMAND_COMPLETE_TAG => {
+                    self.lookup_done();
+                    if !simple {
+                        self.s.queue.pop_front();
+                    }
+                    return Ok(Ok(()));
+                }
+                _ => {}
+            }
+        }
         match tag {
             be::NOTICE_RESPONSE_TAG | be::NOTIFICATION_RESPONSE_TAG => self.emit(frame, false, out),
             be::PARAMETER_STATUS_TAG => {
@@ -86,8 +112,12 @@ impl Ctx<'_> {
             }
             be::READY_FOR_QUERY_TAG => {
                 let status = be::parse_ready_for_query(frame.body())?;
-                self.ready_for_query(status);
-                self.emit(frame, false, out);
+                let ended = self.ready_for_query(status);
+                // A look-up's cycle is the proxy's, unless its error stood in for the client's
+                // statement.
+                let hidden = matches!(ended, Some(Pending::Lookup { .. }))
+                    && self.e.lookup != super::lookup::Lookup::Failed;
+                self.emit(frame, hidden, out);
             }
             be::ERROR_RESPONSE_TAG => self.error_response(frame, out),
             be::PARSE_COMPLETE_TAG | be::BIND_COMPLETE_TAG | be::CLOSE_COMPLETE_TAG => {
@@ -227,16 +257,16 @@ impl Ctx<'_> {
 
     /// ReadyForQuery(`status`): the oldest outstanding cycle (and any the server skipped with
     /// it) is answered.
-    fn ready_for_query(&mut self, status: TransactionStatus) {
-        let mut answered = false;
+    fn ready_for_query(&mut self, status: TransactionStatus) -> Option<Pending> {
+        let mut answered = None;
         while let Some(p) = self.s.queue.pop_front() {
             if p.ends_cycle() {
-                answered = true;
+                answered = Some(p);
                 break;
             }
         }
         self.s.status = status;
-        if answered {
+        if answered.is_some() {
             // Cycles the server skipped after an error end with this one.
             let rolled_back = self.e.rolled_back || self.e.error_in_cycle;
             for _ in 0..=std::mem::take(&mut self.e.skipped_cycles) {
@@ -253,9 +283,13 @@ impl Ctx<'_> {
         self.e.rolled_back = false;
         self.e.current = None;
         self.e.copy_out = None;
+        answered
     }
 
     fn error_response(&mut self, frame: &Frame, out: &mut BytesMut) {
+        // An error while a look-up is out answers the statement waiting for it (the look-up
+        // failed, or was skipped after an earlier error of the pipeline).
+        self.lookup_failed();
         self.e.error_in_cycle = true;
         self.e.current = None;
         self.e.copy_out = None;

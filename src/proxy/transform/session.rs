@@ -45,6 +45,9 @@ pub(crate) struct Statement {
     /// The parameter the proxy added for a tenant pin (1-based, after the client's): each Bind
     /// gets the session (or default) tenant in force then, and the client never sees it.
     pub(crate) tenant_param: Option<usize>,
+    /// The analysed text, kept when a Bind may have to look up the organisation of the rows
+    /// it writes (its WHERE clause is run as a query).
+    pub(crate) text: Option<Arc<str>>,
 }
 
 /// A portal (a bound statement).
@@ -176,6 +179,10 @@ pub(crate) enum Pending {
     },
     /// Sync → ReadyForQuery.
     Sync,
+    /// A look-up the proxy sent (see `lookup.rs`): its rows are the proxy's. `simple`: a Query
+    /// of its own, answered up to ReadyForQuery; else the Execute of an extended-protocol
+    /// look-up, answered up to CommandComplete.
+    Lookup { simple: bool },
 }
 
 impl Pending {
@@ -183,7 +190,10 @@ impl Pending {
     pub(crate) fn ends_cycle(&self) -> bool {
         matches!(
             self,
-            Pending::Sync | Pending::Query { .. } | Pending::FunctionCall
+            Pending::Sync
+                | Pending::Query { .. }
+                | Pending::FunctionCall
+                | Pending::Lookup { simple: true }
         )
     }
 }

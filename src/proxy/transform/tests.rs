@@ -34,10 +34,13 @@ fn org(s: &str) -> OrgId {
     OrgId::new(s).unwrap()
 }
 
-/// A transform with the layer of a proxy, and the "key store" and catalog of the tests.
+/// A transform with the layer of a proxy, and the "key store" and catalog of the tests. Its
+/// input buffers persist across calls, as the connection task's do.
 struct Core {
     t: Transform,
     enc: Arc<Encryption>,
+    client_in: Inbound,
+    server_in: Inbound,
     /// DEKs made so far (the key store of these tests).
     deks: Vec<Arc<CachedDek>>,
     /// Organisations whose key fetch fails.
@@ -64,6 +67,8 @@ impl Core {
         Self {
             t,
             enc,
+            client_in: Inbound::new(Dir::FromClient, BytesMut::new(), 1 << 20),
+            server_in: Inbound::new(Dir::FromServer, BytesMut::new(), 1 << 20),
             deks: Vec::new(),
             failing: Vec::new(),
             needs: Vec::new(),
@@ -72,12 +77,14 @@ impl Core {
 
     /// Hand `msgs` from the client to the core; returns (to server, to client).
     fn client(&mut self, msgs: &[Vec<u8>]) -> (Vec<Msg>, Vec<Msg>) {
-        self.feed(Dir::FromClient, msgs)
+        self.client_in.buf.extend_from_slice(&msgs.concat());
+        self.pump()
     }
 
     /// Hand `msgs` from the server to the core; returns (to server, to client).
     fn server(&mut self, msgs: &[Vec<u8>]) -> (Vec<Msg>, Vec<Msg>) {
-        self.feed(Dir::FromServer, msgs)
+        self.server_in.buf.extend_from_slice(&msgs.concat());
+        self.pump()
     }
 
     /// What the client receives for the server's `msgs`.
@@ -90,14 +97,33 @@ impl Core {
         self.client(msgs).0
     }
 
-    fn feed(&mut self, dir: Dir, msgs: &[Vec<u8>]) -> (Vec<Msg>, Vec<Msg>) {
-        let mut inbound = Inbound::new(dir, BytesMut::from(&msgs.concat()[..]), 1 << 20);
+    /// What the connection task does with what was read: each direction until its input runs
+    /// out, fetching what the core asks for, and a client message waiting for a look-up's
+    /// answer handed in again once it came.
+    fn pump(&mut self) -> (Vec<Msg>, Vec<Msg>) {
         let mut out = Out::default();
         for _ in 0..100 {
-            match inbound.process(&mut self.t, &mut out) {
-                Ok(()) => return (frames(&out.to_server), frames(&out.to_client)),
-                Err(Halt::Need(need)) => self.fulfil(need),
-                Err(Halt::Malformed(e)) => panic!("malformed: {e}"),
+            let mut waits = false;
+            loop {
+                match self.client_in.process(&mut self.t, &mut out) {
+                    Ok(()) => break,
+                    Err(Halt::Need(Need::ServerAnswer)) => {
+                        waits = true;
+                        break;
+                    }
+                    Err(Halt::Need(need)) => self.fulfil(need),
+                    Err(Halt::Malformed(e)) => panic!("malformed: {e}"),
+                }
+            }
+            loop {
+                match self.server_in.process(&mut self.t, &mut out) {
+                    Ok(()) => break,
+                    Err(Halt::Need(need)) => self.fulfil(need),
+                    Err(Halt::Malformed(e)) => panic!("malformed: {e}"),
+                }
+            }
+            if !(waits && self.t.lookup_answered()) {
+                return (frames(&out.to_server), frames(&out.to_client));
             }
         }
         panic!("needs never end");
@@ -107,6 +133,7 @@ impl Core {
     fn fulfil(&mut self, need: Need) {
         self.needs.push(need.clone());
         match need {
+            Need::ServerAnswer => {}
             Need::Keys(keys) => {
                 for key in keys {
                     self.fetch(key);
@@ -925,10 +952,115 @@ fn an_update_by_primary_key_is_pinned_to_the_session_tenant() {
 }
 
 #[test]
-fn without_any_tenant_an_update_by_primary_key_is_refused() {
+fn without_any_tenant_the_rows_organisation_is_looked_up_first() {
     let mut core = Core::new();
-    let sent = core.server_gets(&[query("UPDATE secrets SET value = 'vip' WHERE id = 1")]);
+    let update = || query(r#"UPDATE "secrets" SET "value" = 'vip' WHERE "secrets"."id" = 1"#);
+    // The UPDATE waits; a look-up on the same session goes first.
+    let sent = core.server_gets(&[update()]);
+    assert_eq!(tags(&sent), "Q");
+    assert_eq!(
+        sent[0].text(),
+        "SELECT DISTINCT (\"secrets\".\"org_id\")::text FROM \"secrets\" WHERE \"secrets\".\"id\" = 1 LIMIT 2\0"
+    );
+    // Its answer is the proxy's; then the UPDATE goes, sealed for the row's organisation and
+    // pinned to it.
+    let (sent, got) = core.server(&[
+        row_description(&[("org_id", 0, 0, TEXT)]),
+        data_row(&[Some("acme")]),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    assert!(
+        got.is_empty(),
+        "the look-up's answer is not the client's: {got:?}"
+    );
+    let text = sent[0].text();
+    assert!(text.contains("enc:v1:") && !text.contains("vip"), "{text}");
+    assert!(
+        text.contains(r#"AND "secrets"."org_id" = $pgenvelope$acme$pgenvelope$"#),
+        "{text}"
+    );
+    assert!(core
+        .needs
+        .contains(&Need::Keys(vec![KeyNeed::Active(org("acme"))])));
+    let got = core.client_gets(&[command_complete("UPDATE 1"), ready(b'I')]);
+    assert_eq!(tags(&got), "CZ");
+
+    // No row matches: nothing is sealed, and the UPDATE matches nothing.
+    core.server_gets(&[update()]);
+    let (sent, _) = core.server(&[command_complete("SELECT 0"), ready(b'I')]);
+    let text = sent[0].text();
+    assert!(
+        text.contains(r#"SET "value" = NULL"#) && text.contains("= NULL"),
+        "{text}"
+    );
+    core.client_gets(&[command_complete("UPDATE 0"), ready(b'I')]);
+
+    // Rows of several organisations: refused.
+    core.server_gets(&[update()]);
+    let (sent, _) = core.server(&[
+        data_row(&[Some("acme")]),
+        data_row(&[Some("globex")]),
+        command_complete("SELECT 2"),
+        ready(b'I'),
+    ]);
     assert!(sent[0].text().contains("'42501'"), "{}", sent[0].text());
+    core.client_gets(&[error("42501", "pgenvelope: x", &[]), ready(b'I')]);
+
+    // The look-up fails: its error answers the client's statement, which is never sent.
+    core.server_gets(&[update()]);
+    let (sent, got) = core.server(&[error("42703", "column does not exist", &[]), ready(b'I')]);
+    assert!(sent.is_empty());
+    assert_eq!(tags(&got), "EZ");
+    assert!(core.t.session.queue.is_empty());
+
+    // Prepared: the look-up is a statement of its own, with the Bind's values written in.
+    let sent = core.server_gets(&[
+        parse("u", "UPDATE secrets SET value = $1 WHERE secrets.id = $2"),
+        bind("", "u", &[Some("hunter2"), Some("7")]),
+        execute(""),
+        sync(),
+    ]);
+    assert_eq!(
+        tags(&sent),
+        "PCPBEH",
+        "Parse, then the look-up (the Bind waits)"
+    );
+    assert!(
+        sent[2]
+            .text()
+            .contains("WHERE secrets.id = $pgenvelope$7$pgenvelope$ LIMIT 2"),
+        "{}",
+        sent[2].text()
+    );
+    let (sent, got) = core.server(&[
+        parse_complete(),
+        close_complete(),
+        parse_complete(),
+        bind_complete(),
+        data_row(&[Some("acme")]),
+        command_complete("SELECT 1"),
+    ]);
+    assert_eq!(tags(&got), "1", "only the client's own ParseComplete");
+    assert_eq!(
+        tags(&sent),
+        "BDES",
+        "then the Bind, sealed, and the rest of the pipeline"
+    );
+    let b = crate::wire::frontend::Bind::decode(&sent[0].body).unwrap();
+    assert!(String::from_utf8_lossy(b.params[0].unwrap()).starts_with("enc:v1:"));
+    assert_eq!(
+        b.params[2],
+        Some(&b"acme"[..]),
+        "pinned to the looked-up organisation"
+    );
+    let got = core.client_gets(&[
+        bind_complete(),
+        message(b'n', |_| {}),
+        command_complete("UPDATE 1"),
+        ready(b'I'),
+    ]);
+    assert_eq!(tags(&got), "2CZ");
 }
 
 #[test]

@@ -35,10 +35,19 @@ impl Ctx<'_> {
         if analysis.literals.is_empty() && analysis.pins.is_empty() && analysis.arrays.is_empty() {
             return Ok(None);
         }
+        // A simple query's rows with no known tenant: look their organisation up first.
+        if matches!(pin, PinRender::Literal) && self.session_or_default().is_none() {
+            self.looked_up_tenant(analysis, text, None)?;
+        }
+        let no_row = self.writes_no_row();
         let mut replacements =
             Vec::with_capacity(analysis.literals.len() + 2 * analysis.pins.len());
         let rules = self.e.handles.rules.snapshot();
         for site in &analysis.literals {
+            if no_row && site.tenant == TenantSource::Session {
+                replacements.push((site.range.clone(), "NULL".to_owned()));
+                continue;
+            }
             let column = rule_for(&rules, &site.column)?;
             let org = self.tenant_for(&site.tenant, column, None)?;
             let key = self.row_key_for(site.row_key.as_ref(), column, None)?;
@@ -68,12 +77,11 @@ impl Ctx<'_> {
                 PinValue::Excluded(e) => e.clone(),
                 PinValue::SessionTenant => match &pin {
                     PinRender::Param(n) => format!("${n}"),
+                    PinRender::Literal if no_row => "NULL".to_owned(),
                     PinRender::Literal => {
-                        let tenant =
-                            self.session_or_default()
-                                .ok_or_else(|| ClientError::NoTenant {
-                                    column: p.column.clone(),
-                                })?;
+                        let tenant = self.write_tenant().ok_or_else(|| ClientError::NoTenant {
+                            column: p.column.clone(),
+                        })?;
                         dollar_quoted(tenant.as_str())
                     }
                 },
@@ -104,14 +112,19 @@ impl Ctx<'_> {
         &mut self,
         analysis: &Analysis,
         values: &BindValues<'_>,
-    ) -> Result<Vec<(usize, Vec<u8>)>, Fail> {
+    ) -> Result<Vec<SealedParam>, Fail> {
         let mut sealed_params = Vec::with_capacity(analysis.params.len());
         let rules = self.e.handles.rules.snapshot();
         let uncertain = self.s.lexing.uncertain();
+        let no_row = self.writes_no_row();
         for site in &analysis.params {
             let Some(Some(raw)) = values.bind.params.get(site.index - 1).copied() else {
                 continue;
             };
+            if no_row && site.tenant == TenantSource::Session {
+                sealed_params.push((site.index - 1, None));
+                continue;
+            }
             let column = rule_for(&rules, &site.column)?;
             if raw.contains(&0) {
                 return Err(ClientError::Nul {
@@ -130,7 +143,7 @@ impl Ctx<'_> {
             let sealed =
                 self.seal_value(&rules, column, &org, key.as_deref(), plaintext.as_bytes())?;
             if let Some(sealed) = sealed {
-                sealed_params.push((site.index - 1, sealed.into_bytes()));
+                sealed_params.push((site.index - 1, Some(sealed.into_bytes())));
             }
         }
         for site in &analysis.arrays {
@@ -160,7 +173,7 @@ impl Ctx<'_> {
                     }
                 })?
             };
-            sealed_params.push((i, bytes));
+            sealed_params.push((i, Some(bytes)));
         }
         Ok(sealed_params)
     }
@@ -448,10 +461,24 @@ impl Ctx<'_> {
 
     /// The session (or default) tenant, for a write to `column` that names none.
     pub(super) fn session_tenant(&self, column: &ColumnRule) -> Result<OrgId, ClientError> {
-        self.session_or_default()
-            .ok_or_else(|| ClientError::NoTenant {
-                column: column.qualified_name().to_owned(),
-            })
+        self.write_tenant().ok_or_else(|| ClientError::NoTenant {
+            column: column.qualified_name().to_owned(),
+        })
+    }
+
+    /// The organisation values sealed for "the session tenant" belong to: the session tenant,
+    /// else the default tenant, else the one a look-up found for the message being handled.
+    pub(super) fn write_tenant(&self) -> Option<OrgId> {
+        self.session_or_default().or_else(|| match &self.e.lookup {
+            super::lookup::Lookup::Found(org) => org.clone(),
+            _ => None,
+        })
+    }
+
+    /// Whether a look-up found that the statement being handled writes no row: its values for
+    /// the session tenant are then written as NULL (they are never stored).
+    pub(super) fn writes_no_row(&self) -> bool {
+        self.session_or_default().is_none() && self.e.lookup == super::lookup::Lookup::Found(None)
     }
 
     /// The session tenant, else the default tenant.
@@ -536,6 +563,9 @@ impl Ctx<'_> {
         })
     }
 }
+
+/// A parameter to replace in a Bind: its index and its new value (`None`: NULL).
+pub(super) type SealedParam = (usize, Option<Vec<u8>>);
 
 /// How a tenant pin's session tenant is written into the text.
 pub(super) enum PinRender {
