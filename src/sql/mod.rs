@@ -153,6 +153,7 @@ mod text;
 mod write;
 
 pub(crate) use text::Positions as Offsets;
+pub(crate) use text::canonical_uuid;
 
 pub use rejection::{
     ColumnDdlOp, Construct, CopyRefusal, InvalidStatement, ReadOp, Rejection, RejectionKind,
@@ -553,6 +554,8 @@ pub enum ArraySource {
         range: Range<usize>,
         /// The literal's value: the array's text form.
         text: String,
+        /// Cast to `uuid[]`: each element is stored in its canonical UUID form.
+        uuid: bool,
     },
     /// Parameter `$n` (1-based).
     Param(usize),

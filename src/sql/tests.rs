@@ -1588,7 +1588,7 @@ fn django_bulk_create_arrays_are_sealed_element_by_element() {
     let sql = r#"INSERT INTO "secrets" ("org_id", "name", "value", "note") SELECT * FROM UNNEST(('{1001,1001}'::int8[])::bigint[], ('{b0,b1}')::text[], ('{b0@acme.example,b1@acme.example}')::text[], ('{NULL,NULL}')::text[]) RETURNING "secrets"."id""#;
     let a = ok(sql);
     assert_eq!(a.arrays.len(), 2);
-    let ArraySource::Literal { text, range } = &a.arrays[0].value else {
+    let ArraySource::Literal { text, range, .. } = &a.arrays[0].value else {
         panic!("a literal");
     };
     assert_eq!(text, "{b0@acme.example,b1@acme.example}");

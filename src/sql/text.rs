@@ -409,3 +409,57 @@ fn dollar(token: &str) -> Option<String> {
     }
     Some(body.to_owned())
 }
+
+/// The text PostgreSQL stores for `v` read as a `uuid` (lower-case hex in groups of
+/// 8-4-4-4-12), when `v` is 32 hex digits with hyphens or braces around and between them;
+/// `None` for anything else. A value PostgreSQL's `uuid` input would still refuse (a hyphen in
+/// an odd place) is refused by the server, so reading it leniently here stores nothing.
+pub(crate) fn canonical_uuid(v: &str) -> Option<String> {
+    let mut hex = String::with_capacity(36);
+    for c in v.chars() {
+        match c {
+            '-' | '{' | '}' => {}
+            c if c.is_ascii_hexdigit() => {
+                if matches!(hex.len(), 8 | 13 | 18 | 23) {
+                    hex.push('-');
+                }
+                hex.push(c.to_ascii_lowercase());
+            }
+            _ => return None,
+        }
+        if hex.len() > 36 {
+            return None;
+        }
+    }
+    (hex.len() == 36).then_some(hex)
+}
+
+#[cfg(test)]
+mod uuid_tests {
+    use super::canonical_uuid;
+
+    #[test]
+    fn uuids_in_any_accepted_form_read_as_stored() {
+        let stored = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+        for written in [
+            stored,
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
+            "{a0eebc999c0b4ef8bb6d6bb9bd380a11}",
+        ] {
+            assert_eq!(canonical_uuid(written).as_deref(), Some(stored), "{written}");
+        }
+        for other in [
+            "",
+            "acme",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a111",
+            "a0eebc99 9c0b 4ef8 bb6d 6bb9bd380a11",
+            "g0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        ] {
+            assert_eq!(canonical_uuid(other), None, "{other}");
+        }
+    }
+}

@@ -295,7 +295,15 @@ impl<'a> Analyzer<'a> {
                 if !keeps {
                     return None;
                 }
-                self.array_source(expr, text_only)
+                let inner = self.array_source(expr, text_only)?;
+                Some(match inner {
+                    ArraySource::Literal { range, text, uuid } => ArraySource::Literal {
+                        range,
+                        text,
+                        uuid: uuid || is_uuid_type(element),
+                    },
+                    param => param,
+                })
             }
             Expr::Value(v) => match &v.value {
                 Value::Placeholder(p) => param_number(p).map(ArraySource::Param),
@@ -303,7 +311,11 @@ impl<'a> Analyzer<'a> {
                     let range = self.pos.range(v.span)?;
                     let raw = self.pos.slice(range.clone())?;
                     let text = decode_literal(raw)?;
-                    Some(ArraySource::Literal { range, text })
+                    Some(ArraySource::Literal {
+                        range,
+                        text,
+                        uuid: false,
+                    })
                 }
                 _ => None,
             },
@@ -565,7 +577,14 @@ impl<'a> Analyzer<'a> {
                 return param_number(p).map(TenantSource::Param);
             }
         }
-        self.literal_text(inner).map(TenantSource::Literal)
+        let text = self.literal_text(inner)?;
+        // Cast to `uuid`, the value is stored in its canonical form, whatever form it is
+        // written in (Django writes UUIDs as 32 hex digits).
+        let text = match casts_to_uuid(e).then(|| super::text::canonical_uuid(&text)) {
+            Some(Some(canonical)) => canonical,
+            _ => text,
+        };
+        Some(TenantSource::Literal(text))
     }
 
     /// Records a value written to encrypted column `col`, or refuses it.
@@ -1266,6 +1285,18 @@ fn strip_tenant_casts(e: &Expr) -> Option<&Expr> {
             }
         }
         other => Some(other),
+    }
+}
+
+/// Whether `e` is cast to `uuid` somewhere around its innermost value (`'…'::uuid`,
+/// `('…'::uuid)::text`): what is stored is then the UUID's canonical text.
+fn casts_to_uuid(e: &Expr) -> bool {
+    match e {
+        Expr::Nested(inner) => casts_to_uuid(inner),
+        Expr::Cast {
+            expr, data_type, ..
+        } => is_uuid_type(data_type) || casts_to_uuid(expr),
+        _ => false,
     }
 }
 

@@ -5,7 +5,7 @@ or a UUID with ORG_TYPE=uuid). Every ordinary ORM write and read is run once, un
 values read back are compared with what was written; the last line printed is `ok`.
 
 Environment: DATABASE_URL, TABLE (the table name), ORG_TYPE (int | uuid), TENANT_MODE (none:
-the rows name their organisation; session: SET pgenvelope.tenant per connection as well),
+the rows name their organisation; session: set_config('pgenvelope.tenant', …) per connection as well),
 BINDING (client | server: Django's client-side or server-side parameter binding).
 """
 
@@ -74,7 +74,7 @@ def check(got, want, what):
 def set_tenant(o):
     if tenant_mode == "session":
         with connection.cursor() as c:
-            c.execute("SET pgenvelope.tenant = %s", [str(o)])
+            c.execute("SELECT set_config('pgenvelope.tenant', %s, false)", [str(o)])
 
 
 def main():

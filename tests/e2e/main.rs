@@ -20,6 +20,7 @@ mod kms;
 mod lexing;
 mod passthrough;
 mod protocol_sync;
+mod orms;
 mod raw;
 mod reencrypt;
 mod row_binding;

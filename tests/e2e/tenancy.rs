@@ -243,9 +243,10 @@ async fn row_tenants_stored_differently_from_how_they_are_written_are_refused() 
         .await;
 }
 
-/// Item 12: writes that would seal a row for another organisation than its own (moving it,
-/// updating another organisation's row under the session tenant, ON CONFLICT against another
-/// organisation's row) are refused; the row stays readable by its owner.
+/// Item 12: writes that would seal a row for another organisation than its own are refused
+/// (moving it without new values) or pinned to the session tenant's rows (updating it by
+/// primary key, ON CONFLICT against it): another organisation's row is not written, and stays
+/// readable by its owner.
 #[tokio::test]
 async fn writes_that_would_make_a_row_unreadable_are_refused() {
     let v = crate::encryption::Vault::new().await;
@@ -263,16 +264,20 @@ async fn writes_that_would_make_a_row_unreadable_are_refused() {
         // Moving the row without new values for its encrypted columns.
         format!("UPDATE {t} SET org_id = 'org_a' WHERE id = 1"),
         format!("UPDATE {t} SET org_id = 'org_a', value = 'v' WHERE id = 1"),
-        // By primary key under the session tenant: the row is org_b's.
+    ] {
+        let err = c.batch_execute(&sql).await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("0A000"), "{sql}: {err}");
+    }
+    // By primary key under the session tenant, and an upsert against org_b's row from org_a:
+    // pinned to org_a's rows, so org_b's row is not written.
+    for sql in [
         format!("UPDATE {t} SET value = 'overwritten' WHERE id = 1"),
-        // Upsert against org_b's row from org_a.
         format!(
             "INSERT INTO {t} (id, org_id, value) VALUES (1, 'org_a', 'upserted') \
              ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value"
         ),
     ] {
-        let err = c.batch_execute(&sql).await.unwrap_err();
-        assert_eq!(code(&err).as_deref(), Some("0A000"), "{sql}: {err}");
+        assert_eq!(c.execute(&sql, &[]).await.unwrap(), 0, "{sql}");
     }
     // Pinned forms are accepted and only ever touch the named organisation's row.
     c.batch_execute(&format!(
@@ -302,12 +307,13 @@ async fn writes_that_would_make_a_row_unreadable_are_refused() {
     assert_eq!(row.get::<_, String>(1), "secret-b");
     assert_eq!(row.get::<_, String>(2), "note-b");
     // Moving with new values for every encrypted column works and reads back under the new
-    // organisation.
-    b.batch_execute(&format!(
+    // organisation; not from a session of the old one, which writes only its own rows.
+    let move_row = format!(
         "UPDATE {t} SET org_id = 'org_c', value = 'moved', note = NULL WHERE id = 1 AND org_id = 'org_b'"
-    ))
-    .await
-    .unwrap();
+    );
+    let err = b.batch_execute(&move_row).await.unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("42501"), "{err}");
+    v.client().await.batch_execute(&move_row).await.unwrap();
     let cc = v.client().await;
     cc.batch_execute("SET pgenvelope.tenant = 'org_c'")
         .await

@@ -17,7 +17,8 @@
 //! answers the client's statement with the server's error, as the statement itself would have.
 //!
 //! In the extended protocol the look-up is a Parse/Bind/Execute of its own (statement and portal
-//! `__pgenvelope_lookup`, then Flush), with the Bind's parameter values written into its text as
+//! `__pgenvelope_lookup`; the portal is closed before the Bind and after the Execute; then
+//! Flush), with the Bind's parameter values written into its text as
 //! literals; in the simple protocol it is a Query of its own. One extra round trip per such
 //! UPDATE; none when a tenant is known.
 
@@ -170,6 +171,7 @@ impl Ctx<'_> {
             param_types: Vec::new(),
         }
         .encode(out)?;
+        put_close_portal(out)?;
         Bind {
             portal: LOOKUP,
             statement: LOOKUP,
@@ -183,6 +185,7 @@ impl Ctx<'_> {
             b.extend_from_slice(&[0]);
             b.extend_from_slice(&0i32.to_be_bytes());
         })?;
+        put_close_portal(out)?;
         crate::wire::put_message(out, fe::FLUSH_TAG, |_| {})?;
         let queue = &mut self.s.queue;
         queue.push_back(Pending::Close {
@@ -195,12 +198,19 @@ impl Ctx<'_> {
             name: LOOKUP.to_vec(),
             statement: None,
         });
+        let close_portal = || Pending::Close {
+            hidden: true,
+            target: Target::Portal,
+            name: LOOKUP.to_vec(),
+        };
+        queue.push_back(close_portal());
         queue.push_back(Pending::Bind {
             hidden: true,
             name: LOOKUP.to_vec(),
             portal: None,
         });
         queue.push_back(Pending::Lookup { simple: false });
+        queue.push_back(close_portal());
         self.e.lookup = Lookup::Waiting(Vec::new());
         Ok(Stop::Need(Need::ServerAnswer))
     }
@@ -235,6 +245,16 @@ impl Ctx<'_> {
             self.e.lookup = Lookup::Failed;
         }
     }
+}
+
+/// Close the look-up's portal (before its Bind, in case one is left from an earlier look-up,
+/// and after its Execute, so it holds no snapshot until the transaction ends).
+fn put_close_portal(out: &mut BytesMut) -> Result<(), crate::wire::WireError> {
+    crate::wire::put_message(out, fe::CLOSE_TAG, |b| {
+        b.extend_from_slice(b"P");
+        b.extend_from_slice(LOOKUP);
+        b.extend_from_slice(&[0]);
+    })
 }
 
 /// `text` (a slice of a statement) with each `$n` replaced by parameter `n`'s value as a

@@ -1023,7 +1023,7 @@ fn without_any_tenant_the_rows_organisation_is_looked_up_first() {
     ]);
     assert_eq!(
         tags(&sent),
-        "PCPBEH",
+        "PCPCBECH",
         "Parse, then the look-up (the Bind waits)"
     );
     assert!(
@@ -1037,9 +1037,11 @@ fn without_any_tenant_the_rows_organisation_is_looked_up_first() {
         parse_complete(),
         close_complete(),
         parse_complete(),
+        close_complete(),
         bind_complete(),
         data_row(&[Some("acme")]),
         command_complete("SELECT 1"),
+        close_complete(),
     ]);
     assert_eq!(tags(&got), "1", "only the client's own ParseComplete");
     assert_eq!(

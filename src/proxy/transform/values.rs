@@ -387,8 +387,8 @@ impl Ctx<'_> {
             column: column.qualified_name().to_owned(),
         };
         match source {
-            ArraySource::Literal { text, .. } => crate::wire::array::parse_text(text)
-                .map(Some)
+            ArraySource::Literal { text, uuid, .. } => crate::wire::array::parse_text(text)
+                .map(|elements| Some(if *uuid { as_uuids(elements) } else { elements }))
                 .map_err(|_| bad()),
             ArraySource::Param(n) => {
                 let Some(bind) = bind else {
@@ -406,8 +406,9 @@ impl Ctx<'_> {
                 };
                 if bind.bind.param_format(n - 1) == fe::FORMAT_TEXT {
                     let text = self.s.encoding.decode(raw).map_err(|_| bad())?;
+                    let uuid = bind.types.get(n - 1) == Some(&UUID_ARRAY_OID);
                     return crate::wire::array::parse_text(&text)
-                        .map(Some)
+                        .map(|elements| Some(if uuid { as_uuids(elements) } else { elements }))
                         .map_err(|_| bad());
                 }
                 let array = crate::wire::array::BinaryArray::decode(raw).map_err(|_| bad())?;
@@ -634,13 +635,17 @@ impl BindValues<'_> {
         let Some(raw) = value else {
             return Ok(None);
         };
-        if self.bind.param_format(n - 1) == fe::FORMAT_TEXT {
-            return encoding
-                .decode(raw)
-                .map(|t| Some(t.into_owned()))
-                .map_err(|_| bad());
-        }
         let ty = self.types.get(n - 1).copied().unwrap_or(0);
+        if self.bind.param_format(n - 1) == fe::FORMAT_TEXT {
+            let text = encoding.decode(raw).map_err(|_| bad())?;
+            // A `uuid` parameter is stored in its canonical form, whatever form it is sent in.
+            if ty == UUID_OID {
+                if let Some(canonical) = crate::sql::canonical_uuid(&text) {
+                    return Ok(Some(canonical));
+                }
+            }
+            return Ok(Some(text.into_owned()));
+        }
         if TEXT_OIDS.contains(&ty) || ty == 19 {
             return Ok(Some(encoding.decode(raw).map_err(|_| bad())?.into_owned()));
         }
@@ -686,6 +691,19 @@ fn rule_for<'a>(
         .ok_or_else(|| ClientError::NoRule {
             name: column.to_string(),
         })
+}
+
+/// OID of `uuid`.
+const UUID_OID: u32 = 2950;
+/// OID of `uuid[]`.
+const UUID_ARRAY_OID: u32 = 2951;
+
+/// Elements of an array cast to `uuid[]`: each as PostgreSQL stores it.
+fn as_uuids(elements: Vec<Option<String>>) -> Vec<Option<String>> {
+    elements
+        .into_iter()
+        .map(|e| e.map(|v| crate::sql::canonical_uuid(&v).unwrap_or(v)))
+        .collect()
 }
 
 /// Whether a row's tenant value is certainly stored as written, whatever the tenant column's
