@@ -687,8 +687,12 @@ impl<'a> Analyzer<'a> {
         for op in &at.operations {
             match op {
                 Op::AddColumn { column_def, .. } => {
+                    // A new encrypted column with no default and a built-in type starts out
+                    // NULL in every row: nothing is written to it but through the proxy.
                     if let Some(c) = enc(self, &column_def.name) {
-                        return Err(column_refusal(c, ColumnDdlOp::AddNamedLike));
+                        if !plain_column_def(column_def) {
+                            return Err(column_refusal(c, ColumnDdlOp::AddNamedLike));
+                        }
                     }
                 }
                 Op::DropColumn { column_names, .. } => {
@@ -716,6 +720,10 @@ impl<'a> Analyzer<'a> {
                             Col::SetDefault { .. } => {
                                 return Err(column_refusal(c, ColumnDdlOp::SetDefault))
                             }
+                            Col::SetDataType {
+                                data_type, using, ..
+                            } if widens_text(data_type, true)
+                                && using.as_ref().is_none_or(|u| is_cast_of(u, column_name)) => {}
                             _ => return Err(column_refusal(c, ColumnDdlOp::ChangeType)),
                         }
                     }
@@ -767,7 +775,6 @@ impl<'a> Analyzer<'a> {
     /// generation expression (stored as plaintext by later INSERTs that omit it), nor a type
     /// other than a built-in one (a domain may carry a default).
     fn create_protected_table(&mut self, ct: &sqlparser::ast::CreateTable) -> Res<()> {
-        use sqlparser::ast::{ColumnOption as O, DataType};
         let idxs = self.resolve_table(&name_parts(&ct.name).unwrap_or_default());
         if idxs.is_empty() {
             return Ok(());
@@ -780,21 +787,7 @@ impl<'a> Analyzer<'a> {
             else {
                 continue;
             };
-            let plain_options = col.options.iter().all(|o| {
-                matches!(
-                    o.option,
-                    O::Null
-                        | O::NotNull
-                        | O::PrimaryKey(_)
-                        | O::Unique(_)
-                        | O::Check(_)
-                        | O::Collation(_)
-                        | O::Comment(_)
-                )
-            });
-            let builtin = !matches!(col.data_type, DataType::Custom(..))
-                || super::read::is_text_type(&col.data_type);
-            if !plain_options || !builtin {
+            if !plain_column_def(col) {
                 return Err(RejectionKind::ColumnDdl {
                     column: c,
                     op: ColumnDdlOp::DefaultOrDomain,
@@ -1078,4 +1071,72 @@ fn is_tenant_setting(name: &ObjectName) -> bool {
 
 fn mentions_tenant(text: &str) -> bool {
     text.to_ascii_lowercase().contains("pgenvelope")
+}
+
+/// Whether a column definition for an encrypted column cannot put a value in it by itself: no
+/// default, generation expression or identity, and a built-in type (a domain may carry a
+/// default).
+fn plain_column_def(col: &sqlparser::ast::ColumnDef) -> bool {
+    use sqlparser::ast::{ColumnOption as O, DataType};
+    let plain_options = col.options.iter().all(|o| {
+        matches!(
+            o.option,
+            O::Null
+                | O::NotNull
+                | O::PrimaryKey(_)
+                | O::Unique(_)
+                | O::Check(_)
+                | O::Collation(_)
+                | O::Comment(_)
+        )
+    });
+    let builtin =
+        !matches!(col.data_type, DataType::Custom(..)) || super::read::is_text_type(&col.data_type);
+    plain_options && builtin
+}
+
+/// Whether `t` is a type an encrypted column's ciphertext keeps its exact text in: `text`,
+/// `varchar` or, with `bounded`, `varchar(n)` (as the column's new type, a value too long for
+/// `n` makes the ALTER fail; it is never truncated, as an explicit cast would). Not `char(n)`,
+/// which pads with spaces, nor any non-text type.
+fn widens_text(t: &sqlparser::ast::DataType, bounded: bool) -> bool {
+    use sqlparser::ast::DataType;
+    match t {
+        DataType::Text => true,
+        DataType::Varchar(n) | DataType::CharacterVarying(n) => bounded || n.is_none(),
+        DataType::Custom(name, mods) => {
+            let n = name_parts(name).unwrap_or_default();
+            let unqualified = match n.as_slice() {
+                [n] => Some(n.as_str()),
+                [schema, n] if schema == "pg_catalog" => Some(n.as_str()),
+                _ => None,
+            };
+            match unqualified {
+                Some("text") => mods.is_empty(),
+                Some("varchar") => mods.is_empty() || (bounded && mods.len() == 1),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Whether `using` is the column itself, or cast to an unbounded text type (`"name"::text`,
+/// Django's and Knex's `USING` for a type change), which converts no value.
+fn is_cast_of(using: &Expr, column: &Ident) -> bool {
+    match using {
+        Expr::Nested(inner) => is_cast_of(inner, column),
+        Expr::Cast {
+            expr, data_type, ..
+        } => {
+            widens_text(data_type, false)
+                && match expr.as_ref() {
+                    Expr::Identifier(i) => fold(i) == fold(column),
+                    Expr::Nested(_) | Expr::Cast { .. } => is_cast_of(expr, column),
+                    _ => false,
+                }
+        }
+        Expr::Identifier(i) => fold(i) == fold(column),
+        _ => false,
+    }
 }

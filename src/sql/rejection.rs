@@ -338,13 +338,15 @@ pub enum TableDdlOp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ColumnDdlOp {
-    /// Adding a column named like an encrypted one.
+    /// Adding a column named like an encrypted one with a default, a generation expression or
+    /// a domain type (it would hold values no one sealed).
     AddNamedLike,
     /// Dropping it.
     Drop,
     /// Renaming it, or another column to its name.
     Rename,
-    /// Changing its type.
+    /// Changing its type to anything but `text` or `varchar` (`char(n)` pads; a `USING`
+    /// expression may rewrite the values).
     ChangeType,
     /// CHANGE / MODIFY COLUMN.
     Change,
@@ -572,14 +574,18 @@ impl Rejection {
             },
             K::ColumnDdl { column, op } => match op {
                 ColumnDdlOp::AddNamedLike => {
-                    format!("adding a column named like encrypted column {column} {REENCRYPT}")
+                    format!(
+                        "adding encrypted column {column} with a default, a generation expression or a domain type {REENCRYPT}"
+                    )
                 }
                 ColumnDdlOp::Drop => format!("dropping encrypted column {column} {REENCRYPT}"),
                 ColumnDdlOp::Rename => {
                     format!("renaming to or from encrypted column {column} {REENCRYPT}")
                 }
                 ColumnDdlOp::ChangeType => {
-                    format!("changing the type of encrypted column {column} {REENCRYPT}")
+                    format!(
+                        "changing the type of encrypted column {column} to anything but text or varchar, or with a USING expression, {REENCRYPT}"
+                    )
                 }
                 ColumnDdlOp::Change => format!("changing encrypted column {column} {REENCRYPT}"),
                 ColumnDdlOp::DefaultOrDomain => format!(

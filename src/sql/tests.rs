@@ -1199,7 +1199,12 @@ fn analyzer_truncate(s: String) -> String {
 fn alter_table_refuses_ddl_that_rewrites_encrypted_columns() {
     for sql in [
         "ALTER TABLE secrets ALTER COLUMN value TYPE text USING 'plain'",
-        "ALTER TABLE secrets ALTER value TYPE varchar(10)",
+        "ALTER TABLE secrets ALTER value TYPE char(80)",
+        "ALTER TABLE secrets ALTER value TYPE int",
+        "ALTER TABLE secrets ALTER value TYPE text USING value || ''",
+        "ALTER TABLE secrets ALTER value TYPE text USING other::text",
+        "ALTER TABLE secrets ALTER value TYPE text USING value::varchar(5)",
+        "ALTER TABLE secrets ALTER value TYPE text USING lower(value)",
         "ALTER TABLE secrets RENAME COLUMN value TO v2",
         "ALTER TABLE secrets RENAME COLUMN other TO note",
         "ALTER TABLE secrets RENAME COLUMN org_id TO org",
@@ -1207,7 +1212,9 @@ fn alter_table_refuses_ddl_that_rewrites_encrypted_columns() {
         "ALTER TABLE plain RENAME TO secrets",
         "ALTER TABLE secrets ALTER COLUMN value SET DEFAULT 'x'",
         "ALTER TABLE secrets DROP COLUMN note",
-        "ALTER TABLE secrets ADD COLUMN note text",
+        "ALTER TABLE secrets ADD COLUMN note text DEFAULT 'x'",
+        "ALTER TABLE secrets ADD COLUMN note text DEFAULT 'x' NULL",
+        "ALTER TABLE secrets ADD COLUMN note text GENERATED ALWAYS AS (other) STORED",
         "ALTER TABLE secrets ADD COLUMN note my_domain",
         "ALTER TABLE secrets DROP CONSTRAINT pgenvelope_enc_value",
         "ALTER TABLE secrets RENAME CONSTRAINT pgenvelope_enc_value TO x",
@@ -1233,6 +1240,17 @@ fn alter_table_refuses_ddl_that_rewrites_encrypted_columns() {
         "ALTER TABLE secrets DROP CONSTRAINT other_check",
         "ALTER TABLE plain RENAME TO plain2",
         "ALTER TABLE plain ALTER COLUMN value TYPE int USING 1",
+        // Migrations that cannot write plaintext: a new encrypted column starts out NULL; a
+        // text type keeps every ciphertext as it is (varchar(n) fails on a value too long,
+        // it does not truncate).
+        "ALTER TABLE secrets ADD COLUMN note text",
+        r#"ALTER TABLE "secrets" ADD COLUMN "note" text NULL"#,
+        "ALTER TABLE secrets ADD COLUMN IF NOT EXISTS note varchar(200)",
+        "ALTER TABLE secrets ALTER value TYPE varchar(10)",
+        "ALTER TABLE secrets ALTER COLUMN value TYPE text",
+        r#"ALTER TABLE "secrets" ALTER COLUMN "value" TYPE text USING "value"::text"#,
+        r#"alter table "secrets" alter column "value" drop default, alter column "value" drop not null, alter column "value" type text using ("value"::text)"#,
+        "ALTER TABLE secrets ALTER COLUMN value SET DATA TYPE character varying(300)",
     ] {
         ok(sql);
     }

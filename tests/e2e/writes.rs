@@ -189,8 +189,8 @@ async fn ddl_that_rewrites_renames_or_retypes_encrypted_columns_is_refused() {
     let client = v.client().await;
     for sql in [
         format!("ALTER TABLE {t} ALTER COLUMN value TYPE text USING 'plain'"),
-        format!("ALTER TABLE {t} ALTER value TYPE varchar(10)"),
-        format!("ALTER TABLE {t} ALTER COLUMN note SET DATA TYPE varchar(8)"),
+        format!("ALTER TABLE {t} ALTER value TYPE char(200)"),
+        format!("ALTER TABLE {t} ALTER COLUMN note SET DATA TYPE text USING lower(note)"),
         format!("ALTER TABLE {t} RENAME COLUMN value TO old_value"),
         format!("ALTER TABLE {t} RENAME COLUMN spare TO value"),
         format!("ALTER TABLE {t} RENAME TO {t}_moved"),
@@ -222,6 +222,70 @@ async fn ddl_that_rewrites_renames_or_retypes_encrypted_columns_is_refused() {
     d.batch_execute(&format!("DROP TABLE {other}; DROP DOMAIN {dom}"))
         .await
         .unwrap();
+}
+
+/// Migrations as the ORMs emit them that cannot write plaintext pass: a nullable encrypted
+/// column without a default (Django's AddField), and a type change to text or varchar without a
+/// `USING` that rewrites values (Django's AlterField, Knex's `alter()`, Sequelize's
+/// `changeColumn`). Every value stays readable; a varchar too short for the ciphertext makes the
+/// ALTER fail rather than truncate.
+#[tokio::test]
+async fn orm_migrations_that_cannot_write_plaintext_pass() {
+    let v = Vault::new().await;
+    let t = &v.table;
+    direct()
+        .await
+        .batch_execute(&format!("ALTER TABLE {t} DROP COLUMN note"))
+        .await
+        .unwrap();
+    let client = v.client().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {t} (org_id, name, value) VALUES ('acme', 'a', 'secret-a')"
+        ))
+        .await
+        .unwrap();
+    // Django AddField (TextField(null=True)).
+    client
+        .batch_execute(&format!(r#"ALTER TABLE "{t}" ADD COLUMN "note" text NULL"#))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "UPDATE {t} SET note = 'note-a' WHERE org_id = 'acme' AND name = 'a'"
+        ))
+        .await
+        .unwrap();
+    // Too short for the ciphertext: PostgreSQL refuses, nothing is truncated.
+    let err = client
+        .batch_execute(&format!(
+            "ALTER TABLE {t} ALTER COLUMN value TYPE varchar(12)"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("22001"), "{err}");
+    for sql in [
+        // Sequelize changeColumn, Alembic alter_column.
+        format!(r#"ALTER TABLE "{t}" ALTER COLUMN "value" TYPE VARCHAR(500)"#),
+        // Django AlterField CharField(500) -> TextField.
+        format!(r#"ALTER TABLE "{t}" ALTER COLUMN "value" TYPE text USING "value"::text"#),
+        // Knex .alter().
+        format!(
+            r#"alter table "{t}" alter column "note" drop default, alter column "note" drop not null, alter column "note" type varchar(1000) using ("note"::text)"#
+        ),
+    ] {
+        client.batch_execute(&sql).await.unwrap();
+    }
+    let row = client
+        .query_one(
+            &format!("SELECT value, note FROM {t} WHERE org_id = 'acme'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "secret-a");
+    assert_eq!(row.get::<_, String>(1), "note-a");
+    v.assert_encrypted_at_rest(&["secret-a", "note-a"]).await;
 }
 
 #[tokio::test]
