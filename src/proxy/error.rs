@@ -329,6 +329,38 @@ pub enum ClientError {
         /// The row key column.
         key: String,
     },
+    /// A drawn row key came back NULL: the key column has no sequence (0A000).
+    #[error(
+        "values of {table} are bound to their row, and the row key {key} is not given: it can \
+         be drawn only from a serial or identity column's sequence, which {key} does not have; \
+         give the key in the INSERT"
+    )]
+    NoKeySequence {
+        /// The table.
+        table: String,
+        /// The row key column.
+        key: String,
+    },
+    /// A literal value in a prepared INSERT whose row key is drawn at each execution (0A000).
+    #[error(
+        "the value for {column} is a literal in a prepared statement whose row key {key} is \
+         drawn at each execution: pass the value as a parameter, or give the key"
+    )]
+    LiteralWithDrawnKey {
+        /// The column.
+        column: String,
+        /// The row key column.
+        key: String,
+    },
+    /// Several UPDATEs of one query text need their rows' organisation looked up (0A000).
+    #[error(
+        "several statements of this query text write rows whose organisation must be looked up \
+         ({column}): send them one by one, or SET pgenvelope.tenant"
+    )]
+    SeveralLookups {
+        /// The tenant column, as the first statement sees it.
+        column: String,
+    },
     /// A row key that may be stored in another form than written (0A000).
     #[error(
         "the row key {key} given for {column} may be stored differently from how it is \
@@ -643,6 +675,9 @@ impl ClientError {
             | ClientError::LiteralWithTenantParam { .. }
             | ClientError::LiteralWithKeyParam { .. }
             | ClientError::NullRowKey { .. }
+            | ClientError::NoKeySequence { .. }
+            | ClientError::LiteralWithDrawnKey { .. }
+            | ClientError::SeveralLookups { .. }
             | ClientError::NonCanonicalRowKey { .. }
             | ClientError::SetConfigParamOutsideExtended
             | ClientError::BinaryKeyField

@@ -152,6 +152,7 @@ mod rejection;
 mod text;
 mod write;
 
+pub(crate) use pins::quote_ident;
 pub(crate) use text::canonical_uuid;
 pub(crate) use text::Positions as Offsets;
 
@@ -352,6 +353,14 @@ pub enum RowKeySource {
     Literal(String),
     /// Given as parameter `$n` (1-based).
     Param(usize),
+    /// Drawn by the proxy from the key column's sequence: row `row` of [`Analysis::draws`]
+    /// entry `draw` (an INSERT that leaves a serial or identity key to its default).
+    Drawn {
+        /// Index in [`Analysis::draws`].
+        draw: usize,
+        /// The row of that INSERT's VALUES list.
+        row: usize,
+    },
 }
 
 impl fmt::Debug for RowKeySource {
@@ -359,6 +368,7 @@ impl fmt::Debug for RowKeySource {
         match self {
             RowKeySource::Literal(_) => f.write_str("Literal(<redacted>)"),
             RowKeySource::Param(n) => write!(f, "Param(${n})"),
+            RowKeySource::Drawn { draw, row } => write!(f, "Drawn({draw}, {row})"),
         }
     }
 }
@@ -559,6 +569,8 @@ pub enum ArraySource {
     },
     /// Parameter `$n` (1-based).
     Param(usize),
+    /// The row keys of [`Analysis::draws`] entry `n` (row keys only).
+    Drawn(usize),
 }
 
 impl fmt::Debug for ArraySource {
@@ -566,6 +578,7 @@ impl fmt::Debug for ArraySource {
         match self {
             ArraySource::Literal { range, .. } => write!(f, "Literal({range:?}, <redacted>)"),
             ArraySource::Param(n) => write!(f, "Param(${n})"),
+            ArraySource::Drawn(n) => write!(f, "Drawn({n})"),
         }
     }
 }
@@ -582,6 +595,60 @@ pub struct ArraySite {
     pub tenant: Option<ArraySource>,
     /// The row key of each row, when the table binds values to their row.
     pub row_key: Option<ArraySource>,
+}
+
+/// Row keys the proxy draws for an INSERT into a table that binds values to their row, when
+/// its column list leaves the key to its default (a `serial` or identity column, as every
+/// ORM's INSERT does): one `nextval` of the key column's sequence per row, on the client's
+/// session, written into the statement so that each value is sealed for the key its row gets.
+///
+/// Three shapes: `VALUES (…), …`; SQLAlchemy's `SELECT p0, … FROM (VALUES (…), …) AS a(p0, …)`;
+/// Django's `SELECT * FROM UNNEST(a0, …)` (the keys as one more array).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyDraw {
+    /// The table, schema-qualified and quoted, as `pg_get_serial_sequence` reads it.
+    pub table: String,
+    /// The key column's name, as stored.
+    pub column: String,
+    /// How many keys to draw.
+    pub rows: DrawRows,
+    /// What goes where in the text (byte offsets, ascending).
+    pub edits: Vec<(usize, DrawEdit)>,
+}
+
+/// How many keys a [`KeyDraw`] needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DrawRows {
+    /// One per VALUES row.
+    Fixed(usize),
+    /// As many as the longest of these arrays has elements (the rows of `UNNEST`).
+    Longest(Vec<ArraySource>),
+}
+
+/// A piece of text a [`KeyDraw`] adds to the statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrawEdit {
+    /// `, "key"` at the end of the INSERT's column list.
+    Column,
+    /// ` OVERRIDING SYSTEM VALUE` after the column list, so that an identity column
+    /// `GENERATED ALWAYS` takes the drawn key too.
+    Overriding,
+    /// `, <key n>::int8` at the end of VALUES row `n`.
+    Key(usize),
+    /// `, <keys>::int8[]` at the end of UNNEST's arguments.
+    Keys,
+    /// `, pgenvelope_key` at the end of a SELECT list or of a VALUES alias's column list.
+    Name,
+}
+
+impl KeyDraw {
+    /// Number of parameters the keys take in a prepared statement: one per row, or one array.
+    pub fn params(&self) -> usize {
+        self.edits
+            .iter()
+            .filter(|(_, e)| matches!(e, DrawEdit::Key(_) | DrawEdit::Keys))
+            .count()
+    }
 }
 
 /// A condition the proxy adds to a write so that it touches only rows of the organisation its
@@ -648,6 +715,8 @@ pub struct Analysis {
     pub copy: Option<CopyPlan>,
     /// Conditions to add so that writes touch only their organisation's rows.
     pub pins: Vec<TenantPin>,
+    /// Row keys to draw before the values of row-bound columns can be sealed.
+    pub draws: Vec<KeyDraw>,
     /// The highest `$n` the text uses (0: none).
     pub max_param: usize,
     /// Whether any statement reads, writes or mentions a protected table.

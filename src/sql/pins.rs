@@ -13,7 +13,7 @@ use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use super::analyzer::Analyzer;
 use super::text::Positions;
-use super::{PinLookup, PinPlace};
+use super::{DrawEdit, PinLookup, PinPlace};
 
 /// Which clause a pin belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +67,18 @@ struct Tok<'t> {
 impl Tok<'_> {
     /// Whether this is the unquoted keyword `kw` at depth 0.
     fn is(&self, kw: &str) -> bool {
-        self.depth == 0
+        self.is_at(kw, 0)
+    }
+
+    /// Whether this is the unquoted keyword `kw` at depth `depth`.
+    fn is_at(&self, kw: &str, depth: usize) -> bool {
+        self.depth == depth
             && matches!(self.token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(kw))
+    }
+
+    /// Whether this is an opening (`open`) or closing parenthesis at depth `depth`.
+    fn paren(&self, open: bool, depth: usize) -> bool {
+        self.depth == depth && *self.token == if open { Token::LParen } else { Token::RParen }
     }
 }
 
@@ -148,6 +158,121 @@ impl Analyzer<'_> {
         };
         Some((place, lookup))
     }
+}
+
+/// The INSERT forms whose row keys the proxy can draw (see [`KeyDraw`](super::KeyDraw)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DrawShape {
+    /// `INSERT INTO t (c…) VALUES (…), …`
+    Values,
+    /// `INSERT INTO t (c…) SELECT p0, … FROM (VALUES (…), …) AS a(p0, …) …`
+    SelectOverValues,
+    /// `INSERT INTO t (c…) SELECT * FROM UNNEST(a0, …)`
+    Unnest,
+}
+
+impl Analyzer<'_> {
+    /// Where drawn row keys go in the current top-level statement, an INSERT of `shape`:
+    /// the edits in text order. `None` when the text is not of that form.
+    pub(crate) fn draw_edits(&self, shape: DrawShape) -> Option<Vec<(usize, DrawEdit)>> {
+        let piece = self.pieces.get(self.piece)?.clone();
+        let text = self.parsed.get(piece.clone())?;
+        let tokens = Tokenizer::new(&PostgreSqlDialect {}, text)
+            .tokenize_with_location()
+            .ok()?;
+        let toks = significant(&tokens, &Positions::new(text), piece.start)?;
+        let into = toks.iter().position(|t| t.is("into"))?;
+        let open = into + toks[into..].iter().position(|t| t.paren(true, 0))?;
+        let close = closing(&toks, open)?;
+        let mut edits = vec![
+            (toks[close].range.start, DrawEdit::Column),
+            (toks[close].range.end, DrawEdit::Overriding),
+        ];
+        let at = close + 1;
+        match shape {
+            DrawShape::Values => {
+                if !toks.get(at)?.is("values") {
+                    return None;
+                }
+                let rows = rows_at(&toks, at + 1, 0)?;
+                edits.extend(
+                    rows.iter()
+                        .enumerate()
+                        .map(|(i, &(_, end))| (toks[end].range.start, DrawEdit::Key(i))),
+                );
+            }
+            DrawShape::SelectOverValues => {
+                if !toks.get(at)?.is("select") {
+                    return None;
+                }
+                let from = at + toks[at..].iter().position(|t| t.is("from"))?;
+                edits.push((toks.get(from - 1)?.range.end, DrawEdit::Name));
+                let sub = from + 1;
+                if !toks.get(sub)?.paren(true, 0) || !toks.get(sub + 1)?.is_at("values", 1) {
+                    return None;
+                }
+                let rows = rows_at(&toks, sub + 2, 1)?;
+                edits.extend(
+                    rows.iter()
+                        .enumerate()
+                        .map(|(i, &(_, end))| (toks[end].range.start, DrawEdit::Key(i))),
+                );
+                let sub_close = closing(&toks, sub)?;
+                // `AS a(p0, …)`: the alias's column list.
+                let mut a = sub_close + 1;
+                if toks.get(a)?.is("as") {
+                    a += 1;
+                }
+                if !matches!(toks.get(a)?.token, Token::Word(_)) || !toks.get(a + 1)?.paren(true, 0)
+                {
+                    return None;
+                }
+                let names_close = closing(&toks, a + 1)?;
+                edits.push((toks[names_close].range.start, DrawEdit::Name));
+            }
+            DrawShape::Unnest => {
+                let [select, star, from, unnest, paren] = [at, at + 1, at + 2, at + 3, at + 4];
+                if !toks.get(select)?.is("select")
+                    || toks.get(star)?.token != &Token::Mul
+                    || !toks.get(from)?.is("from")
+                    || !toks.get(unnest)?.is("unnest")
+                    || !toks.get(paren)?.paren(true, 0)
+                {
+                    return None;
+                }
+                let end = closing(&toks, paren)?;
+                edits.push((toks[end].range.start, DrawEdit::Keys));
+            }
+        }
+        edits.sort_by_key(|(at, _)| *at);
+        Some(edits)
+    }
+}
+
+/// The parenthesised rows of a VALUES list starting at `at`, at depth `depth`: the index of
+/// each row's opening and closing parenthesis.
+fn rows_at(toks: &[Tok<'_>], mut at: usize, depth: usize) -> Option<Vec<(usize, usize)>> {
+    let mut rows = Vec::new();
+    loop {
+        if !toks.get(at)?.paren(true, depth) {
+            return None;
+        }
+        let end = closing(toks, at)?;
+        rows.push((at, end));
+        match toks.get(end + 1) {
+            Some(t) if t.depth == depth && t.token == &Token::Comma => at = end + 2,
+            _ => return Some(rows),
+        }
+    }
+}
+
+/// The index of the parenthesis closing the one at `open`.
+fn closing(toks: &[Tok<'_>], open: usize) -> Option<usize> {
+    let depth = toks.get(open)?.depth;
+    toks[open + 1..]
+        .iter()
+        .position(|t| t.paren(false, depth))
+        .map(|i| open + 1 + i)
 }
 
 /// The non-white-space tokens of a statement with their depth and byte range (offsets in the

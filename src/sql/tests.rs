@@ -1421,10 +1421,98 @@ fn row_keys_of_written_values() {
     assert_eq!(a.literals[0].row_key, None);
 }
 
+/// The text `sql` becomes with the draw's edits made (keys written as `K<n>`).
+fn with_draw_edits(sql: &str, draw: &crate::sql::KeyDraw) -> String {
+    use crate::sql::DrawEdit;
+    let mut out = String::new();
+    let mut at = 0;
+    for (pos, edit) in &draw.edits {
+        out.push_str(&sql[at..*pos]);
+        out.push_str(&match edit {
+            DrawEdit::Column => ", \"id\"".to_owned(),
+            DrawEdit::Overriding => " OVERRIDING SYSTEM VALUE".to_owned(),
+            DrawEdit::Key(n) => format!(", K{n}"),
+            DrawEdit::Keys => ", KEYS".to_owned(),
+            DrawEdit::Name => ", pgenvelope_key".to_owned(),
+        });
+        at = *pos;
+    }
+    out.push_str(&sql[at..]);
+    out
+}
+
+#[test]
+fn keys_left_to_their_default_are_drawn() {
+    use crate::sql::DrawRows;
+    let sql = "INSERT INTO vault (org_id, value) VALUES ('acme', 'x'), ($1, $2) RETURNING vault.id";
+    let a = bound_ok(sql);
+    assert_eq!(a.draws.len(), 1);
+    let d = &a.draws[0];
+    assert_eq!(d.table, r#""public"."vault""#);
+    assert_eq!(d.column, "id");
+    assert_eq!(d.rows, DrawRows::Fixed(2));
+    assert_eq!(d.params(), 2);
+    assert_eq!(
+        with_draw_edits(sql, d),
+        "INSERT INTO vault (org_id, value, \"id\") OVERRIDING SYSTEM VALUE VALUES ('acme', 'x', K0), ($1, $2, K1) RETURNING vault.id"
+    );
+    assert_eq!(
+        a.literals[0].row_key,
+        Some(RowKeySource::Drawn { draw: 0, row: 0 })
+    );
+    assert_eq!(
+        a.params[0].row_key,
+        Some(RowKeySource::Drawn { draw: 0, row: 1 })
+    );
+    // Nested parentheses and casts inside rows; one draw per INSERT of a text.
+    let sql = "INSERT INTO vault (org_id, value) VALUES (('acme'), ($1)::text); INSERT INTO \"vault\" (\"org_id\", \"value\") VALUES ('b', 'y')";
+    let a = bound_ok(sql);
+    assert_eq!(a.draws.len(), 2);
+    assert_eq!(
+        with_draw_edits(sql, &a.draws[0]),
+        "INSERT INTO vault (org_id, value, \"id\") OVERRIDING SYSTEM VALUE VALUES (('acme'), ($1)::text, K0); INSERT INTO \"vault\" (\"org_id\", \"value\") VALUES ('b', 'y')"
+    );
+    assert_eq!(
+        a.literals[0].row_key,
+        Some(RowKeySource::Drawn { draw: 1, row: 0 })
+    );
+    // SQLAlchemy's insertmanyvalues.
+    let sql = "INSERT INTO vault (org_id, value) SELECT p0::VARCHAR, p1::VARCHAR FROM (VALUES ($1::VARCHAR, $2::VARCHAR, 0), ($3::VARCHAR, $4::VARCHAR, 1)) AS imp_sen(p0, p1, sen_counter) ORDER BY sen_counter RETURNING vault.id, vault.id AS id__1";
+    let a = bound_ok(sql);
+    assert_eq!(a.draws[0].params(), 2);
+    assert_eq!(
+        with_draw_edits(sql, &a.draws[0]),
+        "INSERT INTO vault (org_id, value, \"id\") OVERRIDING SYSTEM VALUE SELECT p0::VARCHAR, p1::VARCHAR, pgenvelope_key FROM (VALUES ($1::VARCHAR, $2::VARCHAR, 0, K0), ($3::VARCHAR, $4::VARCHAR, 1, K1)) AS imp_sen(p0, p1, sen_counter, pgenvelope_key) ORDER BY sen_counter RETURNING vault.id, vault.id AS id__1"
+    );
+    assert_eq!(
+        a.params[1].row_key,
+        Some(RowKeySource::Drawn { draw: 0, row: 1 })
+    );
+    // Django's bulk_create.
+    let sql = r#"INSERT INTO "vault" ("org_id", "value") SELECT * FROM UNNEST(($1)::varchar[], ($2)::text[]) RETURNING "vault"."id""#;
+    let a = bound_ok(sql);
+    assert_eq!(a.draws[0].params(), 1);
+    assert!(matches!(&a.draws[0].rows, DrawRows::Longest(arrays) if arrays.len() == 2));
+    assert_eq!(
+        with_draw_edits(sql, &a.draws[0]),
+        r#"INSERT INTO "vault" ("org_id", "value", "id") OVERRIDING SYSTEM VALUE SELECT * FROM UNNEST(($1)::varchar[], ($2)::text[], KEYS) RETURNING "vault"."id""#
+    );
+    assert_eq!(a.arrays[0].row_key, Some(crate::sql::ArraySource::Drawn(0)));
+    // Nothing encrypted written, or the key given: nothing drawn.
+    assert!(bound_ok("INSERT INTO vault (org_id, n) VALUES ('acme', 1)")
+        .draws
+        .is_empty());
+    assert!(
+        bound_ok("INSERT INTO vault (id, org_id, value) VALUES (1, 'acme', 'x')")
+            .draws
+            .is_empty()
+    );
+}
+
 #[test]
 fn writes_without_the_row_key_are_refused() {
     for sql in [
-        "INSERT INTO vault (org_id, value) VALUES ('acme', 'x')",
+        "INSERT INTO vault (org_id, value) OVERRIDING USER VALUE VALUES ('acme', 'x')",
         "INSERT INTO vault (id, org_id, value) VALUES (nextval('s'), 'acme', 'x')",
         "UPDATE vault SET value = $1 WHERE org_id = 'acme'",
         "UPDATE vault SET value = $1 WHERE (id = 1 OR id = 2) AND org_id = 'acme'",

@@ -12,13 +12,13 @@ use sqlparser::ast::{
 };
 
 use super::analyzer::{fold, name_parts, param_number, Analyzer, Res};
-use super::pins::{quote_ident, PinScope};
+use super::pins::{quote_ident, DrawShape, PinScope};
 use super::read::{is_text_type, OutItem, Rel, RelKind};
 use super::text::decode_literal;
 use super::{
-    ArraySite, ArraySource, ColumnRef, Construct, InvalidStatement, LiteralSite, ParamSite,
-    PinValue, ProtectedTable, RejectionKind, RowKeySource, TenantColumnUse, TenantPin,
-    TenantSource, WriteOp,
+    ArraySite, ArraySource, ColumnRef, Construct, DrawEdit, DrawRows, InvalidStatement, KeyDraw,
+    LiteralSite, ParamSite, PinValue, ProtectedTable, RejectionKind, RowKeySource, TenantColumnUse,
+    TenantPin, TenantSource, WriteOp,
 };
 
 /// What an expression writes into an encrypted column.
@@ -107,7 +107,7 @@ impl<'a> Analyzer<'a> {
             .as_deref()
             .and_then(|q| unnest_arrays(q, columns.len()))
         {
-            let per_row = self.unnest_insert(&table, &columns, &arrays)?;
+            let per_row = self.unnest_insert(ins, &table, &columns, &arrays)?;
             // Rows whose tenants the arrays give: an upsert is pinned to each inserted row's
             // own tenant. `$0` names no parameter, so a new value in the DO UPDATE (which
             // would need one tenant for all rows) is refused when it is bound.
@@ -141,6 +141,7 @@ impl<'a> Analyzer<'a> {
                         WriteOp::InsertWithoutColumnList,
                     ));
                 }
+                let mut shape = DrawShape::Values;
                 let values: Option<Vec<Vec<Expr>>> = match (
                     src.body.as_ref(),
                     &src.with,
@@ -150,11 +151,21 @@ impl<'a> Analyzer<'a> {
                     (SetExpr::Values(v), None, None, None) => {
                         Some(v.rows.iter().map(|r| r.content.clone()).collect())
                     }
-                    _ => rows_of_select_over_values(src, columns.len()),
+                    _ => {
+                        shape = DrawShape::SelectOverValues;
+                        rows_of_select_over_values(src, columns.len())
+                    }
                 };
                 match values {
                     Some(rows) => {
-                        for row in &rows {
+                        // A key left to its default is drawn by the proxy.
+                        let draw = match self.drawable_key(ins, &table, &columns) {
+                            Some(k) => {
+                                self.key_draw(&table, &k, shape, DrawRows::Fixed(rows.len()))
+                            }
+                            None => None,
+                        };
+                        for (i, row) in rows.iter().enumerate() {
                             if row.len() != columns.len() {
                                 return Err(RejectionKind::Invalid(
                                     InvalidStatement::InsertValueCount,
@@ -162,7 +173,10 @@ impl<'a> Analyzer<'a> {
                             }
                             let tenant = self.row_tenant(&table, &columns, row)?;
                             row_tenants.push(tenant.clone());
-                            let key = self.row_key_of(&table, &columns, row);
+                            let key = match draw {
+                                Some(draw) => RowKey::Known(RowKeySource::Drawn { draw, row: i }),
+                                None => self.row_key_of(&table, &columns, row),
+                            };
                             row_keys.push(key.clone());
                             for (c, e) in columns.iter().zip(row) {
                                 if table.encrypted.contains(c) {
@@ -199,6 +213,7 @@ impl<'a> Analyzer<'a> {
     /// their own types); their elements are sealed one by one.
     fn unnest_insert(
         &mut self,
+        ins: &Insert,
         table: &ProtectedTable,
         columns: &[String],
         arrays: &[&Expr],
@@ -234,7 +249,21 @@ impl<'a> Analyzer<'a> {
                 };
                 match given(Some(k), missing.clone())? {
                     Some(a) => Some(a),
-                    None if writes_encrypted => return Err(missing),
+                    None if writes_encrypted => {
+                        // Left to its default: drawn, as many keys as the arrays have rows.
+                        let sources: Option<Vec<ArraySource>> =
+                            arrays.iter().map(|e| self.array_source(e, false)).collect();
+                        let draw = match (sources, self.drawable_key(ins, table, columns)) {
+                            (Some(sources), Some(k)) => self.key_draw(
+                                table,
+                                &k,
+                                DrawShape::Unnest,
+                                DrawRows::Longest(sources),
+                            ),
+                            _ => None,
+                        };
+                        Some(ArraySource::Drawn(draw.ok_or(missing)?))
+                    }
                     None => None,
                 }
             }
@@ -540,6 +569,54 @@ impl<'a> Analyzer<'a> {
                 Ok(TenantSource::Session)
             }
         }
+    }
+
+    /// The row key of `table` when an INSERT with these columns leaves it to its default and
+    /// writes an encrypted column: the proxy then draws the keys.
+    fn drawable_key(
+        &self,
+        ins: &Insert,
+        table: &ProtectedTable,
+        columns: &[String],
+    ) -> Option<String> {
+        let k = table.row_key.as_ref()?;
+        (ins.overriding.is_none()
+            && !columns.contains(k)
+            && columns.iter().any(|c| table.encrypted.contains(c)))
+        .then(|| k.clone())
+    }
+
+    /// Records the drawing of keys for column `key` of `table` by the current INSERT, of
+    /// `shape` (see [`KeyDraw`]); its index in [`Analysis::draws`], or `None` when where the
+    /// keys go cannot be told for certain (the INSERT is then refused as without a key).
+    fn key_draw(
+        &mut self,
+        table: &ProtectedTable,
+        key: &str,
+        shape: DrawShape,
+        rows: DrawRows,
+    ) -> Option<usize> {
+        let edits = self.draw_edits(shape)?;
+        let keys = edits
+            .iter()
+            .filter(|(_, e)| matches!(e, DrawEdit::Key(_)))
+            .count();
+        match &rows {
+            DrawRows::Fixed(n) if keys != *n => return None,
+            DrawRows::Longest(_) if keys != 0 => return None,
+            _ => {}
+        }
+        self.out.draws.push(KeyDraw {
+            table: format!(
+                "{}.{}",
+                quote_ident(&table.schema),
+                quote_ident(&table.name)
+            ),
+            column: key.to_owned(),
+            rows,
+            edits,
+        });
+        Some(self.out.draws.len() - 1)
     }
 
     /// The row key of one VALUES row (row binding).

@@ -20,6 +20,8 @@ struct Run {
     tenant_mode: &'static str,
     /// Django: `client` or `server` binding; SQLAlchemy: the driver.
     variant: &'static str,
+    /// Whether values are bound to their row (`row_key = "id"`, a bigserial).
+    row_key: bool,
 }
 
 fn python_has(module: &str) -> bool {
@@ -52,8 +54,13 @@ async fn run_app(run: Run) {
         .unwrap();
     let _drop = crate::harness::DropTables(table.clone());
     let rules = format!(
-        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\n\
-         encrypt = [\"email\", \"ssn\", \"notes\"]\n"
+        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\n{}\
+         encrypt = [\"email\", \"ssn\", \"notes\"]\n",
+        if run.row_key {
+            "row_key = \"id\"\n"
+        } else {
+            ""
+        }
     );
     let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
     let url = proxy.url("postgres", None, "test");
@@ -110,17 +117,20 @@ async fn django_app_works_unchanged() {
     if !require_tool(python_has("django"), "Django in the test Python") {
         return;
     }
-    for (org_type, tenant_mode, binding) in [
-        ("int", "none", "client"),
-        ("int", "none", "server"),
-        ("uuid", "none", "client"),
-        ("uuid", "session", "server"),
+    for (org_type, tenant_mode, binding, row_key) in [
+        ("int", "none", "client", false),
+        ("int", "none", "server", false),
+        ("uuid", "none", "client", false),
+        ("uuid", "session", "server", false),
+        ("int", "none", "client", true),
+        ("uuid", "session", "server", true),
     ] {
         run_app(Run {
             script: "django_orm.py",
             org_type,
             tenant_mode,
             variant: binding,
+            row_key,
         })
         .await;
     }
@@ -131,17 +141,20 @@ async fn sqlalchemy_app_works_unchanged() {
     if !require_tool(python_has("sqlalchemy"), "SQLAlchemy in the test Python") {
         return;
     }
-    for (org_type, tenant_mode, driver) in [
-        ("int", "none", "psycopg"),
-        ("int", "none", "asyncpg"),
-        ("uuid", "none", "psycopg"),
-        ("uuid", "session", "asyncpg"),
+    for (org_type, tenant_mode, driver, row_key) in [
+        ("int", "none", "psycopg", false),
+        ("int", "none", "asyncpg", false),
+        ("uuid", "none", "psycopg", false),
+        ("uuid", "session", "asyncpg", false),
+        ("int", "none", "psycopg", true),
+        ("uuid", "session", "asyncpg", true),
     ] {
         run_app(Run {
             script: "sqlalchemy_orm.py",
             org_type,
             tenant_mode,
             variant: driver,
+            row_key,
         })
         .await;
     }

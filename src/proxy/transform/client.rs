@@ -300,7 +300,17 @@ impl Ctx<'_> {
             .iter()
             .any(|p| p.value == PinValue::SessionTenant)
             .then(|| analysis.max_param.max(parse.param_types.len()) + 1);
-        let pin = PinRender::Param(tenant_param.unwrap_or(0));
+        // Row keys left to their default are parameters of their own too, after the tenant's.
+        let keys: usize = analysis.draws.iter().map(|d| d.params()).sum();
+        let key_param = (keys > 0).then(|| {
+            analysis.max_param.max(parse.param_types.len())
+                + 1
+                + usize::from(tenant_param.is_some())
+        });
+        let pin = PinRender::Param {
+            tenant: tenant_param.unwrap_or(0),
+            keys: key_param.unwrap_or(0),
+        };
         let new_sql = self.rewrite_text(&text, &analysis, pin)?;
         let sealed_for = if new_sql.is_some() && seals_under_session(&analysis) {
             self.session_or_default()
@@ -329,6 +339,7 @@ impl Ctx<'_> {
                 param_types: types,
                 sealed_for,
                 tenant_param,
+                key_param,
                 text: keeps_text.then(|| Arc::from(text.as_str())),
                 ..Statement::default()
             },
@@ -352,23 +363,23 @@ impl Ctx<'_> {
             Ok(b) => b,
             Err(f) => return self.refuse_extended(f, out),
         };
-        if bound.sealed.is_some() || bound.pin_tenant.is_some() {
+        if bound.sealed.is_some() || !bound.hidden.is_empty() {
             // Straight into the output: the other parameters are copied once.
             let mut refs = bind.params.clone();
             for (i, value) in bound.sealed.iter().flatten() {
                 refs[*i] = value.as_deref();
             }
             let mut with_pin = None;
-            if let Some(tenant) = &bound.pin_tenant {
-                refs.push(tenant.as_deref());
-                // The added parameter is text, whatever format the client's are in.
+            if !bound.hidden.is_empty() {
+                refs.extend(bound.hidden.iter().map(|v| v.as_deref()));
+                // The added parameters are text, whatever format the client's are in.
                 let mut formats = match bind.param_formats.as_slice() {
                     [] => Vec::new(),
                     [one] => vec![*one; bind.params.len()],
                     many => many.to_vec(),
                 };
                 if !formats.is_empty() {
-                    formats.push(fe::FORMAT_TEXT);
+                    formats.resize(refs.len(), fe::FORMAT_TEXT);
                 }
                 with_pin = Some(Bind {
                     param_formats: formats,
@@ -433,17 +444,19 @@ impl Ctx<'_> {
             return Err(ClientError::LexingInFlight.into());
         }
         let tenant_ops = self.tenant_ops(&analysis, Some(&values))?;
+        if let Some(n) = statement.hidden_from() {
+            if bind.params.len() + 1 != n {
+                return Err(ClientError::BindParamCount {
+                    expected: n - 1,
+                    got: bind.params.len(),
+                }
+                .into());
+            }
+        }
         // The tenant pin: the session (or default) tenant in force now, in the client's encoding.
         let pin_tenant = match statement.tenant_param {
             None => None,
-            Some(n) => {
-                if bind.params.len() + 1 != n {
-                    return Err(ClientError::BindParamCount {
-                        expected: n - 1,
-                        got: bind.params.len(),
-                    }
-                    .into());
-                }
+            Some(_) => {
                 let column = analysis
                     .pins
                     .first()
@@ -464,12 +477,22 @@ impl Ctx<'_> {
                 })
             }
         };
+        let mut hidden: Vec<Option<Vec<u8>>> = pin_tenant.into_iter().collect();
+        // Row keys left to their default: drawn now, for this execution's rows.
+        if statement.key_param.is_some() {
+            self.draw_keys(&analysis, Some(&values))?;
+            for (d, draw) in analysis.draws.iter().enumerate() {
+                for text in self.draw_texts(d, draw)? {
+                    hidden.push(Some(text.into_bytes()));
+                }
+            }
+        }
         if analysis.params.is_empty() && analysis.arrays.is_empty() {
             return Ok(BoundValues {
                 sealed: None,
                 sealed_for: statement.sealed_for.clone(),
                 tenant_ops,
-                pin_tenant,
+                hidden,
             });
         }
         let sealed = self.seal_params(&analysis, &values)?;
@@ -482,7 +505,7 @@ impl Ctx<'_> {
             sealed: (!sealed.is_empty()).then_some(sealed),
             sealed_for,
             tenant_ops,
-            pin_tenant,
+            hidden,
         })
     }
 
@@ -769,7 +792,7 @@ struct BoundValues {
     sealed_for: Option<crate::crypto::OrgId>,
     /// Tenant changes and savepoint events, made when the portal runs.
     tenant_ops: Vec<super::session::TenantChangeOp>,
-    /// The value of the statement's tenant pin parameter (`Some(None)`: NULL, no row is
-    /// written), when it has one.
-    pin_tenant: Option<Option<Vec<u8>>>,
+    /// The values of the proxy's own parameters, appended to the client's: the tenant pin
+    /// (`None`: NULL, no row is written), then the drawn row keys.
+    hidden: Vec<Option<Vec<u8>>>,
 }

@@ -26,7 +26,7 @@ use bytes::BytesMut;
 
 use crate::crypto::OrgId;
 use crate::proxy::error::ClientError;
-use crate::sql::{Analysis, PinLookup, PinValue};
+use crate::sql::{Analysis, ArraySource, DrawEdit, DrawRows, KeyDraw, PinLookup, PinValue};
 use crate::wire::frontend::{self as fe, Bind, Parse, Target};
 
 use super::session::Pending;
@@ -37,29 +37,111 @@ use super::{Ctx, Fail, Need, Stop};
 /// Name of the statement and portal of an extended-protocol look-up.
 const LOOKUP: &[u8] = b"__pgenvelope_lookup";
 
-/// Where the look-up for the parked client message stands.
+/// What a look-up asks the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ask {
+    /// The organisation of the rows an UPDATE writes (its first column: the tenants).
+    Tenant,
+    /// The keys of entry `n` of [`Analysis::draws`], one row each.
+    Keys(usize),
+}
+
+/// The look-ups of the client message being handled: the one out, the answers in.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(super) enum Lookup {
-    /// None asked for.
-    #[default]
-    Idle,
-    /// Sent; its answer has not come yet. The rows' tenants arrive here.
-    Waiting(Vec<String>),
-    /// Answered: the organisation of every row, or `None` when no row matched.
-    Found(Option<OrgId>),
-    /// Answered with rows of several organisations.
+pub(super) struct Lookups {
+    /// Sent, its answer not complete yet: what it asks, and the rows so far (first column).
+    waiting: Option<(Ask, Vec<Option<String>>)>,
+    /// Answered, for the message being handled.
+    answers: Vec<(Ask, Vec<Option<String>>)>,
+    /// The server refused one; its error went to the client in place of the message's.
+    failed: bool,
+}
+
+impl Lookups {
+    /// Whether one is out and its answer not complete.
+    pub(super) fn waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// Whether one failed (its error answered the client's message).
+    pub(super) fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// The rows answering `ask`, if it was answered.
+    fn answer(&self, ask: Ask) -> Option<&[Option<String>]> {
+        self.answers
+            .iter()
+            .find(|(a, _)| *a == ask)
+            .map(|(_, rows)| rows.as_slice())
+    }
+
+    /// The organisation a tenant look-up found: `Some(None)` when no row matched; `None` when
+    /// none was answered (or rows of several organisations were found, which the statement's
+    /// handler refuses).
+    pub(super) fn tenant(&self) -> Option<Option<OrgId>> {
+        match self.tenants()? {
+            Found::One(org) => Some(Some(org)),
+            Found::NoRow => Some(None),
+            Found::Several => None,
+        }
+    }
+
+    fn tenants(&self) -> Option<Found> {
+        let rows = self.answer(Ask::Tenant)?;
+        let mut found: Vec<&str> = Vec::new();
+        for t in rows.iter().flatten() {
+            if !found.contains(&t.as_str()) {
+                found.push(t);
+            }
+        }
+        Some(match found.as_slice() {
+            [] => Found::NoRow,
+            [one] => match OrgId::new((*one).to_owned()) {
+                Ok(org) => Found::One(org),
+                Err(_) => Found::Several,
+            },
+            _ => Found::Several,
+        })
+    }
+}
+
+/// What a tenant look-up found.
+enum Found {
+    NoRow,
+    One(OrgId),
     Several,
-    /// The server refused it; its error went to the client in place of the statement's.
-    Failed,
 }
 
 /// A look-up to send before the client's message can be handled.
 #[derive(Debug)]
 pub(super) struct LookupRequest {
+    ask: Ask,
     sql: String,
 }
 
 impl Ctx<'_> {
+    /// Where a look-up stands for `ask`: `Ok(rows)` when answered, else the failure that
+    /// stops the message (a look-up to send, the answer to wait for, or the error that
+    /// already answered it).
+    fn asked(
+        &self,
+        ask: Ask,
+        sql: impl FnOnce() -> Result<String, ClientError>,
+    ) -> Result<&[Option<String>], Fail> {
+        let l = &self.e.lookups;
+        if let Some(rows) = l.answer(ask) {
+            return Ok(rows);
+        }
+        if l.failed {
+            return Err(Fail::Answered);
+        }
+        if l.waiting.is_some() {
+            return Err(Fail::Need(Need::ServerAnswer));
+        }
+        Err(Fail::Lookup(LookupRequest { ask, sql: sql()? }))
+    }
+
     /// The organisation values of `analysis` sealed for "the session tenant" belong to, when
     /// no session or default tenant is known: looked up (asks for it when not done yet).
     /// `Ok(None)`: no look-up applies (the caller reports the missing tenant); `Ok(Some(None))`:
@@ -70,31 +152,123 @@ impl Ctx<'_> {
         text: &str,
         bind: Option<&BindValues<'_>>,
     ) -> Result<Option<Option<OrgId>>, Fail> {
-        let Some(pin) = analysis
+        let mut pins = analysis
             .pins
             .iter()
-            .find(|p| p.value == PinValue::SessionTenant && p.lookup.is_some())
-        else {
+            .filter(|p| p.value == PinValue::SessionTenant && p.lookup.is_some());
+        let Some(pin) = pins.next() else {
             return Ok(None);
         };
-        match &self.e.lookup {
-            Lookup::Idle => {}
-            Lookup::Waiting(_) => return Err(Fail::Need(Need::ServerAnswer)),
-            Lookup::Found(org) => return Ok(Some(org.clone())),
-            Lookup::Several => {
-                return Err(ClientError::SeveralOrganisations {
-                    column: pin.column.clone(),
-                }
-                .into())
+        // Values sealed for "the session tenant" are sealed for one organisation per
+        // message: two look-ups could find two.
+        if pins.next().is_some() {
+            return Err(ClientError::SeveralLookups {
+                column: pin.column.clone(),
             }
-            // Answered already (the server's error); nothing more to send.
-            Lookup::Failed => return Err(Fail::Answered),
+            .into());
         }
         let Some(parts) = &pin.lookup else {
             return Ok(None);
         };
-        let sql = self.lookup_sql(text, &pin.column, parts, bind)?;
-        Err(Fail::Lookup(LookupRequest { sql }))
+        self.asked(Ask::Tenant, || {
+            self.lookup_sql(text, &pin.column, parts, bind)
+        })?;
+        match self.e.lookups.tenants() {
+            Some(Found::One(org)) => Ok(Some(Some(org))),
+            Some(Found::NoRow) | None => Ok(Some(None)),
+            Some(Found::Several) => Err(ClientError::SeveralOrganisations {
+                column: pin.column.clone(),
+            }
+            .into()),
+        }
+    }
+
+    /// Draw the row keys of every [`KeyDraw`] of `analysis` (asks for the next one not drawn
+    /// yet). `bind` gives the arrays whose length says how many rows an UNNEST inserts.
+    pub(super) fn draw_keys(
+        &self,
+        analysis: &Analysis,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<(), Fail> {
+        for (n, draw) in analysis.draws.iter().enumerate() {
+            let rows = match &draw.rows {
+                DrawRows::Fixed(rows) => *rows,
+                DrawRows::Longest(arrays) => {
+                    let mut longest = 0;
+                    for a in arrays {
+                        longest = longest.max(self.array_len(a, bind)?);
+                    }
+                    longest
+                }
+            };
+            self.asked(Ask::Keys(n), || Ok(draw_sql(draw, rows)))?;
+        }
+        Ok(())
+    }
+
+    /// The keys drawn for draw `draw` (`None` in the list: NULL, the key column has no
+    /// sequence), once drawn.
+    pub(super) fn drawn_keys(&self, draw: usize) -> Option<&[Option<String>]> {
+        self.e.lookups.answer(Ask::Keys(draw))
+    }
+
+    /// The texts the keys of draw `n` take in the statement, one per key parameter (a key per
+    /// VALUES row, or one array for UNNEST), in text order.
+    pub(super) fn draw_texts(&self, n: usize, draw: &KeyDraw) -> Result<Vec<String>, ClientError> {
+        let none = || ClientError::NoKeySequence {
+            table: draw.table.clone(),
+            key: draw.column.clone(),
+        };
+        let keys = self.drawn_keys(n).ok_or_else(none)?;
+        let mut texts = Vec::new();
+        for (_, edit) in &draw.edits {
+            match edit {
+                DrawEdit::Key(row) => {
+                    texts.push(keys.get(*row).cloned().flatten().ok_or_else(none)?);
+                }
+                DrawEdit::Keys => {
+                    let all: Option<Vec<Option<String>>> =
+                        keys.iter().map(|k| k.clone().map(Some)).collect();
+                    texts.push(crate::wire::array::encode_text(&all.ok_or_else(none)?));
+                }
+                DrawEdit::Column | DrawEdit::Overriding | DrawEdit::Name => {}
+            }
+        }
+        Ok(texts)
+    }
+
+    /// Number of elements of an array given as a literal or a parameter (0 for NULL).
+    fn array_len(
+        &self,
+        source: &ArraySource,
+        bind: Option<&BindValues<'_>>,
+    ) -> Result<usize, ClientError> {
+        let bad = || ClientError::ArrayUnreadable {
+            column: "an UNNEST argument".to_owned(),
+        };
+        let text = match source {
+            ArraySource::Literal { text, .. } => std::borrow::Cow::Borrowed(text.as_str()),
+            ArraySource::Param(n) => {
+                let Some(bind) = bind else {
+                    return Err(bad());
+                };
+                let Some(Some((raw, text_format))) = bind.raw(*n) else {
+                    return Ok(0);
+                };
+                if !text_format {
+                    return crate::wire::array::BinaryArray::decode(raw)
+                        .map(|a| a.elements.len())
+                        .map_err(|_| bad());
+                }
+                std::borrow::Cow::Owned(
+                    self.s.encoding.decode(raw).map_err(|_| bad())?.into_owned(),
+                )
+            }
+            ArraySource::Drawn(_) => return Err(bad()),
+        };
+        crate::wire::array::parse_text(&text)
+            .map(|e| e.len())
+            .map_err(|_| bad())
     }
 
     /// `SELECT DISTINCT (col)::text FROM target[, from] [WHERE cond] LIMIT 2`, with the Bind's
@@ -143,7 +317,7 @@ impl Ctx<'_> {
         })?;
         fe::put_query(out, &bytes)?;
         self.push_cycle(Pending::Lookup { simple: true });
-        self.e.lookup = Lookup::Waiting(Vec::new());
+        self.e.lookups.waiting = Some((req.ask, Vec::new()));
         Ok(Stop::Need(Need::ServerAnswer))
     }
 
@@ -211,40 +385,40 @@ impl Ctx<'_> {
         });
         queue.push_back(Pending::Lookup { simple: false });
         queue.push_back(close_portal());
-        self.e.lookup = Lookup::Waiting(Vec::new());
+        self.e.lookups.waiting = Some((req.ask, Vec::new()));
         Ok(Stop::Need(Need::ServerAnswer))
     }
 
-    /// A row of a look-up's answer.
-    pub(super) fn lookup_row(&mut self, tenant: Option<String>) {
-        if let (Lookup::Waiting(found), Some(t)) = (&mut self.e.lookup, tenant) {
-            if !found.contains(&t) {
-                found.push(t);
-            }
+    /// A row of a look-up's answer: its first column.
+    pub(super) fn lookup_row(&mut self, value: Option<String>) {
+        if let Some((_, rows)) = &mut self.e.lookups.waiting {
+            rows.push(value);
         }
     }
 
     /// The look-up's rows are all in.
     pub(super) fn lookup_done(&mut self) {
-        let Lookup::Waiting(found) = std::mem::take(&mut self.e.lookup) else {
-            return;
-        };
-        self.e.lookup = match found.as_slice() {
-            [] => Lookup::Found(None),
-            [one] => match OrgId::new(one.clone()) {
-                Ok(org) => Lookup::Found(Some(org)),
-                Err(_) => Lookup::Several,
-            },
-            _ => Lookup::Several,
-        };
+        if let Some(answer) = self.e.lookups.waiting.take() {
+            self.e.lookups.answers.push(answer);
+        }
     }
 
     /// The look-up failed on the server.
     pub(super) fn lookup_failed(&mut self) {
-        if matches!(self.e.lookup, Lookup::Waiting(_)) {
-            self.e.lookup = Lookup::Failed;
+        if self.e.lookups.waiting.take().is_some() {
+            self.e.lookups.failed = true;
         }
     }
+}
+
+/// `SELECT nextval(pg_get_serial_sequence('t', 'k'))::text FROM generate_series(1, rows)`:
+/// one key per row from the key column's own sequence (NULL when it has none).
+fn draw_sql(draw: &KeyDraw, rows: usize) -> String {
+    format!(
+        "SELECT nextval(pg_get_serial_sequence({}, {}))::text FROM generate_series(1, {rows})",
+        dollar_quoted(&draw.table),
+        dollar_quoted(&draw.column),
+    )
 }
 
 /// Close the look-up's portal (before its Bind, in case one is left from an earlier look-up,

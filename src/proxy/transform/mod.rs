@@ -181,7 +181,7 @@ struct Encrypting {
     /// Set by the shell when needs keep coming back: the next need is refused instead.
     gave_up: bool,
     /// The look-up of the organisation of the rows the parked client message writes.
-    lookup: lookup::Lookup,
+    lookups: lookup::Lookups,
     /// Server side: shape of the result set being streamed (simple query).
     current: Option<Arc<Shape>>,
     /// COPY TO being decrypted.
@@ -220,7 +220,7 @@ impl Transform {
                 columns: None,
                 tables_failed: Vec::new(),
                 gave_up: false,
-                lookup: lookup::Lookup::Idle,
+                lookups: lookup::Lookups::default(),
                 current: None,
                 copy_out: None,
                 suppress: false,
@@ -337,9 +337,7 @@ impl Transform {
 
     /// Whether the client message waiting for a look-up's answer can be handled again.
     pub(crate) fn lookup_answered(&self) -> bool {
-        self.enc
-            .as_ref()
-            .is_some_and(|e| !matches!(e.lookup, lookup::Lookup::Waiting(_)))
+        self.enc.as_ref().is_some_and(|e| !e.lookups.waiting())
     }
 
     /// The catalog look-up of table `oid` failed: the next attempt refuses (58000).
@@ -374,7 +372,7 @@ impl Transform {
     fn settle_client(&mut self, result: &Result<(), Stop>) {
         self.settle(result);
         if let (Some(enc), false) = (&mut self.enc, matches!(result, Err(Stop::Need(_)))) {
-            enc.lookup = lookup::Lookup::Idle;
+            enc.lookups = lookup::Lookups::default();
         }
     }
 

@@ -77,11 +77,11 @@ impl Ctx<'_> {
                 be::ROW_DESCRIPTION_TAG => return Ok(Ok(())),
                 be::DATA_ROW_TAG => {
                     let row = DataRow::parse(frame.body())?;
-                    let tenant = row
+                    let value = row
                         .get(0)
                         .flatten()
                         .map(|v| String::from_utf8_lossy(v).into_owned());
-                    self.lookup_row(tenant);
+                    self.lookup_row(value);
                     return Ok(Ok(()));
                 }
                 be::COMMAND_COMPLETE_TAG => {
@@ -115,8 +115,8 @@ impl Ctx<'_> {
                 let ended = self.ready_for_query(status);
                 // A look-up's cycle is the proxy's, unless its error stood in for the client's
                 // statement.
-                let hidden = matches!(ended, Some(Pending::Lookup { .. }))
-                    && self.e.lookup != super::lookup::Lookup::Failed;
+                let hidden =
+                    matches!(ended, Some(Pending::Lookup { .. })) && !self.e.lookups.failed();
                 self.emit(frame, hidden, out);
             }
             be::ERROR_RESPONSE_TAG => self.error_response(frame, out),
@@ -134,8 +134,8 @@ impl Ctx<'_> {
                 {
                     hidden = *h;
                     if let Ok(mut types) = be::parse_parameter_description(frame.body()) {
-                        // The proxy's own tenant parameter is not the client's to see.
-                        if let Some(n) = statement.tenant_param {
+                        // The proxy's own parameters are not the client's to see.
+                        if let Some(n) = statement.hidden_from() {
                             types.truncate(n - 1);
                             client_view = Some(types.clone());
                         }

@@ -45,9 +45,19 @@ pub(crate) struct Statement {
     /// The parameter the proxy added for a tenant pin (1-based, after the client's): each Bind
     /// gets the session (or default) tenant in force then, and the client never sees it.
     pub(crate) tenant_param: Option<usize>,
+    /// The first of the parameters the proxy added for drawn row keys (after the client's and
+    /// the tenant pin's): each Bind gets keys drawn for its rows.
+    pub(crate) key_param: Option<usize>,
     /// The analysed text, kept when a Bind may have to look up the organisation of the rows
     /// it writes (its WHERE clause is run as a query).
     pub(crate) text: Option<Arc<str>>,
+}
+
+impl Statement {
+    /// The first parameter the proxy added (the client's come before it), if any.
+    pub(crate) fn hidden_from(&self) -> Option<usize> {
+        self.tenant_param.or(self.key_param)
+    }
 }
 
 /// A portal (a bound statement).

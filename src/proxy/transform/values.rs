@@ -9,8 +9,8 @@ use crate::proxy::error::{ClientError, ValueSite};
 use crate::proxy::rules::RulesSnapshot;
 use crate::rules::ColumnRule;
 use crate::sql::{
-    Analysis, ArraySite, ArraySource, ColumnRef, PinPlace, PinValue, RowKeySource, TenantChange,
-    TenantSource, TxControl,
+    Analysis, ArraySite, ArraySource, ColumnRef, DrawEdit, PinPlace, PinValue, RowKeySource,
+    TenantChange, TenantSource, TxControl,
 };
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::frontend::{self as fe, Bind};
@@ -32,12 +32,20 @@ impl Ctx<'_> {
         analysis: &Analysis,
         pin: PinRender,
     ) -> Result<Option<Vec<u8>>, Fail> {
-        if analysis.literals.is_empty() && analysis.pins.is_empty() && analysis.arrays.is_empty() {
+        if analysis.literals.is_empty()
+            && analysis.pins.is_empty()
+            && analysis.arrays.is_empty()
+            && analysis.draws.is_empty()
+        {
             return Ok(None);
         }
-        // A simple query's rows with no known tenant: look their organisation up first.
-        if matches!(pin, PinRender::Literal) && self.session_or_default().is_none() {
-            self.looked_up_tenant(analysis, text, None)?;
+        if matches!(pin, PinRender::Literal) {
+            // A simple query's rows with no known tenant: look their organisation up first.
+            if self.session_or_default().is_none() {
+                self.looked_up_tenant(analysis, text, None)?;
+            }
+            // Row keys left to their default: draw them.
+            self.draw_keys(analysis, None)?;
         }
         let no_row = self.writes_no_row();
         let mut replacements =
@@ -49,6 +57,15 @@ impl Ctx<'_> {
                 continue;
             }
             let column = rule_for(&rules, &site.column)?;
+            if let (PinRender::Param { .. }, Some(RowKeySource::Drawn { .. })) =
+                (&pin, &site.row_key)
+            {
+                return Err(ClientError::LiteralWithDrawnKey {
+                    column: column.qualified_name().to_owned(),
+                    key: column.row_key().unwrap_or_default().to_owned(),
+                }
+                .into());
+            }
             let org = self.tenant_for(&site.tenant, column, None)?;
             let key = self.row_key_for(site.row_key.as_ref(), column, None)?;
             let sealed =
@@ -62,6 +79,14 @@ impl Ctx<'_> {
             let ArraySource::Literal { range, .. } = &site.value else {
                 continue;
             };
+            if let (PinRender::Param { .. }, Some(ArraySource::Drawn(_))) = (&pin, &site.row_key) {
+                let column = rule_for(&rules, &site.column)?;
+                return Err(ClientError::LiteralWithDrawnKey {
+                    column: column.qualified_name().to_owned(),
+                    key: column.row_key().unwrap_or_default().to_owned(),
+                }
+                .into());
+            }
             let Some(sealed) = self.seal_array(&rules, site, None)? else {
                 continue;
             };
@@ -76,7 +101,7 @@ impl Ctx<'_> {
             let value = match &p.value {
                 PinValue::Excluded(e) => e.clone(),
                 PinValue::SessionTenant => match &pin {
-                    PinRender::Param(n) => format!("${n}"),
+                    PinRender::Param { tenant, .. } => format!("${tenant}"),
                     PinRender::Literal if no_row => "NULL".to_owned(),
                     PinRender::Literal => {
                         let tenant = self.write_tenant().ok_or_else(|| ClientError::NoTenant {
@@ -93,6 +118,42 @@ impl Ctx<'_> {
                     replacements.push((r.end..r.end, format!(") AND {condition}")));
                 }
                 PinPlace::Add(at) => replacements.push((*at..*at, format!(" WHERE {condition}"))),
+            }
+        }
+        let mut key_param = match &pin {
+            PinRender::Param { keys, .. } => *keys,
+            PinRender::Literal => 0,
+        };
+        for (d, draw) in analysis.draws.iter().enumerate() {
+            let mut texts = match &pin {
+                PinRender::Literal => self.draw_texts(d, draw)?,
+                PinRender::Param { .. } => Vec::new(),
+            }
+            .into_iter();
+            for (at, edit) in &draw.edits {
+                let mut key = |array: bool| match &pin {
+                    PinRender::Param { .. } => {
+                        key_param += 1;
+                        Ok(format!("${}", key_param - 1))
+                    }
+                    PinRender::Literal => {
+                        let t = texts.next().ok_or(ClientError::Rewrite)?;
+                        // Digits and braces only: a plain literal is safe as it is.
+                        Ok::<_, ClientError>(if array {
+                            format!("'{t}'")
+                        } else {
+                            dollar_quoted(&t)
+                        })
+                    }
+                };
+                let text = match edit {
+                    DrawEdit::Column => format!(", {}", crate::sql::quote_ident(&draw.column)),
+                    DrawEdit::Overriding => " OVERRIDING SYSTEM VALUE".to_owned(),
+                    DrawEdit::Key(_) => format!(", {}::int8", key(false)?),
+                    DrawEdit::Keys => format!(", {}::int8[]", key(true)?),
+                    DrawEdit::Name => ", pgenvelope_key".to_owned(),
+                };
+                replacements.push((*at..*at, text));
             }
         }
         if replacements.is_empty() {
@@ -243,6 +304,18 @@ impl Ctx<'_> {
         let key = column.row_key().unwrap_or_default();
         let value = match source {
             RowKeySource::Literal(v) => v.clone(),
+            RowKeySource::Drawn { draw, row } => match self
+                .drawn_keys(*draw)
+                .and_then(|keys| keys.get(*row).cloned().flatten())
+            {
+                Some(k) => k,
+                None => {
+                    return Err(ClientError::NoKeySequence {
+                        table: column.table().to_owned(),
+                        key: key.to_owned(),
+                    })
+                }
+            },
             RowKeySource::Param(n) => {
                 let Some(bind) = bind else {
                     return Err(ClientError::LiteralWithKeyParam {
@@ -390,6 +463,13 @@ impl Ctx<'_> {
             ArraySource::Literal { text, uuid, .. } => crate::wire::array::parse_text(text)
                 .map(|elements| Some(if *uuid { as_uuids(elements) } else { elements }))
                 .map_err(|_| bad()),
+            ArraySource::Drawn(n) => match self.drawn_keys(*n) {
+                Some(keys) if keys.iter().all(Option::is_some) => Ok(Some(keys.to_vec())),
+                _ => Err(ClientError::NoKeySequence {
+                    table: column.table().to_owned(),
+                    key: column.row_key().unwrap_or_default().to_owned(),
+                }),
+            },
             ArraySource::Param(n) => {
                 let Some(bind) = bind else {
                     return Err(ClientError::LiteralWithTenantParam {
@@ -470,16 +550,14 @@ impl Ctx<'_> {
     /// The organisation values sealed for "the session tenant" belong to: the session tenant,
     /// else the default tenant, else the one a look-up found for the message being handled.
     pub(super) fn write_tenant(&self) -> Option<OrgId> {
-        self.session_or_default().or_else(|| match &self.e.lookup {
-            super::lookup::Lookup::Found(org) => org.clone(),
-            _ => None,
-        })
+        self.session_or_default()
+            .or_else(|| self.e.lookups.tenant().flatten())
     }
 
     /// Whether a look-up found that the statement being handled writes no row: its values for
     /// the session tenant are then written as NULL (they are never stored).
     pub(super) fn writes_no_row(&self) -> bool {
-        self.session_or_default().is_none() && self.e.lookup == super::lookup::Lookup::Found(None)
+        self.session_or_default().is_none() && self.e.lookups.tenant() == Some(None)
     }
 
     /// The session tenant, else the default tenant.
@@ -568,13 +646,19 @@ impl Ctx<'_> {
 /// A parameter to replace in a Bind: its index and its new value (`None`: NULL).
 pub(super) type SealedParam = (usize, Option<Vec<u8>>);
 
-/// How a tenant pin's session tenant is written into the text.
+/// How a tenant pin's session tenant and drawn row keys are written into the text.
 pub(super) enum PinRender {
-    /// As a literal (a simple query: the tenant in force now).
+    /// As literals (a simple query: the tenant in force now, keys drawn now).
     Literal,
-    /// As parameter `$n`, filled in at each Bind with the tenant in force then (a prepared
-    /// statement outlives tenant changes).
-    Param(usize),
+    /// As parameters filled in at each Bind (a prepared statement outlives tenant changes,
+    /// and each execution inserts new rows): the tenant as `$tenant`, the drawn keys from
+    /// `$keys` on, draw by draw, row by row.
+    Param {
+        /// The tenant's parameter number.
+        tenant: usize,
+        /// The first key's parameter number.
+        keys: usize,
+    },
 }
 
 /// `s` as a dollar-quoted literal: no escapes, whatever standard_conforming_strings says, and of
