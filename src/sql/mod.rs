@@ -612,8 +612,8 @@ pub struct KeyDraw {
     pub column: String,
     /// How many keys to draw.
     pub rows: DrawRows,
-    /// What goes where in the text (byte offsets, ascending).
-    pub edits: Vec<(usize, DrawEdit)>,
+    /// What goes where in the text: byte ranges (empty for an insertion), ascending.
+    pub edits: Vec<(Range<usize>, DrawEdit)>,
 }
 
 /// How many keys a [`KeyDraw`] needs.
@@ -635,6 +635,9 @@ pub enum DrawEdit {
     Overriding,
     /// `, <key n>::int8` at the end of VALUES row `n`.
     Key(usize),
+    /// `<key n>::int8` in place of a row's `DEFAULT` for the key (Sequelize writes the key
+    /// column with `DEFAULT`).
+    KeyInPlace(usize),
     /// `, <keys>::int8[]` at the end of UNNEST's arguments.
     Keys,
     /// `, pgenvelope_key` at the end of a SELECT list or of a VALUES alias's column list.
@@ -646,7 +649,12 @@ impl KeyDraw {
     pub fn params(&self) -> usize {
         self.edits
             .iter()
-            .filter(|(_, e)| matches!(e, DrawEdit::Key(_) | DrawEdit::Keys))
+            .filter(|(_, e)| {
+                matches!(
+                    e,
+                    DrawEdit::Key(_) | DrawEdit::KeyInPlace(_) | DrawEdit::Keys
+                )
+            })
             .count()
     }
 }

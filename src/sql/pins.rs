@@ -174,7 +174,7 @@ pub(crate) enum DrawShape {
 impl Analyzer<'_> {
     /// Where drawn row keys go in the current top-level statement, an INSERT of `shape`:
     /// the edits in text order. `None` when the text is not of that form.
-    pub(crate) fn draw_edits(&self, shape: DrawShape) -> Option<Vec<(usize, DrawEdit)>> {
+    pub(crate) fn draw_edits(&self, shape: DrawShape) -> Option<Vec<(Range<usize>, DrawEdit)>> {
         let piece = self.pieces.get(self.piece)?.clone();
         let text = self.parsed.get(piece.clone())?;
         let tokens = Tokenizer::new(&PostgreSqlDialect {}, text)
@@ -184,9 +184,10 @@ impl Analyzer<'_> {
         let into = toks.iter().position(|t| t.is("into"))?;
         let open = into + toks[into..].iter().position(|t| t.paren(true, 0))?;
         let close = closing(&toks, open)?;
+        let at_ = |i: usize| i..i;
         let mut edits = vec![
-            (toks[close].range.start, DrawEdit::Column),
-            (toks[close].range.end, DrawEdit::Overriding),
+            (at_(toks[close].range.start), DrawEdit::Column),
+            (at_(toks[close].range.end), DrawEdit::Overriding),
         ];
         let at = close + 1;
         match shape {
@@ -198,7 +199,7 @@ impl Analyzer<'_> {
                 edits.extend(
                     rows.iter()
                         .enumerate()
-                        .map(|(i, &(_, end))| (toks[end].range.start, DrawEdit::Key(i))),
+                        .map(|(i, &(_, end))| (at_(toks[end].range.start), DrawEdit::Key(i))),
                 );
             }
             DrawShape::SelectOverValues => {
@@ -206,7 +207,7 @@ impl Analyzer<'_> {
                     return None;
                 }
                 let from = at + toks[at..].iter().position(|t| t.is("from"))?;
-                edits.push((toks.get(from - 1)?.range.end, DrawEdit::Name));
+                edits.push((at_(toks.get(from - 1)?.range.end), DrawEdit::Name));
                 let sub = from + 1;
                 if !toks.get(sub)?.paren(true, 0) || !toks.get(sub + 1)?.is_at("values", 1) {
                     return None;
@@ -215,7 +216,7 @@ impl Analyzer<'_> {
                 edits.extend(
                     rows.iter()
                         .enumerate()
-                        .map(|(i, &(_, end))| (toks[end].range.start, DrawEdit::Key(i))),
+                        .map(|(i, &(_, end))| (at_(toks[end].range.start), DrawEdit::Key(i))),
                 );
                 let sub_close = closing(&toks, sub)?;
                 // `AS a(p0, …)`: the alias's column list.
@@ -228,7 +229,7 @@ impl Analyzer<'_> {
                     return None;
                 }
                 let names_close = closing(&toks, a + 1)?;
-                edits.push((toks[names_close].range.start, DrawEdit::Name));
+                edits.push((at_(toks[names_close].range.start), DrawEdit::Name));
             }
             DrawShape::Unnest => {
                 let [select, star, from, unnest, paren] = [at, at + 1, at + 2, at + 3, at + 4];
@@ -241,10 +242,10 @@ impl Analyzer<'_> {
                     return None;
                 }
                 let end = closing(&toks, paren)?;
-                edits.push((toks[end].range.start, DrawEdit::Keys));
+                edits.push((at_(toks[end].range.start), DrawEdit::Keys));
             }
         }
-        edits.sort_by_key(|(at, _)| *at);
+        edits.sort_by_key(|(r, _)| (r.start, r.end));
         Some(edits)
     }
 }

@@ -1426,16 +1426,17 @@ fn with_draw_edits(sql: &str, draw: &crate::sql::KeyDraw) -> String {
     use crate::sql::DrawEdit;
     let mut out = String::new();
     let mut at = 0;
-    for (pos, edit) in &draw.edits {
-        out.push_str(&sql[at..*pos]);
+    for (range, edit) in &draw.edits {
+        out.push_str(&sql[at..range.start]);
         out.push_str(&match edit {
             DrawEdit::Column => ", \"id\"".to_owned(),
             DrawEdit::Overriding => " OVERRIDING SYSTEM VALUE".to_owned(),
             DrawEdit::Key(n) => format!(", K{n}"),
+            DrawEdit::KeyInPlace(n) => format!("K{n}"),
             DrawEdit::Keys => ", KEYS".to_owned(),
             DrawEdit::Name => ", pgenvelope_key".to_owned(),
         });
-        at = *pos;
+        at = range.end;
     }
     out.push_str(&sql[at..]);
     out
@@ -1498,6 +1499,26 @@ fn keys_left_to_their_default_are_drawn() {
         r#"INSERT INTO "vault" ("org_id", "value", "id") OVERRIDING SYSTEM VALUE SELECT * FROM UNNEST(($1)::varchar[], ($2)::text[], KEYS) RETURNING "vault"."id""#
     );
     assert_eq!(a.arrays[0].row_key, Some(crate::sql::ArraySource::Drawn(0)));
+    // Sequelize: the key column written as DEFAULT.
+    let sql = r#"INSERT INTO "vault" ("id","org_id","value") VALUES (DEFAULT,$1,$2),(7,'a','b'),(default,'c','d') RETURNING "id","value";"#;
+    let a = bound_ok(sql);
+    assert_eq!(a.draws[0].params(), 2);
+    assert_eq!(
+        with_draw_edits(sql, &a.draws[0]),
+        r#"INSERT INTO "vault" ("id","org_id","value") OVERRIDING SYSTEM VALUE VALUES (K0,$1,$2),(7,'a','b'),(K1,'c','d') RETURNING "id","value";"#
+    );
+    assert_eq!(
+        a.params[0].row_key,
+        Some(RowKeySource::Drawn { draw: 0, row: 0 })
+    );
+    assert_eq!(
+        a.literals[0].row_key,
+        Some(RowKeySource::Literal("7".into()))
+    );
+    assert_eq!(
+        a.literals[1].row_key,
+        Some(RowKeySource::Drawn { draw: 0, row: 1 })
+    );
     // Nothing encrypted written, or the key given: nothing drawn.
     assert!(bound_ok("INSERT INTO vault (org_id, n) VALUES ('acme', 1)")
         .draws

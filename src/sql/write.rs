@@ -165,6 +165,13 @@ impl<'a> Analyzer<'a> {
                             }
                             None => None,
                         };
+                        // A key written as DEFAULT is drawn in its place.
+                        let in_place = match shape {
+                            DrawShape::Values if draw.is_none() => {
+                                self.default_keys_draw(ins, &table, &columns, &rows)
+                            }
+                            _ => None,
+                        };
                         for (i, row) in rows.iter().enumerate() {
                             if row.len() != columns.len() {
                                 return Err(RejectionKind::Invalid(
@@ -173,9 +180,19 @@ impl<'a> Analyzer<'a> {
                             }
                             let tenant = self.row_tenant(&table, &columns, row)?;
                             row_tenants.push(tenant.clone());
-                            let key = match draw {
-                                Some(draw) => RowKey::Known(RowKeySource::Drawn { draw, row: i }),
-                                None => self.row_key_of(&table, &columns, row),
+                            let key = match (draw, &in_place) {
+                                (Some(draw), _) => {
+                                    RowKey::Known(RowKeySource::Drawn { draw, row: i })
+                                }
+                                (None, Some((draw, drawn_rows))) => {
+                                    match drawn_rows.iter().position(|r| *r == i) {
+                                        Some(row) => {
+                                            RowKey::Known(RowKeySource::Drawn { draw: *draw, row })
+                                        }
+                                        None => self.row_key_of(&table, &columns, row),
+                                    }
+                                }
+                                (None, None) => self.row_key_of(&table, &columns, row),
                             };
                             row_keys.push(key.clone());
                             for (c, e) in columns.iter().zip(row) {
@@ -584,6 +601,53 @@ impl<'a> Analyzer<'a> {
             && !columns.contains(k)
             && columns.iter().any(|c| table.encrypted.contains(c)))
         .then(|| k.clone())
+    }
+
+    /// Records the drawing of keys in place of `DEFAULT` for the key column in the rows of an
+    /// `INSERT … VALUES`: the draw's index and the rows whose key is drawn, in order; `None`
+    /// when no row writes its key as DEFAULT (or where cannot be told for certain).
+    fn default_keys_draw(
+        &mut self,
+        ins: &Insert,
+        table: &ProtectedTable,
+        columns: &[String],
+        rows: &[Vec<Expr>],
+    ) -> Option<(usize, Vec<usize>)> {
+        let k = table.row_key.as_ref()?;
+        let pos = columns.iter().position(|c| c == k)?;
+        if ins.overriding.is_some() || !columns.iter().any(|c| table.encrypted.contains(c)) {
+            return None;
+        }
+        let mut drawn = Vec::new();
+        let mut edits = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            if let Some(Expr::Identifier(id)) = row.get(pos) {
+                if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default") {
+                    let range = self.pos.range(id.span)?;
+                    edits.push((range, DrawEdit::KeyInPlace(drawn.len())));
+                    drawn.push(i);
+                }
+            }
+        }
+        if drawn.is_empty() {
+            return None;
+        }
+        let overriding = self
+            .draw_edits(DrawShape::Values)?
+            .into_iter()
+            .find(|(_, e)| *e == DrawEdit::Overriding)?;
+        edits.insert(0, overriding);
+        self.out.draws.push(KeyDraw {
+            table: format!(
+                "{}.{}",
+                quote_ident(&table.schema),
+                quote_ident(&table.name)
+            ),
+            column: k.clone(),
+            rows: DrawRows::Fixed(drawn.len()),
+            edits,
+        });
+        Some((self.out.draws.len() - 1, drawn))
     }
 
     /// Records the drawing of keys for column `key` of `table` by the current INSERT, of
@@ -1475,19 +1539,41 @@ fn same_key_on_conflict(
     let Some(k) = &table.row_key else {
         return Ok(());
     };
-    refuse_key_assignment(table, &du.assignments)?;
-    if !writes_sealed_values(table, &du.assignments, true) {
+    let key_in_target = matches!(
+        target,
+        Some(sqlparser::ast::ConflictTarget::Columns { columns, .. })
+            if columns.iter().any(|c| &fold(c) == k)
+    );
+    // With the key in the conflict target, `key = EXCLUDED.key` (Sequelize's and Knex's
+    // upserts assign every column) leaves it as it is.
+    let assignments: Vec<Assignment> = du
+        .assignments
+        .iter()
+        .filter(|a| !(key_in_target && assigns_excluded(a, k)))
+        .cloned()
+        .collect();
+    refuse_key_assignment(table, &assignments)?;
+    if !writes_sealed_values(table, &du.assignments, true) || key_in_target {
         return Ok(());
-    }
-    if let Some(sqlparser::ast::ConflictTarget::Columns { columns, .. }) = target {
-        if columns.iter().any(|c| &fold(c) == k) {
-            return Ok(());
-        }
     }
     Err(RejectionKind::OnConflictOtherRowKey {
         row_key: table_column(table, k),
         target: visible.to_owned(),
     })
+}
+
+/// Whether `a` is `column = EXCLUDED.column`.
+fn assigns_excluded(a: &Assignment, column: &str) -> bool {
+    let AssignmentTarget::ColumnName(n) = &a.target else {
+        return false;
+    };
+    let target = name_parts(n).and_then(|p| p.last().cloned());
+    let value = match strip_any_cast(&a.value) {
+        Expr::CompoundIdentifier(ids) => ids.iter().map(fold).collect::<Vec<_>>(),
+        _ => return false,
+    };
+    target.as_deref() == Some(column)
+        && matches!(value.as_slice(), [q, c] if q == "excluded" && c == column)
 }
 
 /// Whether `assignments` write a value the proxy seals (a literal or parameter, not NULL or

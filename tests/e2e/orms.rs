@@ -1,15 +1,16 @@
 //! Real ORMs, unchanged, through the encrypting proxy: a small multi-tenant app on Django 5.2
-//! (client- and server-side binding) and on SQLAlchemy 2 (psycopg 3 and asyncpg) creates,
-//! bulk-creates, saves one field, updates by primary key, bulk-updates, upserts and deletes,
-//! with `customer.email`, `customer.ssn` and `customer.notes` encrypted per `org_id` (an
-//! integer, or a UUID), with and without a session tenant. Every value reads back exactly, and
-//! every value at rest is `enc:v1`.
+//! (client- and server-side binding), SQLAlchemy 2 (psycopg 3 and asyncpg), Sequelize 6 and
+//! Knex 3 (node-postgres) creates, bulk-creates, saves one field, updates by primary key,
+//! bulk-updates, upserts and deletes, with `customer.email`, `customer.ssn` and
+//! `customer.notes` encrypted per `org_id` (an integer, or a UUID), with and without a session
+//! tenant, with and without row binding on a `bigserial` key. Every value reads back exactly,
+//! and every value at rest is `enc:v1`.
 
 use std::process::Stdio;
 
 use crate::encryption::direct;
 use crate::harness::{unique, ProxyOptions, TestProxy};
-use crate::support::binaries::{client_script, python};
+use crate::support::binaries::{client_script, node, python};
 use crate::support::{output_text, require_tool};
 
 /// One app run: which ORM and how it is set up.
@@ -30,6 +31,20 @@ fn python_has(module: &str) -> bool {
         .and_then(|p| {
             std::process::Command::new(p)
                 .args(["-c", &format!("import {module}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .ok()
+        })
+        .is_some_and(|s| s.success())
+}
+
+fn node_has(module: &str) -> bool {
+    node()
+        .ok()
+        .and_then(|n| {
+            std::process::Command::new(n)
+                .args(["-e", &format!("require('{module}')")])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -69,8 +84,13 @@ async fn run_app(run: Run) {
     } else {
         "DRIVER"
     };
+    let interpreter = if run.script.ends_with(".js") {
+        node()
+    } else {
+        python()
+    };
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python().unwrap())
+        std::process::Command::new(interpreter.unwrap())
             .arg(client_script(run.script))
             .env("DATABASE_URL", url)
             .env("TABLE", table)
@@ -154,6 +174,52 @@ async fn sqlalchemy_app_works_unchanged() {
             org_type,
             tenant_mode,
             variant: driver,
+            row_key,
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn sequelize_app_works_unchanged() {
+    if !require_tool(node_has("sequelize"), "Sequelize for the test node") {
+        return;
+    }
+    for (org_type, tenant_mode, row_key) in [
+        ("int", "none", false),
+        ("uuid", "none", false),
+        ("int", "session", false),
+        ("int", "none", true),
+        ("uuid", "session", true),
+    ] {
+        run_app(Run {
+            script: "sequelize_orm.js",
+            org_type,
+            tenant_mode,
+            variant: "pg",
+            row_key,
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn knex_app_works_unchanged() {
+    if !require_tool(node_has("knex"), "Knex for the test node") {
+        return;
+    }
+    for (org_type, tenant_mode, row_key) in [
+        ("int", "none", false),
+        ("uuid", "none", false),
+        ("int", "session", false),
+        ("int", "none", true),
+        ("uuid", "session", true),
+    ] {
+        run_app(Run {
+            script: "knex_orm.js",
+            org_type,
+            tenant_mode,
+            variant: "pg",
             row_key,
         })
         .await;

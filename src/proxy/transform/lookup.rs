@@ -223,7 +223,7 @@ impl Ctx<'_> {
         let mut texts = Vec::new();
         for (_, edit) in &draw.edits {
             match edit {
-                DrawEdit::Key(row) => {
+                DrawEdit::Key(row) | DrawEdit::KeyInPlace(row) => {
                     texts.push(keys.get(*row).cloned().flatten().ok_or_else(none)?);
                 }
                 DrawEdit::Keys => {

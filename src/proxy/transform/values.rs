@@ -130,7 +130,7 @@ impl Ctx<'_> {
                 PinRender::Param { .. } => Vec::new(),
             }
             .into_iter();
-            for (at, edit) in &draw.edits {
+            for (range, edit) in &draw.edits {
                 let mut key = |array: bool| match &pin {
                     PinRender::Param { .. } => {
                         key_param += 1;
@@ -150,10 +150,11 @@ impl Ctx<'_> {
                     DrawEdit::Column => format!(", {}", crate::sql::quote_ident(&draw.column)),
                     DrawEdit::Overriding => " OVERRIDING SYSTEM VALUE".to_owned(),
                     DrawEdit::Key(_) => format!(", {}::int8", key(false)?),
+                    DrawEdit::KeyInPlace(_) => format!("{}::int8", key(false)?),
                     DrawEdit::Keys => format!(", {}::int8[]", key(true)?),
                     DrawEdit::Name => ", pgenvelope_key".to_owned(),
                 };
-                replacements.push((*at..*at, text));
+                replacements.push((range.clone(), text));
             }
         }
         if replacements.is_empty() {
