@@ -152,8 +152,8 @@ mod rejection;
 mod text;
 mod write;
 
-pub(crate) use text::Positions as Offsets;
 pub(crate) use text::canonical_uuid;
+pub(crate) use text::Positions as Offsets;
 
 pub use rejection::{
     ColumnDdlOp, Construct, CopyRefusal, InvalidStatement, ReadOp, Rejection, RejectionKind,

@@ -449,7 +449,11 @@ mod uuid_tests {
             "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
             "{a0eebc999c0b4ef8bb6d6bb9bd380a11}",
         ] {
-            assert_eq!(canonical_uuid(written).as_deref(), Some(stored), "{written}");
+            assert_eq!(
+                canonical_uuid(written).as_deref(),
+                Some(stored),
+                "{written}"
+            );
         }
         for other in [
             "",
