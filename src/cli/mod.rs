@@ -48,7 +48,8 @@ pub enum Command {
     /// Offline unless asked: loads the client certificate and key as the listener does (they
     /// must match), parses the upstream CA file, and checks a local: KEK file without ever
     /// creating it. --against-kms wraps and unwraps a test key with the KEK provider;
-    /// --against-db checks the rules against the upstream database's catalog.
+    /// --against-db checks the rules against the catalog of the database holding the tables
+    /// (--data-database, else the --upstream URL's).
     Check(check::CheckArgs),
     /// Print the header of an enc:v1 value (algorithm, DEK, organisation, column); never decrypts.
     Inspect(inspect::InspectArgs),
@@ -74,6 +75,7 @@ pub enum Command {
     /// proxy) then fail with SQLSTATE 23514 instead of storing plaintext. Each encrypted column
     /// gets `CHECK (col IS NULL OR left(col::text, 7) = 'enc:v1:') NOT VALID`: rows already
     /// stored are not scanned; `--validate` checks them (run `reencrypt` first). Idempotent.
+    /// The tables are in the --upstream URL's database, or in --data-database.
     Guard(guard::GuardArgs),
 }
 
