@@ -59,14 +59,16 @@ pub enum Command {
     /// Encrypt plaintext and move values from retired data keys to the active ones, in place.
     ///
     /// Walks every encrypted column of the rules (or one table) in primary-key order, in small
-    /// transactions, directly in PostgreSQL (never through a proxy). Plaintext is encrypted under
-    /// the active data key of the row's organisation; values under retired (decrypt_only) keys
+    /// transactions, directly in PostgreSQL (never through a proxy). The tables are in the
+    /// --upstream URL's database, or in --data-database; the key store is always the one in the
+    /// --upstream URL's database, where the proxies keep it. Plaintext is encrypted under the
+    /// active data key of the row's organisation; values under retired (decrypt_only) keys
     /// move to their organisation's active key; values under destroyed or unknown keys, or
     /// failing authentication, are counted and left alone. Compare-and-set writes never
     /// overwrite concurrent application writes. Interrupted runs resume from a checkpoint in the
-    /// key store schema; running twice changes nothing. After a run over all tables, says which
-    /// retired keys no longer protect any value. Exit 1 when a table could not be processed
-    /// (e.g. it has no primary key).
+    /// database of the tables (schema named as the key store's); running twice changes nothing.
+    /// After a run over all tables, says which retired keys no longer protect any value. Exit 1
+    /// when a table could not be processed (e.g. it has no primary key).
     Reencrypt(reencrypt::ReencryptArgs),
     /// Add CHECK constraints that make PostgreSQL refuse plaintext in encrypted columns.
     ///

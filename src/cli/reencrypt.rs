@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::common::{self, StoreArgs};
+use super::common::{self, DataArgs, StoreArgs};
 use crate::config::{Config, RawConfig};
 use crate::crypto::OrgId;
 use crate::keys::{KeyManager, KeyManagerConfig};
-use crate::reencrypt::{Options, Progress, Reencryptor, TableReport, DEFAULT_BATCH};
+use crate::reencrypt::{
+    Options, Progress, ReencryptError, Reencryptor, TableReport, DEFAULT_BATCH,
+};
 use crate::rules::{ident, load_path, DEFAULT_SCHEMA};
 
 /// How long this command's own key cache keeps a DEK: a rotation during a long run is
@@ -68,6 +70,9 @@ pub struct ReencryptArgs {
 
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
 }
 
 impl ReencryptArgs {
@@ -77,6 +82,7 @@ impl ReencryptArgs {
             rules: self.rules.clone(),
             default_tenant: self.default_tenant.clone(),
             key_cache_ttl: self.key_cache_ttl.clone(),
+            data_database: self.data.data_database.clone(),
             ..self.store.overlay()
         }
     }
@@ -131,10 +137,16 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
     )
     .context("TLS settings for the service connection")?;
     let filtered = options.table.is_some() || options.org.is_some();
+    let data = common::data_database_label(config);
+    let store_label = format!(
+        "key store schema {} in database {} (of --upstream)",
+        config.keys.key_schema,
+        config.upstream.key_store_database()
+    );
     let mut job = tokio::time::timeout(
         config.proxy.connect_timeout,
         Reencryptor::connect(
-            config.upstream.service.clone(),
+            config.upstream.data_service(),
             tls,
             &config.keys.key_schema,
             Arc::clone(&keys),
@@ -142,7 +154,8 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
         ),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("PostgreSQL did not answer in time"))??;
+    .map_err(|_| anyhow::anyhow!("{data} or the key store did not answer in time"))??;
+    println!("tables in {data}; {store_label}");
 
     let progress = Display::new();
     let reports = job.run(&progress).await?;
@@ -152,6 +165,16 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
     }
     if let Err(e) = keys.flush_counters().await {
         eprintln!("warning: could not save encryption counts: {e}");
+    }
+    if config.upstream.data_database.is_none()
+        && reports
+            .iter()
+            .any(|r| matches!(r.result, Err(ReencryptError::NoSuchTable { .. })))
+    {
+        eprintln!(
+            "hint: if the application's tables are in another database than the key store, \
+             name it with --data-database"
+        );
     }
 
     if !args.destroy_retired && filtered {
@@ -164,7 +187,10 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
         println!("no retired DEKs");
         return Ok(i32::from(failed));
     }
-    eprintln!("checking which retired DEKs still protect values (read-only scan)…");
+    eprintln!(
+        "checking which retired DEKs still protect values in the configured columns of {data} \
+         (read-only scan; other databases are not scanned)…"
+    );
     let census = job.census().await?;
     for key in &mut retired {
         key.remaining = census.under(key.dek);
