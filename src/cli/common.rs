@@ -74,6 +74,18 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The key store named by the configuration, with its schema ensured, recording `actor` in
 /// the events it writes.
 pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<KeyStore>> {
+    let store = store_handle(config)?;
+    tokio::time::timeout(config.proxy.connect_timeout, store.ensure_schema())
+        .await
+        .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(store)
+}
+
+/// The key store named by the configuration (the proxies': schema `key_schema` in the
+/// upstream URL's database), recording `actor` in the events it writes. Does not connect, and
+/// creates nothing.
+pub(crate) fn store_handle(config: &Config) -> anyhow::Result<Arc<KeyStore>> {
     let tls = crate::tls::ServiceTls::new(
         config.proxy.upstream_sslmode,
         config.proxy.upstream_ca.as_deref(),
@@ -83,10 +95,6 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<KeyStore>>
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_tls(tls)
         .with_actor(actor());
-    tokio::time::timeout(config.proxy.connect_timeout, store.ensure_schema())
-        .await
-        .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Arc::new(store))
 }
 

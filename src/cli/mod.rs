@@ -68,7 +68,10 @@ pub enum Command {
     /// overwrite concurrent application writes. Interrupted runs resume from a checkpoint in the
     /// database of the tables (schema named as the key store's); running twice changes nothing.
     /// After a run over all tables, says which retired keys no longer protect any value. Exit 1
-    /// when a table could not be processed (e.g. it has no primary key).
+    /// when a table could not be processed (e.g. it has no primary key) or values are under
+    /// data keys the key store does not know; a key store without any data key is refused,
+    /// before anything is written, when the tables hold encrypted values (they were sealed with
+    /// another key store: the wrong --upstream, --key-schema or database).
     Reencrypt(reencrypt::ReencryptArgs),
     /// Add CHECK constraints that make PostgreSQL refuse plaintext in encrypted columns.
     ///

@@ -16,7 +16,7 @@ use crate::config::{Config, RawConfig};
 use crate::crypto::OrgId;
 use crate::keys::{KeyManager, KeyManagerConfig};
 use crate::reencrypt::{
-    Options, Progress, ReencryptError, Reencryptor, TableReport, DEFAULT_BATCH,
+    Options, Progress, ReencryptError, Reencryptor, TableReport, Untouched, DEFAULT_BATCH,
 };
 use crate::rules::{ident, load_path, DEFAULT_SCHEMA};
 
@@ -117,7 +117,8 @@ pub(crate) fn run(config: &Config, args: &ReencryptArgs) -> anyhow::Result<i32> 
 }
 
 async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> anyhow::Result<i32> {
-    let store = common::open_store(config).await?;
+    // Created by the run once it has checked that the tables fit this key store.
+    let store = common::store_handle(config)?;
     let (kek, also) = common::open_keks(config).await?;
     let keys = Arc::new(
         KeyManager::new(
@@ -158,7 +159,14 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
     println!("tables in {data}; {store_label}");
 
     let progress = Display::new();
-    let reports = job.run(&progress).await?;
+    let reports = match job.run(&progress).await {
+        Ok(reports) => reports,
+        Err(e @ ReencryptError::ForeignKeyStore { .. }) => anyhow::bail!(
+            "{e}. Give the proxies' --upstream and --key-schema; if the application's tables \
+             are in another database than the key store, name it with --data-database"
+        ),
+        Err(e) => return Err(e.into()),
+    };
     let mut failed = false;
     for report in &reports {
         failed |= print_report(report);
@@ -175,6 +183,21 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
             "hint: if the application's tables are in another database than the key store, \
              name it with --data-database"
         );
+    }
+    let unknown: u64 = reports
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok())
+        .filter_map(|stats| stats.untouched.get(&Untouched::UnknownDek))
+        .sum();
+    if unknown > 0 {
+        // Never a result of a key operation (destroyed keys keep their row): the key store is
+        // not the one the values were sealed with.
+        eprintln!(
+            "error: {unknown} value(s) are under data keys unknown to the {store_label}. Is it \
+             the proxies' key store? Give their --upstream and --key-schema; if the application's \
+             tables are in another database than the key store, name it with --data-database"
+        );
+        failed = true;
     }
 
     if !args.destroy_retired && filtered {

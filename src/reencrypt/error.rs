@@ -87,6 +87,24 @@ pub enum ReencryptError {
         /// The key store schema.
         schema: String,
     },
+    /// The key store holds no DEKs, yet the tables hold `enc:v1` values: they were sealed with
+    /// another key store (another database or schema than the proxies'), and a run would
+    /// create keys no proxy reads. Nothing was changed.
+    #[error(
+        "{column} in database {database} holds encrypted values, but the key store (schema \
+         {schema} in database {key_store_database}) holds no data keys: they were sealed with \
+         another key store; nothing was changed"
+    )]
+    ForeignKeyStore {
+        /// The first column found holding an `enc:v1` value (`schema.table.column`).
+        column: String,
+        /// The database of the tables.
+        database: String,
+        /// The key store schema.
+        schema: String,
+        /// The key store's database.
+        key_store_database: String,
+    },
     /// The key store or KEK failed in a way that stops the run (unreachable, unavailable).
     #[error("key store or KEK failed while working on {table}")]
     Keys {

@@ -243,8 +243,9 @@ pub struct Reencryptor {
 
 impl Reencryptor {
     /// Connect with `data` (the upstream URL's settings, with the database of the tables), and
-    /// to the key store of `keys`; take the run lock and create the checkpoint table in the
-    /// database of the tables. `keys` must use the same key store schema `schema`.
+    /// to the key store of `keys`, and take the run lock. Creates nothing: [`Reencryptor::run`]
+    /// creates the key store's tables and the checkpoint table when they are missing. `keys`
+    /// must use the same key store schema `schema`.
     pub async fn connect(
         mut data: tokio_postgres::Config,
         tls: ServiceTls,
@@ -307,7 +308,6 @@ impl Reencryptor {
             .await
             .map_err(|e| ReencryptError::db("set lock_timeout", None, e))?;
         let checkpoints = Checkpoints::new(schema);
-        checkpoints.ensure(&client).await?;
         Ok(Self {
             client,
             store,
@@ -341,10 +341,17 @@ impl Reencryptor {
 
     /// Process every table of the run. A failing table is reported and the next one taken;
     /// a key store or KEK outage stops the run (the report then ends with that table).
+    ///
+    /// First, a key store holding no DEKs while the tables hold `enc:v1` values is refused
+    /// ([`ReencryptError::ForeignKeyStore`]) before anything is created or written: those
+    /// values were sealed with another key store, and plaintext sealed now would be under
+    /// keys no proxy reads. Then the key store's tables (as a proxy creates them) and the
+    /// checkpoint table are created if missing.
     pub async fn run(
         &mut self,
         progress: &dyn Progress,
     ) -> Result<Vec<TableReport>, ReencryptError> {
+        self.prepare().await?;
         let mut reports = Vec::new();
         for rule in self.tables()? {
             let table = rule.qualified_name();
@@ -366,6 +373,35 @@ impl Reencryptor {
             }
         }
         Ok(reports)
+    }
+
+    /// Refuse a key store without keys for tables with sealed values; create the key store's
+    /// and the checkpoints' tables if missing.
+    async fn prepare(&mut self) -> Result<(), ReencryptError> {
+        let store = Arc::clone(self.crypto.cipher.keys().store());
+        let key_store = |source| ReencryptError::KeyStore {
+            op: "look for data keys",
+            source,
+        };
+        if !store.holds_keys().await.map_err(key_store)? {
+            let sealed = verify::first_sealed_column(&self.client, &self.options.rules).await?;
+            if let Some(column) = sealed {
+                return Err(ReencryptError::ForeignKeyStore {
+                    column,
+                    database: self.database.clone(),
+                    schema: self.schema.clone(),
+                    key_store_database: store.database().to_owned(),
+                });
+            }
+        }
+        store
+            .ensure_schema()
+            .await
+            .map_err(|source| ReencryptError::KeyStore {
+                op: "create its tables",
+                source,
+            })?;
+        self.checkpoints.ensure(&self.client).await
     }
 
     /// Read-only census of every configured column (not only this run's tables).

@@ -807,6 +807,42 @@ async fn reencrypt_works_on_tables_in_another_database_than_the_key_store() {
     );
     assert_eq!(stored_in(&data, &t).await, before);
 
+    // The failure of the issue: --upstream naming the application's database opened a key
+    // store there, found none of the proxy's keys and reported every value as under an
+    // unknown DEK (and would have sealed the plaintext row with keys no proxy reads). Now it
+    // is refused before anything is created or written.
+    let rules = s.rules.display().to_string();
+    let out = s
+        .command_with_upstream(&app.0, &["reencrypt", "--rules", &rules])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "public.{t}.value in database {app} holds encrypted values, but the key store \
+             (schema {schema} in database {app}) holds no data keys: they were sealed with \
+             another key store; nothing was changed",
+            app = app.0,
+            schema = s.proxy.key_schema
+        )) && stderr.contains("name it with --data-database"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(stored_in(&data, &t).await, before);
+    let created: bool = data
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&s.proxy.key_schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !created,
+        "a key store was created in the application's database"
+    );
+
     // A data database that cannot be reached: an error naming it.
     let missing = format!("{}_missing", app.0);
     let out = s.reencrypt(&["--data-database", &missing]);
@@ -884,5 +920,37 @@ async fn reencrypt_works_on_tables_in_another_database_than_the_key_store() {
         stdout(&out).contains("0 encrypted from plaintext, 0 moved from retired DEKs, 5 unchanged"),
         "{}",
         output_text(&out)
+    );
+
+    // A value under a data key the key store does not know (a sealed value with its DEK id
+    // replaced) fails the run with an error naming the key store, and is left as it is.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sealed = stored_in(&data, &t).await[0].2.clone().unwrap();
+    let mut bytes = b64.decode(&sealed["enc:v1:".len()..]).unwrap();
+    bytes[1..17].copy_from_slice(DekId::new_random().as_bytes());
+    let foreign = format!("enc:v1:{}", b64.encode(&bytes));
+    data.execute(&format!("INSERT INTO {t} VALUES (6, 'b', $1)"), &[&foreign])
+        .await
+        .unwrap();
+    let out = s.reencrypt(&["--data-database", &app.0]);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        stdout(&out).contains("left untouched: 1 under an unknown DEK"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "error: 1 value(s) are under data keys unknown to the key store schema {} in \
+             database test (of --upstream)",
+            s.proxy.key_schema
+        )),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(
+        stored_in(&data, &t).await[5].2.as_deref(),
+        Some(foreign.as_str())
     );
 }
