@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError, RawConfig};
 /// Transparent encrypting PostgreSQL proxy.
 ///
 /// Applications point their DATABASE_URL at pgenvelope instead of PostgreSQL. Every setting of
-/// `serve` (and `--upstream`, `--rules`, `--kms` of the other commands) can
+/// `serve` (and `--upstream`, `--rules`, `--kms`, `--data-database` of the other commands) can
 /// also be set as an environment variable PGENVELOPE_<FLAG> (e.g. PGENVELOPE_UPSTREAM) or as a
 /// key in the TOML file given with --config (e.g. `upstream = "postgres://…"`).
 /// Precedence: flag > environment > file > default.
