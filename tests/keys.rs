@@ -196,6 +196,37 @@ async fn ensure_schema_is_idempotent_and_concurrent() {
     assert_eq!(indexes, 1);
 }
 
+/// `holds_keys` creates nothing: false without tables, false with empty ones, true once a DEK
+/// exists. `database` names the store's database.
+#[tokio::test]
+async fn holds_keys_only_looks() {
+    let db = TestDb::new();
+    let store = db.store();
+    assert_eq!(
+        store.database(),
+        db.config().get_dbname().unwrap_or("postgres")
+    );
+    assert!(!store.holds_keys().await.unwrap());
+    let schemas: i64 = db
+        .admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&db.schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schemas, 0, "holds_keys created the schema");
+    store.ensure_schema().await.unwrap();
+    assert!(!store.holds_keys().await.unwrap());
+    store
+        .get_or_create_active(&org("acme"), db.kek.as_ref())
+        .await
+        .unwrap();
+    assert!(store.holds_keys().await.unwrap());
+}
+
 #[tokio::test]
 async fn schema_enforces_invariants_and_append_only_events() {
     let db = TestDb::new();

@@ -19,9 +19,9 @@
 //! every KEK provider as `serve` does (a `local:` file only if it exists) and, with the
 //! `--kms` one, wraps and unwraps a random test key bound to organisation `pgenvelope-check`
 //! (the unwrap-only providers are just opened: they may lack permission to wrap).
-//! `--against-db` asks the upstream (the proxy's service credentials) whether every rule's
-//! table and columns exist and whether the encrypted columns are text-like (they hold
-//! `enc:v1:` text).
+//! `--against-db` asks the database of the application's tables (`--data-database`, else the
+//! upstream URL's; the proxy's service credentials) whether every rule's table and columns
+//! exist and whether the encrypted columns are text-like (they hold `enc:v1:` text).
 //!
 //! Never prints key material: a KEK is named by its URI (PIN redacted) and its public id.
 
@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use super::common::{self, DataArgs};
 use crate::config::{Config, RawConfig, SslMode};
 use crate::crypto::{DataKey, DekId, OrgId};
 use crate::keys::{KekProvider, KeyContext, KmsUri, LocalKek, Pkcs11Uri};
@@ -65,6 +66,9 @@ pub struct CheckArgs {
     #[arg(long, env = "PGENVELOPE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
 
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+
     /// PEM certificate chain for TLS toward clients (with --tls-key): loaded as the listener
     /// loads it [default: off]
     #[arg(long, env = "PGENVELOPE_TLS_CERT", value_name = "PEM")]
@@ -89,8 +93,8 @@ pub struct CheckArgs {
     #[arg(long)]
     pub against_kms: bool,
 
-    /// Also check every rule against the upstream database's catalog (tables, column types,
-    /// defaults, row keys)
+    /// Also check every rule against the catalog of the database holding the tables
+    /// (--data-database, else the --upstream URL's): tables, column types, defaults, row keys
     #[arg(long)]
     pub against_db: bool,
 }
@@ -107,6 +111,7 @@ impl CheckArgs {
             tls_key: self.tls_key.clone(),
             upstream_sslmode: self.upstream_sslmode.clone(),
             upstream_ca: self.upstream_ca.clone(),
+            data_database: self.data.data_database.clone(),
             ..RawConfig::default()
         }
     }
@@ -149,7 +154,10 @@ pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
         if upstream_tls_ok {
             let found = runtime.block_on(check_against_db(config, &rules))?;
             if found.is_empty() {
-                println!("database: every table and column exists and is text-like");
+                println!(
+                    "database {}: every table and column exists and is text-like",
+                    config.upstream.data_database_name()
+                );
             }
             problems.extend(found);
         } else {
@@ -408,7 +416,7 @@ async fn check_row_key(
 }
 
 async fn check_against_db(config: &Config, rules: &RuleSet) -> anyhow::Result<Vec<String>> {
-    let client = crate::cli::common::connect_upstream(config).await?;
+    let client = common::connect_data(config).await?;
     let mut problems = Vec::new();
     for table in rules.tables() {
         let rows = client
@@ -423,9 +431,10 @@ async fn check_against_db(config: &Config, rules: &RuleSet) -> anyhow::Result<Ve
             .context("reading the catalog")?;
         if rows.is_empty() {
             problems.push(format!(
-                "{} ({}): table does not exist",
+                "{} ({}): table {}",
                 table.qualified_name(),
-                table.location()
+                table.location(),
+                common::not_in_data_database(config)
             ));
             continue;
         }

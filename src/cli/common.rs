@@ -1,5 +1,6 @@
-//! Flags shared by the commands that work on the key store (`keys …`, `reencrypt`), and the
-//! key store / KEK handles they open.
+//! Flags shared by the commands that work on the key store (`keys …`, `reencrypt`) or on the
+//! application's tables (`reencrypt`, `check --against-db`, `guard`), and the key store, KEK
+//! and database handles they open.
 
 use std::sync::Arc;
 
@@ -52,6 +53,16 @@ impl StoreArgs {
     }
 }
 
+/// Where the application's tables are, when not in the key store's database.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct DataArgs {
+    /// Database holding the application's tables, on the --upstream server with the same user,
+    /// password and TLS settings; the key store stays in the --upstream URL's database, where
+    /// the proxies keep it [default: the --upstream URL's database]
+    #[arg(long, env = "PGENVELOPE_DATA_DATABASE", value_name = "NAME")]
+    pub(crate) data_database: Option<String>,
+}
+
 /// A current-thread runtime for one command.
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -63,6 +74,18 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The key store named by the configuration, with its schema ensured, recording `actor` in
 /// the events it writes.
 pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<KeyStore>> {
+    let store = store_handle(config)?;
+    tokio::time::timeout(config.proxy.connect_timeout, store.ensure_schema())
+        .await
+        .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(store)
+}
+
+/// The key store named by the configuration (the proxies': schema `key_schema` in the
+/// upstream URL's database), recording `actor` in the events it writes. Does not connect, and
+/// creates nothing.
+pub(crate) fn store_handle(config: &Config) -> anyhow::Result<Arc<KeyStore>> {
     let tls = crate::tls::ServiceTls::new(
         config.proxy.upstream_sslmode,
         config.proxy.upstream_ca.as_deref(),
@@ -72,31 +95,52 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<KeyStore>>
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_tls(tls)
         .with_actor(actor());
-    tokio::time::timeout(config.proxy.connect_timeout, store.ensure_schema())
-        .await
-        .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Arc::new(store))
 }
 
-/// A connection to the upstream database with the proxy's service credentials, TLS settings
-/// and connect timeout (for `check --against-db` and `guard`).
-pub(crate) async fn connect_upstream(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
+/// A connection to the database of the application's tables (`--data-database`, else the
+/// upstream URL's) with the proxy's service credentials, TLS settings and connect timeout (for
+/// `check --against-db` and `guard`).
+pub(crate) async fn connect_data(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
     let tls = crate::tls::ServiceTls::new(
         config.proxy.upstream_sslmode,
         config.proxy.upstream_ca.as_deref(),
     )
     .context("TLS settings for the upstream")?;
-    let mut service = config.upstream.service.clone();
+    let mut service = config.upstream.data_service();
     tls.apply(&mut service);
+    let what = data_database_label(config);
     let (client, conn) = tokio::time::timeout(config.proxy.connect_timeout, service.connect(tls))
         .await
-        .map_err(|_| anyhow::anyhow!("connecting to the upstream timed out"))?
-        .context("connecting to the upstream")?;
+        .map_err(|_| anyhow::anyhow!("connecting to {what} timed out"))?
+        .with_context(|| format!("connecting to {what}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     Ok(client)
+}
+
+/// The database of the application's tables for messages: `database NAME`, and which setting
+/// named it.
+pub(crate) fn data_database_label(config: &Config) -> String {
+    let name = config.upstream.data_database_name();
+    match config.upstream.data_database {
+        Some(_) => format!("database {name} (--data-database)"),
+        None => format!("database {name} (of --upstream)"),
+    }
+}
+
+/// "does not exist in database D" for a table of the rules, and when D is the upstream URL's,
+/// how to name another.
+pub(crate) fn not_in_data_database(config: &Config) -> String {
+    let label = data_database_label(config);
+    match config.upstream.data_database {
+        Some(_) => format!("does not exist in {label}"),
+        None => format!(
+            "does not exist in {label}; if the application's tables are in another database \
+             than the key store, name it with --data-database"
+        ),
+    }
 }
 
 /// The primary KEK and the unwrap-only ones.

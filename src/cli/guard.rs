@@ -24,6 +24,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use super::common::{self, DataArgs};
 use crate::config::{Config, RawConfig};
 use crate::rules::{load_path, ColumnRule};
 
@@ -38,6 +39,9 @@ pub struct GuardArgs {
     /// [default: postgres://postgres@127.0.0.1:5432/postgres]
     #[arg(long, env = "PGENVELOPE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
+
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
 
     /// Also check the rows already stored and mark the guards valid (fails, naming the column
     /// and the number of plaintext values, while any remain: run `reencrypt` first)
@@ -55,6 +59,7 @@ impl GuardArgs {
         RawConfig {
             rules: self.rules.clone(),
             upstream: self.upstream.clone(),
+            data_database: self.data.data_database.clone(),
             ..RawConfig::default()
         }
     }
@@ -97,12 +102,12 @@ pub(crate) fn run(config: &Config, args: &GuardArgs) -> anyhow::Result<i32> {
         );
         return Ok(0);
     }
-    let runtime = crate::cli::common::runtime()?;
+    let runtime = common::runtime()?;
     runtime.block_on(async {
-        let client = crate::cli::common::connect_upstream(config).await?;
+        let client = common::connect_data(config).await?;
         let mut failed = 0usize;
         for column in &columns {
-            match guard_one(&client, column, args).await {
+            match guard_one(&client, column, args, config).await {
                 Ok(line) => println!("{}: {line}", column.qualified_name()),
                 Err(e) => {
                     failed += 1;
@@ -119,9 +124,23 @@ async fn guard_one(
     client: &tokio_postgres::Client,
     column: &ColumnRule,
     args: &GuardArgs,
+    config: &Config,
 ) -> anyhow::Result<String> {
     let name = constraint_name(column.column());
     let table = table_sql(column);
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .context("reading the catalog")?
+        .get(0);
+    if !exists {
+        anyhow::bail!(
+            "table {}.{} {}",
+            column.schema(),
+            column.table(),
+            common::not_in_data_database(config)
+        );
+    }
     let existing = client
         .query_opt(
             "SELECT con.convalidated FROM pg_constraint con \

@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError, RawConfig};
 /// Transparent encrypting PostgreSQL proxy.
 ///
 /// Applications point their DATABASE_URL at pgenvelope instead of PostgreSQL. Every setting of
-/// `serve` (and `--upstream`, `--rules`, `--kms` of the other commands) can
+/// `serve` (and `--upstream`, `--rules`, `--kms`, `--data-database` of the other commands) can
 /// also be set as an environment variable PGENVELOPE_<FLAG> (e.g. PGENVELOPE_UPSTREAM) or as a
 /// key in the TOML file given with --config (e.g. `upstream = "postgres://…"`).
 /// Precedence: flag > environment > file > default.
@@ -48,7 +48,8 @@ pub enum Command {
     /// Offline unless asked: loads the client certificate and key as the listener does (they
     /// must match), parses the upstream CA file, and checks a local: KEK file without ever
     /// creating it. --against-kms wraps and unwraps a test key with the KEK provider;
-    /// --against-db checks the rules against the upstream database's catalog.
+    /// --against-db checks the rules against the catalog of the database holding the tables
+    /// (--data-database, else the --upstream URL's).
     Check(check::CheckArgs),
     /// Print the header of an enc:v1 value (algorithm, DEK, organisation, column); never decrypts.
     Inspect(inspect::InspectArgs),
@@ -58,14 +59,19 @@ pub enum Command {
     /// Encrypt plaintext and move values from retired data keys to the active ones, in place.
     ///
     /// Walks every encrypted column of the rules (or one table) in primary-key order, in small
-    /// transactions, directly in PostgreSQL (never through a proxy). Plaintext is encrypted under
-    /// the active data key of the row's organisation; values under retired (decrypt_only) keys
+    /// transactions, directly in PostgreSQL (never through a proxy). The tables are in the
+    /// --upstream URL's database, or in --data-database; the key store is always the one in the
+    /// --upstream URL's database, where the proxies keep it. Plaintext is encrypted under the
+    /// active data key of the row's organisation; values under retired (decrypt_only) keys
     /// move to their organisation's active key; values under destroyed or unknown keys, or
     /// failing authentication, are counted and left alone. Compare-and-set writes never
     /// overwrite concurrent application writes. Interrupted runs resume from a checkpoint in the
-    /// key store schema; running twice changes nothing. After a run over all tables, says which
-    /// retired keys no longer protect any value. Exit 1 when a table could not be processed
-    /// (e.g. it has no primary key).
+    /// database of the tables (schema named as the key store's); running twice changes nothing.
+    /// After a run over all tables, says which retired keys no longer protect any value. Exit 1
+    /// when a table could not be processed (e.g. it has no primary key) or values are under
+    /// data keys the key store does not know; a key store without any data key is refused,
+    /// before anything is written, when the tables hold encrypted values (they were sealed with
+    /// another key store: the wrong --upstream, --key-schema or database).
     Reencrypt(reencrypt::ReencryptArgs),
     /// Add CHECK constraints that make PostgreSQL refuse plaintext in encrypted columns.
     ///
@@ -74,6 +80,7 @@ pub enum Command {
     /// proxy) then fail with SQLSTATE 23514 instead of storing plaintext. Each encrypted column
     /// gets `CHECK (col IS NULL OR left(col::text, 7) = 'enc:v1:') NOT VALID`: rows already
     /// stored are not scanned; `--validate` checks them (run `reencrypt` first). Idempotent.
+    /// The tables are in the --upstream URL's database, or in --data-database.
     Guard(guard::GuardArgs),
 }
 

@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::common::{self, StoreArgs};
+use super::common::{self, DataArgs, StoreArgs};
 use crate::config::{Config, RawConfig};
 use crate::crypto::OrgId;
 use crate::keys::{KeyManager, KeyManagerConfig};
-use crate::reencrypt::{Options, Progress, Reencryptor, TableReport, DEFAULT_BATCH};
+use crate::reencrypt::{
+    Options, Progress, ReencryptError, Reencryptor, TableReport, Untouched, DEFAULT_BATCH,
+};
 use crate::rules::{ident, load_path, DEFAULT_SCHEMA};
 
 /// How long this command's own key cache keeps a DEK: a rotation during a long run is
@@ -68,6 +70,9 @@ pub struct ReencryptArgs {
 
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
 }
 
 impl ReencryptArgs {
@@ -77,6 +82,7 @@ impl ReencryptArgs {
             rules: self.rules.clone(),
             default_tenant: self.default_tenant.clone(),
             key_cache_ttl: self.key_cache_ttl.clone(),
+            data_database: self.data.data_database.clone(),
             ..self.store.overlay()
         }
     }
@@ -111,7 +117,8 @@ pub(crate) fn run(config: &Config, args: &ReencryptArgs) -> anyhow::Result<i32> 
 }
 
 async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> anyhow::Result<i32> {
-    let store = common::open_store(config).await?;
+    // Created by the run once it has checked that the tables fit this key store.
+    let store = common::store_handle(config)?;
     let (kek, also) = common::open_keks(config).await?;
     let keys = Arc::new(
         KeyManager::new(
@@ -131,10 +138,16 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
     )
     .context("TLS settings for the service connection")?;
     let filtered = options.table.is_some() || options.org.is_some();
+    let data = common::data_database_label(config);
+    let store_label = format!(
+        "key store schema {} in database {} (of --upstream)",
+        config.keys.key_schema,
+        config.upstream.key_store_database()
+    );
     let mut job = tokio::time::timeout(
         config.proxy.connect_timeout,
         Reencryptor::connect(
-            config.upstream.service.clone(),
+            config.upstream.data_service(),
             tls,
             &config.keys.key_schema,
             Arc::clone(&keys),
@@ -142,16 +155,49 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
         ),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("PostgreSQL did not answer in time"))??;
+    .map_err(|_| anyhow::anyhow!("{data} or the key store did not answer in time"))??;
+    println!("tables in {data}; {store_label}");
 
     let progress = Display::new();
-    let reports = job.run(&progress).await?;
+    let reports = match job.run(&progress).await {
+        Ok(reports) => reports,
+        Err(e @ ReencryptError::ForeignKeyStore { .. }) => anyhow::bail!(
+            "{e}. Give the proxies' --upstream and --key-schema; if the application's tables \
+             are in another database than the key store, name it with --data-database"
+        ),
+        Err(e) => return Err(e.into()),
+    };
     let mut failed = false;
     for report in &reports {
         failed |= print_report(report);
     }
     if let Err(e) = keys.flush_counters().await {
         eprintln!("warning: could not save encryption counts: {e}");
+    }
+    if config.upstream.data_database.is_none()
+        && reports
+            .iter()
+            .any(|r| matches!(r.result, Err(ReencryptError::NoSuchTable { .. })))
+    {
+        eprintln!(
+            "hint: if the application's tables are in another database than the key store, \
+             name it with --data-database"
+        );
+    }
+    let unknown: u64 = reports
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok())
+        .filter_map(|stats| stats.untouched.get(&Untouched::UnknownDek))
+        .sum();
+    if unknown > 0 {
+        // Never a result of a key operation (destroyed keys keep their row): the key store is
+        // not the one the values were sealed with.
+        eprintln!(
+            "error: {unknown} value(s) are under data keys unknown to the {store_label}. Is it \
+             the proxies' key store? Give their --upstream and --key-schema; if the application's \
+             tables are in another database than the key store, name it with --data-database"
+        );
+        failed = true;
     }
 
     if !args.destroy_retired && filtered {
@@ -164,7 +210,10 @@ async fn run_async(config: &Config, args: &ReencryptArgs, options: Options) -> a
         println!("no retired DEKs");
         return Ok(i32::from(failed));
     }
-    eprintln!("checking which retired DEKs still protect values (read-only scan)…");
+    eprintln!(
+        "checking which retired DEKs still protect values in the configured columns of {data} \
+         (read-only scan; other databases are not scanned)…"
+    );
     let census = job.census().await?;
     for key in &mut retired {
         key.remaining = census.under(key.dek);

@@ -58,8 +58,9 @@ pub const MAX_COUNTER_FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 ///
 /// Each field is a setting: its name is the file key, `--name-with-dashes` the flag and
 /// `PGENVELOPE_NAME` the environment variable; its doc comment is the flag's `--help` text.
-/// `pgenvelope serve` takes every field as a flag; the other commands fill in the fields they
-/// have flags for and leave the rest `None` (`..RawConfig::default()`).
+/// `pgenvelope serve` takes every field as a flag, except the few marked `#[arg(skip)]` that
+/// only other commands use (they declare the flag themselves); the other commands fill in the
+/// fields they have flags for and leave the rest `None` (`..RawConfig::default()`).
 #[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct RawConfig {
@@ -195,6 +196,14 @@ pub struct RawConfig {
     /// PEM CA certificate(s) for verifying PostgreSQL's certificate
     #[arg(long, env = "PGENVELOPE_UPSTREAM_CA", value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
+
+    /// Database holding the application's tables, for `reencrypt`, `check --against-db` and
+    /// `guard` (`--data-database`, `PGENVELOPE_DATA_DATABASE`): reached on the upstream's host
+    /// and port with the same user, password and TLS settings, while the key store stays in
+    /// the upstream URL's database. Empty or unset: the upstream URL's database. Not a flag of
+    /// `serve`, whose clients name their own databases.
+    #[arg(skip)]
+    pub data_database: Option<String>,
 }
 
 /// `max_message_size` in the file: a number of bytes or text with a unit, kept as text (the
@@ -254,9 +263,14 @@ pub struct Upstream {
     /// Port.
     pub port: u16,
     /// Parsed connection settings for the proxy's own service connection (key store, catalog).
+    /// Its database is the key store's.
     pub service: tokio_postgres::Config,
     /// `sslmode` given in the URL or keyword string, if any (see [`Upstream::parse`]).
     pub sslmode: Option<SslMode>,
+    /// Database of the application's tables for the commands that work on them (`reencrypt`,
+    /// `check --against-db`, `guard`), when it is not the key store's; see
+    /// [`Upstream::data_service`].
+    pub data_database: Option<String>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -291,8 +305,63 @@ impl Upstream {
             port,
             service,
             sslmode,
+            data_database: None,
         })
     }
+
+    /// Name of the key store's database: the one the URL names, else (as PostgreSQL does) the
+    /// user's name.
+    pub fn key_store_database(&self) -> &str {
+        database_of(&self.service)
+    }
+
+    /// Name of the database holding the application's tables: `data_database`, else the key
+    /// store's.
+    pub fn data_database_name(&self) -> &str {
+        self.data_database
+            .as_deref()
+            .unwrap_or_else(|| self.key_store_database())
+    }
+
+    /// Connection settings for the application's tables: the service connection's (host, port,
+    /// user, password, options), with the database replaced by `data_database` when one is
+    /// set. TLS settings are applied by the caller, as for the service connection.
+    pub fn data_service(&self) -> tokio_postgres::Config {
+        let mut config = self.service.clone();
+        if let Some(db) = &self.data_database {
+            config.dbname(db);
+        }
+        config
+    }
+}
+
+/// The database a connection with `config` opens: its `dbname`, else the user's name.
+fn database_of(config: &tokio_postgres::Config) -> &str {
+    config
+        .get_dbname()
+        .or_else(|| config.get_user())
+        .unwrap_or_default()
+}
+
+/// Longest database name PostgreSQL keeps (NAMEDATALEN − 1 bytes); a longer one would be
+/// truncated by the server.
+const MAX_DATABASE_NAME: usize = 63;
+
+/// A `data_database` as given: `None` when empty, an error message when PostgreSQL could not
+/// have a database of that name.
+fn data_database(name: String) -> Result<Option<String>, String> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if name.contains('\0') {
+        return Err("a database name cannot contain a NUL byte".to_owned());
+    }
+    if name.len() > MAX_DATABASE_NAME {
+        return Err(format!(
+            "`{name}` is longer than {MAX_DATABASE_NAME} bytes, PostgreSQL's limit for names"
+        ));
+    }
+    Ok(Some(name))
 }
 
 /// Split `sslmode` out of a URL's query (`postgres://…?sslmode=x&…`) or a keyword string
@@ -415,7 +484,13 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut layers = Layers::new(top, file);
         let (upstream, src) = layers.take_or(|r| &mut r.upstream, DEFAULT_UPSTREAM.to_owned());
-        let upstream = Upstream::parse(&upstream).map_err(|m| invalid("upstream", src, m))?;
+        let mut upstream = Upstream::parse(&upstream).map_err(|m| invalid("upstream", src, m))?;
+        upstream.data_database = match layers.take(|r| &mut r.data_database) {
+            Some((name, src)) => {
+                data_database(name).map_err(|m| invalid("data_database", src, m))?
+            }
+            None => None,
+        };
         let proxy = ProxyConfig::resolve(&mut layers, &upstream)?;
         let ops = OpsConfig::resolve(&mut layers)?;
         let encryption = EncryptionConfig::resolve(&mut layers)?;
@@ -1012,6 +1087,68 @@ mod tests {
             let _ = take_sslmode(&format!("sslmode = {t}"));
             let _ = take_sslmode(&t);
         }
+    }
+
+    #[test]
+    fn data_database_replaces_only_the_database() {
+        let upstream = "postgres://svc:secret@db:6000/keys?application_name=a";
+        let raw = RawConfig::parse(Path::new("p.toml"), "data_database = \"from_file\"\n").unwrap();
+        let resolve = |top: Option<&str>, file: Option<&RawConfig>| {
+            Config::resolve(
+                RawConfig {
+                    upstream: Some(upstream.into()),
+                    data_database: top.map(Into::into),
+                    ..RawConfig::default()
+                },
+                file.map(|f| (Path::new("p.toml"), f.clone())),
+            )
+        };
+
+        // Unset: the data is in the key store's database.
+        let c = resolve(None, None).unwrap();
+        assert_eq!(c.upstream.data_database, None);
+        assert_eq!(c.upstream.key_store_database(), "keys");
+        assert_eq!(c.upstream.data_database_name(), "keys");
+        assert_eq!(c.upstream.data_service().get_dbname(), Some("keys"));
+        assert_eq!(
+            resolve(Some(""), None).unwrap().upstream.data_database,
+            None
+        );
+
+        // Flag over file; everything but the database stays the upstream's.
+        let c = resolve(None, Some(&raw)).unwrap();
+        assert_eq!(c.upstream.data_database_name(), "from_file");
+        let c = resolve(Some("appdb"), Some(&raw)).unwrap();
+        assert_eq!(c.upstream.data_database_name(), "appdb");
+        assert_eq!(c.upstream.key_store_database(), "keys");
+        assert_eq!(c.upstream.service.get_dbname(), Some("keys"));
+        let data = c.upstream.data_service();
+        assert_eq!(data.get_dbname(), Some("appdb"));
+        assert_eq!(data.get_user(), Some("svc"));
+        assert_eq!(data.get_password(), Some(&b"secret"[..]));
+        assert_eq!(data.get_hosts(), c.upstream.service.get_hosts());
+        assert_eq!(data.get_ports(), [6000]);
+        assert_eq!(data.get_application_name(), Some("a"));
+
+        // Without a database in the URL, PostgreSQL uses the user's name.
+        let c = Config::resolve(
+            RawConfig {
+                upstream: Some("host=db user=svc".into()),
+                ..RawConfig::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.upstream.key_store_database(), "svc");
+
+        for bad in ["a\0b".to_owned(), "d".repeat(64)] {
+            let msg = resolve(Some(&bad), None).unwrap_err().to_string();
+            assert!(
+                msg.contains("data_database") && msg.contains("command line"),
+                "{msg}"
+            );
+        }
+        assert!(resolve(Some(&"d".repeat(63)), None).is_ok());
     }
 
     #[test]

@@ -299,6 +299,31 @@ impl KeyStore {
         .map(|_| ())
     }
 
+    /// Whether the store holds any DEK (in any state); `false` also when its tables do not
+    /// exist yet. Never creates anything.
+    pub async fn holds_keys(&self) -> Result<bool, KeyError> {
+        let (exists, holds) = (&self.sql.data_keys_exists, &self.sql.ping);
+        let found = self
+            .run("look for DEKs", |c| async move {
+                let exists: bool = c.query_one(exists.as_str(), &[]).await?.get(0);
+                if !exists {
+                    return Ok(false);
+                }
+                Ok(c.query_opt(holds.as_str(), &[]).await?.is_some())
+            })
+            .await?;
+        Ok(found)
+    }
+
+    /// Name of the database the store is in (the one its connection settings name, else the
+    /// user's name, as PostgreSQL does).
+    pub fn database(&self) -> &str {
+        self.config
+            .get_dbname()
+            .or_else(|| self.config.get_user())
+            .unwrap_or_default()
+    }
+
     /// The DEK with this id, in any state.
     pub async fn lookup(&self, dek: DekId) -> Result<Option<DekRecord>, KeyError> {
         let (sql, id) = (&self.sql.select_by_id, &dek.0);
@@ -409,6 +434,7 @@ struct Sql {
     insert_active: String,
     add_encryptions: String,
     ping: String,
+    data_keys_exists: String,
     select_list: String,
 }
 
@@ -503,6 +529,7 @@ SELECT {COLUMNS} FROM ins"#
              WHERE k.dek_id = v.id"
         );
         let ping = format!("SELECT 1 FROM {s}.data_keys LIMIT 1");
+        let data_keys_exists = format!("SELECT to_regclass('{s}.data_keys') IS NOT NULL");
         Self {
             ensure_schema,
             select_active,
@@ -510,6 +537,7 @@ SELECT {COLUMNS} FROM ins"#
             insert_active,
             add_encryptions,
             ping,
+            data_keys_exists,
             select_list,
         }
     }

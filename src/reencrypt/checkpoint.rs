@@ -1,11 +1,15 @@
-//! Checkpoints: the last primary key done per table, in `<schema>.reencrypt_progress`.
+//! Checkpoints: the last primary key done per table, in `<schema>.reencrypt_progress` of the
+//! database of the tables (the key store's database unless `--data-database` names another;
+//! there the schema is created for it if needed).
 //!
 //! A row is keyed by table and scope (the `--org` filter, or `''` for all organisations), so a
 //! filtered run never makes an unfiltered one skip rows. It is written in the same transaction
 //! as the batch it follows, so it never runs ahead of the data, and deleted when the table is
-//! done. `since_event` is the highest `key_events.id` when the pass over the table began: a
-//! `rotate` or `shred` after it may have put earlier rows under a retired key, and the pass
-//! then starts over.
+//! done; kept next to the tables, it also never names a table of another database.
+//! `since_event` is the highest `key_events.id` of the key store when the pass over the table
+//! began: a `rotate` or `shred` after it may have put earlier rows under a retired key, and
+//! the pass then starts over. The `key_events` queries take the key store's connection, the
+//! others the connection of the tables.
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -31,6 +35,8 @@ pub(crate) struct Checkpoint {
 /// Invariant: `schema` passed `keys::is_plain_identifier` (checked by the key store).
 #[derive(Debug, Clone)]
 pub(crate) struct Checkpoints {
+    schema: String,
+    ensure_schema: String,
     ensure: String,
     load: String,
     save: String,
@@ -43,6 +49,8 @@ impl Checkpoints {
     pub(crate) fn new(schema: &str) -> Self {
         let s = format!("\"{schema}\"");
         Self {
+            schema: schema.to_owned(),
+            ensure_schema: format!("CREATE SCHEMA IF NOT EXISTS {s}"),
             ensure: format!(
                 "CREATE TABLE IF NOT EXISTS {s}.reencrypt_progress (
                      table_name  text        NOT NULL,
@@ -79,8 +87,25 @@ impl Checkpoints {
         }
     }
 
-    /// Create the table if needed (the caller holds the run lock, so there is no race).
+    /// Create the table, and its schema when the database has none of that name (a database
+    /// of tables other than the key store's), if needed. The caller holds the run lock, so
+    /// there is no race between runs. The schema is looked up first so that the key store's
+    /// database, where it exists, asks for no CREATE privilege on the database.
     pub(crate) async fn ensure(&self, client: &Client) -> Result<(), ReencryptError> {
+        let has_schema: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &[&self.schema],
+            )
+            .await
+            .map_err(|e| ReencryptError::db("look up the checkpoint schema", None, e))?
+            .get(0);
+        if !has_schema {
+            client
+                .batch_execute(&self.ensure_schema)
+                .await
+                .map_err(|e| ReencryptError::db("create the checkpoint schema", None, e))?;
+        }
         client
             .batch_execute(&self.ensure)
             .await

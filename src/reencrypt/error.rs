@@ -8,12 +8,23 @@ use crate::keys::KeyError;
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReencryptError {
-    /// The service connection to PostgreSQL could not be opened.
-    #[error("could not connect to PostgreSQL")]
+    /// The service connection to the database of the tables could not be opened.
+    #[error("could not connect to database {database}")]
     Connect {
+        /// The database of the tables.
+        database: String,
         /// What tokio-postgres reported.
         #[source]
         source: Arc<tokio_postgres::Error>,
+    },
+    /// The key store failed outside the work on a table (the run's own connection to it).
+    #[error("key store: could not {op}")]
+    KeyStore {
+        /// What was being done.
+        op: &'static str,
+        /// What the key store reported.
+        #[source]
+        source: KeyError,
     },
     /// A statement failed; `op` says which, `table` names the table when there is one.
     #[error("{op}{} failed", table.as_deref().map(|t| format!(" on {t}")).unwrap_or_default())]
@@ -26,11 +37,13 @@ pub enum ReencryptError {
         #[source]
         source: Arc<tokio_postgres::Error>,
     },
-    /// A table named in the rules does not exist in the database.
-    #[error("table {table} does not exist")]
+    /// A table named in the rules does not exist in the database of the tables.
+    #[error("table {table} does not exist in database {database}")]
     NoSuchTable {
         /// `schema.table`.
         table: String,
+        /// The database looked in.
+        database: String,
     },
     /// A column named in the rules does not exist in its table.
     #[error("column {column} does not exist")]
@@ -66,11 +79,31 @@ pub enum ReencryptError {
         /// `schema.table`.
         table: String,
     },
-    /// Another `reencrypt` holds the lock of this key store.
-    #[error("another reencrypt is running against key store schema {schema}")]
+    /// Another `reencrypt` holds the lock of this database of tables and key store schema.
+    #[error("another reencrypt is running on database {database} with key store schema {schema}")]
     AlreadyRunning {
+        /// The database of the tables.
+        database: String,
         /// The key store schema.
         schema: String,
+    },
+    /// The key store holds no DEKs, yet the tables hold `enc:v1` values: they were sealed with
+    /// another key store (another database or schema than the proxies'), and a run would
+    /// create keys no proxy reads. Nothing was changed.
+    #[error(
+        "{column} in database {database} holds encrypted values, but the key store (schema \
+         {schema} in database {key_store_database}) holds no data keys: they were sealed with \
+         another key store; nothing was changed"
+    )]
+    ForeignKeyStore {
+        /// The first column found holding an `enc:v1` value (`schema.table.column`).
+        column: String,
+        /// The database of the tables.
+        database: String,
+        /// The key store schema.
+        schema: String,
+        /// The key store's database.
+        key_store_database: String,
     },
     /// The key store or KEK failed in a way that stops the run (unreachable, unavailable).
     #[error("key store or KEK failed while working on {table}")]

@@ -223,12 +223,18 @@ pub struct RetiredKey {
     pub settled: bool,
 }
 
-/// One re-encryption run over a service connection of its own.
+/// One re-encryption run over service connections of its own: one to the database of the
+/// tables, one to the key store (which may be in another database).
 ///
-/// Holds a session advisory lock on the key store schema for its lifetime, so two runs
-/// against one key store never interleave.
+/// Holds a session advisory lock on the key store schema's name in the database of the tables
+/// for its lifetime, so two runs over one database with one key store never interleave.
 pub struct Reencryptor {
+    /// The database of the tables: rows, checkpoints and the run lock.
     client: Client,
+    /// The key store's database: `key_events` and `data_keys`.
+    store: Client,
+    /// Name of the database of the tables, for messages.
+    database: String,
     schema: String,
     checkpoints: Checkpoints,
     crypto: Crypto,
@@ -236,29 +242,49 @@ pub struct Reencryptor {
 }
 
 impl Reencryptor {
-    /// Connect with `service` (the upstream URL's settings), take the run lock and create
-    /// the checkpoint table. `keys` must use the same key store schema `schema`.
+    /// Connect with `data` (the upstream URL's settings, with the database of the tables), and
+    /// to the key store of `keys`, and take the run lock. Creates nothing: [`Reencryptor::run`]
+    /// creates the key store's tables and the checkpoint table when they are missing. `keys`
+    /// must use the same key store schema `schema`.
     pub async fn connect(
-        mut service: tokio_postgres::Config,
+        mut data: tokio_postgres::Config,
         tls: ServiceTls,
         schema: &str,
         keys: Arc<KeyManager>,
         options: Options,
     ) -> Result<Self, ReencryptError> {
-        if service.get_application_name().is_none() {
-            service.application_name(APPLICATION_NAME);
+        if data.get_application_name().is_none() {
+            data.application_name(APPLICATION_NAME);
         }
-        tls.apply(&mut service);
+        let database = data
+            .get_dbname()
+            .or_else(|| data.get_user())
+            .unwrap_or_default()
+            .to_owned();
+        tls.apply(&mut data);
         let (client, connection) =
-            service
-                .connect(tls)
+            data.connect(tls)
                 .await
                 .map_err(|e| ReencryptError::Connect {
+                    database: database.clone(),
                     source: Arc::new(e),
                 })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "reencrypt connection closed");
+            }
+        });
+        let (store, connection) =
+            keys.store()
+                .dedicated()
+                .await
+                .map_err(|source| ReencryptError::KeyStore {
+                    op: "connect",
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "reencrypt key store connection closed");
             }
         });
         let locked: bool = client
@@ -271,6 +297,7 @@ impl Reencryptor {
             .get(0);
         if !locked {
             return Err(ReencryptError::AlreadyRunning {
+                database,
                 schema: schema.to_owned(),
             });
         }
@@ -281,9 +308,10 @@ impl Reencryptor {
             .await
             .map_err(|e| ReencryptError::db("set lock_timeout", None, e))?;
         let checkpoints = Checkpoints::new(schema);
-        checkpoints.ensure(&client).await?;
         Ok(Self {
             client,
+            store,
+            database,
             schema: schema.to_owned(),
             checkpoints,
             crypto: Crypto {
@@ -313,10 +341,17 @@ impl Reencryptor {
 
     /// Process every table of the run. A failing table is reported and the next one taken;
     /// a key store or KEK outage stops the run (the report then ends with that table).
+    ///
+    /// First, a key store holding no DEKs while the tables hold `enc:v1` values is refused
+    /// ([`ReencryptError::ForeignKeyStore`]) before anything is created or written: those
+    /// values were sealed with another key store, and plaintext sealed now would be under
+    /// keys no proxy reads. Then the key store's tables (as a proxy creates them) and the
+    /// checkpoint table are created if missing.
     pub async fn run(
         &mut self,
         progress: &dyn Progress,
     ) -> Result<Vec<TableReport>, ReencryptError> {
+        self.prepare().await?;
         let mut reports = Vec::new();
         for rule in self.tables()? {
             let table = rule.qualified_name();
@@ -327,14 +362,46 @@ impl Reencryptor {
             }
             let fatal = matches!(
                 result,
-                Err(ReencryptError::Keys { .. } | ReencryptError::Connect { .. })
-            ) || self.client.is_closed();
+                Err(ReencryptError::Keys { .. }
+                    | ReencryptError::Connect { .. }
+                    | ReencryptError::KeyStore { .. })
+            ) || self.client.is_closed()
+                || self.store.is_closed();
             reports.push(TableReport { table, result });
             if fatal {
                 break;
             }
         }
         Ok(reports)
+    }
+
+    /// Refuse a key store without keys for tables with sealed values; create the key store's
+    /// and the checkpoints' tables if missing.
+    async fn prepare(&mut self) -> Result<(), ReencryptError> {
+        let store = Arc::clone(self.crypto.cipher.keys().store());
+        let key_store = |source| ReencryptError::KeyStore {
+            op: "look for data keys",
+            source,
+        };
+        if !store.holds_keys().await.map_err(key_store)? {
+            let sealed = verify::first_sealed_column(&self.client, &self.options.rules).await?;
+            if let Some(column) = sealed {
+                return Err(ReencryptError::ForeignKeyStore {
+                    column,
+                    database: self.database.clone(),
+                    schema: self.schema.clone(),
+                    key_store_database: store.database().to_owned(),
+                });
+            }
+        }
+        store
+            .ensure_schema()
+            .await
+            .map_err(|source| ReencryptError::KeyStore {
+                op: "create its tables",
+                source,
+            })?;
+        self.checkpoints.ensure(&self.client).await
     }
 
     /// Read-only census of every configured column (not only this run's tables).
@@ -359,7 +426,7 @@ impl Reencryptor {
         );
         let org = self.options.org.as_ref().map(OrgId::as_str);
         let rows = self
-            .client
+            .store
             .query(&sql, &[&ttl.as_secs_f64(), &org])
             .await
             .map_err(|e| ReencryptError::db("list retired DEKs", None, e))?;
@@ -385,7 +452,7 @@ impl Reencryptor {
         rule: &TableRule,
         progress: &dyn Progress,
     ) -> Result<TableStats, ReencryptError> {
-        let plan = TablePlan::build(&self.client, rule).await?;
+        let plan = TablePlan::build(&self.client, &self.database, rule).await?;
         let name = plan.name.clone();
         let scope = self
             .options
@@ -407,7 +474,7 @@ impl Reencryptor {
             }
             let changed = self
                 .checkpoints
-                .stale_events_since(&self.client, cp.since_event, org)
+                .stale_events_since(&self.store, cp.since_event, org)
                 .await?;
             if changed > 0 {
                 progress.notice(
@@ -428,7 +495,7 @@ impl Reencryptor {
         }
         let since_event = match &saved {
             Some(cp) => cp.since_event,
-            None => self.checkpoints.high_water(&self.client).await?,
+            None => self.checkpoints.high_water(&self.store).await?,
         };
         let total: i64 = self
             .client
@@ -474,7 +541,7 @@ impl Reencryptor {
         self.checkpoints.delete(&self.client, &name, &scope).await?;
         stats.keys_changed_during = self
             .checkpoints
-            .stale_events_since(&self.client, since_event, org)
+            .stale_events_since(&self.store, since_event, org)
             .await?
             > 0;
         Ok(stats)
@@ -572,6 +639,7 @@ impl Reencryptor {
 impl std::fmt::Debug for Reencryptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reencryptor")
+            .field("database", &self.database)
             .field("schema", &self.schema)
             .finish_non_exhaustive()
     }

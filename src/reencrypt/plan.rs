@@ -42,8 +42,13 @@ pub(crate) struct PkColumn {
 }
 
 impl TablePlan {
-    /// Look the table up in the catalog and build its statements.
-    pub(crate) async fn build(client: &Client, rule: &TableRule) -> Result<Self, ReencryptError> {
+    /// Look the table up in the catalog of `database` (the database `client` is connected to,
+    /// for messages) and build its statements.
+    pub(crate) async fn build(
+        client: &Client,
+        database: &str,
+        rule: &TableRule,
+    ) -> Result<Self, ReencryptError> {
         let name = rule.qualified_name();
         let relation = format!("{}.{}", quote(rule.schema()), quote(rule.name()));
         let rel_row = client
@@ -54,7 +59,10 @@ impl TablePlan {
             .try_get(0)
             .map_err(|e| ReencryptError::db("look up table", Some(&name), e))?;
         let Some(oid) = oid else {
-            return Err(ReencryptError::NoSuchTable { table: name });
+            return Err(ReencryptError::NoSuchTable {
+                table: name,
+                database: database.to_owned(),
+            });
         };
         let attrs: Vec<String> = client
             .query(

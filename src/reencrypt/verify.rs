@@ -4,6 +4,9 @@
 //! algorithm byte, the DEK id and one more byte), never decrypts, and needs no primary key,
 //! so it also covers tables `reencrypt` had to skip. Used to say whether a retired DEK still
 //! protects anything and, with `--destroy-retired`, to decide whether it may be destroyed.
+//!
+//! [`first_sealed_column`] asks only whether any `enc:v1:` value is stored at all, for a run
+//! whose key store holds no keys yet.
 
 use std::collections::HashMap;
 
@@ -78,6 +81,39 @@ pub(crate) async fn census(client: &mut Client, rules: &RuleSet) -> Result<Censu
         tx.commit().await.map_err(db)?;
     }
     Ok(census)
+}
+
+/// The first configured column (`schema.table.column`, in rule order) that holds an `enc:v1:`
+/// value, if any. Tables that do not exist are skipped (the run reports them). Stops at the
+/// first such value; a table without any reads every row once.
+pub(crate) async fn first_sealed_column(
+    client: &Client,
+    rules: &RuleSet,
+) -> Result<Option<String>, ReencryptError> {
+    for table in rules.tables() {
+        let name = table.qualified_name();
+        let db = |e| ReencryptError::db("look for encrypted values", Some(&name), e);
+        let relation = format!("{}.{}", quote(table.schema()), quote(table.name()));
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&relation])
+            .await
+            .map_err(db)?
+            .get(0);
+        if !exists {
+            continue;
+        }
+        for column in table.columns() {
+            let col = quote(column.column());
+            let sql = format!(
+                "SELECT EXISTS (SELECT 1 FROM {relation} WHERE left({col}::text, 7) = 'enc:v1:')"
+            );
+            let found: bool = client.query_one(&sql, &[]).await.map_err(db)?.get(0);
+            if found {
+                return Ok(Some(column.qualified_name().to_owned()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The DEK id in the first 31 characters of an `enc:v1` value, if they are one.

@@ -22,6 +22,7 @@ const CHECK_ENV: &[&str] = &[
     "PGENVELOPE_TLS_KEY",
     "PGENVELOPE_UPSTREAM_SSLMODE",
     "PGENVELOPE_UPSTREAM_CA",
+    "PGENVELOPE_DATA_DATABASE",
 ];
 
 /// Run `pgenvelope check` in `dir` with an empty rule directory and `args`.
@@ -402,4 +403,86 @@ async fn against_db_checks_row_keys() {
         "{all}"
     );
     assert!(!all.contains(&format!("public.{good}.id")), "{all}");
+}
+
+/// Issue #20 item 9: `--against-db` reads the catalog of the database holding the tables,
+/// named with `--data-database` or the `data_database` file key, while `--upstream` stays the
+/// proxy's (the key store's database).
+#[tokio::test]
+async fn against_db_checks_the_data_database() {
+    let app = crate::harness::TempDatabase::create("check_app").await;
+    let t = crate::harness::unique("checked");
+    app.direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id bigint PRIMARY KEY, org_id text NOT NULL, value text)"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    std::fs::write(
+        dir.path().join("rules/r.toml"),
+        format!(
+            "[[table]]\nname = \"{t}\"\ntenant_column = \"org_id\"\nrow_key = \"id\"\n\
+             encrypt = [\"value\"]\n"
+        ),
+    )
+    .unwrap();
+    let (host, port) = crate::harness::main_pg();
+    let upstream = format!("postgres://postgres@{host}:{port}/test");
+    let kek = dir.path().join("kek");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--against-db".to_owned(),
+            "--upstream".to_owned(),
+            upstream.clone(),
+            "--kms".to_owned(),
+            kms_arg(&kek),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        check(dir.path(), &args)
+    };
+
+    // Without the option the table is looked for in the key store's database.
+    let out = run(&[]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("error: public.{t} ("))
+            && stderr.contains("r.toml:1): table does not exist in database test (of --upstream)")
+            && stderr.contains("name it with --data-database"),
+        "{stdout}\n{stderr}"
+    );
+
+    let out = run(&["--data-database", &app.0]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "database {}: every table and column exists and is text-like",
+            app.0
+        )),
+        "{stdout}"
+    );
+
+    // The same from the configuration file.
+    let config = dir.path().join("pgenvelope.toml");
+    std::fs::write(&config, format!("data_database = \"{}\"\n", app.0)).unwrap();
+    let out = run(&["--config", &config.display().to_string()]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("database {}:", app.0)), "{stdout}");
+
+    // A data database that cannot be reached: an error naming it.
+    let missing = format!("{}_missing", app.0);
+    let out = run(&["--data-database", &missing]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "connecting to database {missing} (--data-database)"
+        )),
+        "{stderr}"
+    );
 }

@@ -308,6 +308,46 @@ impl Drop for DropTables {
     }
 }
 
+/// A database of its own on the main server for one test (a unique name from `prefix`),
+/// dropped when it goes out of scope, whatever happened: `WITH (FORCE)` also ends the sessions
+/// still in it (a proxy's catalog connections, a client the test left open).
+pub struct TempDatabase(pub String);
+
+impl TempDatabase {
+    /// Create it (from `template0`, which nobody connects to, so tests creating databases at
+    /// the same time never wait on each other's template).
+    pub async fn create(prefix: &str) -> Self {
+        let name = unique(prefix);
+        let (host, port) = main_pg();
+        connect(&format!(
+            "host={host} port={port} user=postgres dbname=test"
+        ))
+        .await
+        .expect("connect to the test database")
+        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE template0"))
+        .await
+        .expect("create a test database");
+        TempDatabase(name)
+    }
+
+    /// A direct connection to it (not through a proxy).
+    pub async fn direct(&self) -> tokio_postgres::Client {
+        let (host, port) = main_pg();
+        connect(&format!(
+            "host={host} port={port} user=postgres dbname={}",
+            self.0
+        ))
+        .await
+        .expect("connect to the test's own database")
+    }
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        psql_on_main(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
+    }
+}
+
 /// Column `i` of every row a `simple_query` returned (NULLs skipped).
 pub fn simple_column(msgs: &[tokio_postgres::SimpleQueryMessage], i: usize) -> Vec<String> {
     msgs.iter()

@@ -271,27 +271,6 @@ async fn bad_startup_length_closes_silently_as_postgresql_does() {
     }
 }
 
-/// A database of its own for a test, dropped (forcibly) when done.
-struct Database(String);
-
-impl Database {
-    async fn new() -> Self {
-        let name = crate::harness::unique("psync_db");
-        crate::encryption::direct()
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        Database(name)
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        crate::harness::psql_on_main(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
-    }
-}
-
 /// Through `v`'s proxy, in `db`: create a table and read it, so the catalog looks it up.
 async fn read_through_proxy(v: &Vault, db: &str, table: &str) -> Result<(), tokio_postgres::Error> {
     let c = crate::harness::connect(&v.proxy.pg_config("postgres", None, db))
@@ -310,7 +289,7 @@ async fn read_through_proxy(v: &Vault, db: &str, table: &str) -> Result<(), toki
 #[tokio::test]
 async fn catalog_connection_does_not_keep_a_dropped_database_open() {
     let v = Vault::new().await;
-    let db = Database::new().await;
+    let db = crate::harness::TempDatabase::create("psync_db").await;
     read_through_proxy(&v, &db.0, "t").await.unwrap();
     let direct = crate::encryption::direct().await;
     // CREATE DATABASE … TEMPLATE and DROP DATABASE wait (up to 5 s) for other sessions to go.
@@ -332,7 +311,7 @@ async fn catalog_connection_does_not_keep_a_dropped_database_open() {
 #[tokio::test]
 async fn catalog_look_up_survives_a_terminated_service_connection() {
     let v = Vault::new().await;
-    let db = Database::new().await;
+    let db = crate::harness::TempDatabase::create("psync_db").await;
     let c = crate::harness::connect(&v.proxy.pg_config("postgres", None, &db.0))
         .await
         .unwrap();

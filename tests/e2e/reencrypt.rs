@@ -12,11 +12,13 @@ use pgenvelope::crypto::{DekId, EncV1};
 use sha2::{Digest, Sha256};
 
 use crate::encryption::direct;
-use crate::harness::{connect, main_pg, unique, ProxyOptions, TestProxy};
+use crate::harness::{connect, main_pg, unique, ProxyOptions, TempDatabase, TestProxy};
 
 /// An encrypting proxy plus the files the CLI needs to work on the same key store.
 struct Setup {
     proxy: TestProxy,
+    /// Database of the tables (the key store is in `test`).
+    database: String,
     tables: Vec<String>,
     rules: PathBuf,
     kek: PathBuf,
@@ -27,8 +29,22 @@ impl Setup {
     /// Tables are created by `ddl` (one statement per table, `{t}` is its name); `rules`
     /// receives the table names and returns the rule file.
     async fn new(ddl: &[&str], rules: impl FnOnce(&[String]) -> String) -> Self {
+        Self::in_database("test", ddl, rules).await
+    }
+
+    /// [`Setup::new`] with the tables in `database`; the key store stays in `test`.
+    async fn in_database(
+        database: &str,
+        ddl: &[&str],
+        rules: impl FnOnce(&[String]) -> String,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let db = direct().await;
+        let (host, port) = main_pg();
+        let db = connect(&format!(
+            "host={host} port={port} user=postgres dbname={database}"
+        ))
+        .await
+        .unwrap();
         let mut tables = Vec::new();
         for statement in ddl {
             let t = unique("reenc");
@@ -46,6 +62,7 @@ impl Setup {
         let proxy = TestProxy::with(opts);
         Setup {
             proxy,
+            database: database.to_owned(),
             tables,
             rules: path,
             kek,
@@ -53,23 +70,30 @@ impl Setup {
         }
     }
 
+    /// A client of the proxy, in the database of the tables.
     async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.proxy.pg_config("postgres", None, "test"))
+        connect(&self.proxy.pg_config("postgres", None, &self.database))
             .await
             .unwrap()
     }
 
     /// The binary with the key store flags of this proxy.
     fn command(&self, args: &[&str]) -> Command {
+        self.command_with_upstream("test", args)
+    }
+
+    /// [`Setup::command`] with `--upstream` naming `database` instead of the key store's.
+    fn command_with_upstream(&self, database: &str, args: &[&str]) -> Command {
         let (host, port) = main_pg();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgenvelope"));
         cmd.args(args)
             .arg("--upstream")
-            .arg(format!("postgres://postgres@{host}:{port}/test"))
+            .arg(format!("postgres://postgres@{host}:{port}/{database}"))
             .args(["--key-schema", &self.proxy.key_schema])
             .arg("--kms")
             .arg(format!("local:{}", self.kek.display()))
             .env_remove("PGENVELOPE_CONFIG")
+            .env_remove("PGENVELOPE_DATA_DATABASE")
             .stdin(Stdio::null());
         cmd
     }
@@ -129,7 +153,7 @@ impl Drop for Setup {
         for t in &self.tables {
             let _ = Command::new("psql")
                 .args(["-X", "-q", "-h", &host, "-p", &port.to_string()])
-                .args(["-U", "postgres", "-d", "test", "-c"])
+                .args(["-U", "postgres", "-d", &self.database, "-c"])
                 .arg(format!("DROP TABLE IF EXISTS {t}"))
                 .output();
         }
@@ -160,8 +184,15 @@ async fn checksum(client: &tokio_postgres::Client, table: &str) -> (usize, Strin
 
 /// Raw stored `(id, org, value)` straight from PostgreSQL.
 async fn stored(table: &str) -> Vec<(i64, String, Option<String>)> {
-    direct()
-        .await
+    stored_in(&direct().await, table).await
+}
+
+/// [`stored`] over a direct connection to the table's database.
+async fn stored_in(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> Vec<(i64, String, Option<String>)> {
+    client
         .query(
             &format!("SELECT id, org_id, value FROM {table} ORDER BY id"),
             &[],
@@ -723,5 +754,203 @@ async fn reencrypt_binds_values_to_their_rows() {
     assert_eq!(
         values(client.query(&sql, &[]).await.unwrap()),
         ["one", "two", "three"]
+    );
+}
+
+/// Issue #20 item 9: the application's tables in another database than the key store.
+/// `--data-database` names it; the key store stays in the `--upstream` URL's database, where
+/// the proxy keeps it, and every DEK is found and created there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reencrypt_works_on_tables_in_another_database_than_the_key_store() {
+    let app = TempDatabase::create("reenc_app").await;
+    let s = Setup::in_database(
+        &app.0,
+        &["CREATE TABLE {t} (id bigint PRIMARY KEY, org_id text NOT NULL, value text)"],
+        one_table_rules,
+    )
+    .await;
+    let t = s.tables[0].clone();
+    let client = s.client().await;
+    for (id, org) in [(1_i64, "a"), (2, "a"), (3, "b"), (4, "b")] {
+        client
+            .execute(
+                &format!("INSERT INTO {t} (id, org_id, value) VALUES ($1, $2, $3)"),
+                &[&id, &org, &format!("zq-secret-{id}")],
+            )
+            .await
+            .unwrap();
+    }
+    let data = app.direct().await;
+    data.batch_execute(&format!("INSERT INTO {t} VALUES (5, 'b', 'zq-secret-5')"))
+        .await
+        .unwrap();
+    let old = s.active_deks().await;
+    assert_eq!(old.len(), 2, "the proxy keeps the keys in the key store");
+    s.keys(&["rotate", "--org", "a"]);
+    let before = stored_in(&data, &t).await;
+
+    // Without the option the tables are looked for in the key store's database: a clear
+    // error naming that database and the option, and nothing changes.
+    let out = s.reencrypt(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "public.{t}: error: table public.{t} does not exist in database test"
+        )),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("name it with --data-database"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(stored_in(&data, &t).await, before);
+
+    // The failure of the issue: --upstream naming the application's database opened a key
+    // store there, found none of the proxy's keys and reported every value as under an
+    // unknown DEK (and would have sealed the plaintext row with keys no proxy reads). Now it
+    // is refused before anything is created or written.
+    let rules = s.rules.display().to_string();
+    let out = s
+        .command_with_upstream(&app.0, &["reencrypt", "--rules", &rules])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "public.{t}.value in database {app} holds encrypted values, but the key store \
+             (schema {schema} in database {app}) holds no data keys: they were sealed with \
+             another key store; nothing was changed",
+            app = app.0,
+            schema = s.proxy.key_schema
+        )) && stderr.contains("name it with --data-database"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(stored_in(&data, &t).await, before);
+    let created: bool = data
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&s.proxy.key_schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !created,
+        "a key store was created in the application's database"
+    );
+
+    // A data database that cannot be reached: an error naming it.
+    let missing = format!("{}_missing", app.0);
+    let out = s.reencrypt(&["--data-database", &missing]);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("could not connect to database {missing}")),
+        "{}",
+        output_text(&out)
+    );
+
+    // With it: plaintext sealed and a's values moved to its new DEK, both from the key store
+    // in `test`; the emptied retired DEK is destroyed there.
+    let out = s.reencrypt(&[
+        "--data-database",
+        &app.0,
+        "--destroy-retired",
+        "--key-cache-ttl",
+        "0s",
+    ]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report = stdout(&out);
+    assert!(
+        report.contains(&format!(
+            "tables in database {} (--data-database); key store schema {} in database test",
+            app.0, s.proxy.key_schema
+        )),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "public.{t}: 5 row(s) scanned; values: 1 encrypted from plaintext, 2 moved from \
+             retired DEKs, 2 unchanged, 0 NULL, 0 left untouched"
+        )),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("destroyed retired DEK {}", old["a"])),
+        "{report}"
+    );
+    assert!(!output_text(&out).contains("zq-"), "a value was printed");
+    let active = s.active_deks().await;
+    assert_eq!(active.len(), 2);
+    assert_ne!(active["a"], old["a"]);
+    for (id, org, value) in stored_in(&data, &t).await {
+        let value = value.unwrap();
+        let dek = EncV1::parse(value.as_bytes()).unwrap().dek_id();
+        assert_eq!(dek, active[&org], "row {id}");
+    }
+    assert_eq!(s.dek_states().await[&old["a"]].2, "destroyed");
+    let rows = client
+        .query(&format!("SELECT id, value FROM {t} ORDER BY id"), &[])
+        .await
+        .unwrap();
+    let values: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    assert_eq!(
+        values,
+        [
+            "zq-secret-1",
+            "zq-secret-2",
+            "zq-secret-3",
+            "zq-secret-4",
+            "zq-secret-5"
+        ]
+    );
+
+    // A second run, named by the environment this time, finds nothing to do.
+    let out = s
+        .command(&["reencrypt", "--rules", &s.rules.display().to_string()])
+        .env("PGENVELOPE_DATA_DATABASE", &app.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        stdout(&out).contains("0 encrypted from plaintext, 0 moved from retired DEKs, 5 unchanged"),
+        "{}",
+        output_text(&out)
+    );
+
+    // A value under a data key the key store does not know (a sealed value with its DEK id
+    // replaced) fails the run with an error naming the key store, and is left as it is.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sealed = stored_in(&data, &t).await[0].2.clone().unwrap();
+    let mut bytes = b64.decode(&sealed["enc:v1:".len()..]).unwrap();
+    bytes[1..17].copy_from_slice(DekId::new_random().as_bytes());
+    let foreign = format!("enc:v1:{}", b64.encode(&bytes));
+    data.execute(&format!("INSERT INTO {t} VALUES (6, 'b', $1)"), &[&foreign])
+        .await
+        .unwrap();
+    let out = s.reencrypt(&["--data-database", &app.0]);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        stdout(&out).contains("left untouched: 1 under an unknown DEK"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "error: 1 value(s) are under data keys unknown to the key store schema {} in \
+             database test (of --upstream)",
+            s.proxy.key_schema
+        )),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(
+        stored_in(&data, &t).await[5].2.as_deref(),
+        Some(foreign.as_str())
     );
 }
