@@ -42,6 +42,9 @@ pub(crate) struct Analyzer<'a> {
     pub(crate) pieces: Vec<std::ops::Range<usize>>,
     /// Index of the top-level statement being analysed.
     pub(crate) piece: usize,
+    /// Functions defined earlier in the text that wrap one INSERT (Sequelize's
+    /// `findOrCreate`, see `sequelize.rs`), by name.
+    pub(crate) insert_functions: Vec<String>,
 }
 
 pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
@@ -64,6 +67,7 @@ pub(crate) fn run(sql: &str, protected: &Protected) -> Analysis {
         parsed,
         pieces: Vec::new(),
         piece: 0,
+        insert_functions: Vec::new(),
     };
     if continued.is_err() {
         if might_touch(sql, protected) {
@@ -376,6 +380,17 @@ impl<'a> Analyzer<'a> {
     /// Analyses one statement. `top` is false inside EXPLAIN / PREPARE.
     pub(crate) fn statement(&mut self, stmt: &Statement, top: bool) -> Res<StatementKind> {
         Ok(match stmt {
+            Statement::Query(q) if top && self.sequelize_select(q) => {
+                self.out.touches_protected = true;
+                StatementKind::Query
+            }
+            Statement::CreateFunction(_) if top && self.mentions_protected(&stmt.to_string()) => {
+                self.out.touches_protected = true;
+                match self.sequelize_function() {
+                    Some(kind) => kind?,
+                    None => return Err(RejectionKind::Unanalysable(Construct::Statement)),
+                }
+            }
             Statement::Query(q) => {
                 self.top_projection = top;
                 let r = self.query(q);

@@ -149,6 +149,7 @@ mod analyzer;
 mod pins;
 mod read;
 mod rejection;
+mod sequelize;
 mod text;
 mod write;
 

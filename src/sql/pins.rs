@@ -58,15 +58,15 @@ pub(crate) fn statement_pieces(sql: &str) -> Option<Vec<Range<usize>>> {
 }
 
 /// A significant token of a statement, at its parenthesis depth, with its byte range.
-struct Tok<'t> {
-    token: &'t Token,
-    depth: usize,
-    range: Range<usize>,
+pub(super) struct Tok<'t> {
+    pub(super) token: &'t Token,
+    pub(super) depth: usize,
+    pub(super) range: Range<usize>,
 }
 
 impl Tok<'_> {
     /// Whether this is the unquoted keyword `kw` at depth 0.
-    fn is(&self, kw: &str) -> bool {
+    pub(super) fn is(&self, kw: &str) -> bool {
         self.is_at(kw, 0)
     }
 
@@ -278,7 +278,7 @@ fn closing(toks: &[Tok<'_>], open: usize) -> Option<usize> {
 
 /// The non-white-space tokens of a statement with their depth and byte range (offsets in the
 /// whole text: `base` is where the statement starts).
-fn significant<'t>(
+pub(super) fn significant<'t>(
     tokens: &'t [TokenWithSpan],
     pos: &Positions<'_>,
     base: usize,

@@ -1739,3 +1739,52 @@ fn django_bulk_create_arrays_are_sealed_element_by_element() {
     rejected("insert into secrets (name, value) select * from unnest($1::text[], array[$2])");
     rejected("insert into secrets (org_id, value) select * from unnest(array[$1], $2::text[])");
 }
+
+/// Sequelize's findOrCreate: the INSERT in its function is sealed where it stands; the SELECT
+/// of the function's result is accepted after it; anything else around it is refused.
+#[test]
+fn sequelize_find_or_create_function() {
+    let create = |body: &str| {
+        format!(
+            r#"CREATE OR REPLACE FUNCTION pg_temp.testfunc(OUT response "secrets", OUT sequelize_caught_exception text) RETURNS RECORD AS $func_8487$ {body} $func_8487$ LANGUAGE plpgsql"#
+        )
+    };
+    let insert =
+        r#"INSERT INTO "secrets" ("id","org_id","value") VALUES (DEFAULT,'acme','z') RETURNING *"#;
+    let handler = "INTO response; EXCEPTION WHEN unique_violation THEN GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL; END";
+    let select = r#"SELECT (testfunc.response)."id", (testfunc.response)."org_id", (testfunc.response)."value", testfunc.sequelize_caught_exception FROM pg_temp.testfunc()"#;
+    let sql = format!(
+        "{}; {select}; DROP FUNCTION IF EXISTS pg_temp.testfunc();",
+        create(&format!("BEGIN {insert} {handler}"))
+    );
+    let a = ok(&sql);
+    assert_eq!(a.literals.len(), 1);
+    assert_eq!(&sql[a.literals[0].range.clone()], "'z'");
+    assert_eq!(a.literals[0].value, "z");
+    assert_eq!(a.literals[0].tenant, TenantSource::Literal("acme".into()));
+    assert!(a.touches_protected);
+    // The SELECT alone, or over another function: refused.
+    rejected(select);
+    // Other bodies: refused.
+    for body in [
+        format!("BEGIN {insert} INTO response; END"),
+        format!("BEGIN UPDATE secrets SET value = 'x' RETURNING * {handler}"),
+        format!("BEGIN {insert} {handler}; PERFORM 1; END"),
+        format!(
+            r#"BEGIN INSERT INTO "secrets" ("org_id","value") VALUES ('a','b'); INSERT INTO "secrets" ("org_id","value") VALUES ('a','b') RETURNING * {handler}"#
+        ),
+        format!(
+            r#"BEGIN INSERT INTO "secrets" ("org_id","value") VALUES ('a', response) RETURNING * {handler}"#
+        ),
+        format!(
+            r#"BEGIN INSERT INTO "secrets" ("org_id","value") VALUES ('a', $1) RETURNING * {handler}"#
+        ),
+    ] {
+        rejected(&create(&body));
+    }
+    // Another OUT type than the INSERT's table: refused.
+    rejected(
+        &create(&format!("BEGIN {insert} {handler}"))
+            .replace(r#"OUT response "secrets""#, "OUT response plain"),
+    );
+}

@@ -96,6 +96,7 @@ async fn run_app(run: Run) {
             .env("TABLE", table)
             .env("ORG_TYPE", run.org_type)
             .env("TENANT_MODE", run.tenant_mode)
+            .env("ROW_KEY", if run.row_key { "id" } else { "" })
             .env(variant_var, run.variant)
             .stdin(Stdio::null())
             .output()
