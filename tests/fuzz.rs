@@ -595,6 +595,16 @@ const SQL_VOCAB: &[&str] = &[
     "BEGIN; SAVEPOINT s; ROLLBACK TO s; COMMIT",
     "DO $$ BEGIN PERFORM 1; END $$",
     "SELECT set_config('pgenvelope.tenant', $1, true)",
+    // The shapes ORMs send.
+    "UPDATE secrets SET value = $1::VARCHAR WHERE secrets.id = $2::BIGINT",
+    "UPDATE \"secrets\" SET \"note\" = (CASE WHEN (\"secrets\".\"id\" = 1) THEN 'a' WHEN (\"secrets\".\"id\" = 2) THEN 'b' ELSE NULL END)::text WHERE \"secrets\".\"id\" IN (1, 2)",
+    "INSERT INTO \"secrets\" (\"org_id\", \"value\") SELECT * FROM UNNEST(($1)::varchar[], ($2)::text[]) RETURNING \"secrets\".\"id\"",
+    "INSERT INTO secrets (org_id, value) SELECT p0::VARCHAR, p1::VARCHAR FROM (VALUES ($1::VARCHAR, $2::VARCHAR, 0), ($3::VARCHAR, $4::VARCHAR, 1)) AS imp_sen(p0, p1, sen_counter) ORDER BY sen_counter RETURNING secrets.id",
+    "INSERT INTO \"secrets\" (\"id\",\"org_id\",\"value\") VALUES (DEFAULT,$1,$2) ON CONFLICT (\"id\") DO UPDATE SET \"id\"=EXCLUDED.\"id\",\"org_id\"=EXCLUDED.\"org_id\",\"value\"=EXCLUDED.\"value\" RETURNING \"id\"",
+    "INSERT INTO secrets (org_id, value) VALUES ('00000001-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid, 'x')",
+    "ALTER TABLE secrets ADD COLUMN note text NULL",
+    "ALTER TABLE secrets ALTER COLUMN value TYPE text USING value::text",
+    "CREATE OR REPLACE FUNCTION pg_temp.testfunc(OUT response \"secrets\", OUT sequelize_caught_exception text) RETURNS RECORD AS $func_1$ BEGIN INSERT INTO \"secrets\" (\"id\",\"org_id\",\"value\") VALUES (DEFAULT,'a','z') RETURNING * INTO response; EXCEPTION WHEN unique_violation THEN GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL; END $func_1$ LANGUAGE plpgsql; SELECT (testfunc.response).\"value\", testfunc.sequelize_caught_exception FROM pg_temp.testfunc()",
     "E'\\x41'",
     "$tag$ body $tag$",
     "U&'\\0041'",
@@ -632,13 +642,37 @@ fn check_sql(sql: &str, p: &Protected) -> Result<(), String> {
     // Row binding: whatever the text, a value accepted for sealing carries its row key.
     let b = analyze(sql, &bound());
     let unkeyed = b.literals.iter().any(|l| l.row_key.is_none())
-        || b.params.iter().any(|p| p.row_key.is_none());
+        || b.params.iter().any(|p| p.row_key.is_none())
+        || b.arrays.iter().any(|a| a.row_key.is_none());
     if b.rejection.is_none() && unkeyed {
         return Err("a value of a row-bound table is sealed without its row key".into());
+    }
+    if b.rejection.is_none() {
+        // Everything the proxy writes into the text (sealed values, tenant pins, drawn keys)
+        // fits together: in bounds, on character boundaries, never overlapping.
+        edits_fit(sql, &b)?;
     }
     let a = analyze(sql, p);
     if (a.touches_protected || !a.tenant_changes.is_empty()) && !might_touch(sql, p) {
         return Err("analysis touches protected data the pre-check missed".into());
+    }
+    if a.rejection.is_none() {
+        edits_fit(sql, &a)?;
+        // An UPDATE value sealed for "the session tenant" is pinned to it: written nowhere
+        // else than to that organisation's rows.
+        let session_sealed = a
+            .literals
+            .iter()
+            .map(|l| &l.tenant)
+            .chain(a.params.iter().map(|p| &p.tenant))
+            .any(|t| *t == pgenvelope::sql::TenantSource::Session);
+        let updates = a
+            .kinds
+            .iter()
+            .any(|k| *k == pgenvelope::sql::StatementKind::Update);
+        if session_sealed && updates && a.pins.is_empty() && a.statement_count == 1 {
+            return Err("an UPDATE sealed for the session tenant is not pinned to it".into());
+        }
     }
     let mut last = 0;
     let mut replacements = Vec::new();
@@ -652,6 +686,34 @@ fn check_sql(sql: &str, p: &Protected) -> Result<(), String> {
     let rewritten = rewrite_literals(sql, &replacements).map_err(|e| e.to_string())?;
     let _ = analyze(&rewritten, p);
     Ok(())
+}
+
+/// The edits the proxy makes to `sql` for `a` (literals replaced, pins and drawn keys inserted)
+/// apply cleanly.
+fn edits_fit(sql: &str, a: &pgenvelope::sql::Analysis) -> Result<(), String> {
+    use pgenvelope::sql::PinPlace;
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    for l in &a.literals {
+        edits.push((l.range.clone(), "'enc:v1:AAAA'".into()));
+    }
+    for p in &a.pins {
+        match &p.place {
+            PinPlace::Wrap(r) => {
+                edits.push((r.start..r.start, "(".into()));
+                edits.push((r.end..r.end, ") AND pin".into()));
+            }
+            PinPlace::Add(at) => edits.push((*at..*at, " WHERE pin".into())),
+        }
+    }
+    for d in &a.draws {
+        for (r, _) in &d.edits {
+            edits.push((r.clone(), ", key".into()));
+        }
+    }
+    edits.sort_by_key(|(r, _)| (r.start, r.end));
+    rewrite_literals(sql, &edits)
+        .map(|_| ())
+        .map_err(|e| format!("the proxy's edits do not fit: {e}"))
 }
 
 #[test]

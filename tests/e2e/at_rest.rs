@@ -1,10 +1,14 @@
 //! Never plaintext at rest: every write path (simple INSERT with literals, extended INSERT with
 //! parameters, UPDATE both ways, INSERT … ON CONFLICT, multi-row INSERT, COPY FROM in text and
-//! CSV, reused prepared statements, pipelines) runs from several concurrent sessions in a
-//! random order (seeded: the seed is printed; `PGENVELOPE_AT_REST_SEED` replays it), mixed
-//! with faults: sessions terminated mid-statement with `pg_terminate_backend`, clients that
-//! vanish mid-COPY, statements the proxy refuses. Afterwards every protected column is
-//! scanned directly in PostgreSQL: any value that is not NULL or `enc:v1:` fails the test.
+//! CSV, reused prepared statements, pipelines, and the shapes ORMs send: UPDATE by primary key
+//! alone with no tenant known, SQLAlchemy's insertmanyvalues, Django's UNNEST bulk_create and
+//! CASE bulk_update, Sequelize's upsert) runs from several concurrent sessions in a random
+//! order (seeded: the seed is printed; `PGENVELOPE_AT_REST_SEED` replays it), mixed with
+//! faults: sessions terminated mid-statement with `pg_terminate_backend`, clients that vanish
+//! mid-COPY, statements the proxy refuses. Afterwards every protected column is scanned
+//! directly in PostgreSQL: any value that is not NULL or `enc:v1:` fails the test; and every
+//! row is read back through the proxy with its tenant column, so a value sealed for another
+//! organisation than its row's, or one that does not open, fails it too.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -91,7 +95,7 @@ impl Worker {
         self.reconnect_if_closed().await;
         let t = self.table.clone();
         let org = self.org.clone();
-        let op = self.rng.gen_range(0..13);
+        let op = self.rng.gen_range(0..19);
         match op {
             0 => {
                 let (n, v) = (self.name(), self.value());
@@ -281,6 +285,131 @@ impl Worker {
                 .await
                 .expect("terminated session closed");
             }
+            13 | 14 => {
+                // UPDATE by primary key alone, no tenant known: the row's organisation is looked
+                // up. Any row, of any organisation: its value is sealed for that row's.
+                let ids: Vec<i32> = self
+                    .client
+                    .query(
+                        &format!("SELECT id FROM {t} ORDER BY id DESC LIMIT 20"),
+                        &[],
+                    )
+                    .await
+                    .expect("ids")
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                if ids.is_empty() {
+                    return;
+                }
+                let id = ids[self.rng.gen_range(0..ids.len())];
+                let v = self.value();
+                if op == 13 {
+                    self.client
+                        .execute(
+                            &format!(
+                                "UPDATE {t} SET value = $1::VARCHAR WHERE {t}.id = $2::INTEGER"
+                            ),
+                            &[&v, &id],
+                        )
+                        .await
+                        .expect("UPDATE by key (extended)");
+                } else {
+                    self.client
+                        .batch_execute(&format!(
+                            r#"UPDATE "{t}" SET "note" = {} WHERE "{t}"."id" = {id}"#,
+                            quote(&v)
+                        ))
+                        .await
+                        .expect("UPDATE by key (simple)");
+                }
+            }
+            15 => {
+                // SQLAlchemy's insertmanyvalues.
+                let rows: Vec<(String, String)> =
+                    (0..3).map(|_| (self.name(), self.value())).collect();
+                let values: Vec<String> = (0..rows.len())
+                    .map(|i| {
+                        format!(
+                            "(${}::VARCHAR, ${}::VARCHAR, ${}::VARCHAR, {i})",
+                            3 * i + 1,
+                            3 * i + 2,
+                            3 * i + 3
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO {t} (org_id, name, value) SELECT p0::VARCHAR, p1::VARCHAR,                      p2::VARCHAR FROM (VALUES {}) AS imp_sen(p0, p1, p2, sen_counter)                      ORDER BY sen_counter RETURNING {t}.id, {t}.id AS id__1",
+                    values.join(", ")
+                );
+                let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+                for (n, v) in &rows {
+                    params.push(&org);
+                    params.push(n);
+                    params.push(v);
+                }
+                let got = self
+                    .client
+                    .query(&sql, &params)
+                    .await
+                    .expect("insertmanyvalues");
+                assert_eq!(got.len(), rows.len());
+                let names: Vec<String> = rows.into_iter().map(|(n, _)| n).collect();
+                self.ack(&names);
+            }
+            16 => {
+                // Django's bulk_create.
+                let rows: Vec<(String, String)> =
+                    (0..3).map(|_| (self.name(), self.value())).collect();
+                let orgs: Vec<&str> = rows.iter().map(|_| org.as_str()).collect();
+                let names: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
+                let values: Vec<&str> = rows.iter().map(|(_, v)| v.as_str()).collect();
+                self.client
+                    .query(
+                        &format!(
+                            r#"INSERT INTO "{t}" ("org_id", "name", "value") SELECT * FROM UNNEST(($1)::varchar[], ($2)::text[], ($3)::text[]) RETURNING "{t}"."id""#
+                        ),
+                        &[&orgs, &names, &values],
+                    )
+                    .await
+                    .expect("UNNEST bulk_create");
+                let names: Vec<String> = rows.into_iter().map(|(n, _)| n).collect();
+                self.ack(&names);
+            }
+            17 => {
+                // Django's bulk_update, over two of this worker's rows.
+                let (Some(a), Some(b)) = (self.own_name(), self.own_name()) else {
+                    return;
+                };
+                let (va, vb) = (self.value(), self.value());
+                self.client
+                    .execute(
+                        &format!(
+                            r#"UPDATE "{t}" SET "value" = (CASE WHEN ("{t}"."name" = $1) THEN $2 WHEN ("{t}"."name" = $3) THEN $4 ELSE NULL END)::text WHERE "{t}"."name" IN ($5, $6) AND "{t}"."org_id" = $7"#
+                        ),
+                        &[&a, &va, &b, &vb, &a, &b, &org],
+                    )
+                    .await
+                    .expect("bulk_update");
+            }
+            18 => {
+                // Sequelize's upsert: every column assigned from EXCLUDED.
+                let n = match self.own_name() {
+                    Some(n) if self.rng.gen_bool(0.5) => n,
+                    _ => self.name(),
+                };
+                let v = self.value();
+                self.client
+                    .execute(
+                        &format!(
+                            r#"INSERT INTO "{t}" ("org_id","name","value") VALUES ($1,$2,$3) ON CONFLICT ("org_id", "name") DO UPDATE SET "org_id"=EXCLUDED."org_id","name"=EXCLUDED."name","value"=EXCLUDED."value" RETURNING "id""#
+                        ),
+                        &[&org, &n, &v],
+                    )
+                    .await
+                    .expect("Sequelize upsert");
+                self.ack(&[n]);
+            }
             _ => {
                 // A client that vanishes half-way through COPY data.
                 let (t, org, port) = (t.clone(), org.clone(), self.port);
@@ -364,10 +493,12 @@ async fn never_plaintext_at_rest_under_random_interleavings_and_faults() {
     let scanned = assert_only_ciphertext(&db, &t).await;
     // Everything stored decrypts through the proxy, and every acknowledged write is there.
     let reader = site.client().await;
+    // With the tenant column in the result, a value sealed for another organisation than its
+    // row's is refused.
     let rows = reader
-        .query(&format!("SELECT name, value, note FROM {t}"), &[])
+        .query(&format!("SELECT name, value, note, org_id FROM {t}"), &[])
         .await
-        .expect("every stored value decrypts");
+        .expect("every stored value decrypts, each for its own row's organisation");
     assert_eq!(rows.len(), scanned);
     let mut names = HashSet::new();
     for r in &rows {
