@@ -666,10 +666,7 @@ fn check_sql(sql: &str, p: &Protected) -> Result<(), String> {
             .map(|l| &l.tenant)
             .chain(a.params.iter().map(|p| &p.tenant))
             .any(|t| *t == pgenvelope::sql::TenantSource::Session);
-        let updates = a
-            .kinds
-            .iter()
-            .any(|k| *k == pgenvelope::sql::StatementKind::Update);
+        let updates = a.kinds.contains(&pgenvelope::sql::StatementKind::Update);
         if session_sealed && updates && a.pins.is_empty() && a.statement_count == 1 {
             return Err("an UPDATE sealed for the session tenant is not pinned to it".into());
         }
