@@ -81,13 +81,18 @@ def run(session):
         index_elements=[Customer.id], set_={"email": stmt.excluded.email}
     )
     session.execute(stmt)
+    # merge: SELECT by key, then UPDATE of what changed
+    session.merge(
+        Customer(id=many[0].id, org_id=acme, name="b0", email="b0-merged@acme.example", notes="note 0")
+    )
     session.commit()
     session.expire_all()
     a = session.get(Customer, a.id)
     check((a.email, a.ssn, a.notes), ("a3@acme.example", "999-88-7777", "vip"), "a")
     for i, c in enumerate(many):
         c = session.get(Customer, c.id)
-        check((c.email, c.notes), (f"b{i}@acme.example", f"note {i}"), f"b{i}")
+        email = "b0-merged@acme.example" if i == 0 else f"b{i}@acme.example"
+        check((c.email, c.notes), (email, f"note {i}"), f"b{i}")
     # another organisation
     if tenant_mode == "session":
         session.execute(text("SET pgenvelope.tenant = '%s'" % globex))
