@@ -429,33 +429,6 @@ impl Cipher {
             .map(ReadOutcome::Opened)
     }
 
-    /// The DEK a read of `value` in `expected` would need and that is not at hand, if any;
-    /// nothing is counted. Lets a caller fetch every key a row needs before opening any value
-    /// of it.
-    pub fn missing_for(
-        &self,
-        rules: &RuleSet,
-        expected: Option<&ColumnRule>,
-        value: &[u8],
-    ) -> Option<KeyNeed> {
-        if !looks_like_enc_v1(value) {
-            return None;
-        }
-        let parsed = EncV1::parse(value).ok()?;
-        if expected.is_none() && rules.by_column_id(parsed.column_id()).is_none() {
-            return None;
-        }
-        let id = parsed.dek_id();
-        let need = KeyNeed::ById(id);
-        if self.ring.failed.contains_key(&need) || self.ring.shredded.contains(&id) {
-            return None;
-        }
-        match self.ring.by_id.get(&id) {
-            Some(dek) if !self.keys.is_stale(dek) => None,
-            _ => Some(need),
-        }
-    }
-
     /// Open `parsed` with its fetched DEK.
     ///
     /// Row binding: a value of a column whose table has a `row_key` must be bound to its row

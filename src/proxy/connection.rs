@@ -490,6 +490,8 @@ impl Relay {
                 self.server_in.ready_to_read();
             }
             let (to_server, to_client) = (&mut self.out.to_server, &mut self.out.to_client);
+            let write_server = !to_server.is_empty() || server_dirty;
+            let write_client = !to_client.is_empty() || client_dirty;
             tokio::select! {
                 biased;
                 changed = drain.changed() => {
@@ -513,11 +515,11 @@ impl Relay {
                         return Ok(());
                     }
                 }
-                r = write_or_flush(io.server_w, to_server), if !to_server.is_empty() || server_dirty => {
-                    server_dirty = r.map_err(ConnError::ServerIo)?;
+                r = write_out(io.server_w, to_server, &mut server_dirty), if write_server => {
+                    r.map_err(ConnError::ServerIo)?;
                 }
-                r = write_or_flush(io.client_w, to_client), if !to_client.is_empty() || client_dirty => {
-                    client_dirty = r.map_err(ConnError::ClientIo)?;
+                r = write_out(io.client_w, to_client, &mut client_dirty), if write_client => {
+                    r.map_err(ConnError::ClientIo)?;
                 }
             }
         }
@@ -626,20 +628,25 @@ async fn fulfil(transform: &mut Transform, need: Need, rounds: u32) {
     }
 }
 
-/// One step of writing out `buf`: a write while it holds bytes (then it is released if it
-/// grew large), else a flush. Returns whether a flush is still due. One operation per call, so
-/// it can be dropped unfinished in a `select!` without losing anything.
-async fn write_or_flush<W: AsyncWrite + Unpin>(
+/// Write out `buf`: one write while it holds bytes, then, once it is empty, the flush (a
+/// no-op on plain TCP; TLS sends its records), in the same turn of the loop. `dirty` says a
+/// flush is due; it is kept across calls so that the future may be dropped unfinished in a
+/// `select!` (at either await) without losing anything.
+async fn write_out<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &mut BytesMut,
-) -> std::io::Result<bool> {
-    if buf.is_empty() {
-        w.flush().await?;
-        return Ok(false);
+    dirty: &mut bool,
+) -> std::io::Result<()> {
+    if !buf.is_empty() {
+        w.write_buf(buf).await?;
+        *dirty = true;
+        shrink(buf);
     }
-    w.write_buf(buf).await?;
-    shrink(buf);
-    Ok(true)
+    if buf.is_empty() && *dirty {
+        w.flush().await?;
+        *dirty = false;
+    }
+    Ok(())
 }
 
 /// Write and clear `buf`, then flush.

@@ -10,7 +10,7 @@
 
 use bytes::BytesMut;
 
-use crate::cipher::{is_envelope_of, ById, Cipher, Classified, KeyNeed, Restored};
+use crate::cipher::{is_envelope_of, ById, Cipher, CipherError, Classified, KeyNeed, Restored};
 use crate::crypto::OrgId;
 use crate::proxy::error::{ClientError, CopyFormatProblem, CopyRowProblem, ValueSite};
 use crate::rules::{ColumnRule, RuleSet};
@@ -417,19 +417,8 @@ impl CopyOut {
                 Some(t) => field_text(row, t, encoding)?,
                 None => None,
             };
-            // Every key the row needs first, so no value is opened twice.
-            let mut missing = false;
-            for (i, expected) in columns {
-                if let Some(Some(value)) = row.get(*i) {
-                    if let Some(need) = cipher.missing_for(rules, expected.as_ref(), &value) {
-                        needs.add(need);
-                        missing = true;
-                    }
-                }
-            }
-            if missing {
-                return Ok(());
-            }
+            // One pass: a value whose key is not at hand is noted and skipped; the whole
+            // payload runs again once the keys are fetched (see `rewrite`).
             for (i, expected) in columns {
                 let Some(Some(value)) = row.get(*i) else {
                     continue;
@@ -442,12 +431,17 @@ impl CopyOut {
                 let Some(column) = column.map(|c| *c).or_else(|| expected.clone()) else {
                     continue;
                 };
-                let dek = match cipher.by_id(parsed.dek_id(), &column)? {
-                    ById::Key(dek) => dek,
-                    ById::Shredded => {
+                let dek = match cipher.by_id(parsed.dek_id(), &column) {
+                    Ok(ById::Key(dek)) => dek,
+                    Ok(ById::Shredded) => {
                         row.set(*i, None);
                         continue;
                     }
+                    Err(CipherError::Missing(need)) => {
+                        needs.add(need);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
                 };
                 let opened = cipher.open_with(
                     &dek,

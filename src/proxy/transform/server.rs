@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use zeroize::Zeroizing;
 
-use crate::cipher::{ById, Classified};
+use crate::cipher::{ById, CipherError, Classified};
 use crate::crypto::OrgId;
 use crate::proxy::error::ClientError;
 use crate::wire::backend::{self as be, DataRow, TransactionStatus};
@@ -435,23 +435,9 @@ impl Ctx<'_> {
         let (encoding, tenant) = self.read_context();
         let rules = self.e.handles.rules.snapshot();
         let cipher = &mut self.e.cipher;
-        // Every key the row needs first, so no value is opened twice.
+        // One pass: a value whose key is not at hand is noted and skipped; the row is handled
+        // again once every key it needs is fetched (what this attempt counted is dropped).
         let mut needs = Vec::new();
-        for (i, col) in shape.columns.iter().enumerate() {
-            if col.rule.is_none() && !col.textlike {
-                continue;
-            }
-            if let Some(Some(value)) = row.get(i) {
-                if let Some(need) = cipher.missing_for(&rules.rules, col.rule.as_ref(), value) {
-                    if !needs.contains(&need) {
-                        needs.push(need);
-                    }
-                }
-            }
-        }
-        if !needs.is_empty() {
-            return Err(Fail::Need(Need::Keys(needs)));
-        }
         for (i, col) in shape.columns.iter().enumerate() {
             if col.rule.is_none() && !col.textlike {
                 continue;
@@ -470,13 +456,24 @@ impl Ctx<'_> {
                 Some(j) => field_text(&shape.columns[j], row.get(j).flatten(), &encoding)?,
                 None => None,
             };
-            let dek = match cipher.by_id(parsed.dek_id(), column)? {
-                ById::Key(dek) => dek,
-                ById::Shredded => {
+            let dek = match cipher.by_id(parsed.dek_id(), column) {
+                Ok(ById::Key(dek)) => dek,
+                Ok(ById::Shredded) => {
                     replace.push((i, None));
                     continue;
                 }
+                Err(CipherError::Missing(need)) => {
+                    if !needs.contains(&need) {
+                        needs.push(need);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(ClientError::from(e).into()),
             };
+            if !needs.is_empty() {
+                // Opened again with the row once the missing keys are here.
+                continue;
+            }
             let d = cipher.open_with(
                 &dek,
                 parsed,
@@ -510,6 +507,10 @@ impl Ctx<'_> {
             };
             let bytes = converted.unwrap_or(d.plaintext);
             replace.push((i, Some(bytes)));
+        }
+        if !needs.is_empty() {
+            replace.clear();
+            return Err(Fail::Need(Need::Keys(needs)));
         }
         Ok(())
     }
