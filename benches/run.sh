@@ -268,7 +268,7 @@ pgbench_run() { # port pid(or -) script-args...
     TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -n1)
     MEAN=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out" | head -n1)
     COUNT=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
-    [ -n "$TPS" ] && [ -n "$MEAN" ] && [ -n "$COUNT" ] || die "unparsed pgbench output: $out"
+    if [ -z "$TPS" ] || [ -z "$MEAN" ] || [ -z "$COUNT" ]; then die "unparsed pgbench output: $out"; fi
     P99=$(cat "$WORK"/pglog/tx* | python3 -c '
 import sys
 lat = sorted(int(l.split()[2]) for l in sys.stdin if l.strip())
@@ -452,14 +452,14 @@ scenario_coldstart() {
 
 # ---------------------------------------------------------------------------------------------
 log "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RESULTS_DIR/load_before.txt"
+cut -d' ' -f1-3 /proc/loadavg >"$RESULTS_DIR/load_before.txt"
 for s in $SCENARIOS; do
     case $s in
         memory|passthrough|encrypted|bulk|coldstart) "scenario_$s" ;;
         *) die "unknown scenario $s" ;;
     esac
 done
-echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RESULTS_DIR/load_after.txt"
+cut -d' ' -f1-3 /proc/loadavg >"$RESULTS_DIR/load_after.txt"
 log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 {
@@ -481,8 +481,9 @@ if [ "${NO_CHART:-}" != 1 ]; then
     VENV=${BENCH_VENV:-$HOME/.cache/pgenvelope/bench-venv}
     if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
         log "installing matplotlib into $VENV"
-        python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib >&2 \
-            || log "WARNING: could not install matplotlib: no chart"
+        if ! { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib >&2; }; then
+            log "WARNING: could not install matplotlib: no chart"
+        fi
     fi
     "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null && PY=$VENV/bin/python
 fi
