@@ -40,7 +40,7 @@ fi
 
 if [ "$(id -u)" = 0 ]; then AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups); else AS_PG=(); fi
 WORK=$(mktemp -d /tmp/pgenv-reencbench.XXXXXX)
-[ -n "$WORK" ] && [ -d "$WORK" ] || die "no work directory"
+if [ -z "$WORK" ] || [ ! -d "$WORK" ]; then die "no work directory"; fi
 PG_PID="" ; REENC_PID=""
 cleanup() {
     local rc=$?

@@ -71,6 +71,99 @@ def cpu_per_1k(rows):
     return sum(float(r["proxy_cpu_s"]) for r in rows) * 1000 / (stmts / 1000) if stmts else None
 
 
+# The orm scenario's workloads: targets in order with their letters, the target the others are
+# compared with (ratio_1) and a second one (ratio_2), the ratios asked of it, and the target
+# running the look-up's own statement alone, directly.
+ORM = {
+    "orm-update-by-key": dict(
+        title="UPDATE t SET a, b WHERE id = $ (tenant column org_id)",
+        targets={"direct": "(a)", "pgenvelope-tenant-in-where": "(b)", "pgenvelope-lookup": "(c)",
+                 "pgenvelope-session-tenant": "(d)", "direct-lookup-alone": "look-up alone"},
+        base="pgenvelope-tenant-in-where", base_2="direct",
+        ratios=[("pgenvelope-lookup", "pgenvelope-tenant-in-where", "(c)/(b)"),
+                ("pgenvelope-session-tenant", "pgenvelope-tenant-in-where", "(d)/(b)")],
+        alone="direct-lookup-alone"),
+    "orm-insert-drawn-key": dict(
+        title="INSERT INTO t (org_id, a, b), id bigserial",
+        targets={"direct": "(a)", "pgenvelope-encrypted": "(b)", "pgenvelope-bound-given": "(c)",
+                 "pgenvelope-bound-drawn": "(d)", "direct-draw-alone": "key draw alone"},
+        base="pgenvelope-encrypted", base_2="pgenvelope-bound-given",
+        ratios=[("pgenvelope-bound-drawn", "pgenvelope-bound-given", "(d)/(c)"),
+                ("pgenvelope-bound-drawn", "pgenvelope-encrypted", "(d)/(b)")],
+        alone="direct-draw-alone"),
+}
+
+
+def per_round(runs, scenario, clients, num_t, den_t, get, op):
+    """Median over rounds of op(get(num_t's run), get(den_t's run)) within one round."""
+    def by_round(t):
+        return {r["round"]: r for k in runs.order if k[0] == scenario and k[1] == t and k[3] == clients
+                for r in runs.by[k]}
+    dens = by_round(den_t)
+    out = []
+    for rnd, r in by_round(num_t).items():
+        if rnd in dens:
+            a, b = get(r), get(dens[rnd])
+            if a is not None and b is not None and (b or op is not ratio_of):
+                out.append(op(a, b))
+    return med(out)
+
+
+def ratio_of(a, b):
+    return a / b
+
+
+def cpu_per_stmt(r):
+    return float(r["proxy_cpu_s"]) / float(r["statements"]) if r["proxy_cpu_s"] and float(r["statements"]) else None
+
+
+def orm_section(runs, keys, summary):
+    md = ["### ORM look-ups: the tenant look-up and key draws (64 B + 1 KiB in two encrypted columns, prepared)", "",
+          "update-by-key: (a) directly, plain table; through pgenvelope (b) `WHERE id = $ AND org_id = $` "
+          "(no look-up), (c) `WHERE id = $` with no tenant known (tenant look-up first), (d) `WHERE id = $` "
+          "under a session tenant given at connect time (pinned, no look-up). insert-drawn-key: (a) directly, "
+          "plain table, id left out; through pgenvelope (b) encrypted table, id left out; (c) row-bound "
+          "table, client-given key; (d) row-bound bigserial table, id left out (keys drawn first). "
+          "\"alone\": the look-up's own statement sent directly by pgbench (simple protocol).", "",
+          "| workload | clients | target | TPS | mean ms | p99 ms | proxy CPU ms / 1k stmts | vs (b) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for k in sorted(keys, key=lambda k: (list(ORM).index(k[0]), int(k[3]), list(ORM[k[0]]["targets"]).index(k[1]))):
+        spec = ORM[k[0]]
+        rs = runs.by[k]
+        s = dict(scenario=k[0], target=k[1], mode=k[2], clients=k[3],
+                 tps=med(num(r["tps"]) for r in rs), mean_ms=med(num(r["mean_ms"]) for r in rs),
+                 p99_ms=med(num(r["p99_ms"]) for r in rs), cpu_ms_per_1k=cpu_per_1k(rs),
+                 ratio_1=per_round(runs, k[0], k[3], k[1], spec["base"], lambda r: num(r["tps"]), ratio_of),
+                 ratio_1_base=spec["base"],
+                 ratio_2=per_round(runs, k[0], k[3], k[1], spec["base_2"], lambda r: num(r["tps"]), ratio_of),
+                 ratio_2_base=spec["base_2"], cpu_ratio=None, value="", unit="", rounds=len(rs))
+        summary.append(s)
+        md.append(f"| {k[0].split('-', 1)[1]} | {k[3]} | {spec['targets'][k[1]]} {k[1]} | {s['tps']:,.0f} "
+                  f"| {fmt(s['mean_ms'], '.3f')} | {fmt(s['p99_ms'], '.3f')} | {fmt(s['cpu_ms_per_1k'])} "
+                  f"| {fmt(s['ratio_1'])} |")
+    md += ["", "Ratios (median of the per-round ratios; \"added\" is the median per-round difference of "
+           "the mean latency, next to the mean latency of the look-up's statement alone, directly):", "",
+           "| workload | clients | ratio | TPS | mean latency | p99 latency | proxy CPU / stmt | mean ms added | look-up alone, direct: mean ms |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for scen, spec in ORM.items():
+        clients = sorted({k[3] for k in keys if k[0] == scen}, key=int)
+        for c in clients:
+            alone = med(num(r["mean_ms"]) for k in keys if k[0] == scen and k[1] == spec["alone"] and k[3] == c
+                        for r in runs.by[k])
+            for num_t, den_t, label in spec["ratios"]:
+                def rr(get, op=ratio_of):
+                    return per_round(runs, scen, c, num_t, den_t, get, op)
+                tps = rr(lambda r: num(r["tps"]))
+                mean = rr(lambda r: num(r["mean_ms"]))
+                p99 = rr(lambda r: num(r["p99_ms"]))
+                cpu = rr(cpu_per_stmt)
+                added = rr(lambda r: num(r["mean_ms"]), lambda a, b: a - b)
+                md.append(f"| {scen.split('-', 1)[1]} | {c} | {label} | {fmt(tps)} | {fmt(mean)} | {fmt(p99)} "
+                          f"| {fmt(cpu)} | {fmt(added, '+.3f')} | {fmt(alone, '.3f')} |")
+    md.append("")
+    return md
+
+
 def main():
     folder = Path(sys.argv[1])
     rows = list(csv.DictReader(open(folder / "raw.csv")))
@@ -125,6 +218,11 @@ def main():
             md.append(f"| {k[0].split('-', 1)[1]} | {k[3]} | {k[1]} | {s['tps']:,.0f} | {fmt(s['mean_ms'], '.3f')} "
                       f"| {fmt(s['p99_ms'], '.3f')} | {fmt(s['cpu_ms_per_1k'])} | {fmt(s['ratio_1'])} | {fmt(s['ratio_2'])} |")
         md.append("")
+
+    # 2b. ORM look-ups: the tenant look-up and key draws
+    orm = [k for k in runs.order if k[0].startswith("orm-")]
+    if orm:
+        md += orm_section(runs, orm, summary)
 
     # 3. bulk read
     bulk = [k for k in runs.order if k[0].startswith("bulk")]

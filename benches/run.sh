@@ -15,6 +15,16 @@
 #                1 KiB values), prepared: through pgenvelope, vs the same statements on a table
 #                without rules through pgenvelope and directly; `pgenvelope-bound` is the same
 #                with row binding (`row_key = "id"`: client-given keys, the key in every read)
+#   orm          the hidden look-ups an ORM's statements can cost, prepared, same values as
+#                `encrypted`, ENC_CLIENTS clients. update-by-key: `UPDATE t SET a, b WHERE
+#                id = $` directly; through pgenvelope with the tenant in the WHERE (no look-up),
+#                with no tenant known (the tenant look-up: one extra round trip), and under a
+#                session tenant given at connect time (`options=-c pgenvelope.tenant=...`:
+#                pinned, no look-up). insert-drawn-key: an INSERT leaving out a bigserial id,
+#                directly and on an encrypted table; a client-given key on a row-bound table;
+#                the id left out on a row-bound table, whose key is drawn from its sequence
+#                first (one extra round trip). Each also runs the look-up's own SELECT alone,
+#                directly (`direct-lookup-alone`, `direct-draw-alone`): one round trip's cost
 #   bulk         SELECT of BULK_ROWS rows with one encrypted column of BULK_VALUES bytes, vs
 #                the same rows unencrypted through pgenvelope and directly: plaintext MB per
 #                second of wall time and per second of proxy CPU
@@ -33,7 +43,9 @@
 #   BULK_ROUNDS=$ROUNDS
 #   ORGS=10000              cold start organisations
 #   IDLE_CONNS=1000         memory scenario connections
-#   SCENARIOS="memory passthrough encrypted bulk coldstart"
+#   ORM_ROWS=20000 ORM_TENANT=3  rows of the orm update tables (organisation = id % 10), and
+#                           the session tenant (0-9) of the orm scenario's session-tenant target
+#   SCENARIOS="memory passthrough encrypted orm bulk coldstart"
 #   PT_TARGETS="direct pgbouncer pgenvelope"  add pgenvelope-rules to measure the pass-through
 #                           workload through a proxy whose engine is on (rules for other tables)
 #   PGENVELOPE_BIN          proxy binary (default: cargo build --release, then the target dir's)
@@ -58,7 +70,9 @@ BULK_VALUES=${BULK_VALUES:-"256 1024"}
 BULK_ROUNDS=${BULK_ROUNDS:-$ROUNDS}
 ORGS=${ORGS:-10000}
 IDLE_CONNS=${IDLE_CONNS:-1000}
-SCENARIOS=${SCENARIOS:-"memory passthrough encrypted bulk coldstart"}
+ORM_ROWS=${ORM_ROWS:-20000}
+ORM_TENANT=${ORM_TENANT:-3}
+SCENARIOS=${SCENARIOS:-"memory passthrough encrypted orm bulk coldstart"}
 PT_TARGETS=${PT_TARGETS:-"direct pgbouncer pgenvelope"}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS_DIR=${RESULTS_DIR:-$REPO_DIR/benches/results/$STAMP}
@@ -167,6 +181,12 @@ log "postgres pid $PG_PID port $PG_PORT; pgbench -i -s $SCALE"
   CREATE TABLE bench_enc (id bigserial primary key, org_id text not null, a text, b text);
   CREATE TABLE bench_plain (id bigserial primary key, org_id text not null, a text, b text);
   CREATE TABLE bench_bound (id bigint primary key, org_id text not null, a text, b text);
+  CREATE TABLE orm_upd_plain (id bigint primary key, org_id text not null, a text, b text);
+  CREATE TABLE orm_upd_enc (id bigint primary key, org_id text not null, a text, b text);
+  CREATE TABLE orm_ins_plain (id bigserial primary key, org_id text not null, a text, b text);
+  CREATE TABLE orm_ins_enc (id bigserial primary key, org_id text not null, a text, b text);
+  CREATE TABLE orm_ins_given (id bigint primary key, org_id text not null, a text, b text);
+  CREATE TABLE orm_ins_drawn (id bigserial primary key, org_id text not null, a text, b text);
 "
 for v in $BULK_VALUES; do
     "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "
@@ -212,6 +232,28 @@ encrypt = ["a", "b"]
 
 [[table]]
 name = "public.bench_bound"
+tenant_column = "org_id"
+row_key = "id"
+encrypt = ["a", "b"]
+
+[[table]]
+name = "public.orm_upd_enc"
+tenant_column = "org_id"
+encrypt = ["a", "b"]
+
+[[table]]
+name = "public.orm_ins_enc"
+tenant_column = "org_id"
+encrypt = ["a", "b"]
+
+[[table]]
+name = "public.orm_ins_given"
+tenant_column = "org_id"
+row_key = "id"
+encrypt = ["a", "b"]
+
+[[table]]
+name = "public.orm_ins_drawn"
 tenant_column = "org_id"
 row_key = "id"
 encrypt = ["a", "b"]
@@ -268,7 +310,7 @@ pgbench_run() { # port pid(or -) script-args...
     TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -n1)
     MEAN=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out" | head -n1)
     COUNT=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
-    [ -n "$TPS" ] && [ -n "$MEAN" ] && [ -n "$COUNT" ] || die "unparsed pgbench output: $out"
+    if [ -z "$TPS" ] || [ -z "$MEAN" ] || [ -z "$COUNT" ]; then die "unparsed pgbench output: $out"; fi
     P99=$(cat "$WORK"/pglog/tx* | python3 -c '
 import sys
 lat = sorted(int(l.split()[2]) for l in sys.stdin if l.strip())
@@ -373,6 +415,122 @@ scenario_encrypted() {
     done
 }
 
+# Look-ups the proxy has sent (all databases; pg_stat_statements is installed in `cold`).
+orm_lookups() { orm_calls "query ILIKE 'SELECT DISTINCT %orm_upd_enc%'"; }
+orm_draws() { orm_calls "query ILIKE '%pg_get_serial_sequence%'"; }
+orm_calls() {
+    "${PSQL[@]}" -p "$PG_PORT" -d cold -Atc "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE $1"
+}
+
+# ORM statements that make the proxy look something up first, on the client's own session:
+# an UPDATE by primary key alone with no tenant known (the rows' organisation), and an INSERT
+# leaving a row-bound bigserial key to its default (the keys, drawn from its sequence).
+scenario_orm() {
+    local v64 v1k round w c t target port pid script mode db f plain
+    local session_db="dbname=$DB options='-c pgenvelope.tenant=$ORM_TENANT'"
+    v64=$(printf 'x%.0s' $(seq 64)); v1k=$(printf 'y%.0s' $(seq 1024))
+    [[ "$ORM_TENANT" =~ ^[0-9]$ ]] || die "ORM_TENANT must be one of the organisations 0-9"
+    log "orm: loading $ORM_ROWS rows into orm_upd_plain (directly) and orm_upd_enc (COPY through the proxy)"
+    # A row's organisation is a function of its id (id % 10): a script knows whose row it updates.
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "INSERT INTO orm_upd_plain (id, org_id, a, b)
+        SELECT g, (g % 10)::text, repeat('x', 64), repeat('y', 1024)
+        FROM generate_series(1, $ORM_ROWS) g"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "COPY orm_upd_plain (id, org_id, a, b) TO STDOUT" \
+        | "${PSQL[@]}" -p "$RULES_PORT" -d "$DB" -c "COPY orm_upd_enc (id, org_id, a, b) FROM STDIN" \
+        || die "COPY into orm_upd_enc through the proxy failed"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE orm_upd_plain" -c "VACUUM ANALYZE orm_upd_enc"
+
+    # update-by-key. The session-tenant script updates only rows of ORM_TENANT (id % 10 =
+    # ORM_TENANT): the pinned `AND org_id = <tenant>` would leave any other row alone.
+    printf '%s\n' "\\set id random(1, $ORM_ROWS)" \
+        'UPDATE orm_upd_plain SET a = :v64, b = :v1k WHERE id = :id;' >"$WORK/orm_upd_direct.sql"
+    printf '%s\n' "\\set id random(1, $ORM_ROWS)" '\set org :id % 10' \
+        'UPDATE orm_upd_enc SET a = :v64, b = :v1k WHERE id = :id AND org_id = :org;' \
+        >"$WORK/orm_upd_where.sql"
+    printf '%s\n' "\\set id random(1, $ORM_ROWS)" \
+        'UPDATE orm_upd_enc SET a = :v64, b = :v1k WHERE id = :id;' >"$WORK/orm_upd_lookup.sql"
+    printf '%s\n' "\\set id 10 * random($(( ORM_TENANT == 0 )), $(( (ORM_ROWS - ORM_TENANT) / 10 ))) + $ORM_TENANT" \
+        'UPDATE orm_upd_enc SET a = :v64, b = :v1k WHERE id = :id;' >"$WORK/orm_upd_session.sql"
+    # The look-up the proxy sends, alone: a literal id, parsed and planned each time.
+    printf '%s\n' "\\set id random(1, $ORM_ROWS)" \
+        "SELECT DISTINCT org_id::text FROM orm_upd_enc WHERE id = ':id' LIMIT 2;" \
+        >"$WORK/orm_upd_alone.sql"
+    # insert-drawn-key. Client-given keys come from a range far above any drawn one.
+    for t in plain enc drawn; do
+        printf '%s\n' '\set org random(0, 9)' \
+            "INSERT INTO orm_ins_$t (org_id, a, b) VALUES (:org, :v64, :v1k);" >"$WORK/orm_ins_$t.sql"
+    done
+    printf '%s\n' '\set org random(0, 9)' '\set id random(1000000, 9000000000000000000)' \
+        'INSERT INTO orm_ins_given (id, org_id, a, b) VALUES (:id, :org, :v64, :v1k);' \
+        >"$WORK/orm_ins_given.sql"
+    printf '%s\n' "SELECT nextval(pg_get_serial_sequence('\"public\".\"orm_ins_plain\"','id'))::text FROM generate_series(1, 1);" \
+        >"$WORK/orm_ins_alone.sql"
+
+    # Before measuring, each statement through the proxy must write exactly one row (the same
+    # scripts with `RETURNING id ... \gset` fail pgbench unless one row comes back), and make
+    # the look-ups it is meant to: one tenant look-up per UPDATE in pgenvelope-lookup, one key
+    # draw per INSERT in pgenvelope-bound-drawn, none elsewhere (counted by pg_stat_statements).
+    local n=20 lookups draws expect
+    for f in orm_upd_where orm_upd_lookup orm_upd_session orm_ins_enc orm_ins_given orm_ins_drawn; do
+        sed 's/;$/ RETURNING id AS got \\gset/' "$WORK/$f.sql" >"$WORK/check_$f.sql"
+        db=$DB; [ "$f" != orm_upd_session ] || db=$session_db
+        lookups=$(orm_lookups); draws=$(orm_draws)
+        "$PGBENCH" -n -M prepared -h 127.0.0.1 -p "$RULES_PORT" -U "$USER_" -c 1 -t "$n" \
+            -D v64="$v64" -D v1k="$v1k" -f "$WORK/check_$f.sql" "$db" >"$WORK/check_$f.log" 2>&1 \
+            || die "$f through the proxy did not write one row each time: $(tail -n 5 "$WORK/check_$f.log")"
+        lookups=$(( $(orm_lookups) - lookups )); draws=$(( $(orm_draws) - draws ))
+        case $f in
+            orm_upd_lookup) expect="$n 0" ;;
+            orm_ins_drawn) expect="0 $n" ;;
+            *) expect="0 0" ;;
+        esac
+        [ "$lookups $draws" = "$expect" ] || die "$f: $lookups tenant look-ups and $draws key draws" \
+            "for $n statements (expected $expect)"
+    done
+
+    for round in $(seq 1 "$ROUNDS"); do
+        for w in update-by-key insert-drawn-key; do
+            for c in $ENC_CLIENTS; do
+                for target in direct pgenvelope-tenant-in-where pgenvelope-lookup \
+                    pgenvelope-session-tenant pgenvelope-encrypted pgenvelope-bound-given \
+                    pgenvelope-bound-drawn direct-lookup-alone direct-draw-alone; do
+                    port=$RULES_PORT; pid=$RULES_PID; mode=prepared; db=$DB
+                    case $w:$target in
+                        update-by-key:direct) port=$PG_PORT; pid=-; script=orm_upd_direct ;;
+                        update-by-key:pgenvelope-tenant-in-where) script=orm_upd_where ;;
+                        update-by-key:pgenvelope-lookup) script=orm_upd_lookup ;;
+                        update-by-key:pgenvelope-session-tenant)
+                            script=orm_upd_session; db=$session_db ;;
+                        update-by-key:direct-lookup-alone)
+                            port=$PG_PORT; pid=-; mode=simple; script=orm_upd_alone ;;
+                        insert-drawn-key:direct) port=$PG_PORT; pid=-; script=orm_ins_plain ;;
+                        insert-drawn-key:pgenvelope-encrypted) script=orm_ins_enc ;;
+                        insert-drawn-key:pgenvelope-bound-given) script=orm_ins_given ;;
+                        insert-drawn-key:pgenvelope-bound-drawn) script=orm_ins_drawn ;;
+                        insert-drawn-key:direct-draw-alone)
+                            port=$PG_PORT; pid=-; mode=simple; script=orm_ins_alone ;;
+                        *) continue ;;
+                    esac
+                    pgbench_run "$port" "$pid" -M "$mode" -T "$DURATION" -c "$c" \
+                        -j "$(jobs_for "$c")" -D v64="$v64" -D v1k="$v1k" \
+                        -f "$WORK/$script.sql" "$db"
+                    record "orm-$w,$round,$target,$mode,$c,$TPS,$MEAN,$P99,$COUNT,$CPU_S,,"
+                    log "orm r$round $w c=$c $target: $TPS tps, mean $MEAN ms, p99 $P99 ms, cpu ${CPU_S:--} s"
+                done
+            done
+        done
+    done
+
+    # Every value written through the proxy is sealed: no plaintext in an encrypted column.
+    plain=$("${PSQL[@]}" -p "$PG_PORT" -d "$DB" -Atc "SELECT sum(n) FROM (
+        SELECT count(*) AS n FROM orm_upd_enc WHERE a NOT LIKE 'enc:v1:%' OR b NOT LIKE 'enc:v1:%'
+        UNION ALL SELECT count(*) FROM orm_ins_enc WHERE a NOT LIKE 'enc:v1:%' OR b NOT LIKE 'enc:v1:%'
+        UNION ALL SELECT count(*) FROM orm_ins_given WHERE a NOT LIKE 'enc:v1:%' OR b NOT LIKE 'enc:v1:%'
+        UNION ALL SELECT count(*) FROM orm_ins_drawn WHERE a NOT LIKE 'enc:v1:%' OR b NOT LIKE 'enc:v1:%'
+    ) s")
+    [ "$plain" = 0 ] || die "orm: $plain rows hold plaintext in an encrypted column"
+}
+
 scenario_bulk() {
     local v
     for v in $BULK_VALUES; do bulk_one "$v"; done
@@ -452,19 +610,19 @@ scenario_coldstart() {
 
 # ---------------------------------------------------------------------------------------------
 log "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RESULTS_DIR/load_before.txt"
+cut -d' ' -f1-3 /proc/loadavg >"$RESULTS_DIR/load_before.txt"
 for s in $SCENARIOS; do
     case $s in
-        memory|passthrough|encrypted|bulk|coldstart) "scenario_$s" ;;
+        memory|passthrough|encrypted|orm|bulk|coldstart) "scenario_$s" ;;
         *) die "unknown scenario $s" ;;
     esac
 done
-echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RESULTS_DIR/load_after.txt"
+cut -d' ' -f1-3 /proc/loadavg >"$RESULTS_DIR/load_after.txt"
 log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 {
     echo "date=$STAMP"
-    echo "command=benches/run.sh (DURATION=$DURATION ROUNDS=$ROUNDS CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" ENC_CLIENTS=\"$ENC_CLIENTS\" BULK_ROWS=$BULK_ROWS BULK_VALUES=\"$BULK_VALUES\" ORGS=$ORGS IDLE_CONNS=$IDLE_CONNS)"
+    echo "command=benches/run.sh (DURATION=$DURATION ROUNDS=$ROUNDS CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" ENC_CLIENTS=\"$ENC_CLIENTS\" BULK_ROWS=$BULK_ROWS BULK_VALUES=\"$BULK_VALUES\" ORGS=$ORGS IDLE_CONNS=$IDLE_CONNS SCENARIOS=\"$SCENARIOS\")"
     echo "commit=$(cd "$REPO_DIR" && git rev-parse --short HEAD)$(cd "$REPO_DIR" && git diff --quiet HEAD -- src || echo '+dirty')"
     echo "nproc=$NCPU"
     echo "cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
@@ -481,8 +639,9 @@ if [ "${NO_CHART:-}" != 1 ]; then
     VENV=${BENCH_VENV:-$HOME/.cache/pgenvelope/bench-venv}
     if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
         log "installing matplotlib into $VENV"
-        python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib >&2 \
-            || log "WARNING: could not install matplotlib: no chart"
+        if ! { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib >&2; }; then
+            log "WARNING: could not install matplotlib: no chart"
+        fi
     fi
     "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null && PY=$VENV/bin/python
 fi
