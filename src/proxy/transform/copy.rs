@@ -19,8 +19,8 @@ use crate::wire::copy::{CopyError, CopyFormat, CopyRewriter, CopyRow};
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::frontend::put_copy_data;
 
+use super::canonical::key_stores_as_written;
 use super::session::CopyJob;
-use super::values::key_stores_as_written;
 use super::{Fail, Need};
 
 /// Keys a chunk needs that are not at hand yet.

@@ -29,6 +29,8 @@
 //!
 //! Never logs values, parameters, keys or SQL text.
 
+mod arrays;
+mod canonical;
 mod client;
 mod copy;
 mod lexing;

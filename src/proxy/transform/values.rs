@@ -9,12 +9,13 @@ use crate::proxy::error::{ClientError, ValueSite};
 use crate::proxy::rules::RulesSnapshot;
 use crate::rules::ColumnRule;
 use crate::sql::{
-    Analysis, ArraySite, ArraySource, ColumnRef, DrawEdit, PinPlace, PinValue, RowKeySource,
-    TenantChange, TenantSource, TxControl,
+    Analysis, ArraySource, ColumnRef, DrawEdit, PinPlace, PinValue, RowKeySource, TenantChange,
+    TenantSource, TxControl,
 };
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::frontend::{self as fe, Bind};
 
+use super::canonical::{key_stores_as_written, stores_as_written};
 use super::session::TenantChangeOp;
 use super::shape::binary_as_text;
 use super::{Ctx, Fail};
@@ -244,7 +245,7 @@ impl Ctx<'_> {
     /// column and organisation (restores, re-runs): such values are stored unchanged, except
     /// that one sealed before its table's values were bound to their rows is sealed again,
     /// bound to the row written.
-    fn seal_value(
+    pub(super) fn seal_value(
         &mut self,
         rules: &RulesSnapshot,
         column: &ColumnRule,
@@ -293,7 +294,7 @@ impl Ctx<'_> {
 
     /// The key of the row a value of `column` is written to (row binding), as PostgreSQL
     /// will print it; `None` when the table does not bind values to their row.
-    fn row_key_for(
+    pub(super) fn row_key_for(
         &self,
         source: Option<&RowKeySource>,
         column: &ColumnRule,
@@ -346,7 +347,7 @@ impl Ctx<'_> {
     }
 
     /// The organisation owning a value written to `column`.
-    fn tenant_for(
+    pub(super) fn tenant_for(
         &self,
         source: &TenantSource,
         column: &ColumnRule,
@@ -378,7 +379,7 @@ impl Ctx<'_> {
     /// it must be stored as written, name a valid organisation, and, under a session tenant,
     /// be the session tenant (a connection writes only its own organisation's rows, as it
     /// reads only its own organisation's values).
-    fn row_tenant(&self, v: String, column: &ColumnRule) -> Result<OrgId, ClientError> {
+    pub(super) fn row_tenant(&self, v: String, column: &ColumnRule) -> Result<OrgId, ClientError> {
         let name = || column.qualified_name().to_owned();
         if !stores_as_written(&v) {
             return Err(ClientError::NonCanonicalTenant { column: name() });
@@ -388,157 +389,6 @@ impl Ctx<'_> {
             Some(s) if s != org => Err(ClientError::OtherTenantsRow { column: name() }),
             _ => Ok(org),
         }
-    }
-
-    /// Seal the elements of an array site: `value`, `tenants` and `keys` are the arrays read
-    /// (element `i` of each is row `i`'s). Returns the sealed elements, in order.
-    fn seal_elements(
-        &mut self,
-        rules: &RulesSnapshot,
-        column: &ColumnRule,
-        value: Vec<Option<String>>,
-        tenants: Option<Vec<Option<String>>>,
-        keys: Option<Vec<Option<String>>>,
-    ) -> Result<Vec<Option<String>>, Fail> {
-        let n = value.len();
-        if tenants.as_ref().is_some_and(|t| t.len() != n)
-            || keys.as_ref().is_some_and(|k| k.len() != n)
-        {
-            return Err(ClientError::ArrayLengths {
-                column: column.qualified_name().to_owned(),
-            }
-            .into());
-        }
-        let mut out = Vec::with_capacity(n);
-        for (i, v) in value.into_iter().enumerate() {
-            let Some(v) = v else {
-                out.push(None);
-                continue;
-            };
-            if v.contains('\0') {
-                return Err(ClientError::Nul {
-                    site: ValueSite::Literal,
-                    column: column.qualified_name().to_owned(),
-                }
-                .into());
-            }
-            let org = match tenants.as_ref().and_then(|t| t[i].clone()) {
-                Some(t) => self.row_tenant(t, column)?,
-                None => self.session_tenant(column)?,
-            };
-            let key = match &keys {
-                None => None,
-                Some(k) => {
-                    let key = k[i].clone().ok_or_else(|| ClientError::NullRowKey {
-                        column: column.qualified_name().to_owned(),
-                        key: column.row_key().unwrap_or_default().to_owned(),
-                    })?;
-                    if !key_stores_as_written(&key) {
-                        return Err(ClientError::NonCanonicalRowKey {
-                            column: column.qualified_name().to_owned(),
-                            key: column.row_key().unwrap_or_default().to_owned(),
-                        }
-                        .into());
-                    }
-                    Some(key)
-                }
-            };
-            let sealed = self.seal_value(rules, column, &org, key.as_deref(), v.as_bytes())?;
-            out.push(Some(sealed.unwrap_or(v)));
-        }
-        Ok(out)
-    }
-
-    /// An array given as a literal, or as a parameter of `bind` (text or binary format), as
-    /// its elements' text.
-    fn array_elements(
-        &self,
-        source: &ArraySource,
-        bind: Option<&BindValues<'_>>,
-        column: &ColumnRule,
-    ) -> Result<Option<Vec<Option<String>>>, ClientError> {
-        let bad = || ClientError::ArrayUnreadable {
-            column: column.qualified_name().to_owned(),
-        };
-        match source {
-            ArraySource::Literal { text, uuid, .. } => crate::wire::array::parse_text(text)
-                .map(|elements| Some(if *uuid { as_uuids(elements) } else { elements }))
-                .map_err(|_| bad()),
-            ArraySource::Drawn(n) => match self.drawn_keys(*n) {
-                Some(keys) if keys.iter().all(Option::is_some) => Ok(Some(keys.to_vec())),
-                _ => Err(ClientError::NoKeySequence {
-                    table: column.table().to_owned(),
-                    key: column.row_key().unwrap_or_default().to_owned(),
-                }),
-            },
-            ArraySource::Param(n) => {
-                let Some(bind) = bind else {
-                    return Err(ClientError::LiteralWithTenantParam {
-                        column: column.qualified_name().to_owned(),
-                        param: *n,
-                    });
-                };
-                let Some(Some(raw)) = n
-                    .checked_sub(1)
-                    .and_then(|i| bind.bind.params.get(i))
-                    .copied()
-                else {
-                    return Ok(None);
-                };
-                if bind.bind.param_format(n - 1) == fe::FORMAT_TEXT {
-                    let text = self.s.encoding.decode(raw).map_err(|_| bad())?;
-                    let uuid = bind.types.get(n - 1) == Some(&UUID_ARRAY_OID);
-                    return crate::wire::array::parse_text(&text)
-                        .map(|elements| Some(if uuid { as_uuids(elements) } else { elements }))
-                        .map_err(|_| bad());
-                }
-                let array = crate::wire::array::BinaryArray::decode(raw).map_err(|_| bad())?;
-                let ty = array.element_type;
-                array
-                    .elements
-                    .iter()
-                    .map(|e| match e {
-                        None => Ok(None),
-                        Some(b) if TEXT_OIDS.contains(&ty) || ty == 19 => self
-                            .s
-                            .encoding
-                            .decode(b)
-                            .map(|t| Some(t.into_owned()))
-                            .map_err(|_| bad()),
-                        Some(b) => binary_as_text(ty, b).map(Some).ok_or_else(bad),
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Some)
-            }
-        }
-    }
-
-    /// Seal one array site; `Ok(None)` when its array is NULL.
-    fn seal_array(
-        &mut self,
-        rules: &RulesSnapshot,
-        site: &ArraySite,
-        bind: Option<&BindValues<'_>>,
-    ) -> Result<Option<Vec<Option<String>>>, Fail> {
-        let column = rule_for(rules, &site.column)?;
-        let Some(value) = self.array_elements(&site.value, bind, column)? else {
-            return Ok(None);
-        };
-        let tenants = match &site.tenant {
-            None => None,
-            Some(t) => self.array_elements(t, bind, column)?,
-        };
-        let keys = match &site.row_key {
-            None => None,
-            Some(k) => Some(self.array_elements(k, bind, column)?.ok_or_else(|| {
-                ClientError::NullRowKey {
-                    column: column.qualified_name().to_owned(),
-                    key: column.row_key().unwrap_or_default().to_owned(),
-                }
-            })?),
-        };
-        self.seal_elements(rules, column, value, tenants, keys)
-            .map(Some)
     }
 
     /// The session (or default) tenant, for a write to `column` that names none.
@@ -766,7 +616,7 @@ impl BindValues<'_> {
 }
 
 /// The rule of a column the analyser found a value for.
-fn rule_for<'a>(
+pub(super) fn rule_for<'a>(
     rules: &'a RulesSnapshot,
     column: &ColumnRef,
 ) -> Result<&'a ColumnRule, ClientError> {
@@ -780,136 +630,3 @@ fn rule_for<'a>(
 
 /// OID of `uuid`.
 const UUID_OID: u32 = 2950;
-/// OID of `uuid[]`.
-const UUID_ARRAY_OID: u32 = 2951;
-
-/// Elements of an array cast to `uuid[]`: each as PostgreSQL stores it.
-fn as_uuids(elements: Vec<Option<String>>) -> Vec<Option<String>> {
-    elements
-        .into_iter()
-        .map(|e| e.map(|v| crate::sql::canonical_uuid(&v).unwrap_or(v)))
-        .collect()
-}
-
-/// Whether a row's tenant value is certainly stored as written, whatever the tenant column's
-/// type: no surrounding white space, and a number only in canonical form (an integer column
-/// stores `007`, `+7` or `7.0` as `7`, which would not be the organisation the value was sealed
-/// for).
-pub(super) fn stores_as_written(v: &str) -> bool {
-    if v.trim() != v {
-        return false;
-    }
-    // A UUID (a `uuid` tenant column) is stored as PostgreSQL prints it: lower-case hex in
-    // groups of 8-4-4-4-12. Written so, it is the same text in a text column too.
-    if let Some(canonical) = uuid_like(v) {
-        return canonical;
-    }
-    let digits = v.strip_prefix('-').unwrap_or(v);
-    let numeric_start = digits
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_digit() || c == '.' || c == '+');
-    if !numeric_start && !v.starts_with('+') {
-        return true;
-    }
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        // Canonical integer: no leading zero (except `0` itself), no `-0`.
-        return (digits == "0" && !v.starts_with('-')) || !digits.starts_with('0');
-    }
-    // Starts like a number but is not a canonical integer (`+7`, `7.0`, `1e3`, `0x1F`): an
-    // integer or numeric column could store it in another form.
-    // Text such as `7days` is no number in any form and stays as written.
-    v.parse::<f64>().is_err() && !v.starts_with('+') && !digits.starts_with('0')
-}
-
-/// Whether a row key is certainly stored as written: the same rules as a tenant (a UUID only
-/// in PostgreSQL's output form).
-pub(super) fn key_stores_as_written(v: &str) -> bool {
-    stores_as_written(v)
-}
-
-/// `Some(canonical)` when `v` is something a `uuid` column reads as a UUID (32 hex digits with
-/// any hyphens and braces around them), telling whether it is in PostgreSQL's output form
-/// (lower-case hex in groups of 8-4-4-4-12); `None` for anything else.
-fn uuid_like(v: &str) -> Option<bool> {
-    let mut hex_digits = 0;
-    for c in v.chars() {
-        match c {
-            '-' | '{' | '}' => {}
-            c if c.is_ascii_hexdigit() => hex_digits += 1,
-            _ => return None,
-        }
-    }
-    if hex_digits != 32 {
-        return None;
-    }
-    Some(
-        v.len() == 36
-            && v.char_indices().all(|(i, c)| match i {
-                8 | 13 | 18 | 23 => c == '-',
-                _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
-            }),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{key_stores_as_written, stores_as_written};
-
-    #[test]
-    fn only_canonical_row_keys_pass() {
-        for ok in [
-            "17",
-            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
-            "user-42",
-            "deadbeef",
-            "0a1b2c3d-9c0b-4ef8-bb6d-6bb9bd380a11",
-        ] {
-            assert!(key_stores_as_written(ok), "{ok}");
-        }
-        for bad in [
-            "017",
-            " 17",
-            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
-            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
-            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
-            "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
-        ] {
-            assert!(!key_stores_as_written(bad), "{bad}");
-        }
-    }
-
-    #[test]
-    fn only_canonical_tenants_pass() {
-        for ok in [
-            "acme",
-            "42",
-            "0",
-            "-5",
-            "org-7",
-            "7days",
-            "a b",
-            // One organisation in sixteen has a UUID starting with 0.
-            "0ed04a9b-9c0b-4ef8-bb6d-6bb9bd380a11",
-            "d08f1c2e-9c0b-4ef8-bb6d-6bb9bd380a11",
-        ] {
-            assert!(stores_as_written(ok), "{ok}");
-        }
-        for bad in [
-            "007",
-            "+7",
-            "7.0",
-            "1e3",
-            "-0",
-            " acme",
-            "acme ",
-            "0x1F",
-            ".5",
-            "0ED04A9B-9C0B-4EF8-BB6D-6BB9BD380A11",
-            "0ed04a9b9c0b4ef8bb6d6bb9bd380a11",
-            "{0ed04a9b-9c0b-4ef8-bb6d-6bb9bd380a11}",
-        ] {
-            assert!(!stores_as_written(bad), "{bad}");
-        }
-    }
-}
