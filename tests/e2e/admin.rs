@@ -2,8 +2,8 @@
 
 use std::io::{Read, Write};
 
-use crate::encryption::Vault;
-use crate::harness::{ProxyOptions, TestProxy};
+use crate::support::harness::{ProxyOptions, TestProxy};
+use crate::support::vault::Vault;
 use crate::support::{Auth, ClusterOptions, PrivateCluster};
 
 /// Start an admin endpoint for `proxy` on a free port; returns its address.

@@ -19,9 +19,9 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use rand::{Rng, SeedableRng};
 
-use crate::faults::{assert_only_ciphertext, Site};
-use crate::raw::RawConn;
 use crate::support::cluster::ClusterOptions;
+use crate::support::raw::RawConn;
+use crate::support::site::{assert_only_ciphertext, Site};
 
 const WORKERS: usize = 6;
 const OPS: usize = 30;
@@ -43,7 +43,9 @@ struct Worker {
 
 impl Worker {
     async fn connect(cfg: &str) -> (tokio_postgres::Client, i32) {
-        let client = crate::harness::connect(cfg).await.expect("connect");
+        let client = crate::support::harness::connect(cfg)
+            .await
+            .expect("connect");
         let pid: i32 = client
             .query_one("SELECT pg_backend_pid()", &[])
             .await
@@ -252,7 +254,9 @@ impl Worker {
             }
             11 => {
                 // Terminated mid-statement: a pipeline in flight when the backend is killed.
-                let admin = crate::harness::connect(&self.admin_cfg).await.unwrap();
+                let admin = crate::support::harness::connect(&self.admin_cfg)
+                    .await
+                    .unwrap();
                 let pid = self.pid;
                 let delay = Duration::from_millis(self.rng.gen_range(0..30));
                 let rows: Vec<(String, String)> =

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use pgenvelope::keys::{KekProvider, LocalKek};
 
-use crate::tls::Ca;
+use crate::support::ca::Ca;
 
 /// Every environment variable `check` reads, so a developer's settings cannot leak in.
 const CHECK_ENV: &[&str] = &[
@@ -363,9 +363,9 @@ fn against_kms_round_trips_with_a_local_kek() {
 /// type whose printed form is stable.
 #[tokio::test]
 async fn against_db_checks_row_keys() {
-    let good = crate::harness::unique("rk_good");
-    let bad = crate::harness::unique("rk_bad");
-    crate::encryption::direct()
+    let good = crate::support::harness::unique("rk_good");
+    let bad = crate::support::harness::unique("rk_bad");
+    crate::support::harness::direct()
         .await
         .batch_execute(&format!(
             "CREATE TABLE {good} (id bigint PRIMARY KEY, value text);\
@@ -373,7 +373,7 @@ async fn against_db_checks_row_keys() {
         ))
         .await
         .unwrap();
-    let _drop = crate::harness::DropTables(format!("{good}, {bad}"));
+    let _drop = crate::support::harness::DropTables(format!("{good}, {bad}"));
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("rules")).unwrap();
     std::fs::write(
@@ -384,7 +384,7 @@ async fn against_db_checks_row_keys() {
         ),
     )
     .unwrap();
-    let (host, port) = crate::harness::main_pg();
+    let (host, port) = crate::support::harness::main_pg();
     let out = check(
         dir.path(),
         &[
@@ -410,8 +410,8 @@ async fn against_db_checks_row_keys() {
 /// proxy's (the key store's database).
 #[tokio::test]
 async fn against_db_checks_the_data_database() {
-    let app = crate::harness::TempDatabase::create("check_app").await;
-    let t = crate::harness::unique("checked");
+    let app = crate::support::harness::TempDatabase::create("check_app").await;
+    let t = crate::support::harness::unique("checked");
     app.direct()
         .await
         .batch_execute(&format!(
@@ -429,7 +429,7 @@ async fn against_db_checks_the_data_database() {
         ),
     )
     .unwrap();
-    let (host, port) = crate::harness::main_pg();
+    let (host, port) = crate::support::harness::main_pg();
     let upstream = format!("postgres://postgres@{host}:{port}/test");
     let kek = dir.path().join("kek");
     let run = |extra: &[&str]| {

@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use crate::harness::{main_pg, unique, TestProxy};
+use crate::support::harness::{main_pg, unique, TestProxy};
 
 fn psql(port: u16, db: &str, args: &[&str]) -> Output {
     let (host, _) = main_pg();
@@ -230,7 +230,7 @@ fn deploy_files_use_only_existing_settings() {
 /// first command works with an explicit empty rule directory.
 #[test]
 fn sigterm_drains_and_exits() {
-    use crate::raw::{error_field, RawConn};
+    use crate::support::raw::{error_field, RawConn};
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("rules")).unwrap();
     let port = crate::support::free_port().unwrap();
@@ -368,7 +368,7 @@ fn trace_logs_never_contain_values_keys_or_passwords() {
         .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = crate::harness::connect(&format!(
+        let client = crate::support::harness::connect(&format!(
             "host=127.0.0.1 port={port} user=postgres password={pw} dbname=test"
         ))
         .await
@@ -446,7 +446,7 @@ fn trace_logs_never_contain_values_keys_or_passwords() {
 #[test]
 fn sighup_reloads_rules_and_keeps_them_on_error() {
     let (_, pg_port) = main_pg();
-    let table = crate::harness::unique("reload");
+    let table = crate::support::harness::unique("reload");
     ok(&psql(
         pg_port,
         "test",

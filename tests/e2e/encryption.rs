@@ -6,95 +6,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, TryStreamExt};
 use tokio_postgres::error::SqlState;
 
-use crate::harness::{connect, main_pg, unique, ProxyOptions, TestProxy};
-
-/// A vault table per test and an encrypting proxy for it.
-pub struct Vault {
-    pub proxy: TestProxy,
-    pub table: String,
-}
-
-pub fn vault_rules(table: &str) -> String {
-    format!(
-        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\", \"note\"]\n"
-    )
-}
-
-pub async fn direct() -> tokio_postgres::Client {
-    let (host, port) = main_pg();
-    connect(&format!(
-        "host={host} port={port} user=postgres dbname=test"
-    ))
-    .await
-    .unwrap()
-}
-
-impl Vault {
-    pub async fn new() -> Self {
-        Self::with(|_| {}).await
-    }
-
-    pub async fn with(f: impl FnOnce(&mut ProxyOptions)) -> Self {
-        let table = unique("vault");
-        direct()
-            .await
-            .batch_execute(&format!(
-                "CREATE TABLE {table} (id serial primary key, org_id text not null, name text, value text, note varchar)"
-            ))
-            .await
-            .unwrap();
-        let mut opts = ProxyOptions::encrypting(&vault_rules(&table));
-        f(&mut opts);
-        let proxy = TestProxy::with(opts);
-        Vault { proxy, table }
-    }
-
-    pub async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.proxy.pg_config("postgres", None, "test"))
-            .await
-            .unwrap()
-    }
-
-    /// All stored (org_id, value, note) straight from PostgreSQL.
-    pub async fn stored(&self) -> Vec<(String, Option<String>, Option<String>)> {
-        direct()
-            .await
-            .query(
-                &format!(
-                    "SELECT org_id, value, note::text FROM {} ORDER BY id",
-                    self.table
-                ),
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect()
-    }
-
-    /// Every non-NULL encrypted column holds enc:v1 and none holds one of `plaintexts`.
-    pub async fn assert_encrypted_at_rest(&self, plaintexts: &[&str]) {
-        for (_, value, note) in self.stored().await {
-            for v in [value, note].into_iter().flatten() {
-                assert!(v.starts_with("enc:v1:"), "stored in plaintext");
-                for p in plaintexts {
-                    assert!(!v.contains(p));
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Vault {
-    fn drop(&mut self) {
-        crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.table));
-    }
-}
-
-pub(crate) fn code(e: &tokio_postgres::Error) -> Option<String> {
-    e.code().map(|c| c.code().to_owned())
-}
+use crate::support::harness::{code, direct};
+use crate::support::harness::{connect, unique, ProxyOptions, TestProxy};
+use crate::support::vault::Vault;
 
 #[tokio::test]
 async fn seed_scenario_insert_and_select_through_the_proxy() {
@@ -712,7 +626,7 @@ fn psycopg_and_psql_through_the_encrypting_proxy() {
 
 #[test]
 fn extended_protocol_without_describe_and_pipelined_refusal() {
-    use crate::raw::{data_row, error_field, RawConn};
+    use crate::support::raw::{data_row, error_field, RawConn};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let v = rt.block_on(Vault::new());
     let t = &v.table;
@@ -873,7 +787,7 @@ async fn views_ctes_unions_cursors_and_portals_decrypt() {
     .unwrap();
     let msgs = tx.simple_query("FETCH 2 FROM cur").await.unwrap();
     assert_eq!(
-        crate::harness::simple_column(&msgs, 0),
+        crate::support::harness::simple_column(&msgs, 0),
         ["secret-0", "secret-1"]
     );
     // Portal with a row limit.
@@ -958,7 +872,7 @@ async fn restored_ciphertext_is_stored_unchanged_and_copy_without_column_list() 
 
 #[test]
 fn latin1_client_encoding_round_trips() {
-    use crate::raw::{data_row, RawConn};
+    use crate::support::raw::{data_row, RawConn};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let v = rt.block_on(Vault::new());
     let t = &v.table;
@@ -1000,7 +914,7 @@ fn latin1_client_encoding_round_trips() {
 /// valid startup: each session ends or errors, the proxy never panics and keeps serving.
 #[test]
 fn hostile_messages_never_take_the_encrypting_proxy_down() {
-    use crate::raw::RawConn;
+    use crate::support::raw::RawConn;
     use rand::{Rng, SeedableRng};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let v = rt.block_on(Vault::new());

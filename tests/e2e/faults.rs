@@ -17,105 +17,15 @@ use futures_util::SinkExt;
 use pgenvelope::config::SslMode;
 use pgenvelope::fault::PANIC_QUERY;
 
-use crate::encryption::{direct, Vault};
-use crate::harness::{connect, unique, ProxyOptions, TestProxy};
-use crate::raw::{error_field, RawConn};
 use crate::support::cluster::{ClusterOptions, PrivateCluster};
+use crate::support::harness::direct;
+use crate::support::harness::{connect, unique, ProxyOptions, TestProxy};
+use crate::support::raw::{error_field, RawConn};
+use crate::support::site::{assert_only_ciphertext, rules_for, until, Site};
+use crate::support::vault::Vault;
 
 /// Generous upper bound for anything that must eventually happen.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A private cluster with protected tables and an encrypting proxy in front of it.
-pub struct Site {
-    pub proxy: TestProxy,
-    pub cluster: PrivateCluster,
-    pub tables: Vec<String>,
-}
-
-/// Rules protecting `value` and `note` of each table, tenant from `org_id`.
-pub fn rules_for(tables: &[String]) -> String {
-    tables
-        .iter()
-        .map(|t| {
-            format!(
-                "[[table]]\nname = \"public.{t}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\", \"note\"]\n"
-            )
-        })
-        .collect()
-}
-
-impl Site {
-    pub fn start(tables: usize, opts: ClusterOptions, f: impl FnOnce(&mut ProxyOptions)) -> Self {
-        let cluster = PrivateCluster::start(opts).expect("private cluster");
-        let tables: Vec<String> = (0..tables).map(|_| unique("fault")).collect();
-        for t in &tables {
-            cluster
-                .psql(
-                    "test",
-                    &format!(
-                        "CREATE TABLE {t} (id serial primary key, org_id text not null, \
-                         name text, value text, note varchar)"
-                    ),
-                )
-                .expect("create table");
-        }
-        let mut o = ProxyOptions::to("127.0.0.1", cluster.port());
-        o.rules = Some(rules_for(&tables));
-        o.connect_timeout = Duration::from_secs(2);
-        f(&mut o);
-        let proxy = TestProxy::with(o);
-        Site {
-            proxy,
-            cluster,
-            tables,
-        }
-    }
-
-    pub async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.proxy.pg_config("postgres", None, "test"))
-            .await
-            .expect("connect through the proxy")
-    }
-
-    /// A connection straight to the cluster, bypassing the proxy.
-    pub async fn direct(&self) -> tokio_postgres::Client {
-        connect(&format!(
-            "host=127.0.0.1 port={} user=postgres dbname=test",
-            self.cluster.port()
-        ))
-        .await
-        .expect("connect to the cluster")
-    }
-}
-
-/// Fails on any value of a protected column that is neither NULL nor `enc:v1:`; returns the
-/// number of rows scanned.
-pub async fn assert_only_ciphertext(db: &tokio_postgres::Client, table: &str) -> usize {
-    let rows = db
-        .query(&format!("SELECT id, value, note::text FROM {table}"), &[])
-        .await
-        .expect("scan");
-    for r in &rows {
-        let id: i32 = r.get(0);
-        for col in [1, 2] {
-            if let Some(v) = r.get::<_, Option<String>>(col) {
-                assert!(
-                    v.starts_with("enc:v1:"),
-                    "{table} row {id} column {col} holds plaintext at rest"
-                );
-            }
-        }
-    }
-    rows.len()
-}
-
-pub async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !f().await {
-        assert!(started.elapsed() < DEADLINE, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.code().map(|c| c.code())
@@ -552,7 +462,7 @@ fn after_ssl_request(proxy: &TestProxy) -> TcpStream {
 #[test]
 fn garbage_after_tls_negotiation_is_refused_and_the_proxy_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = crate::tls::Ca::new("pgenvelope fault CA");
+    let ca = crate::support::ca::Ca::new("pgenvelope fault CA");
     let ca_file = ca.write(dir.path(), "ca.crt");
     let files = ca.server(dir.path(), "proxy");
     let mut o = ProxyOptions::encrypting(&rules_for(&[unique("tlsfault")]));
@@ -692,7 +602,7 @@ async fn a_panicking_session_ends_alone_with_xx000() {
 #[test]
 fn a_panicking_session_does_not_take_down_its_worker_thread() {
     // The real binary with one worker thread: every session shares the thread that panics.
-    let (host, port) = crate::harness::main_pg();
+    let (host, port) = crate::support::harness::main_pg();
     let mut serve = crate::soak::Serve::start(
         &format!("postgres://postgres@{host}:{port}/test"),
         None,

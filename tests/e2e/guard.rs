@@ -5,8 +5,8 @@
 use crate::support::output_text;
 use std::process::{Command, Output, Stdio};
 
-use crate::encryption::{code, direct};
-use crate::harness::{connect, main_pg, unique, ProxyOptions, TempDatabase, TestProxy};
+use crate::support::harness::{code, direct};
+use crate::support::harness::{connect, main_pg, unique, ProxyOptions, TempDatabase, TestProxy};
 
 fn guard(rules: &std::path::Path, extra: &[&str]) -> Output {
     guard_command(rules, extra).output().unwrap()

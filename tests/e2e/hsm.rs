@@ -220,8 +220,8 @@ mod scenarios {
     };
 
     use super::{CHILD_ENV, KEY_LABEL, MODULE, TOKEN_ENV, USER_PIN};
-    use crate::encryption::Vault;
-    use crate::harness::{main_pg, unique};
+    use crate::support::harness::{main_pg, unique};
+    use crate::support::vault::Vault;
 
     /// The token this child process was given, or `None` when run outside a parent test.
     fn token() -> Option<String> {
@@ -431,7 +431,7 @@ mod scenarios {
         );
         v.assert_encrypted_at_rest(&["sk_live_hsm", "first", "hunter2"])
             .await;
-        let keks: Vec<String> = crate::encryption::direct()
+        let keks: Vec<String> = crate::support::harness::direct()
             .await
             .query(
                 &format!("SELECT DISTINCT kek FROM {}.data_keys", v.proxy.key_schema),

@@ -12,8 +12,9 @@ use pgenvelope::crypto::{ColumnId, ColumnKey, DekId, EncV1, OrgId};
 use pgenvelope::keys::{KekProvider, KeyContext, LocalKek};
 use uuid::Uuid;
 
-use crate::encryption::{direct, vault_rules, Vault};
-use crate::harness::{connect, main_pg, ProxyOptions, TestProxy};
+use crate::support::harness::direct;
+use crate::support::harness::{connect, main_pg, ProxyOptions, TestProxy};
+use crate::support::vault::{vault_rules, Vault};
 
 /// Run the binary with the key store flags of `schema` (and `--kms local:KEK` for commands
 /// that use a KEK).

@@ -22,9 +22,10 @@ use aws_sdk_kms::config::{Credentials, SharedCredentialsProvider};
 use pgenvelope::crypto::{DataKey, DekId, OrgId};
 use pgenvelope::keys::{AwsKmsKek, KekError, KekProvider, KeyContext, KmsCallError, LocalKek};
 
-use crate::encryption::{direct, Vault};
-use crate::harness::unique;
 use crate::support::binaries::{python, require_tool};
+use crate::support::harness::direct;
+use crate::support::harness::unique;
+use crate::support::vault::Vault;
 
 /// A moto server process. Dropping it kills it (by PID) whatever state it is in.
 struct Moto {
@@ -557,9 +558,10 @@ async fn concurrent_users_of_a_new_org_share_one_kms_call() {
     // A fresh proxy over the same key store: 100 concurrent cold reads of one DEK and 20
     // connections reading another organisation make one Decrypt per organisation.
     let reader = Counting::new(provider(&moto.url(), &alias));
-    let mut reader_proxy = crate::harness::TestProxy::with({
-        let mut o =
-            crate::harness::ProxyOptions::encrypting(&crate::encryption::vault_rules(&vault.table));
+    let mut reader_proxy = crate::support::harness::TestProxy::with({
+        let mut o = crate::support::harness::ProxyOptions::encrypting(
+            &crate::support::vault::vault_rules(&vault.table),
+        );
         o.key_schema = vault.proxy.key_schema.clone();
         o.kek = Some(reader.clone());
         o
@@ -577,7 +579,7 @@ async fn concurrent_users_of_a_new_org_share_one_kms_call() {
         let cfg = reader_proxy.pg_config("postgres", None, "test");
         let sql = sql.clone();
         tasks.push(tokio::spawn(async move {
-            let client = crate::harness::connect(&cfg).await.unwrap();
+            let client = crate::support::harness::connect(&cfg).await.unwrap();
             assert_eq!(client.query(&sql, &[]).await.unwrap().len(), 20);
         }));
     }
@@ -604,15 +606,16 @@ async fn deks_of_a_previous_kek_stay_readable_with_kms_also() {
 
     // After: AWS KMS primary, the local KEK unwrap-only, same table and key store.
     let table = before.table.clone();
-    let migrated = crate::harness::TestProxy::with({
-        let mut o =
-            crate::harness::ProxyOptions::encrypting(&crate::encryption::vault_rules(&table));
+    let migrated = crate::support::harness::TestProxy::with({
+        let mut o = crate::support::harness::ProxyOptions::encrypting(
+            &crate::support::vault::vault_rules(&table),
+        );
         o.key_schema = before.proxy.key_schema.clone();
         o.kek = Some(provider(&moto.url(), &alias));
         o.kek_also = vec![Arc::clone(&old)];
         o
     });
-    let client = crate::harness::connect(&migrated.pg_config("postgres", None, "test"))
+    let client = crate::support::harness::connect(&migrated.pg_config("postgres", None, "test"))
         .await
         .unwrap();
     let rows = client
@@ -639,14 +642,15 @@ async fn deks_of_a_previous_kek_stay_readable_with_kms_also() {
     );
 
     // Without --kms-also the old DEK cannot be used: 58000, not garbage.
-    let strict = crate::harness::TestProxy::with({
-        let mut o =
-            crate::harness::ProxyOptions::encrypting(&crate::encryption::vault_rules(&table));
+    let strict = crate::support::harness::TestProxy::with({
+        let mut o = crate::support::harness::ProxyOptions::encrypting(
+            &crate::support::vault::vault_rules(&table),
+        );
         o.key_schema = before.proxy.key_schema.clone();
         o.kek = Some(provider(&moto.url(), &alias));
         o
     });
-    let client = crate::harness::connect(&strict.pg_config("postgres", None, "test"))
+    let client = crate::support::harness::connect(&strict.pg_config("postgres", None, "test"))
         .await
         .unwrap();
     let err = client
@@ -675,7 +679,7 @@ async fn keys_rewrap_moves_deks_between_kms_keys_with_reencrypt() {
     insert(&vault, "globex", "globex-secret").await.unwrap();
     let before = vault.stored().await;
 
-    let (host, port) = crate::harness::main_pg();
+    let (host, port) = crate::support::harness::main_pg();
     let out = Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
         .args(["keys", "rewrap", "--reason", "move to the new KMS key"])
         .arg("--upstream")
@@ -717,14 +721,15 @@ async fn keys_rewrap_moves_deks_between_kms_keys_with_reencrypt() {
 
     // A proxy holding only the second key reads both organisations.
     let table = vault.table.clone();
-    let mut reader = crate::harness::TestProxy::with({
-        let mut o =
-            crate::harness::ProxyOptions::encrypting(&crate::encryption::vault_rules(&table));
+    let mut reader = crate::support::harness::TestProxy::with({
+        let mut o = crate::support::harness::ProxyOptions::encrypting(
+            &crate::support::vault::vault_rules(&table),
+        );
         o.key_schema = vault.proxy.key_schema.clone();
         o.kek = Some(provider(&moto.url(), &second));
         o
     });
-    let client = crate::harness::connect(&reader.pg_config("postgres", None, "test"))
+    let client = crate::support::harness::connect(&reader.pg_config("postgres", None, "test"))
         .await
         .unwrap();
     let rows = client

@@ -2,9 +2,10 @@
 //! client encodings (also while a change is still in flight), string continuation, NUL bytes,
 //! and the refusal statements the proxy makes the server raise.
 
-use crate::encryption::{code, direct, Vault};
-use crate::harness::{connect, main_pg, unique, ProxyOptions, TestProxy};
-use crate::raw::{error_field, Msg, RawConn};
+use crate::support::harness::{code, direct};
+use crate::support::harness::{connect, main_pg, unique, ProxyOptions, TestProxy};
+use crate::support::raw::{error_field, Msg, RawConn};
+use crate::support::vault::Vault;
 
 fn raw(v: &Vault, extra: &[(&str, &[u8])]) -> RawConn {
     let mut params: Vec<(&str, &[u8])> = vec![("user", b"postgres"), ("database", b"test")];

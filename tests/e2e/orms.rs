@@ -8,9 +8,9 @@
 
 use std::process::Stdio;
 
-use crate::encryption::direct;
-use crate::harness::{unique, ProxyOptions, TestProxy};
 use crate::support::binaries::{client_script, node, python};
+use crate::support::harness::direct;
+use crate::support::vault::Fixture;
 use crate::support::{output_text, require_tool};
 
 /// One app run: which ORM and how it is set up.
@@ -54,31 +54,30 @@ fn node_has(module: &str) -> bool {
 }
 
 async fn run_app(run: Run) {
-    let table = unique("customer");
     let org_column = match run.org_type {
         "uuid" => "uuid",
         _ => "bigint",
     };
-    direct()
-        .await
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (id bigserial PRIMARY KEY, org_id {org_column} NOT NULL, \
-             name text NOT NULL, email text, ssn text, notes text)"
-        ))
-        .await
-        .unwrap();
-    let _drop = crate::harness::DropTables(table.clone());
-    let rules = format!(
-        "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\n{}\
-         encrypt = [\"email\", \"ssn\", \"notes\"]\n",
-        if run.row_key {
-            "row_key = \"id\"\n"
-        } else {
-            ""
-        }
-    );
-    let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-    let url = proxy.url("postgres", None, "test");
+    let row_key = if run.row_key {
+        "row_key = \"id\"\n"
+    } else {
+        ""
+    };
+    let app = Fixture::new(
+        "customer",
+        &format!(
+            "(id bigserial PRIMARY KEY, org_id {org_column} NOT NULL, name text NOT NULL, \
+             email text, ssn text, notes text)"
+        ),
+        |t| {
+            format!(
+                "[[table]]\nname = \"public.{t}\"\ntenant_column = \"org_id\"\n{row_key}\
+                 encrypt = [\"email\", \"ssn\", \"notes\"]\n"
+            )
+        },
+    )
+    .await;
+    let (url, table) = (app.url(), app.table.clone());
     let variant_var = if run.script.starts_with("django") {
         "BINDING"
     } else {
@@ -114,7 +113,7 @@ async fn run_app(run: Run) {
     let rows = direct()
         .await
         .query(
-            &format!("SELECT email, ssn, notes FROM {} ORDER BY id", _drop.0),
+            &format!("SELECT email, ssn, notes FROM {} ORDER BY id", app.table),
             &[],
         )
         .await
@@ -130,7 +129,7 @@ async fn run_app(run: Run) {
         }
     }
     assert!(values >= 8, "{run:?}: only {values} values stored");
-    drop(proxy);
+    drop(app);
 }
 
 #[tokio::test]

@@ -8,8 +8,8 @@ use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutStream};
 use tokio_postgres::types::Type;
 use tokio_postgres::AsyncMessage;
 
-use crate::harness::{connect, main_pg, unique, ProxyOptions, TestProxy};
-use crate::raw::{data_row, error_field, RawConn};
+use crate::support::harness::{connect, main_pg, unique, ProxyOptions, TestProxy};
+use crate::support::raw::{data_row, error_field, RawConn};
 
 fn cfg(proxy: &TestProxy) -> String {
     proxy.pg_config("postgres", None, "test")
@@ -392,7 +392,7 @@ fn backend_key_data_and_parameter_status_reach_the_client_unchanged() {
         "CommandComplete, ParameterStatus, ReadyForQuery"
     );
     assert_eq!(
-        crate::raw::split_status(&reply[1].1),
+        crate::support::raw::split_status(&reply[1].1),
         (b"TimeZone".to_vec(), b"Asia/Tokyo".to_vec())
     );
 

@@ -6,95 +6,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::encryption::Vault;
-use crate::harness::{main_pg, TestProxy};
-use crate::raw::{error_field, Msg, RawConn};
-
-pub(crate) fn raw(port: u16) -> RawConn {
-    RawConn::connect(port, &[("user", b"postgres"), ("database", b"test")])
-        .unwrap()
-        .0
-}
-
-fn cstr(b: &mut Vec<u8>, s: &[u8]) {
-    b.extend_from_slice(s);
-    b.push(0);
-}
-
-/// Where frontend messages go: straight to a connection, or into a buffer sent in one write.
-pub(crate) trait Out {
-    fn put(&mut self, tag: u8, body: &[u8]);
-}
-
-impl Out for RawConn {
-    fn put(&mut self, tag: u8, body: &[u8]) {
-        self.send(tag, body).unwrap();
-    }
-}
-
-impl Out for Vec<u8> {
-    fn put(&mut self, tag: u8, body: &[u8]) {
-        self.push(tag);
-        self.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        self.extend_from_slice(body);
-    }
-}
-
-pub(crate) fn parse(c: &mut impl Out, name: &str, sql: &str, types: &[u32]) {
-    let mut b = Vec::new();
-    cstr(&mut b, name.as_bytes());
-    cstr(&mut b, sql.as_bytes());
-    b.extend_from_slice(&(types.len() as i16).to_be_bytes());
-    for t in types {
-        b.extend_from_slice(&t.to_be_bytes());
-    }
-    c.put(b'P', &b);
-}
-
-pub(crate) fn bind(c: &mut impl Out, portal: &str, stmt: &str, params: &[&str]) {
-    let mut b = Vec::new();
-    cstr(&mut b, portal.as_bytes());
-    cstr(&mut b, stmt.as_bytes());
-    b.extend_from_slice(&0i16.to_be_bytes());
-    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
-    for p in params {
-        b.extend_from_slice(&(p.len() as i32).to_be_bytes());
-        b.extend_from_slice(p.as_bytes());
-    }
-    b.extend_from_slice(&0i16.to_be_bytes());
-    c.put(b'B', &b);
-}
-
-pub(crate) fn execute(c: &mut impl Out, portal: &str) {
-    let mut b = Vec::new();
-    cstr(&mut b, portal.as_bytes());
-    b.extend_from_slice(&0i32.to_be_bytes());
-    c.put(b'E', &b);
-}
-
-fn close_statement(c: &mut impl Out, name: &str) {
-    let mut b = vec![b'S'];
-    cstr(&mut b, name.as_bytes());
-    c.put(b'C', &b);
-}
-
-pub(crate) fn query(c: &mut impl Out, sql: &str) {
-    let mut b = Vec::new();
-    cstr(&mut b, sql.as_bytes());
-    c.put(b'Q', &b);
-}
-
-pub(crate) fn sync(c: &mut RawConn) -> Vec<Msg> {
-    c.send(b'S', &[]).unwrap();
-    c.read_until_ready().unwrap()
-}
-
-pub(crate) fn codes(msgs: &[Msg]) -> Vec<String> {
-    msgs.iter()
-        .filter(|(t, _)| *t == b'E')
-        .filter_map(|(_, b)| error_field(b, b'C'))
-        .collect()
-}
+use crate::support::harness::{main_pg, TestProxy};
+use crate::support::raw::RawConn;
+use crate::support::raw::{bind, close_statement, codes, execute, parse, query, raw, sync, Out};
+use crate::support::vault::Vault;
 
 /// Prepare `s` as an insert whose second parameter is encrypted.
 fn prepare_insert(c: &mut RawConn, v: &Vault, name: &str) {
@@ -273,7 +188,7 @@ async fn bad_startup_length_closes_silently_as_postgresql_does() {
 
 /// Through `v`'s proxy, in `db`: create a table and read it, so the catalog looks it up.
 async fn read_through_proxy(v: &Vault, db: &str, table: &str) -> Result<(), tokio_postgres::Error> {
-    let c = crate::harness::connect(&v.proxy.pg_config("postgres", None, db))
+    let c = crate::support::harness::connect(&v.proxy.pg_config("postgres", None, db))
         .await
         .unwrap();
     c.batch_execute(&format!(
@@ -289,9 +204,9 @@ async fn read_through_proxy(v: &Vault, db: &str, table: &str) -> Result<(), toki
 #[tokio::test]
 async fn catalog_connection_does_not_keep_a_dropped_database_open() {
     let v = Vault::new().await;
-    let db = crate::harness::TempDatabase::create("psync_db").await;
+    let db = crate::support::harness::TempDatabase::create("psync_db").await;
     read_through_proxy(&v, &db.0, "t").await.unwrap();
-    let direct = crate::encryption::direct().await;
+    let direct = crate::support::harness::direct().await;
     // CREATE DATABASE … TEMPLATE and DROP DATABASE wait (up to 5 s) for other sessions to go.
     let copy = format!("{}_copy", db.0);
     direct
@@ -311,8 +226,8 @@ async fn catalog_connection_does_not_keep_a_dropped_database_open() {
 #[tokio::test]
 async fn catalog_look_up_survives_a_terminated_service_connection() {
     let v = Vault::new().await;
-    let db = crate::harness::TempDatabase::create("psync_db").await;
-    let c = crate::harness::connect(&v.proxy.pg_config("postgres", None, &db.0))
+    let db = crate::support::harness::TempDatabase::create("psync_db").await;
+    let c = crate::support::harness::connect(&v.proxy.pg_config("postgres", None, &db.0))
         .await
         .unwrap();
     for i in 0..10 {
@@ -320,7 +235,7 @@ async fn catalog_look_up_survives_a_terminated_service_connection() {
             .await
             .unwrap();
     }
-    let direct = crate::encryption::direct().await;
+    let direct = crate::support::harness::direct().await;
     c.query("SELECT * FROM t0", &[]).await.unwrap();
     for i in 1..10 {
         // Each round: the service connection is killed, then a new table is looked up at once.

@@ -11,8 +11,8 @@ use futures_util::SinkExt;
 use pgenvelope::crypto::{DekId, EncV1};
 use sha2::{Digest, Sha256};
 
-use crate::encryption::direct;
-use crate::harness::{connect, main_pg, unique, ProxyOptions, TempDatabase, TestProxy};
+use crate::support::harness::direct;
+use crate::support::harness::{connect, main_pg, unique, ProxyOptions, TempDatabase, TestProxy};
 
 /// An encrypting proxy plus the files the CLI needs to work on the same key store.
 struct Setup {
@@ -721,7 +721,7 @@ async fn reencrypt_binds_values_to_their_rows() {
         .await
         .unwrap_err();
     assert_eq!(
-        crate::encryption::code(&err).as_deref(),
+        crate::support::harness::code(&err).as_deref(),
         Some("XX001"),
         "{err}"
     );

@@ -4,43 +4,37 @@
 
 use futures_util::{SinkExt, TryStreamExt};
 
-use crate::encryption::{code, direct};
-use crate::harness::{connect, simple_column, unique, DropTables, ProxyOptions, TestProxy};
+use crate::support::harness::{
+    code, connect, direct, simple_column, unique, DropTables, ProxyOptions, TestProxy,
+};
+use crate::support::vault::Fixture;
 
 /// A table `(id bigint primary key, org_id, value)` and a proxy encrypting `value`; `bound`
 /// sets `row_key = "id"`.
 struct Vault {
-    proxy: TestProxy,
+    f: Fixture,
     table: String,
-    _drop: DropTables,
 }
 
 impl Vault {
     async fn new(bound: bool) -> Self {
-        let table = unique("rowbind");
-        direct()
-            .await
-            .batch_execute(&format!(
-                "CREATE TABLE {table} (id bigint primary key, org_id text not null, value text)"
-            ))
-            .await
-            .unwrap();
         let key = if bound { "row_key = \"id\"\n" } else { "" };
-        let rules = format!(
-            "[[table]]\nname = \"{table}\"\ntenant_column = \"org_id\"\n{key}encrypt = [\"value\"]\n"
-        );
-        let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-        Vault {
-            proxy,
-            _drop: DropTables(table.clone()),
-            table,
-        }
+        let f = Fixture::new(
+            "rowbind",
+            "(id bigint primary key, org_id text not null, value text)",
+            |t| {
+                format!(
+                    "[[table]]\nname = \"{t}\"\ntenant_column = \"org_id\"\n{key}encrypt = [\"value\"]\n"
+                )
+            },
+        )
+        .await;
+        let table = f.table.clone();
+        Vault { f, table }
     }
 
     async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.proxy.pg_config("postgres", None, "test"))
-            .await
-            .unwrap()
+        self.f.client().await
     }
 
     /// `value` of row `id` read with its key (error code on refusal).
@@ -318,8 +312,8 @@ async fn a_dump_from_before_row_binding_restores_bound() {
         "[[table]]\nname = \"{t}\"\ntenant_column = \"org_id\"\nrow_key = \"id\"\nencrypt = [\"value\"]\n"
     );
     let mut opts = ProxyOptions::encrypting(&rules);
-    opts.key_schema = before.proxy.key_schema.clone();
-    opts.kek_path = Some(before.proxy.kek_path.clone());
+    opts.key_schema = before.f.proxy.key_schema.clone();
+    opts.kek_path = Some(before.f.proxy.kek_path.clone());
     let after = TestProxy::with(opts);
     let c = connect(&after.pg_config("postgres", None, "test"))
         .await

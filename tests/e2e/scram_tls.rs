@@ -11,12 +11,12 @@ use std::process::{Command, Stdio};
 
 use pgenvelope::config::SslMode;
 
-use crate::harness::{ProxyOptions, TestProxy};
 use crate::support::binaries::node;
+use crate::support::ca::{psql_conninfo, tls_cluster_with, Ca};
+use crate::support::harness::{ProxyOptions, TestProxy};
 use crate::support::{
     output_text, require_tool, Auth, ClientScript, ClusterOptions, PrivateCluster,
 };
-use crate::tls::{psql_conninfo, tls_cluster_with, Ca};
 
 const USER: &str = "app";
 const PASSWORD: &str = "app-secret";

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{connect, ProxyOptions, TestProxy};
+use crate::support::harness::{connect, ProxyOptions, TestProxy};
 use crate::support::{require_tool, Auth, ClientScript, ClusterOptions, PrivateCluster};
 
 fn proxy_for(cluster: &PrivateCluster) -> TestProxy {

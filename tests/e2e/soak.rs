@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::faults::{assert_only_ciphertext, rules_for};
-use crate::harness::unique;
 use crate::support::cluster::{ClusterOptions, PrivateCluster};
+use crate::support::harness::unique;
+use crate::support::site::{assert_only_ciphertext, rules_for};
 
 /// The `pgenvelope serve` binary as a child process in a temporary directory (rules and a
 /// local KEK there), killed by PID on drop.
@@ -147,7 +147,9 @@ async fn worker(
     seed: u64,
     totals: Arc<Totals>,
 ) -> (tokio_postgres::Client, HashMap<i32, String>) {
-    let client = crate::harness::connect(&cfg).await.expect("connect");
+    let client = crate::support::harness::connect(&cfg)
+        .await
+        .expect("connect");
     let org = format!("org{}", n % 25);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ n as u64);
     let insert = client
@@ -414,7 +416,7 @@ fn soak_many_connections_mixed_encrypted_workload() {
         "proxy RSS grew from {warm} KiB after warm-up to {rss_end} KiB"
     );
     let db = rt.block_on(async {
-        crate::harness::connect(&format!(
+        crate::support::harness::connect(&format!(
             "host=127.0.0.1 port={} user=postgres dbname=test",
             cluster.port()
         ))

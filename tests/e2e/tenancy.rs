@@ -1,7 +1,9 @@
 //! The session tenant as PostgreSQL sees it: setting names match in any case.
 
-use crate::encryption::{code, direct};
-use crate::harness::{connect, simple_column, unique, DropTables, ProxyOptions, TestProxy};
+use crate::support::harness::{
+    code, connect, direct, simple_column, unique, DropTables, ProxyOptions, TestProxy,
+};
+use crate::support::vault::Fixture;
 
 /// A table whose rows carry no tenant column (the session tenant seals), and a proxy for it.
 struct Notes {
@@ -49,7 +51,7 @@ impl Notes {
 
 impl Drop for Notes {
     fn drop(&mut self) {
-        crate::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.table));
+        crate::support::harness::psql_on_main(&format!("DROP TABLE IF EXISTS {}", self.table));
     }
 }
 
@@ -249,7 +251,7 @@ async fn row_tenants_stored_differently_from_how_they_are_written_are_refused() 
 /// readable by its owner.
 #[tokio::test]
 async fn writes_that_would_make_a_row_unreadable_are_refused() {
-    let v = crate::encryption::Vault::new().await;
+    let v = crate::support::vault::Vault::new().await;
     let t = &v.table;
     let c = v.client().await;
     c.batch_execute(&format!(
@@ -383,8 +385,8 @@ async fn rollback_to_savepoint_undoes_a_tenant_change() {
 /// not under a change pipelined after it.
 #[tokio::test]
 async fn rows_are_read_under_the_tenant_their_statement_was_sent_under() {
-    use crate::protocol_sync::{bind, codes, execute, parse, query, raw};
-    use crate::raw::data_rows;
+    use crate::support::raw::data_rows;
+    use crate::support::raw::{bind, codes, execute, parse, query, raw};
     use std::io::Write;
 
     let n = Notes::new().await;
@@ -626,4 +628,113 @@ async fn value_of_another_organisation_is_refused_with_a_binary_tenant_column() 
         .await
         .unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("XX001"), "{err}");
+}
+
+/// ORM issue, item 5: tenants of every tenant column type work as ORMs send them. A UUID tenant
+/// cast to `uuid` (32 hex digits as Django writes it, upper case, braces) or bound as a `uuid`
+/// parameter is taken in its canonical form, as stored, and so is a canonical UUID that starts
+/// with `0` (one organisation in sixteen, refused before as "a number not in canonical form").
+/// Every value reads back through the proxy with its row's tenant column in the result (so one
+/// sealed for another organisation would be refused), and an UPDATE by key alone (tenant looked
+/// up) is sealed for the row's own organisation.
+#[tokio::test]
+async fn tenants_of_every_column_type_as_orms_send_them() {
+    let org_uuid = uuid::Uuid::parse_str("0ed04a9b-9c0b-4ef8-bb6d-6bb9bd380a11").unwrap();
+    let cases: [(&str, Vec<String>); 4] = [
+        (
+            "text",
+            vec![
+                "'acme'".into(),
+                "'0ed04a9b-9c0b-4ef8-bb6d-6bb9bd380a11'".into(),
+            ],
+        ),
+        ("integer", vec!["7".into(), "'7'".into(), "7::int4".into()]),
+        (
+            "bigint",
+            vec!["9000000000".into(), "'9000000000'::bigint".into()],
+        ),
+        (
+            "uuid",
+            vec![
+                "'0ed04a9b-9c0b-4ef8-bb6d-6bb9bd380a11'".into(),
+                "'0ed04a9b9c0b4ef8bb6d6bb9bd380a11'::uuid".into(),
+                "'0ED04A9B-9C0B-4EF8-BB6D-6BB9BD380A11'::uuid".into(),
+                "'{0ed04a9b-9c0b-4ef8-bb6d-6bb9bd380a11}'::UUID".into(),
+            ],
+        ),
+    ];
+    for (ty, literals) in cases {
+        let f = Fixture::new(
+            "tenanttype",
+            &format!("(id serial primary key, org_id {ty} not null, value text)"),
+            |t| format!("[[table]]\nname = \"{t}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"),
+        )
+        .await;
+        let (t, c) = (f.table.clone(), f.client().await);
+        // Literals, through the casts ORMs write.
+        for (i, lit) in literals.iter().enumerate() {
+            c.batch_execute(&format!(
+                "INSERT INTO {t} (org_id, value) VALUES ({lit}, 'literal-{i}')"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{ty} {lit}: {e}"));
+        }
+        // Parameters of the column's own type (binary), and the UPDATE by key alone.
+        let id: i32 = match ty {
+            "text" => {
+                c.query_one(
+                    &format!("INSERT INTO {t} (org_id, value) VALUES ($1, $2) RETURNING id"),
+                    &[&"acme", &"param"],
+                )
+                .await
+            }
+            "integer" => {
+                c.query_one(
+                    &format!("INSERT INTO {t} (org_id, value) VALUES ($1, $2) RETURNING id"),
+                    &[&7i32, &"param"],
+                )
+                .await
+            }
+            "bigint" => {
+                c.query_one(
+                    &format!("INSERT INTO {t} (org_id, value) VALUES ($1, $2) RETURNING id"),
+                    &[&9_000_000_000i64, &"param"],
+                )
+                .await
+            }
+            _ => {
+                c.query_one(
+                    &format!("INSERT INTO {t} (org_id, value) VALUES ($1::UUID, $2) RETURNING id"),
+                    &[&org_uuid, &"param"],
+                )
+                .await
+            }
+        }
+        .unwrap_or_else(|e| panic!("{ty} parameter: {e}"))
+        .get(0);
+        c.execute(
+            &format!("UPDATE {t} SET value = $1 WHERE {t}.id = $2"),
+            &[&"updated", &id],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{ty} update by key: {e}"));
+        let rows = c
+            .query(
+                &format!("SELECT org_id::text, value FROM {t} ORDER BY id"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{ty} read back: {e}"));
+        let values: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+        let mut want: Vec<String> = (0..literals.len())
+            .map(|i| format!("literal-{i}"))
+            .collect();
+        want.push("updated".into());
+        assert_eq!(values, want, "{ty}");
+        // Read with the tenant column as the table has it (binary for non-text types): each
+        // value is its own row's organisation's.
+        c.query(&format!("SELECT org_id, value FROM {t}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{ty} read with the tenant column: {e}"));
+    }
 }

@@ -4,8 +4,9 @@
 
 use futures_util::SinkExt;
 
-use crate::encryption::{code, direct, Vault};
-use crate::harness::{unique, ProxyOptions, TestProxy};
+use crate::support::harness::{code, direct};
+use crate::support::harness::{unique, ProxyOptions, TestProxy};
+use crate::support::vault::Vault;
 
 async fn refused(client: &tokio_postgres::Client, sql: &str) {
     let err = client.batch_execute(sql).await.expect_err(sql);
@@ -552,7 +553,7 @@ async fn value_proxy(table: &str) -> (TestProxy, tokio_postgres::Client) {
         "[[table]]\nname = \"public.{table}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"
     );
     let proxy = TestProxy::with(ProxyOptions::encrypting(&rules));
-    let client = crate::harness::connect(&proxy.pg_config("postgres", None, "test"))
+    let client = crate::support::harness::connect(&proxy.pg_config("postgres", None, "test"))
         .await
         .unwrap();
     (proxy, client)

@@ -1,10 +1,16 @@
-//! Shared helpers for the end-to-end tests: private PostgreSQL clusters and external programs.
+//! Shared helpers for the end-to-end tests: the in-process proxy and one-call fixtures, private
+//! PostgreSQL clusters (plain, TLS, killable), a raw protocol client, external programs.
 //!
 //! Not every helper is used by every build of the test binary.
 #![allow(dead_code, unused_imports)]
 
 pub(crate) mod binaries;
+pub(crate) mod ca;
 pub(crate) mod cluster;
+pub(crate) mod harness;
+pub(crate) mod raw;
+pub(crate) mod site;
+pub(crate) mod vault;
 
 pub(crate) use binaries::{pgbench, psql, require_tool, ClientScript};
 pub(crate) use cluster::{free_port, Auth, ClusterOptions, PrivateCluster};

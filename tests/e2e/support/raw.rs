@@ -137,3 +137,90 @@ pub fn error_field(body: &[u8], field: u8) -> Option<String> {
     }
     None
 }
+
+/// A raw connection through the proxy (or any server) on `port`, as postgres to test.
+pub(crate) fn raw(port: u16) -> RawConn {
+    RawConn::connect(port, &[("user", b"postgres"), ("database", b"test")])
+        .unwrap()
+        .0
+}
+
+fn cstr(b: &mut Vec<u8>, s: &[u8]) {
+    b.extend_from_slice(s);
+    b.push(0);
+}
+
+/// Where frontend messages go: straight to a connection, or into a buffer sent in one write.
+pub(crate) trait Out {
+    fn put(&mut self, tag: u8, body: &[u8]);
+}
+
+impl Out for RawConn {
+    fn put(&mut self, tag: u8, body: &[u8]) {
+        self.send(tag, body).unwrap();
+    }
+}
+
+impl Out for Vec<u8> {
+    fn put(&mut self, tag: u8, body: &[u8]) {
+        self.push(tag);
+        self.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        self.extend_from_slice(body);
+    }
+}
+
+pub(crate) fn parse(c: &mut impl Out, name: &str, sql: &str, types: &[u32]) {
+    let mut b = Vec::new();
+    cstr(&mut b, name.as_bytes());
+    cstr(&mut b, sql.as_bytes());
+    b.extend_from_slice(&(types.len() as i16).to_be_bytes());
+    for t in types {
+        b.extend_from_slice(&t.to_be_bytes());
+    }
+    c.put(b'P', &b);
+}
+
+pub(crate) fn bind(c: &mut impl Out, portal: &str, stmt: &str, params: &[&str]) {
+    let mut b = Vec::new();
+    cstr(&mut b, portal.as_bytes());
+    cstr(&mut b, stmt.as_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        b.extend_from_slice(p.as_bytes());
+    }
+    b.extend_from_slice(&0i16.to_be_bytes());
+    c.put(b'B', &b);
+}
+
+pub(crate) fn execute(c: &mut impl Out, portal: &str) {
+    let mut b = Vec::new();
+    cstr(&mut b, portal.as_bytes());
+    b.extend_from_slice(&0i32.to_be_bytes());
+    c.put(b'E', &b);
+}
+
+pub(crate) fn close_statement(c: &mut impl Out, name: &str) {
+    let mut b = vec![b'S'];
+    cstr(&mut b, name.as_bytes());
+    c.put(b'C', &b);
+}
+
+pub(crate) fn query(c: &mut impl Out, sql: &str) {
+    let mut b = Vec::new();
+    cstr(&mut b, sql.as_bytes());
+    c.put(b'Q', &b);
+}
+
+pub(crate) fn sync(c: &mut RawConn) -> Vec<Msg> {
+    c.send(b'S', &[]).unwrap();
+    c.read_until_ready().unwrap()
+}
+
+pub(crate) fn codes(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'E')
+        .filter_map(|(_, b)| error_field(b, b'C'))
+        .collect()
+}

@@ -377,3 +377,18 @@ pub fn unique(prefix: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// A connection straight to the shared test PostgreSQL, bypassing the proxy.
+pub async fn direct() -> tokio_postgres::Client {
+    let (host, port) = main_pg();
+    connect(&format!(
+        "host={host} port={port} user=postgres dbname=test"
+    ))
+    .await
+    .unwrap()
+}
+
+/// The SQLSTATE of an error, if it came from the server (or from the proxy's refusal).
+pub(crate) fn code(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
