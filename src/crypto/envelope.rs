@@ -13,6 +13,13 @@
 //!
 //! The version lives in the text prefix; the algorithm byte comes first in the binary value.
 //!
+//! A *searchable* value (column with `search = "equality"` or `"equality-ci"`) puts a search
+//! part in front of that layout: byte `0x04`, then a 17-byte search term
+//! ([`crate::crypto::search`]), then an ordinary `0x01` or `0x03` value whose offsets above
+//! are shifted by 18. Its AAD covers the search part too (bytes 0..39 instead of 0..21), so a
+//! term cannot be moved to another value. The first 31 characters of its text depend on the
+//! term alone.
+//!
 //! * AAD = `b"pgenvelope/v1"` ‖ bytes 0..21 of the binary value ‖ the organisation id's UTF-8
 //!   bytes. Changing the algorithm, DEK id, column id or organisation fails authentication.
 //! * Row binding (`0x03`, tables with a `row_key`): the AAD goes on with a zero byte and the
@@ -56,6 +63,7 @@ use zeroize::Zeroizing;
 use crate::crypto::aead::{Aead256, MAX_PLAINTEXT_LEN, NONCE_LEN, TAG_LEN};
 use crate::crypto::key::{ColumnId, DataKey, DekId, OrgId, KEY_LEN};
 use crate::crypto::nonce::NonceSource;
+use crate::crypto::search::{SearchTerm, SEARCHABLE_BYTE, SEARCH_PART_LEN, TERM_LEN};
 
 /// The text prefix of every value in this format.
 pub const ENC_V1_PREFIX: &[u8] = b"enc:v1:";
@@ -78,7 +86,7 @@ const AAD_HEADER_LEN: usize = NONCE_OFFSET;
 const MIN_BINARY_LEN: usize = HEADER_LEN + TAG_LEN;
 /// Longest organisation id ([`OrgId`]'s invariant).
 const MAX_ORG_LEN: usize = 255;
-const MAX_AAD_LEN: usize = AAD_LABEL.len() + AAD_HEADER_LEN + MAX_ORG_LEN;
+const MAX_AAD_LEN: usize = AAD_LABEL.len() + SEARCH_PART_LEN + AAD_HEADER_LEN + MAX_ORG_LEN;
 
 /// Algorithm byte of an `enc:v1` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,6 +137,8 @@ pub fn looks_like_enc_v1(input: &[u8]) -> bool {
 pub struct EncV1 {
     binary: Vec<u8>,
     algorithm: Algorithm,
+    /// Where the ordinary value starts: 0, or [`SEARCH_PART_LEN`] for a searchable value.
+    base: usize,
 }
 
 impl EncV1 {
@@ -149,14 +159,39 @@ impl EncV1 {
             len: 0,
             min: MIN_BINARY_LEN,
         })?;
-        let algorithm = Algorithm::from_byte(alg)?;
-        if binary.len() < MIN_BINARY_LEN {
+        let base = if alg == SEARCHABLE_BYTE {
+            SEARCH_PART_LEN
+        } else {
+            0
+        };
+        if base > 0 && binary.len() <= base {
             return Err(FormatError::TooShort {
                 len: binary.len(),
-                min: MIN_BINARY_LEN,
+                min: base + MIN_BINARY_LEN,
             });
         }
-        Ok(Self { binary, algorithm })
+        let algorithm = Algorithm::from_byte(binary[base])?;
+        if binary.len() < base + MIN_BINARY_LEN {
+            return Err(FormatError::TooShort {
+                len: binary.len(),
+                min: base + MIN_BINARY_LEN,
+            });
+        }
+        Ok(Self {
+            binary,
+            algorithm,
+            base,
+        })
+    }
+
+    /// The search term of a searchable value.
+    pub fn search_term(&self) -> Option<SearchTerm> {
+        (self.base > 0).then(|| SearchTerm(self.array::<TERM_LEN>(1)))
+    }
+
+    /// Whether the value carries a search term.
+    pub fn is_searchable(&self) -> bool {
+        self.base > 0
     }
 
     /// The algorithm byte, decoded.
@@ -171,27 +206,27 @@ impl EncV1 {
 
     /// The DEK the value was sealed with.
     pub fn dek_id(&self) -> DekId {
-        DekId::from_bytes(self.array::<16>(DEK_ID_OFFSET))
+        DekId::from_bytes(self.array::<16>(self.base + DEK_ID_OFFSET))
     }
 
     /// The column the value was sealed for.
     pub fn column_id(&self) -> ColumnId {
-        ColumnId(self.array::<4>(COLUMN_ID_OFFSET))
+        ColumnId(self.array::<4>(self.base + COLUMN_ID_OFFSET))
     }
 
     /// The 96-bit nonce.
     pub fn nonce(&self) -> [u8; NONCE_LEN] {
-        self.array::<NONCE_LEN>(NONCE_OFFSET)
+        self.array::<NONCE_LEN>(self.base + NONCE_OFFSET)
     }
 
     /// Ciphertext followed by the 16-byte tag.
     pub fn ciphertext(&self) -> &[u8] {
-        &self.binary[HEADER_LEN..]
+        &self.binary[self.base + HEADER_LEN..]
     }
 
     /// Length of the plaintext this value decrypts to.
     pub fn plaintext_len(&self) -> usize {
-        self.binary.len() - MIN_BINARY_LEN
+        self.binary.len() - self.base - MIN_BINARY_LEN
     }
 
     /// The whole decoded binary value.
@@ -219,6 +254,7 @@ impl fmt::Debug for EncV1 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncV1")
             .field("algorithm", &self.algorithm)
+            .field("searchable", &self.is_searchable())
             .field("dek_id", &self.dek_id())
             .field("column_id", &self.column_id())
             .field("plaintext_len", &self.plaintext_len())
@@ -289,7 +325,7 @@ impl ColumnKey {
         nonces: &mut NonceSource,
         out: &mut String,
     ) -> Result<(), SealError> {
-        self.seal_with_nonce_into(org, None, plaintext, nonces.next_nonce(), out)
+        self.seal_with_nonce_into(org, None, None, plaintext, nonces.next_nonce(), out)
     }
 
     /// Like [`seal_into`](Self::seal_into), bound to the row whose key is `row_key` (as
@@ -303,7 +339,51 @@ impl ColumnKey {
         nonces: &mut NonceSource,
         out: &mut String,
     ) -> Result<(), SealError> {
-        self.seal_with_nonce_into(org, Some(row_key), plaintext, nonces.next_nonce(), out)
+        self.seal_with_nonce_into(
+            org,
+            Some(row_key),
+            None,
+            plaintext,
+            nonces.next_nonce(),
+            out,
+        )
+    }
+
+    /// Seal a searchable value: the search part (`0x04` ‖ `term`) in front of an ordinary
+    /// value, bound to its row when `row_key` is given. The term must be the value's own,
+    /// computed by the column's [`TermKey`](crate::crypto::TermKey).
+    pub fn seal_searchable_into(
+        &self,
+        org: &OrgId,
+        row_key: Option<&[u8]>,
+        term: &SearchTerm,
+        plaintext: &[u8],
+        nonces: &mut NonceSource,
+        out: &mut String,
+    ) -> Result<(), SealError> {
+        self.seal_with_nonce_into(
+            org,
+            row_key,
+            Some(term),
+            plaintext,
+            nonces.next_nonce(),
+            out,
+        )
+    }
+
+    /// Searchable [`danger_seal_with_nonce`](Self::danger_seal_with_nonce): test vectors only.
+    #[doc(hidden)]
+    pub fn danger_seal_searchable_with_nonce(
+        &self,
+        org: &OrgId,
+        row_key: Option<&[u8]>,
+        term: &SearchTerm,
+        plaintext: &[u8],
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<String, SealError> {
+        let mut out = String::new();
+        self.seal_with_nonce_into(org, row_key, Some(term), plaintext, nonce, &mut out)?;
+        Ok(out)
     }
 
     /// Seal with a caller-chosen nonce. Only for fixed test vectors: reusing a nonce under one
@@ -316,7 +396,7 @@ impl ColumnKey {
         nonce: [u8; NONCE_LEN],
     ) -> Result<String, SealError> {
         let mut out = String::new();
-        self.seal_with_nonce_into(org, None, plaintext, nonce, &mut out)?;
+        self.seal_with_nonce_into(org, None, None, plaintext, nonce, &mut out)?;
         Ok(out)
     }
 
@@ -330,7 +410,7 @@ impl ColumnKey {
         nonce: [u8; NONCE_LEN],
     ) -> Result<String, SealError> {
         let mut out = String::new();
-        self.seal_with_nonce_into(org, Some(row_key), plaintext, nonce, &mut out)?;
+        self.seal_with_nonce_into(org, Some(row_key), None, plaintext, nonce, &mut out)?;
         Ok(out)
     }
 
@@ -344,7 +424,7 @@ impl ColumnKey {
             return Err(OpenError::RowKeyMissing);
         }
         let binary = value.as_binary();
-        let (header, rest) = binary.split_at(HEADER_LEN);
+        let (header, rest) = binary.split_at(value.base + HEADER_LEN);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
         let mut tag_bytes = [0u8; TAG_LEN];
         tag_bytes.copy_from_slice(tag);
@@ -382,18 +462,19 @@ impl ColumnKey {
             (false, _) => None,
         };
         let nonce = value.nonce();
+        let header_len = value.base + HEADER_LEN;
         let mut binary = value.binary;
         let tag_at = binary.len() - TAG_LEN;
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&binary[tag_at..]);
-        let (header, body) = binary.split_at_mut(HEADER_LEN);
+        let (header, body) = binary.split_at_mut(header_len);
         with_aad(header, org, row_key, |aad| {
             self.aead
-                .open_in_place(&nonce, aad, &mut body[..tag_at - HEADER_LEN], &tag)
+                .open_in_place(&nonce, aad, &mut body[..tag_at - header_len], &tag)
         })
         .map_err(|_| OpenError::Authentication)?;
         binary.truncate(tag_at);
-        binary.drain(..HEADER_LEN);
+        binary.drain(..header_len);
         Ok(binary)
     }
 
@@ -421,6 +502,7 @@ impl ColumnKey {
         &self,
         org: &OrgId,
         row_key: Option<&[u8]>,
+        term: Option<&SearchTerm>,
         plaintext: &[u8],
         nonce: [u8; NONCE_LEN],
         out: &mut String,
@@ -431,7 +513,11 @@ impl ColumnKey {
                 max: MAX_PLAINTEXT_LEN,
             });
         }
-        let mut binary = Vec::with_capacity(MIN_BINARY_LEN + plaintext.len());
+        let base = if term.is_some() { SEARCH_PART_LEN } else { 0 };
+        let mut binary = Vec::with_capacity(base + MIN_BINARY_LEN + plaintext.len());
+        if let Some(term) = term {
+            binary.extend_from_slice(&term.part());
+        }
         binary.push(match row_key {
             None => Algorithm::AES_256_GCM_BYTE,
             Some(_) => Algorithm::AES_256_GCM_ROW_BYTE,
@@ -441,7 +527,7 @@ impl ColumnKey {
         binary.extend_from_slice(&nonce);
         binary.extend_from_slice(plaintext);
 
-        let (header, body) = binary.split_at_mut(HEADER_LEN);
+        let (header, body) = binary.split_at_mut(base + HEADER_LEN);
         let sealed = with_aad(header, org, row_key, |aad| {
             self.aead.seal_in_place(&nonce, aad, body)
         });
@@ -543,14 +629,16 @@ pub enum OpenError {
     RowKeyMissing,
 }
 
-/// Write `"pgenvelope/v1" ‖ header[0..21] ‖ org` into `buf` and return the used prefix.
+/// Write `"pgenvelope/v1" ‖ header without its nonce ‖ org` into `buf` and return the used
+/// prefix: bytes 0..21 of an ordinary value's header, 0..39 of a searchable one's.
 fn build_aad<'a>(buf: &'a mut [u8; MAX_AAD_LEN], header: &[u8], org: &OrgId) -> &'a [u8] {
     let org = org.as_str().as_bytes();
+    let aad_header = &header[..header.len() - NONCE_LEN];
     let label_end = AAD_LABEL.len();
-    let header_end = label_end + AAD_HEADER_LEN;
+    let header_end = label_end + aad_header.len();
     let end = header_end + org.len();
     buf[..label_end].copy_from_slice(AAD_LABEL);
-    buf[label_end..header_end].copy_from_slice(&header[..AAD_HEADER_LEN]);
+    buf[label_end..header_end].copy_from_slice(aad_header);
     buf[header_end..end].copy_from_slice(org);
     &buf[..end]
 }
@@ -689,6 +777,70 @@ mod tests {
                 .unwrap(),
             b"x"
         );
+    }
+
+    #[test]
+    fn searchable_values_carry_their_term_in_front() {
+        use crate::crypto::search::{SearchMode, TermKey, SEARCH_PREFIX_CHARS};
+        let k = key("public.t.c");
+        let tk = TermKey::derive(
+            &DataKey::from_bytes([3; KEY_LEN]),
+            DekId::from_bytes([4; 16]),
+            ColumnId::from_name("public.t.c"),
+            SearchMode::Equality,
+        );
+        let term = tk.term(b"hello");
+        let mut nonces = NonceSource::from_os_rng();
+        let mut a = String::new();
+        k.seal_searchable_into(&org("acme"), None, &term, b"hello", &mut nonces, &mut a)
+            .unwrap();
+        let mut b = String::new();
+        k.seal_searchable_into(
+            &org("acme"),
+            Some(b"7"),
+            &term,
+            b"hello",
+            &mut nonces,
+            &mut b,
+        )
+        .unwrap();
+        assert_eq!(a[..SEARCH_PREFIX_CHARS], term.prefix_text());
+        assert_eq!(b[..SEARCH_PREFIX_CHARS], term.prefix_text());
+        assert_ne!(a, b);
+        let pa = EncV1::parse(a.as_bytes()).unwrap();
+        assert!(pa.is_searchable());
+        assert_eq!(pa.search_term(), Some(term));
+        assert_eq!(pa.dek_id(), k.dek_id());
+        assert_eq!(pa.column_id(), k.column_id());
+        assert_eq!(pa.plaintext_len(), 5);
+        assert_eq!(k.open(&org("acme"), &pa).unwrap(), b"hello");
+        assert_eq!(k.open_owned(&org("acme"), pa.clone()).unwrap(), b"hello");
+        assert!(k.open(&org("globex"), &pa).is_err());
+        let pb = EncV1::parse(b.as_bytes()).unwrap();
+        assert!(pb.is_row_bound());
+        assert_eq!(
+            k.open_owned_in_row(&org("acme"), Some(b"7"), pb.clone())
+                .unwrap(),
+            b"hello"
+        );
+        assert!(k.open_owned_in_row(&org("acme"), Some(b"8"), pb).is_err());
+        // Another term in front of the same value fails authentication.
+        let other = tk.term(b"world");
+        let mut bin = pa.as_binary().to_vec();
+        bin[1..18].copy_from_slice(other.as_bytes());
+        let moved = EncV1::from_binary(bin).unwrap();
+        assert_eq!(
+            k.open_owned(&org("acme"), moved),
+            Err(OpenError::Authentication)
+        );
+        // Dropping the search part gives a value that fails too.
+        let bare = EncV1::from_binary(pa.as_binary()[18..].to_vec()).unwrap();
+        assert_eq!(k.open(&org("acme"), &bare), Err(OpenError::Authentication));
+        // A search part alone, or nested, is malformed.
+        assert!(EncV1::from_binary(pa.as_binary()[..18].to_vec()).is_err());
+        let mut nested = term.part().to_vec();
+        nested.extend_from_slice(pa.as_binary());
+        assert!(EncV1::from_binary(nested).is_err());
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //!
 //! * [`key`]: [`DataKey`], [`DekId`], [`OrgId`], [`ColumnId`].
 //! * [`envelope`]: the `enc:v1:` format (byte layout table there), [`ColumnKey`], [`EncV1`].
+//! * [`search`]: search terms of searchable columns ([`TermKey`], [`SearchMode`]).
 //! * [`nonce`]: [`NonceSource`] and the per-key message limit.
 
 mod aead;
 pub mod envelope;
 pub mod key;
 pub mod nonce;
+pub mod search;
 
 pub use aead::{MAX_PLAINTEXT_LEN, NONCE_LEN, TAG_LEN};
 pub use envelope::{
@@ -20,3 +22,4 @@ pub use envelope::{
 };
 pub use key::{ColumnId, DataKey, DekId, InvalidOrgId, OrgId, KEY_LEN};
 pub use nonce::{NonceSource, MAX_RANDOM_NONCES_PER_KEY, ROTATE_DEK_AFTER};
+pub use search::{SearchMode, SearchTerm, TermKey, SEARCHABLE_BYTE, SEARCH_PREFIX_CHARS, TERM_LEN};

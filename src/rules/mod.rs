@@ -5,13 +5,15 @@
 //! name = "public.vault_secrets"   # schema-qualified; unqualified means `public`
 //! tenant_column = "org_id"        # optional: the column holding the row's organisation
 //! row_key = "id"                  # optional: bind each value to its row (key in the AAD)
-//! encrypt = ["value", { name = "email", id = "users-email", mode = "randomized" }]
+//! encrypt = ["value", { name = "email", id = "users-email", search = "equality" }]
 //! ```
 //!
 //! * `encrypt` entries are a column name, or an inline table with `name`, an optional stable
 //!   `id` (the [`ColumnId`] is then derived from the id instead of `schema.table.column`, so the
 //!   column can be renamed without making its values undecryptable) and an optional `mode`:
-//!   `"randomized"` (the default) or `"deterministic"` (reserved, rejected as not supported yet).
+//!   `"randomized"` (the default) or `"deterministic"` (reserved, rejected as not supported yet),
+//!   and an optional `search`: `"equality"` or `"equality-ci"` makes the column searchable
+//!   (values carry a search term, [`crate::crypto::search`]).
 //! * `row_key` names a column whose value identifies the row (its primary key, say): values are
 //!   then sealed with that key in their AAD and open only in the row they were written to.
 //! * Unknown keys, duplicate tables (also across files), duplicate columns, a tenant column or
@@ -39,11 +41,11 @@ use std::sync::Arc;
 
 use toml::Spanned;
 
-use crate::crypto::ColumnId;
+use crate::crypto::{ColumnId, SearchMode};
 pub use error::{Location, RulesError};
 pub use ident::NameError;
 pub use load::load_path;
-use raw::{RawColumn, RawFile, RawMode, RawTable};
+use raw::{RawColumn, RawFile, RawMode, RawSearch, RawTable};
 
 /// Schema assumed for an unqualified table name.
 pub const DEFAULT_SCHEMA: &str = "public";
@@ -322,7 +324,7 @@ impl TableRule {
         let key = format!("{}.encrypt[{index}]", self.key);
         let loc = |span: std::ops::Range<usize>| Location::at_offset(file, text, span.start);
         let location = loc(entry.span());
-        let (name, stable_id, mode) = match entry.into_inner() {
+        let (name, stable_id, mode, search) = match entry.into_inner() {
             RawColumn::Name(name) => {
                 let column = ident::parse_single(&name).map_err(|e| RulesError::InvalidName {
                     at: location.clone(),
@@ -330,13 +332,13 @@ impl TableRule {
                     name: name.clone(),
                     source: e,
                 })?;
-                (column, None, None)
+                (column, None, None, None)
             }
             RawColumn::Detailed(t) => {
                 let column = ident::parse_single(t.name.get_ref()).map_err(|e| {
                     invalid_name(loc(t.name.span()), format!("{key}.name"), &t.name, e)
                 })?;
-                (column, t.id, t.mode)
+                (column, t.id, t.mode, t.search)
             }
         };
         let qualified = format!("{}.{}.{}", self.schema, self.name, name);
@@ -379,6 +381,10 @@ impl TableRule {
             id,
             stable_id,
             mode,
+            search: search.map(|s| match s.into_inner() {
+                RawSearch::Equality => SearchMode::Equality,
+                RawSearch::EqualityCi => SearchMode::EqualityCi,
+            }),
             row_key: self.row_key.clone(),
             location,
             key,
@@ -396,6 +402,8 @@ pub struct ColumnRule {
     id: ColumnId,
     stable_id: Option<String>,
     mode: EncryptionMode,
+    /// Equality search on the column, if any.
+    search: Option<SearchMode>,
     /// The table's row key: values are bound to their row.
     row_key: Option<String>,
     location: Location,
@@ -443,6 +451,11 @@ impl ColumnRule {
     /// How values are encrypted.
     pub fn mode(&self) -> EncryptionMode {
         self.mode
+    }
+
+    /// How the column is searched, when it is searchable (`search = …` in its entry).
+    pub fn search(&self) -> Option<SearchMode> {
+        self.search
     }
 
     /// Where the column's entry is.

@@ -45,6 +45,17 @@ pub(crate) struct RawColumnTable {
     pub(crate) id: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) mode: Option<Spanned<RawMode>>,
+    #[serde(default)]
+    pub(crate) search: Option<Spanned<RawSearch>>,
+}
+
+/// `search` as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub(crate) enum RawSearch {
+    #[serde(rename = "equality")]
+    Equality,
+    #[serde(rename = "equality-ci")]
+    EqualityCi,
 }
 
 /// `mode` as written.
@@ -64,7 +75,7 @@ impl<'de> Deserialize<'de> for RawColumn {
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(
-                    "a column name or a table { name = \"...\", id = \"...\", mode = \"...\" }",
+                    "a column name or a table { name = \"...\", id = \"...\", search = \"...\" }",
                 )
             }
 

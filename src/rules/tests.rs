@@ -270,3 +270,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn search_option_makes_a_column_searchable() {
+    let rules = parse(
+        "[[table]]\nname = \"customer\"\nencrypt = [\"notes\", { name = \"email\", search = \"equality\" }, { name = \"code\", search = \"equality-ci\" }]\n",
+    )
+    .unwrap();
+    let col = |c: &str| rules.column("public", "customer", c).unwrap().search();
+    assert_eq!(col("notes"), None);
+    assert_eq!(col("email"), Some(SearchMode::Equality));
+    assert_eq!(col("code"), Some(SearchMode::EqualityCi));
+    let e = err("[[table]]\nname = \"t\"\nencrypt = [{ name = \"a\", search = \"prefix\" }]\n");
+    assert!(e.contains("rules/test.toml:3"), "{e}");
+    assert!(e.contains("equality"), "{e}");
+}
