@@ -627,6 +627,7 @@ fn protected() -> Protected {
         tenant_column: Some("org_id".into()),
         row_key: None,
         encrypted: vec!["value".into(), "note".into()],
+        searchable: Vec::new(),
     }])
 }
 
@@ -997,6 +998,7 @@ mod differential {
             tenant_column: None,
             row_key: None,
             encrypted: vec!["secret".into()],
+            searchable: Vec::new(),
         }]);
         let per_setting = (cases() / 4).max(100);
         let compared = RefCell::new(0usize);

@@ -12,6 +12,8 @@ pub enum KeyNeed {
     Active(OrgId),
     /// A DEK by id (to open).
     ById(DekId),
+    /// The organisation's active search key (to compute search terms).
+    Search(OrgId),
 }
 
 /// Why sealing or opening a value failed. Every variant names the column by its qualified

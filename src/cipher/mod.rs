@@ -35,7 +35,10 @@ use zeroize::Zeroizing;
 pub use error::{CipherError, KeyNeed};
 pub use metrics::{CipherMetrics, ReasonCounts, DECRYPT_FAILURE_REASONS};
 
-use crate::crypto::{looks_like_enc_v1, ColumnId, ColumnKey, DekId, EncV1, NonceSource, OrgId};
+use crate::crypto::{
+    looks_like_enc_v1, ColumnId, ColumnKey, DekId, EncV1, NonceSource, OrgId, SearchMode,
+    SearchTerm, TermKey,
+};
 use crate::keys::{CachedDek, KeyError, KeyManager};
 use crate::rules::{ColumnRule, RuleSet};
 
@@ -92,7 +95,9 @@ pub enum Restored {
     /// Valid for the row it is written to: stored unchanged.
     AsIs(Opened),
     /// Valid, but sealed before its table's values were bound to their rows (the table's
-    /// `row_key` was added since): its plaintext is sealed again, bound to the row written.
+    /// `row_key` was added since), or whose search term is not its column's current one (the
+    /// column became searchable or stopped being so, or its search key was rotated): its
+    /// plaintext is sealed again, bound to the row written.
     Rebind(Opened),
 }
 
@@ -129,6 +134,11 @@ struct KeyRing {
     shredded: HashSet<DekId, rustc_hash::FxBuildHasher>,
     /// Fetches that failed, reported (once) by the next attempt that needs the key.
     failed: HashMap<KeyNeed, KeyError>,
+    /// Active search keys by organisation.
+    search: HashMap<OrgId, Arc<CachedDek>>,
+    /// Derived term keys, per (search key, column), valid while the cached search key they
+    /// came from is the same allocation.
+    term_keys: TermKeyMap,
     /// Derived subkeys, valid while the cached DEK they came from is the same allocation.
     /// Keys are ids of DEKs that exist in the key store (random, not chosen by clients), so a
     /// fast non-keyed hash is safe.
@@ -211,6 +221,8 @@ impl Cipher {
             self.ring.by_id.clear();
             self.ring.active.clear();
             self.ring.subkeys.clear();
+            self.ring.search.clear();
+            self.ring.term_keys.clear();
         }
         // Boxed: the key manager's futures (cache, key store, KMS) are large, and a session's
         // future would otherwise carry their size even while idle.
@@ -237,6 +249,15 @@ impl Cipher {
                     self.ring.failed.insert(need.clone(), e);
                 }
             },
+            KeyNeed::Search(org) => match Box::pin(self.keys.active_key(org)).await {
+                // TEMP until search keys land
+                Ok(key) => {
+                    self.ring.search.insert(org.clone(), key);
+                }
+                Err(e) => {
+                    self.ring.failed.insert(need.clone(), e);
+                }
+            },
         }
     }
 
@@ -248,6 +269,12 @@ impl Cipher {
             self.ring.active.insert(dek.org().clone(), Arc::clone(&dek));
         }
         self.ring.by_id.insert(dek.dek_id(), dek);
+    }
+
+    /// Put a search key at hand as a fetch would (unit tests without a key store).
+    #[cfg(test)]
+    pub(crate) fn insert_search_for_tests(&mut self, key: Arc<CachedDek>) {
+        self.ring.search.insert(key.org().clone(), key);
     }
 
     /// Record a failed fetch as [`Cipher::fetch`] would (unit tests without a key store).
@@ -321,6 +348,30 @@ impl Cipher {
         self.seal_with(&dek, column, org, row_key, plaintext)
     }
 
+    /// The search term of `plaintext` in searchable `column` for `org`, under the
+    /// organisation's active search key. `None` when the column is not searchable.
+    pub fn term(
+        &mut self,
+        column: &ColumnRule,
+        org: &OrgId,
+        plaintext: &[u8],
+    ) -> Result<Option<SearchTerm>, CipherError> {
+        let Some(mode) = column.search() else {
+            return Ok(None);
+        };
+        let need = KeyNeed::Search(org.clone());
+        if let Some(e) = self.ring.failed.remove(&need) {
+            return Err(key_error(column, e));
+        }
+        let key = match self.ring.search.get(org) {
+            Some(key) if self.keys.still_fresh(key) => Arc::clone(key),
+            _ => return Err(CipherError::Missing(need)),
+        };
+        Ok(Some(
+            term_key(&mut self.ring.term_keys, &key, column.id(), mode).term(plaintext),
+        ))
+    }
+
     /// Seal with a DEK already at hand.
     pub fn seal_with(
         &mut self,
@@ -330,9 +381,18 @@ impl Cipher {
         row_key: Option<&[u8]>,
         plaintext: &[u8],
     ) -> Result<String, CipherError> {
+        let term = self.term(column, org, plaintext)?;
         let key = subkey(&mut self.ring.subkeys, dek, column.id());
         let mut out = String::new();
         let sealed = match (column.row_key(), row_key) {
+            (None, _) if term.is_some() => key.seal_searchable_into(
+                org,
+                None,
+                term.as_ref().expect("checked"),
+                plaintext,
+                &mut self.nonces,
+                &mut out,
+            ),
             (None, _) => key.seal_into(org, plaintext, &mut self.nonces, &mut out),
             (Some(k), None) => {
                 return Err(CipherError::RowKeyNotGiven {
@@ -340,9 +400,17 @@ impl Cipher {
                     key: k.to_owned(),
                 })
             }
-            (Some(_), Some(row)) => {
-                key.seal_for_row_into(org, row, plaintext, &mut self.nonces, &mut out)
-            }
+            (Some(_), Some(row)) => match &term {
+                Some(term) => key.seal_searchable_into(
+                    org,
+                    Some(row),
+                    term,
+                    plaintext,
+                    &mut self.nonces,
+                    &mut out,
+                ),
+                None => key.seal_for_row_into(org, row, plaintext, &mut self.nonces, &mut out),
+            },
         };
         sealed.map_err(|_| CipherError::TooLarge {
             column: column.qualified_name().to_owned(),
@@ -521,11 +589,15 @@ impl Cipher {
             row_key
         };
         let org = dek.org().clone();
+        let stored_term = parsed.search_term();
         let opened = subkey(&mut self.ring.subkeys, dek, column.id())
             .open_owned_in_row(&org, row_key, parsed);
         let Ok(plaintext) = opened else {
             return Ok(None);
         };
+        // A searchable column's value must carry the current term of its plaintext (and an
+        // unsearchable one none), or look-ups would miss it: otherwise it is sealed again.
+        let rebind = rebind || self.term(column, &org, &plaintext)? != stored_term;
         self.tally.decrypted += 1;
         let opened = Opened {
             plaintext: Zeroizing::new(plaintext),
@@ -612,6 +684,37 @@ fn key_error(column: &ColumnRule, error: KeyError) -> CipherError {
 }
 
 /// Derived subkeys by (DEK, column), with the cached DEK they were derived from.
+type TermKeyMap = HashMap<(DekId, ColumnId), (Arc<CachedDek>, TermKey), rustc_hash::FxBuildHasher>;
+
+/// The term key of (search key, column), derived once per cached search key allocation.
+fn term_key<'a>(
+    keys: &'a mut TermKeyMap,
+    search: &Arc<CachedDek>,
+    column: ColumnId,
+    mode: SearchMode,
+) -> &'a TermKey {
+    let id = (search.dek_id(), column);
+    let stale = match keys.get(&id) {
+        Some((cached, k)) => !Arc::ptr_eq(cached, search) || k.mode() != mode,
+        None => true,
+    };
+    if stale {
+        if keys.len() > MAX_KEYS_AT_HAND {
+            keys.clear();
+        }
+        keys.remove(&id);
+    }
+    &keys
+        .entry(id)
+        .or_insert_with(|| {
+            (
+                Arc::clone(search),
+                TermKey::derive(search.key(), search.dek_id(), column, mode),
+            )
+        })
+        .1
+}
+
 type SubkeyMap = HashMap<(DekId, ColumnId), (Arc<CachedDek>, ColumnKey), rustc_hash::FxBuildHasher>;
 
 /// The derived subkey for (DEK, column), derived once per cached DEK allocation.

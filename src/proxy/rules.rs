@@ -25,12 +25,18 @@ impl RulesSnapshot {
 
 /// The analyser's view of the rules.
 pub(crate) fn protected_from_rules(rules: &RuleSet) -> Protected {
-    Protected::new(rules.tables().map(|t| ProtectedTable {
-        schema: t.schema().to_owned(),
-        name: t.name().to_owned(),
-        tenant_column: t.tenant_column().map(str::to_owned),
-        row_key: t.row_key().map(str::to_owned),
-        encrypted: t.columns().map(|c| c.column().to_owned()).collect(),
+    Protected::new(rules.tables().map(|t| {
+        ProtectedTable {
+            schema: t.schema().to_owned(),
+            name: t.name().to_owned(),
+            tenant_column: t.tenant_column().map(str::to_owned),
+            row_key: t.row_key().map(str::to_owned),
+            encrypted: t.columns().map(|c| c.column().to_owned()).collect(),
+            searchable: t
+                .columns()
+                .filter_map(|c| Some((c.column().to_owned(), c.search()?)))
+                .collect(),
+        }
     }))
 }
 

@@ -794,7 +794,13 @@ impl Crypto {
         // A value not bound as the rules say (row binding turned on since it was written) is
         // sealed again even under the active DEK.
         let binding_as_ruled = parsed.is_row_bound() == row_key.is_some();
-        if active.dek_id() == dek && binding_as_ruled {
+        // Likewise a value whose search term is not as its column's rule says: a term is added
+        // when the column became searchable, removed when it stopped being so, and computed
+        // again under the organisation's current search key (after `keys rotate --search-key`).
+        let searchable = column.search().is_some();
+        let stored_term = parsed.search_term();
+        let as_ruled = active.dek_id() == dek && binding_as_ruled;
+        if as_ruled && !searchable && stored_term.is_none() {
             return Ok((Outcome::Unchanged, None));
         }
         let opened =
@@ -803,6 +809,15 @@ impl Crypto {
         let Ok(opened) = opened else {
             return Ok((Outcome::Untouched(Untouched::Authentication), None));
         };
+        if as_ruled && searchable {
+            let term = self
+                .cipher
+                .term(column, &org, &opened.plaintext)
+                .map_err(|e| keys_error(table, column, e))?;
+            if term == stored_term {
+                return Ok((Outcome::Unchanged, None));
+            }
+        }
         let sealed = self.seal(column, &active, &org, row_key, &opened.plaintext)?;
         Ok((Outcome::Moved, Some(sealed)))
     }
@@ -814,10 +829,17 @@ impl Crypto {
         column: &ColumnRule,
         org: &OrgId,
     ) -> Result<Arc<CachedDek>, ReencryptError> {
-        self.cipher
+        let active = self
+            .cipher
             .with_keys(|c| c.active(org, column))
             .await
-            .map_err(|e| keys_error(table, column, e))
+            .map_err(|e| keys_error(table, column, e))?;
+        // A searchable column's values also need the organisation's search key.
+        self.cipher
+            .with_keys(|c| c.term(column, org, b"").map(|_| ()))
+            .await
+            .map_err(|e| keys_error(table, column, e))?;
+        Ok(active)
     }
 
     /// The DEK for decrypting, or why it cannot be used. Errors that stop the run (key store

@@ -1,7 +1,8 @@
 //! Read-only census: how many values of the configured columns sit under each DEK.
 //!
-//! Reads only the first 31 characters of each value (`enc:v1:` and the base64 of the
-//! algorithm byte, the DEK id and one more byte), never decrypts, and needs no primary key,
+//! Reads only the first 55 characters of each value (`enc:v1:` and the base64 of 36 bytes:
+//! the algorithm byte and the DEK id, after the search part of a searchable value), never
+//! decrypts, and needs no primary key,
 //! so it also covers tables `reencrypt` had to skip. Used to say whether a retired DEK still
 //! protects anything and, with `--destroy-retired`, to decide whether it may be destroyed.
 //!
@@ -14,14 +15,16 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use tokio_postgres::Client;
 
-use crate::crypto::{Algorithm, DekId, ENC_V1_PREFIX};
+use crate::crypto::search::SEARCH_PART_LEN;
+use crate::crypto::{Algorithm, DekId, ENC_V1_PREFIX, SEARCHABLE_BYTE};
 use crate::rules::RuleSet;
 
 use super::error::ReencryptError;
 use super::plan::quote;
 
-/// Characters of base64 holding bytes 0..18 of the binary value (algorithm, DEK id, one more).
-const HEAD_B64: usize = 24;
+/// Characters of base64 holding bytes 0..36 of the binary value: the algorithm byte and the
+/// DEK id, also behind a searchable value's 18-byte search part.
+const HEAD_B64: usize = 48;
 /// Rows fetched per round trip.
 const FETCH_ROWS: i32 = 10_000;
 
@@ -119,7 +122,13 @@ pub(crate) async fn first_sealed_column(
 /// The DEK id in the first 31 characters of an `enc:v1` value, if they are one.
 fn dek_of_head(head: &str) -> Option<DekId> {
     let b64 = head.as_bytes().strip_prefix(ENC_V1_PREFIX)?;
-    let bytes = STANDARD.decode(b64.get(..HEAD_B64)?).ok()?;
+    // A value shorter than the head (none is) still decodes in whole 4-character groups.
+    let b64 = b64.get(..HEAD_B64).unwrap_or(b64);
+    let bytes = STANDARD.decode(b64).ok()?;
+    let bytes = match bytes.first() {
+        Some(&SEARCHABLE_BYTE) => bytes.get(SEARCH_PART_LEN..)?,
+        _ => &bytes[..],
+    };
     let algorithm = *bytes.first()?;
     if algorithm != Algorithm::AES_256_GCM_BYTE && algorithm != Algorithm::AES_256_GCM_ROW_BYTE {
         return None;
@@ -148,8 +157,21 @@ mod tests {
             let value = key
                 .danger_seal_with_nonce(&org, plaintext.as_bytes(), [7; 12])
                 .unwrap();
-            assert_eq!(dek_of_head(&value[..31]), Some(dek));
+            assert_eq!(dek_of_head(&value[..55]), Some(dek));
             assert_eq!(dek_of_head(&value), Some(dek));
+            // A searchable value names its DEK behind the search part.
+            let term = crate::crypto::TermKey::derive(
+                &DataKey::generate(),
+                DekId::new_random(),
+                ColumnId::from_name("a.b.c"),
+                crate::crypto::SearchMode::Equality,
+            )
+            .term(plaintext.as_bytes());
+            let searchable = key
+                .danger_seal_searchable_with_nonce(&org, None, &term, plaintext.as_bytes(), [7; 12])
+                .unwrap();
+            assert_eq!(dek_of_head(&searchable[..55]), Some(dek));
+            assert_eq!(dek_of_head(&searchable), Some(dek));
         }
         assert_eq!(dek_of_head("plaintext"), None);
         assert_eq!(dek_of_head("enc:v1:short"), None);

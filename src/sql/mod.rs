@@ -145,10 +145,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 
+use crate::crypto::SearchMode;
+
 mod analyzer;
 mod pins;
 mod read;
 mod rejection;
+mod search;
 mod sequelize;
 mod text;
 mod write;
@@ -181,6 +184,8 @@ pub struct ProtectedTable {
     pub row_key: Option<String>,
     /// Columns whose values are stored as `enc:v1:` envelopes.
     pub encrypted: Vec<String>,
+    /// The searchable ones among them, with how they compare.
+    pub searchable: Vec<(String, SearchMode)>,
 }
 
 /// The set of protected tables, with O(1) lookups by `(schema, table)` and by bare table name.
@@ -197,6 +202,11 @@ pub struct Protected {
 }
 
 impl Protected {
+    /// Whether any column is searchable.
+    pub fn has_searchable(&self) -> bool {
+        self.tables.iter().any(|t| !t.searchable.is_empty())
+    }
+
     /// Builds the lookup tables. Entries naming the same `(schema, table)` are merged.
     pub fn new(tables: impl IntoIterator<Item = ProtectedTable>) -> Self {
         let mut out = Protected::default();
@@ -207,6 +217,11 @@ impl Protected {
                 for c in t.encrypted {
                     if !existing.encrypted.contains(&c) {
                         existing.encrypted.push(c);
+                    }
+                }
+                for c in t.searchable {
+                    if !existing.searchable.iter().any(|(n, _)| *n == c.0) {
+                        existing.searchable.push(c);
                     }
                 }
                 if existing.tenant_column.is_none() {
@@ -707,6 +722,81 @@ pub enum PinValue {
     Excluded(String),
 }
 
+/// An equality look-up on a searchable encrypted column (`email = $1`, `email IN (…)`,
+/// `upper(code::text) = upper('x')`, …), to be rewritten into a comparison of search terms:
+/// the column side becomes `left(column, 31)` and each operand the search term of its value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SearchSite {
+    /// The column searched.
+    pub column: ColumnRef,
+    /// How it compares (its rule's `search`).
+    pub mode: SearchMode,
+    /// The column side, with its parentheses, casts and `lower`/`upper`: replaced by
+    /// `left(<column reference>, 31)`.
+    pub column_range: Range<usize>,
+    /// The column reference itself (`"c"."email"`), inside `column_range`.
+    pub column_ref: Range<usize>,
+    /// The values compared with; empty when the other side is the same column of another row
+    /// (`a.email = b.email`: both sides are rewritten, no term is needed).
+    pub operands: Vec<SearchOperand>,
+    /// The organisation whose search key computes the terms.
+    pub tenant: TenantSource,
+    /// Scope depth where the comparison stands (its WHERE's tenant conjunct applies only at
+    /// the same depth).
+    pub(crate) depth: usize,
+    /// The qualifier the column was named with, if any.
+    pub(crate) qualifier: Option<String>,
+}
+
+impl fmt::Debug for SearchSite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SearchSite")
+            .field("column", &self.column)
+            .field("mode", &self.mode)
+            .field("column_range", &self.column_range)
+            .field("operands", &self.operands)
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One value a searchable column is compared with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SearchOperand {
+    /// A string literal: `range` (the operand with its casts and `lower`/`upper`) becomes the
+    /// quoted term of `value`.
+    Literal {
+        /// The operand's text.
+        range: Range<usize>,
+        /// The literal's value as PostgreSQL reads it.
+        value: String,
+    },
+    /// Parameter `$index` (1-based): `range` becomes `$index`, and the bound value its term.
+    Param {
+        /// The operand's text.
+        range: Range<usize>,
+        /// 1-based parameter number.
+        index: usize,
+    },
+    /// `= ANY($index)`: a text array parameter whose every element becomes its term.
+    ArrayParam {
+        /// The operand's text (inside `ANY(…)`).
+        range: Range<usize>,
+        /// 1-based parameter number.
+        index: usize,
+    },
+}
+
+impl fmt::Debug for SearchOperand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Literal { range, .. } => write!(f, "Literal({range:?}, <redacted>)"),
+            Self::Param { index, .. } => write!(f, "Param(${index})"),
+            Self::ArrayParam { index, .. } => write!(f, "ArrayParam(${index})"),
+        }
+    }
+}
+
 /// The result of analysing one SQL text.
 #[derive(Clone, Debug, Default)]
 pub struct Analysis {
@@ -726,6 +816,8 @@ pub struct Analysis {
     pub pins: Vec<TenantPin>,
     /// Row keys to draw before the values of row-bound columns can be sealed.
     pub draws: Vec<KeyDraw>,
+    /// Equality look-ups on searchable columns, to compare search terms.
+    pub searches: Vec<SearchSite>,
     /// The highest `$n` the text uses (0: none).
     pub max_param: usize,
     /// Whether any statement reads, writes or mentions a protected table.

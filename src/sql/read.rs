@@ -358,7 +358,7 @@ impl<'a> Analyzer<'a> {
             self.table_with_joins(twj)?;
         }
         if let Some(w) = &s.selection {
-            self.expr(w)?;
+            self.condition(w)?;
         }
         if let Some(p) = &s.prewhere {
             self.expr(p)?;
@@ -579,7 +579,7 @@ impl<'a> Analyzer<'a> {
             };
             match constraint {
                 JoinConstraint::On(e) => {
-                    self.expr(e)?;
+                    self.condition(e)?;
                 }
                 JoinConstraint::Using(cols) | JoinConstraint::UsingAlias(cols, _) => {
                     for c in cols {
@@ -808,6 +808,19 @@ impl<'a> Analyzer<'a> {
     /// Checks an expression; returns the encrypted column it evaluates to, if any.
     pub(crate) fn expr(&mut self, e: &Expr) -> Res<Option<ColumnRef>> {
         let refuse = |c: ColumnRef, op: ReadOp| Err(read_refusal(c, op));
+        if self.protected.has_searchable()
+            && matches!(
+                e,
+                Expr::BinaryOp { .. }
+                    | Expr::IsDistinctFrom(..)
+                    | Expr::IsNotDistinctFrom(..)
+                    | Expr::In { .. }
+                    | Expr::AnyOp { .. }
+            )
+            && self.search(e)?
+        {
+            return Ok(None);
+        }
         match e {
             Expr::Identifier(id) => Ok(self.resolve(&[fold(id)])),
             Expr::CompoundIdentifier(ids) => {

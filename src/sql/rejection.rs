@@ -252,6 +252,13 @@ pub enum ReadOp {
     WindowOrderBy,
     /// `WITHIN GROUP (ORDER BY …)`.
     WithinGroup,
+    /// A comparison over a searchable column in a form that cannot be searched (see
+    /// `sql::search`): a range, a function, a value that is not a literal or parameter, or
+    /// case folding on an `equality` column.
+    SearchForm,
+    /// A comparison over a case-insensitive searchable column that does not fold case on both
+    /// sides with the same function (`lower(col) = lower($1)`, `upper(col) = upper($1)`).
+    SearchFormCi,
     /// A function call.
     Function {
         /// The function name as PostgreSQL stores it (without schema).
@@ -723,6 +730,14 @@ impl fmt::Display for ReadOp {
             ReadOp::WindowOrderBy => "window ORDER BY on",
             ReadOp::WithinGroup => "WITHIN GROUP ordering on",
             ReadOp::ColumnAliasesOverWildcard => "column aliases over * including",
+            ReadOp::SearchForm => {
+                "a comparison other than = / <> / IN / = ANY / IS [NOT] DISTINCT FROM with a \
+                 literal, parameter or the same column (search = \"equality\") on searchable"
+            }
+            ReadOp::SearchFormCi => {
+                "a comparison that does not fold case on both sides alike (write lower(col) = \
+                 lower(…) or upper(col) = upper(…); search = \"equality-ci\") on searchable"
+            }
         };
         f.write_str(phrase)
     }
@@ -874,6 +889,8 @@ mod tests {
                 name: "count".to_owned(),
             },
             ReadOp::ColumnAliasesOverWildcard,
+            ReadOp::SearchForm,
+            ReadOp::SearchFormCi,
         ];
         out.extend(read_ops.map(|op| K::Read {
             column: col("value"),
@@ -996,7 +1013,7 @@ mod tests {
         let kinds = every_kind();
         let variants: BTreeSet<String> = kinds.iter().map(variant).collect();
         // The top-level variants without sub-variants, then every sub-variant of the others.
-        assert_eq!(variants.len(), 16 + 10 + 4 + 31 + 5 + 6 + 4 + 6 + 7 + 7);
+        assert_eq!(variants.len(), 16 + 10 + 4 + 33 + 5 + 6 + 4 + 6 + 7 + 7);
         for kind in kinds {
             let r = Rejection::from(kind);
             let m = r.message();

@@ -12,6 +12,7 @@ fn prot() -> Protected {
             tenant_column: Some("org_id".into()),
             row_key: None,
             encrypted: vec!["value".into(), "note".into()],
+            searchable: Vec::new(),
         },
         ProtectedTable {
             schema: "app".into(),
@@ -19,6 +20,7 @@ fn prot() -> Protected {
             tenant_column: None,
             row_key: None,
             encrypted: vec!["email".into()],
+            searchable: Vec::new(),
         },
         ProtectedTable {
             schema: "a".into(),
@@ -26,6 +28,7 @@ fn prot() -> Protected {
             tenant_column: None,
             row_key: None,
             encrypted: vec!["x".into()],
+            searchable: Vec::new(),
         },
         ProtectedTable {
             schema: "b".into(),
@@ -33,6 +36,7 @@ fn prot() -> Protected {
             tenant_column: None,
             row_key: None,
             encrypted: vec!["x".into()],
+            searchable: Vec::new(),
         },
     ])
 }
@@ -928,6 +932,7 @@ fn protected_lookups() {
             tenant_column: None,
             row_key: None,
             encrypted: vec!["a".into()],
+            searchable: Vec::new(),
         },
         ProtectedTable {
             schema: "s".into(),
@@ -935,6 +940,7 @@ fn protected_lookups() {
             tenant_column: Some("o".into()),
             row_key: None,
             encrypted: vec!["b".into(), "a".into()],
+            searchable: Vec::new(),
         },
     ]);
     assert_eq!(merged.tables().len(), 1);
@@ -1171,6 +1177,7 @@ fn identifiers_are_truncated_to_63_bytes() {
         tenant_column: None,
         row_key: None,
         encrypted: vec![format!("{}é", "v".repeat(61))],
+        searchable: Vec::new(),
     }]);
     let a = analyze(&format!("INSERT INTO {long}extra (x) VALUES ('a')"), &p);
     assert!(a.touches_protected);
@@ -1381,6 +1388,7 @@ fn bound() -> Protected {
         tenant_column: Some("org_id".into()),
         row_key: Some("id".into()),
         encrypted: vec!["value".into()],
+        searchable: Vec::new(),
     }])
 }
 
@@ -1575,6 +1583,7 @@ fn sql_level_prepare_of_session_sealed_values_is_refused() {
         tenant_column: None,
         row_key: None,
         encrypted: vec!["body".into()],
+        searchable: Vec::new(),
     }]);
     let a = analyze("PREPARE p AS INSERT INTO notes (body) VALUES ('x')", &p);
     let r = a.rejection.expect("refused");

@@ -491,7 +491,7 @@ impl<'a> Analyzer<'a> {
                         same_key_on_conflict(t, oc.conflict_target.as_ref(), du, &visible)?;
                     }
                     if let Some(sel) = &du.selection {
-                        self.expr(sel)?;
+                        self.condition(sel)?;
                     }
                 }
             }
@@ -1029,7 +1029,7 @@ impl<'a> Analyzer<'a> {
             }
         }
         if let Some(sel) = &up.selection {
-            self.expr(sel)?;
+            self.condition(sel)?;
         }
         self.returning(up.returning.as_deref())
     }
@@ -1101,7 +1101,7 @@ impl<'a> Analyzer<'a> {
     }
 
     /// `column = literal | $n` among the top-level AND-ed conjuncts of a WHERE.
-    fn where_column(
+    pub(crate) fn where_column(
         &self,
         table: &ProtectedTable,
         visible: &str,
@@ -1175,7 +1175,7 @@ impl<'a> Analyzer<'a> {
             self.table_with_joins(twj)?;
         }
         if let Some(sel) = &del.selection {
-            self.expr(sel)?;
+            self.condition(sel)?;
         }
         self.returning(del.returning.as_deref())
     }

@@ -78,7 +78,7 @@ impl Ctx<'_> {
 
     /// An array given as a literal, or as a parameter of `bind` (text or binary format), as
     /// its elements' text.
-    fn array_elements(
+    pub(super) fn array_elements(
         &self,
         source: &ArraySource,
         bind: Option<&BindValues<'_>>,

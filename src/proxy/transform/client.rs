@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::BytesMut;
 
 use crate::proxy::error::{ClientError, Encoded};
-use crate::sql::{Analysis, CopyDirection, CopyPlan, PinValue};
+use crate::sql::{Analysis, CopyDirection, CopyPlan, PinValue, SearchOperand};
 use crate::wire::encoding::EncodingError;
 use crate::wire::frontend::{self as fe, Bind, Parse, Target};
 use crate::wire::Frame;
@@ -27,7 +27,8 @@ use crate::wire::Frame;
 use super::copy::{CopyIn, CopyOrgs};
 use super::session::{may_change_lexing, Ahead, CopyJob, Pending, Portal, Statement};
 use super::values::{
-    seals_under_session, seals_under_session_params, BindValues, PinRender, TEXT_OIDS,
+    seals_under_session, seals_under_session_params, BindValues, PinRender, TEXT_ARRAY_OID,
+    TEXT_ARRAY_OIDS, TEXT_OIDS,
 };
 use super::{Ctx, Fail, Need, Out, Stop};
 
@@ -276,6 +277,34 @@ impl Ctx<'_> {
             ));
         };
         let mut types = parse.param_types.clone();
+        // Parameters compared with a searchable column carry text (their search terms), an
+        // array of them text[].
+        for site in &analysis.searches {
+            for op in &site.operands {
+                let (index, array) = match op {
+                    SearchOperand::Param { index, .. } => (*index, false),
+                    SearchOperand::ArrayParam { index, .. } => (*index, true),
+                    SearchOperand::Literal { .. } => continue,
+                };
+                let i = index - 1;
+                if types.len() <= i {
+                    types.resize(i + 1, 0);
+                }
+                match (types[i], array) {
+                    (0, false) => types[i] = 25,
+                    (0, true) => types[i] = TEXT_ARRAY_OID,
+                    (t, false) if TEXT_OIDS.contains(&t) => {}
+                    (t, true) if TEXT_ARRAY_OIDS.contains(&t) => {}
+                    _ => {
+                        return Err(ClientError::ParamNotText {
+                            param: index,
+                            column: site.column.clone(),
+                        }
+                        .into())
+                    }
+                }
+            }
+        }
         for site in &analysis.params {
             let i = site.index - 1;
             if types.len() <= i {
@@ -487,7 +516,8 @@ impl Ctx<'_> {
                 }
             }
         }
-        if analysis.params.is_empty() && analysis.arrays.is_empty() {
+        if analysis.params.is_empty() && analysis.arrays.is_empty() && analysis.searches.is_empty()
+        {
             return Ok(BoundValues {
                 sealed: None,
                 sealed_for: statement.sealed_for.clone(),

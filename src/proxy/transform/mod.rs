@@ -36,6 +36,7 @@ mod copy;
 mod lexing;
 mod lookup;
 mod refuse;
+mod search;
 mod server;
 mod session;
 mod shape;

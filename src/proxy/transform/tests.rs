@@ -43,6 +43,8 @@ struct Core {
     server_in: Inbound,
     /// DEKs made so far (the key store of these tests).
     deks: Vec<Arc<CachedDek>>,
+    /// Search keys handed out, by organisation.
+    search_keys: Vec<Arc<CachedDek>>,
     /// Organisations whose key fetch fails.
     failing: Vec<OrgId>,
     /// What the core asked for, in order.
@@ -70,6 +72,7 @@ impl Core {
             client_in: Inbound::new(Dir::FromClient, BytesMut::new(), 1 << 20),
             server_in: Inbound::new(Dir::FromServer, BytesMut::new(), 1 << 20),
             deks: Vec::new(),
+            search_keys: Vec::new(),
             failing: Vec::new(),
             needs: Vec::new(),
         }
@@ -182,6 +185,17 @@ impl Core {
                 Some(d) => cipher.insert_for_tests(Arc::clone(d), false),
                 None => cipher.fail_for_tests(key.clone(), KeyError::UnknownDek(*id)),
             },
+            KeyNeed::Search(o) => {
+                let key = match self.search_keys.iter().find(|d| d.org() == o) {
+                    Some(d) => Arc::clone(d),
+                    None => {
+                        let d = self.enc.keys().dek_for_tests(o);
+                        self.search_keys.push(Arc::clone(&d));
+                        d
+                    }
+                };
+                cipher.insert_search_for_tests(key);
+            }
         }
     }
 

@@ -9,8 +9,8 @@ use crate::proxy::error::{ClientError, ValueSite};
 use crate::proxy::rules::RulesSnapshot;
 use crate::rules::ColumnRule;
 use crate::sql::{
-    Analysis, ArraySource, ColumnRef, DrawEdit, PinPlace, PinValue, RowKeySource, TenantChange,
-    TenantSource, TxControl,
+    Analysis, ArraySource, ColumnRef, DrawEdit, PinPlace, PinValue, RowKeySource, SearchOperand,
+    TenantChange, TenantSource, TxControl,
 };
 use crate::wire::encoding::ClientEncoding;
 use crate::wire::frontend::{self as fe, Bind};
@@ -22,6 +22,11 @@ use super::{Ctx, Fail};
 
 /// OIDs of parameter types an encrypted value may be bound as.
 pub(super) const TEXT_OIDS: &[u32] = &[25, 1043, 1042, 705];
+/// OID of `text[]`.
+pub(super) const TEXT_ARRAY_OID: u32 = 1009;
+/// OIDs of array types a list of searched values may be bound as (`text[]`, `varchar[]`,
+/// `bpchar[]`).
+pub(super) const TEXT_ARRAY_OIDS: &[u32] = &[1009, 1015, 1014];
 
 impl Ctx<'_> {
     /// Encrypt the literals of `analysis`, add its tenant pins (with the session tenant as
@@ -37,6 +42,7 @@ impl Ctx<'_> {
             && analysis.pins.is_empty()
             && analysis.arrays.is_empty()
             && analysis.draws.is_empty()
+            && analysis.searches.is_empty()
         {
             return Ok(None);
         }
@@ -97,6 +103,9 @@ impl Ctx<'_> {
                 range.clone(),
                 format!("'{}'", crate::wire::array::encode_text(&sealed)),
             ));
+        }
+        for site in &analysis.searches {
+            self.search_edits(&rules, text, site, &mut replacements)?;
         }
         for p in &analysis.pins {
             let value = match &p.value {
@@ -208,6 +217,9 @@ impl Ctx<'_> {
             if let Some(sealed) = sealed {
                 sealed_params.push((site.index - 1, Some(sealed.into_bytes())));
             }
+        }
+        for site in &analysis.searches {
+            self.search_params(&rules, site, values, &mut sealed_params)?;
         }
         for site in &analysis.arrays {
             let ArraySource::Param(n) = &site.value else {
@@ -527,7 +539,12 @@ pub(super) fn dollar_quoted(s: &str) -> String {
 /// Whether a literal of `analysis` (or an array given as a literal) is sealed for the session
 /// (or default) tenant.
 pub(super) fn seals_under_session(analysis: &Analysis) -> bool {
-    analysis
+    analysis.searches.iter().any(|s| {
+        s.tenant == TenantSource::Session
+            && s.operands
+                .iter()
+                .any(|o| matches!(o, SearchOperand::Literal { .. }))
+    }) || analysis
         .literals
         .iter()
         .any(|l| l.tenant == TenantSource::Session)
@@ -540,7 +557,12 @@ pub(super) fn seals_under_session(analysis: &Analysis) -> bool {
 /// Whether a parameter of `analysis` (or an array given as one) is sealed for the session (or
 /// default) tenant.
 pub(super) fn seals_under_session_params(analysis: &Analysis) -> bool {
-    analysis
+    analysis.searches.iter().any(|s| {
+        s.tenant == TenantSource::Session
+            && s.operands
+                .iter()
+                .any(|o| !matches!(o, SearchOperand::Literal { .. }))
+    }) || analysis
         .params
         .iter()
         .any(|p| p.tenant == TenantSource::Session)
