@@ -23,6 +23,7 @@ mod protocol_sync;
 mod reencrypt;
 mod row_binding;
 mod scram_tls;
+mod search;
 mod sessions;
 mod soak;
 mod tenancy;
