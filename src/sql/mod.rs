@@ -746,6 +746,9 @@ pub struct SearchSite {
     pub(crate) depth: usize,
     /// The qualifier the column was named with, if any.
     pub(crate) qualifier: Option<String>,
+    /// For `<>`, `NOT IN`, `IS DISTINCT FROM`: the whole comparison (pinned to the session
+    /// tenant's rows, see [`Analysis::pins`]).
+    pub(crate) negated: Option<Range<usize>>,
 }
 
 impl fmt::Debug for SearchSite {

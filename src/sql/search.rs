@@ -34,7 +34,10 @@ use sqlparser::ast::{
 
 use super::analyzer::{fold, name_parts, param_number, Analyzer, Res};
 use super::read::is_text_type;
-use super::{ColumnRef, ReadOp, RejectionKind, SearchOperand, SearchSite, TenantSource};
+use super::{
+    quote_ident, ColumnRef, PinPlace, PinValue, ReadOp, RejectionKind, SearchOperand, SearchSite,
+    TenantPin, TenantSource,
+};
 use crate::crypto::SearchMode;
 
 /// Case folding applied to both sides of a case-insensitive comparison.
@@ -62,13 +65,20 @@ impl Analyzer<'_> {
         match e {
             Expr::BinaryOp {
                 left,
-                op: BinaryOperator::Eq | BinaryOperator::NotEq,
+                op: BinaryOperator::Eq,
                 right,
-            } => self.search_pair(left, right),
-            Expr::IsDistinctFrom(a, b) | Expr::IsNotDistinctFrom(a, b) => self.search_pair(a, b),
+            }
+            | Expr::IsNotDistinctFrom(left, right) => self.search_pair(left, right, false),
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::NotEq,
+                right,
+            }
+            | Expr::IsDistinctFrom(left, right) => self.search_pair(left, right, true),
             Expr::In {
                 expr,
                 target: InTarget::List(list),
+                negated,
                 ..
             } => {
                 let Some(side) = self.column_side(expr)? else {
@@ -82,7 +92,16 @@ impl Analyzer<'_> {
                         None => return Err(form_refusal(&side)),
                     }
                 }
-                self.record(side, operands);
+                let whole = match list.last().and_then(|v| self.extent(v)) {
+                    Some(r) => self
+                        .close_paren_after(r.end)
+                        .map(|end| side.range.start..end),
+                    None => None,
+                };
+                let Some(whole) = whole else {
+                    return Err(form_refusal(&side));
+                };
+                self.record(side, operands, negated.then_some(whole));
                 Ok(true)
             }
             Expr::AnyOp {
@@ -103,7 +122,7 @@ impl Analyzer<'_> {
                 let Some(range) = self.array_operand_range(right) else {
                     return Err(form_refusal(&side));
                 };
-                self.record(side, vec![SearchOperand::ArrayParam { range, index }]);
+                self.record(side, vec![SearchOperand::ArrayParam { range, index }], None);
                 Ok(true)
             }
             _ => Ok(false),
@@ -132,11 +151,23 @@ impl Analyzer<'_> {
                     self.out.searches[i].tenant = t;
                 }
             }
+            let site = &self.out.searches[i];
+            if let (TenantSource::Session, Some(whole), Some(tc)) =
+                (&site.tenant, &site.negated, &table.tenant_column)
+            {
+                self.out.pins.push(TenantPin {
+                    place: PinPlace::Wrap(whole.clone()),
+                    column: format!("{}.{}", quote_ident(&visible), quote_ident(tc)),
+                    value: PinValue::SessionTenant,
+                    lookup: None,
+                });
+            }
         }
         Ok(found)
     }
 
-    fn search_pair(&mut self, a: &Expr, b: &Expr) -> Res<bool> {
+    /// `a = b` or, `negated`, `a <> b` (and the DISTINCT FROM forms).
+    fn search_pair(&mut self, a: &Expr, b: &Expr, negated: bool) -> Res<bool> {
         let (left, right) = (self.column_side(a)?, self.column_side(b)?);
         match (left, right) {
             (None, None) => Ok(false),
@@ -148,26 +179,41 @@ impl Analyzer<'_> {
                 if l.mode == SearchMode::EqualityCi && l.fold.is_none() {
                     return Err(form_refusal(&l));
                 }
-                self.record(l, Vec::new());
-                self.record(r, Vec::new());
+                self.record(l, Vec::new(), None);
+                self.record(r, Vec::new(), None);
                 Ok(true)
             }
-            (Some(side), None) => self.search_with(side, b),
-            (None, Some(side)) => self.search_with(side, a),
+            (Some(side), None) => self.search_with(side, b, negated),
+            (None, Some(side)) => self.search_with(side, a, negated),
         }
     }
 
-    fn search_with(&mut self, side: ColumnSide, value: &Expr) -> Res<bool> {
-        match self.operand(value, side.fold, &side.column)? {
-            Some(operand) => {
-                self.record(side, operand.into_iter().collect());
-                Ok(true)
-            }
-            None => Err(form_refusal(&side)),
-        }
+    fn search_with(&mut self, side: ColumnSide, value: &Expr, negated: bool) -> Res<bool> {
+        let Some(operand) = self.operand(value, side.fold, &side.column)? else {
+            return Err(form_refusal(&side));
+        };
+        let whole = match self.extent(value) {
+            Some(v) => side.range.start.min(v.start)..side.range.end.max(v.end),
+            None => return Err(form_refusal(&side)),
+        };
+        self.record(
+            side,
+            operand.into_iter().collect(),
+            negated.then_some(whole),
+        );
+        Ok(true)
     }
 
-    fn record(&mut self, side: ColumnSide, operands: Vec<SearchOperand>) {
+    /// `negated`: the whole comparison's text, for a form that holds for *unequal* values
+    /// (`<>`, `NOT IN`, `IS DISTINCT FROM`): under the session tenant it is confined to the
+    /// tenant's rows (other organisations' values have unrelated terms, so they would all
+    /// compare unequal).
+    fn record(
+        &mut self,
+        side: ColumnSide,
+        operands: Vec<SearchOperand>,
+        negated: Option<Range<usize>>,
+    ) {
         self.out.touches_protected = true;
         self.out.searches.push(SearchSite {
             column: side.column,
@@ -178,6 +224,7 @@ impl Analyzer<'_> {
             tenant: TenantSource::Session,
             depth: self.frames.len(),
             qualifier: side.qualifier,
+            negated,
         });
     }
 
@@ -649,6 +696,24 @@ mod tests {
             "SELECT * FROM customer WHERE org_id = 'a' AND id IN (SELECT id FROM customer WHERE email = 'x')",
         );
         assert_eq!(a.searches[0].tenant, TenantSource::Session);
+        assert!(a.pins.is_empty());
+        // Unequal forms under the session tenant are confined to its rows.
+        let sql = "SELECT * FROM customer c WHERE c.email <> 'x' AND id > 3";
+        let (_, a) = rewritten(sql);
+        assert_eq!(a.pins.len(), 1);
+        assert_eq!(a.pins[0].column, "\"c\".\"org_id\"");
+        let PinPlace::Wrap(r) = &a.pins[0].place else {
+            panic!("{:?}", a.pins[0].place)
+        };
+        assert_eq!(&sql[r.clone()], "c.email <> 'x'");
+        let sql = "SELECT * FROM customer WHERE email NOT IN ('a', $1)";
+        let (_, a) = rewritten(sql);
+        let PinPlace::Wrap(r) = &a.pins[0].place else {
+            panic!()
+        };
+        assert_eq!(&sql[r.clone()], "email NOT IN ('a', $1)");
+        let (_, a) = rewritten("SELECT * FROM customer WHERE org_id = 'a' AND email <> 'x'");
+        assert!(a.pins.is_empty());
     }
 
     #[test]

@@ -40,10 +40,10 @@ async fn fill(f: &Fixture) -> Vec<i32> {
         let row = c
             .query_one(
                 &format!(
-                    "INSERT INTO {} (org_id, email, code, notes) VALUES ($1, $2, $3, 'n') RETURNING id",
+                    "INSERT INTO {} (org_id, email, code, notes) VALUES ($1, $2, $3, $4) RETURNING id",
                     f.table
                 ),
-                &[org, email, code],
+                &[org, email, code, &"n"],
             )
             .await
             .unwrap();
