@@ -1,7 +1,8 @@
 """A small multi-tenant Django app, run against DATABASE_URL (through pgenvelope in the tests).
 
-`customer.email`, `customer.ssn` and `customer.notes` are encrypted per `org_id` (an integer,
-or a UUID with ORG_TYPE=uuid). Every ordinary ORM write and read is run once, unchanged, and the
+`customer.email`, `customer.ssn`, `customer.notes` and `customer.code` are encrypted per
+`org_id` (an integer, or a UUID with ORG_TYPE=uuid); `email` is searchable (`equality`) and
+`code` case-insensitively (`equality-ci`). Every ordinary ORM write and read is run once, unchanged, and the
 values read back are compared with what was written; the last line printed is `ok`.
 
 Environment: DATABASE_URL, TABLE (the table name), ORG_TYPE (int | uuid), TENANT_MODE (none:
@@ -52,6 +53,7 @@ class Customer(models.Model):
     email = models.TextField(null=True)
     ssn = models.TextField(null=True)
     notes = models.TextField(null=True)
+    code = models.TextField(null=True)
 
     class Meta:
         app_label = "shop"
@@ -121,7 +123,58 @@ def main():
     # delete
     Customer.objects.filter(pk=g.pk).delete()
     check(Customer.objects.filter(pk=g.pk).count(), 0, "deleted")
+    search(acme, globex)
     print("ok")
+
+
+def search(acme, globex):
+    """Look-ups by value on the searchable columns, as an app writes them."""
+    set_tenant(acme)
+    s1 = Customer.objects.create(org_id=acme, name="s1", email="find@acme.example", code="AbC-1")
+    s2 = Customer.objects.create(org_id=acme, name="s2", email="find@acme.example", code="x")
+    set_tenant(globex)
+    g = Customer.objects.create(org_id=globex, name="g2", email="find@acme.example", code="abc-1")
+    set_tenant(acme)
+    scope = {"org_id": acme}
+    pks = lambda q: sorted(c.pk for c in q)  # noqa: E731
+    check(pks(Customer.objects.filter(email="find@acme.example", **scope)), [s1.pk, s2.pk], "email=")
+    check(pks(Customer.objects.filter(code__iexact="aBc-1", **scope)), [s1.pk], "code__iexact")
+    check(
+        pks(Customer.objects.filter(email__in=["find@acme.example", "none@acme.example"], **scope)),
+        [s1.pk, s2.pk],
+        "email__in",
+    )
+    check(
+        pks(Customer.objects.filter(**scope).exclude(email="find@acme.example").filter(name__startswith="s")),
+        [],
+        "exclude(email=)",
+    )
+    obj, created = Customer.objects.get_or_create(
+        email="new@acme.example", org_id=acme, defaults={"name": "s3"}
+    )
+    check(created, True, "get_or_create creates")
+    again, created = Customer.objects.get_or_create(
+        email="new@acme.example", org_id=acme, defaults={"name": "s4"}
+    )
+    check((created, again.pk, again.name), (False, obj.pk, "s3"), "get_or_create finds")
+    # Update and delete by value (on a row-bound table an UPDATE must name the row key of
+    # the values it writes: update the rows found instead).
+    found = Customer.objects.filter(email="find@acme.example", **scope)
+    if os.environ.get("ROW_KEY"):
+        for c in found:
+            c.notes = "found"
+            c.save(update_fields=["notes"])
+    else:
+        found.update(notes="found")
+    check(Customer.objects.get(pk=s2.pk).notes, "found", "update by value")
+    Customer.objects.filter(code__iexact="X", **scope).delete()
+    check(Customer.objects.filter(pk=s2.pk, **scope).count(), 0, "delete by value")
+    # The other organisation's equal value is found only under its own tenant.
+    set_tenant(globex)
+    check(
+        pks(Customer.objects.filter(email="find@acme.example", org_id=globex)), [g.pk], "other org"
+    )
+    set_tenant(acme)
 
 
 if __name__ == "__main__":

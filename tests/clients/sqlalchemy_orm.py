@@ -107,6 +107,20 @@ def run(session):
     session.execute(delete(Customer).where(Customer.id == g.id))
     session.commit()
     check(session.scalar(select(Customer).where(Customer.id == g.id)), None, "deleted")
+    # look-ups by value on the searchable e-mail column (`search = "equality"`)
+    if tenant_mode == "session":
+        session.execute(text("SET pgenvelope.tenant = '%s'" % acme))
+    found = session.scalars(
+        select(Customer).where(Customer.org_id == acme, Customer.email == "a3@acme.example")
+    ).all()
+    check([c.id for c in found], [a.id], "where(email ==)")
+    found = session.scalars(
+        select(Customer)
+        .where(Customer.org_id == acme, Customer.email.in_(["b1@acme.example", "b2@acme.example"]))
+        .order_by(Customer.id)
+    ).all()
+    check([c.id for c in found], [many[1].id, many[2].id], "where(email.in_)")
+    session.commit()
 
 
 def main():

@@ -67,12 +67,13 @@ async fn run_app(run: Run) {
         "customer",
         &format!(
             "(id bigserial PRIMARY KEY, org_id {org_column} NOT NULL, name text NOT NULL, \
-             email text, ssn text, notes text)"
+             email text, ssn text, notes text, code text)"
         ),
         |t| {
             format!(
                 "[[table]]\nname = \"public.{t}\"\ntenant_column = \"org_id\"\n{row_key}\
-                 encrypt = [\"email\", \"ssn\", \"notes\"]\n"
+                 encrypt = [{{ name = \"email\", search = \"equality\" }}, \"ssn\", \"notes\", \
+                 {{ name = \"code\", search = \"equality-ci\" }}]\n"
             )
         },
     )
