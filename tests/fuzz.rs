@@ -759,6 +759,127 @@ fn fuzz_statement_analyser() {
     );
 }
 
+/// [`protected`] with `value` searchable (`search = "equality"`); `note` stays unsearchable.
+fn searchable() -> Protected {
+    Protected::new([ProtectedTable {
+        searchable: vec![("value".into(), pgenvelope::crypto::SearchMode::Equality)],
+        ..protected().tables()[0].clone()
+    }])
+}
+
+/// Pieces of look-ups: the marker `SECRET` appears only in values compared with the searchable
+/// column `value`.
+const SEARCH_VOCAB: &[&str] = &[
+    "SELECT id FROM secrets WHERE",
+    "SELECT * FROM secrets s WHERE",
+    "UPDATE secrets SET note = $9 WHERE",
+    "DELETE FROM secrets WHERE",
+    "value = 'SECRET1'",
+    "s.value <> 'SECRET2'",
+    "value IN ('SECRET3', $1)",
+    "value IS DISTINCT FROM E'SECRET4'",
+    "value = $2::text",
+    "secrets.value = ANY($3)",
+    "value NOT IN ($$SECRET5$$)",
+    "org_id = 'acme'",
+    "note IS NULL",
+    "AND",
+    "OR",
+    "NOT",
+    "(",
+    ")",
+    ";",
+    "id = 3",
+];
+
+/// Applies the proxy's edits for look-ups: column sides, terms, parameters, pins.
+fn search_rewritten(sql: &str, a: &pgenvelope::sql::Analysis) -> Result<String, String> {
+    use pgenvelope::sql::{PinPlace, SearchOperand};
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    for l in &a.literals {
+        edits.push((l.range.clone(), "'enc:v1:AAAA'".into()));
+    }
+    for site in &a.searches {
+        let col = sql
+            .get(site.column_ref.clone())
+            .ok_or("column reference out of bounds")?;
+        edits.push((site.column_range.clone(), format!("left({col}, 31)")));
+        for o in &site.operands {
+            match o {
+                SearchOperand::Literal { range, .. } => {
+                    edits.push((range.clone(), "'enc:v1:TERM'".into()))
+                }
+                SearchOperand::Param { range, index } => {
+                    edits.push((range.clone(), format!("${index}")))
+                }
+                SearchOperand::ArrayParam { .. } => {}
+            }
+        }
+    }
+    for p in &a.pins {
+        match &p.place {
+            PinPlace::Wrap(r) => {
+                edits.push((r.start..r.start, "(".into()));
+                edits.push((r.end..r.end, ") AND pin".into()));
+            }
+            PinPlace::Add(at) => edits.push((*at..*at, " WHERE pin".into())),
+        }
+    }
+    edits.sort_by_key(|(r, _)| (r.start, r.end));
+    rewrite_literals(sql, &edits).map_err(|e| format!("the proxy's edits do not fit: {e}"))
+}
+
+#[test]
+fn fuzz_search_rewrites() {
+    let (p, plain) = (searchable(), protected());
+    campaign(
+        "sql: look-ups on a searchable column, mutated",
+        (
+            proptest::collection::vec(0..SEARCH_VOCAB.len(), 1..8),
+            proptest::collection::vec((any::<usize>(), 0u8..4, "\\PC{0,3}"), 0..4),
+        ),
+        |(pieces, edits)| {
+            let mut s: String = pieces
+                .iter()
+                .map(|&i| SEARCH_VOCAB[i])
+                .collect::<Vec<_>>()
+                .join(" ");
+            for (at, op, text) in edits {
+                let mut pos = at % (s.len() + 1);
+                while !s.is_char_boundary(pos) {
+                    pos -= 1;
+                }
+                match op {
+                    0 => s.insert_str(pos, &text),
+                    1 => s.truncate(pos),
+                    2 => s.insert(pos, '\''),
+                    _ => s.insert_str(pos, "$$"),
+                }
+            }
+            let a = analyze(&s, &p);
+            // A text that names no protected table compares no encrypted column (the proxy
+            // forwards it without analysis), and one that does not parse is refused by the
+            // server as a whole before anything runs.
+            let parses =
+                sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, &s)
+                    .is_ok();
+            if a.rejection.is_some() || !might_touch(&s, &p) || !parses {
+                return Ok(());
+            }
+            // The rewritten statement never carries a value compared with the column.
+            let rewritten = search_rewritten(&s, &a)?;
+            if rewritten.contains("SECRET") {
+                return Err(format!("a searched value reaches the server: {rewritten}"));
+            }
+            // The same look-up on a column that is not searchable is refused.
+            if !a.searches.is_empty() && analyze(&s, &plain).rejection.is_none() {
+                return Err("a look-up on an unsearchable encrypted column is accepted".into());
+            }
+            Ok(())
+        },
+    );
+}
+
 /// Differential check of the statement split: texts built from hostile fragments (quotes,
 /// backslashes, comments, dollar quotes, `E''`, `U&''`, continued literals, multibyte
 /// characters whose trailing byte is `\`) run on a direct connection to the test PostgreSQL,
