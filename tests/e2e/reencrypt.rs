@@ -954,3 +954,91 @@ async fn reencrypt_works_on_tables_in_another_database_than_the_key_store() {
         Some(foreign.as_str())
     );
 }
+
+/// Searchable columns: `reencrypt` adds search terms to values written before the column
+/// became searchable (plaintext and unsearchable ciphertext alike), so look-ups find them, and
+/// removes the terms when the column stops being searchable.
+#[tokio::test]
+async fn reencrypt_adds_and_removes_search_terms() {
+    let s = Setup::new(
+        &["CREATE TABLE {t} (id bigint PRIMARY KEY, org_id text NOT NULL, value text)"],
+        |t| {
+            format!(
+                "[[table]]\nname = \"{}\"\ntenant_column = \"org_id\"\n\
+                 encrypt = [{{ name = \"value\", search = \"equality\" }}]\n",
+                t[0]
+            )
+        },
+    )
+    .await;
+    let t = s.tables[0].clone();
+    direct()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO {t} VALUES (1, 'acme', 'one'), (2, 'acme', 'two'), (3, 'globex', 'one')"
+        ))
+        .await
+        .unwrap();
+    // Sealed first by rules without search: no terms.
+    let unsearchable = s._dir.path().join("unsearchable.toml");
+    std::fs::write(
+        &unsearchable,
+        format!("[[table]]\nname = \"{t}\"\ntenant_column = \"org_id\"\nencrypt = [\"value\"]\n"),
+    )
+    .unwrap();
+    let plain_rules = unsearchable.display().to_string();
+    let out = s
+        .command(&["reencrypt", "--rules", &plain_rules])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let searchable = |rows: &[(i64, String, Option<String>)]| -> Vec<bool> {
+        rows.iter()
+            .map(|(_, _, v)| {
+                EncV1::parse(v.as_deref().unwrap().as_bytes())
+                    .unwrap()
+                    .is_searchable()
+            })
+            .collect()
+    };
+    assert_eq!(searchable(&stored(&t).await), [false, false, false]);
+    let client = s.client().await;
+    client
+        .batch_execute("SET pgenvelope.tenant = 'acme'")
+        .await
+        .unwrap();
+    let find = format!("SELECT id FROM {t} WHERE value = 'one'");
+    let ids =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<i64> { rows.iter().map(|r| r.get(0)).collect() };
+    assert_eq!(
+        ids(client.query(&find, &[]).await.unwrap()),
+        Vec::<i64>::new()
+    );
+
+    // With the searchable rules, the terms are added and the look-up finds the value.
+    let out = s.reencrypt(&[]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(searchable(&stored(&t).await), [true, true, true]);
+    assert_eq!(ids(client.query(&find, &[]).await.unwrap()), [1]);
+    // A second run leaves them as they are.
+    let before = stored(&t).await;
+    let out = s.reencrypt(&[]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(stored(&t).await, before);
+
+    // Back to unsearchable rules: the terms are removed, the values still open.
+    let out = s
+        .command(&["reencrypt", "--rules", &plain_rules])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(searchable(&stored(&t).await), [false, false, false]);
+    let values: Vec<String> = client
+        .query(&format!("SELECT value FROM {t} WHERE id = 2"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(values, ["two"]);
+}

@@ -235,6 +235,17 @@ impl RowsIn<'_> {
             }
             Err(e) => return Err(e.into()),
         };
+        // Searchable columns also need the organisation's search key.
+        if let Some((_, searchable)) = self.job.targets.iter().find(|(_, c)| c.search().is_some()) {
+            match cipher.term(searchable, &org, b"") {
+                Ok(_) => {}
+                Err(crate::cipher::CipherError::Missing(need)) => {
+                    needs.add(need);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let row_key = match self.job.key_index {
             None => None,
             Some(i) => {
