@@ -193,6 +193,17 @@ pub enum ClientError {
          answer has not arrived yet; send this after its answer"
     )]
     Unsettled,
+    /// A Bind of a prepared statement this connection never saw parsed (created by SQL
+    /// `PREPARE` or by server-side code): its parameters cannot be checked (0A000).
+    #[error(
+        "prepared statement \"{name}\" was not prepared with a Parse message on this \
+         connection (SQL PREPARE or server-side code): its parameters cannot be checked for \
+         encrypted columns; prepare it with the extended protocol"
+    )]
+    UnknownStatement {
+        /// The statement's name, as the client sent it.
+        name: String,
+    },
     /// A Bind or Execute of values sealed for a session tenant that changed since (0A000).
     #[error(
         "this statement holds values sealed for the session tenant in force when it was \
@@ -659,6 +670,7 @@ impl ClientError {
             ClientError::Statement(_)
             | ClientError::LexingInFlight
             | ClientError::Unsettled
+            | ClientError::UnknownStatement { .. }
             | ClientError::TenantChanged
             | ClientError::Encoding(_)
             | ClientError::TenantChangeWithSessionWrite

@@ -309,3 +309,33 @@ async fn skipped_query_does_not_shift_the_session_tenant_bookkeeping() {
     );
     assert!(!codes(&r).is_empty(), "refused under the session tenant");
 }
+
+/// A statement prepared by server-side code (here SQL `PREPARE` run by a DO block, with the
+/// table name built from pieces) was never parsed through the proxy: a Bind of it is refused,
+/// or its parameters would reach the encrypted column in plaintext.
+#[tokio::test]
+async fn bind_of_a_statement_the_proxy_never_saw_parsed_is_refused() {
+    let v = Vault::new().await;
+    let mut c = raw(v.proxy.port());
+    let (head, tail) = v.table.split_at(3);
+    let made = c
+        .query(
+            format!(
+                "DO $$ BEGIN EXECUTE 'PREPARE hidden(text, text) AS INSERT INTO ' || '{head}' || '{tail}' \
+                 || ' (org_id, value) VALUES ($1, $2)'; END $$"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    assert!(codes(&made).is_empty(), "{:?}", codes(&made));
+    insert_and_check(&mut c, &v, "hidden", "secret-hidden").await;
+    bind(&mut c, "", "hidden", &["org1", "secret-hidden-2"]);
+    execute(&mut c, "");
+    let r = sync(&mut c);
+    assert_eq!(codes(&r), ["0A000"]);
+    assert!(v.stored().await.is_empty(), "nothing was written");
+    // A statement parsed through the proxy still binds.
+    prepare_insert(&mut c, &v, "seen");
+    insert_and_check(&mut c, &v, "seen", "secret-seen").await;
+    assert_eq!(v.stored().await.len(), 1);
+}

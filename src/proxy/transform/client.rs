@@ -387,6 +387,13 @@ impl Ctx<'_> {
                 return self.refuse_extended(ClientError::Unsettled.into(), out);
             }
         }
+        // A statement the proxy never saw parsed (SQL PREPARE, or one made by server-side
+        // code) could write its parameters into encrypted columns unseen.
+        if matches!(ahead, Ahead::Known(None)) && !self.e.handles.rules.snapshot().rules.is_empty()
+        {
+            let name = String::from_utf8_lossy(bind.statement).into_owned();
+            return self.refuse_extended(ClientError::UnknownStatement { name }.into(), out);
+        }
         let statement = ahead.latest().unwrap_or_default();
         let bound = match self.prepare_bind(&bind, &statement) {
             Ok(b) => b,
