@@ -768,3 +768,47 @@ async fn concurrent_conditional_rotations_rotate_once() {
     assert_eq!(gone.state, DekState::Destroyed);
     assert!(gone.wrapped.is_none());
 }
+
+/// PostgreSQL file node of `table` in the test schema (changes when the table is rewritten).
+async fn filenode(db: &TestDb, table: &str) -> u32 {
+    db.admin()
+        .await
+        .query_one(
+            &format!(
+                "SELECT pg_relation_filenode('\"{}\".{table}')::text::bigint",
+                db.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        .try_into()
+        .unwrap()
+}
+
+/// After a shred the key table is rewritten (`VACUUM FULL`), so the erased wrapped keys leave
+/// its files; so is it after destroying one retired key.
+#[tokio::test]
+async fn shred_and_destroy_rewrite_the_key_table() {
+    let db = TestDb::new();
+    let store = db.ready_store().await;
+    let acme = org("acme");
+    let v1 = store.get_or_create_active(&acme, &*db.kek).await.unwrap();
+    store.rotate(&acme, &*db.kek, None, None).await.unwrap();
+
+    let before = filenode(&db, "data_keys").await;
+    assert!(store.destroy_retired(v1.dek_id, None).await.unwrap());
+    let after_destroy = filenode(&db, "data_keys").await;
+    assert_ne!(
+        before, after_destroy,
+        "data_keys not rewritten after destroy"
+    );
+
+    assert_eq!(store.shred(&acme, None).await.unwrap().len(), 1);
+    assert_ne!(
+        after_destroy,
+        filenode(&db, "data_keys").await,
+        "data_keys not rewritten after shred"
+    );
+}

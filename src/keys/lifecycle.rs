@@ -620,10 +620,18 @@ impl KeyStore {
 
     /// Rewrite `data_keys` so erased wrapped keys leave its files. Best effort: a busy table
     /// is left for later, with a warning.
+    ///
+    /// Two round trips: PostgreSQL runs a query string of several statements as one implicit
+    /// transaction, where `VACUUM` is refused.
     async fn compact(&self, client: &tokio_postgres::Client) {
         let s = self.quoted_schema();
-        let sql = format!("SET lock_timeout = '2s'; VACUUM FULL {s}.data_keys");
-        if let Err(e) = client.batch_execute(&sql).await {
+        let vacuum = format!("VACUUM FULL {s}.data_keys");
+        let result = async {
+            client.batch_execute("SET lock_timeout = '2s'").await?;
+            client.batch_execute(&vacuum).await
+        }
+        .await;
+        if let Err(e) = result {
             tracing::warn!(
                 error = %e,
                 "could not compact the key store; run VACUUM FULL on data_keys so erased wrapped keys leave its files"
