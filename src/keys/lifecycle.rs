@@ -1,5 +1,5 @@
-//! Key lifecycle operations on the key store: rotate, shred, destroy one retired DEK, rewrap,
-//! and the audit trail.
+//! Key lifecycle operations on the key store: rotate, shred, destroy one retired DEK, and the
+//! audit trail (rewrap is in `rewrap`).
 //!
 //! Each operation that changes which keys exist runs in one transaction on a connection of its
 //! own, serialized per organisation by a transaction-scoped advisory lock, writes its
@@ -16,7 +16,6 @@
 //! backups remain; they are wrapped by the KEK, so a shred is final only together with the
 //! backup retention (or the KEK's own destruction).
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Transaction;
@@ -25,7 +24,7 @@ use uuid::Uuid;
 use crate::crypto::{DekId, OrgId};
 
 use super::error::KeyError;
-use super::kek::{KekError, KekProvider, KeyContext};
+use super::kek::{KekProvider, KeyContext};
 use super::store::{
     kek_error, record_from_row, DekRecord, DekState, KeyStore, ADVISORY_LOCK_CLASS, COLUMNS,
 };
@@ -128,19 +127,6 @@ pub struct KeyEvent {
     pub actor: Option<String>,
     /// Further detail, e.g. the retired DEK of a rotation.
     pub detail: Option<String>,
-}
-
-/// Outcome of [`KeyStore::rewrap`].
-#[derive(Debug, Default)]
-pub struct RewrapReport {
-    /// DEKs re-wrapped by this run.
-    pub rewrapped: usize,
-    /// Of those, how many the KMS re-encrypted itself (the key never left it).
-    pub by_kms: usize,
-    /// Live DEKs that were already under the target KEK.
-    pub already: usize,
-    /// DEKs left as they were, with why (no KEK to unwrap them, changed meanwhile, …).
-    pub skipped: Vec<(DekId, String)>,
 }
 
 impl KeyStore {
@@ -367,119 +353,6 @@ impl KeyStore {
         result
     }
 
-    /// Re-wrap every live DEK not yet under `to`, `batch` per transaction. `from` are the
-    /// KEKs that may unwrap the current wrapped forms (matched by KEK id). Each new wrapped
-    /// form is verified by unwrapping it with `to` and comparing with the key before it is
-    /// stored; a row changed meanwhile (rotated, shredded, re-wrapped by someone else) is
-    /// left alone. Resumable: a rerun picks up whatever is not under `to` yet.
-    pub async fn rewrap(
-        &self,
-        from: &[Arc<dyn KekProvider>],
-        to: &dyn KekProvider,
-        batch: usize,
-        reason: Option<&str>,
-        mut progress: impl FnMut(&RewrapReport),
-    ) -> Result<RewrapReport, KeyError> {
-        let s = self.quoted_schema();
-        let to_id = to.kek_id();
-        let batch = i64::try_from(batch.max(1)).unwrap_or(1000);
-        let mut report = RewrapReport::default();
-        let (mut client, conn) = self.dedicated().await?;
-        let driver = tokio::spawn(conn);
-        let result = async {
-            let already: i64 = client
-                .query_one(
-                    &format!(
-                        "SELECT count(*) FROM {s}.data_keys \
-                         WHERE state <> 'destroyed' AND kek = $1"
-                    ),
-                    &[&to_id],
-                )
-                .await
-                .map_err(store("count DEKs"))?
-                .get(0);
-            report.already = usize::try_from(already).unwrap_or(0);
-            let mut after = Uuid::nil();
-            loop {
-                let rows = client
-                    .query(
-                        &format!(
-                            "SELECT {COLUMNS} FROM {s}.data_keys \
-                             WHERE state <> 'destroyed' AND kek <> $1 AND dek_id > $2 \
-                             ORDER BY dek_id LIMIT $3"
-                        ),
-                        &[&to_id, &after, &batch],
-                    )
-                    .await
-                    .map_err(store("list DEKs"))?;
-                let Some(last) = rows.last() else {
-                    break;
-                };
-                after = last.try_get("dek_id").map_err(store("decode key row"))?;
-                let mut done = Vec::new();
-                for row in &rows {
-                    let record = record_from_row(row)?;
-                    match rewrap_one(&record, from, to).await {
-                        Ok((wrapped, by_kms)) => done.push((record, wrapped, by_kms)),
-                        Err(why) => report.skipped.push((record.dek_id, why)),
-                    }
-                }
-                let tx = client.transaction().await.map_err(store("begin"))?;
-                for (record, wrapped, by_kms) in done {
-                    let n = tx
-                        .execute(
-                            &format!(
-                                "UPDATE {s}.data_keys SET kek = $2, wrapped = $3 \
-                                 WHERE dek_id = $1 AND kek = $4 AND wrapped = $5 \
-                                 AND state <> 'destroyed'"
-                            ),
-                            &[
-                                &record.dek_id.0,
-                                &to_id,
-                                &wrapped,
-                                &record.kek,
-                                &record.wrapped,
-                            ],
-                        )
-                        .await
-                        .map_err(store("store re-wrapped DEK"))?;
-                    if n == 0 {
-                        report
-                            .skipped
-                            .push((record.dek_id, "changed meanwhile".to_owned()));
-                        continue;
-                    }
-                    let detail = format!(
-                        "v{} from {}{}",
-                        record.version,
-                        record.kek,
-                        if by_kms { " (KMS ReEncrypt)" } else { "" }
-                    );
-                    self.event(
-                        &tx,
-                        record.org_id.as_str(),
-                        Some(record.dek_id),
-                        "rewrap",
-                        Some(&to_id),
-                        reason,
-                        Some(&detail),
-                    )
-                    .await?;
-                    report.rewrapped += 1;
-                    report.by_kms += usize::from(by_kms);
-                }
-                self.notify(&tx, &KeyChange::Rewrap).await?;
-                tx.commit().await.map_err(store("commit"))?;
-                progress(&report);
-            }
-            Ok(())
-        }
-        .await;
-        drop(client);
-        let _ = driver.await;
-        result.map(|()| report)
-    }
-
     /// Key events, oldest first (of `org`, or all), at most `limit` of the most recent.
     pub async fn events(&self, org: Option<&OrgId>, limit: i64) -> Result<Vec<KeyEvent>, KeyError> {
         let s = self.quoted_schema();
@@ -561,7 +434,7 @@ impl KeyStore {
     }
 
     /// `"schema"`, quoted (the name is a plain identifier: see `is_plain_identifier`).
-    fn quoted_schema(&self) -> String {
+    pub(super) fn quoted_schema(&self) -> String {
         format!("\"{}\"", self.schema())
     }
 
@@ -577,7 +450,7 @@ impl KeyStore {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn event(
+    pub(super) async fn event(
         &self,
         tx: &Transaction<'_>,
         org: &str,
@@ -608,7 +481,11 @@ impl KeyStore {
         Ok(())
     }
 
-    async fn notify(&self, tx: &Transaction<'_>, change: &KeyChange) -> Result<(), KeyError> {
+    pub(super) async fn notify(
+        &self,
+        tx: &Transaction<'_>,
+        change: &KeyChange,
+    ) -> Result<(), KeyError> {
         tx.execute(
             "SELECT pg_notify($1, $2)",
             &[&NOTIFY_CHANNEL, &change.payload(self.schema())],
@@ -640,7 +517,7 @@ impl KeyStore {
     }
 }
 
-fn store(op: &'static str) -> impl Fn(tokio_postgres::Error) -> KeyError {
+pub(super) fn store(op: &'static str) -> impl Fn(tokio_postgres::Error) -> KeyError {
     move |e| KeyError::store(op, e)
 }
 
@@ -651,43 +528,6 @@ fn state_before(r: &DekRecord) -> &'static str {
         Some((retired, destroyed)) if retired < destroyed => DekState::DecryptOnly.as_str(),
         _ => DekState::Active.as_str(),
     }
-}
-
-/// Re-wrap one DEK for `to`, verified. Returns the new wrapped form and whether the KMS did
-/// it without the key leaving it. Errors are reasons for the report (no key material).
-async fn rewrap_one(
-    record: &DekRecord,
-    from: &[Arc<dyn KekProvider>],
-    to: &dyn KekProvider,
-) -> Result<(Vec<u8>, bool), String> {
-    let Some(wrapped) = &record.wrapped else {
-        return Err("destroyed".to_owned());
-    };
-    let Some(source) = from.iter().find(|k| k.kek_id() == record.kek) else {
-        return Err(format!(
-            "wrapped by KEK `{}`, which was not given (--kms or --kms-also)",
-            record.kek
-        ));
-    };
-    let ctx = KeyContext {
-        org: record.org_id.clone(),
-        dek: record.dek_id,
-    };
-    let describe = |e: KekError| format!("KEK error: {e}");
-    let key = source.unwrap(&ctx, wrapped).await.map_err(describe)?;
-    let (new, by_kms) = match source.rewrap_to(&ctx, wrapped, to).await {
-        Some(Ok(new)) => (new, true),
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, dek = %record.dek_id, "KMS re-encryption failed; unwrapping and wrapping instead");
-            (to.wrap(&ctx, &key).await.map_err(describe)?, false)
-        }
-        None => (to.wrap(&ctx, &key).await.map_err(describe)?, false),
-    };
-    let check = to.unwrap(&ctx, &new).await.map_err(describe)?;
-    if check.expose_secret() != key.expose_secret() {
-        return Err("verification failed: the re-wrapped key unwraps to another key".to_owned());
-    }
-    Ok((new, by_kms))
 }
 
 #[cfg(test)]

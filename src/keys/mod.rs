@@ -31,17 +31,19 @@ mod listener;
 mod local;
 mod manager;
 mod pkcs11;
+mod rewrap;
 mod store;
 
 pub use aws::{AwsKmsKek, KmsCallError, CONTEXT_DEK, CONTEXT_ORG};
 pub use error::KeyError;
 pub use instrumented::{InstrumentedKek, KekMetrics};
 pub use kek::{KekError, KekProvider, KeyContext, KmsUri};
-pub use lifecycle::{KeyChange, KeyEvent, RewrapReport, Rotation, NOTIFY_CHANNEL};
+pub use lifecycle::{KeyChange, KeyEvent, Rotation, NOTIFY_CHANNEL};
 pub use listener::{spawn_key_listener, ListenerState, CHANGE_KINDS};
 pub use local::LocalKek;
 pub use manager::{CachedDek, KeyManager, KeyManagerConfig, KeyManagerStats, RotationPolicy};
 #[cfg(feature = "fault-injection")]
 pub use pkcs11::fault::{set_hsm_down, set_hsm_stall};
 pub use pkcs11::{PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PATH, MAX_SESSIONS};
+pub use rewrap::RewrapReport;
 pub use store::{is_plain_identifier, DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};
