@@ -27,8 +27,8 @@ pub enum KeysCommand {
     /// Re-wrap every data key under the current KEK (--kms), or under --to-kms; data rows are
     /// not touched. Batched, verified by unwrapping, resumable (rerun to finish).
     Rewrap(RewrapArgs),
-    /// Destroy every data key of an organisation: its encrypted values can never be
-    /// decrypted again. Proxies evict the keys at once.
+    /// Destroy every data key and search key of an organisation: its encrypted values can
+    /// never be decrypted again. Proxies evict the keys at once.
     Shred(ShredArgs),
     /// Print the key events (create, rotate, rewrap, shred, destroy), oldest first.
     Events(EventsArgs),
@@ -229,25 +229,38 @@ async fn shred(config: &Config, args: &ShredArgs) -> anyhow::Result<i32> {
     let org = org_flag(&args.org)?;
     if !args.yes {
         eprintln!(
-            "pgenvelope keys shred destroys every data key of {org}: its encrypted values can \
-             never be decrypted again. Add --yes to do it."
+            "pgenvelope keys shred destroys every data key and search key of {org}: its \
+             encrypted values can never be decrypted again. Add --yes to do it."
         );
         return Ok(2);
     }
     let store = open_store(config).await?;
-    let destroyed = store
+    let shredded = store
         .shred(&org, args.store.reason.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("shredding {org}: {e}"))?;
+    let destroyed = &shredded.deks;
     if destroyed.is_empty() {
         println!("{org}: no live data keys; nothing destroyed (recorded in key_events)");
     } else {
-        for r in &destroyed {
+        for r in destroyed {
             println!("{org}: destroyed version {} ({})", r.version, r.dek_id);
         }
         println!(
             "{org}: {} data key(s) destroyed; its encrypted values are unrecoverable",
             destroyed.len()
+        );
+    }
+    for k in &shredded.search_keys {
+        println!(
+            "{org}: destroyed search key version {} ({})",
+            k.version, k.key_id
+        );
+    }
+    if !shredded.search_keys.is_empty() {
+        println!(
+            "{org}: {} search key(s) destroyed",
+            shredded.search_keys.len()
         );
     }
     Ok(0)

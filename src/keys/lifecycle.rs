@@ -1,5 +1,6 @@
 //! Key lifecycle operations on the key store: rotate, shred, destroy one retired DEK, and the
-//! audit trail (rewrap is in `rewrap`).
+//! audit trail (rewrap is in `rewrap`, search-key rotation in `search`). Shredding covers
+//! search keys too.
 //!
 //! Each operation that changes which keys exist runs in one transaction on a connection of its
 //! own, serialized per organisation by a transaction-scoped advisory lock, writes its
@@ -11,10 +12,10 @@
 //! the organisation is the rest of the line (it may contain spaces). Proxies ignore changes
 //! of other schemas. Never carries key material.
 //!
-//! Shredding sets `wrapped = NULL` and then rewrites `data_keys` (`VACUUM FULL`) so the old
-//! row versions holding the wrapped key leave the table's files. Copies in WAL archives and
-//! backups remain; they are wrapped by the KEK, so a shred is final only together with the
-//! backup retention (or the KEK's own destruction).
+//! Shredding sets `wrapped = NULL` and then rewrites `data_keys` and `search_keys`
+//! (`VACUUM FULL`) so the old row versions holding the wrapped keys leave the tables' files.
+//! Copies in WAL archives and backups remain; they are wrapped by the KEK, so a shred is final
+//! only together with the backup retention (or the KEK's own destruction).
 
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +26,9 @@ use crate::crypto::{DekId, OrgId};
 
 use super::error::KeyError;
 use super::kek::{KekProvider, KeyContext};
+use super::search::{
+    search_record_from_row, SearchKeyRecord, SEARCH_COLUMNS, SEARCH_KEY_DESTROYED,
+};
 use super::store::{
     kek_error, record_from_row, DekRecord, DekState, KeyStore, ADVISORY_LOCK_CLASS, COLUMNS,
 };
@@ -127,6 +131,15 @@ pub struct KeyEvent {
     pub actor: Option<String>,
     /// Further detail, e.g. the retired DEK of a rotation.
     pub detail: Option<String>,
+}
+
+/// Outcome of [`KeyStore::shred`]: the keys it destroyed.
+#[derive(Debug, Clone, Default)]
+pub struct Shredded {
+    /// DEKs destroyed, by version.
+    pub deks: Vec<DekRecord>,
+    /// Search keys destroyed, by version.
+    pub search_keys: Vec<SearchKeyRecord>,
 }
 
 impl KeyStore {
@@ -233,13 +246,13 @@ impl KeyStore {
         result
     }
 
-    /// Destroy every DEK of `org`: wrapped keys erased, state `destroyed`, one `shred` event
-    /// per DEK (a tombstone). Returns the DEKs destroyed by this call.
-    pub async fn shred(
-        &self,
-        org: &OrgId,
-        reason: Option<&str>,
-    ) -> Result<Vec<DekRecord>, KeyError> {
+    /// Destroy every DEK and every search key of `org`: wrapped keys erased, state
+    /// `destroyed`, one `shred` event per DEK and one `search_key_destroyed` event per search
+    /// key (tombstones). Returns the keys destroyed by this call.
+    ///
+    /// Like a later write creating a new DEK, a later search-key request creates a new search
+    /// key: shredding erases data, it does not ban the organisation.
+    pub async fn shred(&self, org: &OrgId, reason: Option<&str>) -> Result<Shredded, KeyError> {
         let s = self.quoted_schema();
         let (mut client, conn) = self.dedicated().await?;
         let driver = tokio::spawn(conn);
@@ -286,13 +299,50 @@ impl KeyStore {
                 )
                 .await?;
             }
+            let rows = tx
+                .query(
+                    &format!(
+                        "UPDATE {s}.search_keys SET state = 'destroyed', wrapped = NULL, \
+                         destroyed_at = now(), retired_at = COALESCE(retired_at, now()) \
+                         WHERE org_id = $1 AND state <> 'destroyed' RETURNING {SEARCH_COLUMNS}"
+                    ),
+                    &[&org.as_str()],
+                )
+                .await
+                .map_err(store("destroy search keys"))?;
+            let search_keys = rows
+                .iter()
+                .map(search_record_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            for k in &search_keys {
+                let was = match k.retired_at.zip(k.destroyed_at) {
+                    Some((retired, destroyed)) if retired < destroyed => "retired",
+                    _ => "active",
+                };
+                self.event(
+                    &tx,
+                    org.as_str(),
+                    Some(k.key_id),
+                    SEARCH_KEY_DESTROYED,
+                    Some(&k.kek),
+                    reason,
+                    Some(&format!("v{} was {was}", k.version)),
+                )
+                .await?;
+            }
             self.notify(&tx, &KeyChange::Shred(org.clone())).await?;
             tx.commit().await.map_err(store("commit"))?;
-            Ok(destroyed)
+            Ok(Shredded {
+                deks: destroyed,
+                search_keys,
+            })
         }
         .await;
-        if result.is_ok() {
-            self.compact(&client).await;
+        if let Ok(shredded) = &result {
+            self.compact(&client, "data_keys").await;
+            if !shredded.search_keys.is_empty() {
+                self.compact(&client, "search_keys").await;
+            }
         }
         drop(client);
         let _ = driver.await;
@@ -346,7 +396,7 @@ impl KeyStore {
         }
         .await;
         if matches!(result, Ok(true)) {
-            self.compact(&client).await;
+            self.compact(&client, "data_keys").await;
         }
         drop(client);
         let _ = driver.await;
@@ -438,7 +488,7 @@ impl KeyStore {
         format!("\"{}\"", self.schema())
     }
 
-    async fn lock_org(&self, tx: &Transaction<'_>, org: &OrgId) -> Result<(), KeyError> {
+    pub(super) async fn lock_org(&self, tx: &Transaction<'_>, org: &OrgId) -> Result<(), KeyError> {
         let key = format!("{}/{}", self.schema(), org.as_str());
         tx.execute(
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
@@ -495,14 +545,14 @@ impl KeyStore {
         Ok(())
     }
 
-    /// Rewrite `data_keys` so erased wrapped keys leave its files. Best effort: a busy table
-    /// is left for later, with a warning.
+    /// Rewrite `table` (`data_keys` or `search_keys`) so erased wrapped keys leave its files.
+    /// Best effort: a busy table is left for later, with a warning.
     ///
     /// Two round trips: PostgreSQL runs a query string of several statements as one implicit
     /// transaction, where `VACUUM` is refused.
-    async fn compact(&self, client: &tokio_postgres::Client) {
+    async fn compact(&self, client: &tokio_postgres::Client, table: &'static str) {
         let s = self.quoted_schema();
-        let vacuum = format!("VACUUM FULL {s}.data_keys");
+        let vacuum = format!("VACUUM FULL {s}.{table}");
         let result = async {
             client.batch_execute("SET lock_timeout = '2s'").await?;
             client.batch_execute(&vacuum).await
@@ -511,7 +561,8 @@ impl KeyStore {
         if let Err(e) = result {
             tracing::warn!(
                 error = %e,
-                "could not compact the key store; run VACUUM FULL on data_keys so erased wrapped keys leave its files"
+                table,
+                "could not compact the key store; run VACUUM FULL on the table so erased wrapped keys leave its files"
             );
         }
     }
