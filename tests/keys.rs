@@ -15,7 +15,7 @@ use pgenvelope::crypto::{DataKey, DekId, OrgId};
 use pgenvelope::keys::{
     spawn_key_listener, CachedDek, DekState, KekError, KekProvider, KeyContext, KeyError,
     KeyManager, KeyManagerConfig, KeyStore, KmsUri, ListenerState, LocalKek, SearchKeyState,
-    SEARCH_KEY_CREATED, SEARCH_KEY_DESTROYED, SEARCH_KEY_ROTATED,
+    SEARCH_KEY_CREATED, SEARCH_KEY_DESTROYED, SEARCH_KEY_REWRAPPED, SEARCH_KEY_ROTATED,
 };
 use tokio_postgres::{Client, Config, NoTls};
 
@@ -1174,6 +1174,58 @@ async fn shred_destroys_search_keys_and_proxies_drop_them_at_once() {
         .await
         .unwrap();
     assert_eq!(fresh.dek_id(), v3.dek_id());
+}
+
+/// `rewrap` moves search keys to the new KEK too (verified, with an event), so a proxy that
+/// holds only the new KEK still gets the organisation's search key.
+#[tokio::test]
+async fn rewrap_moves_search_keys_to_the_new_kek() {
+    let db = TestDb::new();
+    let store = db.ready_store().await;
+    let acme = org("acme");
+    let old_manager = db.manager(db.store(), db.kek.clone(), TTL);
+    let before = old_manager.search_key(&acme).await.unwrap();
+    old_manager.active_key(&acme).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let new_kek: Arc<dyn KekProvider> =
+        Arc::new(LocalKek::open_or_create(dir.path().join("kek")).unwrap());
+    let only_new = db.manager(db.store(), Arc::clone(&new_kek), TTL);
+    let err = only_new.search_key(&acme).await.unwrap_err();
+    assert!(matches!(err, KeyError::KekMismatch { .. }), "{err}");
+
+    let from: Vec<Arc<dyn KekProvider>> = vec![db.kek.clone()];
+    let report = store
+        .rewrap(&from, &*new_kek, 10, Some("migration"), |_| {})
+        .await
+        .unwrap();
+    assert_eq!((report.rewrapped, report.search_keys), (2, 1));
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    let record = store
+        .lookup_search_key(before.dek_id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.kek, new_kek.kek_id());
+
+    let only_new = db.manager(db.store(), Arc::clone(&new_kek), TTL);
+    let after = only_new.search_key(&acme).await.unwrap();
+    assert_eq!(after.dek_id(), before.dek_id());
+    assert_eq!(after.key().expose_secret(), before.key().expose_secret());
+    let rewrapped: Vec<_> = event_list(&store, &acme)
+        .await
+        .into_iter()
+        .filter(|(e, _, _)| e == SEARCH_KEY_REWRAPPED)
+        .collect();
+    assert_eq!(rewrapped.len(), 1);
+    assert_eq!(rewrapped[0].1, Some(before.dek_id()));
+
+    // A rerun has nothing left to do.
+    let again = store
+        .rewrap(&from, &*new_kek, 10, None, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((again.rewrapped, again.already), (0, 2));
 }
 
 /// The schema keeps search keys' invariants like the DEKs', and a key store made before

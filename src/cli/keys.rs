@@ -29,8 +29,9 @@ pub enum KeysCommand {
     /// Proxies use the new key for writes within a second. Use the proxies' --kms. With
     /// --search-key, rotate its search key instead.
     Rotate(RotateArgs),
-    /// Re-wrap every data key under the current KEK (--kms), or under --to-kms; data rows are
-    /// not touched. Batched, verified by unwrapping, resumable (rerun to finish).
+    /// Re-wrap every data key and search key under the current KEK (--kms), or under
+    /// --to-kms; data rows are not touched. Batched, verified by unwrapping, resumable (rerun
+    /// to finish).
     Rewrap(RewrapArgs),
     /// Destroy every data key and search key of an organisation: its encrypted values can
     /// never be decrypted again. Proxies evict the keys at once.
@@ -247,8 +248,10 @@ async fn rewrap(config: &Config, args: &RewrapArgs) -> anyhow::Result<i32> {
         .await
         .map_err(|e| anyhow::anyhow!("re-wrapping data keys: {e}"))?;
     println!(
-        "re-wrapped {} data key(s) under {} ({} by the KMS without leaving it); {} already were",
-        report.rewrapped,
+        "re-wrapped {} data key(s) and {} search key(s) under {} ({} by the KMS without \
+         leaving it); {} already were",
+        report.rewrapped - report.search_keys,
+        report.search_keys,
         to.kek_id(),
         report.by_kms,
         report.already

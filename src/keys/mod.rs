@@ -53,6 +53,6 @@ pub use pkcs11::{PinSource, Pkcs11Error, Pkcs11Kek, Pkcs11Uri, DEFAULT_MODULE_PA
 pub use rewrap::RewrapReport;
 pub use search::{
     SearchKeyRecord, SearchKeyState, SearchRotation, SEARCH_KEY_CREATED, SEARCH_KEY_DESTROYED,
-    SEARCH_KEY_ROTATED,
+    SEARCH_KEY_REWRAPPED, SEARCH_KEY_ROTATED,
 };
 pub use store::{is_plain_identifier, DekRecord, DekState, KeyStore, DEFAULT_SCHEMA};

@@ -39,6 +39,8 @@ pub const SEARCH_KEY_CREATED: &str = "search_key_created";
 pub const SEARCH_KEY_ROTATED: &str = "search_key_rotated";
 /// `key_events.event` of each search key destroyed by `keys shred`.
 pub const SEARCH_KEY_DESTROYED: &str = "search_key_destroyed";
+/// `key_events.event` of each search key re-wrapped by `keys rewrap`.
+pub const SEARCH_KEY_REWRAPPED: &str = "search_key_rewrapped";
 
 /// Lifecycle state of a search key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

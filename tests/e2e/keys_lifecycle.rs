@@ -504,6 +504,17 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
     let acme2 = active_dek(&schema, "acme").await.unwrap();
     until_writes_use(&client, &t, "acme", acme2, Duration::from_secs(5)).await;
     expected.push((insert(&client, &t, "acme", "a2").await, "a2".to_owned()));
+    // The proxy makes acme's search key (under the first KEK).
+    let acme = OrgId::new("acme").unwrap();
+    let search = v
+        .proxy
+        .engine
+        .clone()
+        .unwrap()
+        .keys()
+        .search_key(&acme)
+        .await
+        .unwrap();
     let before = v.stored().await;
 
     let out = ok(&cli_async(
@@ -521,7 +532,10 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
         Some(kek1.clone()),
     )
     .await);
-    assert!(out.contains("re-wrapped 4 data key(s)"), "{out}");
+    assert!(
+        out.contains("re-wrapped 4 data key(s) and 1 search key(s)"),
+        "{out}"
+    );
     assert_eq!(v.stored().await, before, "rewrap must not touch data rows");
     let kek2_id = LocalKek::open_or_create(&kek2).unwrap().kek_id();
     let keks: Vec<String> = direct()
@@ -532,7 +546,14 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(keks, [kek2_id]);
+    assert_eq!(keks, std::slice::from_ref(&kek2_id));
+    let search_kek: String = direct()
+        .await
+        .query_one(&format!("SELECT kek FROM {schema}.search_keys"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(search_kek, kek2_id);
     // A rerun finds nothing left to do.
     let again = ok(&cli_async(
         vec![
@@ -546,7 +567,8 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
     )
     .await);
     assert!(
-        again.contains("re-wrapped 0 data key(s)") && again.contains("4 already"),
+        again.contains("re-wrapped 0 data key(s) and 0 search key(s)")
+            && again.contains("5 already"),
         "{again}"
     );
 
@@ -574,10 +596,26 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
         .unwrap()
         .get(0);
     assert_eq!(got, "g2");
+    // The search key is the same key, now unwrapped by the second KEK.
+    let moved = fresh
+        .engine
+        .clone()
+        .unwrap()
+        .keys()
+        .search_key(&acme)
+        .await
+        .unwrap();
+    assert_eq!(moved.dek_id(), search.dek_id());
+    assert_eq!(moved.key().expose_secret(), search.key().expose_secret());
     let events = ok(&cli(&["keys", "events", "--json"], &schema, None));
     assert_eq!(
         events.matches("\"event\":\"rewrap\"").count(),
         4,
+        "{events}"
+    );
+    assert_eq!(
+        events.matches("\"event\":\"search_key_rewrapped\"").count(),
+        1,
         "{events}"
     );
     drop(fresh);
