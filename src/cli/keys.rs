@@ -1,4 +1,5 @@
-//! `pgenvelope keys …`: list, rotate, rewrap and shred data keys, and print the audit trail.
+//! `pgenvelope keys …`: list, rotate, rewrap and shred data keys and search keys, and print
+//! the audit trail.
 //!
 //! Every change runs while proxies serve traffic: it is one transaction in the key store
 //! that records a `key_events` row (with `--reason`) and notifies every proxy, which evicts
@@ -14,23 +15,29 @@ use anyhow::Context;
 use super::common::{open_keks, open_store, runtime, StoreArgs};
 use crate::config::{Config, RawConfig};
 use crate::crypto::OrgId;
-use crate::keys::{DekRecord, KekProvider, KeyEvent, KeyStore, KmsUri, RewrapReport};
+use crate::keys::{
+    DekRecord, KekProvider, KeyEvent, KeyStore, KmsUri, RewrapReport, SearchKeyRecord,
+};
 
 /// `pgenvelope keys` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum KeysCommand {
-    /// List organisations' data keys: version, state, KEK, dates, encryption counts.
+    /// List organisations' data keys and search keys: kind, version, state, KEK, dates,
+    /// encryption counts.
     List(ListArgs),
     /// Give an organisation a new active data key; the previous one becomes decrypt-only.
-    /// Proxies use the new key for writes within a second. Use the proxies' --kms.
+    /// Proxies use the new key for writes within a second. Use the proxies' --kms. With
+    /// --search-key, rotate its search key instead.
     Rotate(RotateArgs),
-    /// Re-wrap every data key under the current KEK (--kms), or under --to-kms; data rows are
-    /// not touched. Batched, verified by unwrapping, resumable (rerun to finish).
+    /// Re-wrap every data key and search key under the current KEK (--kms), or under
+    /// --to-kms; data rows are not touched. Batched, verified by unwrapping, resumable (rerun
+    /// to finish).
     Rewrap(RewrapArgs),
-    /// Destroy every data key of an organisation: its encrypted values can never be
-    /// decrypted again. Proxies evict the keys at once.
+    /// Destroy every data key and search key of an organisation: its encrypted values can
+    /// never be decrypted again. Proxies evict the keys at once.
     Shred(ShredArgs),
-    /// Print the key events (create, rotate, rewrap, shred, destroy), oldest first.
+    /// Print the key events (create, rotate, rewrap, shred, destroy, search_key_*), oldest
+    /// first.
     Events(EventsArgs),
 }
 
@@ -40,6 +47,13 @@ pub struct RotateArgs {
     /// The organisation
     #[arg(long, value_name = "ORG")]
     pub org: String,
+
+    /// Rotate the organisation's search key (equality search) instead of its data key: a new
+    /// search key becomes active, the previous one retired. Look-ups use the active search
+    /// key only, so values written before are found again once `pgenvelope reencrypt` has
+    /// rewritten them
+    #[arg(long)]
+    pub search_key: bool,
 
     #[command(flatten)]
     pub(crate) store: StoreArgs,
@@ -163,6 +177,27 @@ async fn rotate(config: &Config, args: &RotateArgs) -> anyhow::Result<i32> {
     let org = org_flag(&args.org)?;
     let store = open_store(config).await?;
     let (kek, _) = open_keks(config).await?;
+    if args.search_key {
+        let rotation = store
+            .rotate_search_key(&org, &*kek, args.store.reason.as_deref())
+            .await
+            .map_err(|e| anyhow::anyhow!("rotating the search key of {org}: {e}"))?;
+        let active = &rotation.active;
+        match &rotation.retired {
+            Some(old) => println!(
+                "{org}: search key version {} ({}) is active; version {} ({}) is now retired. \
+                 Values written under it are found by equality look-ups again once \
+                 `pgenvelope reencrypt` has rewritten them",
+                active.version, active.key_id, old.version, old.key_id
+            ),
+            None => println!(
+                "{org}: search key version {} ({}) is active; there was no active search key \
+                 before",
+                active.version, active.key_id
+            ),
+        }
+        return Ok(0);
+    }
     let rotation = store
         .rotate(&org, &*kek, None, args.store.reason.as_deref())
         .await
@@ -213,8 +248,10 @@ async fn rewrap(config: &Config, args: &RewrapArgs) -> anyhow::Result<i32> {
         .await
         .map_err(|e| anyhow::anyhow!("re-wrapping data keys: {e}"))?;
     println!(
-        "re-wrapped {} data key(s) under {} ({} by the KMS without leaving it); {} already were",
-        report.rewrapped,
+        "re-wrapped {} data key(s) and {} search key(s) under {} ({} by the KMS without \
+         leaving it); {} already were",
+        report.rewrapped - report.search_keys,
+        report.search_keys,
         to.kek_id(),
         report.by_kms,
         report.already
@@ -229,25 +266,38 @@ async fn shred(config: &Config, args: &ShredArgs) -> anyhow::Result<i32> {
     let org = org_flag(&args.org)?;
     if !args.yes {
         eprintln!(
-            "pgenvelope keys shred destroys every data key of {org}: its encrypted values can \
-             never be decrypted again. Add --yes to do it."
+            "pgenvelope keys shred destroys every data key and search key of {org}: its \
+             encrypted values can never be decrypted again. Add --yes to do it."
         );
         return Ok(2);
     }
     let store = open_store(config).await?;
-    let destroyed = store
+    let shredded = store
         .shred(&org, args.store.reason.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("shredding {org}: {e}"))?;
+    let destroyed = &shredded.deks;
     if destroyed.is_empty() {
         println!("{org}: no live data keys; nothing destroyed (recorded in key_events)");
     } else {
-        for r in &destroyed {
+        for r in destroyed {
             println!("{org}: destroyed version {} ({})", r.version, r.dek_id);
         }
         println!(
             "{org}: {} data key(s) destroyed; its encrypted values are unrecoverable",
             destroyed.len()
+        );
+    }
+    for k in &shredded.search_keys {
+        println!(
+            "{org}: destroyed search key version {} ({})",
+            k.version, k.key_id
+        );
+    }
+    if !shredded.search_keys.is_empty() {
+        println!(
+            "{org}: {} search key(s) destroyed",
+            shredded.search_keys.len()
         );
     }
     Ok(0)
@@ -271,8 +321,8 @@ async fn events(config: &Config, args: &EventsArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<20} {:<24} {:<8} {:<36} {:<28} {:<24} REASON / DETAIL",
-        "AT", "ORGANISATION", "EVENT", "DEK", "KEK", "ACTOR"
+        "{:<20} {:<24} {:<20} {:<36} {:<28} {:<24} REASON / DETAIL",
+        "AT", "ORGANISATION", "EVENT", "KEY", "KEK", "ACTOR"
     );
     for e in &events {
         let dek = e
@@ -287,7 +337,7 @@ async fn events(config: &Config, args: &EventsArgs) -> anyhow::Result<i32> {
             note.push_str(d);
         }
         println!(
-            "{:<20} {:<24} {:<8} {:<36} {:<28} {:<24} {}",
+            "{:<20} {:<24} {:<20} {:<36} {:<28} {:<24} {}",
             timestamp(Some(e.at)),
             e.org,
             e.event,
@@ -340,56 +390,141 @@ async fn list(config: &Config, args: &ListArgs) -> anyhow::Result<i32> {
     };
     let store = KeyStore::new(config.upstream.service.clone(), &config.keys.key_schema)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let records = tokio::time::timeout(config.proxy.connect_timeout, store.list(org.as_ref()))
-        .await
-        .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (deks, search_keys) = tokio::time::timeout(config.proxy.connect_timeout, async {
+        let deks = store.list(org.as_ref()).await?;
+        let search_keys = store.list_search_keys(org.as_ref()).await?;
+        Ok::<_, crate::keys::KeyError>((deks, search_keys))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the key store did not answer in time"))?
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listed = listing(&deks, &search_keys);
     if args.json {
-        for r in &records {
-            println!("{}", json_line(r));
+        for key in &listed {
+            println!("{}", key.json());
         }
         return Ok(0);
     }
     println!(
-        "{:<24} {:>7} {:<13} {:<36} {:<28} {:<20} {:<20} {:>12}",
-        "ORGANISATION", "VERSION", "STATE", "DEK", "KEK", "CREATED", "RETIRED", "ENCRYPTIONS"
+        "{:<24} {:<6} {:>7} {:<13} {:<36} {:<28} {:<20} {:<20} {:>12}",
+        "ORGANISATION",
+        "KIND",
+        "VERSION",
+        "STATE",
+        "KEY",
+        "KEK",
+        "CREATED",
+        "RETIRED",
+        "ENCRYPTIONS"
     );
-    for r in &records {
-        println!(
-            "{:<24} {:>7} {:<13} {:<36} {:<28} {:<20} {:<20} {:>12}",
-            r.org_id.as_str(),
-            r.version,
-            r.state.as_str(),
-            r.dek_id.to_string(),
-            r.kek,
-            timestamp(Some(r.created_at)),
-            timestamp(r.retired_at),
-            r.encryptions
-        );
+    for key in &listed {
+        println!("{}", key.row());
     }
-    if records.is_empty() {
-        println!("(no data keys)");
+    if listed.is_empty() {
+        println!("(no keys)");
     }
     Ok(0)
 }
 
-fn json_line(r: &DekRecord) -> String {
-    let opt = |t: Option<SystemTime>| match t {
-        Some(_) => format!("\"{}\"", timestamp(t)),
-        None => "null".to_owned(),
-    };
-    format!(
-        "{{\"org\":\"{}\",\"version\":{},\"state\":\"{}\",\"dek\":\"{}\",\"kek\":\"{}\",\"created_at\":{},\"retired_at\":{},\"destroyed_at\":{},\"encryptions\":{}}}",
-        esc(r.org_id.as_str()),
-        r.version,
-        r.state.as_str(),
-        r.dek_id,
-        esc(&r.kek),
-        opt(Some(r.created_at)),
-        opt(r.retired_at),
-        opt(r.destroyed_at),
-        r.encryptions
-    )
+/// One line of `keys list`: a DEK or a search key.
+#[derive(Clone, Copy)]
+enum Listed<'a> {
+    Dek(&'a DekRecord),
+    Search(&'a SearchKeyRecord),
+}
+
+/// DEKs and search keys together, by organisation, then DEKs before search keys, then
+/// version.
+fn listing<'a>(deks: &'a [DekRecord], search_keys: &'a [SearchKeyRecord]) -> Vec<Listed<'a>> {
+    let mut listed: Vec<Listed<'a>> = deks
+        .iter()
+        .map(Listed::Dek)
+        .chain(search_keys.iter().map(Listed::Search))
+        .collect();
+    listed.sort_by(|a, b| {
+        let key = |l: &Listed<'a>| match *l {
+            Listed::Dek(r) => (r.org_id.as_str().to_owned(), 0, r.version),
+            Listed::Search(r) => (r.org_id.as_str().to_owned(), 1, r.version),
+        };
+        key(a).cmp(&key(b))
+    });
+    listed
+}
+
+impl Listed<'_> {
+    /// A table row, aligned with the header in `list`.
+    fn row(self) -> String {
+        let (org, kind, version, state, id, kek, created, retired, encryptions) = match self {
+            Self::Dek(r) => (
+                &r.org_id,
+                "dek",
+                r.version,
+                r.state.as_str(),
+                r.dek_id,
+                &r.kek,
+                r.created_at,
+                r.retired_at,
+                r.encryptions.to_string(),
+            ),
+            Self::Search(r) => (
+                &r.org_id,
+                "search",
+                r.version,
+                r.state.as_str(),
+                r.key_id,
+                &r.kek,
+                r.created_at,
+                r.retired_at,
+                "-".to_owned(),
+            ),
+        };
+        format!(
+            "{:<24} {:<6} {:>7} {:<13} {:<36} {:<28} {:<20} {:<20} {:>12}",
+            org.as_str(),
+            kind,
+            version,
+            state,
+            id.to_string(),
+            kek,
+            timestamp(Some(created)),
+            timestamp(retired),
+            encryptions
+        )
+    }
+
+    /// One JSON object: a DEK's fields as before plus `"kind":"dek"`; a search key has
+    /// `"kind":"search"`, its id as `"key"` and no encryption count.
+    fn json(self) -> String {
+        let opt = |t: Option<SystemTime>| match t {
+            Some(_) => format!("\"{}\"", timestamp(t)),
+            None => "null".to_owned(),
+        };
+        match self {
+            Self::Dek(r) => format!(
+                "{{\"org\":\"{}\",\"kind\":\"dek\",\"version\":{},\"state\":\"{}\",\"dek\":\"{}\",\"kek\":\"{}\",\"created_at\":{},\"retired_at\":{},\"destroyed_at\":{},\"encryptions\":{}}}",
+                esc(r.org_id.as_str()),
+                r.version,
+                r.state.as_str(),
+                r.dek_id,
+                esc(&r.kek),
+                opt(Some(r.created_at)),
+                opt(r.retired_at),
+                opt(r.destroyed_at),
+                r.encryptions
+            ),
+            Self::Search(r) => format!(
+                "{{\"org\":\"{}\",\"kind\":\"search\",\"version\":{},\"state\":\"{}\",\"key\":\"{}\",\"kek\":\"{}\",\"created_at\":{},\"retired_at\":{},\"destroyed_at\":{}}}",
+                esc(r.org_id.as_str()),
+                r.version,
+                r.state.as_str(),
+                r.key_id,
+                esc(&r.kek),
+                opt(Some(r.created_at)),
+                opt(r.retired_at),
+                opt(r.destroyed_at)
+            ),
+        }
+    }
 }
 
 /// UTC time as `YYYY-MM-DD HH:MM:SS`, or `-`.
@@ -418,7 +553,106 @@ fn timestamp(t: Option<SystemTime>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use crate::crypto::DekId;
+    use crate::keys::{DekState, SearchKeyState};
+
+    fn dek(org: &str, version: i32) -> DekRecord {
+        DekRecord {
+            dek_id: DekId::new_random(),
+            org_id: OrgId::new(org).unwrap(),
+            version,
+            state: DekState::Active,
+            kek: "local:00".into(),
+            wrapped: Some(vec![1; 61]),
+            encryptions: 7,
+            created_at: UNIX_EPOCH,
+            retired_at: None,
+            destroyed_at: None,
+        }
+    }
+
+    fn search(org: &str, version: i32, state: SearchKeyState) -> SearchKeyRecord {
+        SearchKeyRecord {
+            key_id: DekId::new_random(),
+            org_id: OrgId::new(org).unwrap(),
+            version,
+            state,
+            kek: "local:00".into(),
+            wrapped: (state != SearchKeyState::Destroyed).then(|| vec![2; 61]),
+            created_at: UNIX_EPOCH,
+            retired_at: None,
+            destroyed_at: None,
+        }
+    }
+
+    #[test]
+    fn listing_groups_by_organisation_deks_first() {
+        let deks = [dek("b", 1), dek("a", 2), dek("a", 1)];
+        let search_keys = [
+            search("b", 1, SearchKeyState::Active),
+            search("a", 2, SearchKeyState::Active),
+            search("a", 1, SearchKeyState::Retired),
+        ];
+        let order: Vec<(String, &str, i32)> = listing(&deks, &search_keys)
+            .into_iter()
+            .map(|l| match l {
+                Listed::Dek(r) => (r.org_id.as_str().to_owned(), "dek", r.version),
+                Listed::Search(r) => (r.org_id.as_str().to_owned(), "search", r.version),
+            })
+            .collect();
+        let expected = [
+            ("a", "dek", 1),
+            ("a", "dek", 2),
+            ("a", "search", 1),
+            ("a", "search", 2),
+            ("b", "dek", 1),
+            ("b", "search", 1),
+        ];
+        let expected: Vec<(String, &str, i32)> = expected
+            .iter()
+            .map(|&(o, k, v)| (o.to_owned(), k, v))
+            .collect();
+        assert_eq!(order, expected);
+    }
+
+    #[test]
+    fn list_lines_name_the_kind_and_never_the_key() {
+        let d = dek("acme", 1);
+        let k = search("acme", 3, SearchKeyState::Retired);
+        let json = Listed::Dek(&d).json();
+        assert!(json.contains("\"kind\":\"dek\""), "{json}");
+        assert!(
+            json.contains(&format!("\"dek\":\"{}\"", d.dek_id)),
+            "{json}"
+        );
+        assert!(json.contains("\"encryptions\":7"), "{json}");
+        let json = Listed::Search(&k).json();
+        assert!(json.contains("\"kind\":\"search\""), "{json}");
+        assert!(
+            json.contains(&format!("\"key\":\"{}\"", k.key_id)),
+            "{json}"
+        );
+        assert!(json.contains("\"state\":\"retired\""), "{json}");
+        assert!(json.contains("\"version\":3"), "{json}");
+        assert!(
+            !json.contains("\"dek\"") && !json.contains("encryptions"),
+            "{json}"
+        );
+        serde_json::from_str::<serde_json::Value>(&json).unwrap();
+
+        let row = Listed::Search(&k).row();
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(fields[..4], ["acme", "search", "3", "retired"], "{row}");
+        assert_eq!(fields.last(), Some(&"-"), "{row}");
+        let row = Listed::Dek(&d).row();
+        assert!(row.split_whitespace().nth(1) == Some("dek"), "{row}");
+        for line in [Listed::Dek(&d).row(), Listed::Search(&k).row()] {
+            assert!(!line.contains("0101") && !line.contains("0202"), "{line}");
+        }
+    }
 
     #[test]
     fn timestamps_are_utc_dates() {

@@ -75,9 +75,9 @@ pub enum KeyError {
     },
     /// A key-store row breaks an invariant (unknown state, invalid organisation id, negative
     /// counter). SQLSTATE XX000.
-    #[error("key store row for DEK {dek} is invalid: {reason}")]
+    #[error("key store row for key {dek} is invalid: {reason}")]
     CorruptRecord {
-        /// The DEK id of the row.
+        /// The id of the row (a DEK's, or a search key's).
         dek: DekId,
         /// Which invariant is broken.
         reason: &'static str,
@@ -109,9 +109,9 @@ pub enum KeyError {
         /// The organisation that owns the DEK.
         found: OrgId,
     },
-    /// Several proxies kept racing to create the organisation's first DEK and this one gave
-    /// up after a few attempts. Retrying the statement is safe. SQLSTATE 58000.
-    #[error("could not create or find an active DEK for organisation `{org}`")]
+    /// Several proxies kept racing to create the organisation's first DEK (or search key) and
+    /// this one gave up after a few attempts. Retrying the statement is safe. SQLSTATE 58000.
+    #[error("could not create or find an active key for organisation `{org}`")]
     ActiveKeyContention {
         /// The organisation.
         org: OrgId,

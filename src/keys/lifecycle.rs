@@ -1,5 +1,6 @@
-//! Key lifecycle operations on the key store: rotate, shred, destroy one retired DEK, rewrap,
-//! and the audit trail.
+//! Key lifecycle operations on the key store: rotate, shred, destroy one retired DEK, and the
+//! audit trail (rewrap is in `rewrap`, search-key rotation in `search`). Shredding covers
+//! search keys too.
 //!
 //! Each operation that changes which keys exist runs in one transaction on a connection of its
 //! own, serialized per organisation by a transaction-scoped advisory lock, writes its
@@ -11,12 +12,11 @@
 //! the organisation is the rest of the line (it may contain spaces). Proxies ignore changes
 //! of other schemas. Never carries key material.
 //!
-//! Shredding sets `wrapped = NULL` and then rewrites `data_keys` (`VACUUM FULL`) so the old
-//! row versions holding the wrapped key leave the table's files. Copies in WAL archives and
-//! backups remain; they are wrapped by the KEK, so a shred is final only together with the
-//! backup retention (or the KEK's own destruction).
+//! Shredding sets `wrapped = NULL` and then rewrites `data_keys` and `search_keys`
+//! (`VACUUM FULL`) so the old row versions holding the wrapped keys leave the tables' files.
+//! Copies in WAL archives and backups remain; they are wrapped by the KEK, so a shred is final
+//! only together with the backup retention (or the KEK's own destruction).
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Transaction;
@@ -25,7 +25,10 @@ use uuid::Uuid;
 use crate::crypto::{DekId, OrgId};
 
 use super::error::KeyError;
-use super::kek::{KekError, KekProvider, KeyContext};
+use super::kek::{KekProvider, KeyContext};
+use super::search::{
+    search_record_from_row, SearchKeyRecord, SEARCH_COLUMNS, SEARCH_KEY_DESTROYED,
+};
 use super::store::{
     kek_error, record_from_row, DekRecord, DekState, KeyStore, ADVISORY_LOCK_CLASS, COLUMNS,
 };
@@ -130,17 +133,13 @@ pub struct KeyEvent {
     pub detail: Option<String>,
 }
 
-/// Outcome of [`KeyStore::rewrap`].
-#[derive(Debug, Default)]
-pub struct RewrapReport {
-    /// DEKs re-wrapped by this run.
-    pub rewrapped: usize,
-    /// Of those, how many the KMS re-encrypted itself (the key never left it).
-    pub by_kms: usize,
-    /// Live DEKs that were already under the target KEK.
-    pub already: usize,
-    /// DEKs left as they were, with why (no KEK to unwrap them, changed meanwhile, …).
-    pub skipped: Vec<(DekId, String)>,
+/// Outcome of [`KeyStore::shred`]: the keys it destroyed.
+#[derive(Debug, Clone, Default)]
+pub struct Shredded {
+    /// DEKs destroyed, by version.
+    pub deks: Vec<DekRecord>,
+    /// Search keys destroyed, by version.
+    pub search_keys: Vec<SearchKeyRecord>,
 }
 
 impl KeyStore {
@@ -247,13 +246,13 @@ impl KeyStore {
         result
     }
 
-    /// Destroy every DEK of `org`: wrapped keys erased, state `destroyed`, one `shred` event
-    /// per DEK (a tombstone). Returns the DEKs destroyed by this call.
-    pub async fn shred(
-        &self,
-        org: &OrgId,
-        reason: Option<&str>,
-    ) -> Result<Vec<DekRecord>, KeyError> {
+    /// Destroy every DEK and every search key of `org`: wrapped keys erased, state
+    /// `destroyed`, one `shred` event per DEK and one `search_key_destroyed` event per search
+    /// key (tombstones). Returns the keys destroyed by this call.
+    ///
+    /// Like a later write creating a new DEK, a later search-key request creates a new search
+    /// key: shredding erases data, it does not ban the organisation.
+    pub async fn shred(&self, org: &OrgId, reason: Option<&str>) -> Result<Shredded, KeyError> {
         let s = self.quoted_schema();
         let (mut client, conn) = self.dedicated().await?;
         let driver = tokio::spawn(conn);
@@ -300,13 +299,50 @@ impl KeyStore {
                 )
                 .await?;
             }
+            let rows = tx
+                .query(
+                    &format!(
+                        "UPDATE {s}.search_keys SET state = 'destroyed', wrapped = NULL, \
+                         destroyed_at = now(), retired_at = COALESCE(retired_at, now()) \
+                         WHERE org_id = $1 AND state <> 'destroyed' RETURNING {SEARCH_COLUMNS}"
+                    ),
+                    &[&org.as_str()],
+                )
+                .await
+                .map_err(store("destroy search keys"))?;
+            let search_keys = rows
+                .iter()
+                .map(search_record_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            for k in &search_keys {
+                let was = match k.retired_at.zip(k.destroyed_at) {
+                    Some((retired, destroyed)) if retired < destroyed => "retired",
+                    _ => "active",
+                };
+                self.event(
+                    &tx,
+                    org.as_str(),
+                    Some(k.key_id),
+                    SEARCH_KEY_DESTROYED,
+                    Some(&k.kek),
+                    reason,
+                    Some(&format!("v{} was {was}", k.version)),
+                )
+                .await?;
+            }
             self.notify(&tx, &KeyChange::Shred(org.clone())).await?;
             tx.commit().await.map_err(store("commit"))?;
-            Ok(destroyed)
+            Ok(Shredded {
+                deks: destroyed,
+                search_keys,
+            })
         }
         .await;
-        if result.is_ok() {
-            self.compact(&client).await;
+        if let Ok(shredded) = &result {
+            self.compact(&client, "data_keys").await;
+            if !shredded.search_keys.is_empty() {
+                self.compact(&client, "search_keys").await;
+            }
         }
         drop(client);
         let _ = driver.await;
@@ -360,124 +396,11 @@ impl KeyStore {
         }
         .await;
         if matches!(result, Ok(true)) {
-            self.compact(&client).await;
+            self.compact(&client, "data_keys").await;
         }
         drop(client);
         let _ = driver.await;
         result
-    }
-
-    /// Re-wrap every live DEK not yet under `to`, `batch` per transaction. `from` are the
-    /// KEKs that may unwrap the current wrapped forms (matched by KEK id). Each new wrapped
-    /// form is verified by unwrapping it with `to` and comparing with the key before it is
-    /// stored; a row changed meanwhile (rotated, shredded, re-wrapped by someone else) is
-    /// left alone. Resumable: a rerun picks up whatever is not under `to` yet.
-    pub async fn rewrap(
-        &self,
-        from: &[Arc<dyn KekProvider>],
-        to: &dyn KekProvider,
-        batch: usize,
-        reason: Option<&str>,
-        mut progress: impl FnMut(&RewrapReport),
-    ) -> Result<RewrapReport, KeyError> {
-        let s = self.quoted_schema();
-        let to_id = to.kek_id();
-        let batch = i64::try_from(batch.max(1)).unwrap_or(1000);
-        let mut report = RewrapReport::default();
-        let (mut client, conn) = self.dedicated().await?;
-        let driver = tokio::spawn(conn);
-        let result = async {
-            let already: i64 = client
-                .query_one(
-                    &format!(
-                        "SELECT count(*) FROM {s}.data_keys \
-                         WHERE state <> 'destroyed' AND kek = $1"
-                    ),
-                    &[&to_id],
-                )
-                .await
-                .map_err(store("count DEKs"))?
-                .get(0);
-            report.already = usize::try_from(already).unwrap_or(0);
-            let mut after = Uuid::nil();
-            loop {
-                let rows = client
-                    .query(
-                        &format!(
-                            "SELECT {COLUMNS} FROM {s}.data_keys \
-                             WHERE state <> 'destroyed' AND kek <> $1 AND dek_id > $2 \
-                             ORDER BY dek_id LIMIT $3"
-                        ),
-                        &[&to_id, &after, &batch],
-                    )
-                    .await
-                    .map_err(store("list DEKs"))?;
-                let Some(last) = rows.last() else {
-                    break;
-                };
-                after = last.try_get("dek_id").map_err(store("decode key row"))?;
-                let mut done = Vec::new();
-                for row in &rows {
-                    let record = record_from_row(row)?;
-                    match rewrap_one(&record, from, to).await {
-                        Ok((wrapped, by_kms)) => done.push((record, wrapped, by_kms)),
-                        Err(why) => report.skipped.push((record.dek_id, why)),
-                    }
-                }
-                let tx = client.transaction().await.map_err(store("begin"))?;
-                for (record, wrapped, by_kms) in done {
-                    let n = tx
-                        .execute(
-                            &format!(
-                                "UPDATE {s}.data_keys SET kek = $2, wrapped = $3 \
-                                 WHERE dek_id = $1 AND kek = $4 AND wrapped = $5 \
-                                 AND state <> 'destroyed'"
-                            ),
-                            &[
-                                &record.dek_id.0,
-                                &to_id,
-                                &wrapped,
-                                &record.kek,
-                                &record.wrapped,
-                            ],
-                        )
-                        .await
-                        .map_err(store("store re-wrapped DEK"))?;
-                    if n == 0 {
-                        report
-                            .skipped
-                            .push((record.dek_id, "changed meanwhile".to_owned()));
-                        continue;
-                    }
-                    let detail = format!(
-                        "v{} from {}{}",
-                        record.version,
-                        record.kek,
-                        if by_kms { " (KMS ReEncrypt)" } else { "" }
-                    );
-                    self.event(
-                        &tx,
-                        record.org_id.as_str(),
-                        Some(record.dek_id),
-                        "rewrap",
-                        Some(&to_id),
-                        reason,
-                        Some(&detail),
-                    )
-                    .await?;
-                    report.rewrapped += 1;
-                    report.by_kms += usize::from(by_kms);
-                }
-                self.notify(&tx, &KeyChange::Rewrap).await?;
-                tx.commit().await.map_err(store("commit"))?;
-                progress(&report);
-            }
-            Ok(())
-        }
-        .await;
-        drop(client);
-        let _ = driver.await;
-        result.map(|()| report)
     }
 
     /// Key events, oldest first (of `org`, or all), at most `limit` of the most recent.
@@ -561,11 +484,11 @@ impl KeyStore {
     }
 
     /// `"schema"`, quoted (the name is a plain identifier: see `is_plain_identifier`).
-    fn quoted_schema(&self) -> String {
+    pub(super) fn quoted_schema(&self) -> String {
         format!("\"{}\"", self.schema())
     }
 
-    async fn lock_org(&self, tx: &Transaction<'_>, org: &OrgId) -> Result<(), KeyError> {
+    pub(super) async fn lock_org(&self, tx: &Transaction<'_>, org: &OrgId) -> Result<(), KeyError> {
         let key = format!("{}/{}", self.schema(), org.as_str());
         tx.execute(
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
@@ -577,7 +500,7 @@ impl KeyStore {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn event(
+    pub(super) async fn event(
         &self,
         tx: &Transaction<'_>,
         org: &str,
@@ -608,7 +531,11 @@ impl KeyStore {
         Ok(())
     }
 
-    async fn notify(&self, tx: &Transaction<'_>, change: &KeyChange) -> Result<(), KeyError> {
+    pub(super) async fn notify(
+        &self,
+        tx: &Transaction<'_>,
+        change: &KeyChange,
+    ) -> Result<(), KeyError> {
         tx.execute(
             "SELECT pg_notify($1, $2)",
             &[&NOTIFY_CHANNEL, &change.payload(self.schema())],
@@ -618,21 +545,30 @@ impl KeyStore {
         Ok(())
     }
 
-    /// Rewrite `data_keys` so erased wrapped keys leave its files. Best effort: a busy table
-    /// is left for later, with a warning.
-    async fn compact(&self, client: &tokio_postgres::Client) {
+    /// Rewrite `table` (`data_keys` or `search_keys`) so erased wrapped keys leave its files.
+    /// Best effort: a busy table is left for later, with a warning.
+    ///
+    /// Two round trips: PostgreSQL runs a query string of several statements as one implicit
+    /// transaction, where `VACUUM` is refused.
+    async fn compact(&self, client: &tokio_postgres::Client, table: &'static str) {
         let s = self.quoted_schema();
-        let sql = format!("SET lock_timeout = '2s'; VACUUM FULL {s}.data_keys");
-        if let Err(e) = client.batch_execute(&sql).await {
+        let vacuum = format!("VACUUM FULL {s}.{table}");
+        let result = async {
+            client.batch_execute("SET lock_timeout = '2s'").await?;
+            client.batch_execute(&vacuum).await
+        }
+        .await;
+        if let Err(e) = result {
             tracing::warn!(
                 error = %e,
-                "could not compact the key store; run VACUUM FULL on data_keys so erased wrapped keys leave its files"
+                table,
+                "could not compact the key store; run VACUUM FULL on the table so erased wrapped keys leave its files"
             );
         }
     }
 }
 
-fn store(op: &'static str) -> impl Fn(tokio_postgres::Error) -> KeyError {
+pub(super) fn store(op: &'static str) -> impl Fn(tokio_postgres::Error) -> KeyError {
     move |e| KeyError::store(op, e)
 }
 
@@ -643,43 +579,6 @@ fn state_before(r: &DekRecord) -> &'static str {
         Some((retired, destroyed)) if retired < destroyed => DekState::DecryptOnly.as_str(),
         _ => DekState::Active.as_str(),
     }
-}
-
-/// Re-wrap one DEK for `to`, verified. Returns the new wrapped form and whether the KMS did
-/// it without the key leaving it. Errors are reasons for the report (no key material).
-async fn rewrap_one(
-    record: &DekRecord,
-    from: &[Arc<dyn KekProvider>],
-    to: &dyn KekProvider,
-) -> Result<(Vec<u8>, bool), String> {
-    let Some(wrapped) = &record.wrapped else {
-        return Err("destroyed".to_owned());
-    };
-    let Some(source) = from.iter().find(|k| k.kek_id() == record.kek) else {
-        return Err(format!(
-            "wrapped by KEK `{}`, which was not given (--kms or --kms-also)",
-            record.kek
-        ));
-    };
-    let ctx = KeyContext {
-        org: record.org_id.clone(),
-        dek: record.dek_id,
-    };
-    let describe = |e: KekError| format!("KEK error: {e}");
-    let key = source.unwrap(&ctx, wrapped).await.map_err(describe)?;
-    let (new, by_kms) = match source.rewrap_to(&ctx, wrapped, to).await {
-        Some(Ok(new)) => (new, true),
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, dek = %record.dek_id, "KMS re-encryption failed; unwrapping and wrapping instead");
-            (to.wrap(&ctx, &key).await.map_err(describe)?, false)
-        }
-        None => (to.wrap(&ctx, &key).await.map_err(describe)?, false),
-    };
-    let check = to.unwrap(&ctx, &new).await.map_err(describe)?;
-    if check.expose_secret() != key.expose_secret() {
-        return Err("verification failed: the re-wrapped key unwraps to another key".to_owned());
-    }
-    Ok((new, by_kms))
 }
 
 #[cfg(test)]

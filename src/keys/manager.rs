@@ -1,8 +1,9 @@
 //! The DEK cache in front of the key store and the KEK provider.
 //!
-//! Two moka caches hold `Arc<CachedDek>`: one keyed by DEK id (read path), one keyed by
-//! organisation holding its active DEK (write path). A warm call makes no key-store or KEK
-//! call. Cold loads are single-flight: concurrent callers for the same key share one load and
+//! Three moka caches hold `Arc<CachedDek>`: one keyed by DEK id (read path), one keyed by
+//! organisation holding its active DEK (write path), and one keyed by organisation holding its
+//! active search key (search terms). Search keys never enter the DEK caches, so a search key's
+//! id is never served as a DEK. A warm call makes no key-store or KEK call. Cold loads are single-flight: concurrent callers for the same key share one load and
 //! one unwrap, and share its error if it fails.
 //!
 //! Expiry: each entry records when it was loaded on tokio's clock and is treated as missing
@@ -30,6 +31,7 @@ use crate::crypto::{DataKey, DekId, OrgId};
 
 use super::error::KeyError;
 use super::kek::{KekError, KekProvider, KeyContext};
+use super::search::{SearchKeyRecord, SearchKeyState};
 use super::store::{DekRecord, DekState, KeyStore};
 
 /// How often the counter flusher checks DEK ages when nothing was encrypted.
@@ -77,7 +79,12 @@ impl Default for KeyManagerConfig {
     }
 }
 
-/// An unwrapped DEK as cached: the key plus what was known about it when it was loaded.
+/// An unwrapped DEK (or search key) as cached: the key plus what was known about it when it
+/// was loaded.
+///
+/// [`KeyManager::search_key`] hands out search keys in this type too: then `dek_id` is the
+/// search key's id, `version` its version among the organisation's search keys and `state`
+/// `Active`.
 #[derive(Debug)]
 pub struct CachedDek {
     dek_id: DekId,
@@ -106,7 +113,8 @@ impl CachedDek {
         self.version
     }
 
-    /// Its state when loaded (`Active` or `DecryptOnly`; destroyed keys are never cached).
+    /// Its state when loaded (`Active` or `DecryptOnly`; destroyed keys are never cached; a
+    /// search key is `Active`).
     pub fn state(&self) -> DekState {
         self.state
     }
@@ -131,7 +139,8 @@ pub struct KeyManagerStats {
     pub cache_misses: u64,
     /// Calls to [`KekProvider::unwrap`].
     pub unwrap_calls: u64,
-    /// Key-store look-ups (`lookup`, `get_or_create_active`) made to load keys.
+    /// Key-store look-ups (`lookup`, `get_or_create_active`, `get_or_create_search_key`)
+    /// made to load keys.
     pub store_loads: u64,
     /// DEKs this manager rotated because the rotation policy said so.
     pub auto_rotations: u64,
@@ -148,6 +157,9 @@ pub struct KeyManager {
     ttl: Duration,
     by_id: Cache<DekId, Arc<CachedDek>>,
     active: Cache<OrgId, Arc<CachedDek>>,
+    /// Active search key per organisation. Invariant: holds search keys only, and search keys
+    /// are held nowhere else.
+    search: Cache<OrgId, Arc<CachedDek>>,
     /// DEKs known to be destroyed (permanent, so never re-read).
     destroyed: Cache<DekId, ()>,
     rotation: RotationPolicy,
@@ -177,6 +189,7 @@ impl KeyManager {
             ttl: config.ttl,
             by_id: cache(config),
             active: cache(config),
+            search: cache(config),
             destroyed: Cache::builder().max_capacity(config.capacity).build(),
             rotation: config.rotation,
             generation: AtomicU64::new(0),
@@ -222,6 +235,41 @@ impl KeyManager {
             self.load_by_id(record.dek_id, Some(record)).await
         };
         self.active
+            .try_get_with_by_ref(org, load)
+            .await
+            .map_err(Arc::unwrap_or_clone)
+    }
+
+    /// The organisation's active search key, created on first use.
+    ///
+    /// Creation is race-free across proxies, like the first DEK's (see
+    /// [`KeyStore::get_or_create_search_key`]). Cached like an active DEK: same TTL and
+    /// capacity, single-flight loads, no key-store or KEK call when warm, and revoked by the
+    /// same key change notifications (a search-key rotation is announced as `rotate`; a shred
+    /// as `shred`), so [`KeyManager::still_fresh`] works on the returned key unchanged. After
+    /// `keys shred`, the next call creates a new search key, as the next write creates a new
+    /// DEK; the destroyed one is never returned again.
+    ///
+    /// The returned key's `dek_id()` is the search key's id; errors about the key
+    /// ([`KeyError::UnwrapRejected`], [`KeyError::KekMismatch`]) carry that id. It is never a
+    /// DEK: [`KeyManager::key_by_id`] with it fails with [`KeyError::UnknownDek`].
+    pub async fn search_key(&self, org: &OrgId) -> Result<Arc<CachedDek>, KeyError> {
+        if let Some(key) = self.fresh(&self.search, org).await {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(key);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.evict_if_stale(&self.search, org).await;
+        let load = async {
+            // Read before the look-up: a revocation during it leaves the entry stale.
+            let generation = self.generation.load(Ordering::Acquire);
+            self.store_loads.fetch_add(1, Ordering::Relaxed);
+            let record = self.store.get_or_create_search_key(org, &*self.kek).await?;
+            self.unwrap_record(record.into(), generation)
+                .await
+                .map(Arc::new)
+        };
+        self.search
             .try_get_with_by_ref(org, load)
             .await
             .map_err(Arc::unwrap_or_clone)
@@ -274,11 +322,13 @@ impl KeyManager {
         Ok(cached)
     }
 
-    /// Forget everything cached for `org` (its active DEK and all its DEKs by id).
+    /// Forget everything cached for `org` (its active DEK, all its DEKs by id and its search
+    /// key).
     ///
     /// A load already in flight may still insert what it read before the invalidation.
     pub async fn invalidate_org(&self, org: &OrgId) {
         self.active.invalidate(org).await;
+        self.search.invalidate(org).await;
         let ids: Vec<DekId> = self
             .by_id
             .iter()
@@ -295,6 +345,7 @@ impl KeyManager {
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.revoked_all.store(g, Ordering::Release);
         self.active.invalidate_all();
+        self.search.invalidate_all();
         self.by_id.invalidate_all();
     }
 
@@ -460,7 +511,9 @@ impl KeyManager {
                         .ok_or(KeyError::UnknownDek(dek))?
                 }
             };
-            self.unwrap_record(record, generation).await.map(Arc::new)
+            self.unwrap_record(record.into(), generation)
+                .await
+                .map(Arc::new)
         };
         self.by_id
             .try_get_with(dek, load)
@@ -470,10 +523,10 @@ impl KeyManager {
 
     async fn unwrap_record(
         &self,
-        record: DekRecord,
+        record: StoredKey,
         generation: u64,
     ) -> Result<CachedDek, KeyError> {
-        let dek = record.dek_id;
+        let dek = record.id;
         let Some(wrapped) = record
             .wrapped
             .filter(|_| record.state != DekState::Destroyed)
@@ -492,7 +545,7 @@ impl KeyManager {
             });
         };
         let ctx = KeyContext {
-            org: record.org_id,
+            org: record.org,
             dek,
         };
         self.unwraps.fetch_add(1, Ordering::Relaxed);
@@ -505,7 +558,7 @@ impl KeyManager {
                 }
                 source => KeyError::kek(record.kek.clone(), source),
             })?;
-        tracing::debug!(dek = %dek, tenant = %ctx.org, state = %record.state, "unwrapped data key");
+        tracing::debug!(dek = %dek, tenant = %ctx.org, state = %record.state, kind = record.kind, "unwrapped key");
         Ok(CachedDek {
             dek_id: dek,
             org: ctx.org,
@@ -562,6 +615,50 @@ impl KeyManager {
         revoked
             .get(&dek.org)
             .is_some_and(|&(g, _)| dek.generation < g)
+    }
+}
+
+/// What unwrapping needs of a stored key: a DEK row or a search key row.
+struct StoredKey {
+    /// `dek` or `search`, for the log.
+    kind: &'static str,
+    id: DekId,
+    org: OrgId,
+    version: i32,
+    state: DekState,
+    kek: String,
+    wrapped: Option<Vec<u8>>,
+}
+
+impl From<DekRecord> for StoredKey {
+    fn from(r: DekRecord) -> Self {
+        Self {
+            kind: "dek",
+            id: r.dek_id,
+            org: r.org_id,
+            version: r.version,
+            state: r.state,
+            kek: r.kek,
+            wrapped: r.wrapped,
+        }
+    }
+}
+
+impl From<SearchKeyRecord> for StoredKey {
+    fn from(r: SearchKeyRecord) -> Self {
+        Self {
+            kind: "search",
+            id: r.key_id,
+            org: r.org_id,
+            version: r.version,
+            state: match r.state {
+                SearchKeyState::Active => DekState::Active,
+                SearchKeyState::Retired => DekState::DecryptOnly,
+                SearchKeyState::Destroyed => DekState::Destroyed,
+            },
+            kek: r.kek,
+            wrapped: r.wrapped,
+        }
     }
 }
 
@@ -625,6 +722,7 @@ impl std::fmt::Debug for KeyManager {
             .field("kek", &self.kek.kek_id())
             .field("ttl", &self.ttl)
             .field("cached", &self.by_id.entry_count())
+            .field("search_keys", &self.search.entry_count())
             .finish_non_exhaustive()
     }
 }
@@ -712,6 +810,65 @@ mod tests {
         manager.note_encryptions(dek, u64::MAX);
         assert_eq!(manager.pending_encryptions(dek), u64::MAX);
         assert_eq!(manager.pending_encryptions(DekId::new_random()), 0);
+    }
+
+    #[tokio::test]
+    async fn search_keys_are_revoked_with_their_organisation() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = manager(Duration::from_secs(300), &dir);
+        let acme = OrgId::new("acme").unwrap();
+        let globex = OrgId::new("globex").unwrap();
+        let mut keys = Vec::new();
+        for org in [&acme, &globex] {
+            let key = Arc::new(CachedDek {
+                org: org.clone(),
+                ..cached()
+            });
+            manager.search.insert(org.clone(), Arc::clone(&key)).await;
+            keys.push(key);
+        }
+        assert!(keys.iter().all(|k| manager.still_fresh(k)));
+        manager.revoke_org(&acme).await;
+        assert!(
+            !manager.still_fresh(&keys[0]),
+            "a revoked search key stays fresh"
+        );
+        assert!(manager.fresh(&manager.search, &acme).await.is_none());
+        assert!(manager.still_fresh(&keys[1]));
+        assert!(manager.fresh(&manager.search, &globex).await.is_some());
+        manager.invalidate_all();
+        assert!(manager.search.get(&globex).await.is_none());
+        assert!(!manager.still_fresh(&keys[1]));
+    }
+
+    #[test]
+    fn search_key_rows_unwrap_under_their_own_id() {
+        let record = SearchKeyRecord {
+            key_id: DekId::from_bytes([0x33; 16]),
+            org_id: OrgId::new("acme").unwrap(),
+            version: 4,
+            state: SearchKeyState::Active,
+            kek: "local:00".into(),
+            wrapped: Some(vec![0; 61]),
+            created_at: std::time::SystemTime::UNIX_EPOCH,
+            retired_at: None,
+            destroyed_at: None,
+        };
+        let stored = StoredKey::from(record.clone());
+        assert_eq!(
+            (stored.kind, stored.id, stored.version, stored.state),
+            ("search", record.key_id, 4, DekState::Active)
+        );
+        for (state, expected) in [
+            (SearchKeyState::Retired, DekState::DecryptOnly),
+            (SearchKeyState::Destroyed, DekState::Destroyed),
+        ] {
+            let stored = StoredKey::from(SearchKeyRecord {
+                state,
+                ..record.clone()
+            });
+            assert_eq!(stored.state, expected);
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - `data_keys`: one row per DEK version of an organisation. `unique (org_id, version)` and a
 //!   partial unique index allow at most one `active` DEK per organisation. `wrapped` is `NULL`
 //!   exactly when the DEK is `destroyed`.
+//! - `search_keys`: one row per search key version of an organisation (see `search`), with
+//!   the same constraints. Added to existing key stores by `ensure_schema`.
 //! - `key_events`: append-only audit trail (a trigger rejects `UPDATE`, `DELETE` and
 //!   `TRUNCATE`).
 //!
@@ -38,7 +40,7 @@ const APPLICATION_NAME: &str = "pgenvelope-keys";
 /// Connect timeout unless the URL sets one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often `get_or_create_active` retries when racing proxies keep winning.
-const CREATE_ATTEMPTS: usize = 3;
+pub(super) const CREATE_ATTEMPTS: usize = 3;
 /// Class id of our advisory locks: "pgen" in ASCII.
 pub(super) const ADVISORY_LOCK_CLASS: i32 = 0x7067_656e;
 
@@ -201,7 +203,8 @@ impl KeyStore {
         &self.schema
     }
 
-    /// Create the schema, tables, indexes and audit trigger if they do not exist.
+    /// Create the schema, tables, indexes and audit trigger if they do not exist (a key store
+    /// made by an earlier version gains the tables it lacks, such as `search_keys`).
     ///
     /// Idempotent, and safe when several proxies start at once: `CREATE … IF NOT EXISTS` can
     /// still fail with a unique violation when two sessions race, so the whole script runs as
@@ -465,6 +468,21 @@ CREATE TABLE IF NOT EXISTS {s}.data_keys (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS data_keys_one_active_per_org
     ON {s}.data_keys (org_id) WHERE state = 'active';
+CREATE TABLE IF NOT EXISTS {s}.search_keys (
+    key_id       uuid        PRIMARY KEY,
+    org_id       text        NOT NULL,
+    version      integer     NOT NULL CHECK (version > 0),
+    state        text        NOT NULL CHECK (state IN ('active', 'retired', 'destroyed')),
+    kek          text        NOT NULL,
+    wrapped      bytea,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    retired_at   timestamptz,
+    destroyed_at timestamptz,
+    CONSTRAINT search_keys_org_version_key UNIQUE (org_id, version),
+    CONSTRAINT search_keys_wrapped_iff_not_destroyed CHECK ((state = 'destroyed') = (wrapped IS NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS search_keys_one_active_per_org
+    ON {s}.search_keys (org_id) WHERE state = 'active';
 CREATE TABLE IF NOT EXISTS {s}.key_events (
     id     bigserial   PRIMARY KEY,
     at     timestamptz NOT NULL DEFAULT now(),

@@ -504,6 +504,17 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
     let acme2 = active_dek(&schema, "acme").await.unwrap();
     until_writes_use(&client, &t, "acme", acme2, Duration::from_secs(5)).await;
     expected.push((insert(&client, &t, "acme", "a2").await, "a2".to_owned()));
+    // The proxy makes acme's search key (under the first KEK).
+    let acme = OrgId::new("acme").unwrap();
+    let search = v
+        .proxy
+        .engine
+        .clone()
+        .unwrap()
+        .keys()
+        .search_key(&acme)
+        .await
+        .unwrap();
     let before = v.stored().await;
 
     let out = ok(&cli_async(
@@ -521,7 +532,10 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
         Some(kek1.clone()),
     )
     .await);
-    assert!(out.contains("re-wrapped 4 data key(s)"), "{out}");
+    assert!(
+        out.contains("re-wrapped 4 data key(s) and 1 search key(s)"),
+        "{out}"
+    );
     assert_eq!(v.stored().await, before, "rewrap must not touch data rows");
     let kek2_id = LocalKek::open_or_create(&kek2).unwrap().kek_id();
     let keks: Vec<String> = direct()
@@ -532,7 +546,14 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(keks, [kek2_id]);
+    assert_eq!(keks, std::slice::from_ref(&kek2_id));
+    let search_kek: String = direct()
+        .await
+        .query_one(&format!("SELECT kek FROM {schema}.search_keys"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(search_kek, kek2_id);
     // A rerun finds nothing left to do.
     let again = ok(&cli_async(
         vec![
@@ -546,7 +567,8 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
     )
     .await);
     assert!(
-        again.contains("re-wrapped 0 data key(s)") && again.contains("4 already"),
+        again.contains("re-wrapped 0 data key(s) and 0 search key(s)")
+            && again.contains("5 already"),
         "{again}"
     );
 
@@ -574,10 +596,26 @@ async fn rewrap_to_a_second_kek_then_remove_the_first() {
         .unwrap()
         .get(0);
     assert_eq!(got, "g2");
+    // The search key is the same key, now unwrapped by the second KEK.
+    let moved = fresh
+        .engine
+        .clone()
+        .unwrap()
+        .keys()
+        .search_key(&acme)
+        .await
+        .unwrap();
+    assert_eq!(moved.dek_id(), search.dek_id());
+    assert_eq!(moved.key().expose_secret(), search.key().expose_secret());
     let events = ok(&cli(&["keys", "events", "--json"], &schema, None));
     assert_eq!(
         events.matches("\"event\":\"rewrap\"").count(),
         4,
+        "{events}"
+    );
+    assert_eq!(
+        events.matches("\"event\":\"search_key_rewrapped\"").count(),
+        1,
         "{events}"
     );
     drop(fresh);
@@ -805,4 +843,196 @@ async fn rewrap_without_the_wrapping_kek_changes_nothing_and_says_why() {
         "{stdout}"
     );
     assert_eq!(deks(&schema, "acme").await, before);
+}
+
+/// (key_id, state, wrapped) of every search key of `org`, by version.
+async fn search_keys(schema: &str, org: &str) -> Vec<(Uuid, String, Option<Vec<u8>>)> {
+    direct()
+        .await
+        .query(
+            &format!(
+                "SELECT key_id, state, wrapped FROM {schema}.search_keys WHERE org_id = $1 \
+                 ORDER BY version"
+            ),
+            &[&org],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Wait until the proxy's cached `key` is no longer fresh (revoked by a notification).
+async fn until_stale(keys: &pgenvelope::keys::KeyManager, key: &pgenvelope::keys::CachedDek) {
+    let started = Instant::now();
+    while keys.still_fresh(key) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the proxy still holds the old search key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `keys rotate --search-key`, `keys list`, `keys events` and `keys shred` through the binary
+/// handle search keys; a serving proxy drops its cached search key when told, and its DEK is
+/// not touched by a search-key rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_keys_rotate_list_and_shred_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    let v = Vault::with(|o| o.kek_path = Some(kek.clone())).await;
+    let (t, schema) = (v.table.clone(), v.proxy.key_schema.clone());
+    let client = v.client().await;
+    let row = insert(&client, &t, "acme", "secret").await;
+    let dek = active_dek(&schema, "acme").await.unwrap();
+    let engine = v.proxy.engine.clone().unwrap();
+    let started = Instant::now();
+    while engine.key_listener_ready() != Some(true) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "listener never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keys = engine.keys();
+    let acme = OrgId::new("acme").unwrap();
+    let v1 = keys.search_key(&acme).await.unwrap();
+    assert_eq!(v1.version(), 1);
+
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_pgenvelope"))
+        .args(["keys", "rotate", "--help"])
+        .output()
+        .unwrap();
+    let help = ok(&help);
+    assert!(
+        help.contains("--search-key") && help.contains("pgenvelope reencrypt"),
+        "{help}"
+    );
+
+    let out = ok(&cli_async(
+        strings(&[
+            "keys",
+            "rotate",
+            "--org",
+            "acme",
+            "--search-key",
+            "--reason",
+            "yearly",
+        ]),
+        schema.clone(),
+        Some(kek.clone()),
+    )
+    .await);
+    assert!(
+        out.contains("search key version 2") && out.contains("now retired"),
+        "{out}"
+    );
+    until_stale(keys, &v1).await;
+    let v2 = keys.search_key(&acme).await.unwrap();
+    assert_eq!(v2.version(), 2);
+    assert!(out.contains(&v2.dek_id().to_string()), "{out}");
+    let stored: Vec<(Uuid, String)> = search_keys(&schema, "acme")
+        .await
+        .into_iter()
+        .map(|(id, state, _)| (id, state))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (v1.dek_id().0, "retired".to_owned()),
+            (v2.dek_id().0, "active".to_owned())
+        ]
+    );
+    // The data key is not rotated: the same DEK encrypts and the old row reads.
+    assert_eq!(deks(&schema, "acme").await.len(), 1);
+    let again = insert(&client, &t, "acme", "after").await;
+    assert_eq!(dek_of(&stored_value(&t, again).await), dek);
+    let value: String = client
+        .query_one(&format!("SELECT value FROM {t} WHERE id = $1"), &[&row])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "secret");
+
+    let listed = ok(&cli(
+        &["keys", "list", "--org", "acme", "--json"],
+        &schema,
+        None,
+    ));
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    assert!(
+        lines[0].contains("\"kind\":\"dek\"") && lines[0].contains(&dek.to_string()),
+        "{listed}"
+    );
+    for (line, (id, state)) in lines[1..]
+        .iter()
+        .zip([(v1.dek_id(), "retired"), (v2.dek_id(), "active")])
+    {
+        assert!(line.contains("\"kind\":\"search\""), "{line}");
+        assert!(line.contains(&format!("\"key\":\"{id}\"")), "{line}");
+        assert!(line.contains(&format!("\"state\":\"{state}\"")), "{line}");
+    }
+    let table = ok(&cli(&["keys", "list", "--org", "acme"], &schema, None));
+    assert!(table.starts_with("ORGANISATION"), "{table}");
+    let kinds: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(kinds, ["dek", "search", "search"], "{table}");
+
+    // First use (`search_key_created`, by the proxy) and the rotation are in the trail.
+    let events = ok(&cli(
+        &["keys", "events", "--org", "acme", "--json"],
+        &schema,
+        None,
+    ));
+    let created = events
+        .lines()
+        .find(|l| l.contains("\"event\":\"search_key_created\""))
+        .unwrap_or_else(|| panic!("{events}"));
+    assert!(created.contains(&v1.dek_id().to_string()), "{created}");
+    assert!(created.contains("\"actor\":\"pgenvelope\""), "{created}");
+    let rotated = events
+        .lines()
+        .find(|l| l.contains("\"event\":\"search_key_rotated\""))
+        .unwrap_or_else(|| panic!("{events}"));
+    assert!(rotated.contains("\"reason\":\"yearly\""), "{rotated}");
+    assert!(rotated.contains("\"actor\":\"cli:"), "{rotated}");
+    assert!(rotated.contains(&v2.dek_id().to_string()), "{rotated}");
+    let table = ok(&cli(&["keys", "events", "--org", "acme"], &schema, None));
+    assert!(table.contains("search_key_rotated"), "{table}");
+
+    let out = ok(&cli_async(
+        strings(&["keys", "shred", "--org", "acme", "--yes"]),
+        schema.clone(),
+        Some(kek.clone()),
+    )
+    .await);
+    assert!(
+        out.contains("1 data key(s) destroyed") && out.contains("2 search key(s) destroyed"),
+        "{out}"
+    );
+    until_stale(keys, &v2).await;
+    assert!(search_keys(&schema, "acme")
+        .await
+        .iter()
+        .all(|(_, state, wrapped)| state == "destroyed" && wrapped.is_none()));
+    let events = ok(&cli(
+        &["keys", "events", "--org", "acme", "--json"],
+        &schema,
+        None,
+    ));
+    let destroyed = events
+        .lines()
+        .filter(|l| l.contains("\"event\":\"search_key_destroyed\""))
+        .count();
+    assert_eq!(destroyed, 2, "{events}");
+    // As with its DEK, the organisation gets a new search key on next use, never an old one.
+    let v3 = keys.search_key(&acme).await.unwrap();
+    assert!(![v1.dek_id(), v2.dek_id()].contains(&v3.dek_id()));
+    assert_eq!(v3.version(), 3);
 }
