@@ -249,8 +249,7 @@ impl Cipher {
                     self.ring.failed.insert(need.clone(), e);
                 }
             },
-            KeyNeed::Search(org) => match Box::pin(self.keys.active_key(org)).await {
-                // TEMP until search keys land
+            KeyNeed::Search(org) => match Box::pin(self.keys.search_key(org)).await {
                 Ok(key) => {
                     self.ring.search.insert(org.clone(), key);
                 }
