@@ -21,7 +21,11 @@
 //! (the unwrap-only providers are just opened: they may lack permission to wrap).
 //! `--against-db` asks the database of the application's tables (`--data-database`, else the
 //! upstream URL's; the proxy's service credentials) whether every rule's table and columns
-//! exist and whether the encrypted columns are text-like (they hold `enc:v1:` text).
+//! exist and whether the encrypted columns are text-like (they hold `enc:v1:` text); it also
+//! warns about what works but should be fixed, such as a searchable column without its search
+//! index ([`db`]). Warnings go to stderr and never change the exit status. With `--ddl`, stdout
+//! carries only the SQL creating the missing search indexes (for `| psql`): every other line
+//! goes to stderr, and the exit status is 0 whenever the database could be checked.
 //!
 //! Never prints key material: a KEK is named by its URI (PIN redacted) and its public id.
 
@@ -99,6 +103,14 @@ pub struct CheckArgs {
     /// (--data-database, else the --upstream URL's): tables, column types, defaults, row keys
     #[arg(long)]
     pub against_db: bool,
+
+    /// With --against-db: print only SQL on stdout, one statement per line, creating the
+    /// missing search indexes of searchable columns (`pgenvelope check --against-db --ddl |
+    /// psql` sets them up); for per-organisation uniqueness each comes with its UNIQUE form as
+    /// a `--` comment line. Everything else goes to stderr, and the exit status is 0 whenever
+    /// the database could be checked
+    #[arg(long, requires = "against_db")]
+    pub ddl: bool,
 }
 
 impl CheckArgs {
@@ -121,17 +133,19 @@ impl CheckArgs {
 
 /// Run the check; prints a summary and returns the exit code.
 pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
+    let out = Out { sql_only: args.ddl };
     let rules = load_path(&config.encryption.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
     let columns: usize = rules.tables().map(|t| t.columns().len()).sum();
-    println!(
+    out.line(format_args!(
         "rules: {} table(s), {} encrypted column(s) from {}",
         rules.len(),
         columns,
         config.encryption.rules.display()
-    );
+    ));
     let mut problems = Vec::new();
-    check_client_tls(config, &mut problems);
-    let upstream_tls_ok = check_upstream_tls(config, &mut problems);
+    let mut warnings = Vec::new();
+    check_client_tls(config, out, &mut problems);
+    let upstream_tls_ok = check_upstream_tls(config, out, &mut problems);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -146,45 +160,86 @@ pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
                 .map(|uri| (uri, Role::UnwrapOnly)),
         );
         for (uri, role) in keks {
-            if let Err(e) = check_kek(uri, role, args.against_kms).await {
+            if let Err(e) = check_kek(uri, role, args.against_kms, out).await {
                 problems.push(format!("{} ({}): {uri}: {e:#}", role.label(), role.flag()));
             }
         }
     });
 
+    let mut db_checked = false;
     if args.against_db {
         if upstream_tls_ok {
             let found = runtime.block_on(db::check_against_db(config, &rules))?;
-            if found.is_empty() {
-                println!(
+            db_checked = true;
+            if found.problems.is_empty() {
+                out.line(format_args!(
                     "database {}: every table and column exists and is text-like",
                     config.upstream.data_database_name()
-                );
+                ));
             }
-            problems.extend(found);
+            for note in &found.notes {
+                out.line(note);
+            }
+            if args.ddl {
+                for sql in &found.ddl {
+                    println!("{sql}");
+                }
+                if found.ddl.is_empty() {
+                    out.line("ddl: nothing to create");
+                }
+            }
+            problems.extend(found.problems);
+            warnings.extend(found.warnings);
         } else {
             problems.push("database: not checked, the upstream TLS settings are invalid".into());
         }
     }
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     if problems.is_empty() {
-        println!("ok");
+        match warnings.len() {
+            0 => out.line("ok"),
+            n => out.line(format_args!("ok ({n} warning(s))")),
+        }
         return Ok(0);
     }
     for p in &problems {
         eprintln!("error: {p}");
     }
     eprintln!("{} problem(s) found", problems.len());
+    // `--ddl` feeds psql: its exit status says whether the SQL could be worked out.
+    if args.ddl && db_checked {
+        return Ok(0);
+    }
     Ok(1)
 }
 
+/// Where the lines saying what was validated go: stdout, or stderr under `--ddl`, whose stdout
+/// carries SQL only.
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    sql_only: bool,
+}
+
+impl Out {
+    fn line(self, text: impl std::fmt::Display) {
+        if self.sql_only {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
 /// Load the client-facing certificate and key with the listener's code.
-fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
+fn check_client_tls(config: &Config, out: Out, problems: &mut Vec<String>) {
     let Some(files) = &config.proxy.tls else {
-        println!("tls (clients): off (SSLRequest is answered N)");
+        out.line("tls (clients): off (SSLRequest is answered N)");
         return;
     };
     match files.validate() {
-        Ok(()) => println!(
+        Ok(()) => out.line(format_args!(
             "tls (clients): certificate {} and key {} ok{}",
             files.cert.display(),
             files.key.display(),
@@ -193,7 +248,7 @@ fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
             } else {
                 ""
             }
-        ),
+        )),
         Err(e) => {
             let hint = match &e {
                 TlsError::Rustls {
@@ -209,7 +264,7 @@ fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
 
 /// Check the CA file (if any) and build the upstream client configuration for the `sslmode`.
 /// Returns whether the settings are usable.
-fn check_upstream_tls(config: &Config, problems: &mut Vec<String>) -> bool {
+fn check_upstream_tls(config: &Config, out: Out, problems: &mut Vec<String>) -> bool {
     let mode = config.proxy.upstream_sslmode;
     let ca = config.proxy.upstream_ca.as_deref();
     let ca_note = match ca.map(|ca| (ca, validate_ca(ca))) {
@@ -238,7 +293,7 @@ fn check_upstream_tls(config: &Config, problems: &mut Vec<String>) -> bool {
              certificate)"
         ),
     };
-    println!("tls (upstream): {line}");
+    out.line(format_args!("tls (upstream): {line}"));
     true
 }
 
@@ -269,22 +324,22 @@ impl Role {
 
 /// Validate one KEK: offline, and with `against_kms` by opening it (and, for the primary
 /// one, a wrap and unwrap round trip). Prints what was validated; never creates a key file.
-async fn check_kek(uri: &KmsUri, role: Role, against_kms: bool) -> anyhow::Result<()> {
+async fn check_kek(uri: &KmsUri, role: Role, against_kms: bool, out: Out) -> anyhow::Result<()> {
     let label = role.label();
     let kek: Arc<dyn KekProvider> = if let KmsUri::Local { path } = uri {
         match LocalKek::open_existing(path)? {
             Some(kek) => {
-                println!(
+                out.line(format_args!(
                     "{label}: {uri}: key file ok (KEK id {}; local keys are for development only)",
                     kek.kek_id()
-                );
+                ));
                 Arc::new(kek)
             }
             None if role == Role::Primary => {
-                println!(
+                out.line(format_args!(
                     "{label}: {uri}: the key file does not exist yet; it will be created \
                      (mode 0600) on first start"
-                );
+                ));
                 return Ok(());
             }
             None => anyhow::bail!(
@@ -298,12 +353,17 @@ async fn check_kek(uri: &KmsUri, role: Role, against_kms: bool) -> anyhow::Resul
             check_pkcs11_offline(uri)?;
         }
         if !against_kms {
-            println!("{label}: {uri}: not contacted (--against-kms opens it)");
+            out.line(format_args!(
+                "{label}: {uri}: not contacted (--against-kms opens it)"
+            ));
             return Ok(());
         }
         let kek = uri.open().await.context("opening the provider")?;
         if role == Role::UnwrapOnly {
-            println!("{label}: {uri}: opened (KEK id {})", kek.kek_id());
+            out.line(format_args!(
+                "{label}: {uri}: opened (KEK id {})",
+                kek.kek_id()
+            ));
         }
         kek
     };
@@ -311,10 +371,10 @@ async fn check_kek(uri: &KmsUri, role: Role, against_kms: bool) -> anyhow::Resul
         return Ok(());
     }
     round_trip(kek.as_ref()).await?;
-    println!(
+    out.line(format_args!(
         "{label}: {uri}: round trip ok (wrapped and unwrapped a random test key; KEK id {})",
         kek.kek_id()
-    );
+    ));
     Ok(())
 }
 
