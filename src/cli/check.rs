@@ -22,8 +22,8 @@
 //! `--against-db` asks the database of the application's tables (`--data-database`, else the
 //! upstream URL's; the proxy's service credentials) whether every rule's table and columns
 //! exist and whether the encrypted columns are text-like (they hold `enc:v1:` text); it also
-//! warns about what works but should be fixed, such as a searchable column without its search
-//! index ([`db`]). Warnings go to stderr and never change the exit status. With `--ddl`, stdout
+//! warns about what works but should be fixed: a searchable column without its search index, a
+//! unique index on an encrypted column, a `varchar(n)` too short for ciphertext ([`db`]). Warnings go to stderr and never change the exit status. With `--ddl`, stdout
 //! carries only the SQL creating the missing search indexes (for `| psql`): every other line
 //! goes to stderr, and the exit status is 0 whenever the database could be checked.
 //!
@@ -100,7 +100,9 @@ pub struct CheckArgs {
     pub against_kms: bool,
 
     /// Also check every rule against the catalog of the database holding the tables
-    /// (--data-database, else the --upstream URL's): tables, column types, defaults, row keys
+    /// (--data-database, else the --upstream URL's): tables, column types, defaults, row keys;
+    /// warns (exit status unchanged) about missing search indexes, unique indexes on encrypted
+    /// columns and varchar(n) columns too short for ciphertext
     #[arg(long)]
     pub against_db: bool,
 

@@ -783,3 +783,190 @@ async fn against_db_unique_search_index_invalid_index_and_taken_name() {
     );
     assert!(lines[1..].iter().all(|l| l.contains("handle")), "{ddl}");
 }
+
+/// The `warning:` line of `check` about `column` that contains `needle`.
+fn warning_about<'a>(stderr: &'a str, column: &str, needle: &str) -> &'a str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("warning: {column} (")) && l.contains(needle))
+        .unwrap_or_else(|| panic!("no warning on {column} with {needle:?} in\n{stderr}"))
+}
+
+/// A unique constraint or index on an encrypted column never fires (equal plaintexts encrypt
+/// differently); only the term index of a searchable column compares plaintexts.
+#[tokio::test]
+async fn against_db_warns_about_unique_constraints_on_encrypted_columns() {
+    let t = crate::support::harness::unique("uq_enc");
+    let client = crate::support::harness::direct().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id bigint PRIMARY KEY, org_id text, email text UNIQUE, ssn text, \
+                               nick text, handle text, body text, notes text);\
+             CREATE UNIQUE INDEX {t}_org_ssn ON {t} (org_id, ssn);\
+             CREATE UNIQUE INDEX {t}_lower_nick ON {t} (lower(nick));\
+             CREATE UNIQUE INDEX {t}_handle_search ON {t} (left(handle, 31));\
+             CREATE UNIQUE INDEX {t}_body_prefix ON {t} (left(body, 31));\
+             CREATE INDEX ON {t} (notes);\
+             CREATE UNIQUE INDEX ON {t} (id) INCLUDE (notes)"
+        ))
+        .await
+        .unwrap();
+    let _drop = crate::support::harness::DropTables(t.clone());
+    let dir = rules_dir(&format!(
+        "[[table]]\nname = \"{t}\"\ntenant_column = \"org_id\"\n\
+         encrypt = [\"email\", \"ssn\", \"nick\", \"body\", \"notes\", \
+                    {{ name = \"handle\", search = \"equality\" }}]\n"
+    ));
+    let out = check_db(dir.path(), &[]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let col = |c: &str| format!("public.{t}.{c}");
+    for (column, what) in [
+        (
+            "email",
+            format!("UNIQUE constraint {t}_email_key never rejects a duplicate"),
+        ),
+        (
+            "ssn",
+            format!("unique index {t}_org_ssn never rejects a duplicate"),
+        ),
+        (
+            "nick",
+            format!("unique index {t}_lower_nick never rejects a duplicate"),
+        ),
+    ] {
+        let line = warning_about(&stderr, &col(column), &what);
+        assert!(
+            line.contains("equal plaintexts encrypt to different values")
+                && line.contains(&format!(
+                    "make the column searchable (search = \"equality\") and use a UNIQUE index \
+                     on left({column}, 31)"
+                )),
+            "{line}"
+        );
+    }
+    warning_about(
+        &stderr,
+        &col("body"),
+        &format!(
+            "unique index {t}_body_prefix on left(body, 31) compares the values' data key ids"
+        ),
+    );
+    // The term index of a searchable column is the per-organisation uniqueness index; an
+    // encrypted column merely included in a unique index or in a plain index is fine.
+    assert!(!stderr.contains(&col("handle")), "{stderr}");
+    assert!(!stderr.contains(&col("notes")), "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "search index ({}): {t}_handle_search (unique: per-organisation uniqueness of \
+             plaintexts)",
+            col("handle")
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with("ok (4 warning(s))\n"), "{stdout}");
+}
+
+/// A `varchar(n)` encrypted column: the longest plaintext that fits once encrypted (checked
+/// here by storing sealed values of that length and one byte more), and the length plaintexts
+/// of `n` bytes need.
+#[tokio::test]
+async fn against_db_warns_about_short_varchar_columns() {
+    use pgenvelope::crypto::{
+        ColumnId, ColumnKey, DataKey, DekId, NonceSource, OrgId, SearchMode, TermKey,
+    };
+
+    let t = crate::support::harness::unique("short_vc");
+    let client = crate::support::harness::direct().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id serial PRIMARY KEY, name varchar(255), code varchar(255), \
+                               tiny varchar(40), fixed char(200), body text, free varchar)"
+        ))
+        .await
+        .unwrap();
+    let _drop = crate::support::harness::DropTables(t.clone());
+    let dir = rules_dir(&format!(
+        "[[table]]\nname = \"{t}\"\n\
+         encrypt = [\"name\", \"tiny\", \"fixed\", \"body\", \"free\", \
+                    {{ name = \"code\", search = \"equality\" }}]\n"
+    ));
+    let out = check_db(dir.path(), &[]);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let col = |c: &str| format!("public.{t}.{c}");
+    warning_about(
+        &stderr,
+        &col("name"),
+        "varchar(255) holds plaintexts of up to 137 bytes once encrypted (a longer one fails \
+         with SQLSTATE 22001); plaintexts of up to 255 bytes need varchar(415); use text",
+    );
+    warning_about(
+        &stderr,
+        &col("code"),
+        "varchar(255) holds plaintexts of up to 119 bytes once encrypted as searchable values \
+         (a longer one fails with SQLSTATE 22001); plaintexts of up to 255 bytes need \
+         varchar(439); use text",
+    );
+    warning_about(
+        &stderr,
+        &col("tiny"),
+        "varchar(40) holds no value once encrypted (an empty plaintext needs varchar(75))",
+    );
+    warning_about(
+        &stderr,
+        &col("fixed"),
+        "char(200) holds plaintexts of up to 95 bytes once encrypted",
+    );
+    assert!(!stderr.contains(&col("body")), "{stderr}");
+    assert!(!stderr.contains(&col("free")), "{stderr}");
+
+    // The numbers are PostgreSQL's: a sealed value of the longest plaintext is stored, one of a
+    // byte more is refused.
+    let column = ColumnId::from_name(&col("name"));
+    let key = ColumnKey::derive(&DataKey::generate(), DekId::new_random(), column);
+    let terms = TermKey::derive(
+        &DataKey::generate(),
+        DekId::new_random(),
+        column,
+        SearchMode::Equality,
+    );
+    let org = OrgId::new("acme").unwrap();
+    let mut nonces = NonceSource::from_os_rng();
+    for (target, searchable, longest) in [("name", false, 137), ("code", true, 119)] {
+        for len in [longest, longest + 1] {
+            let plaintext = "x".repeat(len);
+            let mut value = String::new();
+            if searchable {
+                let term = terms.term(plaintext.as_bytes());
+                key.seal_searchable_into(
+                    &org,
+                    None,
+                    &term,
+                    plaintext.as_bytes(),
+                    &mut nonces,
+                    &mut value,
+                )
+                .unwrap();
+            } else {
+                key.seal_into(&org, plaintext.as_bytes(), &mut nonces, &mut value)
+                    .unwrap();
+            }
+            let stored = client
+                .execute(
+                    &format!("INSERT INTO {t} ({target}) VALUES ($1)"),
+                    &[&value],
+                )
+                .await;
+            match (len == longest, stored) {
+                (true, Ok(_)) => {}
+                (false, Err(e)) => assert_eq!(
+                    crate::support::harness::code(&e).as_deref(),
+                    Some("22001"),
+                    "{e}"
+                ),
+                (fits, result) => panic!("{target}, {len} bytes (fits: {fits}): {result:?}"),
+            }
+        }
+    }
+}

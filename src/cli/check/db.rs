@@ -9,7 +9,11 @@
 //! - a searchable column without a *search index*, an index whose first column is exactly the
 //!   term expression `left(column, 31)` the proxy's look-ups compare (without it a look-up
 //!   reads the whole table); [`DbReport::ddl`] holds the `CREATE INDEX` statements that add
-//!   the missing ones.
+//!   the missing ones;
+//! - a UNIQUE constraint or unique index on an encrypted column: it never rejects a duplicate,
+//!   as equal plaintexts encrypt to different values;
+//! - a `varchar(n)` or `char(n)` encrypted column: the longest plaintext whose ciphertext fits
+//!   ([`max_plaintext`]), and the length plaintexts of `n` bytes need ([`encrypted_chars`]).
 
 use std::collections::HashSet;
 
@@ -18,7 +22,8 @@ use sha2::Digest;
 
 use crate::cli::common;
 use crate::config::Config;
-use crate::crypto::{SearchMode, SEARCH_PREFIX_CHARS};
+use crate::crypto::search::SEARCH_PART_LEN;
+use crate::crypto::{SearchMode, ENC_V1_PREFIX, NONCE_LEN, SEARCH_PREFIX_CHARS, TAG_LEN};
 use crate::rules::{ColumnRule, RuleSet, TableRule};
 
 /// What `--against-db` found.
@@ -72,6 +77,9 @@ struct Attribute {
     /// `format_type` without the type modifier: `character varying`, `text`, ...
     ty: String,
     has_default: bool,
+    attnum: i16,
+    /// The declared length of a `varchar(n)` or `char(n)`.
+    max_chars: Option<i32>,
     collation: u32,
     /// The name as PostgreSQL's `quote_ident` writes it (and `pg_get_indexdef` prints it).
     quoted: String,
@@ -83,6 +91,8 @@ struct Index {
     qualified: String,
     name: String,
     unique: bool,
+    /// `p` or `u` when a PRIMARY KEY or UNIQUE constraint owns the index.
+    constraint: Option<String>,
     /// Valid and ready: a failed `CREATE INDEX CONCURRENTLY` leaves an index that is neither.
     usable: bool,
     partial: bool,
@@ -92,6 +102,8 @@ struct Index {
     /// The first key column, when it is an expression, as PostgreSQL prints it.
     first_expression: Option<String>,
     first_collation: u32,
+    /// Columns referenced by expressions (and not named as plain columns of the index).
+    expression_columns: Vec<i16>,
 }
 
 impl Index {
@@ -106,6 +118,19 @@ impl Index {
             && self.first_collation == column.collation
             && !self.partial
             && SEARCH_INDEX_METHODS.contains(&self.method.as_str())
+    }
+
+    /// Whether `column` takes part in the values the index compares.
+    fn covers(&self, column: &Attribute) -> bool {
+        self.keys.contains(&column.attnum) || self.expression_columns.contains(&column.attnum)
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.constraint.as_deref() {
+            Some("p") => "primary key",
+            Some("u") => "UNIQUE constraint",
+            _ => "unique index",
+        }
     }
 }
 
@@ -126,7 +151,9 @@ async fn check_table(
 ) -> anyhow::Result<()> {
     let rows = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, NULL), a.atthasdef, \
+            "SELECT a.attname::text, format_type(a.atttypid, NULL), a.atthasdef, a.attnum, \
+                    CASE WHEN a.atttypid IN ('varchar'::regtype, 'bpchar'::regtype) \
+                          AND a.atttypmod >= 4 THEN a.atttypmod - 4 END, \
                     a.attcollation, quote_ident(a.attname) \
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -150,8 +177,10 @@ async fn check_table(
             name: r.get(0),
             ty: r.get(1),
             has_default: r.get(2),
-            collation: r.get(3),
-            quoted: r.get(4),
+            attnum: r.get(3),
+            max_chars: r.get(4),
+            collation: r.get(5),
+            quoted: r.get(6),
         })
         .collect();
     let find = |name: &str| attributes.iter().find(|a| a.name == name);
@@ -193,6 +222,18 @@ async fn check_table(
             report.problems.push(format!(
                 "{at}: column has a DEFAULT, which would store plaintext; drop it"
             ));
+        }
+        if let Some(n) = attribute.max_chars.and_then(|n| usize::try_from(n).ok()) {
+            let ty = if ty == "character" { "char" } else { "varchar" };
+            report.warnings.push(format!(
+                "{at}: {}",
+                length_warning(ty, n, col.search().is_some())
+            ));
+        }
+        for index in indexes.iter().filter(|i| i.unique && i.covers(attribute)) {
+            if let Some(warning) = unique_warning(col, attribute, index) {
+                report.warnings.push(format!("{at}: {warning}"));
+            }
         }
         if let Some(mode) = col.search() {
             check_search_index(
@@ -272,6 +313,78 @@ async fn check_search_index(
     Ok(())
 }
 
+/// What is wrong with a unique index that compares values of the encrypted `column`, if
+/// anything: only a search column's term index compares plaintexts.
+fn unique_warning(col: &ColumnRule, column: &Attribute, index: &Index) -> Option<String> {
+    let term = format!("left({}, {SEARCH_PREFIX_CHARS})", column.quoted);
+    let (kind, name) = (index.kind(), &index.name);
+    let raw_key = index.keys.contains(&column.attnum);
+    if !raw_key && index.leads_with_term_of(column) {
+        if col.search().is_some() {
+            return None;
+        }
+        return Some(format!(
+            "{kind} {name} on {term} compares the values' data key ids, not plaintexts, as the \
+             column is not searchable: it rejects the second value written under the same \
+             data key; make the column searchable (search = \"equality\") or drop it"
+        ));
+    }
+    let instead = if col.search().is_some() {
+        format!(
+            "use a UNIQUE index on {term} instead (`pgenvelope check --against-db --ddl` offers \
+             it)"
+        )
+    } else {
+        format!(
+            "make the column searchable (search = \"equality\") and use a UNIQUE index on \
+             {term}"
+        )
+    };
+    Some(format!(
+        "{kind} {name} never rejects a duplicate: equal plaintexts encrypt to different values \
+         (random nonces); for uniqueness per organisation, {instead}"
+    ))
+}
+
+/// Bytes an `enc:v1` value holds besides its plaintext (design.md §1.1): the algorithm byte,
+/// the DEK id (16), the column id (4), the nonce and the GCM tag.
+const ENVELOPE_OVERHEAD: usize = 1 + 16 + 4 + NONCE_LEN + TAG_LEN;
+
+/// Characters of the `enc:v1` text of a value with `plaintext` bytes: `enc:v1:` and the base64
+/// of the envelope, which for a searchable value starts with its search part.
+pub(super) fn encrypted_chars(plaintext: usize, searchable: bool) -> usize {
+    let search = if searchable { SEARCH_PART_LEN } else { 0 };
+    ENC_V1_PREFIX.len() + 4 * (ENVELOPE_OVERHEAD + search + plaintext).div_ceil(3)
+}
+
+/// The longest plaintext, in bytes, whose `enc:v1` text fits in `chars` characters; `None`
+/// when not even an empty one does.
+pub(super) fn max_plaintext(chars: usize, searchable: bool) -> Option<usize> {
+    let search = if searchable { SEARCH_PART_LEN } else { 0 };
+    let groups = chars.checked_sub(ENC_V1_PREFIX.len())? / 4;
+    (3 * groups).checked_sub(ENVELOPE_OVERHEAD + search)
+}
+
+/// The warning for an encrypted `varchar(n)` (or `char(n)`, as `ty`) column.
+fn length_warning(ty: &str, n: usize, searchable: bool) -> String {
+    let values = if searchable {
+        "encrypted as searchable values"
+    } else {
+        "encrypted"
+    };
+    match max_plaintext(n, searchable) {
+        Some(max) => format!(
+            "{ty}({n}) holds plaintexts of up to {max} bytes once {values} (a longer one fails \
+             with SQLSTATE 22001); plaintexts of up to {n} bytes need {ty}({}); use text",
+            encrypted_chars(n, searchable)
+        ),
+        None => format!(
+            "{ty}({n}) holds no value once {values} (an empty plaintext needs {ty}({})); use text",
+            encrypted_chars(0, searchable)
+        ),
+    }
+}
+
 /// The table's indexes, with what the search-index and unique checks need.
 async fn read_indexes(
     client: &tokio_postgres::Client,
@@ -281,11 +394,20 @@ async fn read_indexes(
         .query(
             "SELECT quote_ident(n.nspname) || '.' || quote_ident(ic.relname), ic.relname::text, \
                     i.indisunique, \
+                    (SELECT con.contype::text FROM pg_constraint con \
+                      WHERE con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
+                        AND con.contype IN ('p', 'u') LIMIT 1), \
                     i.indisvalid AND i.indisready, i.indpred IS NOT NULL, am.amname::text, \
                     ARRAY(SELECT k FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS u(k, o) \
                            WHERE u.o <= i.indnkeyatts ORDER BY u.o), \
                     CASE WHEN i.indkey[0] = 0 THEN pg_get_indexdef(i.indexrelid, 1, false) END, \
-                    i.indcollation[0] \
+                    i.indcollation[0], \
+                    ARRAY(SELECT d.refobjsubid::int2 FROM pg_depend d \
+                           WHERE i.indexprs IS NOT NULL AND i.indpred IS NULL \
+                             AND d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid \
+                             AND d.refclassid = 'pg_class'::regclass \
+                             AND d.refobjid = i.indrelid AND d.refobjsubid > 0 \
+                             AND d.refobjsubid <> ALL (i.indkey::int2[])) \
              FROM pg_index i \
              JOIN pg_class c ON c.oid = i.indrelid \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -303,12 +425,14 @@ async fn read_indexes(
             qualified: r.get(0),
             name: r.get(1),
             unique: r.get(2),
-            usable: r.get(3),
-            partial: r.get(4),
-            method: r.get(5),
-            keys: r.get(6),
-            first_expression: r.get(7),
-            first_collation: r.get(8),
+            constraint: r.get(3),
+            usable: r.get(4),
+            partial: r.get(5),
+            method: r.get(6),
+            keys: r.get(7),
+            first_expression: r.get(8),
+            first_collation: r.get(9),
+            expression_columns: r.get(10),
         })
         .collect())
 }
@@ -448,6 +572,93 @@ mod tests {
         assert!(!is_term_expression("\"left\"(email, 7)", "email"));
         assert!(!is_term_expression("lower(email)", "email"));
         assert!(!is_term_expression("\"left\"(\"eMail\", 31)", "email"));
+    }
+
+    #[test]
+    fn lengths_match_sealed_values() {
+        use crate::crypto::{ColumnId, ColumnKey, DataKey, DekId, NonceSource, OrgId, TermKey};
+        let column = ColumnId::from_name("public.t.c");
+        let key = ColumnKey::derive(&DataKey::generate(), DekId::new_random(), column);
+        let terms = TermKey::derive(
+            &DataKey::generate(),
+            DekId::new_random(),
+            column,
+            SearchMode::EqualityCi,
+        );
+        let org = OrgId::new("acme").unwrap();
+        let mut nonces = NonceSource::from_os_rng();
+        for len in (0..70).chain([137, 138, 255, 1000, 4096]) {
+            let plaintext = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            let plaintext = plaintext.as_bytes();
+            let term = terms.term(plaintext);
+            for (row_key, searchable) in [
+                (None, false),
+                (Some(&b"42"[..]), false),
+                (None, true),
+                (Some(&b"42"[..]), true),
+            ] {
+                let mut out = String::new();
+                match (row_key, searchable) {
+                    (None, false) => key.seal_into(&org, plaintext, &mut nonces, &mut out),
+                    (Some(k), false) => {
+                        key.seal_for_row_into(&org, k, plaintext, &mut nonces, &mut out)
+                    }
+                    (k, true) => {
+                        key.seal_searchable_into(&org, k, &term, plaintext, &mut nonces, &mut out)
+                    }
+                }
+                .unwrap();
+                assert_eq!(
+                    out.len(),
+                    encrypted_chars(plaintext.len(), searchable),
+                    "{len} bytes, row key {row_key:?}, searchable {searchable}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn max_plaintext_is_the_longest_that_fits() {
+        for searchable in [false, true] {
+            for chars in 0..700 {
+                let fits = (0..chars)
+                    .filter(|&p| encrypted_chars(p, searchable) <= chars)
+                    .max();
+                assert_eq!(
+                    max_plaintext(chars, searchable),
+                    fits,
+                    "{chars} {searchable}"
+                );
+            }
+        }
+        assert_eq!(max_plaintext(255, false), Some(137));
+        assert_eq!(encrypted_chars(137, false), 255);
+        assert_eq!(encrypted_chars(138, false), 259);
+        assert_eq!(encrypted_chars(255, false), 415);
+        assert_eq!(max_plaintext(255, true), Some(119));
+        assert_eq!(encrypted_chars(255, true), 439);
+        assert_eq!(max_plaintext(74, false), None);
+        assert_eq!(max_plaintext(75, false), Some(2));
+        assert_eq!(max_plaintext(98, true), None);
+        assert_eq!(max_plaintext(99, true), Some(2));
+    }
+
+    #[test]
+    fn length_warnings_give_both_numbers() {
+        assert_eq!(
+            length_warning("varchar", 255, false),
+            "varchar(255) holds plaintexts of up to 137 bytes once encrypted (a longer one \
+             fails with SQLSTATE 22001); plaintexts of up to 255 bytes need varchar(415); use \
+             text"
+        );
+        assert!(length_warning("varchar", 255, true).contains(
+            "up to 119 bytes once encrypted as searchable values (a longer one fails with \
+             SQLSTATE 22001); plaintexts of up to 255 bytes need varchar(439)"
+        ));
+        assert_eq!(
+            length_warning("char", 40, false),
+            "char(40) holds no value once encrypted (an empty plaintext needs char(75)); use text"
+        );
     }
 
     #[test]
