@@ -211,17 +211,21 @@ async fn check_table(
         };
         let at = format!("{} ({})", col.qualified_name(), col.location());
         let ty = &attribute.ty;
-        if !TEXT_LIKE.contains(&ty.as_str()) {
+        let text_like = TEXT_LIKE.contains(&ty.as_str());
+        if !text_like {
             report.problems.push(format!(
                 "{at}: column type is {ty}, but encrypted columns must be text-like \
                  (text, varchar, char)"
             ));
-            continue;
         }
         if attribute.has_default {
             report.problems.push(format!(
                 "{at}: column has a DEFAULT, which would store plaintext; drop it"
             ));
+        }
+        if !text_like {
+            // Holds no `enc:v1` text yet: lengths, indexes and terms do not apply.
+            continue;
         }
         if let Some(n) = attribute.max_chars.and_then(|n| usize::try_from(n).ok()) {
             let ty = if ty == "character" { "char" } else { "varchar" };
