@@ -21,21 +21,27 @@
 //! (the unwrap-only providers are just opened: they may lack permission to wrap).
 //! `--against-db` asks the database of the application's tables (`--data-database`, else the
 //! upstream URL's; the proxy's service credentials) whether every rule's table and columns
-//! exist and whether the encrypted columns are text-like (they hold `enc:v1:` text).
+//! exist and whether the encrypted columns are text-like (they hold `enc:v1:` text); it also
+//! warns about what works but should be fixed: a searchable column without its search index, a
+//! unique index on an encrypted column, a `varchar(n)` too short for ciphertext ([`db`]). Warnings go to stderr and never change the exit status. With `--ddl`, stdout
+//! carries only the SQL creating the missing search indexes (for `| psql`): every other line
+//! goes to stderr, and the exit status is 0 whenever the database could be checked.
 //!
 //! Never prints key material: a KEK is named by its URI (PIN redacted) and its public id.
+
+mod db;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::common::{self, DataArgs};
+use super::common::DataArgs;
 use crate::config::{Config, RawConfig, SslMode};
 use crate::crypto::{DataKey, DekId, OrgId};
 use crate::keys::{KekProvider, KeyContext, KmsUri, LocalKek, Pkcs11Uri};
 use crate::proxy::ValidateTlsFiles;
-use crate::rules::{load_path, RuleSet};
+use crate::rules::load_path;
 use crate::tls::{validate_ca, ServiceTls, TlsError};
 
 /// Organisation the `--against-kms` test key is bound to (visible in KMS audit logs).
@@ -94,9 +100,19 @@ pub struct CheckArgs {
     pub against_kms: bool,
 
     /// Also check every rule against the catalog of the database holding the tables
-    /// (--data-database, else the --upstream URL's): tables, column types, defaults, row keys
+    /// (--data-database, else the --upstream URL's): tables, column types, defaults, row keys;
+    /// warns (exit status unchanged) about missing search indexes, unique indexes on encrypted
+    /// columns and varchar(n) columns too short for ciphertext
     #[arg(long)]
     pub against_db: bool,
+
+    /// With --against-db: print only SQL on stdout, one statement per line, creating the
+    /// missing search indexes of searchable columns (`pgenvelope check --against-db --ddl |
+    /// psql` sets them up); for per-organisation uniqueness each comes with its UNIQUE form as
+    /// a `--` comment line. Everything else goes to stderr, and the exit status is 0 whenever
+    /// the database could be checked
+    #[arg(long, requires = "against_db")]
+    pub ddl: bool,
 }
 
 impl CheckArgs {
@@ -119,17 +135,19 @@ impl CheckArgs {
 
 /// Run the check; prints a summary and returns the exit code.
 pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
+    let out = Out { sql_only: args.ddl };
     let rules = load_path(&config.encryption.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
     let columns: usize = rules.tables().map(|t| t.columns().len()).sum();
-    println!(
+    out.line(format_args!(
         "rules: {} table(s), {} encrypted column(s) from {}",
         rules.len(),
         columns,
         config.encryption.rules.display()
-    );
+    ));
     let mut problems = Vec::new();
-    check_client_tls(config, &mut problems);
-    let upstream_tls_ok = check_upstream_tls(config, &mut problems);
+    let mut warnings = Vec::new();
+    check_client_tls(config, out, &mut problems);
+    let upstream_tls_ok = check_upstream_tls(config, out, &mut problems);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -144,45 +162,86 @@ pub(crate) fn run(config: &Config, args: &CheckArgs) -> anyhow::Result<i32> {
                 .map(|uri| (uri, Role::UnwrapOnly)),
         );
         for (uri, role) in keks {
-            if let Err(e) = check_kek(uri, role, args.against_kms).await {
+            if let Err(e) = check_kek(uri, role, args.against_kms, out).await {
                 problems.push(format!("{} ({}): {uri}: {e:#}", role.label(), role.flag()));
             }
         }
     });
 
+    let mut db_checked = false;
     if args.against_db {
         if upstream_tls_ok {
-            let found = runtime.block_on(check_against_db(config, &rules))?;
-            if found.is_empty() {
-                println!(
+            let found = runtime.block_on(db::check_against_db(config, &rules))?;
+            db_checked = true;
+            if found.problems.is_empty() {
+                out.line(format_args!(
                     "database {}: every table and column exists and is text-like",
                     config.upstream.data_database_name()
-                );
+                ));
             }
-            problems.extend(found);
+            for note in &found.notes {
+                out.line(note);
+            }
+            if args.ddl {
+                for sql in &found.ddl {
+                    println!("{sql}");
+                }
+                if found.ddl.is_empty() {
+                    out.line("ddl: nothing to create");
+                }
+            }
+            problems.extend(found.problems);
+            warnings.extend(found.warnings);
         } else {
             problems.push("database: not checked, the upstream TLS settings are invalid".into());
         }
     }
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     if problems.is_empty() {
-        println!("ok");
+        match warnings.len() {
+            0 => out.line("ok"),
+            n => out.line(format_args!("ok ({n} warning(s))")),
+        }
         return Ok(0);
     }
     for p in &problems {
         eprintln!("error: {p}");
     }
     eprintln!("{} problem(s) found", problems.len());
+    // `--ddl` feeds psql: its exit status says whether the SQL could be worked out.
+    if args.ddl && db_checked {
+        return Ok(0);
+    }
     Ok(1)
 }
 
+/// Where the lines saying what was validated go: stdout, or stderr under `--ddl`, whose stdout
+/// carries SQL only.
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    sql_only: bool,
+}
+
+impl Out {
+    fn line(self, text: impl std::fmt::Display) {
+        if self.sql_only {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
 /// Load the client-facing certificate and key with the listener's code.
-fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
+fn check_client_tls(config: &Config, out: Out, problems: &mut Vec<String>) {
     let Some(files) = &config.proxy.tls else {
-        println!("tls (clients): off (SSLRequest is answered N)");
+        out.line("tls (clients): off (SSLRequest is answered N)");
         return;
     };
     match files.validate() {
-        Ok(()) => println!(
+        Ok(()) => out.line(format_args!(
             "tls (clients): certificate {} and key {} ok{}",
             files.cert.display(),
             files.key.display(),
@@ -191,7 +250,7 @@ fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
             } else {
                 ""
             }
-        ),
+        )),
         Err(e) => {
             let hint = match &e {
                 TlsError::Rustls {
@@ -207,7 +266,7 @@ fn check_client_tls(config: &Config, problems: &mut Vec<String>) {
 
 /// Check the CA file (if any) and build the upstream client configuration for the `sslmode`.
 /// Returns whether the settings are usable.
-fn check_upstream_tls(config: &Config, problems: &mut Vec<String>) -> bool {
+fn check_upstream_tls(config: &Config, out: Out, problems: &mut Vec<String>) -> bool {
     let mode = config.proxy.upstream_sslmode;
     let ca = config.proxy.upstream_ca.as_deref();
     let ca_note = match ca.map(|ca| (ca, validate_ca(ca))) {
@@ -236,7 +295,7 @@ fn check_upstream_tls(config: &Config, problems: &mut Vec<String>) -> bool {
              certificate)"
         ),
     };
-    println!("tls (upstream): {line}");
+    out.line(format_args!("tls (upstream): {line}"));
     true
 }
 
@@ -267,22 +326,22 @@ impl Role {
 
 /// Validate one KEK: offline, and with `against_kms` by opening it (and, for the primary
 /// one, a wrap and unwrap round trip). Prints what was validated; never creates a key file.
-async fn check_kek(uri: &KmsUri, role: Role, against_kms: bool) -> anyhow::Result<()> {
+async fn check_kek(uri: &KmsUri, role: Role, against_kms: bool, out: Out) -> anyhow::Result<()> {
     let label = role.label();
     let kek: Arc<dyn KekProvider> = if let KmsUri::Local { path } = uri {
         match LocalKek::open_existing(path)? {
             Some(kek) => {
-                println!(
+                out.line(format_args!(
                     "{label}: {uri}: key file ok (KEK id {}; local keys are for development only)",
                     kek.kek_id()
-                );
+                ));
                 Arc::new(kek)
             }
             None if role == Role::Primary => {
-                println!(
+                out.line(format_args!(
                     "{label}: {uri}: the key file does not exist yet; it will be created \
                      (mode 0600) on first start"
-                );
+                ));
                 return Ok(());
             }
             None => anyhow::bail!(
@@ -296,12 +355,17 @@ async fn check_kek(uri: &KmsUri, role: Role, against_kms: bool) -> anyhow::Resul
             check_pkcs11_offline(uri)?;
         }
         if !against_kms {
-            println!("{label}: {uri}: not contacted (--against-kms opens it)");
+            out.line(format_args!(
+                "{label}: {uri}: not contacted (--against-kms opens it)"
+            ));
             return Ok(());
         }
         let kek = uri.open().await.context("opening the provider")?;
         if role == Role::UnwrapOnly {
-            println!("{label}: {uri}: opened (KEK id {})", kek.kek_id());
+            out.line(format_args!(
+                "{label}: {uri}: opened (KEK id {})",
+                kek.kek_id()
+            ));
         }
         kek
     };
@@ -309,10 +373,10 @@ async fn check_kek(uri: &KmsUri, role: Role, against_kms: bool) -> anyhow::Resul
         return Ok(());
     }
     round_trip(kek.as_ref()).await?;
-    println!(
+    out.line(format_args!(
         "{label}: {uri}: round trip ok (wrapped and unwrapped a random test key; KEK id {})",
         kek.kek_id()
-    );
+    ));
     Ok(())
 }
 
@@ -354,133 +418,4 @@ async fn round_trip(kek: &dyn KekProvider) -> anyhow::Result<()> {
         anyhow::bail!("the unwrapped test key differs from the one wrapped");
     }
     Ok(())
-}
-
-/// Types whose values can hold `enc:v1:` text.
-const TEXT_LIKE: &[&str] = &["text", "character varying", "character", "citext", "name"];
-
-/// Types a row key may have: their text form is what the proxy binds values to, and what it
-/// reads back (also from binary results).
-const ROW_KEY_TYPES: &[&str] = &[
-    "smallint",
-    "integer",
-    "bigint",
-    "text",
-    "character varying",
-    "uuid",
-];
-
-/// A row key must exist, have a type whose printed form is stable, and be the table's
-/// single-column primary key (`reencrypt` walks and re-seals rows by it).
-async fn check_row_key(
-    client: &tokio_postgres::Client,
-    table: &crate::rules::TableRule,
-    key: &str,
-    ty: Option<String>,
-) -> anyhow::Result<Vec<String>> {
-    let at = format!("{}.{key} ({})", table.qualified_name(), table.location());
-    let Some(ty) = ty else {
-        return Ok(vec![format!("{at}: row key column does not exist")]);
-    };
-    let mut problems = Vec::new();
-    if !ROW_KEY_TYPES.contains(&ty.as_str()) {
-        problems.push(format!(
-            "{at}: row key type is {ty}; use an integer, text, varchar or uuid column"
-        ));
-    }
-    let pk: Vec<String> = client
-        .query(
-            "SELECT a.attname::text FROM pg_index i \
-             JOIN pg_class c ON c.oid = i.indrelid \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
-             WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary",
-            &[&table.schema(), &table.name()],
-        )
-        .await
-        .context("reading the primary key")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if pk != [key] {
-        problems.push(format!(
-            "{at}: the row key must be the table's single-column primary key (it is {})",
-            if pk.is_empty() {
-                "none".to_owned()
-            } else {
-                pk.join(", ")
-            }
-        ));
-    }
-    Ok(problems)
-}
-
-async fn check_against_db(config: &Config, rules: &RuleSet) -> anyhow::Result<Vec<String>> {
-    let client = common::connect_data(config).await?;
-    let mut problems = Vec::new();
-    for table in rules.tables() {
-        let rows = client
-            .query(
-                "SELECT a.attname::text, format_type(a.atttypid, NULL), a.atthasdef \
-                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&table.schema(), &table.name()],
-            )
-            .await
-            .context("reading the catalog")?;
-        if rows.is_empty() {
-            problems.push(format!(
-                "{} ({}): table {}",
-                table.qualified_name(),
-                table.location(),
-                common::not_in_data_database(config)
-            ));
-            continue;
-        }
-        let find = |name: &str| {
-            rows.iter()
-                .find(|r| r.get::<_, &str>(0) == name)
-                .map(|r| (r.get::<_, String>(1), r.get::<_, bool>(2)))
-        };
-        if let Some(tenant) = table.tenant_column() {
-            if find(tenant).is_none() {
-                problems.push(format!(
-                    "{}.{tenant} ({}): tenant column does not exist",
-                    table.qualified_name(),
-                    table.location()
-                ));
-            }
-        }
-        if let Some(key) = table.row_key() {
-            problems.extend(check_row_key(&client, table, key, find(key).map(|(ty, _)| ty)).await?);
-        }
-        for col in table.columns() {
-            match find(col.column()) {
-                None => problems.push(format!(
-                    "{} ({}): column does not exist",
-                    col.qualified_name(),
-                    col.location()
-                )),
-                Some((ty, has_default)) => {
-                    if !TEXT_LIKE.contains(&ty.as_str()) {
-                        problems.push(format!(
-                            "{} ({}): column type is {ty}, but encrypted columns must be text-like \
-                             (text, varchar, char)",
-                            col.qualified_name(),
-                            col.location()
-                        ));
-                    }
-                    if has_default {
-                        problems.push(format!(
-                            "{} ({}): column has a DEFAULT, which would store plaintext; drop it",
-                            col.qualified_name(),
-                            col.location()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    Ok(problems)
 }

@@ -49,7 +49,8 @@ pub enum Command {
     /// must match), parses the upstream CA file, and checks a local: KEK file without ever
     /// creating it. --against-kms wraps and unwraps a test key with the KEK provider;
     /// --against-db checks the rules against the catalog of the database holding the tables
-    /// (--data-database, else the --upstream URL's).
+    /// (--data-database, else the --upstream URL's) and warns about missing search indexes;
+    /// --ddl prints the SQL that creates them.
     Check(check::CheckArgs),
     /// Print the header of an enc:v1 value (algorithm, DEK, organisation, column); never decrypts.
     Inspect(inspect::InspectArgs),
