@@ -649,6 +649,8 @@ pub struct Header {
     pub column: Option<String>,
     /// Length of the plaintext, in bytes.
     pub plaintext_len: usize,
+    /// Whether the value carries a search term (algorithm `0x04` in front).
+    pub searchable: bool,
 }
 
 /// Read the header of an enc:v1 value (for `pgenvelope inspect`); never decrypts.
@@ -665,6 +667,7 @@ pub fn inspect(
             .and_then(|r| r.by_column_id(parsed.column_id()))
             .map(|c| c.qualified_name().to_owned()),
         plaintext_len: parsed.plaintext_len(),
+        searchable: parsed.is_searchable(),
     })
 }
 

@@ -57,7 +57,11 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
         }
     };
     println!("format:     enc:v1");
-    println!("algorithm:  {:?}", value.algorithm);
+    if value.searchable {
+        println!("algorithm:  {:?}, searchable (a search term in front)", value.algorithm);
+    } else {
+        println!("algorithm:  {:?}", value.algorithm);
+    }
     println!("dek:        {}", value.dek_id);
     let column = match (&rules, &value.column) {
         (Some(_), Some(name)) => name.clone(),
