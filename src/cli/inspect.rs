@@ -58,7 +58,10 @@ pub(crate) fn run(config: &Config, args: &InspectArgs) -> anyhow::Result<i32> {
     };
     println!("format:     enc:v1");
     if value.searchable {
-        println!("algorithm:  {:?}, searchable (a search term in front)", value.algorithm);
+        println!(
+            "algorithm:  {:?}, searchable (a search term in front)",
+            value.algorithm
+        );
     } else {
         println!("algorithm:  {:?}", value.algorithm);
     }

@@ -544,3 +544,61 @@ async fn copy_and_restored_values_are_searchable() {
     .await;
     assert_eq!(found.len(), 2);
 }
+
+/// One bulk INSERT of rows of many organisations (Django's `bulk_create`, SQLAlchemy's
+/// insertmanyvalues) fetches every organisation's DEK and search key in one round, where it
+/// used to fetch one key per round and give up after 16.
+#[tokio::test]
+async fn a_bulk_insert_across_many_organisations_is_sealed_for_each() {
+    let f = Fixture::new("searchbulk", COLUMNS, rules).await;
+    let t = f.table.clone();
+    let c = f.client().await;
+    let orgs: Vec<String> = (0..40).map(|i| format!("bulk-org-{i}")).collect();
+    let emails: Vec<String> = (0..40).map(|i| format!("u{i}@example.com")).collect();
+    c.execute(
+        &format!("INSERT INTO {t} (org_id, email) SELECT * FROM UNNEST($1::text[], $2::text[])"),
+        &[&orgs, &emails],
+    )
+    .await
+    .unwrap();
+    // Parameters of a VALUES list, as insertmanyvalues sends them.
+    let values: Vec<String> = (0..30)
+        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let mut params: Vec<String> = Vec::new();
+    for i in 0..30 {
+        params.push(format!("values-org-{i}"));
+        params.push(format!("v{i}@example.com"));
+    }
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    c.execute(
+        &format!(
+            "INSERT INTO {t} (org_id, email) VALUES {}",
+            values.join(", ")
+        ),
+        &refs,
+    )
+    .await
+    .unwrap();
+    // Each row is found under its own organisation only.
+    for (org, email) in [
+        ("bulk-org-17", "u17@example.com"),
+        ("values-org-29", "v29@example.com"),
+    ] {
+        let found = ids_of(
+            &c,
+            &format!("SELECT id FROM {t} WHERE org_id = '{org}' AND email = '{email}'"),
+        )
+        .await;
+        assert_eq!(found.len(), 1, "{org}");
+        let other = ids_of(
+            &c,
+            &format!("SELECT id FROM {t} WHERE org_id = 'bulk-org-0' AND email = '{email}'"),
+        )
+        .await;
+        assert!(other.is_empty());
+    }
+}

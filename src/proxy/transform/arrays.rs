@@ -11,7 +11,7 @@ use crate::wire::frontend as fe;
 use super::canonical::key_stores_as_written;
 use super::shape::binary_as_text;
 use super::values::{rule_for, BindValues, TEXT_OIDS};
-use super::{Ctx, Fail};
+use super::{Ctx, Fail, Need};
 
 /// OID of `uuid[]`.
 const UUID_ARRAY_OID: u32 = 2951;
@@ -35,6 +35,24 @@ impl Ctx<'_> {
                 column: column.qualified_name().to_owned(),
             }
             .into());
+        }
+        // Every key the rows need, fetched in one round (`bulk_create` of many organisations'
+        // rows).
+        let mut needs = Vec::new();
+        for (i, v) in value.iter().enumerate() {
+            if v.is_none() {
+                continue;
+            }
+            let org = match tenants.as_ref().and_then(|t| t[i].clone()) {
+                Some(t) => self.row_tenant(t, column),
+                None => self.session_tenant(column),
+            };
+            if let Ok(org) = org {
+                self.missing_keys(column, &org, &mut needs)?;
+            }
+        }
+        if !needs.is_empty() {
+            return Err(Fail::Need(Need::Keys(needs)));
         }
         let mut out = Vec::with_capacity(n);
         for (i, v) in value.into_iter().enumerate() {

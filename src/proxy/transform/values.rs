@@ -3,7 +3,7 @@
 //! default tenant), the row it is bound to (row binding), and the sealed value; also the tenant
 //! changes a statement makes.
 
-use crate::cipher::{is_envelope_of, Classified, Restored};
+use crate::cipher::{is_envelope_of, CipherError, Classified, KeyNeed, Restored};
 use crate::crypto::OrgId;
 use crate::proxy::error::{ClientError, ValueSite};
 use crate::proxy::rules::RulesSnapshot;
@@ -18,7 +18,7 @@ use crate::wire::frontend::{self as fe, Bind};
 use super::canonical::{key_stores_as_written, stores_as_written};
 use super::session::TenantChangeOp;
 use super::shape::binary_as_text;
-use super::{Ctx, Fail};
+use super::{Ctx, Fail, Need};
 
 /// OIDs of parameter types an encrypted value may be bound as.
 pub(super) const TEXT_OIDS: &[u32] = &[25, 1043, 1042, 705];
@@ -58,6 +58,21 @@ impl Ctx<'_> {
         let mut replacements =
             Vec::with_capacity(analysis.literals.len() + 2 * analysis.pins.len());
         let rules = self.e.handles.rules.snapshot();
+        // Every key the literals need, fetched in one round (a bulk INSERT of many
+        // organisations' rows).
+        let mut needs = Vec::new();
+        for site in &analysis.literals {
+            if no_row && site.tenant == TenantSource::Session {
+                continue;
+            }
+            let column = rule_for(&rules, &site.column)?;
+            if let Ok(org) = self.tenant_for(&site.tenant, column, None) {
+                self.missing_keys(column, &org, &mut needs)?;
+            }
+        }
+        if !needs.is_empty() {
+            return Err(Fail::Need(Need::Keys(needs)));
+        }
         for site in &analysis.literals {
             if no_row && site.tenant == TenantSource::Session {
                 replacements.push((site.range.clone(), "NULL".to_owned()));
@@ -189,6 +204,21 @@ impl Ctx<'_> {
         let rules = self.e.handles.rules.snapshot();
         let uncertain = self.s.lexing.uncertain();
         let no_row = self.writes_no_row();
+        // Every key the parameters need, fetched in one round (insertmanyvalues of many
+        // organisations' rows).
+        let mut needs = Vec::new();
+        for site in &analysis.params {
+            if no_row && site.tenant == TenantSource::Session {
+                continue;
+            }
+            let column = rule_for(&rules, &site.column)?;
+            if let Ok(org) = self.tenant_for(&site.tenant, column, Some(values)) {
+                self.missing_keys(column, &org, &mut needs)?;
+            }
+        }
+        if !needs.is_empty() {
+            return Err(Fail::Need(Need::Keys(needs)));
+        }
         for site in &analysis.params {
             let Some(Some(raw)) = values.bind.params.get(site.index - 1).copied() else {
                 continue;
@@ -302,6 +332,30 @@ impl Ctx<'_> {
             }
         }
         Ok(Some(cipher.seal(column, org, row_key, plaintext)?))
+    }
+
+    /// Adds to `needs` the keys sealing a value of `column` for `org` needs that are not at
+    /// hand (its active DEK, and its search key for a searchable column). A key whose fetch
+    /// failed is reported here.
+    pub(super) fn missing_keys(
+        &mut self,
+        column: &ColumnRule,
+        org: &OrgId,
+        needs: &mut Vec<KeyNeed>,
+    ) -> Result<(), Fail> {
+        let mut note = |r: Result<(), CipherError>| match r {
+            Err(CipherError::Missing(need)) => {
+                if !needs.contains(&need) {
+                    needs.push(need);
+                }
+                Ok(())
+            }
+            Err(e) => Err(Fail::from(e)),
+            Ok(()) => Ok(()),
+        };
+        note(self.e.cipher.active(org, column).map(|_| ()))?;
+        note(self.e.cipher.term(column, org, b"").map(|_| ()))?;
+        Ok(())
     }
 
     /// The key of the row a value of `column` is written to (row binding), as PostgreSQL
