@@ -94,11 +94,12 @@ ORM = {
 }
 
 
-def per_round(runs, scenario, clients, num_t, den_t, get, op):
-    """Median over rounds of op(get(num_t's run), get(den_t's run)) within one round."""
+def per_round(runs, scenario, clients, num_t, den_t, get, op, keys=None):
+    """Median over rounds of op(get(num_t's run), get(den_t's run)) within one round; keys
+    narrows the runs looked at (e.g. to one protocol mode)."""
     def by_round(t):
-        return {r["round"]: r for k in runs.order if k[0] == scenario and k[1] == t and k[3] == clients
-                for r in runs.by[k]}
+        return {r["round"]: r for k in (keys if keys is not None else runs.order)
+                if k[0] == scenario and k[1] == t and k[3] == clients for r in runs.by[k]}
     dens = by_round(den_t)
     out = []
     for rnd, r in by_round(num_t).items():
@@ -164,6 +165,72 @@ def orm_section(runs, keys, summary):
     return md
 
 
+SEARCH_TARGETS = {"direct": "(a)", "pgenvelope-plain": "(b)", "pgenvelope-search": "(c)"}
+
+
+def search_section(runs, keys, summary):
+    md = ["### Equality search: look-up by value on an indexed column", "",
+          "(a) `SELECT id, email_plain FROM search_t WHERE email_plain = $` directly; through pgenvelope, "
+          "under a session tenant given at connect time, (b) the same (plaintext column, no rules on it) and "
+          "(c) `SELECT id, email FROM search_t WHERE email = $` on the searchable column (the value replaced "
+          "by its search term, `left(email, 31)` compared and its index used, the returned value decrypted). "
+          "Each returns one row; simple: the value is a literal instead of a parameter.", "",
+          "| mode | clients | target | TPS | mean ms | p99 ms | proxy CPU ms / 1k stmts | vs (b) | vs (a) |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    modes = ["prepared", "simple"]
+    for k in sorted(keys, key=lambda k: (modes.index(k[2]) if k[2] in modes else 9, int(k[3]),
+                                         list(SEARCH_TARGETS).index(k[1]))):
+        rs = runs.by[k]
+        s = dict(scenario=k[0], target=k[1], mode=k[2], clients=k[3],
+                 tps=med(num(r["tps"]) for r in rs), mean_ms=med(num(r["mean_ms"]) for r in rs),
+                 p99_ms=med(num(r["p99_ms"]) for r in rs), cpu_ms_per_1k=cpu_per_1k(rs),
+                 ratio_1=runs.ratio(k, "pgenvelope-plain"), ratio_1_base="pgenvelope-plain",
+                 ratio_2=runs.ratio(k, "direct"), ratio_2_base="direct", cpu_ratio=None,
+                 value="", unit="", rounds=len(rs))
+        summary.append(s)
+        md.append(f"| {k[2]} | {k[3]} | {SEARCH_TARGETS[k[1]]} {k[1]} | {s['tps']:,.0f} | {fmt(s['mean_ms'], '.3f')} "
+                  f"| {fmt(s['p99_ms'], '.3f')} | {fmt(s['cpu_ms_per_1k'])} | {fmt(s['ratio_1'])} | {fmt(s['ratio_2'])} |")
+    md += ["", "Ratios (median of the per-round ratios; target: (c)/(b) TPS >= 0.8; \"added\" is the median "
+           "per-round difference of the mean latency):", "",
+           "| mode | clients | ratio | TPS | mean latency | p99 latency | proxy CPU / stmt | mean ms added | TPS per round |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for mode in sorted({k[2] for k in keys}, key=lambda m: modes.index(m) if m in modes else 9):
+        for c in sorted({k[3] for k in keys if k[2] == mode}, key=int):
+            mk = [k for k in keys if k[2] == mode]
+            for den_t, label in (("pgenvelope-plain", "(c)/(b)"), ("direct", "(c)/(a)")):
+                def rr(get, op=ratio_of):
+                    return per_round(runs, "search", c, "pgenvelope-search", den_t, get, op, mk)
+                rounds = per_round_list(runs, c, "pgenvelope-search", den_t, mk)
+                md.append(f"| {mode} | {c} | {label} | {fmt(rr(lambda r: num(r['tps'])))} "
+                          f"| {fmt(rr(lambda r: num(r['mean_ms'])))} | {fmt(rr(lambda r: num(r['p99_ms'])))} "
+                          f"| {fmt(rr(cpu_per_stmt)) if den_t != 'direct' else ''} "
+                          f"| {fmt(rr(lambda r: num(r['mean_ms']), lambda a, b: a - b), '+.3f')} "
+                          f"| {', '.join(fmt(x) for x in rounds)} |")
+    md.append("")
+    explain = [r for k in runs.order if k[0] == "search-explain" for r in runs.by[k]]
+    scans = [r for k in runs.order if k[0] == "search-index" for r in runs.by[k]]
+    if explain:
+        e = extra(explain[0])
+        kind = {1: "an Index Scan", 2: "a Bitmap Index Scan"}.get(int(e.get("index_scan", 0)), "no index scan")
+        md.append(f"EXPLAIN of (c) sent through the proxy ({int(e['rows']):,} rows, {int(e['orgs'])} organisations): "
+                  f"{kind} of the term index `(left(email, 31))` (plans in search_explain.txt).")
+    if scans:
+        e, n = extra(scans[0]), num(scans[0]["statements"])
+        if n:
+            md.append(f"Scans of the term index during the timed runs: {int(e['index_scans']):,} for {int(n):,} "
+                      f"look-ups of (c), {e['index_scans'] / n:.2f} per look-up.")
+    md.append("")
+    return md
+
+
+def per_round_list(runs, clients, num_t, den_t, keys):
+    """The per-round TPS ratios num_t / den_t, in round order."""
+    def by_round(t):
+        return {r["round"]: num(r["tps"]) for k in keys if k[1] == t and k[3] == clients for r in runs.by[k]}
+    nums, dens = by_round(num_t), by_round(den_t)
+    return [nums[r] / dens[r] for r in sorted(nums, key=int) if dens.get(r)]
+
+
 def main():
     folder = Path(sys.argv[1])
     rows = list(csv.DictReader(open(folder / "raw.csv")))
@@ -223,6 +290,11 @@ def main():
     orm = [k for k in runs.order if k[0].startswith("orm-")]
     if orm:
         md += orm_section(runs, orm, summary)
+
+    # 2c. equality search on an encrypted column
+    search = [k for k in runs.order if k[0] == "search"]
+    if search:
+        md += search_section(runs, search, summary)
 
     # 3. bulk read
     bulk = [k for k in runs.order if k[0].startswith("bulk")]

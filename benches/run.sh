@@ -25,6 +25,17 @@
 #                the id left out on a row-bound table, whose key is drawn from its sequence
 #                first (one extra round trip). Each also runs the look-up's own SELECT alone,
 #                directly (`direct-lookup-alone`, `direct-draw-alone`): one round trip's cost
+#   search       equality look-ups on a searchable encrypted column (`search = "equality"`),
+#                SEARCH_MODES, ENC_CLIENTS clients, over SEARCH_ROWS rows of SEARCH_ORGS
+#                organisations (written by COPY through the proxy, so every value carries its
+#                term), indexed on `left(email, 31)` and on the plaintext copy `email_plain`:
+#                `WHERE email_plain = $` directly and through pgenvelope, and `WHERE email = $`
+#                through pgenvelope under a session tenant given at connect time (the value
+#                replaced by its term, the returned value decrypted). Before timing, each
+#                look-up must return its one row, and EXPLAIN of the encrypted one sent through
+#                the proxy must show a scan of the term index (plans in search_explain.txt).
+#                The targets' order turns each round. Set-up (load through the proxy, indexes)
+#                takes ~20 s for 1,000,000 rows; benches/search.sh runs this scenario alone
 #   bulk         SELECT of BULK_ROWS rows with one encrypted column of BULK_VALUES bytes, vs
 #                the same rows unencrypted through pgenvelope and directly: plaintext MB per
 #                second of wall time and per second of proxy CPU
@@ -45,7 +56,11 @@
 #   IDLE_CONNS=1000         memory scenario connections
 #   ORM_ROWS=20000 ORM_TENANT=3  rows of the orm update tables (organisation = id % 10), and
 #                           the session tenant (0-9) of the orm scenario's session-tenant target
-#   SCENARIOS="memory passthrough encrypted orm bulk coldstart"
+#   SEARCH_ROWS=1000000 SEARCH_ORGS=100 SEARCH_TENANT=7  rows of the search table (organisation
+#                           = id % SEARCH_ORGS), and the session tenant the look-ups run under
+#   SEARCH_MODES="prepared simple"  protocols of the search scenario (simple: the value is a literal)
+#   SEARCH_BATCH=10000      rows per INSERT when loading the search table
+#   SCENARIOS="memory passthrough encrypted orm search bulk coldstart"
 #   PT_TARGETS="direct pgbouncer pgenvelope"  add pgenvelope-rules to measure the pass-through
 #                           workload through a proxy whose engine is on (rules for other tables)
 #   PGENVELOPE_BIN          proxy binary (default: cargo build --release, then the target dir's)
@@ -72,7 +87,12 @@ ORGS=${ORGS:-10000}
 IDLE_CONNS=${IDLE_CONNS:-1000}
 ORM_ROWS=${ORM_ROWS:-20000}
 ORM_TENANT=${ORM_TENANT:-3}
-SCENARIOS=${SCENARIOS:-"memory passthrough encrypted orm bulk coldstart"}
+SEARCH_ROWS=${SEARCH_ROWS:-1000000}
+SEARCH_ORGS=${SEARCH_ORGS:-100}
+SEARCH_TENANT=${SEARCH_TENANT:-7}
+SEARCH_MODES=${SEARCH_MODES:-"prepared simple"}
+SEARCH_BATCH=${SEARCH_BATCH:-10000}
+SCENARIOS=${SCENARIOS:-"memory passthrough encrypted orm search bulk coldstart"}
 PT_TARGETS=${PT_TARGETS:-"direct pgbouncer pgenvelope"}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS_DIR=${RESULTS_DIR:-$REPO_DIR/benches/results/$STAMP}
@@ -531,6 +551,150 @@ scenario_orm() {
     [ "$plain" = 0 ] || die "orm: $plain rows hold plaintext in an encrypted column"
 }
 
+# Equality look-ups on a searchable encrypted column: one table of SEARCH_ROWS rows over
+# SEARCH_ORGS organisations, each row's value both in `email` (searchable, written through
+# the proxy, so every value carries its organisation's search term) and in `email_plain` (no
+# rules). pgbench's expressions produce only numbers, so a script can bind nothing but a
+# number: the values are 19-digit decimal strings (e-mail-sized), row g's being 10^18 + g.
+# Prepared, the value is the statement's parameter; simple, a literal.
+search_value() { echo $(( 1000000000000000000 + $1 )); }
+
+scenario_search() {
+    local n=$SEARCH_ROWS orgs=$SEARCH_ORGS tenant=$SEARCH_TENANT
+    local session_db="dbname=$DB options='-c pgenvelope.tenant=$tenant'"
+    local port pid db mode c round target script check t0 plan plans other got v t
+    [[ "$tenant" =~ ^[0-9]+$ ]] && [ "$tenant" -lt "$orgs" ] && [ "$n" -ge "$orgs" ] \
+        || die "SEARCH_TENANT must be one of the organisations 0-$((orgs - 1)), and SEARCH_ROWS >= SEARCH_ORGS"
+    log "search: $n rows over $orgs organisations (email written through the proxy)"
+    t0=$(date +%s)
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -c "CREATE TABLE search_t
+        (id bigint primary key, org_id text not null, email text, email_plain text)"
+    mkdir -p "$WORK/rules-search"
+    cat >"$WORK/rules-search/search.toml" <<'RULES'
+[[table]]
+name = "public.search_t"
+tenant_column = "org_id"
+encrypt = [{ name = "email", search = "equality" }]
+RULES
+    start_proxy pgenvelope-search rules-search "$DB"
+    local sport=$STARTED_PORT spid=$STARTED_PID
+    # Written as Django's bulk_create writes: INSERT … SELECT * FROM UNNEST(arrays), here with
+    # the arrays as literals (psql binds no parameters), up to SEARCH_BATCH rows of one
+    # organisation per statement. Not COPY, which this version refuses on a searchable column
+    # (the search key is never fetched for it), and not rows of many organisations in one
+    # statement: a session fetches one missing key per round, and gives up after 16 rounds.
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -Atc "SELECT format('INSERT INTO search_t (id, org_id,
+        email, email_plain) SELECT * FROM UNNEST(%L::bigint[], %L::text[], %L::text[], %L::text[]);',
+        array_agg(g), array_agg((g % $orgs)::text), array_agg(v), array_agg(v))
+        FROM (SELECT g, (1000000000000000000 + g)::text AS v FROM generate_series(1, $n) g) s
+        GROUP BY g % $orgs, g / $orgs / $SEARCH_BATCH" \
+        | "${PSQL[@]}" -p "$sport" -d "$DB" -f - >/dev/null \
+        || die "loading search_t through the proxy failed"
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" \
+        -c "CREATE INDEX search_t_email_term ON search_t (left(email, 31))" \
+        -c "CREATE INDEX search_t_email_plain ON search_t (email_plain)" \
+        -c "VACUUM ANALYZE search_t"
+    # Every value sealed with a term, and the terms as unique as the values.
+    check=$("${PSQL[@]}" -p "$PG_PORT" -d "$DB" -Atc "SELECT count(*) FILTER (WHERE email LIKE 'enc:v1:%'
+        AND email_plain NOT LIKE 'enc:v1:%'), count(DISTINCT left(email, 31)), count(DISTINCT org_id) FROM search_t")
+    [ "$check" = "$n|$n|$orgs" ] || die "search_t: (sealed, distinct terms, organisations) = $check, expected $n|$n|$orgs"
+    log "search: set-up took $(( $(date +%s) - t0 )) s"
+
+    # The scripts: a random row of the session tenant's organisation (id % orgs = tenant).
+    local pick="\\set n $orgs * random($(( tenant == 0 )), $(( (n - tenant) / orgs ))) + $tenant"
+    local val='\set e 1000000000000000000 + :n'
+    for mode in $SEARCH_MODES; do
+        [ "$mode" = prepared ] || [ "$mode" = simple ] || die "SEARCH_MODES: prepared or simple, not $mode"
+        v=':e'; [ "$mode" = prepared ] || v="':e'"
+        printf '%s\n' "$pick" "$val" "SELECT id, email_plain FROM search_t WHERE email_plain = $v;" \
+            >"$WORK/search_plain_$mode.sql"
+        printf '%s\n' "$pick" "$val" "SELECT id, email FROM search_t WHERE email = $v;" \
+            >"$WORK/search_enc_$mode.sql"
+        # The same statements, failing pgbench unless exactly one row comes back (\gset) and it
+        # is the row looked up, with its value decrypted.
+        for t in plain enc; do
+            { head -n 2 "$WORK/search_${t}_$mode.sql"
+              sed 's/^SELECT id, \([a-z_]*\) /SELECT id AS got_id, \1 AS got /; s/;$/ \\gset/' \
+                  "$WORK/search_${t}_$mode.sql" | tail -n 1
+              printf '%s\n' '\if :got_id <> :n or :got <> :e' '\set wrong_row 1 / 0' '\endif'
+            } >"$WORK/check_search_${t}_$mode.sql"
+        done
+    done
+    for mode in $SEARCH_MODES; do
+        for target in direct pgenvelope-plain pgenvelope-search; do
+            case $target in
+                direct) port=$PG_PORT; db=$DB; t=plain ;;
+                pgenvelope-plain) port=$sport; db=$session_db; t=plain ;;
+                pgenvelope-search) port=$sport; db=$session_db; t=enc ;;
+            esac
+            "$PGBENCH" -n -M "$mode" -h 127.0.0.1 -p "$port" -U "$USER_" -c 1 -t 50 \
+                -f "$WORK/check_search_${t}_$mode.sql" "$db" >"$WORK/check_search.log" 2>&1 \
+                || die "search $mode $target: a look-up did not return its one row: $(tail -n 5 "$WORK/check_search.log")"
+        done
+    done
+    # A term is per organisation: the value of another organisation's row is not found.
+    other=$(search_value $(( (tenant + 1) % orgs == 0 ? orgs : (tenant + 1) % orgs )))
+    got=$("${PSQL[@]}" -p "$sport" -d "$session_db" -Atc "SELECT count(*) FROM search_t WHERE email = '$other'")
+    [ "$got" = 0 ] || die "search: another organisation's value was found under tenant $tenant ($got rows)"
+
+    # EXPLAIN of each look-up: the encrypted one sent through the proxy must use the term index.
+    plans=$RESULTS_DIR/search_explain.txt
+    v=$(search_value $(( orgs + tenant )))
+    {
+        echo "-- (a) directly: SELECT id, email_plain FROM search_t WHERE email_plain = '$v'"
+        "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -Atc "EXPLAIN SELECT id, email_plain FROM search_t WHERE email_plain = '$v'"
+        echo "-- (c) through pgenvelope, tenant $tenant: SELECT id, email FROM search_t WHERE email = '$v'"
+        "${PSQL[@]}" -p "$sport" -d "$session_db" -Atc "EXPLAIN SELECT id, email FROM search_t WHERE email = '$v'"
+    } >"$plans" || die "search: EXPLAIN failed"
+    plan=$(sed -n '/^-- (c)/,$p' "$plans")
+    grep -Eq 'Index Scan (using|on) search_t_email_term' <<<"$plan" \
+        || die "search: EXPLAIN through the proxy does not use the term index: $plan"
+    local index_scan=1; grep -q 'Bitmap Index Scan' <<<"$plan" && index_scan=2
+    record "search-explain,1,pgenvelope-search,,,,,,,,,index_scan=$index_scan;rows=$n;orgs=$orgs"
+    log "search: EXPLAIN through the proxy: $(sed -n 2p <<<"$plan")"
+
+    # The targets' order turns by one each round, so that none always runs first or after the
+    # same neighbour (at one client, a run's throughput follows the machine's other work).
+    local scans0 scans1 stmts=0 targets=(direct pgenvelope-plain pgenvelope-search) order k
+    scans0=$(search_index_scans)
+    for round in $(seq 1 "$ROUNDS"); do
+        k=$(( (round - 1) % 3 ))
+        order=("${targets[@]:k}" "${targets[@]:0:k}")
+        for mode in $SEARCH_MODES; do
+            for c in $ENC_CLIENTS; do
+                for target in "${order[@]}"; do
+                    case $target in
+                        direct) port=$PG_PORT; pid=-; db=$DB; script=search_plain_$mode ;;
+                        pgenvelope-plain) port=$sport; pid=$spid; db=$session_db; script=search_plain_$mode ;;
+                        pgenvelope-search) port=$sport; pid=$spid; db=$session_db; script=search_enc_$mode ;;
+                    esac
+                    pgbench_run "$port" "$pid" -M "$mode" -T "$DURATION" -c "$c" \
+                        -j "$(jobs_for "$c")" -f "$WORK/$script.sql" "$db"
+                    record "search,$round,$target,$mode,$c,$TPS,$MEAN,$P99,$COUNT,$CPU_S,,"
+                    log "search r$round $mode c=$c $target: $TPS tps, mean $MEAN ms, p99 $P99 ms, cpu ${CPU_S:--} s"
+                    [ "$target" != pgenvelope-search ] || stmts=$(( stmts + COUNT ))
+                done
+            done
+        done
+    done
+    # The timed look-ups used the term index too (generic plans included): one scan each.
+    sleep 1
+    scans1=$(search_index_scans)
+    record "search-index,1,pgenvelope-search,,,,,,$stmts,,,index_scans=$(( scans1 - scans0 ))"
+    log "search: $(( scans1 - scans0 )) scans of the term index for $stmts encrypted look-ups"
+    {
+        echo "-- look-ups PostgreSQL received (pg_stat_statements: calls, and the first text seen,"
+        echo "-- which is the check's with its aliases; the timed runs' statements count with it)"
+        "${PSQL[@]}" -p "$PG_PORT" -d cold -Atc "SELECT calls, query FROM pg_stat_statements
+            WHERE query ILIKE 'select id%search_t%' ORDER BY calls DESC"
+    } >>"$plans"
+}
+
+search_index_scans() {
+    "${PSQL[@]}" -p "$PG_PORT" -d "$DB" -Atc "SELECT idx_scan FROM pg_stat_user_indexes
+        WHERE indexrelname = 'search_t_email_term'"
+}
+
 scenario_bulk() {
     local v
     for v in $BULK_VALUES; do bulk_one "$v"; done
@@ -613,7 +777,7 @@ log "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 cut -d' ' -f1-3 /proc/loadavg >"$RESULTS_DIR/load_before.txt"
 for s in $SCENARIOS; do
     case $s in
-        memory|passthrough|encrypted|orm|bulk|coldstart) "scenario_$s" ;;
+        memory|passthrough|encrypted|orm|search|bulk|coldstart) "scenario_$s" ;;
         *) die "unknown scenario $s" ;;
     esac
 done
@@ -622,7 +786,7 @@ log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 {
     echo "date=$STAMP"
-    echo "command=benches/run.sh (DURATION=$DURATION ROUNDS=$ROUNDS CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" ENC_CLIENTS=\"$ENC_CLIENTS\" BULK_ROWS=$BULK_ROWS BULK_VALUES=\"$BULK_VALUES\" ORGS=$ORGS IDLE_CONNS=$IDLE_CONNS SCENARIOS=\"$SCENARIOS\")"
+    echo "command=benches/run.sh (DURATION=$DURATION ROUNDS=$ROUNDS CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" ENC_CLIENTS=\"$ENC_CLIENTS\" BULK_ROWS=$BULK_ROWS BULK_VALUES=\"$BULK_VALUES\" ORGS=$ORGS IDLE_CONNS=$IDLE_CONNS SEARCH_ROWS=$SEARCH_ROWS SEARCH_MODES=\"$SEARCH_MODES\" SCENARIOS=\"$SCENARIOS\")"
     echo "commit=$(cd "$REPO_DIR" && git rev-parse --short HEAD)$(cd "$REPO_DIR" && git diff --quiet HEAD -- src || echo '+dirty')"
     echo "nproc=$NCPU"
     echo "cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
