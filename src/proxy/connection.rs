@@ -470,9 +470,12 @@ impl Relay {
     {
         let mut draining = false;
         let (mut client_dirty, mut server_dirty) = (false, false);
+        // One future waits for the next drain state change across all turns of the loop (a
+        // fresh `changed()` per turn registered and dropped a waiter for every message).
+        let mut state = *drain.borrow_and_update();
+        let mut changed = Box::pin(next_change(drain));
         loop {
             self.process(transform, shared).await?;
-            let state = *drain.borrow_and_update();
             match state {
                 DrainState::Running => {}
                 DrainState::Draining => draining = true,
@@ -480,6 +483,20 @@ impl Relay {
             }
             if draining && transform.is_idle() {
                 return self.finish(io, ConnError::Shutdown).await;
+            }
+            // Write what is ready at once: a socket with room takes it without a turn of the
+            // select below; only what it cannot take yet waits there.
+            if !self.out.to_server.is_empty() || server_dirty {
+                let w = write_out(io.server_w, &mut self.out.to_server, &mut server_dirty);
+                if let Some(r) = poll_once(w) {
+                    r.map_err(ConnError::ServerIo)?;
+                }
+            }
+            if !self.out.to_client.is_empty() || client_dirty {
+                let w = write_out(io.client_w, &mut self.out.to_client, &mut client_dirty);
+                if let Some(r) = poll_once(w) {
+                    r.map_err(ConnError::ClientIo)?;
+                }
             }
             let read_client = self.out.to_server.len() < FLUSH_AT && !self.client_in.is_parked();
             let read_server = self.out.to_client.len() < FLUSH_AT && !self.server_in.is_parked();
@@ -494,12 +511,6 @@ impl Relay {
             let write_client = !to_client.is_empty() || client_dirty;
             tokio::select! {
                 biased;
-                changed = drain.changed() => {
-                    if changed.is_err() {
-                        // The server is gone: nothing will ever ask this session to end.
-                        drain = tokio::sync::watch::channel(DrainState::Running).1;
-                    }
-                }
                 n = io.client_r.read_buf(&mut self.client_in.buf), if read_client => {
                     if n.map_err(ConnError::ClientIo)? == 0 {
                         // What the client sent before it left still goes to the server.
@@ -520,6 +531,12 @@ impl Relay {
                 }
                 r = write_out(io.client_w, to_client, &mut client_dirty), if write_client => {
                     r.map_err(ConnError::ClientIo)?;
+                }
+                // Last: polled only when no transfer is ready (a turn with pending reads comes
+                // at least once per statement), which saves a poll per message.
+                rx = &mut changed => {
+                    state = *rx.borrow();
+                    changed = Box::pin(next_change(rx));
                 }
             }
         }
@@ -647,6 +664,27 @@ async fn write_out<W: AsyncWrite + Unpin>(
         *dirty = false;
     }
     Ok(())
+}
+
+/// Waits for the next change of the drain state and gives the receiver back; never completes
+/// once the sender is gone (nothing will ever ask the session to end).
+async fn next_change(
+    mut rx: tokio::sync::watch::Receiver<DrainState>,
+) -> tokio::sync::watch::Receiver<DrainState> {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    rx
+}
+
+/// Poll `f` once: its output if it is ready at once, else `None` (and `f` is dropped; the
+/// writes here leave their state consistent when dropped, see [`write_out`]).
+fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(f).poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Write and clear `buf`, then flush.
