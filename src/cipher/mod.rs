@@ -384,15 +384,12 @@ impl Cipher {
         let key = subkey(&mut self.ring.subkeys, dek, column.id());
         let mut out = String::new();
         let sealed = match (column.row_key(), row_key) {
-            (None, _) if term.is_some() => key.seal_searchable_into(
-                org,
-                None,
-                term.as_ref().expect("checked"),
-                plaintext,
-                &mut self.nonces,
-                &mut out,
-            ),
-            (None, _) => key.seal_into(org, plaintext, &mut self.nonces, &mut out),
+            (None, _) => match &term {
+                Some(term) => {
+                    key.seal_searchable_into(org, None, term, plaintext, &mut self.nonces, &mut out)
+                }
+                None => key.seal_into(org, plaintext, &mut self.nonces, &mut out),
+            },
             (Some(k), None) => {
                 return Err(CipherError::RowKeyNotGiven {
                     column: column.qualified_name().to_owned(),

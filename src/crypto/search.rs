@@ -135,10 +135,11 @@ impl fmt::Debug for SearchTerm {
 
 /// The term key of one search key for one column and mode: computes terms.
 ///
-/// Holds the HMAC state keyed with the subkey; `Debug` prints the ids only.
+/// Holds the subkey, zeroized on drop (not a keyed HMAC state, which the `hmac` crate does
+/// not zeroize: the state lives only while one term is computed); `Debug` prints the ids only.
 #[derive(Clone)]
 pub struct TermKey {
-    mac: Hmac<Sha256>,
+    subkey: Zeroizing<[u8; KEY_LEN]>,
     key_id: DekId,
     column_id: ColumnId,
     mode: SearchMode,
@@ -161,10 +162,8 @@ impl TermKey {
         let mut subkey = Zeroizing::new([0u8; KEY_LEN]);
         hkdf.expand(&info, subkey.as_mut())
             .expect("32 bytes is within HKDF-SHA256's 8160-byte output limit");
-        let mac = <Hmac<Sha256> as Mac>::new_from_slice(subkey.as_ref())
-            .expect("HMAC takes a key of any length");
         Self {
-            mac,
+            subkey,
             key_id,
             column_id,
             mode,
@@ -189,7 +188,8 @@ impl TermKey {
     /// The term of `plaintext` (normalised for the mode first).
     pub fn term(&self, plaintext: &[u8]) -> SearchTerm {
         let normalised = self.mode.normalise(plaintext);
-        let mut mac = self.mac.clone();
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.subkey.as_ref())
+            .expect("HMAC takes a key of any length");
         mac.update(&normalised);
         let digest = mac.finalize().into_bytes();
         let mut out = [0u8; TERM_LEN];
@@ -269,6 +269,6 @@ mod tests {
         let k = key("public.customer.email", SearchMode::Equality);
         let t = k.term(b"secret");
         assert_eq!(format!("{t:?}"), "SearchTerm(<redacted>)");
-        assert!(!format!("{k:?}").contains("mac"));
+        assert!(!format!("{k:?}").contains("subkey"));
     }
 }

@@ -199,12 +199,14 @@ pub struct Protected {
     needles: Vec<String>,
     /// Every encrypted column name of every table.
     encrypted_names: std::collections::HashSet<String>,
+    /// Whether any column is searchable.
+    any_searchable: bool,
 }
 
 impl Protected {
     /// Whether any column is searchable.
     pub fn has_searchable(&self) -> bool {
-        self.tables.iter().any(|t| !t.searchable.is_empty())
+        self.any_searchable
     }
 
     /// Builds the lookup tables. Entries naming the same `(schema, table)` are merged.
@@ -237,6 +239,7 @@ impl Protected {
             out.by_name.entry(t.name.clone()).or_default().push(i);
             out.tables.push(t);
         }
+        out.any_searchable = out.tables.iter().any(|t| !t.searchable.is_empty());
         for t in &out.tables {
             out.encrypted_names.extend(t.encrypted.iter().cloned());
             let lower = t.name.to_lowercase();

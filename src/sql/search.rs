@@ -232,31 +232,19 @@ impl Analyzer<'_> {
     /// `upper`. `Ok(None)` when `e` is no searchable column (an unsearchable encrypted column
     /// included: the caller refuses it as before).
     fn column_side(&self, e: &Expr) -> Res<Option<ColumnSide>> {
-        let mut fold = None;
-        let mut inner = e;
-        loop {
-            match inner {
-                Expr::Nested(x) => inner = x,
-                Expr::Cast {
-                    kind: CastKind::DoubleColon | CastKind::Cast,
-                    expr,
-                    data_type,
-                    format: None,
-                } if is_text_type(data_type) => inner = expr,
-                Expr::Function(_) if fold.is_none() => match fold_of(inner) {
-                    Some((f, arg)) => {
-                        fold = Some(f);
-                        inner = arg;
-                    }
-                    None => return Ok(None),
-                },
-                _ => break,
+        // Casts and parentheses around at most one `lower` / `upper`, which may hold more.
+        let mut inner = strip_text_casts(e);
+        let folding = match fold_of(inner) {
+            Some((f, arg)) => {
+                inner = strip_text_casts(arg);
+                Some(f)
             }
-        }
+            None => None,
+        };
         let (parts, qualifier) = match inner {
-            Expr::Identifier(id) => (vec![fold_ident(id)], None),
+            Expr::Identifier(id) => (vec![fold(id)], None),
             Expr::CompoundIdentifier(ids) => {
-                let parts: Vec<String> = ids.iter().map(fold_ident).collect();
+                let parts: Vec<String> = ids.iter().map(fold).collect();
                 let q = parts.len().checked_sub(2).map(|i| parts[i].clone());
                 (parts, q)
             }
@@ -278,7 +266,7 @@ impl Analyzer<'_> {
             mode,
             range,
             column_ref,
-            fold,
+            fold: folding,
             qualifier: qualifier.clone(),
         };
         let (Some(range), Some(column_ref)) = (self.extent(e), self.extent(inner)) else {
@@ -286,7 +274,7 @@ impl Analyzer<'_> {
         };
         let side = side(range, column_ref);
         // Case folding must match the column's comparison.
-        if (mode == SearchMode::EqualityCi) != fold.is_some() {
+        if (mode == SearchMode::EqualityCi) != folding.is_some() {
             return Err(form_refusal(&side));
         }
         Ok(Some(side))
@@ -560,10 +548,6 @@ fn is_text_array(t: &DataType) -> bool {
         }
         _ => false,
     }
-}
-
-fn fold_ident(id: &sqlparser::ast::Ident) -> String {
-    fold(id)
 }
 
 /// Refusal of a comparison over a searchable column that cannot be searched as written.

@@ -39,24 +39,24 @@ impl Ctx<'_> {
         // Every key the rows need, fetched in one round (`bulk_create` of many organisations'
         // rows).
         let mut needs = Vec::new();
+        let mut orgs = Vec::with_capacity(n);
         for (i, v) in value.iter().enumerate() {
-            if v.is_none() {
-                continue;
-            }
-            let org = match tenants.as_ref().and_then(|t| t[i].clone()) {
-                Some(t) => self.row_tenant(t, column),
-                None => self.session_tenant(column),
+            let org = match (v, tenants.as_ref().and_then(|t| t[i].clone())) {
+                (None, _) => None,
+                (Some(_), Some(t)) => Some(self.row_tenant(t, column)?),
+                (Some(_), None) => Some(self.session_tenant(column)?),
             };
-            if let Ok(org) = org {
-                self.missing_keys(column, &org, &mut needs)?;
+            if let Some(org) = &org {
+                self.missing_keys(column, org, &mut needs)?;
             }
+            orgs.push(org);
         }
         if !needs.is_empty() {
             return Err(Fail::Need(Need::Keys(needs)));
         }
         let mut out = Vec::with_capacity(n);
-        for (i, v) in value.into_iter().enumerate() {
-            let Some(v) = v else {
+        for ((i, v), org) in value.into_iter().enumerate().zip(orgs) {
+            let (Some(v), Some(org)) = (v, org) else {
                 out.push(None);
                 continue;
             };
@@ -67,10 +67,6 @@ impl Ctx<'_> {
                 }
                 .into());
             }
-            let org = match tenants.as_ref().and_then(|t| t[i].clone()) {
-                Some(t) => self.row_tenant(t, column)?,
-                None => self.session_tenant(column)?,
-            };
             let key = match &keys {
                 None => None,
                 Some(k) => {

@@ -13,7 +13,6 @@ use crate::proxy::error::ClientError;
 use crate::proxy::rules::RulesSnapshot;
 use crate::rules::ColumnRule;
 use crate::sql::{ArraySource, SearchOperand, SearchSite};
-use crate::wire::frontend as fe;
 
 use super::values::{rule_for, BindValues, SealedParam};
 use super::{Ctx, Fail};
@@ -94,27 +93,8 @@ impl Ctx<'_> {
                             None => None,
                         });
                     }
-                    let i = index - 1;
-                    let bytes = if values.bind.param_format(i) == fe::FORMAT_TEXT {
-                        crate::wire::array::encode_text(&terms).into_bytes()
-                    } else {
-                        let raw = values
-                            .bind
-                            .params
-                            .get(i)
-                            .copied()
-                            .flatten()
-                            .unwrap_or_default();
-                        let element_type = crate::wire::array::BinaryArray::decode(raw)
-                            .map(|a| a.element_type)
-                            .unwrap_or(25);
-                        crate::wire::array::encode_binary(element_type, &terms).map_err(|_| {
-                            ClientError::ArrayUnreadable {
-                                column: site.column.to_string(),
-                            }
-                        })?
-                    };
-                    out.push((i, Some(bytes)));
+                    let bytes = values.array_param(*index, &terms, &site.column)?;
+                    out.push((index - 1, Some(bytes)));
                 }
             }
         }

@@ -61,19 +61,23 @@ impl Ctx<'_> {
         // Every key the literals need, fetched in one round (a bulk INSERT of many
         // organisations' rows).
         let mut needs = Vec::new();
+        let mut orgs = Vec::with_capacity(analysis.literals.len());
         for site in &analysis.literals {
-            if no_row && site.tenant == TenantSource::Session {
-                continue;
+            let mut org = None;
+            if !(no_row && site.tenant == TenantSource::Session) {
+                let column = rule_for(&rules, &site.column)?;
+                // An error is reported where the value is sealed, below.
+                org = self.tenant_for(&site.tenant, column, None).ok();
+                if let Some(org) = &org {
+                    self.missing_keys(column, org, &mut needs)?;
+                }
             }
-            let column = rule_for(&rules, &site.column)?;
-            if let Ok(org) = self.tenant_for(&site.tenant, column, None) {
-                self.missing_keys(column, &org, &mut needs)?;
-            }
+            orgs.push(org);
         }
         if !needs.is_empty() {
             return Err(Fail::Need(Need::Keys(needs)));
         }
-        for site in &analysis.literals {
+        for (site, org) in analysis.literals.iter().zip(orgs) {
             if no_row && site.tenant == TenantSource::Session {
                 replacements.push((site.range.clone(), "NULL".to_owned()));
                 continue;
@@ -88,7 +92,10 @@ impl Ctx<'_> {
                 }
                 .into());
             }
-            let org = self.tenant_for(&site.tenant, column, None)?;
+            let org = match org {
+                Some(org) => org,
+                None => self.tenant_for(&site.tenant, column, None)?,
+            };
             let key = self.row_key_for(site.row_key.as_ref(), column, None)?;
             let sealed =
                 self.seal_value(&rules, column, &org, key.as_deref(), site.value.as_bytes())?;
@@ -207,19 +214,23 @@ impl Ctx<'_> {
         // Every key the parameters need, fetched in one round (insertmanyvalues of many
         // organisations' rows).
         let mut needs = Vec::new();
+        let mut orgs = Vec::with_capacity(analysis.params.len());
         for site in &analysis.params {
-            if no_row && site.tenant == TenantSource::Session {
-                continue;
+            let mut org = None;
+            if !(no_row && site.tenant == TenantSource::Session) {
+                let column = rule_for(&rules, &site.column)?;
+                // An error is reported where the value is sealed, below.
+                org = self.tenant_for(&site.tenant, column, Some(values)).ok();
+                if let Some(org) = &org {
+                    self.missing_keys(column, org, &mut needs)?;
+                }
             }
-            let column = rule_for(&rules, &site.column)?;
-            if let Ok(org) = self.tenant_for(&site.tenant, column, Some(values)) {
-                self.missing_keys(column, &org, &mut needs)?;
-            }
+            orgs.push(org);
         }
         if !needs.is_empty() {
             return Err(Fail::Need(Need::Keys(needs)));
         }
-        for site in &analysis.params {
+        for (site, org) in analysis.params.iter().zip(orgs) {
             let Some(Some(raw)) = values.bind.params.get(site.index - 1).copied() else {
                 continue;
             };
@@ -238,7 +249,10 @@ impl Ctx<'_> {
             if uncertain && !raw.is_ascii() {
                 return Err(ClientError::LexingInFlight.into());
             }
-            let org = self.tenant_for(&site.tenant, column, Some(values))?;
+            let org = match org {
+                Some(org) => org,
+                None => self.tenant_for(&site.tenant, column, Some(values))?,
+            };
             let key = self.row_key_for(site.row_key.as_ref(), column, Some(values))?;
             // Text and binary send of text types both carry the text in the client encoding.
             let plaintext = self.s.encoding.decode(raw)?;
@@ -258,27 +272,8 @@ impl Ctx<'_> {
             let Some(sealed) = self.seal_array(&rules, site, Some(values))? else {
                 continue;
             };
-            let i = n - 1;
-            let bytes = if values.bind.param_format(i) == fe::FORMAT_TEXT {
-                crate::wire::array::encode_text(&sealed).into_bytes()
-            } else {
-                let raw = values
-                    .bind
-                    .params
-                    .get(i)
-                    .copied()
-                    .flatten()
-                    .unwrap_or_default();
-                let element_type = crate::wire::array::BinaryArray::decode(raw)
-                    .map(|a| a.element_type)
-                    .unwrap_or(25);
-                crate::wire::array::encode_binary(element_type, &sealed).map_err(|_| {
-                    ClientError::ArrayUnreadable {
-                        column: site.column.to_string(),
-                    }
-                })?
-            };
-            sealed_params.push((i, Some(bytes)));
+            let bytes = values.array_param(*n, &sealed, &site.column)?;
+            sealed_params.push((n - 1, Some(bytes)));
         }
         Ok(sealed_params)
     }
@@ -634,6 +629,35 @@ pub(super) struct BindValues<'a> {
 
 impl BindValues<'_> {
     /// Parameter `n` (1-based) as text: `None` for NULL.
+    /// `elements` encoded as array parameter `$n` was sent: text, or binary with the
+    /// element type it was sent with.
+    pub(super) fn array_param(
+        &self,
+        n: usize,
+        elements: &[Option<String>],
+        column: &ColumnRef,
+    ) -> Result<Vec<u8>, ClientError> {
+        let i = n - 1;
+        if self.bind.param_format(i) == fe::FORMAT_TEXT {
+            return Ok(crate::wire::array::encode_text(elements).into_bytes());
+        }
+        let raw = self
+            .bind
+            .params
+            .get(i)
+            .copied()
+            .flatten()
+            .unwrap_or_default();
+        let element_type = crate::wire::array::BinaryArray::decode(raw)
+            .map(|a| a.element_type)
+            .unwrap_or(25);
+        crate::wire::array::encode_binary(element_type, elements).map_err(|_| {
+            ClientError::ArrayUnreadable {
+                column: column.to_string(),
+            }
+        })
+    }
+
     pub(super) fn text(
         &self,
         n: usize,
